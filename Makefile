@@ -1,0 +1,42 @@
+# ragkv developer tasks. `make test` builds the venv, fetches the default model once and runs the
+# fast tests plus lint; `make test-slow` runs the tests that drive the real SmolLM2 model.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RAGKV_HOME ?= $(HOME)/.cache/ragkv
+CASES ?= ../shared/eval/pydoc_cases.jsonl
+export RAGKV_HOME
+
+.PHONY: install model demo test test-slow bench lint clean
+
+install: $(VENV)/.installed
+
+# torch goes in first, pinned, so the editable install does not pull a different build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+model: $(VENV)/.installed
+	$(PY) -c "from ragkv.model_fetch import ensure_default_model; from ragkv.config import default_home; print(ensure_default_model(default_home()))"
+
+demo: $(VENV)/.installed model
+	$(VENV)/bin/ragkv demo
+
+test: $(VENV)/.installed model
+	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m ruff check ragkv tests benchmarks examples
+
+test-slow: $(VENV)/.installed model
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed model
+	$(VENV)/bin/ragkv bench --cases $(CASES) --out benchmarks/results/pydoc.json
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check ragkv tests benchmarks examples
+
+clean:
+	rm -rf $(VENV)

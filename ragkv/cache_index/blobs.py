@@ -1,0 +1,202 @@
+"""Blob storage for KV tensors and their safetensors encoding.
+
+Blobs go through fsspec so the store can be a local folder today and an object store later
+without touching callers. safetensors is used because loading it cannot execute code (unlike
+pickle) and its header is plain JSON we can validate before trusting any offsets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import struct
+import uuid
+from pathlib import Path
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+_TMP_PREFIX = ".tmp-"
+_SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+# A header bigger than this is a corrupt length field, not a real header.
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class BlobStore:
+    """Named byte blobs under one root, written atomically."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if "://" in url:
+            self.fs, root = fsspec.core.url_to_fs(url)
+        else:
+            self.fs = LocalFileSystem()
+            root = str(Path(url).expanduser().resolve())
+        self.root = root.rstrip("/") or "/"
+        self._local = isinstance(self.fs, LocalFileSystem)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def _path(self, name: str) -> str:
+        norm = posixpath.normpath(name)
+        # Names come from cache keys, but a path escaping the root would be a silent overwrite
+        # of someone else's file, so refuse it outright.
+        if not name or norm.startswith(("/", "..")) or norm == "." or "\\" in name:
+            raise ValueError(f"invalid blob name: {name!r}")
+        return f"{self.root}/{norm}"
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write to a temp name beside the target, then rename: readers see all or nothing."""
+        path = self._path(name)
+        parent, base = posixpath.split(path)
+        tmp = f"{parent}/{_TMP_PREFIX}{base}.{uuid.uuid4().hex}"
+        self.fs.makedirs(parent, exist_ok=True)
+        try:
+            if self._local:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(tmp, bytes(data))
+                self.fs.mv(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(tmp)
+            raise
+
+    def get(self, name: str) -> bytes:
+        """The blob's bytes; ``FileNotFoundError`` if there is none."""
+        path = self._path(name)
+        try:
+            return bytes(self.fs.cat_file(path))
+        except IsADirectoryError as exc:
+            raise FileNotFoundError(path) from exc
+
+    def exists(self, name: str) -> bool:
+        return bool(self.fs.isfile(self._path(name)))
+
+    def delete(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(name))
+
+    def names(self) -> list[str]:
+        """All blob names (relative, ``/``-separated), temp files of in-flight puts excluded."""
+        if not self.fs.exists(self.root):
+            return []
+        out = []
+        for path in self.fs.find(self.root):
+            rel = posixpath.relpath(path, self.root)
+            if not posixpath.basename(rel).startswith(_TMP_PREFIX):
+                out.append(rel)
+        return sorted(out)
+
+    def total_bytes(self) -> int:
+        if not self.fs.exists(self.root):
+            return 0
+        found = self.fs.find(self.root, detail=True)
+        return sum(int(info.get("size") or 0) for info in found.values())
+
+
+def encode_kv(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, str]:
+    """safetensors bytes (``safetensors.torch.save``) and the sha256 hex of those bytes."""
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata must be str -> str; offending keys: {bad}")
+    if not tensors:
+        raise ValueError("nothing to encode: no tensors")
+    data = st_save(_standalone(tensors), metadata=dict(metadata))
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _standalone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors safetensors accepts: it refuses non-contiguous tensors and tensors sharing
+    storage, and KV slices of one cache are often both. Copies only when needed, since a
+    chunk's KV can be large."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name!r} is not a tensor")
+        t = t.detach().to("cpu")
+        storage = t.untyped_storage()
+        if not t.is_contiguous() or storage.nbytes() != t.nbytes or storage.data_ptr() in seen:
+            t = t.contiguous().clone()
+            storage = t.untyped_storage()
+        if t.numel():
+            seen.add(storage.data_ptr())
+        out[name] = t
+    return out
+
+
+def _validate_header(data: bytes) -> dict[str, str]:
+    """Check the safetensors framing ourselves so malformed input becomes a ValueError instead
+    of whatever (possibly a Rust panic) the loader would raise; returns the metadata."""
+    if len(data) < 8:
+        raise ValueError("safetensors data shorter than its length prefix")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > _MAX_HEADER or 8 + n > len(data):
+        raise ValueError("safetensors header length out of range")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"safetensors header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ValueError("safetensors metadata is not a str -> str mapping")
+    body = len(data) - 8 - n
+    end_max = 0
+    for name, info in header.items():
+        try:
+            itemsize = _SAFETENSORS_ITEMSIZE[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad safetensors entry for {name!r}") from exc
+        numel = 1
+        for d in shape:
+            if d < 0:
+                raise ValueError(f"negative dimension in {name!r}")
+            numel *= d
+        if not 0 <= start <= end <= body or end - start != numel * itemsize:
+            raise ValueError(f"tensor {name!r} does not fit the data section")
+        end_max = max(end_max, end)
+    if end_max != body:
+        raise ValueError("safetensors data section length does not match its tensors")
+    return dict(metadata)
+
+
+def decode_kv(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (CPU) and metadata; raises ValueError on anything malformed."""
+    metadata = _validate_header(bytes(data))
+    try:
+        tensors = st_load(bytes(data))
+    except Exception as exc:
+        raise ValueError(f"cannot decode safetensors data: {exc}") from exc
+    return tensors, metadata

@@ -1,0 +1,186 @@
+"""ORM tables of the cache index and the plain records that leave it.
+
+The ORM classes stay inside :mod:`ragkv.cache_index`; callers get frozen dataclasses instead, so
+no detached-instance or lazy-load surprises leak out of a closed session, and a later migration
+(Alembic) can change the tables without touching callers.
+
+All timestamps are naive UTC: SQLite keeps no time zone, so storing aware datetimes would come
+back naive anyway and mixing the two would break comparisons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+#: Bumped by hand whenever the tables change; Alembic migrations will key off it.
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    """Naive UTC now (see module docstring for why naive)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    """One row: the schema version the tables were created with."""
+
+    __tablename__ = "schema_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Document(Base):
+    __tablename__ = "documents"
+    # The same name with a changed text is a new document; the same text re-ingested is not.
+    __table_args__ = (UniqueConstraint("name", "text_sha256", name="uq_documents_name_sha"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(512))
+    source: Mapped[str] = mapped_column(String(2048), default="")
+    text_sha256: Mapped[str] = mapped_column(String(64))
+    n_chunks: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    chunks: Mapped[list[Chunk]] = relationship(
+        back_populates="document", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Chunk(Base):
+    __tablename__ = "chunks"
+    __table_args__ = (UniqueConstraint("document_id", "ordinal", name="uq_chunks_doc_ordinal"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    document_id: Mapped[int] = mapped_column(
+        ForeignKey("documents.id", ondelete="CASCADE"), index=True
+    )
+    ordinal: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[list[int]] = mapped_column(JSON)
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    # Not unique: identical chunks in two documents share one KV entry.
+    cache_key: Mapped[str] = mapped_column(String(64), index=True)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+    document: Mapped[Document] = relationship(back_populates="chunks")
+
+
+class KVEntry(Base):
+    __tablename__ = "kv_entries"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_fp: Mapped[str] = mapped_column(String(64))
+    layout: Mapped[str] = mapped_column(String(128))
+    n_tokens: Mapped[int] = mapped_column(Integer)
+    nbytes: Mapped[int] = mapped_column(Integer)
+    blob_name: Mapped[str] = mapped_column(String(512))
+    checksum: Mapped[str] = mapped_column(String(64))
+    dtype: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Non-null from creation on, so LRU eviction can order by it without NULL handling.
+    last_access_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    hits: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class QueryLog(Base):
+    __tablename__ = "queries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    question: Mapped[str] = mapped_column(Text)
+    mode: Mapped[str] = mapped_column(String(32))
+    ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_chunks: Mapped[int] = mapped_column(Integer, default=0)
+    hits: Mapped[int] = mapped_column(Integer, default=0)
+    misses: Mapped[int] = mapped_column(Integer, default=0)
+    context_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    recomputed_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    ttft_s: Mapped[float] = mapped_column(Float, default=0.0)
+    full_ttft_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    retrieval_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    answer: Mapped[str] = mapped_column(Text, default="")
+
+
+#: Columns a caller may pass to ``CacheIndex.log_query``.
+QUERY_FIELDS: tuple[str, ...] = tuple(
+    c.name for c in QueryLog.__table__.columns if c.name not in ("id", "created_at")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    """A chunk as the ingester produced it, before it has an id."""
+
+    ordinal: int
+    text: str
+    token_ids: list[int]
+    cache_key: str
+    embedding: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentInfo:
+    id: int
+    name: str
+    source: str
+    n_chunks: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    id: int
+    document_id: int
+    document_name: str
+    ordinal: int
+    text: str
+    token_ids: list[int]
+    n_tokens: int
+    cache_key: str
+    embedding: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    key: str
+    model_fp: str
+    layout: str
+    n_tokens: int
+    nbytes: int
+    blob_name: str
+    checksum: str
+    dtype: str
+    created_at: datetime
+    last_access_at: datetime
+    hits: int
+
+
+_Info = TypeVar("_Info", DocumentInfo, ChunkInfo, EntryInfo)
+
+
+def to_info(cls: type[_Info], row: Base, **extra: Any) -> _Info:
+    """Copy an ORM row into its record type, field by name, so the two cannot drift apart
+    silently (a renamed column fails here, loudly)."""
+    values = {f.name: getattr(row, f.name) for f in fields(cls) if f.name not in extra}
+    return cls(**values, **extra)

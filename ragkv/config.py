@@ -1,0 +1,93 @@
+"""The one typed configuration object of ragkv.
+
+Everything configurable lives here and is passed explicitly; nothing is read from environment
+variables except ``RAGKV_HOME`` as the default home folder (a convenience for the CLI).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Mode = Literal["full", "prefix", "reuse", "blend"]
+MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
+PrecomputeContext = Literal["cold", "prefix"]
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("RAGKV_HOME", Path.home() / ".cache" / "ragkv")).expanduser()
+
+
+@dataclass
+class BlendConfig:
+    """How ``blend`` picks the tokens it recomputes.
+
+    ratio: fraction of chunk tokens recomputed from the first check layer on (0 = ``reuse``,
+        1 = every token, which must equal full prefill).
+    policy: name of a selection policy in :mod:`ragkv.engine.policies`
+        (``hkvd``, ``gradual``, ``chunk_head``, ``hkvd+head``).
+    check_layers: layers at which deviation is measured; layers before the first are computed
+        for every token. ``gradual`` narrows the selection over all of them.
+    deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
+    head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
+    """
+
+    ratio: float = 0.15
+    policy: str = "hkvd"
+    check_layers: tuple[int, ...] = (1,)
+    deviation_on: Literal["k", "v", "kv"] = "k"
+    head_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"recompute ratio must be within [0, 1], got {self.ratio}")
+        if not self.check_layers or min(self.check_layers) < 1:
+            raise ValueError("check_layers must name layers >= 1 (layer 0 sees no context)")
+        self.check_layers = tuple(sorted(set(self.check_layers)))
+        if self.deviation_on not in ("k", "v", "kv"):
+            raise ValueError(f"deviation_on must be 'k', 'v' or 'kv', got {self.deviation_on!r}")
+
+
+@dataclass
+class RagkvConfig:
+    """Where things live and how chunks are prepared.
+
+    home: folder for the default model, the SQLite index and the blob store.
+    model: local transformers model directory; ``None`` means the embedded default (SmolLM2).
+    index_url: SQLAlchemy URL of the cache index (default: SQLite in ``home``).
+    blob_url: fsspec URL or folder for KV blobs (default: ``home/blobs``).
+    chunk_tokens: target chunk size in tokens.
+    precompute_context: ``cold`` (each chunk prefilled alone) or ``prefix`` (after the shared
+        template prefix / system prompt).
+    kv_dtype: dtype chunk KV is stored in.
+    device / dtype: where and in which precision the model runs.
+    """
+
+    home: Path = field(default_factory=default_home)
+    model: Path | None = None
+    index_url: str | None = None
+    blob_url: str | None = None
+    chunk_tokens: int = 512
+    precompute_context: PrecomputeContext = "prefix"
+    kv_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    system_prompt: str = "You are a helpful assistant. Answer the question using the context."
+    blend: BlendConfig = field(default_factory=BlendConfig)
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser()
+        if self.chunk_tokens < 16:
+            raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
+        if self.precompute_context not in ("cold", "prefix"):
+            raise ValueError("precompute_context must be 'cold' or 'prefix'")
+
+    @property
+    def resolved_index_url(self) -> str:
+        return self.index_url or f"sqlite:///{self.home / 'index.sqlite'}"
+
+    @property
+    def resolved_blob_url(self) -> str:
+        return self.blob_url or str(self.home / "blobs")

@@ -1,0 +1,1 @@
+"""Bridges between ragkv and the outside world: retrieval, RAG frameworks, serving engines."""

@@ -1,0 +1,1 @@
+"""Engine backends, KV containers, RoPE re-encoding and the CacheBlend fusion."""

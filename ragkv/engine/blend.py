@@ -1,0 +1,139 @@
+"""The fusion: cached chunk KV placed at new positions, selected tokens recomputed.
+
+One loop serves every mode but ``full``: the policy decides which positions are computed at
+layer 0 and which stay active after each check layer. Everything else follows from three
+rules (DESIGN §3):
+
+* cached keys are stored before RoPE and rotated to their true positions by the model's own
+  rotary embedding (exact re-encoding);
+* a computed token's fresh K/V overwrites the cached entry at its position in the layer's
+  buffer, so later queries see the best KV available;
+* a computed query at position p attends to keys at positions <= p only (exact causal mask),
+  whatever mix of cached and fresh keys sits there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ragkv.engine.kv import ChunkKV
+from ragkv.engine.policies import SelectionContext, SelectionPolicy
+from ragkv.engine.runner import LlamaFamilyRunner
+
+
+@dataclass
+class FusedPrefill:
+    """Result of one prefill.
+
+    k, v: per layer ``[kv_heads, T, head_dim]``, keys rotated to their positions (ready for
+    decoding). logits: ``[vocab]`` at the last position. recomputed_per_layer: how many
+    positions were computed at each layer. layer_sets: the computed positions per layer when
+    recording was asked for (for inspection).
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    logits: torch.Tensor
+    recomputed_per_layer: list[int]
+    final_positions: torch.Tensor
+    layer_sets: list[torch.Tensor] = field(default_factory=list)
+
+
+def deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor,
+              on: str) -> torch.Tensor:
+    """Per-token squared L2 distance ``[n]`` between fresh and cached pre-RoPE K and/or V
+    (all ``[kv_heads, n, head_dim]``). Pre-RoPE keys make the comparison position-free."""
+    dev = torch.zeros(k_new.shape[1], device=k_new.device, dtype=torch.float32)
+    if on in ("k", "kv"):
+        dev += (k_new.float() - k_old.float()).pow(2).sum(dim=(0, 2))
+    if on in ("v", "kv"):
+        dev += (v_new.float() - v_old.float()).pow(2).sum(dim=(0, 2))
+    return dev
+
+
+def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, ChunkKV]],
+         ctx: SelectionContext, policy: SelectionPolicy, *, deviation_on: str = "k",
+         record: bool = False) -> FusedPrefill:
+    """Prefill ``ids [T]`` reusing ``cached`` spans ``(start, ChunkKV)``.
+
+    Positions covered by no span must be among the policy's initial positions; the last
+    position (end of the question suffix) always is, since it carries the first-token logits.
+    """
+    T = ids.shape[0]
+    runner.check_length(T)
+    dev, dt = runner.device, runner.dtype
+    L, H, D = runner.n_layers, runner.kv_heads, runner.head_dim
+    k_pre = torch.zeros(L, H, T, D, device=dev, dtype=dt)
+    v_buf = torch.zeros(L, H, T, D, device=dev, dtype=dt)
+    for start, kv in cached:
+        n = kv.n_tokens
+        k_pre[:, :, start:start + n] = kv.k.to(dev, dt)
+        v_buf[:, :, start:start + n] = kv.v.to(dev, dt)
+
+    positions = torch.arange(T, device=dev)
+    cos, sin = runner.cos_sin(positions)
+    k_buf = runner.rotate(k_pre, cos, sin)  # every layer's cached keys at their true positions
+
+    active = policy.initial(ctx).to(dev)
+    if active.numel() == 0 or int(active[-1]) != T - 1:
+        raise AssertionError("the last prompt position must be computed")
+    uncovered = ctx.forced.to(dev)
+    if not torch.isin(uncovered.nonzero().flatten(), active).all():
+        raise AssertionError("positions without cached KV must be computed from layer 0")
+
+    h = runner.embed(ids[active])
+    counts: list[int] = []
+    sets: list[torch.Tensor] = []
+    checks = set(policy.check_layers)
+    for layer in range(L):
+        q, k, v = runner.qkv(layer, h)
+        keep = None
+        if layer in checks:
+            d = deviation(k, v, k_pre[layer][:, active], v_buf[layer][:, active], deviation_on)
+            keep = policy.select(layer, ctx, active.cpu(), d.cpu()).to(dev)
+        c, s = cos[active], sin[active]
+        q, k = runner.rotate(q, c, s), runner.rotate(k, c, s)
+        # Fresh KV of every computed token replaces the cached entry, dropped or not.
+        k_buf[layer].index_copy_(1, active, k)
+        v_buf[layer].index_copy_(1, active, v)
+        if keep is not None and not bool(keep.all()):
+            active, q, h = active[keep], q[:, keep], h[keep]
+        plain_causal = active.numel() == T
+        out = runner.attend(q, k_buf[layer], v_buf[layer], None if plain_causal else active)
+        h = runner.finish(layer, h, out)
+        counts.append(int(active.numel()))
+        if record:
+            sets.append(active.cpu())
+    logits = runner.logits(h[-1:])[0]
+    return FusedPrefill(list(k_buf.unbind(0)), list(v_buf.unbind(0)), logits, counts,
+                        active.cpu(), sets)
+
+
+def compute_span(runner: LlamaFamilyRunner, ids: torch.Tensor,
+                 past: ChunkKV | None = None) -> ChunkKV:
+    """Prefill ``ids`` after ``past`` (KV of the tokens before it, or none) and return the
+    span's own pre-RoPE K and V ``[layers, kv_heads, n, head_dim]``: what ingestion stores."""
+    P = 0 if past is None else past.n_tokens
+    n = ids.shape[0]
+    T = P + n
+    runner.check_length(T)
+    dev, dt = runner.device, runner.dtype
+    positions = torch.arange(T, device=dev)
+    cos, sin = runner.cos_sin(positions)
+    L, H, D = runner.n_layers, runner.kv_heads, runner.head_dim
+    ks = torch.empty(L, H, n, D, device=dev, dtype=dt)
+    vs = torch.empty(L, H, n, D, device=dev, dtype=dt)
+    past_k = None if past is None else runner.rotate(past.k.to(dev, dt), cos[:P], sin[:P])
+    q_pos = None if P == 0 else positions[P:]
+    h = runner.embed(ids.to(dev))
+    for layer in range(L):
+        q, k, v = runner.qkv(layer, h)
+        ks[layer], vs[layer] = k, v
+        q, k = runner.rotate(q, cos[P:], sin[P:]), runner.rotate(k, cos[P:], sin[P:])
+        if past is not None:
+            k = torch.cat([past_k[layer], k], dim=1)
+            v = torch.cat([past.v[layer].to(dev, dt), v], dim=1)
+        h = runner.finish(layer, h, runner.attend(q, k, v, q_pos))
+    return ChunkKV(ks, vs)

@@ -1,0 +1,126 @@
+"""The transformers backend: CPU reference, and CUDA when present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ragkv.config import BlendConfig
+from ragkv.engine.blend import FusedPrefill, compute_span, fuse
+from ragkv.engine.kv import ChunkKV, torch_dtype
+from ragkv.engine.policies import ComputeAll, SelectionContext, SelectionPolicy, make_policy
+from ragkv.engine.runner import SUPPORTED, LlamaFamilyRunner
+from ragkv.keys import model_fingerprint
+from ragkv.prompt import AssembledPrompt
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class HFEngine:
+    """Runs a Llama-family transformers model; ``full`` is the model's own forward pass."""
+
+    def __init__(self, model, tokenizer) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.runner = LlamaFamilyRunner(model)
+        self.fingerprint = model_fingerprint(model)
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    @classmethod
+    def load(cls, path: Path, device: str = "auto", dtype: str = "float32") -> HFEngine:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{path} is not a transformers model folder (no config.json)")
+        archs = json.loads(cfg_file.read_text()).get("architectures") or ["?"]
+        if archs[0] not in SUPPORTED:
+            raise ValueError(f"{path}: architecture {archs[0]} is not supported; ragkv fuses KV "
+                             "for the Llama family (Llama, Mistral, Qwen2, SmolLM)")
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
+                                                     attn_implementation="sdpa")
+        return cls(model.to(pick_device(device)), tok)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @torch.inference_mode()
+    def precompute(self, ids: list[int], past: ChunkKV | None = None) -> ChunkKV:
+        return compute_span(self.runner, torch.tensor(ids, device=self.runner.device), past)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: AssembledPrompt, cached: list[tuple[int, ChunkKV]], mode: str,
+                blend: BlendConfig, exact_until: int, record: bool = False) -> FusedPrefill:
+        ids = torch.tensor(prompt.ids, device=self.runner.device)
+        T = len(prompt.ids)
+        if mode == "full":
+            return self._full(ids)
+        forced = torch.ones(T, dtype=torch.bool)
+        for start, kv in cached:
+            forced[start:start + kv.n_tokens] = False
+        forced[:exact_until] = False
+        spans = [(s, e) for s, e in prompt.chunk_spans if s >= exact_until]
+        ctx = SelectionContext(T, exact_until, spans, forced, blend.ratio)
+        policy: SelectionPolicy
+        if mode == "prefix":
+            policy = ComputeAll()
+        elif mode == "reuse":
+            policy = SelectionPolicy()
+        elif mode == "blend":
+            policy = make_policy(blend, self.runner.n_layers)
+        else:
+            raise ValueError(f"unknown mode {mode!r}; choose full, prefix, reuse or blend")
+        return fuse(self.runner, ids, cached, ctx, policy, deviation_on=blend.deviation_on,
+                    record=record)
+
+    def _full(self, ids: torch.Tensor) -> FusedPrefill:
+        out = self.model(input_ids=ids[None], use_cache=True)
+        cache = out.past_key_values
+        ks = [layer.keys[0] for layer in cache.layers]
+        vs = [layer.values[0] for layer in cache.layers]
+        T = ids.shape[0]
+        return FusedPrefill(ks, vs, out.logits[0, -1].float(), [T] * len(ks),
+                            torch.arange(T))
+
+    def _cache(self, fused: FusedPrefill):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(zip(fused.k, fused.v, strict=True)):
+            cache.update(k[None], v[None], i)
+        return cache
+
+    @torch.inference_mode()
+    def decode(self, fused: FusedPrefill, first_token: int, max_new_tokens: int) -> list[int]:
+        """Greedy continuation after the first token, stopping at EOS."""
+        tokens = [first_token]
+        cache = self._cache(fused)
+        dev = self.runner.device
+        while len(tokens) < max_new_tokens and tokens[-1] not in self.eos_token_ids:
+            out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=dev),
+                             past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tokens.append(int(out.logits[0, -1].argmax()))
+        return tokens
+
+    @torch.inference_mode()
+    def score(self, fused: FusedPrefill, target: list[int]) -> torch.Tensor:
+        """Teacher-forced logits ``[len(target), vocab]``: row i predicts ``target[i]`` given
+        the prompt KV and ``target[:i]``."""
+        rows = [fused.logits[None]]
+        if len(target) > 1:
+            ids = torch.tensor([target[:-1]], device=self.runner.device)
+            out = self.model(input_ids=ids, past_key_values=self._cache(fused), use_cache=True)
+            rows.append(out.logits[0].float())
+        return torch.cat(rows)

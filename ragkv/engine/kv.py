@@ -1,0 +1,56 @@
+"""KV containers: what a chunk's cache entry holds and how it is (de)serialised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class ChunkKV:
+    """One span's keys (before RoPE) and values for every layer.
+
+    k, v: ``[layers, kv_heads, tokens, head_dim]``. Keys are stored before rotary embedding so
+    that placing the span at any position is one exact rotation by the model's own RoPE.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.k.shape != self.v.shape or self.k.dim() != 4:
+            raise ValueError(f"k/v must share a 4-d shape, got {tuple(self.k.shape)} and "
+                             f"{tuple(self.v.shape)}")
+
+    @property
+    def n_tokens(self) -> int:
+        return self.k.shape[2]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ChunkKV:
+        return ChunkKV(self.k.to(device=device, dtype=dtype), self.v.to(device=device, dtype=dtype))
+
+    def to_tensors(self, dtype: str) -> dict[str, torch.Tensor]:
+        dt = torch_dtype(dtype)
+        return {"k": self.k.to("cpu", dt).contiguous(), "v": self.v.to("cpu", dt).contiguous()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], *, layers: int, kv_heads: int,
+                     head_dim: int, n_tokens: int) -> ChunkKV:
+        """Rebuild and check the shape; a wrong shape is a foreign entry (ValueError)."""
+        kv = cls(tensors["k"], tensors["v"])
+        want = (layers, kv_heads, n_tokens, head_dim)
+        if tuple(kv.k.shape) != want:
+            raise ValueError(f"stored KV has shape {tuple(kv.k.shape)}, expected {want}")
+        if not (torch.isfinite(kv.k).all() and torch.isfinite(kv.v).all()):
+            raise ValueError("stored KV holds non-finite values")
+        return kv

@@ -1,0 +1,177 @@
+"""Selection policies: which tokens the blend recomputes, as small strategy objects.
+
+Every policy answers two questions: which positions are computed from layer 0 (``initial``),
+and, at each of its check layers, which of the active positions stay active (``select``). The
+budget is ``ratio`` times the number of chunk tokens; positions no cache covers (separators,
+the question suffix) are always kept and do not count against it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ragkv.config import BlendConfig
+
+
+@dataclass
+class SelectionContext:
+    """What a policy may look at.
+
+    n_tokens: prompt length T. exact_until: positions ``[0, exact_until)`` hold exact KV (a true
+    prefix) and are never recomputed. chunk_spans: ``[start, end)`` per chunk. forced: bool
+    ``[T]``, positions without cached KV (always computed).
+    """
+
+    n_tokens: int
+    exact_until: int
+    chunk_spans: list[tuple[int, int]]
+    forced: torch.Tensor
+    ratio: float
+
+    @property
+    def chunk_tokens(self) -> int:
+        return sum(e - s for s, e in self.chunk_spans)
+
+    def budget(self, ratio: float | None = None) -> int:
+        return int(round((self.ratio if ratio is None else ratio) * self.chunk_tokens))
+
+    def all_uncached_and_chunks(self) -> torch.Tensor:
+        return torch.arange(self.exact_until, self.n_tokens)
+
+    def forced_positions(self) -> torch.Tensor:
+        return self.forced.nonzero().flatten()
+
+    def heads(self, per_chunk: int) -> torch.Tensor:
+        """The first ``per_chunk`` positions of every chunk (EPIC's per-chunk attention sinks)."""
+        idx = [torch.arange(s, min(e, s + per_chunk)) for s, e in self.chunk_spans]
+        return torch.cat(idx) if idx else torch.empty(0, dtype=torch.long)
+
+
+def _keep_top(active: torch.Tensor, deviation: torch.Tensor, must: torch.Tensor,
+              budget: int) -> torch.Tensor:
+    """Bool mask over ``active``: ``must`` positions plus the ``budget`` largest deviations."""
+    keep = torch.isin(active, must)
+    score = deviation.masked_fill(keep, float("-inf"))
+    k = max(0, min(budget, int((~keep).sum())))
+    if k:
+        keep[torch.topk(score, k).indices] = True
+    return keep
+
+
+@dataclass
+class SelectionPolicy:
+    """Base: compute nothing beyond the forced positions (full KV reuse)."""
+
+    name: str = "reuse"
+
+    @property
+    def check_layers(self) -> tuple[int, ...]:
+        return ()
+
+    def initial(self, ctx: SelectionContext) -> torch.Tensor:
+        return ctx.forced_positions()
+
+    def select(self, layer: int, ctx: SelectionContext, active: torch.Tensor,
+               deviation: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(active, dtype=torch.bool)
+
+
+@dataclass
+class ComputeAll(SelectionPolicy):
+    """Everything past the exact prefix is computed (``prefix`` mode; and ratio 1.0)."""
+
+    name: str = "all"
+
+    def initial(self, ctx: SelectionContext) -> torch.Tensor:
+        return ctx.all_uncached_and_chunks()
+
+
+@dataclass
+class HKVD(SelectionPolicy):
+    """CacheBlend's selection: all tokens up to the check layer, then the tokens whose KV
+    deviates most from the cached KV at that layer (paper §4.2; LMCache's default, on V)."""
+
+    name: str = "hkvd"
+    layers: tuple[int, ...] = (1,)
+
+    @property
+    def check_layers(self) -> tuple[int, ...]:
+        return self.layers[:1]
+
+    def initial(self, ctx: SelectionContext) -> torch.Tensor:
+        return ctx.all_uncached_and_chunks()
+
+    def select(self, layer, ctx, active, deviation):
+        return _keep_top(active, deviation, ctx.forced_positions(), ctx.budget())
+
+
+@dataclass
+class GradualFilter(HKVD):
+    """The paper's gradual filtering: a wider selection at the first check layer, narrowed at
+    each following one down to the ratio at the last (budgets interpolate linearly)."""
+
+    name: str = "gradual"
+    layers: tuple[int, ...] = (1, 2, 3, 4)
+    start_factor: float = 2.0
+
+    @property
+    def check_layers(self) -> tuple[int, ...]:
+        return self.layers
+
+    def select(self, layer, ctx, active, deviation):
+        m = len(self.layers)
+        j = self.layers.index(layer)
+        start = min(1.0, self.start_factor * ctx.ratio)
+        ratio = ctx.ratio + (start - ctx.ratio) * (m - 1 - j) / max(1, m - 1)
+        return _keep_top(active, deviation, ctx.forced_positions(), ctx.budget(ratio))
+
+
+@dataclass
+class ChunkHead(SelectionPolicy):
+    """EPIC-style: recompute the first ``ceil(ratio * n)`` tokens of every chunk at every layer,
+    and nothing is checked, so there is no full-compute layer to pay for."""
+
+    name: str = "chunk_head"
+
+    def initial(self, ctx: SelectionContext) -> torch.Tensor:
+        idx = [torch.arange(s, s + math.ceil(ctx.ratio * (e - s))) for s, e in ctx.chunk_spans]
+        pos = torch.cat([ctx.forced_positions(), *idx])
+        return torch.unique(pos)
+
+
+@dataclass
+class HKVDWithHeads(HKVD):
+    """HKVD that always spends part of the budget on every chunk's first tokens."""
+
+    name: str = "hkvd+head"
+    head_tokens: int = 4
+
+    def select(self, layer, ctx, active, deviation):
+        heads = ctx.heads(self.head_tokens)
+        must = torch.cat([ctx.forced_positions(), heads])
+        return _keep_top(active, deviation, must, max(0, ctx.budget() - len(heads)))
+
+
+POLICIES = ("hkvd", "gradual", "chunk_head", "hkvd+head")
+
+
+def make_policy(cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
+    """The policy a BlendConfig names, fitted to a model of ``n_layers`` layers."""
+    if cfg.ratio >= 1.0:
+        return ComputeAll()
+    layers = cfg.check_layers
+    if layers[-1] >= n_layers:
+        raise ValueError(f"check layer {layers[-1]} does not exist (model has {n_layers} layers)")
+    if cfg.policy == "hkvd":
+        return HKVD(layers=layers)
+    if cfg.policy == "gradual":
+        c = layers[0]
+        return GradualFilter(layers=layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers))))
+    if cfg.policy == "chunk_head":
+        return ChunkHead()
+    if cfg.policy == "hkvd+head":
+        return HKVDWithHeads(layers=layers, head_tokens=cfg.head_tokens)
+    raise ValueError(f"unknown selection policy {cfg.policy!r}; choose from {', '.join(POLICIES)}")

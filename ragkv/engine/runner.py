@@ -1,0 +1,108 @@
+"""Layer-level execution for Llama-family decoders (Llama, Mistral, Qwen2, SmolLM).
+
+The blend needs to run one decoder layer on an arbitrary subset of tokens against a fused KV
+buffer; transformers' forward only runs whole sequences. This runner calls the model's own
+modules (projections, norms, MLP, rotary embedding) so numerics match the model, and owns only
+the attention call, where the exact causal mask by position is applied (DESIGN §3.4).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class LlamaFamilyRunner:
+    """Pieces of a forward pass, for batch size 1.
+
+    Hidden states are ``[n, hidden]``; per-layer q is ``[q_heads, n, head_dim]``, k and v are
+    ``[kv_heads, n, head_dim]``; positions are int64 ``[n]``.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        arch = type(model).__name__
+        if arch not in SUPPORTED:
+            raise ValueError(f"unsupported architecture {arch}; supported: {', '.join(SUPPORTED)}")
+        self.model = model
+        self.inner = model.model
+        cfg = model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.q_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.sliding_window = getattr(cfg, "sliding_window", None) if getattr(
+            cfg, "use_sliding_window", True) else None
+        modeling = sys.modules[type(model).__module__]
+        # The model's own helpers, so RoPE variants and conventions stay the model's.
+        self._rotate_half = modeling.rotate_half
+        self.apply_rotary_pos_emb = modeling.apply_rotary_pos_emb
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.embed_tokens.weight.dtype
+
+    def check_length(self, n: int) -> None:
+        if self.sliding_window is not None and n > self.sliding_window:
+            raise ValueError(f"prompt of {n} tokens exceeds the sliding window "
+                             f"({self.sliding_window}); fusion assumes full attention")
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_tokens(ids)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[n, head_dim]`` from the model's rotary embedding (scaling included)."""
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self.inner.rotary_emb(probe, positions[None])
+        return cos[0], sin[0]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply RoPE to ``x [..., n, head_dim]`` with cos/sin ``[n, head_dim]``."""
+        return x * cos + self._rotate_half(x) * sin
+
+    def qkv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-RoPE q ``[Hq, n, D]``, k and v ``[Hkv, n, D]`` of layer ``layer``."""
+        blk = self.inner.layers[layer]
+        x = blk.input_layernorm(h)
+        attn = blk.self_attn
+        n = h.shape[0]
+        q = attn.q_proj(x).view(n, self.q_heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_pos: torch.Tensor | None) -> torch.Tensor:
+        """Attention of rotated queries ``[Hq, n, D]`` over keys/values ``[Hkv, T, D]``.
+
+        Key j sits at position j. ``q_pos=None`` means the queries are exactly positions
+        ``0..T-1`` (plain causal); otherwise query i may see keys at positions <= q_pos[i] only.
+        Returns ``[n, Hq * D]``.
+        """
+        if q_pos is None:
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                                 scale=self.scaling, enable_gqa=True)
+        else:
+            key_pos = torch.arange(k.shape[1], device=k.device)
+            mask = key_pos[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                                 scale=self.scaling, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(q.shape[1], -1)
+
+    def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """o_proj, residual, MLP, residual: the rest of the layer for the same rows as ``h``."""
+        blk = self.inner.layers[layer]
+        h = h + blk.self_attn.o_proj(attn_out)
+        return h + blk.mlp(blk.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``[n, vocab]`` of final hidden states ``[n, hidden]``."""
+        return self.model.lm_head(self.inner.norm(h)).float()

@@ -1,0 +1,126 @@
+"""Ingestion (documents → chunks → stored KV) and retrieval over the ingested chunks."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ragkv.cache_index.models import ChunkRecord
+from ragkv.chunking import chunk_text
+
+if TYPE_CHECKING:
+    from ragkv.api import RagKV, RetrievedChunk
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+
+#: Called after each chunk with (chunks done, chunks total).
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class IngestResult:
+    document_id: int
+    name: str
+    n_chunks: int
+    precomputed: int  # chunks whose KV had to be computed (0 on a second run)
+    new_document: bool
+
+
+def ingest_text(rag: RagKV, name: str, text: str, source: str = "",
+                progress: Progress | None = None) -> IngestResult:
+    """Chunk, embed, record and precompute one document. Idempotent on (name, text)."""
+    if not text.strip():
+        raise ValueError(f"document {name!r} is empty")
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    index = rag.index
+    doc_id, created = index.add_document(name, source or name, sha)
+    if created:
+        chunks = chunk_text(text, rag.engine.tokenizer, rag.config.chunk_tokens)
+        vectors = _embedder(rag).embed([c.text for c in chunks])
+        from ragkv.connectors.retrieval import vector_to_bytes
+
+        records = [ChunkRecord(i, c.text, c.token_ids, rag.key_for(c.token_ids),
+                               vector_to_bytes(vec))
+                   for i, (c, vec) in enumerate(zip(chunks, vectors, strict=True))]
+        ids = index.add_chunks(doc_id, records)
+        index.set_document_chunk_count(doc_id, len(records))
+        if rag._retrieval is not None:
+            rag._retrieval.add(ids, vectors)
+        infos = index.chunks(ids)
+    else:
+        infos = [c for c in index.chunks() if c.document_id == doc_id]
+    done = 0
+    for i, info in enumerate(infos):
+        done += rag.precompute(info.token_ids)
+        if progress:
+            progress(i + 1, len(infos))
+    return IngestResult(doc_id, name, len(infos), done, created)
+
+
+def iter_text_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Text/markdown files under ``paths`` (files as given, folders recursively, sorted)."""
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file()
+                              and f.suffix.lower() in TEXT_SUFFIXES)
+        elif p.is_file():
+            yield p
+        else:
+            raise FileNotFoundError(f"no such file or folder: {p}")
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text") from exc
+
+
+def pydoc_topics(names: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """Python's own documentation topics (``pydoc_data.topics``), on every Python."""
+    from pydoc_data.topics import topics
+
+    chosen = sorted(topics) if names is None else list(names)
+    return [(f"pydoc:{n}", topics[n]) for n in chosen]
+
+
+class _Retrieval:
+    """Embedder + FAISS index over every chunk in the cache index."""
+
+    def __init__(self, rag: RagKV) -> None:
+        from ragkv.connectors.retrieval import build_retriever
+
+        infos = [c for c in rag.index.chunks() if c.embedding is not None]
+        self.faiss = build_retriever([c.id for c in infos], [c.embedding for c in infos])
+
+    def add(self, ids, vectors) -> None:
+        self.faiss.add(ids, vectors)
+
+
+def _embedder(rag: RagKV):
+    emb = getattr(rag, "_embedder", None)
+    if emb is None:
+        from ragkv.connectors.retrieval import Embedder
+
+        emb = rag._embedder = Embedder()
+    return emb
+
+
+def retrieve(rag: RagKV, question: str, k: int) -> list[RetrievedChunk]:
+    from ragkv.api import RetrievedChunk
+
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    if rag._retrieval is None:
+        rag._retrieval = _Retrieval(rag)
+    if len(rag._retrieval.faiss) == 0:
+        return []
+    hits = rag._retrieval.faiss.search(_embedder(rag).embed([question])[0], k)
+    infos = rag.index.chunks([i for i, _ in hits])
+    return [RetrievedChunk(c.token_ids, rag.key_for(c.token_ids), c.text, c.id,
+                           c.document_name, score)
+            for c, (_, score) in zip(infos, hits, strict=True)]

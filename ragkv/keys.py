@@ -1,0 +1,67 @@
+"""Cache keys: a digest of exactly what produced a chunk's KV (DESIGN §3.2).
+
+A key covers the model's weights (not its name), the KV layout version, the storage dtype, the
+precompute context (cold, or the token ids of the shared prefix the chunk was prefilled after)
+and the chunk's own token ids. Keys are content-addressed, so one chunk at any position in any
+query is one entry, and they are stable across processes and machines (no ``hash()``, no
+pickles: canonical JSON through SHA-256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+#: Bumped whenever the stored tensors change meaning or shape.
+KV_LAYOUT = "ragkv-kv/1:k-pre-rope,v;[layers,kv_heads,tokens,head_dim]"
+COLD_CONTEXT = "cold"
+
+
+def _digest(payload: object) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the config and every parameter's bytes, in name order.
+
+    Hashing weights rather than a path or a name means a fine-tuned or re-quantized copy of
+    "the same" model never reads another's KV.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        cfg = config.to_dict()
+        for volatile in ("_name_or_path", "_model_name_or_path", "transformers_version", "dtype",
+                         "torch_dtype", "_attn_implementation_autoset", "use_cache"):
+            cfg.pop(volatile, None)
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        h.update(np.ascontiguousarray(arr).data)
+    return h.hexdigest()
+
+
+def context_digest(prefix_ids: Sequence[int] | None) -> str:
+    """Name of the precompute context: ``cold`` or a digest of the shared prefix's token ids."""
+    if prefix_ids is None:
+        return COLD_CONTEXT
+    return "prefix:" + _digest([int(t) for t in prefix_ids])
+
+
+def chunk_key(model_fp: str, token_ids: Sequence[int], *, context: str = COLD_CONTEXT,
+              kv_dtype: str = "float16", layout: str = KV_LAYOUT) -> str:
+    """The cache key of one chunk's KV (64 hex chars)."""
+    return _digest({
+        "layout": layout,
+        "model": model_fp,
+        "context": context,
+        "dtype": kv_dtype,
+        "ids": [int(t) for t in token_ids],
+    })

@@ -1,0 +1,100 @@
+"""Prompt assembly from token ids only (DESIGN §3.1).
+
+A prompt is ``[template prefix] [chunk 1] [sep] ... [sep] [chunk k] [question suffix]``. The
+template is rendered once with sentinels and split into pieces that are tokenized on their own;
+chunks keep the ids they were tokenized with at ingestion. Texts are never joined and
+re-tokenized, so BPE never merges across a seam and cached KV always matches its tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+_CTX = "\u2063RAGKV_CONTEXT\u2063"
+_Q = "\u2063RAGKV_QUESTION\u2063"
+
+
+@dataclass(frozen=True)
+class AssembledPrompt:
+    """Token ids of one prompt and where each segment lies.
+
+    chunk_spans: ``[start, end)`` positions of each chunk, in prompt order.
+    prefix_len: tokens of the template prefix (positions ``[0, prefix_len)``).
+    suffix_start: first position of the question suffix (always computed).
+    """
+
+    ids: list[int]
+    prefix_len: int
+    chunk_spans: list[tuple[int, int]]
+    suffix_start: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def chunk_tokens(self) -> int:
+        return sum(e - s for s, e in self.chunk_spans)
+
+    def uncached_positions(self) -> list[int]:
+        """Positions that no cache entry covers: separators and the suffix."""
+        covered = [False] * len(self.ids)
+        for i in range(self.prefix_len):
+            covered[i] = True
+        for s, e in self.chunk_spans:
+            for i in range(s, e):
+                covered[i] = True
+        return [i for i, c in enumerate(covered) if not c]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The model's chat template cut into token-id pieces around context and question."""
+
+    prefix_ids: tuple[int, ...]
+    sep_ids: tuple[int, ...]
+    suffix_head: str
+    suffix_tail: str
+    tokenizer: object = field(repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, system_prompt: str) -> PromptTemplate:
+        user = f"Context:\n{_CTX}\n\nQuestion: {_Q}"
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "system", "content": system_prompt},
+                        {"role": "user", "content": user}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        else:
+            text = f"{system_prompt}\n\n{user}\nAnswer:"
+        head, rest = text.split(_CTX)
+        mid, tail = rest.split(_Q)
+        prefix = _encode(tokenizer, head)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+        if adds_bos and prefix[:1] != [bos]:
+            prefix = [bos, *prefix]
+        return cls(tuple(prefix), tuple(_encode(tokenizer, "\n\n")), mid, tail, tokenizer)
+
+    def suffix_ids(self, question: str) -> list[int]:
+        if not question.strip():
+            raise ValueError("the question is empty")
+        return _encode(self.tokenizer, self.suffix_head + question.strip() + self.suffix_tail)
+
+    def assemble(self, chunks: Sequence[Sequence[int]], question: str) -> AssembledPrompt:
+        ids = list(self.prefix_ids)
+        spans: list[tuple[int, int]] = []
+        for i, chunk in enumerate(chunks):
+            if not chunk:
+                raise ValueError(f"chunk {i} has no tokens")
+            if i:
+                ids.extend(self.sep_ids)
+            spans.append((len(ids), len(ids) + len(chunk)))
+            ids.extend(int(t) for t in chunk)
+        suffix_start = len(ids)
+        ids.extend(self.suffix_ids(question))
+        return AssembledPrompt(ids, len(self.prefix_ids), spans, suffix_start)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)

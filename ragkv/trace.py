@@ -1,0 +1,56 @@
+"""What one generation did: per-chunk hits, recompute counts and measured times."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ChunkTrace:
+    key: str
+    n_tokens: int
+    hit: bool
+    start: int  # position of the chunk's first token in the assembled prompt
+    document: str | None = None
+    recomputed: int = 0  # tokens of this chunk recomputed at the last layer
+
+
+@dataclass
+class QueryTrace:
+    """Filled by the engine (recompute figures) and the API (times, hits).
+
+    ttft_s is measured from the request (question + chunk keys) to the first token and
+    includes index lookup, blob loading and fusion; retrieval is reported separately.
+    """
+
+    mode: str
+    ratio: float | None
+    policy: str | None
+    context_tokens: int  # tokens in the assembled prompt
+    chunks: list[ChunkTrace] = field(default_factory=list)
+    recomputed_per_layer: list[int] = field(default_factory=list)
+    ttft_s: float = 0.0
+    lookup_s: float = 0.0
+    load_s: float = 0.0
+    precompute_s: float = 0.0  # time spent computing chunks that missed, inside ttft
+    fuse_s: float = 0.0
+    retrieval_s: float | None = None
+    full_ttft_s: float | None = None
+
+    @property
+    def hits(self) -> int:
+        return sum(c.hit for c in self.chunks)
+
+    @property
+    def misses(self) -> int:
+        return sum(not c.hit for c in self.chunks)
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Tokens computed at the deepest layer (the figure that sets the cost)."""
+        return self.recomputed_per_layer[-1] if self.recomputed_per_layer else 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(hits=self.hits, misses=self.misses, recomputed_tokens=self.recomputed_tokens)
+        return d
