@@ -160,7 +160,7 @@ class RagKV:
         keys = [c.key or self.key_for(c.token_ids) for c in items]
         trace = QueryTrace(mode, blend.ratio if mode == "blend" else None,
                            blend.policy if mode == "blend" else None, len(prompt))
-        trace.chunks = [ChunkTrace(k, len(c.token_ids), False, s, c.document)
+        trace.chunks = [ChunkTrace(k, len(c.token_ids), None, s, c.document)
                         for k, c, (s, _) in zip(keys, items, prompt.chunk_spans, strict=True)]
         cached: list[tuple[int, ChunkKV]] = []
         exact_until = 0
@@ -172,6 +172,8 @@ class RagKV:
             exact_until = prompt.prefix_len
             in_prefix_ctx = self.config.precompute_context == "prefix"
             wanted = items[:1] if mode == "prefix" else items
+            if mode == "prefix" and not in_prefix_ctx:
+                wanted = []  # a cold-computed chunk is never the prompt's exact prefix
             for c, ct, (s, e) in zip(wanted, trace.chunks, prompt.chunk_spans, strict=False):
                 t = time.perf_counter()
                 kv, hit = self.chunk_kv(c.token_ids, ct.key, present.get(ct.key, False))
@@ -181,8 +183,6 @@ class RagKV:
                     trace.load_s += dt
                 else:
                     trace.precompute_s += dt
-                if mode == "prefix" and not in_prefix_ctx:
-                    break  # a cold-computed chunk is not the prompt's exact prefix
                 cached.append((s, kv))
                 if in_prefix_ctx and s == prompt.prefix_len:
                     exact_until = e  # computed after the same prefix at the same positions

@@ -9,6 +9,7 @@ load is a fast, offline ``from_pretrained``.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -87,17 +88,27 @@ def _download_gguf(workdir: Path) -> Path:
 
 @contextmanager
 def _hf_progress_bars(enabled: bool) -> Iterator[None]:
-    """Let transformers draw its progress bars only when the caller asked for progress."""
+    """Let transformers draw its progress bars only when the caller asked for progress.
+
+    The GGUF dequantisation bar is a bare ``tqdm`` that ignores the transformers switch, so it is
+    silenced by patching that module's ``tqdm`` for the duration.
+    """
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     were_on = hf_logging.is_progress_bar_enabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
     if not enabled:
         hf_logging.disable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
         if were_on:
             hf_logging.enable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
 
 
 def _convert_gguf(gguf: Path, out_dir: Path, progress: bool) -> None:

@@ -85,7 +85,7 @@ class PromptTemplate:
         ids = list(self.prefix_ids)
         spans: list[tuple[int, int]] = []
         for i, chunk in enumerate(chunks):
-            if not chunk:
+            if len(chunk) == 0:
                 raise ValueError(f"chunk {i} has no tokens")
             if i:
                 ids.extend(self.sep_ids)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 class ChunkTrace:
     key: str
     n_tokens: int
-    hit: bool
+    hit: bool | None  # None: the mode never looked this chunk up (full; prefix past chunk 1)
     start: int  # position of the chunk's first token in the assembled prompt
     document: str | None = None
     recomputed: int = 0  # tokens of this chunk recomputed at the last layer
@@ -39,11 +39,11 @@ class QueryTrace:
 
     @property
     def hits(self) -> int:
-        return sum(c.hit for c in self.chunks)
+        return sum(c.hit is True for c in self.chunks)
 
     @property
     def misses(self) -> int:
-        return sum(not c.hit for c in self.chunks)
+        return sum(c.hit is False for c in self.chunks)
 
     @property
     def recomputed_tokens(self) -> int:

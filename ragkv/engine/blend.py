@@ -76,7 +76,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     cos, sin = runner.cos_sin(positions)
     k_buf = runner.rotate(k_pre, cos, sin)  # every layer's cached keys at their true positions
 
-    active = policy.initial(ctx).to(dev)
+    active = torch.unique(policy.initial(ctx)).to(dev)  # sorted, as attention expects
     if active.numel() == 0 or int(active[-1]) != T - 1:
         raise AssertionError("the last prompt position must be computed")
     uncovered = ctx.forced.to(dev)
@@ -89,17 +89,22 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     checks = set(policy.check_layers)
     for layer in range(L):
         q, k, v = runner.qkv(layer, h)
-        keep = None
-        if layer in checks:
+        d = None
+        if layer in checks:  # before the buffers are overwritten below
             d = deviation(k, v, k_pre[layer][:, active], v_buf[layer][:, active], deviation_on)
-            keep = policy.select(layer, ctx, active.cpu(), d.cpu()).to(dev)
         c, s = cos[active], sin[active]
         q, k = runner.rotate(q, c, s), runner.rotate(k, c, s)
         # Fresh KV of every computed token replaces the cached entry, dropped or not.
         k_buf[layer].index_copy_(1, active, k)
         v_buf[layer].index_copy_(1, active, v)
-        if keep is not None and not bool(keep.all()):
-            active, q, h = active[keep], q[:, keep], h[keep]
+        if d is not None:
+            if policy.uses_attention:
+                tail = active >= ctx.suffix_start
+                w = runner.attention_probs(q[:, tail], k_buf[layer], active[tail])
+                d = d * w.mean(dim=(0, 1))[active].float()
+            keep = policy.select(layer, ctx, active.cpu(), d.cpu()).to(dev)
+            if not bool(keep.all()):
+                active, q, h = active[keep], q[:, keep], h[keep]
         plain_causal = active.numel() == T
         out = runner.attend(q, k_buf[layer], v_buf[layer], None if plain_causal else active)
         h = runner.finish(layer, h, out)

@@ -71,7 +71,7 @@ class HFEngine:
             forced[start:start + kv.n_tokens] = False
         forced[:exact_until] = False
         spans = [(s, e) for s, e in prompt.chunk_spans if s >= exact_until]
-        ctx = SelectionContext(T, exact_until, spans, forced, blend.ratio)
+        ctx = SelectionContext(T, exact_until, spans, forced, blend.ratio, prompt.suffix_start)
         policy: SelectionPolicy
         if mode == "prefix":
             policy = ComputeAll()

@@ -30,6 +30,11 @@ class SelectionContext:
     chunk_spans: list[tuple[int, int]]
     forced: torch.Tensor
     ratio: float
+    suffix_start: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.suffix_start is None:
+            self.suffix_start = self.n_tokens - 1
 
     @property
     def chunk_tokens(self) -> int:
@@ -66,6 +71,8 @@ class SelectionPolicy:
     """Base: compute nothing beyond the forced positions (full KV reuse)."""
 
     name: str = "reuse"
+    #: whether ``select`` wants deviations weighted by the question's attention to each token
+    uses_attention = False
 
     @property
     def check_layers(self) -> tuple[int, ...]:
@@ -155,7 +162,16 @@ class HKVDWithHeads(HKVD):
         return _keep_top(active, deviation, must, max(0, ctx.budget() - len(heads)))
 
 
-POLICIES = ("hkvd", "gradual", "chunk_head", "hkvd+head")
+@dataclass
+class QueryAwareHKVD(HKVD):
+    """HKVD whose deviation is weighted by the attention the question suffix pays each token
+    at the check layer: a deviating token the question never reads costs nothing."""
+
+    name: str = "qhkvd"
+    uses_attention = True
+
+
+POLICIES = ("hkvd", "qhkvd", "gradual", "chunk_head", "hkvd+head")
 
 
 def make_policy(cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
@@ -167,6 +183,8 @@ def make_policy(cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         raise ValueError(f"check layer {layers[-1]} does not exist (model has {n_layers} layers)")
     if cfg.policy == "hkvd":
         return HKVD(layers=layers)
+    if cfg.policy == "qhkvd":
+        return QueryAwareHKVD(layers=layers)
     if cfg.policy == "gradual":
         c = layers[0]
         fitted = layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers)))

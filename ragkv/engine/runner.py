@@ -84,18 +84,51 @@ class LlamaFamilyRunner:
         """Attention of rotated queries ``[Hq, n, D]`` over keys/values ``[Hkv, T, D]``.
 
         Key j sits at position j. ``q_pos=None`` means the queries are exactly positions
-        ``0..T-1`` (plain causal); otherwise query i may see keys at positions <= q_pos[i] only.
+        ``0..T-1`` (plain causal); otherwise query i may see keys at positions <= q_pos[i] only,
+        and ``q_pos`` must be sorted ascending (the blend keeps its active set sorted).
         Returns ``[n, Hq * D]``.
         """
-        if q_pos is None:
-            out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                                 scale=self.scaling, enable_gqa=True)
+        n, T = q.shape[1], k.shape[1]
+        if q_pos is not None and n > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
+            raise ValueError("query positions must be strictly increasing")
+        if q_pos is not None and int(q_pos[0]) == T - n and int(q_pos[-1]) == T - 1 \
+                and (n == 1 or bool((q_pos[1:] - q_pos[:-1] == 1).all())):
+            # The contiguous tail [T-n, T): pad the missing head with zero queries so the
+            # fast plain-causal kernel applies; the padded rows are dropped, the rest is exact.
+            pad = T - n
+            q = torch.cat([q.new_zeros(q.shape[0], pad, q.shape[2]), q], dim=1) if pad else q
+            out = self._sdpa(q, k, v, None)[:, pad:]
+        elif q_pos is None:
+            out = self._sdpa(q, k, v, None)
         else:
-            key_pos = torch.arange(k.shape[1], device=k.device)
-            mask = key_pos[None, :] <= q_pos[:, None]
-            out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                                 scale=self.scaling, enable_gqa=True)
-        return out[0].transpose(0, 1).reshape(q.shape[1], -1)
+            # Sparse queries: blocks sorted by position, each reading keys up to its last
+            # position only (keys beyond are masked anyway), so masked work shrinks.
+            outs = []
+            for idx in torch.tensor_split(torch.arange(n, device=q.device), self._blocks(n)):
+                pos = q_pos[idx]
+                m = int(pos[-1]) + 1
+                mask = torch.arange(m, device=k.device)[None, :] <= pos[:, None]
+                outs.append(self._sdpa(q[:, idx], k[:, :m], v[:, :m], mask))
+            out = torch.cat(outs, dim=1)
+        return out.transpose(0, 1).reshape(n, -1)
+
+    def attention_probs(self, q: torch.Tensor, k: torch.Tensor,
+                        q_pos: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities ``[Hq, n, T]`` of rotated queries over keys, exact mask."""
+        k = k.repeat_interleave(self.q_heads // self.kv_heads, dim=0)
+        scores = torch.matmul(q.float(), k.float().transpose(1, 2)) * self.scaling
+        mask = torch.arange(k.shape[1], device=k.device)[None, :] > q_pos[:, None]
+        return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+
+    @staticmethod
+    def _blocks(n: int) -> int:
+        return max(1, min(4, n // 64))
+
+    def _sdpa(self, q, k, v, mask) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                             is_causal=mask is None, scale=self.scaling,
+                                             enable_gqa=True)
+        return out[0]
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """o_proj, residual, MLP, residual: the rest of the layer for the same rows as ``h``."""

@@ -1,0 +1,198 @@
+"""The benchmark: TTFT and fidelity of every mode against full prefill, measured in one run.
+
+Per case, chunks are ingested (precomputed and stored) before anything is timed; ``full`` runs
+once per case and is the reference for every other mode, policy, ratio and precompute context
+on that case. Ratios are per case (full TTFT / mode TTFT), summarised by their median.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ragkv import metrics
+from ragkv.api import RagKV
+from ragkv.chunking import tokenize_chunk
+from ragkv.config import BlendConfig, RagkvConfig
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class BenchSpec:
+    modes: list[str] = field(default_factory=lambda: ["full", "prefix", "reuse", "blend"])
+    ratios: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.3])
+    policies: list[str] = field(default_factory=lambda: ["hkvd"])
+    contexts: list[str] = field(default_factory=lambda: ["prefix"])
+    check_layers: tuple[int, ...] = (1,)
+    deviation_on: str = "k"
+    max_new_tokens: int = 32
+    limit: int | None = None
+
+
+def load_cases(path: Path) -> list[dict]:
+    """Read a JSONL case file; each line needs ``id``, ``chunks`` (list of str), ``question``."""
+    cases = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            case = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(case.get("chunks"), list) or not case["chunks"] or not all(
+                isinstance(c, str) and c.strip() for c in case["chunks"]):
+            raise ValueError(f"{path}:{n}: 'chunks' must be a non-empty list of strings")
+        if not str(case.get("question", "")).strip():
+            raise ValueError(f"{path}:{n}: 'question' is missing")
+        case.setdefault("id", f"case-{n}")
+        cases.append(case)
+    if not cases:
+        raise ValueError(f"{path}: no cases")
+    return cases
+
+
+def variants(spec: BenchSpec) -> list[tuple[str, str | None, float | None]]:
+    out: list[tuple[str, str | None, float | None]] = []
+    for mode in spec.modes:
+        if mode == "blend":
+            out += [("blend", p, r) for p in spec.policies for r in spec.ratios]
+        elif mode != "full":
+            out.append((mode, None, None))
+    return out
+
+
+def _record(case: dict, ctx: str, answer, full, full_scores, engine) -> dict:
+    scores = engine.score(answer.fused, full.tokens)
+    tr = answer.trace
+    rec = {
+        "case": case["id"], "context": ctx, "mode": tr.mode, "policy": tr.policy,
+        "ratio": tr.ratio, "ttft_s": tr.ttft_s, "full_ttft_s": full.trace.ttft_s,
+        "speedup": full.trace.ttft_s / tr.ttft_s, "context_tokens": tr.context_tokens,
+        "recomputed_tokens": tr.recomputed_tokens, "hits": tr.hits, "misses": tr.misses,
+        "load_s": tr.load_s, "lookup_s": tr.lookup_s,
+        **metrics.first_token(full.fused.logits, answer.fused.logits),
+        **metrics.teacher_forced(full_scores, scores, full.tokens),
+        "rouge_l": metrics.rouge_l(full.tokens, answer.tokens),
+        "contains": metrics.contains(answer.text, case.get("answer")),
+        "answer": answer.text,
+    }
+    return rec
+
+
+def run_bench(engine, home: Path, cases: list[dict], spec: BenchSpec,
+              progress: Progress | None = None, base: RagkvConfig | None = None) -> dict:
+    base = base or RagkvConfig(home=home)
+    rags = {}
+    for ctx in spec.contexts:
+        cfg = RagkvConfig(**{**base.__dict__, "home": home, "precompute_context": ctx,
+                             "blend": BlendConfig(check_layers=spec.check_layers,
+                                                  deviation_on=spec.deviation_on)})
+        rags[ctx] = RagKV(cfg, engine=engine)
+    cases = cases[: spec.limit] if spec.limit else cases
+    tok = engine.tokenizer
+    chunk_ids = [[tokenize_chunk(c, tok) for c in case["chunks"]] for case in cases]
+    total = sum(map(len, chunk_ids)) * len(rags)
+    done = 0
+    for rag in rags.values():  # ingestion: not timed
+        for ids in (i for per_case in chunk_ids for i in per_case):
+            rag.precompute(ids)
+            done += 1
+            if progress:
+                progress("precompute", done, total)
+    first = next(iter(rags.values()))
+    for mode in ("full", "reuse", "blend"):  # warm-up: first calls pay one-off costs
+        first.generate(chunk_ids[0], cases[0]["question"], mode=mode, max_new_tokens=2,
+                       log_query=False)
+    records = []
+    todo = variants(spec)
+    for i, (case, ids) in enumerate(zip(cases, chunk_ids, strict=True)):
+        q = case["question"]
+        full = first.generate(ids, q, mode="full", keep_kv=True, log_query=False,
+                              max_new_tokens=spec.max_new_tokens)
+        full_scores = engine.score(full.fused, full.tokens)
+        records.append(_record(case, "-", full, full, full_scores, engine))
+        for ctx, rag in rags.items():
+            for mode, policy, ratio in todo:
+                blend = BlendConfig(ratio=ratio or 0.0, policy=policy or "hkvd",
+                                    check_layers=spec.check_layers,
+                                    deviation_on=spec.deviation_on)  # type: ignore[arg-type]
+                ans = rag.generate(ids, q, mode=mode, blend=blend, keep_kv=True,
+                                   log_query=False, max_new_tokens=spec.max_new_tokens)
+                records.append(_record(case, ctx, ans, full, full_scores, engine))
+        if progress:
+            progress("cases", i + 1, len(cases))
+    return {"meta": _meta(engine, spec, len(cases)), "summary": summarize(records),
+            "cases": records}
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["context"], r["mode"], r["policy"], r["ratio"]), []).append(r)
+    out = []
+    for (ctx, mode, policy, ratio), rs in groups.items():
+        def mean(k, rs=rs):
+            vals = [r[k] for r in rs if r[k] is not None]
+            return statistics.fmean(vals) if vals else None
+
+        def med(k, rs=rs):
+            return statistics.median(r[k] for r in rs)
+
+        out.append({
+            "context": ctx, "mode": mode, "policy": policy, "ratio": ratio, "n": len(rs),
+            "speedup_median": med("speedup"), "ttft_median_s": med("ttft_s"),
+            "first_token_agree": mean("first_token_agree"),
+            "first_token_kl_median": med("first_token_kl"),
+            "tf_agree": mean("tf_agree"), "tf_kl_median": med("tf_kl"),
+            "rouge_l": mean("rouge_l"), "contains": mean("contains"),
+            "recomputed_share": statistics.fmean(
+                r["recomputed_tokens"] / r["context_tokens"] for r in rs),
+        })
+    return out
+
+
+def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dict:
+    """TTFT full vs blend (default config) on one prompt of about ``target_tokens``."""
+    from ragkv.chunking import chunk_text
+    from ragkv.ingest import pydoc_topics
+
+    chunks: list[list[int]] = []
+    budget = target_tokens - 200  # room for template and question
+    for _, text in pydoc_topics():
+        for c in chunk_text(text, rag.engine.tokenizer, rag.config.chunk_tokens):
+            if sum(map(len, chunks)) + len(c.token_ids) > budget:
+                break
+            chunks.append(c.token_ids)
+        if sum(map(len, chunks)) > budget - rag.config.chunk_tokens:
+            break
+    for ids in chunks:
+        rag.precompute(ids)
+    q = "Summarize what these passages say about exceptions."
+    full = rag.generate(chunks, q, mode="full", keep_kv=True, log_query=False,
+                        max_new_tokens=max_new_tokens)
+    blend = rag.generate(chunks, q, mode="blend", keep_kv=True, log_query=False,
+                         max_new_tokens=max_new_tokens)
+    return {"context_tokens": full.trace.context_tokens, "chunks": len(chunks),
+            "full_ttft_s": full.trace.ttft_s, "blend_ttft_s": blend.trace.ttft_s,
+            "speedup": full.trace.ttft_s / blend.trace.ttft_s,
+            **metrics.first_token(full.fused.logits, blend.fused.logits)}
+
+
+def _meta(engine, spec: BenchSpec, n_cases: int) -> dict:
+    return {
+        "model": getattr(engine.model.config, "_name_or_path", ""),
+        "model_fingerprint": engine.fingerprint[:16],
+        "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": n_cases,
+        "spec": asdict(spec),
+    }

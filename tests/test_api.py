@@ -1,0 +1,408 @@
+"""RagKV end to end on a tiny random Llama that speaks SmolLM2's tokenizer (real chat template).
+
+Ingestion runs once per module into a seed home folder; each test works on its own copy, so
+faults injected into one test's blobs or index never leak into another.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ragkv.api import RagKV, RetrievedChunk
+from ragkv.config import BlendConfig, RagkvConfig
+from ragkv.engine.hf import HFEngine
+from ragkv.keys import KV_LAYOUT, chunk_key, context_digest
+
+MODES = ("full", "prefix", "reuse", "blend")
+QUESTION = "What does the assert statement do?"
+MAX_NEW = 6
+
+
+def _docs() -> dict[str, str]:
+    from pydoc_data.topics import topics
+
+    return {"doc:assert": topics["assert"][:1400], "doc:pass": topics["pass"][:900]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A tiny model runs faster on one thread, and cannot stall on a busy second core."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer) -> HFEngine:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                      initializer_range=0.1)
+    return HFEngine(LlamaForCausalLM(cfg).eval(), tokenizer)
+
+
+def make_config(home: Path, **kw) -> RagkvConfig:
+    # float32 storage: a KV read back from the cache is bit-identical to a freshly computed one,
+    # so a miss and a hit must give exactly the same answer.
+    return RagkvConfig(home=home, chunk_tokens=64, kv_dtype=kw.pop("kv_dtype", "float32"), **kw)
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory, engine):
+    home = tmp_path_factory.mktemp("seed")
+    rag = RagKV(make_config(home), engine=engine)
+    results = [rag.ingest_text(name, text) for name, text in _docs().items()]
+    again = rag.ingest_text("doc:assert", _docs()["doc:assert"])
+    stats = rag.index.stats()
+    rag.index.close()
+    return home, results, again, stats
+
+
+@pytest.fixture
+def rag(tmp_path, seed, engine) -> RagKV:
+    home = tmp_path / "home"
+    shutil.copytree(seed[0], home)
+    r = RagKV(make_config(home), engine=engine)
+    yield r
+    r.index.close()
+
+
+def three_chunks(rag: RagKV) -> list[RetrievedChunk]:
+    infos = sorted(rag.index.chunks(), key=lambda c: c.id)[:3]
+    return [RetrievedChunk(c.token_ids, c.cache_key, c.text, c.id, c.document_name)
+            for c in infos]
+
+
+def blob_path(rag: RagKV, key: str) -> Path:
+    entry = rag.index.get_entry(key)
+    assert entry is not None
+    return Path(rag.config.resolved_blob_url) / entry.blob_name
+
+
+# ---- ingestion -----------------------------------------------------------------------------
+
+def test_ingest_stores_chunks_and_kv(seed, rag):
+    _, results, again, stats = seed
+    assert [r.new_document for r in results] == [True, True]
+    n_chunks = sum(r.n_chunks for r in results)
+    assert all(r.n_chunks >= 1 for r in results) and n_chunks >= 4
+    assert [r.precomputed for r in results] == [r.n_chunks for r in results]
+    assert stats["documents"] == 2
+    assert stats["chunks"] == n_chunks
+    # One entry per chunk plus the template prefix (the chunks are all distinct).
+    assert stats["kv_entries"] == n_chunks + 1
+    assert stats["kv_tokens"] == sum(c.n_tokens for c in rag.index.chunks()) + len(
+        rag.template.prefix_ids)
+    # Re-ingesting the same document computes nothing.
+    assert not again.new_document and again.precomputed == 0
+    assert again.n_chunks == results[0].n_chunks
+    # Stored chunks carry the key the API computes, and every key has a readable entry.
+    for c in rag.index.chunks():
+        assert c.cache_key == rag.key_for(c.token_ids)
+        assert 0 < c.n_tokens <= 64 * 1.1 + 1
+        entry = rag.index.get_entry(c.cache_key)
+        assert entry is not None and entry.n_tokens == c.n_tokens
+        assert entry.model_fp == rag.engine.fingerprint and entry.layout == KV_LAYOUT
+        assert blob_path(rag, c.cache_key).is_file()
+        assert rag.precompute(c.token_ids) is False
+
+
+def test_empty_document_rejected(rag):
+    with pytest.raises(ValueError, match="empty"):
+        rag.ingest_text("blank", "  \n ")
+
+
+# ---- generation ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generate_every_mode(rag, mode):
+    chunks = three_chunks(rag)
+    ans = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW)
+    t = ans.trace
+    assert 1 <= len(ans.tokens) <= MAX_NEW
+    assert isinstance(ans.text, str)
+    assert t.mode == mode and t.context_tokens == len(ans.prompt)
+    assert t.ttft_s > 0 and t.fuse_s > 0
+    assert t.ttft_s >= t.fuse_s
+    assert len(t.recomputed_per_layer) == rag.engine.runner.n_layers
+    looked_up = {"full": 0, "prefix": 1, "reuse": 3, "blend": 3}[mode]
+    assert t.hits + t.misses == looked_up and len(t.chunks) == 3  # hit=None: never looked up
+    assert [c.start for c in t.chunks] == [s for s, _ in ans.prompt.chunk_spans]
+    assert [c.key for c in t.chunks] == [c.key for c in chunks]
+    T = len(ans.prompt)
+    first_end = ans.prompt.chunk_spans[0][1]
+    if mode == "full":
+        assert t.recomputed_per_layer == [T] * rag.engine.runner.n_layers
+    elif mode == "prefix":
+        # The first chunk was precomputed after the template prefix: exact, never recomputed.
+        assert t.chunks[0].hit
+        assert t.recomputed_per_layer == [T - first_end] * rag.engine.runner.n_layers
+    elif mode == "reuse":
+        assert t.hits == 3
+        assert t.recomputed_per_layer == [len(ans.prompt.uncached_positions())] * len(
+            t.recomputed_per_layer)
+        assert all(c.recomputed == 0 for c in t.chunks)
+    else:
+        assert t.hits == 3 and t.ratio == rag.config.blend.ratio and t.policy == "hkvd"
+        assert t.recomputed_per_layer[0] == T - first_end
+        assert t.recomputed_per_layer[-1] < T - first_end
+        assert t.recomputed_tokens == t.recomputed_per_layer[-1]
+        assert t.chunks[0].recomputed == 0  # exact prefix chunk
+        assert 0 < sum(c.recomputed for c in t.chunks) < sum(c.n_tokens for c in t.chunks)
+        assert t.load_s > 0
+    assert rag.index.stats()["queries"] == 1
+    logged = rag.index.recent_queries(1)[0]
+    assert logged["mode"] == mode and logged["hits"] == t.hits
+
+
+def test_blend_at_ratio_one_matches_full(rag):
+    chunks = three_chunks(rag)
+    full = rag.generate(chunks, QUESTION, mode="full", max_new_tokens=MAX_NEW, keep_kv=True)
+    one = rag.generate(chunks, QUESTION, mode="blend", blend=BlendConfig(ratio=1.0),
+                       max_new_tokens=MAX_NEW, keep_kv=True)
+    prefix = rag.generate(chunks, QUESTION, mode="prefix", max_new_tokens=MAX_NEW,
+                          keep_kv=True)
+    assert one.tokens == full.tokens == prefix.tokens
+    assert (one.fused.logits - full.fused.logits).abs().max() < 1e-4
+    assert (prefix.fused.logits - full.fused.logits).abs().max() < 1e-4
+    assert full.fused is not None and rag.generate(chunks, QUESTION, mode="full",
+                                                   max_new_tokens=1).fused is None
+
+
+def test_reuse_of_single_chunk_matches_full_with_prefix_context(rag):
+    """precompute_context=prefix: a lone chunk was prefilled after the very template prefix it
+    follows, so plain reuse is exact."""
+    chunk = three_chunks(rag)[:1]
+    full = rag.generate(chunk, QUESTION, mode="full", max_new_tokens=MAX_NEW, keep_kv=True)
+    reuse = rag.generate(chunk, QUESTION, mode="reuse", max_new_tokens=MAX_NEW, keep_kv=True)
+    assert reuse.trace.hits == 1
+    assert reuse.tokens == full.tokens
+    assert (reuse.fused.logits - full.fused.logits).abs().max() < 1e-4
+
+
+def test_generate_with_plain_token_lists(rag):
+    ids = [c.token_ids for c in three_chunks(rag)]
+    ans = rag.generate(ids, QUESTION, mode="blend", max_new_tokens=2)
+    assert ans.trace.hits == 3
+    assert [c.key for c in ans.trace.chunks] == [rag.key_for(i) for i in ids]
+
+
+def test_unknown_chunks_are_computed_and_stored(rag, tokenizer):
+    ids = list(tokenizer("A chunk nobody ingested, about caching.", add_special_tokens=False)
+               .input_ids)
+    key = rag.key_for(ids)
+    assert rag.index.get_entry(key) is None
+    first = rag.generate([ids], QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+    assert first.trace.misses == 1 and first.trace.precompute_s > 0
+    assert rag.index.get_entry(key) is not None
+    second = rag.generate([ids], QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+    assert second.trace.hits == 1
+    assert second.tokens == first.tokens
+
+
+# ---- faults are misses ---------------------------------------------------------------------
+
+def _corrupt(rag: RagKV, key: str) -> None:
+    path = blob_path(rag, key)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    path.write_bytes(bytes(data))
+
+
+def _truncate(rag: RagKV, key: str) -> None:
+    path = blob_path(rag, key)
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _delete(rag: RagKV, key: str) -> None:
+    blob_path(rag, key).unlink()
+
+
+def _foreign(rag: RagKV, key: str) -> None:
+    entry = rag.index.get_entry(key)
+    shape = (rag.engine.runner.n_layers, rag.engine.runner.kv_heads, entry.n_tokens,
+             rag.engine.runner.head_dim)
+    rag.store.put(key, {"k": torch.ones(shape), "v": torch.ones(shape)}, model_fp="0" * 64,
+                  layout=KV_LAYOUT, n_tokens=entry.n_tokens)
+    assert rag.index.get_entry(key).model_fp == "0" * 64
+
+
+def _wrong_shape(rag: RagKV, key: str) -> None:
+    entry = rag.index.get_entry(key)
+    shape = (1, 1, entry.n_tokens, 2)
+    assert rag.store.put(key, {"k": torch.ones(shape), "v": torch.ones(shape)},
+                         model_fp=rag.engine.fingerprint, layout=KV_LAYOUT,
+                         n_tokens=entry.n_tokens)
+
+
+def _non_finite(rag: RagKV, key: str) -> None:
+    entry = rag.index.get_entry(key)
+    r = rag.engine.runner
+    shape = (r.n_layers, r.kv_heads, entry.n_tokens, r.head_dim)
+    v = torch.zeros(shape)
+    v[0, 0, 0, 0] = float("nan")
+    assert rag.store.put(key, {"k": torch.zeros(shape), "v": v},
+                         model_fp=rag.engine.fingerprint, layout=KV_LAYOUT,
+                         n_tokens=entry.n_tokens)
+
+
+FAULTS = {"corrupt": _corrupt, "truncated": _truncate, "deleted": _delete,
+          "foreign-model": _foreign, "wrong-shape": _wrong_shape, "non-finite": _non_finite}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("mode", ["blend", "reuse", "prefix"])
+def test_bad_entry_is_a_miss_and_is_stored_back(rag, fault, mode):
+    chunks = three_chunks(rag)
+    # prefix mode reads only the first chunk (the one precomputed after the template prefix).
+    victim = 0 if mode == "prefix" else 1
+    clean = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW, keep_kv=True)
+    assert clean.trace.chunks[victim].hit
+    key = chunks[victim].key
+    FAULTS[fault](rag, key)
+    hurt = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW, keep_kv=True)
+    want = [c.hit for c in clean.trace.chunks]
+    want[victim] = False
+    assert [c.hit for c in hurt.trace.chunks] == want
+    assert hurt.trace.misses == clean.trace.misses + 1 and hurt.trace.precompute_s > 0
+    assert hurt.tokens == clean.tokens
+    assert torch.equal(hurt.fused.logits, clean.fused.logits)
+    # The recomputed KV was stored back, under this model, and reads back as a hit.
+    entry = rag.index.get_entry(key)
+    assert entry is not None and entry.model_fp == rag.engine.fingerprint
+    assert blob_path(rag, key).is_file()
+    healed = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW)
+    assert [c.hit for c in healed.trace.chunks] == [c.hit for c in clean.trace.chunks]
+    assert healed.tokens == clean.tokens
+
+
+def test_missing_prefix_entry_is_recomputed(tmp_path, seed, engine):
+    """A fresh RagKV whose stored template-prefix KV is corrupt still answers, the same."""
+    home = tmp_path / "home"
+    shutil.copytree(seed[0], home)
+    ref_rag = RagKV(make_config(home), engine=engine)
+    chunks = three_chunks(ref_rag)
+    ref = ref_rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+    prefix_key = chunk_key(engine.fingerprint, list(ref_rag.template.prefix_ids),
+                           kv_dtype="float32")
+    ref_rag.index.close()
+    rag = RagKV(make_config(home), engine=engine)
+    _corrupt(rag, prefix_key)
+    ans = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+    assert ans.tokens == ref.tokens
+    assert rag.store.counters["corrupt"] >= 1
+    assert rag.index.get_entry(prefix_key) is not None
+    rag.index.close()
+
+
+# ---- precompute contexts -------------------------------------------------------------------
+
+def test_cold_and_prefix_contexts(tmp_path, engine, rag):
+    ids = three_chunks(rag)[0].token_ids
+    cold = RagKV(make_config(tmp_path / "cold", precompute_context="cold"), engine=engine)
+    assert cold.key_for(ids) != rag.key_for(ids)
+    assert rag.key_for(ids) == chunk_key(engine.fingerprint, ids,
+                                         context=context_digest(rag.template.prefix_ids),
+                                         kv_dtype="float32")
+    assert cold.key_for(ids) == chunk_key(engine.fingerprint, ids, kv_dtype="float32")
+    chunks = [c.token_ids for c in three_chunks(rag)]
+    assert all(cold.precompute(c) for c in chunks)
+    assert not any(cold.precompute(c) for c in chunks)
+    full = cold.generate(chunks, QUESTION, mode="full", max_new_tokens=MAX_NEW)
+    for mode in MODES:
+        a = cold.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW, keep_kv=True)
+        assert 1 <= len(a.tokens) <= MAX_NEW and a.trace.ttft_s > 0
+        if mode in ("reuse", "blend"):
+            assert a.trace.hits == 3
+    # Cold context: prefix mode has only the template prefix exact and must still equal full.
+    pre = cold.generate(chunks, QUESTION, mode="prefix", max_new_tokens=MAX_NEW)
+    assert pre.tokens == full.tokens
+    T, P = pre.trace.context_tokens, len(cold.template.prefix_ids)
+    assert pre.trace.recomputed_per_layer == [T - P] * engine.runner.n_layers
+    # ... and blend at 1.0 recomputes every chunk token, first chunk included.
+    one = cold.generate(chunks, QUESTION, mode="blend", blend=BlendConfig(ratio=1.0),
+                        max_new_tokens=MAX_NEW)
+    assert one.tokens == full.tokens
+    assert one.trace.recomputed_per_layer == [T - P] * engine.runner.n_layers
+    # The two contexts never read each other's entries.
+    assert cold.index.get_entry(rag.key_for(chunks[0])) is None
+    cold.index.close()
+
+
+def test_cold_prefix_mode_reads_no_chunk_kv(tmp_path, engine, rag):
+    chunks = [c.token_ids for c in three_chunks(rag)]
+    cold = RagKV(make_config(tmp_path / "cold", precompute_context="cold"), engine=engine)
+    try:
+        ans = cold.generate(chunks, QUESTION, mode="prefix", max_new_tokens=2)
+        P = len(cold.template.prefix_ids)
+        assert ans.trace.recomputed_per_layer[-1] == len(ans.prompt) - P  # only prefix reused
+        assert ans.trace.precompute_s == 0.0 and ans.trace.load_s == 0.0
+        assert cold.index.get_entry(cold.key_for(chunks[0])) is None
+    finally:
+        cold.index.close()
+
+
+# ---- ask -----------------------------------------------------------------------------------
+
+def test_ask_retrieves_and_answers(rag):
+    ans = rag.ask(QUESTION, k=2, mode="blend", max_new_tokens=MAX_NEW)
+    t = ans.trace
+    assert len(t.chunks) == 2
+    assert t.retrieval_s is not None and t.retrieval_s > 0
+    assert t.ttft_s > 0
+    assert all(c.document in _docs() for c in t.chunks)
+    assert t.chunks[0].document == "doc:assert"
+    assert 1 <= len(ans.tokens) <= MAX_NEW
+    assert t.hits == 2
+    logged = rag.index.recent_queries(1)[0]
+    assert logged["retrieval_s"] == pytest.approx(t.retrieval_s)
+    assert rag.index.stats()["queries"] == 1
+    got = rag.retrieve(QUESTION, k=2)
+    assert [g.key for g in got] == [c.key for c in t.chunks]
+    assert all(g.text and g.score is not None for g in got)
+
+
+def test_ask_with_nothing_ingested(tmp_path, engine):
+    rag = RagKV(make_config(tmp_path / "empty"), engine=engine)
+    with pytest.raises(LookupError):
+        rag.ask(QUESTION)
+    assert rag.retrieve(QUESTION) == []
+    with pytest.raises(ValueError):
+        rag.retrieve(QUESTION, k=0)
+    # The (empty) retriever built by that ask learns about documents ingested afterwards.
+    rag.ingest_text("doc:pass", _docs()["doc:pass"])
+    ans = rag.ask("What does pass do?", k=1, max_new_tokens=2)
+    assert [c.document for c in ans.trace.chunks] == ["doc:pass"]
+    assert ans.trace.hits == 1
+    rag.index.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generate_without_chunks(rag, mode):
+    ans = rag.generate([], QUESTION, mode=mode, max_new_tokens=3, keep_kv=True)
+    assert ans.trace.chunks == [] and ans.prompt.chunk_spans == []
+    full = rag.generate([], QUESTION, mode="full", max_new_tokens=3, keep_kv=True)
+    assert ans.tokens == full.tokens
+    assert (ans.fused.logits - full.fused.logits).abs().max() < 1e-4
+
+
+def test_float16_storage_stays_close(tmp_path, engine, rag):
+    """Default fp16 storage: answers over cached KV stay close to full prefill."""
+    r16 = RagKV(make_config(tmp_path / "h16", kv_dtype="float16"), engine=engine)
+    chunks = [c.token_ids for c in three_chunks(rag)]
+    full = r16.generate(chunks, QUESTION, mode="full", max_new_tokens=1, keep_kv=True)
+    r16.generate(chunks, QUESTION, mode="reuse", max_new_tokens=1)  # stores the entries
+    one = r16.generate(chunks, QUESTION, mode="blend", blend=BlendConfig(ratio=1.0),
+                       max_new_tokens=1, keep_kv=True)
+    assert one.trace.hits == 3
+    assert r16.index.get_entry(r16.key_for(chunks[0])).dtype == "float16"
+    assert (one.fused.logits - full.fused.logits).abs().max() < 1e-2
+    r16.index.close()
