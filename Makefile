@@ -32,8 +32,14 @@ test: $(VENV)/.installed model
 test-slow: $(VENV)/.installed model
 	$(PY) -m pytest -q -m slow
 
+# The published figures: modes x ratios x precompute contexts, then every policy at 0.15.
 bench: $(VENV)/.installed model
-	$(VENV)/bin/ragkv bench --cases $(CASES) --out benchmarks/results/pydoc.json
+	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,prefix,reuse,blend \
+	    --ratios 0.05,0.15,0.3 --policies hkvd --contexts cold,prefix --long-context 7600 \
+	    --out benchmarks/results/pydoc_main.json
+	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,blend --ratios 0.15 \
+	    --policies qhkvd,gradual,chunk_head,hkvd+head --contexts cold,prefix \
+	    --out benchmarks/results/pydoc_policies.json
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check ragkv tests benchmarks examples

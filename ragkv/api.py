@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ragkv.cache_index import BlobStore, CacheIndex, KVStore
@@ -43,6 +43,43 @@ class Answer:
     trace: QueryTrace
     prompt: AssembledPrompt
     fused: FusedPrefill | None = None  # kept only when asked for (bench, inspection)
+
+
+class TokenStream:
+    """Text pieces of an answer as they are decoded; ``answer`` is set once exhausted.
+
+    The prefill (and so the TTFT in the trace) has already happened when this is returned.
+    """
+
+    def __init__(self, rag: RagKV, question: str, prompt: AssembledPrompt, trace: QueryTrace,
+                 fused: FusedPrefill, first: int, max_new_tokens: int, keep_kv: bool,
+                 log_query: bool) -> None:
+        self._rag, self.question, self.prompt, self.trace = rag, question, prompt, trace
+        self._fused, self._first, self._max = fused, first, max_new_tokens
+        self._keep, self._log = keep_kv, log_query
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        engine = self._rag.engine
+        tokens: list[int] = []
+        shown = ""
+        for tok in engine.decode_iter(self._fused, self._first, self._max):
+            tokens.append(tok)
+            if tok in engine.eos_token_ids:
+                continue
+            text = engine.tokenizer.decode([t for t in tokens if t not in engine.eos_token_ids],
+                                           skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only
+                yield text[len(shown):]
+                shown = text
+        text = engine.tokenizer.decode([t for t in tokens if t not in engine.eos_token_ids],
+                                       skip_special_tokens=True)
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        if self._log:
+            self._rag._log(self.question, self.trace, text)
+        self.answer = Answer(text.strip(), tokens, self.trace, self.prompt,
+                             self._fused if self._keep else None)
 
 
 class RagKV:
@@ -152,6 +189,15 @@ class RagKV:
                  max_new_tokens: int = 64, keep_kv: bool = False, record: bool = False,
                  log_query: bool = True) -> Answer:
         """Answer ``question`` over ``chunks`` (in this order) with one of the four modes."""
+        return self.generate_from(self.stream(
+            chunks, question, mode=mode, blend=blend, max_new_tokens=max_new_tokens,
+            keep_kv=keep_kv, record=record, log_query=log_query))
+
+    def stream(self, chunks: Sequence[RetrievedChunk | Sequence[int]], question: str, *,
+               mode: str = "blend", blend: BlendConfig | None = None, max_new_tokens: int = 64,
+               keep_kv: bool = False, record: bool = False, log_query: bool = True,
+               retrieval_s: float | None = None) -> TokenStream:
+        """Prefill now (TTFT is measured here), then iterate the returned stream for text."""
         blend = blend or self.config.blend
         items = [c if isinstance(c, RetrievedChunk) else RetrievedChunk(list(c), "")
                  for c in chunks]
@@ -195,12 +241,9 @@ class RagKV:
         final = set(fused.final_positions.tolist())
         for ct, (s, e) in zip(trace.chunks, prompt.chunk_spans, strict=True):
             ct.recomputed = sum(1 for p in range(s, e) if p in final)
-        tokens = self.engine.decode(fused, first, max_new_tokens)
-        text = self.engine.tokenizer.decode(
-            [t for t in tokens if t not in self.engine.eos_token_ids], skip_special_tokens=True)
-        if log_query:
-            self._log(question, trace, text)
-        return Answer(text.strip(), tokens, trace, prompt, fused if keep_kv else None)
+        trace.retrieval_s = retrieval_s
+        return TokenStream(self, question, prompt, trace, fused, first, max_new_tokens,
+                           keep_kv, log_query)
 
     def ask(self, question: str, k: int = 4, **kwargs) -> Answer:
         """Retrieve the top-k chunks and answer over them."""
@@ -209,10 +252,25 @@ class RagKV:
         retrieval_s = time.perf_counter() - t
         if not chunks:
             raise LookupError("no documents ingested yet; run `ragkv ingest PATH` first")
-        answer = self.generate(chunks, question, log_query=False, **kwargs)
-        answer.trace.retrieval_s = retrieval_s
-        self._log(question, answer.trace, answer.text)
-        return answer
+        kwargs.pop("retrieval_s", None)
+        return self.generate_from(self.stream(chunks, question, retrieval_s=retrieval_s,
+                                              **kwargs))
+
+    @staticmethod
+    def generate_from(stream: TokenStream) -> Answer:
+        """Drain a stream and return its Answer."""
+        for _ in stream:
+            pass
+        return stream.answer
+
+    def ask_stream(self, question: str, k: int = 4, **kwargs) -> TokenStream:
+        """Retrieve, prefill, and return a stream of text pieces (``.answer`` at the end)."""
+        t = time.perf_counter()
+        chunks = self.retrieve(question, k)
+        retrieval_s = time.perf_counter() - t
+        if not chunks:
+            raise LookupError("no documents ingested yet; run `ragkv ingest PATH` first")
+        return self.stream(chunks, question, retrieval_s=retrieval_s, **kwargs)
 
     def _log(self, question: str, trace: QueryTrace, text: str) -> None:
         try:

@@ -188,7 +188,7 @@ def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dic
 
 def _meta(engine, spec: BenchSpec, n_cases: int) -> dict:
     return {
-        "model": getattr(engine.model.config, "_name_or_path", ""),
+        "model": Path(getattr(engine.model.config, "_name_or_path", "") or "?").name,
         "model_fingerprint": engine.fingerprint[:16],
         "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
         "torch": torch.__version__, "threads": torch.get_num_threads(),

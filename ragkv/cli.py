@@ -43,8 +43,11 @@ def _rag(home: Path, model: Path | None, context: str = "prefix", **blend):
 
     cfg = RagkvConfig(home=home, model=model, precompute_context=context,  # type: ignore[arg-type]
                       blend=BlendConfig(**blend))
-    with console.status("loading model and cache index"):
-        return RagKV(cfg)
+    try:
+        with console.status("loading model and cache index"):
+            return RagKV(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad model dir, no download
+        _fail(str(exc))
 
 
 def _fail(msg: str) -> None:

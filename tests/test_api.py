@@ -406,3 +406,13 @@ def test_float16_storage_stays_close(tmp_path, engine, rag):
     assert r16.index.get_entry(r16.key_for(chunks[0])).dtype == "float16"
     assert (one.fused.logits - full.fused.logits).abs().max() < 1e-2
     r16.index.close()
+
+
+def test_stream_yields_the_same_text_as_generate(rag):
+    chunks = three_chunks(rag)
+    whole = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+    stream = rag.stream(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+    assert stream.trace.ttft_s > 0 and stream.answer is None  # prefill done, nothing decoded
+    pieces = list(stream)
+    assert "".join(pieces).strip() == whole.text
+    assert stream.answer is not None and stream.answer.tokens == whole.tokens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -101,18 +102,24 @@ class HFEngine:
             cache.update(k[None], v[None], i)
         return cache
 
-    @torch.inference_mode()
     def decode(self, fused: FusedPrefill, first_token: int, max_new_tokens: int) -> list[int]:
         """Greedy continuation after the first token, stopping at EOS."""
-        tokens = [first_token]
+        return list(self.decode_iter(fused, first_token, max_new_tokens))
+
+    @torch.inference_mode()
+    def decode_iter(self, fused: FusedPrefill, first_token: int,
+                    max_new_tokens: int) -> Iterator[int]:
+        """Yield the first token, then each greedy token, stopping at EOS or the limit."""
+        yield first_token
+        last, n = first_token, 1
         cache = self._cache(fused)
         dev = self.runner.device
-        while len(tokens) < max_new_tokens and tokens[-1] not in self.eos_token_ids:
-            out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=dev),
+        while n < max_new_tokens and last not in self.eos_token_ids:
+            out = self.model(input_ids=torch.tensor([[last]], device=dev),
                              past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            tokens.append(int(out.logits[0, -1].argmax()))
-        return tokens
+            last, n = int(out.logits[0, -1].argmax()), n + 1
+            yield last
 
     @torch.inference_mode()
     def score(self, fused: FusedPrefill, target: list[int]) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""LangChain runnable on ragkv: ingest two pydoc topics, ask, print answer and cache trace.
+
+Run: .venv/bin/python examples/langchain_runnable.py
+(needs `pip install 'ragkv[langchain]'`; uses the default model and ~/.cache/ragkv)
+"""
+
+from __future__ import annotations
+
+from pydoc_data.topics import topics
+from typing import Any
+
+from langchain_core.callbacks import BaseCallbackHandler
+
+from ragkv import RagKV, RagkvConfig
+from ragkv.connectors.langchain import RagkvRunnable
+
+
+class PrintCacheEvents(BaseCallbackHandler):
+    """Any LangChain callback handler sees ragkv's custom events; this one prints them."""
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        if name == "ragkv_cache":
+            print(f"  [event] {data['hits']} hits, {data['misses']} misses")
+        elif name == "ragkv_ttft":
+            print(f"  [event] TTFT {data['ttft_s']:.3f}s ({data['mode']})")
+
+
+def main() -> None:
+    rag = RagKV(RagkvConfig())
+    for name in ("with", "context-managers"):
+        rag.ingest_text(f"pydoc:{name}", topics[name])  # precomputes and stores chunk KV
+    chain = RagkvRunnable(rag=rag, k=3, max_new_tokens=48)
+    question = "What does the with statement call when the block is left?"
+    for mode in ("full", "blend"):
+        out = chain.invoke({"question": question},
+                           config={"configurable": {"ragkv_mode": mode, "ragkv_ratio": 0.15},
+                                   "callbacks": [PrintCacheEvents()]})
+        t = out["trace"]
+        print(f"[{mode}] TTFT {t['ttft_s']:.2f}s, hits {t['hits']}/{len(t['chunks'])}, "
+              f"recomputed {t['recomputed_tokens']}/{t['context_tokens']} tokens")
+        print("   ", out["answer"])
+    print("[blend, streaming] ", end="", flush=True)
+    for piece in chain.stream(question):
+        print(piece, end="", flush=True)
+    print()
+
+
+if __name__ == "__main__":
+    main()

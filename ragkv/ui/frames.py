@@ -1,0 +1,146 @@
+"""Data shaping for the UI pages: plain functions from ragkv objects to pandas frames.
+
+No Streamlit here, so the figures the pages chart can be tested on their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ragkv.cache_index.models import Chunk, Document, KVEntry
+
+if TYPE_CHECKING:
+    from ragkv.cache_index import CacheIndex
+    from ragkv.trace import QueryTrace
+
+#: The storage tier every entry lives in today. Entries that carry a ``tier`` attribute (memory
+#: and remote tiers, a later addition) are reported under their own tier without UI changes.
+DEFAULT_TIER = "disk"
+
+
+def tier_of(entry: Any) -> str:
+    return getattr(entry, "tier", None) or DEFAULT_TIER
+
+
+def hit_label(hit: bool | None) -> str:
+    return "hit" if hit is True else "miss" if hit is False else "not looked up"
+
+
+def chunk_table(index: CacheIndex, trace: QueryTrace) -> pd.DataFrame:
+    """One row per chunk of an answer: where its KV came from and what was recomputed."""
+    rows = []
+    for c in trace.chunks:
+        entry = index.get_entry(c.key) if c.key else None
+        rows.append({
+            "document": c.document or "-",
+            "cache": hit_label(c.hit),
+            "tier": tier_of(entry) if entry is not None else "-",
+            "tokens": c.n_tokens,
+            "recomputed": c.recomputed,
+            "key": c.key[:12],
+        })
+    return pd.DataFrame(rows, columns=["document", "cache", "tier", "tokens", "recomputed", "key"])
+
+
+def queries_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """The query log oldest first, with hit rate and measured TTFT saved per query.
+
+    ``saved_s`` is only filled where the full-prefill TTFT was measured for that query;
+    nothing is estimated.
+    """
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return df
+    df = df.sort_values("id").reset_index(drop=True)
+    looked_up = df["hits"] + df["misses"]
+    df["hit_rate"] = (df["hits"] / looked_up.where(looked_up > 0)).astype(float)
+    full = pd.to_numeric(df["full_ttft_s"], errors="coerce")
+    df["saved_s"] = full - df["ttft_s"]
+    df["cum_saved_s"] = df["saved_s"].fillna(0.0).cumsum()
+    return df
+
+
+def size_by_tier(index: CacheIndex) -> pd.DataFrame:
+    with Session(index.engine) as s:
+        total = s.scalar(select(func.coalesce(func.sum(KVEntry.nbytes), 0))) or 0
+        n = s.scalar(select(func.count(KVEntry.key))) or 0
+    # One tier today; a per-tier GROUP BY replaces this once entries record their tier.
+    return pd.DataFrame([{"tier": DEFAULT_TIER, "entries": int(n), "MiB": int(total) / 2**20}])
+
+
+def size_by_document(index: CacheIndex) -> pd.DataFrame:
+    """Stored KV bytes per document (a chunk shared by two documents counts in both)."""
+    q = (select(Document.name, func.count(Chunk.id), func.coalesce(func.sum(KVEntry.nbytes), 0))
+         .join(Chunk, Chunk.document_id == Document.id)
+         .join(KVEntry, KVEntry.key == Chunk.cache_key, isouter=True)
+         .group_by(Document.id, Document.name)
+         .order_by(Document.id))
+    with Session(index.engine) as s:
+        rows = s.execute(q).all()
+    return pd.DataFrame([{"document": name, "chunks": int(n), "MiB": int(b) / 2**20}
+                         for name, n, b in rows], columns=["document", "chunks", "MiB"])
+
+
+def top_chunks(index: CacheIndex, limit: int = 10) -> pd.DataFrame:
+    """The most reused KV entries, with the document and text of a chunk that uses each."""
+    with Session(index.engine) as s:
+        entries = s.execute(select(KVEntry.key, KVEntry.hits, KVEntry.n_tokens)
+                            .where(KVEntry.hits > 0)
+                            .order_by(KVEntry.hits.desc(), KVEntry.key).limit(limit)).all()
+        keys = [e.key for e in entries]
+        owners: dict[str, tuple[str, int, str]] = {}
+        if keys:
+            q = (select(Chunk.cache_key, Document.name, Chunk.ordinal, Chunk.text)
+                 .join(Document, Chunk.document_id == Document.id)
+                 .where(Chunk.cache_key.in_(keys)))
+            for key, name, ordinal, text in s.execute(q).all():
+                owners.setdefault(key, (name, ordinal, text))
+    rows = []
+    for e in entries:
+        name, ordinal, text = owners.get(e.key, ("-", -1, ""))
+        label = f"{name} #{ordinal}" if ordinal >= 0 else e.key[:12]
+        rows.append({"chunk": label, "hits": int(e.hits), "tokens": int(e.n_tokens),
+                     "text": text[:120].replace("\n", " ")})
+    return pd.DataFrame(rows, columns=["chunk", "hits", "tokens", "text"])
+
+
+def recompute_matrix(layer_sets: Sequence[Any], n_positions: int) -> np.ndarray:
+    """``[layers, positions]`` booleans: was position p computed afresh at layer l."""
+    m = np.zeros((len(layer_sets), n_positions), dtype=bool)
+    for layer, pos in enumerate(layer_sets):
+        idx = np.asarray(pos.tolist() if hasattr(pos, "tolist") else list(pos), dtype=np.int64)
+        m[layer, idx[(idx >= 0) & (idx < n_positions)]] = True
+    return m
+
+
+def heatmap_frame(matrix: np.ndarray, start: int = 0, end: int | None = None,
+                  max_columns: int = 256) -> tuple[pd.DataFrame, int]:
+    """Long-form ``layer, position, recomputed`` rows for positions ``[start, end)``.
+
+    Wide spans are binned (``recomputed`` becomes the fraction of the bin recomputed) so a
+    long prompt still draws as a readable, light chart. Returns the frame and the bin width.
+    """
+    end = matrix.shape[1] if end is None else end
+    sub = matrix[:, start:end].astype(float)
+    width = max(1, -(-sub.shape[1] // max_columns))  # ceil division
+    if width > 1:
+        pad = (-sub.shape[1]) % width
+        sub = np.pad(sub, ((0, 0), (0, pad)), constant_values=np.nan)
+        sub = np.nanmean(sub.reshape(sub.shape[0], -1, width), axis=2)
+    layers, cols = np.indices(sub.shape)
+    df = pd.DataFrame({"layer": layers.ravel(), "position": start + cols.ravel() * width,
+                       "recomputed": sub.ravel()})
+    return df, width
+
+
+def token_shades(matrix: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Per position in ``[start, end)``: the fraction of layers that recomputed it."""
+    if matrix.shape[0] == 0:
+        return np.zeros(end - start)
+    return matrix[:, start:end].mean(axis=0)

@@ -1,0 +1,1 @@
+"""Page scripts of the UI; each runs its ``main()`` when Streamlit executes it."""

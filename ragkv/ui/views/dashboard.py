@@ -1,0 +1,99 @@
+"""Dashboard page: cache reuse and TTFT over time, cache size, hottest chunks, recent queries."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ragkv.ui import frames, state
+
+
+def overview(rag) -> None:
+    s = rag.index.stats()
+    c = st.columns(5)
+    c[0].metric("Documents", s["documents"])
+    c[1].metric("Chunks", s["chunks"])
+    c[2].metric("KV entries", s["kv_entries"])
+    c[3].metric("Cache size", f"{s['kv_bytes'] / 2**20:.1f} MiB")
+    c[4].metric("Queries", s["queries"])
+
+
+def reuse_over_time(df) -> None:
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Chunk hit rate")
+        rated = df.dropna(subset=["hit_rate"])
+        if rated.empty:
+            st.info("No query looked chunks up yet (full-prefill queries do not).")
+        else:
+            chart = rated[["created_at", "hit_rate"]].copy()
+            chart["rolling (10 queries)"] = chart["hit_rate"].rolling(10, min_periods=1).mean()
+            st.line_chart(chart, x="created_at", y=["hit_rate", "rolling (10 queries)"])
+            st.caption(f"Per query: hits / chunks looked up. Overall "
+                       f"{rated['hits'].sum()}/{(rated['hits'] + rated['misses']).sum()} hits.")
+    with right:
+        st.subheader("Cumulative TTFT saved")
+        measured = df.dropna(subset=["saved_s"])
+        if measured.empty:
+            st.info("Unavailable: no query has a measured full-prefill TTFT yet. Tick "
+                    "*Measure full prefill* on the Ask page (or use Inspect) to measure it.")
+        else:
+            st.line_chart(measured[["created_at", "cum_saved_s"]], x="created_at",
+                          y="cum_saved_s", y_label="seconds")
+            st.caption(f"Measured, not estimated: full-prefill TTFT minus TTFT summed over the "
+                       f"{len(measured)} of {len(df)} queries where full prefill was measured "
+                       f"({measured['saved_s'].sum():.2f} s). The others are left out.")
+
+
+def cache_size(rag) -> None:
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Cache size by tier")
+        tiers = frames.size_by_tier(rag.index)
+        st.bar_chart(tiers, x="tier", y="MiB")
+        st.caption(f"Blob bytes on disk: {rag.store.blobs.total_bytes() / 2**20:.1f} MiB")
+    with right:
+        st.subheader("Cache size by document")
+        docs = frames.size_by_document(rag.index)
+        if docs.empty:
+            st.info("No documents yet.")
+        else:
+            st.bar_chart(docs, x="document", y="MiB")
+
+
+def hottest(rag) -> None:
+    st.subheader("Top chunks by hits")
+    top = frames.top_chunks(rag.index, 10)
+    if top.empty:
+        st.info("No chunk has been reused yet.")
+        return
+    st.bar_chart(top, x="chunk", y="hits")
+    st.dataframe(top, hide_index=True, width="stretch")
+
+
+def recent(df) -> None:
+    st.subheader("Recent queries")
+    cols = ["created_at", "question", "mode", "ratio", "n_chunks", "hits", "misses",
+            "recomputed_tokens", "ttft_s", "full_ttft_s", "retrieval_s", "answer"]
+    st.dataframe(df.sort_values("id", ascending=False)[cols].head(50), hide_index=True,
+                 width="stretch")
+
+
+def main() -> None:
+    st.title("Dashboard")
+    rag = state.get_rag()
+    overview(rag)
+    if rag.index.stats()["documents"] == 0:
+        st.info("No documents yet: ingest some on the **Ingest** page.")
+    df = frames.queries_frame(rag.index.recent_queries(1000))
+    if df.empty:
+        st.info("No queries yet: ask something on the **Ask** page and come back.")
+    else:
+        reuse_over_time(df)
+    cache_size(rag)
+    hottest(rag)
+    if not df.empty:
+        recent(df)
+
+
+if __name__ == "__main__":
+    main()

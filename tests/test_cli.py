@@ -1,0 +1,110 @@
+"""CLI smoke runs: ingest, ask, demo (twice: the second precomputes nothing), bench, cache stats.
+
+A tiny random Llama saved as a real model folder (with SmolLM2's tokenizer and chat template)
+keeps these fast; the same commands on the real SmolLM2 run in the slow suite.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from ragkv.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smol_path: Path) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=8192, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smol_path).save_pretrained(out)
+    return out
+
+
+def run(*args: str) -> str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_ingest_ask_and_stats(tmp_path: Path, tiny_model: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The assert statement checks a condition.\n\n" * 30)
+    (docs / "b.txt").write_text("A with statement wraps a block in a context manager.\n" * 40)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    out = run("ingest", str(docs), *home)
+    assert "2 documents" in out
+    out = run("ask", "What does assert do?", "-k", "2", "--compare", *home)
+    assert "blend" in out and "full" in out and "TTFT" in out
+    stats = run("cache", "stats", "--home", str(tmp_path / "home"))
+    assert "kv_entries" in stats
+
+
+def test_demo_twice_reuses_stored_kv(tmp_path: Path, tiny_model: Path) -> None:
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    first = run("demo", "--max-new-tokens", "4", *home)
+    assert "computed now: 0" not in first
+    assert first.count("speed-up") == 3  # one table per question
+    second = run("demo", "--max-new-tokens", "4", *home)
+    assert "computed now: 0" in second and "nothing precomputed" in second
+
+
+def test_bench_writes_json(tmp_path: Path, tiny_model: Path) -> None:
+    cases = tmp_path / "cases.jsonl"
+    lines = [{"id": f"c{i}", "chunks": [f"Chunk {i} about topic {j}. " * 12 for j in range(3)],
+              "question": f"What is topic {i}?", "answer": "topic"} for i in range(2)]
+    cases.write_text("\n".join(json.dumps(x) for x in lines))
+    out_file = tmp_path / "res.json"
+    run("bench", "--cases", str(cases), "--ratios", "0.15,1.0", "--contexts", "cold,prefix",
+        "--max-new-tokens", "4", "--out", str(out_file), "--home", str(tmp_path / "h"),
+        "--model", str(tiny_model))
+    data = json.loads(out_file.read_text())
+    groups = {(s["context"], s["mode"], s["ratio"]) for s in data["summary"]}
+    assert ("prefix", "blend", 0.15) in groups and ("cold", "reuse", None) in groups
+    exact = [s for s in data["summary"] if s["mode"] == "blend" and s["ratio"] == 1.0]
+    assert all(s["first_token_agree"] == 1.0 and s["first_token_kl_median"] < 1e-6
+               for s in exact)
+    assert all(s["contains"] is not None for s in data["summary"])
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_model: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "chunks": [], "question": "q"}\n')
+    result = runner.invoke(app, ["bench", "--cases", str(bad), "--home", str(tmp_path)])
+    assert result.exit_code == 2 and "chunks" in result.output
+    result = runner.invoke(app, ["ingest", str(tmp_path / "missing"), "--home", str(tmp_path)])
+    assert result.exit_code == 2 and "no such file" in result.output
+    result = runner.invoke(app, ["ask", "q", "--mode", "nope", "--home", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown mode" in result.output
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    result = runner.invoke(app, ["ask", "q", "--home", str(tmp_path), "--model", str(gpt2)])
+    assert result.exit_code == 2 and "Llama" in result.output
+
+
+def test_ask_before_ingest_says_what_to_do(tmp_path: Path, tiny_model: Path) -> None:
+    result = runner.invoke(app, ["ask", "anything?", "--home", str(tmp_path),
+                                 "--model", str(tiny_model)])
+    assert result.exit_code == 2 and "ragkv ingest" in result.output
+
+
+@pytest.mark.slow
+def test_demo_on_smollm(tmp_path: Path, smol_path: Path) -> None:
+    """The real `ragkv demo` on SmolLM2: answers print, blend is reported with its speed-up."""
+    home = ["--home", str(tmp_path / "home"), "--model", str(smol_path)]
+    out = run("demo", "--max-new-tokens", "8", *home)
+    assert out.count("speed-up") == 3 and "ragkv blend" in out
+    again = run("demo", "--max-new-tokens", "4", *home)
+    assert "nothing precomputed" in again

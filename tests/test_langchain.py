@@ -1,0 +1,175 @@
+"""LangChain connector on real LangChain classes: the standard retriever suite, the LCEL runnable
+(invoke/batch/stream and async forms, per-call mode and ratio) and cache events in callbacks.
+
+A tiny random Llama saved as a model folder (with SmolLM2's tokenizer) keeps this fast; what is
+checked is that answers through LangChain equal answers from the ragkv API token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from pydoc_data.topics import topics
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+pytest.importorskip("langchain_core")
+pytest.importorskip("langchain_tests")
+
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.runnables import RunnableLambda  # noqa: E402
+from langchain_tests.integration_tests import RetrieversIntegrationTests  # noqa: E402
+
+from ragkv import BlendConfig, RagKV, RagkvConfig  # noqa: E402
+from ragkv.chunking import tokenize_chunk  # noqa: E402
+from ragkv.connectors.langchain import RagkvRetriever, RagkvRunnable  # noqa: E402
+
+QUESTION = "What does the assert statement do?"
+OTHER = "What does the del statement delete?"
+NEW = 6  # tokens generated per answer: enough to compare, cheap on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smol_path: Path) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=8192, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smol_path).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rag(tmp_path_factory, tiny_model: Path) -> RagKV:
+    home = tmp_path_factory.mktemp("ragkv-home")
+    r = RagKV(RagkvConfig(home=home, model=tiny_model, chunk_tokens=96))
+    for name in ("assert", "pass", "del"):
+        r.ingest_text(f"pydoc:{name}", topics[name])
+    return r
+
+
+class TestRagkvRetrieverStandard(RetrieversIntegrationTests):
+    """LangChain's own retriever suite (k in the constructor and per call, sync and async)."""
+
+    _rag: RagKV | None = None
+
+    @pytest.fixture(autouse=True)
+    def _use_rag(self, rag: RagKV) -> None:
+        # Autouse fixtures run before the suite's `retriever` fixture reads the params below.
+        type(self)._rag = rag
+
+    @property
+    def retriever_constructor(self) -> type[RagkvRetriever]:
+        return RagkvRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict:
+        return {"rag": self._rag, "k": 2}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return QUESTION
+
+
+def api(rag: RagKV, question: str = QUESTION, mode: str = "blend", ratio: float = 0.15):
+    return rag.ask(question, 3, mode=mode, blend=BlendConfig(ratio=ratio), max_new_tokens=NEW)
+
+
+def test_documents_carry_cache_keys(rag: RagKV) -> None:
+    docs = RagkvRetriever(rag=rag, k=3).invoke(QUESTION)
+    chunks = rag.retrieve(QUESTION, 3)
+    assert [d.metadata["ragkv_key"] for d in docs] == [c.key for c in chunks]
+    assert [d.page_content for d in docs] == [c.text for c in chunks]
+
+
+@pytest.mark.parametrize("mode,ratio", [("blend", 0.15), ("full", 0.15), ("blend", 0.3)])
+def test_invoke_matches_api_with_configurable_mode(rag: RagKV, mode: str, ratio: float) -> None:
+    chain = RagkvRunnable(rag=rag, k=3, max_new_tokens=NEW)
+    out = chain.invoke({"question": QUESTION},
+                       config={"configurable": {"ragkv_mode": mode, "ragkv_ratio": ratio}})
+    expected = api(rag, mode=mode, ratio=ratio)
+    assert out["tokens"] == expected.tokens and out["answer"] == expected.text
+    assert out["trace"]["mode"] == mode
+    assert [c["key"] for c in out["chunks"]] == [c.key for c in rag.retrieve(QUESTION, 3)]
+    if mode == "blend":
+        assert out["trace"]["ratio"] == ratio and out["trace"]["hits"] == 3
+        assert out["trace"]["recomputed_tokens"] == expected.trace.recomputed_tokens
+
+
+def test_batch_stream_and_async_match_api(rag: RagKV) -> None:
+    chain = RagkvRunnable(rag=rag, k=3, max_new_tokens=NEW)
+    first, second = api(rag), api(rag, OTHER)
+    outs = chain.batch([QUESTION, {"question": OTHER}])
+    assert [o["tokens"] for o in outs] == [first.tokens, second.tokens]
+    assert "".join(chain.stream(QUESTION)).strip() == first.text
+
+    async def run_async() -> tuple[Any, ...]:
+        one = await chain.ainvoke(QUESTION)
+        many = await chain.abatch([QUESTION, OTHER])
+        pieces = [p async for p in chain.astream(OTHER)]
+        return one, many, pieces
+
+    one, many, pieces = asyncio.run(run_async())
+    assert one["tokens"] == first.tokens
+    assert [o["tokens"] for o in many] == [first.tokens, second.tokens]
+    assert "".join(pieces).strip() == second.text
+
+
+def test_composes_in_lcel(rag: RagKV) -> None:
+    chain = (RunnableLambda(lambda q: {"question": q})
+             | RagkvRunnable(rag=rag, k=3, max_new_tokens=NEW)
+             | RunnableLambda(lambda out: out["answer"]))
+    assert chain.invoke(QUESTION) == api(rag).text
+
+
+def test_any_retriever_runnable_feeds_the_chunks(rag: RagKV) -> None:
+    chain = RagkvRunnable(rag=rag, retriever=RagkvRetriever(rag=rag, k=3), k=3,
+                          max_new_tokens=NEW)
+    assert chain.invoke(QUESTION)["tokens"] == api(rag).tokens
+    docs = [Document(page_content=topics[t][:300]) for t in ("pass", "del")]
+    chain = RagkvRunnable(rag=rag, retriever=RunnableLambda(lambda _q: docs),
+                          max_new_tokens=NEW)
+    assert chain.invoke(QUESTION)["trace"]["misses"] == 2  # never ingested: computed, stored
+    ids = [tokenize_chunk(d.page_content, rag.engine.tokenizer) for d in docs]
+    expected = rag.generate(ids, QUESTION, mode="blend", max_new_tokens=NEW)
+    out = chain.invoke(QUESTION)
+    assert out["trace"]["hits"] == 2 and out["tokens"] == expected.tokens
+
+
+class Recorder(BaseCallbackHandler):
+    """A real LangChain callback handler that keeps the custom events it is sent."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        self.events.append((name, data))
+
+
+def test_cache_events_reach_callbacks_and_event_stream(rag: RagKV) -> None:
+    recorder = Recorder()
+    chain = RagkvRunnable(rag=rag, k=3, max_new_tokens=NEW)
+    out = chain.invoke(QUESTION, config={"callbacks": [recorder]})
+    events = dict(recorder.events)
+    assert events["ragkv_cache"]["hits"] == out["trace"]["hits"] == 3
+    assert events["ragkv_ttft"]["ttft_s"] == out["trace"]["ttft_s"]
+
+    async def names() -> list[str]:
+        return [e["name"] async for e in chain.astream_events(QUESTION, version="v2")
+                if e["event"] == "on_custom_event"]
+
+    assert asyncio.run(names()) == ["ragkv_cache", "ragkv_ttft"]
+
+
+def test_bad_input_and_mode_are_rejected(rag: RagKV) -> None:
+    chain = RagkvRunnable(rag=rag, max_new_tokens=NEW)
+    with pytest.raises(TypeError):
+        chain.invoke({"query": QUESTION})
+    with pytest.raises(ValueError):
+        chain.invoke(QUESTION, config={"configurable": {"ragkv_mode": "fastest"}})

@@ -1,0 +1,186 @@
+"""LlamaIndex connector on real LlamaIndex classes: keyed nodes, ingestion, fused answers, events.
+
+A tiny random Llama saved as a model folder (with SmolLM2's tokenizer) keeps this fast; what is
+checked is that answers through LlamaIndex equal answers from the ragkv API token for token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from pydoc_data.topics import topics
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core import Document, SummaryIndex  # noqa: E402
+from llama_index.core.base.response.schema import Response, StreamingResponse  # noqa: E402
+from llama_index.core.ingestion import IngestionPipeline  # noqa: E402
+from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
+from llama_index.core.instrumentation.events import BaseEvent  # noqa: E402
+from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
+from llama_index.core.schema import MetadataMode, TextNode  # noqa: E402
+
+from ragkv import BlendConfig, RagKV, RagkvConfig  # noqa: E402
+from ragkv.chunking import tokenize_chunk  # noqa: E402
+from ragkv.connectors.llamaindex import (  # noqa: E402
+    KEY,
+    N_TOKENS,
+    RagkvCacheHitEvent,
+    RagkvCacheMissEvent,
+    RagkvKVTransform,
+    RagkvQueryEngine,
+    RagkvRetriever,
+    RagkvTTFTEvent,
+    node_chunk,
+)
+
+QUESTION = "What does the assert statement do?"
+NEW = 6  # tokens generated per answer: enough to compare, cheap on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smol_path: Path) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=8192, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smol_path).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rag(tmp_path_factory, tiny_model: Path) -> RagKV:
+    home = tmp_path_factory.mktemp("ragkv-home")
+    r = RagKV(RagkvConfig(home=home, model=tiny_model, chunk_tokens=96))
+    for name in ("assert", "pass", "del"):
+        r.ingest_text(f"pydoc:{name}", topics[name])
+    return r
+
+
+class Collector(BaseEventHandler):
+    """A real LlamaIndex event handler that keeps what it sees."""
+
+    events: list[Any] = []
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "Collector"
+
+    def handle(self, event: BaseEvent, **kwargs: Any) -> None:
+        self.events.append(event)
+
+
+@pytest.fixture
+def collector() -> Any:
+    root = get_dispatcher()
+    handler = Collector(events=[])
+    root.add_event_handler(handler)
+    yield handler
+    root.event_handlers.remove(handler)
+
+
+def api_answer(rag: RagKV, mode: str = "blend", ratio: float = 0.15, k: int = 3):
+    return rag.ask(QUESTION, k, mode=mode, blend=BlendConfig(ratio=ratio), max_new_tokens=NEW)
+
+
+def test_retriever_nodes_carry_keys_without_changing_tokens(rag: RagKV) -> None:
+    nodes = RagkvRetriever(rag, similarity_top_k=3).retrieve(QUESTION)
+    chunks = rag.retrieve(QUESTION, 3)
+    assert len(nodes) == 3
+    for n, c in zip(nodes, chunks, strict=True):
+        assert n.node.metadata[KEY] == c.key and n.node.metadata[N_TOKENS] == len(c.token_ids)
+        for mode in (MetadataMode.LLM, MetadataMode.EMBED):
+            assert n.node.get_content(metadata_mode=mode) == c.text  # keys stay invisible
+        assert node_chunk(rag, n.node).token_ids == c.token_ids
+
+
+def test_retriever_wraps_any_llamaindex_index(rag: RagKV) -> None:
+    nodes = [TextNode(text=topics[t][:300], metadata={"topic": t}) for t in ("pass", "del")]
+    index = SummaryIndex(nodes)  # a retriever that needs neither embeddings nor an LLM
+    out = RagkvRetriever(rag, source=index).retrieve(QUESTION)
+    assert len(out) == 2
+    for n in out:
+        llm_text = n.node.get_content(metadata_mode=MetadataMode.LLM)
+        assert "topic:" in llm_text and KEY not in llm_text  # user metadata kept, keys hidden
+        assert n.node.metadata[KEY] == rag.key_for(tokenize_chunk(llm_text, rag.engine.tokenizer))
+    assert all(KEY not in n.metadata for n in nodes)  # the index's own nodes are untouched
+
+
+def test_ingestion_pipeline_precomputes_and_annotates(rag: RagKV, collector: Any) -> None:
+    tok = rag.engine.tokenizer
+    splitter = SentenceSplitter(chunk_size=80, chunk_overlap=0,
+                                tokenizer=lambda t: tokenize_chunk(t, tok))
+    transform = RagkvKVTransform(rag)
+    docs = [Document(text=topics["while"], metadata={"source": "pydoc:while"})]
+    nodes = IngestionPipeline(transformations=[splitter, transform]).run(documents=docs)
+    assert len(nodes) >= 2 and transform.computed == len(nodes)
+    keys = [n.metadata[KEY] for n in nodes]
+    assert all(rag.store.contains(keys).values())
+    assert all(KEY not in n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes)
+    misses = [e for e in collector.events if isinstance(e, RagkvCacheMissEvent)]
+    assert {e.key for e in misses} == set(keys) and {e.stage for e in misses} == {"ingest"}
+    again = RagkvKVTransform(rag)
+    again(nodes)  # the KV is stored now: nothing to compute
+    assert again.computed == 0
+
+
+@pytest.mark.parametrize("mode,ratio", [("blend", 0.15), ("full", 0.15), ("blend", 1.0)])
+def test_query_engine_matches_api(rag: RagKV, mode: str, ratio: float) -> None:
+    engine = RagkvQueryEngine(rag=rag, similarity_top_k=3, mode=mode, ratio=ratio,
+                              max_new_tokens=NEW)
+    response = engine.query(QUESTION)
+    expected = api_answer(rag, mode, ratio)
+    assert isinstance(response, Response)
+    assert response.metadata["ragkv_tokens"] == expected.tokens
+    assert response.response == expected.text
+    trace = response.metadata["ragkv_trace"]
+    assert trace["mode"] == mode and len(response.source_nodes) == 3
+    if mode == "blend":
+        assert trace["hits"] == 3 and trace["misses"] == 0 and trace["ttft_s"] > 0
+        assert trace["recomputed_tokens"] == expected.trace.recomputed_tokens
+
+
+def test_streaming_and_async_match_api(rag: RagKV) -> None:
+    expected = api_answer(rag)
+    engine = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW, streaming=True)
+    response = engine.query(QUESTION)
+    assert isinstance(response, StreamingResponse)
+    assert response.metadata["ragkv_trace"]["hits"] == 3  # prefill is done before streaming
+    assert "".join(response.response_gen).strip() == expected.text
+    assert response.metadata["ragkv_tokens"] == expected.tokens
+    sync = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW)
+    response = asyncio.run(sync.aquery(QUESTION))
+    assert response.metadata["ragkv_tokens"] == expected.tokens
+
+
+def test_query_engine_over_a_foreign_retriever(rag: RagKV) -> None:
+    nodes = [TextNode(text=topics[t][:400]) for t in ("pass", "del")]
+    engine = RagkvQueryEngine(rag=rag, retriever=SummaryIndex(nodes).as_retriever(),
+                              max_new_tokens=NEW)
+    first = engine.query(QUESTION)
+    assert first.metadata["ragkv_trace"]["misses"] == 2  # never ingested: computed and stored
+    chunks = [tokenize_chunk(n.text, rag.engine.tokenizer) for n in nodes]
+    expected = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=NEW)
+    response = engine.query(QUESTION)
+    assert response.metadata["ragkv_trace"]["hits"] == 2
+    assert response.metadata["ragkv_tokens"] == expected.tokens
+
+
+def test_instrumentation_sees_cache_events_and_ttft(rag: RagKV, collector: Any) -> None:
+    response = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW).query(QUESTION)
+    trace = response.metadata["ragkv_trace"]
+    hits = [e for e in collector.events if isinstance(e, RagkvCacheHitEvent)
+            and not isinstance(e, RagkvCacheMissEvent)]
+    ttft = [e for e in collector.events if isinstance(e, RagkvTTFTEvent)]
+    assert len(hits) == trace["hits"] == 3
+    assert {e.key for e in hits} == {c["key"] for c in trace["chunks"]}
+    assert len(ttft) == 1 and ttft[0].ttft_s == trace["ttft_s"]
+    assert ttft[0].span_id is not None and "_fuse" in ttft[0].span_id  # inside ragkv's span

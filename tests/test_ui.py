@@ -1,0 +1,243 @@
+"""The Streamlit UI under ``streamlit.testing.v1.AppTest``: every page, empty states, errors.
+
+A tiny random Llama saved as a model folder (SmolLM2's tokenizer) keeps these fast. The app
+gets its home and model through session state, the mechanism the page scripts read first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from ragkv.ui import APP_PATH, frames  # noqa: E402
+from ragkv.ui.launch import MissingUIDependency, build_command, launch  # noqa: E402
+from ragkv.ui.state import SETTINGS_KEY, parse_args  # noqa: E402
+from ragkv.ui.views.ingest import collect  # noqa: E402
+
+VIEWS = APP_PATH.parent / "views"
+TIMEOUT = 300  # seconds per script run: model load and first embedding happen in one run
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, smol_path: Path) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-model")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=8192, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(smol_path).save_pretrained(out)
+    return out
+
+
+def page(name: str, home: Path, model: Path | None) -> AppTest:
+    path = APP_PATH if name == "app" else VIEWS / f"{name}.py"
+    at = AppTest.from_file(str(path), default_timeout=TIMEOUT)
+    at.session_state[SETTINGS_KEY] = {"home": str(home), "model": str(model) if model else None,
+                                      "context": "prefix"}
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def write_docs(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "assert.md").write_text("The assert statement checks a condition and raises "
+                                      "AssertionError when it is false.\n\n" * 25)
+    (folder / "with.txt").write_text("A with statement wraps a block in a context manager "
+                                     "that exits even when the block raises.\n" * 30)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, tiny_model: Path) -> Path:
+    """A home with two documents, ingested through the Ingest page itself."""
+    root = tmp_path_factory.mktemp("ui")
+    docs = write_docs(root / "docs")
+    at = page("ingest", root / "home", tiny_model).run()
+    at.text_input(key="ingest_path").input(str(docs))
+    at.button(key="ingest_go").click().run()
+    assert not at.exception, at.exception
+    assert "Ingested 2 document(s)" in texts(at.success)
+    assert len(at.dataframe) == 1  # the documents table
+    return root / "home"
+
+
+# ---- pure helpers -----------------------------------------------------------------------------
+
+def test_launch_command_and_missing_streamlit(tmp_path: Path, monkeypatch) -> None:
+    cmd = build_command(tmp_path / "h", tmp_path / "m", port=9123)
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APP_PATH)
+    assert cmd[cmd.index("--server.port") + 1] == "9123"
+    assert cmd[cmd.index("--") + 1:] == ["--home", str(tmp_path / "h"),
+                                          "--model", str(tmp_path / "m")]
+    assert "--model" not in build_command(tmp_path, None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(MissingUIDependency, match=r"pip install 'ragkv\[ui\]'"):
+        launch(tmp_path, None)
+
+
+def test_parse_args_ignores_foreign_arguments(tmp_path: Path) -> None:
+    s = parse_args(["-q", "tests/x.py", "--home", str(tmp_path), "-m", "not slow"])
+    assert s.home == str(tmp_path) and s.model is None and s.context == "prefix"
+    assert parse_args(["--model", str(tmp_path)]).model == str(tmp_path)
+
+
+def test_queries_frame_measures_saved_time_only_where_measured() -> None:
+    rows = [dict(id=2, created_at=1, hits=2, misses=2, ttft_s=0.1, full_ttft_s=0.5),
+            dict(id=1, created_at=0, hits=0, misses=0, ttft_s=0.4, full_ttft_s=None),
+            dict(id=3, created_at=2, hits=4, misses=0, ttft_s=0.1, full_ttft_s=None)]
+    df = frames.queries_frame(rows)
+    assert list(df["id"]) == [1, 2, 3]
+    assert np.isnan(df["hit_rate"][0]) and df["hit_rate"][1] == 0.5 and df["hit_rate"][2] == 1.0
+    assert np.isnan(df["saved_s"][0]) and df["saved_s"][1] == pytest.approx(0.4)
+    assert list(df["cum_saved_s"].round(6)) == [0.0, 0.4, 0.4]
+    assert frames.queries_frame([]).empty
+
+
+def test_heatmap_frame_bins_wide_prompts() -> None:
+    m = frames.recompute_matrix([torch.tensor([0, 1, 2, 3, 9]), torch.tensor([3]), []], 10)
+    assert m.shape == (3, 10) and m[0].sum() == 5 and m[1, 3] and not m[2].any()
+    df, width = frames.heatmap_frame(m, 0, 10, max_columns=5)
+    assert width == 2 and len(df) == 15
+    assert df[(df.layer == 0) & (df.position == 0)]["recomputed"].item() == 1.0
+    assert df[(df.layer == 0) & (df.position == 8)]["recomputed"].item() == 0.5
+    df, width = frames.heatmap_frame(m, 2, 5)
+    assert width == 1 and sorted(set(df.position)) == [2, 3, 4]
+    assert list(frames.token_shades(m, 2, 5).round(3)) == [round(1 / 3, 3), round(2 / 3, 3), 0]
+
+
+class _Upload:
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name, self._data = name, data
+
+    def getvalue(self) -> bytes:
+        return self._data
+
+
+def test_collect_reports_bad_files(tmp_path: Path) -> None:
+    docs, errors = collect([_Upload("a.md", b"hello"), _Upload("b.txt", b"\xff\xfe\x00bad"),
+                            _Upload("c.txt", b"  \n")], "")
+    assert docs == [("a.md", "hello")]
+    assert any("b.txt is not UTF-8" in e for e in errors) and any("c.txt" in e for e in errors)
+    docs, errors = collect([], str(tmp_path / "missing"))
+    assert not docs and "no such file" in errors[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    docs, errors = collect([], str(empty))
+    assert not docs and "no .txt" in errors[0]
+
+
+# ---- pages ------------------------------------------------------------------------------------
+
+def test_pages_show_empty_states(tmp_path: Path, tiny_model: Path) -> None:
+    home = tmp_path / "home"
+    at = page("ask", home, tiny_model).run()
+    assert not at.exception and "No documents yet" in texts(at.info)
+    at = page("dashboard", home, tiny_model).run()
+    assert not at.exception
+    info = texts(at.info)
+    assert "No documents yet" in info and "No queries yet" in info
+    assert "No chunk has been reused yet" in info
+    at = page("inspect_query", home, tiny_model).run()
+    assert not at.exception and "No documents yet" in texts(at.info)
+    at = page("ingest", home, tiny_model).run()
+    assert not at.exception and "No documents yet" in texts(at.info)
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    at = page("ask", tmp_path / "home", tmp_path / "no-such-model").run()
+    assert not at.exception
+    err = texts(at.error)
+    assert "Could not load" in err and "no-such-model" in err and "--model" in err
+
+
+def test_ingest_bad_path_is_an_error(tmp_path: Path, tiny_model: Path) -> None:
+    at = page("ingest", tmp_path / "home", tiny_model).run()
+    at.text_input(key="ingest_path").input(str(tmp_path / "nope"))
+    at.button(key="ingest_go").click().run()
+    assert not at.exception and "no such file" in texts(at.error)
+
+
+def test_ask_streams_answer_with_metrics(ingested: Path, tiny_model: Path) -> None:
+    at = page("ask", ingested, tiny_model).run()
+    at.text_input(key="ask_question").input("What does assert do?")
+    at.number_input(key="ask_k").set_value(2)
+    at.number_input(key="ask_max_new").set_value(6)
+    at.checkbox(key="ask_measure_full").check()
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["TTFT (this answer)"].endswith(" ms")
+    assert labels["Full-prefill TTFT"].endswith(" ms") and labels["Speed-up"].startswith("x")
+    assert labels["Chunk hits"] == "2/2"  # ingestion precomputed both chunks' KV
+    assert "measured just now" in texts(at.caption)
+    table = at.dataframe[0].value
+    assert list(table.columns[:5]) == ["document", "cache", "tier", "tokens", "recomputed"]
+    assert set(table["cache"]) == {"hit"} and set(table["tier"]) == {"disk"}
+    assert "Answer" in texts(at.subheader)
+
+    # Same prompt, no new measurement: the last measured figure is shown and labelled so.
+    at.checkbox(key="ask_measure_full").uncheck()
+    at.button[0].click().run()
+    labels = {m.label: m.value for m in at.metric}
+    assert "Full-prefill TTFT (last measured)" in labels
+    assert "last figure measured for this exact prompt" in texts(at.caption)
+
+
+def test_dashboard_after_queries(ingested: Path, tiny_model: Path) -> None:
+    at = page("ask", ingested, tiny_model).run()
+    at.text_input(key="ask_question").input("What is a with statement?")
+    at.number_input(key="ask_max_new").set_value(4)
+    at.checkbox(key="ask_measure_full").check()
+    at.button[0].click().run()
+    assert not at.exception
+    at = page("dashboard", ingested, tiny_model).run()
+    assert not at.exception, at.exception
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Documents"] == "2" and int(labels["Queries"]) >= 1
+    subs = texts(at.subheader)
+    for title in ("Chunk hit rate", "Cumulative TTFT saved", "Cache size by tier",
+                  "Cache size by document", "Top chunks by hits", "Recent queries"):
+        assert title in subs
+    assert "Measured, not estimated" in texts(at.caption)
+    charts = at.get("arrow_vega_lite_chart")
+    assert len(charts) >= 5  # hit rate, TTFT saved, tier, document, top chunks
+    assert len(at.dataframe) == 2  # top chunks and recent queries
+
+
+def test_inspect_runs_three_modes_with_heatmap(ingested: Path, tiny_model: Path) -> None:
+    at = page("inspect_query", ingested, tiny_model).run()
+    assert "press **Run**" in texts(at.info)
+    at.text_input(key="inspect_question").input("What does assert do?")
+    at.number_input(key="inspect_k").set_value(2)
+    at.number_input(key="inspect_max_new").set_value(4)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    labels = [m.label for m in at.metric]
+    assert labels == ["TTFT full", "TTFT reuse", "TTFT blend"]
+    assert len(at.get("arrow_vega_lite_chart")) == 2  # whole prompt + one chunk
+    assert at.selectbox(key="inspect_chunk").options[0].startswith("chunk 1:")
+    assert "tokens recomputed at the last layer" in texts(at.caption)
+    at.selectbox(key="inspect_chunk").set_value(1).run()
+    assert not at.exception
+
+
+def test_entry_script_navigates_pages(ingested: Path, tiny_model: Path) -> None:
+    at = page("app", ingested, tiny_model).run()
+    assert not at.exception, at.exception
+    assert at.title[0].value == "Ask"
+    for script, title in (("views/dashboard.py", "Dashboard"), ("views/ingest.py", "Ingest"),
+                          ("views/inspect_query.py", "Inspect")):
+        at.switch_page(script).run()
+        assert not at.exception, at.exception
+        assert at.title[0].value == title
