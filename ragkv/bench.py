@@ -29,7 +29,7 @@ Progress = Callable[[str, int, int], None]
 class BenchSpec:
     modes: list[str] = field(default_factory=lambda: ["full", "prefix", "reuse", "blend"])
     ratios: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.3])
-    policies: list[str] = field(default_factory=lambda: ["hkvd"])
+    policies: list[str] = field(default_factory=lambda: ["qhkvd"])
     contexts: list[str] = field(default_factory=lambda: ["prefix"])
     check_layers: tuple[int, ...] = (1,)
     deviation_on: str = "k"

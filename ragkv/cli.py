@@ -97,8 +97,10 @@ def _trace_table(answers) -> Table:
 
 
 @app.command()
-def ask(question: str, k: int = 4, mode: str = "blend", ratio: float = 0.15,
-        policy: str = "hkvd", max_new_tokens: int = 64,
+def ask(question: str,
+        k: Annotated[int, typer.Option("--k", "-k", help="chunks to retrieve")] = 4,
+        mode: str = "blend", ratio: float = 0.15,
+        policy: str = "qhkvd", max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
         home: Home = default_home(), model: Model = None, context: Context = "prefix") -> None:
     """Answer a question over the ingested documents."""
@@ -142,7 +144,7 @@ def demo(home: Home = default_home(), model: Model = None,
 @app.command()
 def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           modes: str = "full,prefix,reuse,blend", ratios: str = "0.05,0.15,0.3",
-          policies: str = "hkvd", contexts: str = "prefix", check_layers: str = "1",
+          policies: str = "qhkvd", contexts: str = "prefix", check_layers: str = "1",
           deviation_on: str = "k", max_new_tokens: int = 32, limit: int | None = None,
           long_context: Annotated[int, typer.Option(help="also time one prompt of N tokens")] = 0,
           out: Path | None = None, home: Home = default_home(), model: Model = None) -> None:
@@ -212,6 +214,12 @@ def cache_stats(home: Home = default_home()) -> None:
 
 def main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:  # weight-loading bars on every start are noise next to ragkv's own progress
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     app()
 
 

@@ -150,7 +150,7 @@ def test_generate_every_mode(rag, mode):
             t.recomputed_per_layer)
         assert all(c.recomputed == 0 for c in t.chunks)
     else:
-        assert t.hits == 3 and t.ratio == rag.config.blend.ratio and t.policy == "hkvd"
+        assert t.hits == 3 and t.ratio == rag.config.blend.ratio and t.policy == "qhkvd"
         assert t.recomputed_per_layer[0] == T - first_end
         assert t.recomputed_per_layer[-1] < T - first_end
         assert t.recomputed_tokens == t.recomputed_per_layer[-1]

@@ -103,7 +103,7 @@ def test_retriever_nodes_carry_keys_without_changing_tokens(rag: RagKV) -> None:
 
 
 def test_retriever_wraps_any_llamaindex_index(rag: RagKV) -> None:
-    nodes = [TextNode(text=topics[t][:300], metadata={"topic": t}) for t in ("pass", "del")]
+    nodes = [TextNode(text=topics[t][:300], metadata={"topic": t}) for t in ("for", "if")]
     index = SummaryIndex(nodes)  # a retriever that needs neither embeddings nor an LLM
     out = RagkvRetriever(rag, source=index).retrieve(QUESTION)
     assert len(out) == 2
@@ -162,7 +162,7 @@ def test_streaming_and_async_match_api(rag: RagKV) -> None:
 
 
 def test_query_engine_over_a_foreign_retriever(rag: RagKV) -> None:
-    nodes = [TextNode(text=topics[t][:400]) for t in ("pass", "del")]
+    nodes = [TextNode(text=topics[t][:400]) for t in ("for", "if")]
     engine = RagkvQueryEngine(rag=rag, retriever=SummaryIndex(nodes).as_retriever(),
                               max_new_tokens=NEW)
     first = engine.query(QUESTION)
@@ -177,8 +177,7 @@ def test_query_engine_over_a_foreign_retriever(rag: RagKV) -> None:
 def test_instrumentation_sees_cache_events_and_ttft(rag: RagKV, collector: Any) -> None:
     response = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW).query(QUESTION)
     trace = response.metadata["ragkv_trace"]
-    hits = [e for e in collector.events if isinstance(e, RagkvCacheHitEvent)
-            and not isinstance(e, RagkvCacheMissEvent)]
+    hits = [e for e in collector.events if isinstance(e, RagkvCacheHitEvent)]
     ttft = [e for e in collector.events if isinstance(e, RagkvTTFTEvent)]
     assert len(hits) == trace["hits"] == 3
     assert {e.key for e in hits} == {c["key"] for c in trace["chunks"]}

@@ -184,7 +184,7 @@ def test_ask_streams_answer_with_metrics(ingested: Path, tiny_model: Path) -> No
     table = at.dataframe[0].value
     assert list(table.columns[:5]) == ["document", "cache", "tier", "tokens", "recomputed"]
     assert set(table["cache"]) == {"hit"} and set(table["tier"]) == {"disk"}
-    assert "Answer" in texts(at.subheader)
+    assert "Answer" in texts(at.subheader) and "tokens generated" in texts(at.caption)
 
     # Same prompt, no new measurement: the last measured figure is shown and labelled so.
     at.checkbox(key="ask_measure_full").uncheck()
@@ -210,7 +210,7 @@ def test_dashboard_after_queries(ingested: Path, tiny_model: Path) -> None:
                   "Cache size by document", "Top chunks by hits", "Recent queries"):
         assert title in subs
     assert "Measured, not estimated" in texts(at.caption)
-    charts = at.get("arrow_vega_lite_chart")
+    charts = at.get("vega_lite_chart")
     assert len(charts) >= 5  # hit rate, TTFT saved, tier, document, top chunks
     assert len(at.dataframe) == 2  # top chunks and recent queries
 
@@ -225,7 +225,7 @@ def test_inspect_runs_three_modes_with_heatmap(ingested: Path, tiny_model: Path)
     assert not at.exception, at.exception
     labels = [m.label for m in at.metric]
     assert labels == ["TTFT full", "TTFT reuse", "TTFT blend"]
-    assert len(at.get("arrow_vega_lite_chart")) == 2  # whole prompt + one chunk
+    assert len(at.get("vega_lite_chart")) == 2  # whole prompt + one chunk
     assert at.selectbox(key="inspect_chunk").options[0].startswith("chunk 1:")
     assert "tokens recomputed at the last layer" in texts(at.caption)
     at.selectbox(key="inspect_chunk").set_value(1).run()

@@ -1,5 +1,7 @@
 """The real UI server driven by headless Chromium: ask a question, see the answer and metrics.
 
+It runs on the real default model (SmolLM2-135M), so the answer and the screenshot are real.
+
 Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package; skipped
 otherwise. Saves a screenshot of the Ask page to ``benchmarks/results/ui_ask.png``.
 """
@@ -17,8 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 pytestmark = pytest.mark.browser
 
@@ -39,18 +39,6 @@ from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from ragkv.ui.launch import build_command  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, smol_path: Path) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-model")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=8192, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(smol_path).save_pretrained(out)
-    return out
 
 
 def free_port() -> int:
@@ -74,12 +62,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_model: Path) -> Iterator[str]:
+def server(tmp_path_factory, smol_path: Path) -> Iterator[str]:
     from ragkv.api import RagKV
     from ragkv.config import RagkvConfig
 
     home = tmp_path_factory.mktemp("ui-home")
-    rag = RagKV(RagkvConfig(home=home, model=tiny_model))
+    rag = RagKV(RagkvConfig(home=home, model=smol_path))
     rag.ingest_text("assert.md", "The assert statement checks a condition and raises "
                                  "AssertionError when it is false.\n\n" * 25)
     rag.ingest_text("with.txt", "A with statement wraps a block in a context manager.\n" * 30)
@@ -87,7 +75,7 @@ def server(tmp_path_factory, tiny_model: Path) -> Iterator[str]:
     port = free_port()
     log = open(home / "server.log", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    proc = subprocess.Popen(build_command(home, tiny_model, port=port), stdout=log,
+    proc = subprocess.Popen(build_command(home, smol_path, port=port), stdout=log,
                             stderr=subprocess.STDOUT, env=env)
     url = f"http://localhost:{port}"
     try:
@@ -138,12 +126,15 @@ def test_ask_in_browser_shows_answer_and_metrics(server: str, browser) -> None:
     browser.find_element(By.XPATH, "//button[.//p[text()='Ask']]").click()
     wait.until(lambda d: "Speed-up" in metric_values(d)
                and metric_values(d)["Speed-up"].startswith("x"))
-    # The answer has streamed once the page stops running (the status widget goes away).
-    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
+    # The page writes this caption once the answer has streamed to the end.
+    wait.until(lambda d: "tokens generated" in d.find_element(By.TAG_NAME, "body").text)
     values = metric_values(browser)
     assert values["TTFT (this answer)"].endswith("ms")
     assert values["Full-prefill TTFT"].endswith("ms")
     assert "measured just now" in browser.page_source
+    body = browser.find_element(By.TAG_NAME, "body").text
+    answer = body.split("Answer", 1)[1].split("tokens generated", 1)[0]
+    assert answer.strip() and "empty answer" not in answer, body
     assert browser.find_elements(By.CSS_SELECTOR, '[data-testid="stDataFrame"]')
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))

@@ -54,8 +54,8 @@ dispatcher = get_dispatcher(__name__)
 
 
 # ---- instrumentation events -------------------------------------------------------------
-class RagkvCacheHitEvent(BaseEvent):
-    """A chunk's KV came from the store (stage ``query``) or was already stored (``ingest``)."""
+class RagkvChunkEvent(BaseEvent):
+    """Base of the per-chunk cache events; ``stage`` is ``query`` or ``ingest``."""
 
     key: str
     n_tokens: int
@@ -64,10 +64,18 @@ class RagkvCacheHitEvent(BaseEvent):
 
     @classmethod
     def class_name(cls) -> str:
+        return "RagkvChunkEvent"
+
+
+class RagkvCacheHitEvent(RagkvChunkEvent):
+    """A chunk's KV came from the store (at ingestion: it was already stored)."""
+
+    @classmethod
+    def class_name(cls) -> str:
         return "RagkvCacheHitEvent"
 
 
-class RagkvCacheMissEvent(RagkvCacheHitEvent):
+class RagkvCacheMissEvent(RagkvChunkEvent):
     """A chunk's KV had to be computed (and was stored back)."""
 
     @classmethod
@@ -195,11 +203,11 @@ class RagkvKVTransform(TransformComponent):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     rag: Any = Field(exclude=True, description="the RagKV instance that stores the KV")
     # Part of the pipeline's cache hash, so a different model never reuses cached nodes.
-    model_fingerprint: str = ""
+    fingerprint: str = ""
     _computed: int = PrivateAttr(default=0)
 
     def __init__(self, rag: RagKV, **kwargs: Any) -> None:
-        super().__init__(rag=rag, model_fingerprint=rag.engine.fingerprint, **kwargs)
+        super().__init__(rag=rag, fingerprint=rag.engine.fingerprint, **kwargs)
 
     @classmethod
     def class_name(cls) -> str:

@@ -23,6 +23,8 @@ def build_command(home: Path, model: Path | None, port: int = 8501, headless: bo
            "--server.address", address,
            "--server.headless", "true" if headless else "false",
            "--browser.gatherUsageStats", "false",
+           # A local tool: no "Deploy" button in the toolbar.
+           "--client.toolbarMode", "minimal",
            "--", "--home", str(Path(home).expanduser())]
     if model is not None:
         cmd += ["--model", str(Path(model).expanduser())]

@@ -13,6 +13,9 @@ from ragkv.trace import QueryTrace
 from ragkv.ui import frames, state
 from ragkv.ui.state import FullTTFT
 
+#: Shown when the model's first tokens decode to nothing visible (EOS at once, whitespace).
+EMPTY_ANSWER = "_(empty answer: the model stopped or produced only whitespace)_"
+
 
 @dataclass(frozen=True)
 class AskParams:
@@ -70,7 +73,7 @@ def full_caption(trace: QueryTrace, full: FullTTFT | None) -> str:
 
 
 def show_metrics(trace: QueryTrace, full: FullTTFT | None) -> None:
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4, c5, c6 = st.columns(6)
     c1.metric("TTFT (this answer)", ms(trace.ttft_s),
               help="From the request to the first token: lookup, KV loading, misses, fusion. "
                    "Retrieval is not included.")
@@ -81,19 +84,17 @@ def show_metrics(trace: QueryTrace, full: FullTTFT | None) -> None:
     else:
         c2.metric("Full-prefill TTFT", "not measured")
         c3.metric("Speed-up", "-")
-    st.caption(full_caption(trace, full))
     chunk_tokens = sum(c.n_tokens for c in trace.chunks)
-    c4, c5, c6 = st.columns(3)
     c4.metric("Chunk hits", f"{trace.hits}/{len(trace.chunks)}")
     c5.metric("Tokens recomputed", f"{trace.recomputed_tokens}/{trace.context_tokens}",
               help=f"At the last layer, of the whole prompt ({chunk_tokens} chunk tokens)")
     c6.metric("Retrieval", ms(trace.retrieval_s) if trace.retrieval_s is not None else "-")
+    st.caption(full_caption(trace, full))
 
 
-def show_side(rag, trace: QueryTrace, full: FullTTFT | None) -> None:
-    show_metrics(trace, full)
-    st.dataframe(frames.chunk_table(rag.index, trace), hide_index=True,
-                 width="stretch")
+def show_chunks(rag, trace: QueryTrace) -> None:
+    st.subheader("Chunks")
+    st.dataframe(frames.chunk_table(rag.index, trace), hide_index=True, width="stretch")
 
 
 def known_full(rag, p: AskParams, keys: list[str], n_chunks: int) -> FullTTFT | None:
@@ -128,12 +129,18 @@ def answer(rag, p: AskParams) -> None:
             stream.trace.full_ttft_s = full.seconds  # logged with the query when it ends
         else:
             full = known_full(rag, p, keys, len(chunks))
+        # The prefill is done, so its figures show while the answer streams.
+        show_metrics(stream.trace, full)
         left, right = st.columns([3, 2], gap="large")
-        with right:  # the prefill is done, so its figures show while the answer streams
-            show_side(rag, stream.trace, full)
+        with right:
+            show_chunks(rag, stream.trace)
         with left:
             st.subheader("Answer")
-            st.write_stream(iter(stream))
+            text = st.write_stream(iter(stream))
+            if not str(text or "").strip():
+                st.markdown(EMPTY_ANSWER)
+            if stream.answer is not None:
+                st.caption(f"{len(stream.answer.tokens)} tokens generated")
     ans = stream.answer
     # Only small things go to session state: the answer's KV stays out of it.
     st.session_state[state.LAST_ASK_KEY] = {
@@ -145,12 +152,13 @@ def show_last(rag, last: dict) -> None:
     p: AskParams = last["params"]
     st.caption(f"Last question: *{p.question}* ({p.mode}"
                + (f", ratio {p.ratio:.2f}, {p.policy}" if p.mode == "blend" else "") + ")")
+    show_metrics(last["trace"], last["full"])
     left, right = st.columns([3, 2], gap="large")
     with right:
-        show_side(rag, last["trace"], last["full"])
+        show_chunks(rag, last["trace"])
     with left:
         st.subheader("Answer")
-        st.markdown(last["text"] or "_(empty answer)_")
+        st.markdown(last["text"] or EMPTY_ANSWER)
 
 
 def main() -> None:
