@@ -7,7 +7,7 @@ RAGKV_HOME ?= $(HOME)/.cache/ragkv
 CASES ?= ../shared/eval/pydoc_cases.jsonl
 export RAGKV_HOME
 
-.PHONY: install model demo test test-slow bench lint clean
+.PHONY: install model demo ui test test-slow test-ui-browser bench lint clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,ui,llamaindex,langchain]'
 	touch $@
 
 model: $(VENV)/.installed
@@ -25,12 +25,20 @@ model: $(VENV)/.installed
 demo: $(VENV)/.installed model
 	$(VENV)/bin/ragkv demo
 
+ui: $(VENV)/.installed model
+	$(VENV)/bin/ragkv ui
+
 test: $(VENV)/.installed model
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not browser"
 	$(PY) -m ruff check ragkv tests benchmarks examples
 
 test-slow: $(VENV)/.installed model
 	$(PY) -m pytest -q -m slow
+
+# Debian's Chromium and its driver; the test starts the real server and saves a screenshot.
+test-ui-browser: $(VENV)/.installed model
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m browser tests/test_ui_browser.py
 
 # The published figures: modes x ratios x precompute contexts, then every policy at 0.15.
 bench: $(VENV)/.installed model

@@ -197,6 +197,19 @@ def _print_summary(result: dict) -> None:
                       f" blend {lc['blend_ttft_s']:.2f}s, x{lc['speedup']:.2f}")
 
 
+@app.command()
+def ui(home: Home = default_home(), model: Model = None, port: int = 8501,
+       headless: bool = True) -> None:
+    """Start the web UI (Ask, Dashboard, Inspect, Ingest) on localhost."""
+    from ragkv.ui.launch import launch
+
+    try:
+        code = launch(home, model, port=port, headless=headless)
+    except RuntimeError as exc:  # Streamlit missing: the message names the extra to install
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
 @cache_app.command("stats")
 def cache_stats(home: Home = default_home()) -> None:
     """Documents, chunks, KV entries and bytes in the cache index."""

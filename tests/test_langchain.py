@@ -57,10 +57,6 @@ def rag(tmp_path_factory, tiny_model: Path) -> RagKV:
 class TestRagkvRetrieverStandard(RetrieversIntegrationTests):
     """LangChain's own retriever suite (k in the constructor and per call, sync and async)."""
 
-    # The suite has one async test; marking the class lets pytest-asyncio run it without an
-    # `asyncio_mode = "auto"` setting (sync tests ignore the mark).
-    pytestmark = pytest.mark.asyncio
-
     _rag: RagKV | None = None
 
     @pytest.fixture(autouse=True)

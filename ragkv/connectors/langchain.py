@@ -117,7 +117,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
     k: int = Field(default=4, ge=1)
     mode: str = "blend"
     ratio: float = Field(default=0.15, ge=0.0, le=1.0)
-    policy: str = "hkvd"
+    policy: str | None = None  # None: the RagKV config's blend policy
     max_new_tokens: int = Field(default=64, ge=1)
 
     @property
@@ -128,7 +128,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
                                   name="ragkv mode", description=f"one of {MODES}"),
             ConfigurableFieldSpec(id="ragkv_ratio", annotation=float, default=self.ratio,
                                   name="recompute ratio", description="blend ratio in [0, 1]"),
-            ConfigurableFieldSpec(id="ragkv_policy", annotation=str, default=self.policy,
+            ConfigurableFieldSpec(id="ragkv_policy", annotation=str | None, default=self.policy,
                                   name="selection policy", description="blend token policy"),
             ConfigurableFieldSpec(id="ragkv_k", annotation=int, default=self.k,
                                   name="chunks", description="chunks to retrieve"),
@@ -141,7 +141,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
             raise ValueError(f"ragkv_mode must be one of {MODES}, got {mode!r}")
         base = self.rag.config.blend
         blend = BlendConfig(ratio=float(conf.get("ragkv_ratio", self.ratio)),
-                            policy=conf.get("ragkv_policy", self.policy),
+                            policy=conf.get("ragkv_policy") or self.policy or base.policy,
                             check_layers=base.check_layers, deviation_on=base.deviation_on,
                             head_tokens=base.head_tokens)
         return mode, blend, int(conf.get("ragkv_k", self.k))

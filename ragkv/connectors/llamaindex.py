@@ -247,20 +247,21 @@ class RagkvQueryEngine(CustomQueryEngine):
     similarity_top_k: int = 4
     mode: str = "blend"
     ratio: float = 0.15
-    policy: str = "hkvd"
+    policy: str | None = None  # None: the RagKV config's blend policy
     max_new_tokens: int = 64
     streaming: bool = False
 
     def model_post_init(self, context: Any) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        BlendConfig(ratio=self.ratio, policy=self.policy)  # fail at construction, not query
+        self._blend()  # a bad ratio fails at construction, not at the first query
         if self.retriever is None:
             self.retriever = RagkvRetriever(self.rag, self.similarity_top_k)
 
     def _blend(self) -> BlendConfig:
         base = self.rag.config.blend
-        return BlendConfig(ratio=self.ratio, policy=self.policy, check_layers=base.check_layers,
+        return BlendConfig(ratio=self.ratio, policy=self.policy or base.policy,
+                           check_layers=base.check_layers,
                            deviation_on=base.deviation_on, head_tokens=base.head_tokens)
 
     @dispatcher.span
