@@ -42,7 +42,8 @@ def controls() -> AskParams | None:
                                  "nothing recomputed; blend: reuse plus CacheBlend recompute")
         ratio = c2.slider("Recompute ratio", 0.0, 1.0, 0.15, 0.05, key="ask_ratio",
                           help="blend only: share of chunk tokens recomputed")
-        policy = c3.selectbox("Policy", POLICIES, key="ask_policy", help="blend only")
+        policy = c3.selectbox("Policy", POLICIES, key="ask_policy", help="blend only",
+                          index=POLICIES.index(BlendConfig().policy))
         k = c4.number_input("Chunks (k)", 1, 32, 4, key="ask_k")
         c5, c6 = st.columns(2)
         max_new = c5.number_input("Max new tokens", 1, 1024, 64, key="ask_max_new")
