@@ -247,14 +247,7 @@ class RagKV:
 
     def ask(self, question: str, k: int = 4, **kwargs) -> Answer:
         """Retrieve the top-k chunks and answer over them."""
-        t = time.perf_counter()
-        chunks = self.retrieve(question, k)
-        retrieval_s = time.perf_counter() - t
-        if not chunks:
-            raise LookupError("no documents ingested yet; run `ragkv ingest PATH` first")
-        kwargs.pop("retrieval_s", None)
-        return self.generate_from(self.stream(chunks, question, retrieval_s=retrieval_s,
-                                              **kwargs))
+        return self.generate_from(self.ask_stream(question, k, **kwargs))
 
     @staticmethod
     def generate_from(stream: TokenStream) -> Answer:

@@ -8,13 +8,10 @@ checked is that answers through LangChain equal answers from the ragkv API token
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from pydoc_data.topics import topics
 from typing import Any
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 pytest.importorskip("langchain_core")
 pytest.importorskip("langchain_tests")
@@ -24,7 +21,7 @@ from langchain_core.documents import Document  # noqa: E402
 from langchain_core.runnables import RunnableLambda  # noqa: E402
 from langchain_tests.integration_tests import RetrieversIntegrationTests  # noqa: E402
 
-from ragkv import BlendConfig, RagKV, RagkvConfig  # noqa: E402
+from ragkv import BlendConfig, RagKV  # noqa: E402
 from ragkv.chunking import tokenize_chunk  # noqa: E402
 from ragkv.connectors.langchain import RagkvRetriever, RagkvRunnable  # noqa: E402
 
@@ -34,24 +31,8 @@ NEW = 6  # tokens generated per answer: enough to compare, cheap on the tiny mod
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, smol_path: Path) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-model")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=8192, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(smol_path).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def rag(tmp_path_factory, tiny_model: Path) -> RagKV:
-    home = tmp_path_factory.mktemp("ragkv-home")
-    r = RagKV(RagkvConfig(home=home, model=tiny_model, chunk_tokens=96))
-    for name in ("assert", "pass", "del"):
-        r.ingest_text(f"pydoc:{name}", topics[name])
-    return r
+def rag(pydoc_rag: RagKV) -> RagKV:
+    return pydoc_rag
 
 
 class TestRagkvRetrieverStandard(RetrieversIntegrationTests):

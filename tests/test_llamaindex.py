@@ -7,13 +7,10 @@ checked is that answers through LlamaIndex equal answers from the ragkv API toke
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from pydoc_data.topics import topics
 from typing import Any
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 pytest.importorskip("llama_index.core")
 
@@ -26,7 +23,7 @@ from llama_index.core.instrumentation.events import BaseEvent  # noqa: E402
 from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
 from llama_index.core.schema import MetadataMode, TextNode  # noqa: E402
 
-from ragkv import BlendConfig, RagKV, RagkvConfig  # noqa: E402
+from ragkv import BlendConfig, RagKV  # noqa: E402
 from ragkv.chunking import tokenize_chunk  # noqa: E402
 from ragkv.connectors.llamaindex import (  # noqa: E402
     KEY,
@@ -45,24 +42,8 @@ NEW = 6  # tokens generated per answer: enough to compare, cheap on the tiny mod
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, smol_path: Path) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-model")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=8192, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(smol_path).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def rag(tmp_path_factory, tiny_model: Path) -> RagKV:
-    home = tmp_path_factory.mktemp("ragkv-home")
-    r = RagKV(RagkvConfig(home=home, model=tiny_model, chunk_tokens=96))
-    for name in ("assert", "pass", "del"):
-        r.ingest_text(f"pydoc:{name}", topics[name])
-    return r
+def rag(pydoc_rag: RagKV) -> RagKV:
+    return pydoc_rag
 
 
 class Collector(BaseEventHandler):

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -23,18 +22,6 @@ from ragkv.ui.views.ingest import collect  # noqa: E402
 
 VIEWS = APP_PATH.parent / "views"
 TIMEOUT = 300  # seconds per script run: model load and first embedding happen in one run
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, smol_path: Path) -> Path:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-model")
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=8192, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    AutoTokenizer.from_pretrained(smol_path).save_pretrained(out)
-    return out
 
 
 def page(name: str, home: Path, model: Path | None) -> AppTest:
