@@ -6,85 +6,24 @@ faults injected into one test's blobs or index never leak into another.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from api_cases import (  # noqa: F401 - fixtures are used by name
+    MAX_NEW,
+    MODES,
+    QUESTION,
+    _docs,
+    _one_thread,
+    blob_path,
+    engine,
+    make_config,
+    rag,
+    seed,
+    three_chunks,
+)
 
-from ragkv.api import RagKV, RetrievedChunk
-from ragkv.config import BlendConfig, RagkvConfig
-from ragkv.engine.hf import HFEngine
+from ragkv.api import RagKV
+from ragkv.config import BlendConfig
 from ragkv.keys import KV_LAYOUT, chunk_key, context_digest
-
-MODES = ("full", "prefix", "reuse", "blend")
-QUESTION = "What does the assert statement do?"
-MAX_NEW = 6
-
-
-def _docs() -> dict[str, str]:
-    from pydoc_data.topics import topics
-
-    return {"doc:assert": topics["assert"][:1400], "doc:pass": topics["pass"][:900]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A tiny model runs faster on one thread, and cannot stall on a busy second core."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-@pytest.fixture(scope="module")
-def engine(tokenizer) -> HFEngine:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                      initializer_range=0.1)
-    return HFEngine(LlamaForCausalLM(cfg).eval(), tokenizer)
-
-
-def make_config(home: Path, **kw) -> RagkvConfig:
-    # float32 storage: a KV read back from the cache is bit-identical to a freshly computed one,
-    # so a miss and a hit must give exactly the same answer.
-    return RagkvConfig(home=home, chunk_tokens=64, kv_dtype=kw.pop("kv_dtype", "float32"), **kw)
-
-
-@pytest.fixture(scope="module")
-def seed(tmp_path_factory, engine):
-    home = tmp_path_factory.mktemp("seed")
-    rag = RagKV(make_config(home), engine=engine)
-    results = [rag.ingest_text(name, text) for name, text in _docs().items()]
-    again = rag.ingest_text("doc:assert", _docs()["doc:assert"])
-    stats = rag.index.stats()
-    rag.index.close()
-    return home, results, again, stats
-
-
-@pytest.fixture
-def rag(tmp_path, seed, engine) -> RagKV:
-    home = tmp_path / "home"
-    shutil.copytree(seed[0], home)
-    r = RagKV(make_config(home), engine=engine)
-    yield r
-    r.index.close()
-
-
-def three_chunks(rag: RagKV) -> list[RetrievedChunk]:
-    infos = sorted(rag.index.chunks(), key=lambda c: c.id)[:3]
-    return [RetrievedChunk(c.token_ids, c.cache_key, c.text, c.id, c.document_name)
-            for c in infos]
-
-
-def blob_path(rag: RagKV, key: str) -> Path:
-    entry = rag.index.get_entry(key)
-    assert entry is not None
-    return Path(rag.config.resolved_blob_url) / entry.blob_name
-
 
 # ---- ingestion -----------------------------------------------------------------------------
 
@@ -205,102 +144,6 @@ def test_unknown_chunks_are_computed_and_stored(rag, tokenizer):
     second = rag.generate([ids], QUESTION, mode="blend", max_new_tokens=MAX_NEW)
     assert second.trace.hits == 1
     assert second.tokens == first.tokens
-
-
-# ---- faults are misses ---------------------------------------------------------------------
-
-def _corrupt(rag: RagKV, key: str) -> None:
-    path = blob_path(rag, key)
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-    path.write_bytes(bytes(data))
-
-
-def _truncate(rag: RagKV, key: str) -> None:
-    path = blob_path(rag, key)
-    path.write_bytes(path.read_bytes()[:100])
-
-
-def _delete(rag: RagKV, key: str) -> None:
-    blob_path(rag, key).unlink()
-
-
-def _foreign(rag: RagKV, key: str) -> None:
-    entry = rag.index.get_entry(key)
-    shape = (rag.engine.runner.n_layers, rag.engine.runner.kv_heads, entry.n_tokens,
-             rag.engine.runner.head_dim)
-    rag.store.put(key, {"k": torch.ones(shape), "v": torch.ones(shape)}, model_fp="0" * 64,
-                  layout=KV_LAYOUT, n_tokens=entry.n_tokens)
-    assert rag.index.get_entry(key).model_fp == "0" * 64
-
-
-def _wrong_shape(rag: RagKV, key: str) -> None:
-    entry = rag.index.get_entry(key)
-    shape = (1, 1, entry.n_tokens, 2)
-    assert rag.store.put(key, {"k": torch.ones(shape), "v": torch.ones(shape)},
-                         model_fp=rag.engine.fingerprint, layout=KV_LAYOUT,
-                         n_tokens=entry.n_tokens)
-
-
-def _non_finite(rag: RagKV, key: str) -> None:
-    entry = rag.index.get_entry(key)
-    r = rag.engine.runner
-    shape = (r.n_layers, r.kv_heads, entry.n_tokens, r.head_dim)
-    v = torch.zeros(shape)
-    v[0, 0, 0, 0] = float("nan")
-    assert rag.store.put(key, {"k": torch.zeros(shape), "v": v},
-                         model_fp=rag.engine.fingerprint, layout=KV_LAYOUT,
-                         n_tokens=entry.n_tokens)
-
-
-FAULTS = {"corrupt": _corrupt, "truncated": _truncate, "deleted": _delete,
-          "foreign-model": _foreign, "wrong-shape": _wrong_shape, "non-finite": _non_finite}
-
-
-@pytest.mark.parametrize("fault", FAULTS)
-@pytest.mark.parametrize("mode", ["blend", "reuse", "prefix"])
-def test_bad_entry_is_a_miss_and_is_stored_back(rag, fault, mode):
-    chunks = three_chunks(rag)
-    # prefix mode reads only the first chunk (the one precomputed after the template prefix).
-    victim = 0 if mode == "prefix" else 1
-    clean = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW, keep_kv=True)
-    assert clean.trace.chunks[victim].hit
-    key = chunks[victim].key
-    FAULTS[fault](rag, key)
-    hurt = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW, keep_kv=True)
-    want = [c.hit for c in clean.trace.chunks]
-    want[victim] = False
-    assert [c.hit for c in hurt.trace.chunks] == want
-    assert hurt.trace.misses == clean.trace.misses + 1 and hurt.trace.precompute_s > 0
-    assert hurt.tokens == clean.tokens
-    assert torch.equal(hurt.fused.logits, clean.fused.logits)
-    # The recomputed KV was stored back, under this model, and reads back as a hit.
-    entry = rag.index.get_entry(key)
-    assert entry is not None and entry.model_fp == rag.engine.fingerprint
-    assert blob_path(rag, key).is_file()
-    healed = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW)
-    assert [c.hit for c in healed.trace.chunks] == [c.hit for c in clean.trace.chunks]
-    assert healed.tokens == clean.tokens
-
-
-def test_missing_prefix_entry_is_recomputed(tmp_path, seed, engine):
-    """A fresh RagKV whose stored template-prefix KV is corrupt still answers, the same."""
-    home = tmp_path / "home"
-    shutil.copytree(seed[0], home)
-    ref_rag = RagKV(make_config(home), engine=engine)
-    chunks = three_chunks(ref_rag)
-    ref = ref_rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
-    prefix_key = chunk_key(engine.fingerprint, list(ref_rag.template.prefix_ids),
-                           kv_dtype="float32")
-    ref_rag.index.close()
-    rag = RagKV(make_config(home), engine=engine)
-    _corrupt(rag, prefix_key)
-    ans = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
-    assert ans.tokens == ref.tokens
-    assert rag.store.counters["corrupt"] >= 1
-    assert rag.index.get_entry(prefix_key) is not None
-    rag.index.close()
 
 
 # ---- precompute contexts -------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""Bad cache entries are misses, never errors: damaged, deleted, foreign or unreachable."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from cache_cases import (  # noqa: F401 - fixtures are used by name
+    FP,
+    LAYOUT,
+    _blob_path,
+    _key,
+    _kv,
+    _put,
+    blobs,
+    index,
+    store,
+)
+from sqlalchemy import text
+
+from ragkv.cache_index import (
+    BlobStore,
+    CacheIndex,
+    KVStore,
+    blob_name,
+)
+
+# -- bad entries are misses ------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _flip_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0xFF  # the header length: undecodable, not merely wrong numbers
+    path.write_bytes(bytes(data))
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _flip_header, _remove])
+def test_damaged_blob_is_a_miss_and_is_removed(
+    store: KVStore, damage: Callable[[Path], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    _put(store, _key(7))
+    path = _blob_path(store.blobs, _key(7))
+    damage(path)
+    with caplog.at_level(logging.WARNING, logger="ragkv.cache"):
+        assert store.get(_key(7), model_fp=FP, layout=LAYOUT) is None
+    assert any(r.name == "ragkv.cache" for r in caplog.records)
+    assert store.index.get_entry(_key(7)) is None
+    assert not path.exists()
+    assert store.counters["corrupt"] == 1 and store.counters["misses"] == 1
+    kv = _put(store, _key(7))
+    got = store.get(_key(7), model_fp=FP, layout=LAYOUT)
+    assert got is not None and torch.equal(got["v.1"], kv["v.1"])
+
+
+def test_foreign_blob_metadata_is_a_miss(store: KVStore) -> None:
+    # Another key's blob moved under this key's name, with a row whose checksum matches it:
+    # only the embedded metadata can tell.
+    _put(store, _key(1))
+    _put(store, _key(2))
+    src, dst = _blob_path(store.blobs, _key(1)), _blob_path(store.blobs, _key(2))
+    dst.write_bytes(src.read_bytes())
+    e1 = store.index.get_entry(_key(1))
+    assert e1 is not None
+    store.index.upsert_entry(
+        _key(2),
+        model_fp=FP,
+        layout=LAYOUT,
+        n_tokens=5,
+        nbytes=e1.nbytes,
+        blob_name=blob_name(_key(2)),
+        checksum=e1.checksum,
+        dtype=e1.dtype,
+    )
+    assert store.get(_key(2), model_fp=FP, layout=LAYOUT) is None
+    assert store.index.get_entry(_key(2)) is None and not dst.exists()
+    assert store.get(_key(1), model_fp=FP, layout=LAYOUT) is not None
+    _put(store, _key(2))
+    assert store.get(_key(2), model_fp=FP, layout=LAYOUT) is not None
+
+
+@pytest.mark.parametrize("field", ["model_fp", "layout"])
+def test_model_or_layout_mismatch_is_a_miss(store: KVStore, field: str) -> None:
+    _put(store, _key(4))
+    expected = {"model_fp": FP, "layout": LAYOUT, field: "something-else"}
+    assert store.get(_key(4), **expected) is None
+    assert store.index.get_entry(_key(4)) is None
+    assert not _blob_path(store.blobs, _key(4)).exists()
+    assert store.put(_key(4), _kv(), n_tokens=5, **expected)
+    assert store.get(_key(4), **expected) is not None
+
+
+def test_index_row_without_matching_blob_metadata_fp(store: KVStore) -> None:
+    # The row claims the expected model but the blob says otherwise.
+    other = KVStore(store.index, store.blobs)
+    assert other.put(_key(5), _kv(), model_fp="0" * 64, layout=LAYOUT, n_tokens=5)
+    entry = store.index.get_entry(_key(5))
+    assert entry is not None
+    store.index.upsert_entry(
+        _key(5),
+        model_fp=FP,
+        layout=LAYOUT,
+        n_tokens=5,
+        nbytes=entry.nbytes,
+        blob_name=entry.blob_name,
+        checksum=entry.checksum,
+        dtype=entry.dtype,
+    )
+    assert store.get(_key(5), model_fp=FP, layout=LAYOUT) is None
+    assert store.index.get_entry(_key(5)) is None
+
+
+def test_unreachable_index_is_a_miss_not_an_error(tmp_path: Path) -> None:
+    index = CacheIndex(f"sqlite:///{tmp_path / 'gone.sqlite'}")
+    store = KVStore(index, BlobStore(str(tmp_path / "b")))
+    _put(store, _key(1))
+    with index.engine.begin() as conn:
+        conn.execute(text("DROP TABLE kv_entries"))
+    assert store.get(_key(1), model_fp=FP, layout=LAYOUT) is None
+    assert store.contains([_key(1)]) == {_key(1): False}
+    assert store.put(_key(1), _kv(), model_fp=FP, layout=LAYOUT, n_tokens=5) is False
+    assert store.counters["put_errors"] == 1
+    index.close()
