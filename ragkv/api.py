@@ -203,7 +203,9 @@ class RagKV:
                  for c in chunks]
         t0 = time.perf_counter()
         prompt = self.template.assemble([c.token_ids for c in items], question)
-        keys = [c.key or self.key_for(c.token_ids) for c in items]
+        # Keys are derived from the ids, never taken on trust: a stale or mistaken key handed in
+        # with a chunk must not load another chunk's KV (hashing costs microseconds).
+        keys = [self.key_for(c.token_ids) for c in items]
         trace = QueryTrace(mode, blend.ratio if mode == "blend" else None,
                            blend.policy if mode == "blend" else None, len(prompt))
         trace.chunks = [ChunkTrace(k, len(c.token_ids), None, s, c.document)

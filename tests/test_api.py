@@ -21,7 +21,7 @@ from api_cases import (  # noqa: F401 - fixtures are used by name
     three_chunks,
 )
 
-from ragkv.api import RagKV
+from ragkv.api import RagKV, RetrievedChunk
 from ragkv.config import BlendConfig
 from ragkv.keys import KV_LAYOUT, chunk_key, context_digest
 
@@ -259,3 +259,15 @@ def test_stream_yields_the_same_text_as_generate(rag):
     pieces = list(stream)
     assert "".join(pieces).strip() == whole.text
     assert stream.answer is not None and stream.answer.tokens == whole.tokens
+
+
+def test_a_wrong_key_handed_in_never_loads_another_chunks_kv(rag):
+    a, b = three_chunks(rag)[:2]
+    n = min(len(a.token_ids), len(b.token_ids))
+    honest = RetrievedChunk(a.token_ids[:n], rag.key_for(a.token_ids[:n]))
+    lying = RetrievedChunk(a.token_ids[:n], rag.key_for(b.token_ids[:n]))  # b's key, a's ids
+    rag.precompute(b.token_ids[:n])
+    want = rag.generate([honest], QUESTION, mode="reuse", max_new_tokens=MAX_NEW)
+    got = rag.generate([lying], QUESTION, mode="reuse", max_new_tokens=MAX_NEW)
+    assert got.tokens == want.tokens
+    assert got.trace.chunks[0].key == honest.key
