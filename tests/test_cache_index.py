@@ -21,6 +21,7 @@ from cache_cases import (  # noqa: F401 - fixtures are used by name
 from sqlalchemy import text
 
 from ragkv.cache_index import (
+    SCHEMA_VERSION,
     BlobStore,
     CacheIndex,
     ChunkRecord,
@@ -283,7 +284,7 @@ def test_sqlite_wal_mode(index: CacheIndex, tmp_path: Path) -> None:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() > 0
     assert (tmp_path / "db" / "index.sqlite").exists()
-    assert index.schema_version == 1
+    assert index.schema_version == SCHEMA_VERSION
 
 
 def test_two_indexes_on_one_file_see_each_other(tmp_path: Path) -> None:

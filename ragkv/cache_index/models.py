@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -28,7 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 #: Bumped by hand whenever the tables change; Alembic migrations will key off it.
-SCHEMA_VERSION = 1
+#: 2: kv_entries.priority / on_disk / on_remote and the eviction_clock table (tiers, budgets).
+SCHEMA_VERSION = 2
 
 
 def utcnow() -> datetime:
@@ -101,6 +103,27 @@ class KVEntry(Base):
     # Non-null from creation on, so LRU eviction can order by it without NULL handling.
     last_access_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     hits: Mapped[int] = mapped_column(Integer, default=0)
+    # Eviction order of the persistent tiers, lowest first: the configured policy's value
+    # (PGDSF: clock + hits * tokens / bytes; LRU: last access time), kept in the row so a
+    # budget pass is one indexed scan instead of scoring every entry in Python.
+    priority: Mapped[float] = mapped_column(Float, default=0.0, index=True)
+    # Which persistent tiers hold the blob. A row stays while either is true, so an entry
+    # evicted from local disk but still remote is found (and promoted) instead of recomputed.
+    on_disk: Mapped[bool] = mapped_column(Boolean, default=True)
+    on_remote: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class EvictionClock(Base):
+    """One row: PGDSF's clock, the priority of the last entry evicted from a persistent tier.
+
+    Shared through the index because eviction (``ragkv cache gc``) and the entries it ranks
+    may come from different processes; new entries start at this clock, not at zero.
+    """
+
+    __tablename__ = "eviction_clock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class QueryLog(Base):
@@ -174,6 +197,9 @@ class EntryInfo:
     created_at: datetime
     last_access_at: datetime
     hits: int
+    priority: float
+    on_disk: bool
+    on_remote: bool
 
 
 _Info = TypeVar("_Info", DocumentInfo, ChunkInfo, EntryInfo)
