@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from ragkv.cache_index import BlobStore, CacheIndex, KVStore
+from ragkv.cache_index import CacheIndex, KVStore
 from ragkv.config import BlendConfig, RagkvConfig
 from ragkv.engine.blend import FusedPrefill
 from ragkv.engine.hf import HFEngine
@@ -97,8 +97,7 @@ class RagKV:
         self.template = PromptTemplate.from_tokenizer(engine.tokenizer, self.config.system_prompt)
         if store is None:
             self.config.home.mkdir(parents=True, exist_ok=True)
-            store = KVStore(CacheIndex(self.config.resolved_index_url),
-                            BlobStore(self.config.resolved_blob_url))
+            store = KVStore.from_config(self.config)
         self.store = store
         self._prefix_kv: ChunkKV | None = None
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
@@ -115,18 +114,19 @@ class RagKV:
 
     def key_for(self, token_ids: Sequence[int]) -> str:
         return chunk_key(self.engine.fingerprint, token_ids, context=self._context(),
-                         kv_dtype=self.config.kv_dtype)
+                         kv_dtype=self.config.kv_storage)
 
     def _shape(self, n: int) -> dict[str, int]:
         r = self.engine.runner
         return dict(layers=r.n_layers, kv_heads=r.kv_heads, head_dim=r.head_dim, n_tokens=n)
 
-    def _load(self, key: str, n: int) -> ChunkKV | None:
-        tensors = self.store.get(key, model_fp=self.engine.fingerprint, layout=KV_LAYOUT)
-        if tensors is None:
+    def _load(self, key: str, n: int) -> tuple[ChunkKV, str] | None:
+        """The stored KV and the tier that served it, or None (a miss)."""
+        found = self.store.fetch(key, model_fp=self.engine.fingerprint, layout=KV_LAYOUT)
+        if found is None:
             return None
         try:
-            return ChunkKV.from_tensors(tensors, **self._shape(n))
+            return ChunkKV.from_tensors(found.tensors, **self._shape(n)), found.tier
         except (KeyError, ValueError) as exc:  # a foreign or damaged entry is a miss
             log.warning("cache entry %s unusable (%s); recomputing", key[:12], exc)
             self.store.delete(key)
@@ -134,18 +134,22 @@ class RagKV:
 
     def _save(self, key: str, kv: ChunkKV) -> None:
         # KVStore.put logs and swallows storage failures: a failed write never fails a query.
-        self.store.put(key, kv.to_tensors(self.config.kv_dtype), model_fp=self.engine.fingerprint,
-                       layout=KV_LAYOUT, n_tokens=kv.n_tokens)
+        codec = self.config.int8_codec
+        dtype = "float32" if codec is not None else self.config.kv_dtype  # codec quantizes
+        self.store.put(key, kv.to_tensors(dtype), model_fp=self.engine.fingerprint,
+                       layout=KV_LAYOUT, n_tokens=kv.n_tokens, codec=codec)
 
     def prefix_kv(self) -> ChunkKV:
         """KV of the template prefix: a true prefix, so its cached KV is exact."""
         if self._prefix_kv is None:
             ids = list(self.template.prefix_ids)
-            key = chunk_key(self.engine.fingerprint, ids, kv_dtype=self.config.kv_dtype)
-            kv = self._load(key, len(ids))
-            if kv is None:
+            key = chunk_key(self.engine.fingerprint, ids, kv_dtype=self.config.kv_storage)
+            loaded = self._load(key, len(ids))
+            if loaded is None:
                 kv = self.engine.precompute(ids)
                 self._save(key, kv)
+            else:
+                kv = loaded[0]
             self._prefix_kv = kv.to(self.engine.runner.device, self.engine.runner.dtype)
         return self._prefix_kv
 
@@ -155,14 +159,20 @@ class RagKV:
 
         ``indexed=False`` (the index already said the key is absent) skips the read.
         """
+        kv, tier = self._chunk_kv(token_ids, key, indexed)
+        return kv, tier is not None
+
+    def _chunk_kv(self, token_ids: Sequence[int], key: str | None,
+                  indexed: bool) -> tuple[ChunkKV, str | None]:
+        """The chunk's KV and the tier that served it (None: computed now)."""
         key = key or self.key_for(token_ids)
-        kv = self._load(key, len(token_ids)) if indexed else None
-        if kv is not None:
-            return kv, True
+        loaded = self._load(key, len(token_ids)) if indexed else None
+        if loaded is not None:
+            return loaded
         past = self.prefix_kv() if self.config.precompute_context == "prefix" else None
         kv = self.engine.precompute(list(token_ids), past)
         self._save(key, kv)
-        return kv, False
+        return kv, None
 
     def precompute(self, token_ids: Sequence[int]) -> bool:
         """Make sure a chunk's KV is stored; returns True if it had to be computed."""
@@ -224,9 +234,9 @@ class RagKV:
                 wanted = []  # a cold-computed chunk is never the prompt's exact prefix
             for c, ct, (s, e) in zip(wanted, trace.chunks, prompt.chunk_spans, strict=False):
                 t = time.perf_counter()
-                kv, hit = self.chunk_kv(c.token_ids, ct.key, present.get(ct.key, False))
+                kv, ct.tier = self._chunk_kv(c.token_ids, ct.key, present.get(ct.key, False))
                 dt = time.perf_counter() - t
-                ct.hit = hit
+                ct.hit = hit = ct.tier is not None
                 if hit:
                     trace.load_s += dt
                 else:

@@ -62,7 +62,14 @@ class RagkvConfig:
     chunk_tokens: target chunk size in tokens.
     precompute_context: ``cold`` (each chunk prefilled alone) or ``prefix`` (after the shared
         template prefix / system prompt).
-    kv_dtype: dtype chunk KV is stored in.
+    kv_dtype: dtype chunk KV is stored in; ``int8`` quantizes it KIVI-style with float32
+        scales per channel (keys) / per token (values) by default, see ``int8_*_scales``.
+    memory_budget_bytes: bytes of decoded KV the in-process memory tier holds (None:
+        unlimited, 0: no memory tier).
+    disk_budget_bytes / remote_budget_bytes: byte budgets of the local blob store and the
+        remote one (None: unlimited); enforced after every write and by ``ragkv cache gc``.
+    remote_blob_url: optional fsspec URL of a remote blob tier below the local disk.
+    eviction_policy: ``pgdsf`` (frequency x recompute cost / size, with aging) or ``lru``.
     device / dtype: where and in which precision the model runs.
     """
 
@@ -72,7 +79,14 @@ class RagkvConfig:
     blob_url: str | None = None
     chunk_tokens: int = 512
     precompute_context: PrecomputeContext = "prefix"
-    kv_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    kv_dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float16"
+    int8_key_scales: Literal["channel", "token"] = "channel"
+    int8_value_scales: Literal["channel", "token"] = "token"
+    memory_budget_bytes: int | None = 512 * 2**20
+    disk_budget_bytes: int | None = None
+    remote_blob_url: str | None = None
+    remote_budget_bytes: int | None = None
+    eviction_policy: Literal["pgdsf", "lru"] = "pgdsf"
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     system_prompt: str = "You are a helpful assistant. Answer the question using the context."
@@ -84,6 +98,31 @@ class RagkvConfig:
             raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
         if self.precompute_context not in ("cold", "prefix"):
             raise ValueError("precompute_context must be 'cold' or 'prefix'")
+        if self.kv_dtype not in ("float32", "float16", "bfloat16", "int8"):
+            raise ValueError(f"kv_dtype must be float32, float16, bfloat16 or int8, "
+                             f"got {self.kv_dtype!r}")
+        if self.eviction_policy not in ("pgdsf", "lru"):
+            raise ValueError(f"eviction_policy must be 'pgdsf' or 'lru', "
+                             f"got {self.eviction_policy!r}")
+        for name in ("memory_budget_bytes", "disk_budget_bytes", "remote_budget_bytes"):
+            budget = getattr(self, name)
+            if budget is not None and budget < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {budget}")
+
+    @property
+    def int8_codec(self):  # -> Int8Codec | None; untyped to keep torch out of config imports
+        """The codec of ``kv_dtype="int8"`` (None for float storage)."""
+        if self.kv_dtype != "int8":
+            return None
+        from ragkv.cache_index.codec import Int8Codec
+
+        return Int8Codec(self.int8_key_scales, self.int8_value_scales)
+
+    @property
+    def kv_storage(self) -> str:
+        """What cache keys record as the storage dtype: int8 scale layouts are distinct."""
+        codec = self.int8_codec
+        return codec.tag if codec is not None else self.kv_dtype
 
     @property
     def resolved_index_url(self) -> str:

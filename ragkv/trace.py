@@ -13,6 +13,7 @@ class ChunkTrace:
     start: int  # position of the chunk's first token in the assembled prompt
     document: str | None = None
     recomputed: int = 0  # tokens of this chunk recomputed at the last layer
+    tier: str | None = None  # the cache tier that served a hit: memory, disk or remote
 
 
 @dataclass

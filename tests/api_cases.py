@@ -47,6 +47,9 @@ def engine(tokenizer) -> HFEngine:
 def make_config(home: Path, **kw) -> RagkvConfig:
     # float32 storage: a KV read back from the cache is bit-identical to a freshly computed one,
     # so a miss and a hit must give exactly the same answer.
+    # No memory tier by default: these tests damage the disk tier and must see it read;
+    # tests/test_cache_tiers.py covers the memory tier.
+    kw.setdefault("memory_budget_bytes", 0)
     return RagkvConfig(home=home, chunk_tokens=64, kv_dtype=kw.pop("kv_dtype", "float32"), **kw)
 
 

@@ -170,7 +170,8 @@ def test_ask_streams_answer_with_metrics(ingested: Path, tiny_model: Path) -> No
     assert "measured just now" in texts(at.caption)
     table = at.dataframe[0].value
     assert list(table.columns[:5]) == ["document", "cache", "tier", "tokens", "recomputed"]
-    assert set(table["cache"]) == {"hit"} and set(table["tier"]) == {"disk"}
+    # Ingestion ran in this process, so its memory tier may serve what disk also holds.
+    assert set(table["cache"]) == {"hit"} and set(table["tier"]) <= {"memory", "disk"}
     assert "Answer" in texts(at.subheader) and "tokens generated" in texts(at.caption)
 
     # Same prompt, no new measurement: the last measured figure is shown and labelled so.

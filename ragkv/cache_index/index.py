@@ -241,8 +241,11 @@ class CacheIndex:
         blob_name: str,
         checksum: str,
         dtype: str,
+        on_remote: bool = False,
     ) -> None:
-        """Insert or overwrite an entry; an overwrite keeps its hit count (same key, same KV)."""
+        """Insert or overwrite an entry; an overwrite keeps its hit count (same key, same KV).
+
+        Called once the blob is on disk; ``on_remote`` once it is in the remote tier too."""
         fields = dict(
             model_fp=model_fp,
             layout=layout,
@@ -251,6 +254,8 @@ class CacheIndex:
             blob_name=blob_name,
             checksum=checksum,
             dtype=dtype,
+            on_disk=True,
+            on_remote=on_remote,
         )
         for attempt in range(2):
             try:

@@ -1,22 +1,38 @@
 """KVStore: the one place that decides whether a chunk's KV cache is a hit or a miss.
 
+Tiers, top to bottom: an in-process memory tier (decoded tensors), the local disk blob store
+and an optional remote blob store (any fsspec URL). Reads go down until a tier has the entry
+and promote it to the tiers above; writes go through to every tier. Byte budgets are applied
+after each write (:mod:`.eviction`).
+
 A cache may only ever make a query faster, never make it fail: whatever is wrong with what it
 holds (a truncated blob, flipped bits, a row from another model, a vanished file, a locked
-database) turns into a miss, and a bad entry is removed so the recomputed KV gets stored back.
+database) turns into a miss, and a bad copy is removed so the recomputed KV gets stored back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import threading
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import torch
 
-from ragkv.cache_index.blobs import BlobStore, decode_kv, encode_kv
+from ragkv.cache_index import residency
+from ragkv.cache_index.blobs import BlobStore, encode_kv
+from ragkv.cache_index.codec import Int8Codec
+from ragkv.cache_index.eviction import EvictionReport, enforce_budget
 from ragkv.cache_index.index import CacheIndex
+from ragkv.cache_index.integrity import open_blob
+from ragkv.cache_index.memory import MemoryTier
 from ragkv.cache_index.models import EntryInfo
+from ragkv.cache_index.policy import PGDSF, EvictionPolicy, make_policy
+from ragkv.cache_index.tiers import TIERS, Fetched, TierStats, blob_name
+
+if TYPE_CHECKING:
+    from ragkv.config import RagkvConfig
 
 log = logging.getLogger("ragkv.cache")
 
@@ -24,102 +40,182 @@ log = logging.getLogger("ragkv.cache")
 _KEY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
-def blob_name(key: str) -> str:
-    """Two-character fan-out keeps any one folder from holding every blob."""
-    return f"{key[:2]}/{key}.safetensors"
-
-
 class KVStore:
     """The cache facade: nothing it holds can fail a query. Every problem on read is a miss."""
 
-    def __init__(self, index: CacheIndex, blobs: BlobStore) -> None:
+    def __init__(self, index: CacheIndex, blobs: BlobStore, *, remote: BlobStore | None = None,
+                 memory: MemoryTier | None = None, policy: EvictionPolicy | None = None,
+                 disk_budget: int | None = None, remote_budget: int | None = None) -> None:
         self.index = index
         self.blobs = blobs
-        self.counters: dict[str, int] = {
-            "hits": 0,
-            "misses": 0,
-            "corrupt": 0,
-            "puts": 0,
-            "put_errors": 0,
-        }
-        # The UI may serve queries from several threads; counters are read for display only,
-        # but lost increments would still make the numbers lie.
+        self.remote = remote
+        self.memory = memory
+        self.policy = policy or PGDSF()
+        self.budgets: dict[str, int | None] = {"disk": disk_budget, "remote": remote_budget}
+        self.counters = dict.fromkeys(("hits", "misses", "corrupt", "puts", "put_errors"), 0)
+        self.tiers = {t: TierStats() for t in TIERS}
+        # The UI may serve queries from several threads; lost increments would make it lie.
         self._lock = threading.Lock()
 
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self.counters[name] += 1
+    @classmethod
+    def from_config(cls, cfg: RagkvConfig) -> KVStore:
+        policy = make_policy(cfg.eviction_policy)
+        memory = None if cfg.memory_budget_bytes == 0 else MemoryTier(cfg.memory_budget_bytes,
+                                                                       policy)
+        remote = BlobStore(cfg.remote_blob_url) if cfg.remote_blob_url else None
+        return cls(CacheIndex(cfg.resolved_index_url), BlobStore(cfg.resolved_blob_url),
+                   remote=remote, memory=memory, policy=policy,
+                   disk_budget=cfg.disk_budget_bytes, remote_budget=cfg.remote_budget_bytes)
 
-    def _miss(self) -> None:
-        self._count("misses")
+    def persistent_tiers(self) -> list[tuple[residency.Tier, BlobStore]]:
+        tiers: list[tuple[residency.Tier, BlobStore]] = [("disk", self.blobs)]
+        if self.remote is not None:
+            tiers.append(("remote", self.remote))
+        return tiers
+
+    def _count(self, name: str, tier: str | None = None, field: str = "", n: int = 1) -> None:
+        with self._lock:
+            if name:
+                self.counters[name] += 1
+            if tier:
+                setattr(self.tiers[tier], field, getattr(self.tiers[tier], field) + n)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per-tier counters of this process plus what each tier holds now."""
+        with self._lock:
+            out = {t: asdict(s) for t, s in self.tiers.items()}
+        if self.memory is not None:
+            out["memory"].update(entries=len(self.memory), resident_bytes=self.memory.nbytes)
+        for tier, _ in self.persistent_tiers():
+            try:
+                n, nbytes = residency.tier_bytes(self.index, tier)
+                out[tier].update(entries=n, resident_bytes=nbytes)
+            except Exception as exc:  # noqa: BLE001 - stats are for display
+                log.warning("cannot size tier %s: %s", tier, exc)
+        return out
+
+    # ---- read side ----------------------------------------------------------------------------
 
     def get(self, key: str, *, model_fp: str, layout: str) -> dict[str, torch.Tensor] | None:
         """The stored tensors for ``key``, or ``None`` (a miss). Never raises for storage."""
+        found = self.fetch(key, model_fp=model_fp, layout=layout)
+        return found.tensors if found else None
+
+    def fetch(self, key: str, *, model_fp: str, layout: str) -> Fetched | None:
+        """Like :meth:`get`, also naming the tier that served the entry."""
+        if self.memory is not None:
+            tensors = self.memory.get(key, model_fp=model_fp, layout=layout)
+            if tensors is not None:
+                return self._hit(key, Fetched(tensors, "memory"), 0)
+            self._count("", "memory", "misses")
         try:
             entry = self.index.get_entry(key)
         except Exception as exc:
             log.warning("cache index unavailable for %s, treating as miss: %s", key, exc)
-            self._miss()
-            return None
+            return self._miss()
         if entry is None:
-            self._miss()
-            return None
+            return self._miss()
         if entry.model_fp != model_fp or entry.layout != layout:
             return self._discard(
                 entry, f"foreign entry (model_fp={entry.model_fp!r}, layout={entry.layout!r})"
             )
+        tiers = self.persistent_tiers()
+        for depth, (tier, blobs) in enumerate(tiers):
+            if not (entry.on_disk if tier == "disk" else entry.on_remote):
+                self._count("", tier, "misses")
+                continue
+            read = self._read(entry, tier, blobs)
+            if read is None:
+                continue
+            tensors, data = read
+            for upper, upper_blobs in tiers[:depth]:  # promote to the faster persistent tiers
+                self._write(entry.key, upper, upper_blobs, data, entry.checksum)
+            if self.memory is not None:
+                self.memory.put(key, tensors, model_fp=model_fp, layout=layout,
+                                tokens=entry.n_tokens)
+            return self._hit(key, Fetched(tensors, tier), len(data))
+        return self._miss()
+
+    def _read(self, entry: EntryInfo, tier: residency.Tier,
+              blobs: BlobStore) -> tuple[dict[str, torch.Tensor], bytes] | None:
         try:
-            data = self.blobs.get(entry.blob_name)
+            data = blobs.get(entry.blob_name)
         except (FileNotFoundError, ValueError):
-            return self._discard(entry, f"blob {entry.blob_name!r} missing")
+            return self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing")
         except Exception as exc:
             # Possibly transient (network store, permissions): miss, but keep the entry.
-            log.warning("cannot read blob %s, treating as miss: %s", entry.blob_name, exc)
-            self._miss()
+            log.warning("cannot read %s blob %s, treating as miss: %s", tier, entry.blob_name, exc)
+            self._count("", tier, "misses")
             return None
-        if hashlib.sha256(data).hexdigest() != entry.checksum:
-            return self._discard(entry, f"checksum mismatch ({len(data)} of {entry.nbytes} bytes)")
         try:
-            tensors, meta = decode_kv(data)
+            return open_blob(data, entry), data
         except ValueError as exc:
-            return self._discard(entry, f"undecodable blob: {exc}")
-        expected = {"key": key, "model_fp": model_fp, "layout": layout}
-        wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
-        if wrong:
-            return self._discard(entry, f"blob metadata does not match: {wrong}")
+            return self._drop_copy(entry, tier, blobs, str(exc))
+
+    def _hit(self, key: str, found: Fetched, nbytes: int) -> Fetched:
         try:
-            self.index.record_hits([key])
+            residency.touch(self.index, [key], self.policy, hit=True)
         except Exception as exc:
             log.warning("could not record hit for %s: %s", key, exc)
-        self._count("hits")
-        return tensors
+        self._count("hits", found.tier, "hits")
+        if nbytes:
+            self._count("", found.tier, "bytes_read", nbytes)
+        return found
 
-    def _discard(self, entry: EntryInfo, reason: str) -> None:
-        """Remove a bad entry so the next store of this key replaces it; always a miss."""
-        log.warning("discarding cache entry %s: %s", entry.key, reason)
-        with self._lock:
-            self.counters["corrupt"] += 1
-            self.counters["misses"] += 1
+    def _miss(self) -> None:
+        self._count("misses")
+        return None
+
+    def _drop_copy(self, entry: EntryInfo, tier: residency.Tier, blobs: BlobStore,
+                   reason: str) -> None:
+        """One tier's copy is bad: that tier forgets it (the row goes with its last tier)."""
+        log.warning("discarding %s copy of cache entry %s: %s", tier, entry.key, reason)
+        self._count("corrupt", tier, "corrupt")
+        self._count("", tier, "misses")
         try:
             # Conditional on the checksum we judged, so a good entry stored concurrently by
             # another writer survives; its blob then is not ours to delete either.
-            if self.index.delete_entry(entry.key, checksum=entry.checksum):
-                self.blobs.delete(entry.blob_name)
+            if residency.drop_resident(self.index, entry.key, tier, checksum=entry.checksum):
+                blobs.delete(entry.blob_name)
         except Exception as exc:
             log.warning("could not remove bad cache entry %s: %s", entry.key, exc)
         return None
 
-    def put(
-        self,
-        key: str,
-        tensors: dict[str, torch.Tensor],
-        *,
-        model_fp: str,
-        layout: str,
-        n_tokens: int,
-        extra_meta: dict[str, str] | None = None,
-    ) -> bool:
-        """Store KV for ``key``; returns whether it was stored.
+    def _discard(self, entry: EntryInfo, reason: str) -> None:
+        """Remove a foreign entry from every tier; always a miss."""
+        log.warning("discarding cache entry %s: %s", entry.key, reason)
+        self._count("corrupt")
+        self.memory_discard(entry.key)
+        try:
+            if self.index.delete_entry(entry.key, checksum=entry.checksum):
+                for _, blobs in self.persistent_tiers():
+                    blobs.delete(entry.blob_name)
+        except Exception as exc:
+            log.warning("could not remove bad cache entry %s: %s", entry.key, exc)
+        return self._miss()
+
+    def memory_discard(self, key: str) -> None:
+        if self.memory is not None:
+            self.memory.discard(key)
+
+    def contains(self, keys: list[str]) -> dict[str, bool]:
+        """Presence in memory or the index, for showing hits before loading; a later ``get``
+        may still miss if the blob turns out bad."""
+        in_memory = {k: self.memory is not None and k in self.memory for k in keys}
+        try:
+            indexed = self.index.has_entries(keys)
+        except Exception as exc:
+            log.warning("cache index unavailable, reporting only memory: %s", exc)
+            return in_memory
+        return {k: in_memory[k] or indexed.get(k, False) for k in keys}
+
+    # ---- write side ---------------------------------------------------------------------------
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor], *, model_fp: str, layout: str,
+            n_tokens: int, extra_meta: dict[str, str] | None = None,
+            codec: Int8Codec | None = None) -> bool:
+        """Store KV for ``key`` in every tier (int8-encoded with ``codec``); returns whether the
+        disk tier took it.
 
         Bad arguments raise (they are bugs); storage failures are logged and return False,
         since the caller already has the KV it computed and can answer without the cache.
@@ -131,41 +227,68 @@ class KVStore:
             raise ValueError("no tensors to store")
         meta = dict(extra_meta or {})
         meta.update(key=key, model_fp=model_fp, layout=layout, n_tokens=str(n_tokens))
-        data, checksum = encode_kv(tensors, meta)
+        stored, dtype = tensors, str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        if codec is not None:
+            stored, codec_meta = codec.encode(tensors)
+            meta.update(codec_meta)
+            dtype = codec.tag
+        data, checksum = encode_kv(stored, meta)
         name = blob_name(key)
-        first = next(iter(tensors.values()))
         try:
             self.blobs.put(name, data)
-            self.index.upsert_entry(
-                key,
-                model_fp=model_fp,
-                layout=layout,
-                n_tokens=n_tokens,
-                nbytes=len(data),
-                blob_name=name,
-                checksum=checksum,
-                dtype=str(first.dtype).removeprefix("torch."),
-            )
+            self.index.upsert_entry(key, model_fp=model_fp, layout=layout, n_tokens=n_tokens,
+                                    nbytes=len(data), blob_name=name, checksum=checksum,
+                                    dtype=dtype)
         except Exception as exc:
             log.warning("could not store KV for %s: %s", key, exc)
             self._count("put_errors")
             return False
-        self._count("puts")
+        self._count("puts", "disk", "bytes_written", len(data))
+        if self.remote is not None:
+            self._write(key, "remote", self.remote, data, checksum)
+        try:
+            residency.touch(self.index, [key], self.policy, hit=False)
+        except Exception as exc:
+            log.warning("could not score %s for eviction: %s", key, exc)
+        if self.memory is not None:
+            # What a later read would decode, so a memory hit equals a disk hit bit for bit.
+            held = codec.roundtrip(tensors) if codec is not None else tensors
+            self.memory.put(key, held, model_fp=model_fp, layout=layout, tokens=n_tokens)
+        self.apply_budgets()
         return True
 
-    def contains(self, keys: list[str]) -> dict[str, bool]:
-        """Index-only presence, for showing hits before loading; a later ``get`` may still
-        miss if the blob turns out bad."""
+    def _write(self, key: str, tier: residency.Tier, blobs: BlobStore, data: bytes,
+               checksum: str) -> None:
+        """Copy a blob into one more tier (write-through or promotion); best effort."""
         try:
-            return self.index.has_entries(keys)
+            blobs.put(blob_name(key), data)
+            if residency.set_resident(self.index, key, tier, checksum):
+                self._count("", tier, "bytes_written", len(data))
         except Exception as exc:
-            log.warning("cache index unavailable, reporting all as absent: %s", exc)
-            return dict.fromkeys(keys, False)
+            log.warning("could not write %s to the %s tier: %s", key, tier, exc)
+
+    def apply_budgets(self) -> list[EvictionReport]:
+        """Evict from every persistent tier over its byte budget; never raises."""
+        reports = []
+        for tier, blobs in self.persistent_tiers():
+            if self.budgets.get(tier) is None:
+                continue
+            try:
+                report = enforce_budget(self.index, blobs, tier, self.budgets[tier])
+            except Exception as exc:
+                log.warning("could not apply the %s budget: %s", tier, exc)
+                continue
+            self._count("", tier, "evictions", report.evicted)
+            self._count("", tier, "evicted_bytes", report.evicted_bytes)
+            reports.append(report)
+        return reports
 
     def delete(self, key: str) -> None:
-        """Forget one entry (row first, so no reader finds a row without its blob)."""
+        """Forget one entry everywhere (row first, so no reader finds a row without its blob)."""
+        self.memory_discard(key)
         entry = self.index.get_entry(key)
         if entry is None:
             return
         self.index.delete_entry(key)
-        self.blobs.delete(entry.blob_name)
+        for _, blobs in self.persistent_tiers():
+            blobs.delete(entry.blob_name)

@@ -19,13 +19,15 @@ if TYPE_CHECKING:
     from ragkv.cache_index import CacheIndex
     from ragkv.trace import QueryTrace
 
-#: The storage tier every entry lives in today. Entries that carry a ``tier`` attribute (memory
-#: and remote tiers, a later addition) are reported under their own tier without UI changes.
+#: The persistent tier an entry is reported under when it is on local disk.
 DEFAULT_TIER = "disk"
 
 
 def tier_of(entry: Any) -> str:
-    return getattr(entry, "tier", None) or DEFAULT_TIER
+    """The fastest persistent tier an index entry is in (the memory tier is per process)."""
+    if getattr(entry, "on_disk", True):
+        return DEFAULT_TIER
+    return "remote" if getattr(entry, "on_remote", False) else "-"
 
 
 def hit_label(hit: bool | None) -> str:
@@ -40,7 +42,8 @@ def chunk_table(index: CacheIndex, trace: QueryTrace) -> pd.DataFrame:
         rows.append({
             "document": c.document or "-",
             "cache": hit_label(c.hit),
-            "tier": tier_of(entry) if entry is not None else "-",
+            # The tier that served this answer's hit; else where the entry lives now.
+            "tier": c.tier or (tier_of(entry) if entry is not None else "-"),
             "tokens": c.n_tokens,
             "recomputed": c.recomputed,
             "key": c.key[:12],
@@ -67,11 +70,17 @@ def queries_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def size_by_tier(index: CacheIndex) -> pd.DataFrame:
+    """Entries and MiB per persistent tier (an entry in both counts in both); the memory tier
+    is per process and reported by ``KVStore.stats``."""
+    rows = []
     with Session(index.engine) as s:
-        total = s.scalar(select(func.coalesce(func.sum(KVEntry.nbytes), 0))) or 0
-        n = s.scalar(select(func.count(KVEntry.key))) or 0
-    # One tier today; a per-tier GROUP BY replaces this once entries record their tier.
-    return pd.DataFrame([{"tier": DEFAULT_TIER, "entries": int(n), "MiB": int(total) / 2**20}])
+        for tier, flag in (("disk", KVEntry.on_disk), ("remote", KVEntry.on_remote)):
+            n, total = s.execute(select(func.count(KVEntry.key),
+                                        func.coalesce(func.sum(KVEntry.nbytes), 0))
+                                 .where(flag.is_(True))).one()
+            if tier == DEFAULT_TIER or n:
+                rows.append({"tier": tier, "entries": int(n), "MiB": int(total) / 2**20})
+    return pd.DataFrame(rows)
 
 
 def size_by_document(index: CacheIndex) -> pd.DataFrame:

@@ -1,0 +1,52 @@
+"""Byte budgets of the persistent tiers: evict lowest-priority entries until a tier fits.
+
+Runs after every write (so a budget holds while queries run) and from ``ragkv cache gc``.
+The row stops naming the tier before the blob is deleted (see :mod:`.residency`), so a reader
+never trusts a row whose blob is going away; one that already read the row and then finds no
+blob takes a miss, which is always safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ragkv.cache_index import residency
+from ragkv.cache_index.blobs import BlobStore
+from ragkv.cache_index.index import CacheIndex
+
+_MAX_ROUNDS = 1000
+
+
+@dataclass
+class EvictionReport:
+    tier: str
+    budget: int | None
+    bytes_before: int
+    bytes_after: int
+    evicted: int = 0
+    evicted_bytes: int = 0
+
+
+def enforce_budget(index: CacheIndex, blobs: BlobStore, tier: residency.Tier,
+                   budget: int | None, batch: int = 256) -> EvictionReport:
+    _, total = residency.tier_bytes(index, tier)
+    report = EvictionReport(tier, budget, total, total)
+    if budget is None or total <= budget:
+        return report
+    for _ in range(_MAX_ROUNDS):
+        progressed = False
+        for entry in residency.eviction_candidates(index, tier, batch):
+            if total <= budget:
+                break
+            # Conditional on the checksum we ranked: an entry rewritten meanwhile stays.
+            if residency.drop_resident(index, entry.key, tier, checksum=entry.checksum,
+                                       evicted_priority=entry.priority):
+                blobs.delete(entry.blob_name)
+                total -= entry.nbytes
+                report.evicted += 1
+                report.evicted_bytes += entry.nbytes
+                progressed = True
+        if total <= budget or not progressed:
+            break
+    report.bytes_after = total
+    return report

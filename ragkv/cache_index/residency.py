@@ -1,0 +1,148 @@
+"""Where each entry lives (disk, remote) and in which order it leaves: the index side of tiers.
+
+Rows are the truth about persistent tiers. The order of operations keeps them honest:
+a blob is written before its row says it is there, and a row stops saying so before the blob
+is deleted. A crash in between leaves at worst an orphan blob (no row points at it), which
+``verify`` removes; never a row pointing at a blob that was never complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from ragkv.cache_index.index import CacheIndex, _batches
+from ragkv.cache_index.models import EntryInfo, EvictionClock, KVEntry, to_info, utcnow
+from ragkv.cache_index.policy import EvictionPolicy
+
+Tier = Literal["disk", "remote"]
+_FLAG = {"disk": KVEntry.on_disk, "remote": KVEntry.on_remote}
+
+
+def _flag(tier: str) -> Any:
+    try:
+        return _FLAG[tier]
+    except KeyError:
+        raise ValueError(f"not a persistent tier: {tier!r}") from None
+
+
+def read_clock(s: Session) -> float:
+    return float(s.scalar(select(EvictionClock.value).where(EvictionClock.id == 1)) or 0.0)
+
+
+def clock(index: CacheIndex) -> float:
+    with index._tx() as s:
+        return read_clock(s)
+
+
+def _raise_clock(s: Session, value: float) -> None:
+    row = s.get(EvictionClock, 1)
+    if row is None:
+        s.add(EvictionClock(id=1, value=value))
+    elif value > row.value:
+        row.value = value
+
+
+def touch(index: CacheIndex, keys: list[str], policy: EvictionPolicy, *, hit: bool) -> None:
+    """After reads (``hit``) or writes: bump hits if a hit, stamp the access, re-score."""
+    if not keys:
+        return
+    now, ts = utcnow(), time.time()
+    by_count: dict[int, list[str]] = {}
+    for key, n in Counter(keys).items():
+        by_count.setdefault(n if hit else 0, []).append(key)
+    with index._tx() as s:
+        c = read_clock(s)
+        for n, group in by_count.items():
+            # SET expressions see the row before the update: both use the old hit count.
+            hits = KVEntry.hits + n
+            prio = policy.priority(hits=hits, tokens=KVEntry.n_tokens, nbytes=KVEntry.nbytes,
+                                   now=ts, clock=c)
+            for batch in _batches(group):
+                s.execute(update(KVEntry).where(KVEntry.key.in_(batch))
+                          .values(hits=hits, last_access_at=now, priority=prio))
+
+
+def set_resident(index: CacheIndex, key: str, tier: Tier, checksum: str) -> bool:
+    """Record that ``tier`` holds the blob with ``checksum`` (after it was written there)."""
+    with index._tx() as s:
+        res = s.execute(update(KVEntry).where(KVEntry.key == key, KVEntry.checksum == checksum)
+                        .values({_flag(tier).key: True}))
+        return bool(res.rowcount)
+
+
+def drop_resident(index: CacheIndex, key: str, tier: Tier, *, checksum: str | None = None,
+                  evicted_priority: float | None = None) -> bool:
+    """``tier`` no longer holds the blob; the row goes once no tier does. With ``checksum``,
+    only if the row still describes that blob (a concurrent writer's new entry survives).
+    ``evicted_priority`` advances the eviction clock. Returns whether the row changed."""
+    flag = _flag(tier)
+    cond = [KVEntry.key == key, flag.is_(True)]
+    if checksum is not None:
+        cond.append(KVEntry.checksum == checksum)
+    with index._tx() as s:
+        res = s.execute(update(KVEntry).where(*cond).values({flag.key: False}))
+        if not res.rowcount:
+            return False
+        s.execute(delete(KVEntry).where(KVEntry.key == key, KVEntry.on_disk.is_(False),
+                                        KVEntry.on_remote.is_(False)))
+        if evicted_priority is not None:
+            _raise_clock(s, evicted_priority)
+        return True
+
+
+def tier_bytes(index: CacheIndex, tier: Tier) -> tuple[int, int]:
+    """(entries, bytes) the index says ``tier`` holds."""
+    with index._tx() as s:
+        n, total = s.execute(select(func.count(KVEntry.key),
+                                    func.coalesce(func.sum(KVEntry.nbytes), 0))
+                             .where(_flag(tier).is_(True))).one()
+        return int(n), int(total)
+
+
+def eviction_candidates(index: CacheIndex, tier: Tier, limit: int = 256) -> list[EntryInfo]:
+    """Entries of ``tier``, lowest priority first (ties: least recently used, then key)."""
+    q = (select(KVEntry).where(_flag(tier).is_(True))
+         .order_by(KVEntry.priority, KVEntry.last_access_at, KVEntry.key).limit(limit))
+    with index._tx() as s:
+        return [to_info(EntryInfo, row) for row in s.scalars(q)]
+
+
+def iter_entries(index: CacheIndex, batch: int = 500) -> Iterator[list[EntryInfo]]:
+    """Every entry, in key order, one short transaction per batch (keyset pagination, so
+    rows deleted while scanning cannot shift a page)."""
+    after = ""
+    while True:
+        with index._tx() as s:
+            rows = [to_info(EntryInfo, r) for r in s.scalars(
+                select(KVEntry).where(KVEntry.key > after).order_by(KVEntry.key).limit(batch))]
+        if not rows:
+            return
+        yield rows
+        after = rows[-1].key
+
+
+def bulk_insert_entries(index: CacheIndex, rows: list[dict[str, Any]], chunk: int = 5000) -> None:
+    """Insert many entry rows in few statements (benchmarks, imports); columns not given take
+    their defaults. Fails on an existing key: this is for filling, not merging."""
+    now = utcnow()
+    defaults = dict(created_at=now, last_access_at=now, hits=0, priority=0.0, on_disk=True,
+                    on_remote=False)
+    for start in range(0, len(rows), chunk):
+        with index._tx() as s:
+            s.execute(insert(KVEntry), [{**defaults, **r} for r in rows[start:start + chunk]])
+
+
+def lookup_entries(index: CacheIndex, keys: list[str]) -> dict[str, EntryInfo]:
+    """Full rows for many keys in one query per 500 keys."""
+    out: dict[str, EntryInfo] = {}
+    with index._tx() as s:
+        for b in _batches(list(dict.fromkeys(keys))):
+            for row in s.scalars(select(KVEntry).where(KVEntry.key.in_(b))):
+                out[row.key] = to_info(EntryInfo, row)
+    return out

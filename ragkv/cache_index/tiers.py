@@ -1,0 +1,38 @@
+"""The tier vocabulary shared by the store, the trace and the UI: names, counters, blob names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+TierName = Literal["memory", "disk", "remote"]
+#: Fastest first: the order a read walks them in.
+TIERS: tuple[TierName, ...] = ("memory", "disk", "remote")
+
+
+def blob_name(key: str) -> str:
+    """Two-character fan-out keeps any one folder from holding every blob."""
+    return f"{key[:2]}/{key}.safetensors"
+
+
+@dataclass
+class TierStats:
+    """Counted by one process's :class:`~.store.KVStore`, per tier."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    corrupt: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+
+
+@dataclass
+class Fetched:
+    """A read that hit: the decoded tensors and the tier that served them."""
+
+    tensors: dict[str, torch.Tensor]
+    tier: TierName
