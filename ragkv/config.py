@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
@@ -58,7 +58,11 @@ class RagkvConfig:
     home: folder for the default model, the SQLite index and the blob store.
     model: local transformers model directory; ``None`` means the embedded default (SmolLM2).
     index_url: SQLAlchemy URL of the cache index (default: SQLite in ``home``).
-    blob_url: fsspec URL or folder for KV blobs (default: ``home/blobs``).
+    blob_url: fsspec URL or folder for KV blobs (default: ``home/blobs``); ``s3://bucket/prefix``
+        and ``redis://host:port/db[/prefix]`` let several nodes share one cache.
+    blob_options: fsspec storage options for ``blob_url`` (e.g. ``{"endpoint_url": ...}`` for
+        an S3-compatible server, or Redis client timeouts); S3 also reads the standard AWS
+        settings (``AWS_ENDPOINT_URL``, credentials files) on its own.
     chunk_tokens: target chunk size in tokens.
     precompute_context: ``cold`` (each chunk prefilled alone) or ``prefix`` (after the shared
         template prefix / system prompt).
@@ -69,6 +73,7 @@ class RagkvConfig:
     disk_budget_bytes / remote_budget_bytes: byte budgets of the local blob store and the
         remote one (None: unlimited); enforced after every write and by ``ragkv cache gc``.
     remote_blob_url: optional fsspec URL of a remote blob tier below the local disk.
+    remote_blob_options: fsspec storage options for ``remote_blob_url``.
     eviction_policy: ``pgdsf`` (frequency x recompute cost / size, with aging) or ``lru``.
     device / dtype: where and in which precision the model runs.
     """
@@ -77,6 +82,7 @@ class RagkvConfig:
     model: Path | None = None
     index_url: str | None = None
     blob_url: str | None = None
+    blob_options: dict[str, Any] = field(default_factory=dict)
     chunk_tokens: int = 512
     precompute_context: PrecomputeContext = "prefix"
     kv_dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float16"
@@ -85,6 +91,7 @@ class RagkvConfig:
     memory_budget_bytes: int | None = 512 * 2**20
     disk_budget_bytes: int | None = None
     remote_blob_url: str | None = None
+    remote_blob_options: dict[str, Any] = field(default_factory=dict)
     remote_budget_bytes: int | None = None
     eviction_policy: Literal["pgdsf", "lru"] = "pgdsf"
     device: str = "auto"

@@ -1,4 +1,6 @@
-"""Shared fixtures of the cache-index tests: real SQLite files and a real blob folder."""
+"""Shared fixtures of the cache-index tests: real SQLite files and a real blob folder, or, under
+``make test-services``, a fresh PostgreSQL database and a fresh Redis or S3 prefix per test
+(see ``services_cases``): the same tests, whatever the backends."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from services_cases import BLOB_URL, INDEX_URL, fresh_blobs, fresh_database
 
 from ragkv.cache_index import (
     BlobStore,
@@ -34,14 +37,24 @@ def _kv(dtype: torch.dtype = torch.float16, n_tokens: int = 5) -> dict[str, torc
 
 @pytest.fixture
 def index(tmp_path: Path) -> Iterator[CacheIndex]:
+    if INDEX_URL:
+        with fresh_database(INDEX_URL) as url:
+            idx = CacheIndex(url)
+            yield idx
+            idx.close()
+        return
     idx = CacheIndex(f"sqlite:///{tmp_path / 'db' / 'index.sqlite'}")
     yield idx
     idx.close()
 
 
 @pytest.fixture
-def blobs(tmp_path: Path) -> BlobStore:
-    return BlobStore(str(tmp_path / "blobs"))
+def blobs(tmp_path: Path) -> Iterator[BlobStore]:
+    if BLOB_URL:
+        with fresh_blobs(BLOB_URL) as store:
+            yield store
+        return
+    yield BlobStore(str(tmp_path / "blobs"))
 
 
 @pytest.fixture
@@ -55,5 +68,19 @@ def _put(store: KVStore, key: str, dtype: torch.dtype = torch.float16) -> dict[s
     return kv
 
 
-def _blob_path(blobs: BlobStore, key: str) -> Path:
-    return Path(blobs.root) / blob_name(key)
+def _blob_path(blobs: BlobStore, key: str) -> str:
+    """The blob's path inside ``blobs.fs`` (a file, a Redis key or an S3 object)."""
+    return f"{blobs.root.rstrip('/')}/{blob_name(key)}"
+
+
+def _raw(blobs: BlobStore, key: str) -> bytes:
+    return bytes(blobs.fs.cat_file(_blob_path(blobs, key)))
+
+
+def _overwrite(blobs: BlobStore, key: str, data: bytes) -> None:
+    """Replace the stored bytes behind BlobStore's back, as damage on any backend would."""
+    blobs.fs.pipe_file(_blob_path(blobs, key), data)
+
+
+def _on_store(blobs: BlobStore, key: str) -> bool:
+    return blobs.exists(blob_name(key))

@@ -11,10 +11,12 @@ import torch
 from cache_cases import (  # noqa: F401 - fixtures are used by name
     FP,
     LAYOUT,
-    _blob_path,
     _key,
     _kv,
+    _on_store,
+    _overwrite,
     _put,
+    _raw,
     blobs,
     index,
     store,
@@ -31,39 +33,38 @@ from ragkv.cache_index import (
 # -- bad entries are misses ------------------------------------------------------------------
 
 
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+def _truncate(blobs: BlobStore, key: str) -> None:
+    data = _raw(blobs, key)
+    _overwrite(blobs, key, data[: len(data) // 2])
 
 
-def _flip(path: Path) -> None:
-    data = bytearray(path.read_bytes())
+def _flip(blobs: BlobStore, key: str) -> None:
+    data = bytearray(_raw(blobs, key))
     data[-10] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _overwrite(blobs, key, bytes(data))
 
 
-def _flip_header(path: Path) -> None:
-    data = bytearray(path.read_bytes())
+def _flip_header(blobs: BlobStore, key: str) -> None:
+    data = bytearray(_raw(blobs, key))
     data[3] ^= 0xFF  # the header length: undecodable, not merely wrong numbers
-    path.write_bytes(bytes(data))
+    _overwrite(blobs, key, bytes(data))
 
 
-def _remove(path: Path) -> None:
-    path.unlink()
+def _remove(blobs: BlobStore, key: str) -> None:
+    blobs.fs.rm_file(f"{blobs.root.rstrip('/')}/{blob_name(key)}")
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip, _flip_header, _remove])
 def test_damaged_blob_is_a_miss_and_is_removed(
-    store: KVStore, damage: Callable[[Path], None], caplog: pytest.LogCaptureFixture
+    store: KVStore, damage: Callable[[BlobStore, str], None], caplog: pytest.LogCaptureFixture
 ) -> None:
     _put(store, _key(7))
-    path = _blob_path(store.blobs, _key(7))
-    damage(path)
+    damage(store.blobs, _key(7))
     with caplog.at_level(logging.WARNING, logger="ragkv.cache"):
         assert store.get(_key(7), model_fp=FP, layout=LAYOUT) is None
     assert any(r.name == "ragkv.cache" for r in caplog.records)
     assert store.index.get_entry(_key(7)) is None
-    assert not path.exists()
+    assert not _on_store(store.blobs, _key(7))
     assert store.counters["corrupt"] == 1 and store.counters["misses"] == 1
     kv = _put(store, _key(7))
     got = store.get(_key(7), model_fp=FP, layout=LAYOUT)
@@ -75,8 +76,7 @@ def test_foreign_blob_metadata_is_a_miss(store: KVStore) -> None:
     # only the embedded metadata can tell.
     _put(store, _key(1))
     _put(store, _key(2))
-    src, dst = _blob_path(store.blobs, _key(1)), _blob_path(store.blobs, _key(2))
-    dst.write_bytes(src.read_bytes())
+    _overwrite(store.blobs, _key(2), _raw(store.blobs, _key(1)))
     e1 = store.index.get_entry(_key(1))
     assert e1 is not None
     store.index.upsert_entry(
@@ -90,7 +90,7 @@ def test_foreign_blob_metadata_is_a_miss(store: KVStore) -> None:
         dtype=e1.dtype,
     )
     assert store.get(_key(2), model_fp=FP, layout=LAYOUT) is None
-    assert store.index.get_entry(_key(2)) is None and not dst.exists()
+    assert store.index.get_entry(_key(2)) is None and not _on_store(store.blobs, _key(2))
     assert store.get(_key(1), model_fp=FP, layout=LAYOUT) is not None
     _put(store, _key(2))
     assert store.get(_key(2), model_fp=FP, layout=LAYOUT) is not None
@@ -102,7 +102,7 @@ def test_model_or_layout_mismatch_is_a_miss(store: KVStore, field: str) -> None:
     expected = {"model_fp": FP, "layout": LAYOUT, field: "something-else"}
     assert store.get(_key(4), **expected) is None
     assert store.index.get_entry(_key(4)) is None
-    assert not _blob_path(store.blobs, _key(4)).exists()
+    assert not _on_store(store.blobs, _key(4))
     assert store.put(_key(4), _kv(), n_tokens=5, **expected)
     assert store.get(_key(4), **expected) is not None
 

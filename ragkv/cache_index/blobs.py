@@ -1,8 +1,9 @@
 """Blob storage for KV tensors and their safetensors encoding.
 
-Blobs go through fsspec so the store can be a local folder today and an object store later
-without touching callers. safetensors is used because loading it cannot execute code (unlike
-pickle) and its header is plain JSON we can validate before trusting any offsets.
+Blobs go through fsspec so the store can be a local folder, S3 (``s3fs``) or Redis
+(:mod:`.redisfs`) by URL alone, without touching callers. safetensors is used because loading
+it cannot execute code (unlike pickle) and its header is plain JSON we can validate before
+trusting any offsets.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import struct
 import uuid
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import torch
@@ -22,7 +25,22 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+log = logging.getLogger("ragkv.cache")
+
 _TMP_PREFIX = ".tmp-"
+# Stores where one whole-object write is already atomic (a reader sees the old object or the
+# new one): writing there directly saves the temp copy and a non-atomic copy-then-delete "mv".
+_ATOMIC_PUT_PROTOCOLS = {"redis", "rediss", "s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
+
+# The Redis backend is ours (fsspec has none); registered by name so it is imported, with its
+# redis client, only when a redis:// URL is used.
+for _proto in ("redis", "rediss"):
+    with contextlib.suppress(ValueError):  # someone else's registration wins
+        fsspec.register_implementation(
+            _proto,
+            "ragkv.cache_index.redisfs.RedisFileSystem",
+            errtxt="Redis blob URLs need the redis client: pip install 'ragkv[redis]'",
+        )
 _SAFETENSORS_ITEMSIZE = {
     "BOOL": 1,
     "U8": 1,
@@ -45,18 +63,31 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 class BlobStore:
-    """Named byte blobs under one root, written atomically."""
+    """Named byte blobs under one root, written atomically.
 
-    def __init__(self, url: str) -> None:
+    ``options`` are fsspec storage options (an S3 endpoint and credentials, Redis timeouts).
+    """
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
         self.url = url
         if "://" in url:
-            self.fs, root = fsspec.core.url_to_fs(url)
+            self.fs, root = fsspec.core.url_to_fs(url, **(options or {}))
         else:
             self.fs = LocalFileSystem()
             root = str(Path(url).expanduser().resolve())
         self.root = root.rstrip("/") or "/"
         self._local = isinstance(self.fs, LocalFileSystem)
-        self.fs.makedirs(self.root, exist_ok=True)
+        protocols = self.fs.protocol
+        protocols = {protocols} if isinstance(protocols, str) else set(protocols)
+        self._atomic_put = bool(protocols & _ATOMIC_PUT_PROTOCOLS)
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+        except Exception as exc:
+            if self._local:
+                raise
+            # A remote store that is down now may be back for the next put; until then every
+            # read is a miss, which KVStore already handles.
+            log.warning("blob store %s unreachable at start: %s", url, exc)
 
     def _path(self, name: str) -> str:
         norm = posixpath.normpath(name)
@@ -64,12 +95,15 @@ class BlobStore:
         # of someone else's file, so refuse it outright.
         if not name or norm.startswith(("/", "..")) or norm == "." or "\\" in name:
             raise ValueError(f"invalid blob name: {name!r}")
-        return f"{self.root}/{norm}"
+        return f"{self.root.rstrip('/')}/{norm}"
 
     def put(self, name: str, data: bytes) -> None:
         """Write to a temp name beside the target, then rename: readers see all or nothing."""
         path = self._path(name)
         parent, base = posixpath.split(path)
+        if self._atomic_put:
+            self.fs.pipe_file(path, bytes(data))
+            return
         tmp = f"{parent}/{_TMP_PREFIX}{base}.{uuid.uuid4().hex}"
         self.fs.makedirs(parent, exist_ok=True)
         try:
@@ -95,7 +129,13 @@ class BlobStore:
         except IsADirectoryError as exc:
             raise FileNotFoundError(path) from exc
 
+    def _fresh(self) -> None:
+        # Remote filesystems cache listings; another node's writes must be seen.
+        if not self._local:
+            self.fs.invalidate_cache()
+
     def exists(self, name: str) -> bool:
+        self._fresh()
         return bool(self.fs.isfile(self._path(name)))
 
     def delete(self, name: str) -> None:
@@ -104,6 +144,7 @@ class BlobStore:
 
     def names(self) -> list[str]:
         """All blob names (relative, ``/``-separated), temp files of in-flight puts excluded."""
+        self._fresh()
         if not self.fs.exists(self.root):
             return []
         out = []
@@ -114,6 +155,7 @@ class BlobStore:
         return sorted(out)
 
     def total_bytes(self) -> int:
+        self._fresh()
         if not self.fs.exists(self.root):
             return 0
         found = self.fs.find(self.root, detail=True)

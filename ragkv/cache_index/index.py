@@ -3,6 +3,9 @@
 It holds only small rows; the KV tensors themselves live in a :class:`~.blobs.BlobStore`.
 Several processes (the CLI ingesting, the UI answering) may share one SQLite file, hence WAL
 (readers never block the writer) and a busy timeout (a second writer waits instead of failing).
+Several nodes share one PostgreSQL database the same way (``postgresql+psycopg://...``); the
+code stays portable SQL, and races between writers end in a unique-key conflict that the loser
+treats as "already there". The schema is kept current by Alembic (:mod:`.migrate`) on open.
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from ragkv.cache_index.migrate import upgrade
 from ragkv.cache_index.models import (
     QUERY_FIELDS,
     SCHEMA_VERSION,
-    Base,
     Chunk,
     ChunkInfo,
     ChunkRecord,
@@ -50,7 +53,12 @@ def _batches(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except ImportError as exc:  # the driver is an optional extra
+            extra = "postgres" if parsed.get_backend_name() == "postgresql" else None
+            hint = f"pip install 'ragkv[{extra}]'" if extra else "install its database driver"
+            raise ImportError(f"index URL {parsed.drivername}:// needs {hint}: {exc}") from exc
     database = parsed.database or ""
     in_memory = database in ("", ":memory:") or "mode=memory" in database
     if in_memory:
@@ -95,21 +103,16 @@ class CacheIndex:
         self._create_schema()
 
     def _create_schema(self) -> None:
-        # Two processes opening a fresh file at once can race on CREATE TABLE; the loser simply
-        # finds the tables there on the second try.
-        for attempt in range(2):
-            try:
-                Base.metadata.create_all(self.engine)
-                break
-            except OperationalError:
-                if attempt:
-                    raise
+        upgrade(self.engine)
         try:
             with self._tx() as s:
-                if s.get(SchemaVersion, 1) is None:
+                row = s.get(SchemaVersion, 1)
+                if row is None:
                     s.add(SchemaVersion(id=1, version=SCHEMA_VERSION, created_at=utcnow()))
+                elif row.version < SCHEMA_VERSION:  # migrated just now
+                    row.version = SCHEMA_VERSION
         except IntegrityError:
-            pass
+            pass  # a concurrent opener wrote the row first
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:

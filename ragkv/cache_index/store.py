@@ -62,8 +62,10 @@ class KVStore:
         policy = make_policy(cfg.eviction_policy)
         memory = None if cfg.memory_budget_bytes == 0 else MemoryTier(cfg.memory_budget_bytes,
                                                                        policy)
-        remote = BlobStore(cfg.remote_blob_url) if cfg.remote_blob_url else None
-        return cls(CacheIndex(cfg.resolved_index_url), BlobStore(cfg.resolved_blob_url),
+        remote = (BlobStore(cfg.remote_blob_url, cfg.remote_blob_options)
+                  if cfg.remote_blob_url else None)
+        return cls(CacheIndex(cfg.resolved_index_url),
+                   BlobStore(cfg.resolved_blob_url, cfg.blob_options),
                    remote=remote, memory=memory, policy=policy,
                    disk_budget=cfg.disk_budget_bytes, remote_budget=cfg.remote_budget_bytes)
 
