@@ -1,4 +1,4 @@
-"""Command line: ``ragkv ingest | ask | demo | bench | cache stats``."""
+"""Command line: ``ragkv ingest | ask | demo | bench | cache stats | cache verify | cache gc``."""
 
 from __future__ import annotations
 
@@ -38,11 +38,15 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=console, transient=False)
 
 
-def _rag(home: Path, model: Path | None, context: str = "prefix", **blend):
+def _rag(home: Path, model: Path | None, context: str = "prefix", kv_dtype: str = "float16",
+         **blend):
     from ragkv.api import RagKV
 
-    cfg = RagkvConfig(home=home, model=model, precompute_context=context,  # type: ignore[arg-type]
-                      blend=BlendConfig(**blend))
+    try:
+        cfg = RagkvConfig(home=home, model=model, precompute_context=context,  # type: ignore[arg-type]
+                          kv_dtype=kv_dtype, blend=BlendConfig(**blend))  # type: ignore[arg-type]
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         with console.status("loading model and cache index"):
             return RagKV(cfg)
@@ -147,6 +151,9 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           policies: str = "qhkvd", contexts: str = "prefix", check_layers: str = "1",
           deviation_on: str = "k", max_new_tokens: int = 32, limit: int | None = None,
           long_context: Annotated[int, typer.Option(help="also time one prompt of N tokens")] = 0,
+          kv_dtype: Annotated[str, typer.Option(
+              help="stored KV dtype: float16, bfloat16, float32 or int8 (run once per dtype "
+                   "to compare fidelity)")] = "float16",
           out: Path | None = None, home: Home = default_home(), model: Model = None) -> None:
     """TTFT and fidelity of each mode against full prefill on a case file."""
     from ragkv.bench import BenchSpec, load_cases, run_bench
@@ -159,7 +166,7 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    rag = _rag(home, model)
+    rag = _rag(home, model, kv_dtype=kv_dtype)
     with _progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -169,6 +176,7 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
             bar.update(tasks[stage], completed=done)
 
         result = run_bench(rag.engine, home, data, spec, progress, base=rag.config)
+    result["kv_dtype"] = rag.config.kv_storage
     if long_context:
         from ragkv.bench import long_context as run_long
 
@@ -222,6 +230,59 @@ def cache_stats(home: Home = default_home()) -> None:
     t = Table("what", "value")
     for key, value in s.items():
         t.add_row(key, str(value))
+    console.print(t)
+
+
+def _store(home: Path, disk_budget_mb: float | None = None,
+           remote_budget_mb: float | None = None, remote_url: str | None = None):
+    from ragkv.cache_index import KVStore
+
+    def _bytes(mb: float | None) -> int | None:
+        return None if mb is None else int(mb * 2**20)
+
+    cfg = RagkvConfig(home=home, remote_blob_url=remote_url, memory_budget_bytes=0,
+                      disk_budget_bytes=_bytes(disk_budget_mb),
+                      remote_budget_bytes=_bytes(remote_budget_mb))
+    return KVStore.from_config(cfg)
+
+
+Remote = Annotated[str | None, typer.Option(help="fsspec URL of the remote blob tier, if any")]
+
+
+@cache_app.command("verify")
+def cache_verify(home: Home = default_home(), remote: Remote = None,
+                 repair: Annotated[bool, typer.Option(help="delete what fails")] = True,
+                 grace_s: Annotated[float, typer.Option(
+                     help="leave orphan blobs younger than this (puts in flight)")] = 300.0,
+                 ) -> None:
+    """Read every stored blob: checksum, framing, metadata; remove bad entries and orphans."""
+    from ragkv.cache_index import verify
+
+    report = verify(_store(home, remote_url=remote), repair=repair, orphan_grace_s=grace_s)
+    for key, tier, reason in report.bad[:50]:
+        console.print(f"[red]bad[/red] {tier} {key[:16]}: {reason}")
+    for tier, name in report.orphans[:50]:
+        console.print(f"[yellow]orphan[/yellow] {tier} {name}")
+    verb = "removed" if repair else "found"
+    console.print(f"{report.entries} entries, {report.blobs_checked} blobs read; {verb} "
+                  f"{len(report.bad)} bad, {len(report.orphans)} orphan blobs")
+    if report.bad or report.orphans:
+        raise typer.Exit(0 if repair else 1)
+
+
+@cache_app.command("gc")
+def cache_gc(home: Home = default_home(), remote: Remote = None,
+             disk_budget_mb: Annotated[float | None, typer.Option(help="local disk budget")] = None,
+             remote_budget_mb: Annotated[float | None, typer.Option(help="remote budget")] = None,
+             ) -> None:
+    """Evict lowest-priority entries until each tier fits its budget."""
+    store = _store(home, disk_budget_mb, remote_budget_mb, remote)
+    if disk_budget_mb is None and remote_budget_mb is None:
+        _fail("give --disk-budget-mb and/or --remote-budget-mb")
+    t = Table("tier", "budget MiB", "before MiB", "after MiB", "evicted")
+    for r in store.apply_budgets():
+        t.add_row(r.tier, f"{(r.budget or 0) / 2**20:.1f}", f"{r.bytes_before / 2**20:.1f}",
+                  f"{r.bytes_after / 2**20:.1f}", str(r.evicted))
     console.print(t)
 
 

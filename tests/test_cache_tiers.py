@@ -1,0 +1,150 @@
+"""Tiers, budgets and eviction against a real SQLite file, a real blob folder and fsspec's
+in-memory filesystem as the remote tier; plus a budget far below the working set under a
+query loop with the tiny model: no failed query, the same answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from api_cases import (  # noqa: F401 - fixtures are used by name
+    MAX_NEW,
+    QUESTION,
+    _one_thread,
+    engine,
+    make_config,
+    seed,
+)
+from storage_cases import FP, LAYOUT, consistent, disk_path, get, key, kv, make_store, put
+
+from ragkv.api import RagKV, RetrievedChunk
+from ragkv.cache_index import LRU, PGDSF, MemoryTier, residency
+
+
+def test_reads_walk_down_and_promote(tmp_path):
+    store = make_store(tmp_path, memory=None, remote=True)
+    want = put(store, 1)
+    entry = store.index.get_entry(key(1))
+    assert entry.on_disk and entry.on_remote and store.remote.get(entry.blob_name)
+    assert get(store, 1).tier == "memory"
+    store.memory.clear()
+    assert get(store, 1).tier == "disk"
+    store.memory.clear()
+    disk_path(store, 1).unlink()  # lost locally, still remote
+    found = get(store, 1)
+    assert found.tier == "remote" and torch.equal(found.tensors["v"], want["v"])
+    assert disk_path(store, 1).is_file() and store.index.get_entry(key(1)).on_disk  # promoted
+    assert get(store, 1).tier == "memory"
+    s = store.stats()
+    assert s["memory"]["hits"] == 2 and s["disk"]["hits"] == 1 and s["remote"]["hits"] == 1
+    assert s["remote"]["bytes_read"] == entry.nbytes and s["disk"]["corrupt"] == 1
+
+
+def test_memory_tier_hands_out_copies(tmp_path):
+    store = make_store(tmp_path, memory=None)
+    want = put(store, 2)
+    got = get(store, 2).tensors
+    got["k"].zero_()  # a caller scribbling on its KV cannot poison the cache
+    assert torch.equal(get(store, 2).tensors["k"], want["k"])
+
+
+def test_memory_tier_budget_by_bytes():
+    tier = MemoryTier(budget=3 * 2 * 2 * 4 * 5 * 8 * 4, policy=LRU())  # three entries
+    for i in range(5):
+        tier.put(key(i), kv(seed=i), model_fp=FP, layout=LAYOUT, tokens=5)
+        tier.get(key(0), model_fp=FP, layout=LAYOUT)  # keep 0 recently used
+    assert len(tier) == 3 and tier.nbytes <= tier.budget and key(0) in tier
+    assert key(4) in tier and tier.evictions == 2
+    assert not tier.put(key(9), kv(n_tokens=100), model_fp=FP, layout=LAYOUT, tokens=100)
+
+
+def test_pgdsf_keeps_frequent_and_costly_lru_keeps_recent():
+    p, lru = PGDSF(), LRU()
+    # Same size: more hits wins. Same hits: more tokens per byte (costlier to recompute) wins.
+    assert p.priority(hits=5, tokens=100, nbytes=1000, now=0, clock=0) > \
+        p.priority(hits=1, tokens=100, nbytes=1000, now=0, clock=0)
+    assert p.priority(hits=1, tokens=100, nbytes=500, now=0, clock=0) > \
+        p.priority(hits=1, tokens=100, nbytes=1000, now=0, clock=0)
+    # Aging: a new entry starts at the clock, above an old one never touched since.
+    assert p.priority(hits=0, tokens=1, nbytes=1000, now=0, clock=0.5) > \
+        p.priority(hits=3, tokens=100, nbytes=1000, now=0, clock=0)
+    assert lru.priority(hits=99, tokens=1, nbytes=1, now=1.0, clock=0) < \
+        lru.priority(hits=0, tokens=1, nbytes=1, now=2.0, clock=0)
+
+
+@pytest.mark.parametrize("policy", ["pgdsf", "lru"])
+def test_disk_budget_evicts_by_policy_and_stays_consistent(tmp_path, policy):
+    store = make_store(tmp_path, policy=policy)
+    put(store, 0)
+    size = store.index.get_entry(key(0)).nbytes
+    store.budgets["disk"] = 4 * size
+    for _ in range(3):
+        assert get(store, 0) is not None  # entry 0 is hot, and touched before the others
+    for i in range(1, 8):
+        put(store, i)
+    n, total = residency.tier_bytes(store.index, "disk")
+    assert total <= 4 * size and n == 4
+    hot_kept = store.index.get_entry(key(0)) is not None
+    assert hot_kept == (policy == "pgdsf")  # LRU forgets it: the others were touched later
+    assert store.index.get_entry(key(7)) is not None
+    assert store.stats()["disk"]["evictions"] == 4
+    consistent(store)
+    if policy == "pgdsf":
+        assert residency.clock(store.index) > 0  # aging advanced
+
+
+def test_disk_eviction_keeps_remote_copy(tmp_path):
+    store = make_store(tmp_path, remote=True)
+    put(store, 1)
+    size = store.index.get_entry(key(1)).nbytes
+    store.budgets["disk"] = size
+    put(store, 2)
+    e1 = store.index.get_entry(key(1))
+    assert e1 is not None and not e1.on_disk and e1.on_remote
+    assert not disk_path(store, 1).exists()
+    assert store.contains([key(1)]) == {key(1): True}
+    assert get(store, 1).tier == "remote"
+    consistent(store)
+    store.budgets["remote"] = 0
+    store.apply_budgets()
+    assert store.index.stats()["kv_entries"] <= 1 and store.remote.names() == []
+
+
+# ---- budgets far below the working set under a query loop ---------------------------------
+
+def _combos(chunks):
+    return [chunks[:3], chunks[1:4], [chunks[3], chunks[0]], chunks[2:5], chunks[:2]]
+
+
+def _answers(rag: RagKV, chunks, rounds: int = 2):
+    out = []
+    for _ in range(rounds):
+        for combo in _combos(chunks):
+            a = rag.generate(combo, QUESTION, mode="blend", max_new_tokens=MAX_NEW,
+                             keep_kv=True, log_query=False)
+            out.append((a.tokens, a.fused.logits, [c.tier for c in a.trace.chunks]))
+    return out
+
+
+@pytest.mark.parametrize("memory", [0, 40_000])
+def test_tiny_budgets_never_fail_or_change_answers(tmp_path, seed, engine, memory):
+    ref_rag = RagKV(make_config(tmp_path / "ref"), engine=engine)
+    base = RagKV(make_config(seed[0]), engine=engine)
+    chunks = [RetrievedChunk(c.token_ids, c.cache_key) for c in base.index.chunks()][:5]
+    base.index.close()
+    assert len(chunks) == 5
+    ref = _answers(ref_rag, chunks)
+    # An entry of this model is ~10-40 kB: a 30 kB disk budget holds about one.
+    rag = RagKV(make_config(tmp_path / "tight", memory_budget_bytes=memory,
+                            disk_budget_bytes=30_000), engine=engine)
+    got = _answers(rag, chunks)
+    for (t_ref, l_ref, _), (t, logits, _) in zip(ref, got, strict=True):
+        assert t == t_ref and torch.equal(logits, l_ref)
+    stats = rag.store.stats()
+    assert stats["disk"]["evictions"] > 0 and stats["disk"]["resident_bytes"] <= 30_000
+    tiers = {t for _, _, ts in got for t in ts}
+    assert None in tiers  # some chunks were evicted and recomputed
+    if memory:
+        assert "memory" in tiers and rag.store.memory.nbytes <= memory
+    consistent(rag.store)
+    ref_rag.index.close()
+    rag.index.close()
