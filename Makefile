@@ -7,7 +7,7 @@ RAGKV_HOME ?= $(HOME)/.cache/ragkv
 CASES ?= ../shared/eval/pydoc_cases.jsonl
 export RAGKV_HOME
 
-.PHONY: install model demo ui test test-slow test-ui-browser bench lint clean
+.PHONY: install model demo ui test test-slow test-ui-browser test-services bench lint clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,7 @@ ui: $(VENV)/.installed model
 	$(VENV)/bin/ragkv ui
 
 test: $(VENV)/.installed model
-	$(PY) -m pytest -q -m "not slow and not browser"
+	$(PY) -m pytest -q -m "not slow and not browser and not services"
 	$(PY) -m ruff check ragkv tests benchmarks examples
 
 test-slow: $(VENV)/.installed model
@@ -39,6 +39,13 @@ test-slow: $(VENV)/.installed model
 test-ui-browser: $(VENV)/.installed model
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m browser tests/test_ui_browser.py
+
+# The cache suites again on a real PostgreSQL index with Redis, then S3, blobs, plus the
+# multi-node tests: scripts/services.sh installs the servers from Debian's packages if missing,
+# starts them on free loopback ports for this run only, and stops them afterwards.
+test-services: $(VENV)/.installed model
+	$(PY) -m pip install -q -e '.[postgres,redis,s3]' 'moto[server]>=5'
+	bash scripts/services.sh test $(PY)
 
 # The published figures: modes x ratios x precompute contexts, then every policy at 0.15.
 bench: $(VENV)/.installed model

@@ -1,0 +1,255 @@
+"""One cache shared by several nodes through real servers (``make test-services``): PostgreSQL
+for the index, Redis or S3 for the blobs. Nodes are separate processes; outages are real (a
+Redis server stopped mid-run, a database dropped, a closed port) and must only ever be misses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from services_cases import (
+    PG_URL,
+    REDIS_URL,
+    S3_ENDPOINT,
+    blob_options,
+    free_port,
+    fresh_blobs,
+    fresh_database,
+    needs_pg,
+    needs_redis,
+    needs_s3,
+)
+from sqlalchemy import create_engine, func, select, text
+
+from ragkv import RagKV, RagkvConfig
+from ragkv.cache_index import BlobStore, CacheIndex, KVStore
+from ragkv.cache_index.models import Document, KVEntry
+
+pytestmark = [pytest.mark.services, needs_pg]
+
+NODE = Path(__file__).with_name("services_node.py")
+FP = "f" * 64
+
+
+def _node(args: dict[str, Any], timeout: float = 300) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(NODE), json.dumps(args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def _result(proc: subprocess.Popen[bytes], timeout: float = 300) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    assert PG_URL
+    with fresh_database(PG_URL) as url:
+        yield url
+
+
+def _blob_base(kind: str) -> str:
+    if kind == "redis":
+        if not REDIS_URL:
+            pytest.skip("no Redis (make test-services)")
+        return REDIS_URL
+    if not S3_ENDPOINT:
+        pytest.skip("no S3 server (make test-services)")
+    return "s3://ragkv-test/nodes"
+
+
+def _kv() -> dict[str, torch.Tensor]:
+    return {"k": torch.randn(2, 2, 4, 8), "v": torch.randn(2, 2, 4, 8)}
+
+
+# -- two nodes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["redis", "s3"])
+def test_what_one_node_stores_the_other_hits(
+    kind: str, pg_url: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    with fresh_blobs(_blob_base(kind)) as blobs:
+        common = {
+            "index_url": pg_url,
+            "blob_url": blobs.url,
+            "blob_options": blob_options(blobs.url),
+            "model": str(tiny_model),
+        }
+        a = _result(_node({**common, "role": "ingest", "home": str(tmp_path / "a")}))
+        # Every chunk, plus the template prefix the chunks were precomputed after.
+        assert a["puts"] == a["n_chunks"] + 1 and a["n_chunks"] > 1
+        assert len(blobs.names()) == a["puts"]
+        b = _result(_node({**common, "role": "answer", "home": str(tmp_path / "b")}))
+    # Node B computed nothing: every chunk came from the shared store ("disk" is the tier
+    # blob_url serves), and its answer is token for token node A's.
+    assert b["n_chunks"] == a["n_chunks"]
+    assert (b["hits"], b["misses"]) == (b["n_chunks"], 0)
+    assert b["tiers"] == ["disk"]
+    assert b["tokens"] == a["tokens"]
+
+
+def test_racing_writers_leave_one_row_per_key(pg_url: str, tmp_path: Path) -> None:
+    n, procs = 40, 3
+    with fresh_blobs(_blob_base("redis")) as blobs:
+        CacheIndex(pg_url).close()  # migrate once; the race is about rows, not DDL
+        go = tmp_path / "go"
+        args = {
+            "role": "race",
+            "index_url": pg_url,
+            "blob_url": blobs.url,
+            "blob_options": {},
+            "go": str(go),
+            "n": n,
+        }
+        nodes = [_node(args) for _ in range(procs)]
+        time.sleep(4.0)  # all imported and connected
+        go.touch()
+        results = [_result(p) for p in nodes]
+        assert len(blobs.names()) == n
+    for r in results:
+        assert r["counters"]["put_errors"] == 0 and r["counters"]["puts"] == n
+    # Every process got the same document ids: the losers of each insert race found the row.
+    assert len({tuple(r["doc_ids"]) for r in results}) == 1
+    engine = create_engine(pg_url)
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(KVEntry)) == n
+        assert conn.scalar(select(func.count()).select_from(Document)) == 3
+        assert conn.scalar(text("SELECT count(*) FROM chunks")) == 5
+    engine.dispose()
+
+
+# -- outages are misses ------------------------------------------------------------------------
+
+
+def _start_redis(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server not installed")
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    for _ in range(100):
+        try:
+            if client.ping():
+                return proc
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@needs_redis
+def test_redis_stopped_mid_run_is_a_miss_then_recovers(pg_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    server = _start_redis(port, tmp_path)
+    try:
+        store = KVStore(CacheIndex(pg_url), BlobStore(f"redis://127.0.0.1:{port}/0/ragkv"))
+        kv = _kv()
+        assert store.put("a" * 64, kv, model_fp=FP, layout="L", n_tokens=4)
+        assert store.get("a" * 64, model_fp=FP, layout="L") is not None
+        server.terminate()
+        server.wait(10)
+        t0 = time.perf_counter()
+        assert store.get("a" * 64, model_fp=FP, layout="L") is None
+        assert store.put("b" * 64, kv, model_fp=FP, layout="L", n_tokens=4) is False
+        assert time.perf_counter() - t0 < 10  # fails fast instead of retrying for long
+        # The entry is kept (the outage may be transient), and the store works again as soon
+        # as Redis is back, without reopening anything. (No persistence: the blob is gone, so
+        # that read is a miss that drops the entry.)
+        assert store.index.get_entry("a" * 64) is not None
+        server = _start_redis(port, tmp_path)
+        assert store.put("b" * 64, kv, model_fp=FP, layout="L", n_tokens=4)
+        got = store.get("b" * 64, model_fp=FP, layout="L")
+        assert got is not None and torch.equal(got["k"], kv["k"])
+        assert store.get("a" * 64, model_fp=FP, layout="L") is None
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:{port}/0", "s3://ragkv-nowhere/blobs"], ids=["redis", "s3"]
+)
+def test_closed_port_blob_store_is_a_miss(url: str, pg_url: str) -> None:
+    port = free_port()  # nothing listens there
+    options: dict[str, Any] = {}
+    if url.startswith("s3"):
+        options = {
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "key": "k",
+            "secret": "s",
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+            "retries": 1,
+        }
+    blobs = BlobStore(url.format(port=port), options)  # a store down at start is no error
+    store = KVStore(CacheIndex(pg_url), blobs)
+    assert store.put("c" * 64, _kv(), model_fp=FP, layout="L", n_tokens=4) is False
+    assert store.get("c" * 64, model_fp=FP, layout="L") is None
+    assert store.counters["put_errors"] == 1
+
+
+def test_postgres_gone_mid_run_is_a_miss(tmp_path: Path) -> None:
+    assert PG_URL
+    blobs = BlobStore(str(tmp_path / "blobs"))
+    with fresh_database(PG_URL) as url:
+        store = KVStore(CacheIndex(url), blobs)
+        assert store.put("d" * 64, _kv(), model_fp=FP, layout="L", n_tokens=4)
+        admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            name = url.rsplit("/", 1)[-1]
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()
+        assert store.get("d" * 64, model_fp=FP, layout="L") is None
+        assert store.contains(["d" * 64]) == {"d" * 64: False}
+        assert store.put("e" * 64, _kv(), model_fp=FP, layout="L", n_tokens=4) is False
+
+
+def test_query_with_unreachable_shared_stores_is_answered_as_without_cache(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    ids = [list(range(100, 140)), list(range(200, 230))]
+    healthy = RagKV(RagkvConfig(home=tmp_path / "h", model=tiny_model, memory_budget_bytes=0))
+    healthy.generate(ids, "q?", max_new_tokens=6)  # stores the chunks
+    expected = healthy.generate(ids, "q?", max_new_tokens=6)
+    assert expected.trace.hits == 2
+    port = free_port()
+    cfg = RagkvConfig(
+        home=tmp_path / "u",
+        model=tiny_model,
+        memory_budget_bytes=0,
+        blob_url=f"redis://127.0.0.1:{port}/0",
+    )
+    down = RagKV(cfg, engine=healthy.engine)
+    got = down.generate(ids, "q?", max_new_tokens=6)
+    assert got.trace.misses == 2
+    assert got.tokens == expected.tokens
+
+
+@needs_s3
+def test_s3_endpoint_from_blob_options_only(pg_url: str) -> None:
+    # What a deployment writes: the URL and RagkvConfig.blob_options, nothing else.
+    with fresh_blobs("s3://ragkv-test/opts") as blobs:
+        cfg_blobs = BlobStore(blobs.url, blob_options(blobs.url))
+        store = KVStore(CacheIndex(pg_url), cfg_blobs)
+        assert store.put("f" * 64, _kv(), model_fp=FP, layout="L", n_tokens=4)
+        assert blobs.names() == [f"ff/{'f' * 64}.safetensors"]
