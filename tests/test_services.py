@@ -253,3 +253,39 @@ def test_s3_endpoint_from_blob_options_only(pg_url: str) -> None:
         store = KVStore(CacheIndex(pg_url), cfg_blobs)
         assert store.put("f" * 64, _kv(), model_fp=FP, layout="L", n_tokens=4)
         assert blobs.names() == [f"ff/{'f' * 64}.safetensors"]
+
+
+@needs_redis
+def test_redis_filesystem_behaves_like_an_object_store() -> None:
+    assert REDIS_URL
+    with fresh_blobs(REDIS_URL) as blobs:
+        fs, root = blobs.fs, blobs.root
+        fs.pipe_file(f"{root}/a/one.bin", b"12345")
+        with fs.open(f"{root}/a/b/two.bin", "wb") as f:
+            f.write(b"xy")
+        with pytest.raises(RuntimeError), fs.open(f"{root}/a/torn.bin", "wb") as f:
+            f.write(b"half")
+            raise RuntimeError("writer died")
+        assert not fs.exists(f"{root}/a/torn.bin")  # nothing published by a failed write
+        with fs.open(f"{root}/a/one.bin", "rb") as f:
+            assert f.read() == b"12345"
+        assert fs.cat_file(f"{root}/a/one.bin", start=1, end=3) == b"23"
+        assert fs.ls(root, detail=False) == [f"{root}/a"]
+        assert fs.ls(f"{root}/a", detail=False) == [f"{root}/a/b", f"{root}/a/one.bin"]
+        assert fs.info(f"{root}/a")["type"] == "directory"
+        assert fs.info(f"{root}/a/one.bin") == {
+            "name": f"{root}/a/one.bin", "size": 5, "type": "file"
+        }
+        assert fs.find(root) == [f"{root}/a/b/two.bin", f"{root}/a/one.bin"]
+        assert fs.find(root, maxdepth=2) == [f"{root}/a/one.bin"]
+        assert f"{root}/a/b" in fs.find(root, withdirs=True)
+        fs.mv(f"{root}/a/one.bin", f"{root}/c.bin")
+        assert fs.cat_file(f"{root}/c.bin") == b"12345"
+        with pytest.raises(FileNotFoundError):
+            fs.info(f"{root}/a/one.bin")
+        with pytest.raises(FileNotFoundError):
+            fs.rm_file(f"{root}/a/one.bin")
+        with pytest.raises(FileExistsError):
+            fs.pipe_file(f"{root}/c.bin", b"z", mode="create")
+        fs.rm(f"{root}/a", recursive=True)
+        assert fs.find(root) == [f"{root}/c.bin"]

@@ -32,6 +32,8 @@ _TMP_PREFIX = ".tmp-"
 # new one): writing there directly saves the temp copy and a non-atomic copy-then-delete "mv".
 _ATOMIC_PUT_PROTOCOLS = {"redis", "rediss", "s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
 
+_EXTRAS = {"s3": "s3", "s3a": "s3", "redis": "redis", "rediss": "redis"}
+
 # The Redis backend is ours (fsspec has none); registered by name so it is imported, with its
 # redis client, only when a redis:// URL is used.
 for _proto in ("redis", "rediss"):
@@ -71,7 +73,14 @@ class BlobStore:
     def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
         self.url = url
         if "://" in url:
-            self.fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+            try:
+                self.fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+            except ImportError as exc:
+                extra = _EXTRAS.get(url.split("://", 1)[0])
+                if extra is None:
+                    raise
+                raise ImportError(f"{url.split('://')[0]}:// blob URLs need "
+                                  f"pip install 'ragkv[{extra}]' ({exc})") from exc
         else:
             self.fs = LocalFileSystem()
             root = str(Path(url).expanduser().resolve())
