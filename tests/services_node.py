@@ -36,11 +36,12 @@ def race(a: dict[str, Any]) -> dict[str, Any]:
     for i in range(a["n"]):
         doc_id, _ = store.index.add_document(f"doc-{i % 3}", "", f"{i % 3:064x}")
         doc_ids.add(doc_id)
+        # Every process ingests the same chunks of the same document at the same moment.
+        chunk_ids = store.index.add_chunks(
+            doc_id, [ChunkRecord(o, f"t{o}", [1, 2], f"{o:064x}") for o in range(5)]
+        )
         store.put(f"{i:064x}", tensors, model_fp="f" * 64, layout="L", n_tokens=4)
-    store.index.add_chunks(
-        min(doc_ids), [ChunkRecord(o, "t", [1, 2], f"{o:064x}") for o in range(5)]
-    )
-    return {"counters": store.counters, "doc_ids": sorted(doc_ids)}
+    return {"counters": store.counters, "doc_ids": sorted(doc_ids), "chunk_ids": chunk_ids}
 
 
 def _rag(a: dict[str, Any]) -> Any:

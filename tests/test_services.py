@@ -126,11 +126,12 @@ def test_racing_writers_leave_one_row_per_key(pg_url: str, tmp_path: Path) -> No
         assert r["counters"]["put_errors"] == 0 and r["counters"]["puts"] == n
     # Every process got the same document ids: the losers of each insert race found the row.
     assert len({tuple(r["doc_ids"]) for r in results}) == 1
+    assert len({tuple(r["chunk_ids"]) for r in results}) == 1
     engine = create_engine(pg_url)
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(KVEntry)) == n
         assert conn.scalar(select(func.count()).select_from(Document)) == 3
-        assert conn.scalar(text("SELECT count(*) FROM chunks")) == 5
+        assert conn.scalar(text("SELECT count(*) FROM chunks")) == 15
     engine.dispose()
 
 

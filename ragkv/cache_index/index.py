@@ -164,6 +164,14 @@ class CacheIndex:
         """
         if not chunks:
             return []
+        try:
+            return self._add_chunks_once(document_id, chunks)
+        except IntegrityError:
+            # Another process inserted the same ordinals first: this time they are found and
+            # updated.
+            return self._add_chunks_once(document_id, chunks)
+
+    def _add_chunks_once(self, document_id: int, chunks: list[ChunkRecord]) -> list[int]:
         with self._tx() as s:
             existing = {
                 c.ordinal: c
