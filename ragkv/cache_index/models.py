@@ -28,7 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-#: Bumped by hand whenever the tables change; Alembic migrations will key off it.
+#: Bumped by hand whenever the tables change, together with a new Alembic revision in
+#: ``migrations/versions/`` (``tests/test_migrations.py`` fails until the two agree).
 #: 2: kv_entries.priority / on_disk / on_remote and the eviction_clock table (tiers, budgets).
 SCHEMA_VERSION = 2
 
@@ -43,7 +44,7 @@ class Base(DeclarativeBase):
 
 
 class SchemaVersion(Base):
-    """One row: the schema version the tables were created with."""
+    """One row: the schema version the tables are at (kept current after each migration)."""
 
     __tablename__ = "schema_version"
 
