@@ -92,7 +92,8 @@ class RagKV:
             from ragkv.model_fetch import resolve_model
 
             path = resolve_model(self.config.model, self.config.home)
-            engine = HFEngine.load(path, self.config.device, self.config.dtype)
+            engine = HFEngine.load(path, self.config.device, self.config.dtype,
+                                    self.config.kernels)
         self.engine = engine
         self.template = PromptTemplate.from_tokenizer(engine.tokenizer, self.config.system_prompt)
         if store is None:

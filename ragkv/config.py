@@ -76,6 +76,8 @@ class RagkvConfig:
     remote_blob_options: fsspec storage options for ``remote_blob_url``.
     eviction_policy: ``pgdsf`` (frequency x recompute cost / size, with aging) or ``lru``.
     device / dtype: where and in which precision the model runs.
+    kernels: hot-path implementation: ``auto`` (Triton on CUDA when installed, else the
+        PyTorch reference), ``torch`` or ``triton``.
     """
 
     home: Path = field(default_factory=default_home)
@@ -96,6 +98,7 @@ class RagkvConfig:
     eviction_policy: Literal["pgdsf", "lru"] = "pgdsf"
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    kernels: Literal["auto", "torch", "triton"] = "auto"
     system_prompt: str = "You are a helpful assistant. Answer the question using the context."
     blend: BlendConfig = field(default_factory=BlendConfig)
 
@@ -103,6 +106,8 @@ class RagkvConfig:
         self.home = Path(self.home).expanduser()
         if self.chunk_tokens < 16:
             raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
+        if self.kernels not in ("auto", "torch", "triton"):
+            raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
         if self.precompute_context not in ("cold", "prefix"):
             raise ValueError("precompute_context must be 'cold' or 'prefix'")
         if self.kv_dtype not in ("float32", "float16", "bfloat16", "int8"):

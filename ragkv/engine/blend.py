@@ -14,10 +14,11 @@ rules (DESIGN §3):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from ragkv.engine.kernels import TorchOps
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.policies import SelectionContext, SelectionPolicy
 from ragkv.engine.runner import LlamaFamilyRunner
@@ -41,16 +42,15 @@ class FusedPrefill:
     layer_sets: list[torch.Tensor] = field(default_factory=list)
 
 
-def deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor,
-              on: str) -> torch.Tensor:
-    """Per-token squared L2 distance ``[n]`` between fresh and cached pre-RoPE K and/or V
-    (all ``[kv_heads, n, head_dim]``). Pre-RoPE keys make the comparison position-free."""
-    dev = torch.zeros(k_new.shape[1], device=k_new.device, dtype=torch.float32)
-    if on in ("k", "kv"):
-        dev += (k_new.float() - k_old.float()).pow(2).sum(dim=(0, 2))
+def deviation(ops: TorchOps, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: torch.Tensor,
+              v_buf: torch.Tensor, index: torch.Tensor, on: str) -> torch.Tensor:
+    """Per-token squared L2 distance ``[n]`` between fresh pre-RoPE K and/or V ``[kv_heads, n,
+    head_dim]`` and the cached rows ``index`` of ``k_buf/v_buf [kv_heads, T, head_dim]``.
+    Pre-RoPE keys make the comparison position-free."""
+    d = ops.deviation(k_new, k_buf, index) if on in ("k", "kv") else None
     if on in ("v", "kv"):
-        dev += (v_new.float() - v_old.float()).pow(2).sum(dim=(0, 2))
-    return dev
+        d = ops.deviation(v_new, v_buf, index, d)
+    return d
 
 
 def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, ChunkKV]],
@@ -74,7 +74,9 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
 
     positions = torch.arange(T, device=dev)
     cos, sin = runner.cos_sin(positions)
-    k_buf = runner.rotate(k_pre, cos, sin)  # every layer's cached keys at their true positions
+    ops = runner.ops
+    k_buf = ops.rope(k_pre, cos, sin)  # every layer's cached keys at their true positions
+    ctx = replace(ctx, ops=ops)
 
     active = torch.unique(policy.initial(ctx)).to(dev)  # sorted, as attention expects
     if active.numel() == 0 or int(active[-1]) != T - 1:
@@ -91,7 +93,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
         q, k, v = runner.qkv(layer, h)
         d = None
         if layer in checks:  # before the buffers are overwritten below
-            d = deviation(k, v, k_pre[layer][:, active], v_buf[layer][:, active], deviation_on)
+            d = deviation(ops, k, v, k_pre[layer], v_buf[layer], active, deviation_on)
         c, s = cos[active], sin[active]
         q, k = runner.rotate(q, c, s), runner.rotate(k, c, s)
         # Fresh KV of every computed token replaces the cached entry, dropped or not.
@@ -102,7 +104,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
                 tail = active >= ctx.suffix_start
                 w = runner.attention_probs(q[:, tail], k_buf[layer], active[tail])
                 d = d * w.mean(dim=(0, 1))[active].float()
-            keep = policy.select(layer, ctx, active.cpu(), d.cpu()).to(dev)
+            keep = policy.select(layer, ctx, active, d)
             if not bool(keep.all()):
                 active, q, h = active[keep], q[:, keep], h[keep]
         plain_causal = active.numel() == T

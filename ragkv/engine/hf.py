@@ -10,6 +10,7 @@ import torch
 
 from ragkv.config import BlendConfig
 from ragkv.engine.blend import FusedPrefill, compute_span, fuse
+from ragkv.engine.kernels import make_ops
 from ragkv.engine.kv import ChunkKV, torch_dtype
 from ragkv.engine.policies import ComputeAll, SelectionContext, SelectionPolicy, make_policy
 from ragkv.engine.runner import SUPPORTED, LlamaFamilyRunner
@@ -26,17 +27,19 @@ def pick_device(device: str) -> torch.device:
 class HFEngine:
     """Runs a Llama-family transformers model; ``full`` is the model's own forward pass."""
 
-    def __init__(self, model, tokenizer) -> None:
+    def __init__(self, model, tokenizer, kernels: str = "auto") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.runner = LlamaFamilyRunner(model)
+        device = next(model.parameters()).device
+        self.runner = LlamaFamilyRunner(model, make_ops(kernels, device))
         self.fingerprint = model_fingerprint(model)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     @classmethod
-    def load(cls, path: Path, device: str = "auto", dtype: str = "float32") -> HFEngine:
+    def load(cls, path: Path, device: str = "auto", dtype: str = "float32",
+             kernels: str = "auto") -> HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
@@ -50,7 +53,7 @@ class HFEngine:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
                                                      attn_implementation="sdpa")
-        return cls(model.to(pick_device(device)), tok)
+        return cls(model.to(pick_device(device)), tok, kernels)
 
     @property
     def config(self):

@@ -9,11 +9,12 @@ the question suffix) are always kept and do not count against it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ragkv.config import BlendConfig
+from ragkv.engine.kernels import TorchOps
 
 
 @dataclass
@@ -22,7 +23,8 @@ class SelectionContext:
 
     n_tokens: prompt length T. exact_until: positions ``[0, exact_until)`` hold exact KV (a true
     prefix) and are never recomputed. chunk_spans: ``[start, end)`` per chunk. forced: bool
-    ``[T]``, positions without cached KV (always computed).
+    ``[T]``, positions without cached KV (always computed). ``select`` receives positions and
+    deviations on the engine's device; what the context returns lives on the CPU.
     """
 
     n_tokens: int
@@ -31,6 +33,8 @@ class SelectionContext:
     forced: torch.Tensor
     ratio: float
     suffix_start: int | None = None
+    #: the kernel set that runs deviation top-k (the engine's; the reference by default)
+    ops: TorchOps = field(default_factory=TorchOps, repr=False)
 
     def __post_init__(self) -> None:
         if self.suffix_start is None:
@@ -55,15 +59,10 @@ class SelectionContext:
         return torch.cat(idx) if idx else torch.empty(0, dtype=torch.long)
 
 
-def _keep_top(active: torch.Tensor, deviation: torch.Tensor, must: torch.Tensor,
-              budget: int) -> torch.Tensor:
+def _keep_top(ctx: SelectionContext, active: torch.Tensor, deviation: torch.Tensor,
+              must: torch.Tensor, budget: int) -> torch.Tensor:
     """Bool mask over ``active``: ``must`` positions plus the ``budget`` largest deviations."""
-    keep = torch.isin(active, must)
-    score = deviation.masked_fill(keep, float("-inf"))
-    k = max(0, min(budget, int((~keep).sum())))
-    if k:
-        keep[torch.topk(score, k).indices] = True
-    return keep
+    return ctx.ops.keep_top(deviation, torch.isin(active, must.to(active.device)), budget)
 
 
 @dataclass
@@ -112,7 +111,7 @@ class HKVD(SelectionPolicy):
         return ctx.all_uncached_and_chunks()
 
     def select(self, layer, ctx, active, deviation):
-        return _keep_top(active, deviation, ctx.forced_positions(), ctx.budget())
+        return _keep_top(ctx, active, deviation, ctx.forced_positions(), ctx.budget())
 
 
 @dataclass
@@ -133,7 +132,7 @@ class GradualFilter(HKVD):
         j = self.layers.index(layer)
         start = min(1.0, self.start_factor * ctx.ratio)
         ratio = ctx.ratio + (start - ctx.ratio) * (m - 1 - j) / max(1, m - 1)
-        return _keep_top(active, deviation, ctx.forced_positions(), ctx.budget(ratio))
+        return _keep_top(ctx, active, deviation, ctx.forced_positions(), ctx.budget(ratio))
 
 
 @dataclass
@@ -159,7 +158,7 @@ class HKVDWithHeads(HKVD):
     def select(self, layer, ctx, active, deviation):
         heads = ctx.heads(self.head_tokens)
         must = torch.cat([ctx.forced_positions(), heads])
-        return _keep_top(active, deviation, must, max(0, ctx.budget() - len(heads)))
+        return _keep_top(ctx, active, deviation, must, max(0, ctx.budget() - len(heads)))
 
 
 @dataclass

@@ -11,7 +11,9 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
+
+from ragkv.engine.kernels import TorchOps, make_ops
+from ragkv.engine.kernels.reference import sdpa
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -23,7 +25,7 @@ class LlamaFamilyRunner:
     ``[kv_heads, n, head_dim]``; positions are int64 ``[n]``.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, ops: TorchOps | None = None) -> None:
         arch = type(model).__name__
         if arch not in SUPPORTED:
             raise ValueError(f"unsupported architecture {arch}; supported: {', '.join(SUPPORTED)}")
@@ -41,6 +43,8 @@ class LlamaFamilyRunner:
         # The model's own helpers, so RoPE variants and conventions stay the model's.
         self._rotate_half = modeling.rotate_half
         self.apply_rotary_pos_emb = modeling.apply_rotary_pos_emb
+        #: the hot-path implementation (Triton on CUDA, the torch reference elsewhere)
+        self.ops = ops if ops is not None else make_ops("auto", self.device)
 
     @property
     def device(self) -> torch.device:
@@ -88,29 +92,12 @@ class LlamaFamilyRunner:
         and ``q_pos`` must be sorted ascending (the blend keeps its active set sorted).
         Returns ``[n, Hq * D]``.
         """
-        n, T = q.shape[1], k.shape[1]
-        if q_pos is not None and n > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
-            raise ValueError("query positions must be strictly increasing")
-        if q_pos is not None and int(q_pos[0]) == T - n and int(q_pos[-1]) == T - 1 \
-                and (n == 1 or bool((q_pos[1:] - q_pos[:-1] == 1).all())):
-            # The contiguous tail [T-n, T): pad the missing head with zero queries so the
-            # fast plain-causal kernel applies; the padded rows are dropped, the rest is exact.
-            pad = T - n
-            q = torch.cat([q.new_zeros(q.shape[0], pad, q.shape[2]), q], dim=1) if pad else q
-            out = self._sdpa(q, k, v, None)[:, pad:]
-        elif q_pos is None:
-            out = self._sdpa(q, k, v, None)
+        n = q.shape[1]
+        if q_pos is None:
+            out = sdpa(q, k, v, None, self.scaling).transpose(0, 1)
         else:
-            # Sparse queries: blocks sorted by position, each reading keys up to its last
-            # position only (keys beyond are masked anyway), so masked work shrinks.
-            outs = []
-            for idx in torch.tensor_split(torch.arange(n, device=q.device), self._blocks(n)):
-                pos = q_pos[idx]
-                m = int(pos[-1]) + 1
-                mask = torch.arange(m, device=k.device)[None, :] <= pos[:, None]
-                outs.append(self._sdpa(q[:, idx], k[:, :m], v[:, :m], mask))
-            out = torch.cat(outs, dim=1)
-        return out.transpose(0, 1).reshape(n, -1)
+            out = self.ops.attend_selected(q, k, v, q_pos, self.scaling)
+        return out.reshape(n, -1)
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor,
                         q_pos: torch.Tensor) -> torch.Tensor:
@@ -119,16 +106,6 @@ class LlamaFamilyRunner:
         scores = torch.matmul(q.float(), k.float().transpose(1, 2)) * self.scaling
         mask = torch.arange(k.shape[1], device=k.device)[None, :] > q_pos[:, None]
         return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
-
-    @staticmethod
-    def _blocks(n: int) -> int:
-        return max(1, min(4, n // 64))
-
-    def _sdpa(self, q, k, v, mask) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                             is_causal=mask is None, scale=self.scaling,
-                                             enable_gqa=True)
-        return out[0]
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """o_proj, residual, MLP, residual: the rest of the layer for the same rows as ``h``."""
