@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,14 @@ import pytest
 
 from ragkv.config import default_home
 from ragkv.model_fetch import ensure_default_model
+
+# Without a GPU the Triton kernels run through Triton's numpy interpreter, which is read when
+# a kernel is defined, so it must be set before any kernel module is imported.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
