@@ -225,23 +225,26 @@ def test_postgres_gone_mid_run_is_a_miss(tmp_path: Path) -> None:
         assert store.put("e" * 64, _kv(), model_fp=FP, layout="L", n_tokens=4) is False
 
 
+@pytest.mark.parametrize("down", ["blobs", "index", "both"])
 def test_query_with_unreachable_shared_stores_is_answered_as_without_cache(
-    tiny_model: Path, tmp_path: Path
+    down: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     ids = [list(range(100, 140)), list(range(200, 230))]
     healthy = RagKV(RagkvConfig(home=tmp_path / "h", model=tiny_model, memory_budget_bytes=0))
     healthy.generate(ids, "q?", max_new_tokens=6)  # stores the chunks
     expected = healthy.generate(ids, "q?", max_new_tokens=6)
     assert expected.trace.hits == 2
-    port = free_port()
-    cfg = RagkvConfig(
-        home=tmp_path / "u",
-        model=tiny_model,
-        memory_budget_bytes=0,
-        blob_url=f"redis://127.0.0.1:{port}/0",
-    )
-    down = RagKV(cfg, engine=healthy.engine)
-    got = down.generate(ids, "q?", max_new_tokens=6)
+    port = free_port()  # nothing listens there, from the start
+    urls: dict[str, Any] = {}
+    if down in ("blobs", "both"):
+        urls["blob_url"] = f"redis://127.0.0.1:{port}/0"
+    if down in ("index", "both"):
+        urls["index_url"] = f"postgresql+psycopg://ragkv@127.0.0.1:{port}/ragkv"
+    cfg = RagkvConfig(home=tmp_path / "u", model=tiny_model, memory_budget_bytes=0, **urls)
+    t0 = time.perf_counter()
+    unreachable = RagKV(cfg, engine=healthy.engine)  # starts anyway
+    got = unreachable.generate(ids, "q?", max_new_tokens=6)
+    assert time.perf_counter() - t0 < 30
     assert got.trace.misses == 2
     assert got.tokens == expected.tokens
 

@@ -10,6 +10,7 @@ treats as "already there". The schema is kept current by Alembic (:mod:`.migrate
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -39,6 +40,11 @@ from ragkv.cache_index.models import (
     utcnow,
 )
 
+log = logging.getLogger("ragkv.cache")
+
+#: Seconds to wait for a remote index server before the lookup counts as a miss (unless the
+#: URL sets its own connect_timeout): a cache must not stall a query on a dead host.
+REMOTE_CONNECT_TIMEOUT_S = 5
 #: Milliseconds a SQLite writer waits for another writer's lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Stays well under SQLite's bound-parameter limit (999 on old builds) for IN (...) lists.
@@ -53,8 +59,11 @@ def _batches(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
 def _make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
+        connect_args: dict[str, Any] = {}
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = REMOTE_CONNECT_TIMEOUT_S
         try:
-            return create_engine(url, pool_pre_ping=True)
+            return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         except ImportError as exc:  # the driver is an optional extra
             extra = "postgres" if parsed.get_backend_name() == "postgresql" else None
             hint = f"pip install 'ragkv[{extra}]'" if extra else "install its database driver"
@@ -100,12 +109,24 @@ class CacheIndex:
         self.url = url
         self.engine = _make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._create_schema()
+        self._ready = False
+        try:
+            self._create_schema()
+        except OperationalError as exc:
+            if self.engine.dialect.name == "sqlite":
+                raise  # a local file that cannot be opened is a configuration error
+            # A server that is down now may be back later: until then every use fails (a
+            # miss for KVStore), and the first use after that migrates.
+            log.warning("cache index %s unreachable at start: %s", self._safe_url, exc)
+
+    @property
+    def _safe_url(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
 
     def _create_schema(self) -> None:
         upgrade(self.engine)
         try:
-            with self._tx() as s:
+            with self._sessions.begin() as s:
                 row = s.get(SchemaVersion, 1)
                 if row is None:
                     s.add(SchemaVersion(id=1, version=SCHEMA_VERSION, created_at=utcnow()))
@@ -113,9 +134,12 @@ class CacheIndex:
                     row.version = SCHEMA_VERSION
         except IntegrityError:
             pass  # a concurrent opener wrote the row first
+        self._ready = True
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
+        if not self._ready:
+            self._create_schema()
         with self._sessions.begin() as session:
             yield session
 
@@ -356,7 +380,7 @@ class CacheIndex:
                 "queries": s.scalar(select(func.count(QueryLog.id))) or 0,
                 "chunk_hits": int(kv_hits),
                 # Never show a database password in a UI panel or a log line.
-                "index_url": make_url(self.url).render_as_string(hide_password=True),
+                "index_url": self._safe_url,
                 "schema_version": SCHEMA_VERSION,
             }
 

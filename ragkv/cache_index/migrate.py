@@ -109,14 +109,16 @@ def _upgrade_once(engine: Engine) -> None:
 
 def upgrade(engine: Engine) -> None:
     """Migrate the database behind ``engine`` to the newest revision (a no-op when there)."""
-    for attempt in range(_ATTEMPTS):
+    # PostgreSQL migrators queue on the advisory lock, so a failure there is real (often: the
+    # server is down) and is raised at once; SQLite's busy timeout can run out under a long
+    # writer, and then a later attempt succeeds.
+    attempts = _ATTEMPTS if engine.dialect.name == "sqlite" else 1
+    for attempt in range(attempts):
         try:
             with _THREAD_LOCK:
                 _upgrade_once(engine)
             return
         except (OperationalError, IntegrityError, ProgrammingError):
-            # A lock wait that ran out, or a database whose driver does not serialize DDL:
-            # the next attempt usually finds the work done by the other process.
-            if attempt == _ATTEMPTS - 1:
+            if attempt == attempts - 1:
                 raise
             time.sleep(0.1 * (attempt + 1))
