@@ -209,7 +209,7 @@ class RagKV:
                keep_kv: bool = False, record: bool = False, log_query: bool = True,
                retrieval_s: float | None = None) -> TokenStream:
         """Prefill now (TTFT is measured here), then iterate the returned stream for text."""
-        blend = blend or self.config.blend
+        blend = self.engine.resolve(blend or self.config.blend)
         items = [c if isinstance(c, RetrievedChunk) else RetrievedChunk(list(c), "")
                  for c in chunks]
         t0 = time.perf_counter()

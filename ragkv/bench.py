@@ -78,6 +78,7 @@ def _record(case: dict, ctx: str, answer, full, full_scores, engine) -> dict:
         "speedup": full.trace.ttft_s / tr.ttft_s, "context_tokens": tr.context_tokens,
         "recomputed_tokens": tr.recomputed_tokens, "hits": tr.hits, "misses": tr.misses,
         "load_s": tr.load_s, "lookup_s": tr.lookup_s,
+        "storage_share": (tr.lookup_s + tr.load_s) / tr.ttft_s,
         **metrics.first_token(full.fused.logits, answer.fused.logits),
         **metrics.teacher_forced(full_scores, scores, full.tokens),
         "rouge_l": metrics.rouge_l(full.tokens, answer.tokens),
@@ -153,6 +154,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "first_token_kl_median": med("first_token_kl"),
             "tf_agree": mean("tf_agree"), "tf_kl_median": med("tf_kl"),
             "rouge_l": mean("rouge_l"), "contains": mean("contains"),
+            "storage_share_median": med("storage_share"),
             "recomputed_share": statistics.fmean(
                 r["recomputed_tokens"] / r["context_tokens"] for r in rs),
         })

@@ -25,7 +25,9 @@ class BlendConfig:
     """How ``blend`` picks the tokens it recomputes.
 
     ratio: fraction of chunk tokens recomputed from the first check layer on (0 = ``reuse``,
-        1 = every token, which must equal full prefill).
+        1 = every token, which must equal full prefill), or ``"auto"``: the engine's loading
+        controller picks the largest ratio whose recompute hides under loading the cached KV,
+        never below ``min_ratio``. A number set here always wins.
     policy: name of a selection policy in :mod:`ragkv.engine.policies` (``qhkvd``, ``hkvd``,
         ``gradual``, ``chunk_head``, ``hkvd+head``); the default was chosen by the benchmark
         in ``benchmarks/results/`` (best first-token KL at 0.15 with TTFT >= 4.5x lower).
@@ -35,15 +37,20 @@ class BlendConfig:
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
     """
 
-    ratio: float = 0.15
+    ratio: float | Literal["auto"] = 0.15
+    min_ratio: float = 0.15
     policy: str = "qhkvd"
     check_layers: tuple[int, ...] = (1,)
     deviation_on: Literal["k", "v", "kv"] = "k"
     head_tokens: int = 4
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"recompute ratio must be within [0, 1], got {self.ratio}")
+        if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
+                                         and 0.0 <= self.ratio <= 1.0):
+            raise ValueError(f"recompute ratio must be within [0, 1] or 'auto', got "
+                             f"{self.ratio!r}")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"min_ratio must be within [0, 1], got {self.min_ratio}")
         if not self.check_layers or min(self.check_layers) < 1:
             raise ValueError("check_layers must name layers >= 1 (layer 0 sees no context)")
         self.check_layers = tuple(sorted(set(self.check_layers)))

@@ -26,6 +26,10 @@ class Engine(Protocol):
 
     def precompute(self, ids: list[int], past: ChunkKV | None = None) -> ChunkKV: ...
 
+    def resolve(self, blend: BlendConfig) -> BlendConfig:
+        """``blend`` with a concrete ratio (``"auto"`` answered by the loading controller)."""
+        ...
+
     def prefill(self, prompt: AssembledPrompt, cached: list[tuple[int, ChunkKV]], mode: str,
                 blend: BlendConfig, exact_until: int, record: bool = False) -> FusedPrefill: ...
 

@@ -20,6 +20,7 @@ import torch
 
 from ragkv.engine.kernels import TorchOps
 from ragkv.engine.kv import ChunkKV
+from ragkv.engine.loading import LayerClock, LayerFeed
 from ragkv.engine.policies import SelectionContext, SelectionPolicy
 from ragkv.engine.runner import LlamaFamilyRunner
 
@@ -31,7 +32,8 @@ class FusedPrefill:
     k, v: per layer ``[kv_heads, T, head_dim]``, keys rotated to their positions (ready for
     decoding). logits: ``[vocab]`` at the last position. recomputed_per_layer: how many
     positions were computed at each layer. layer_sets: the computed positions per layer when
-    recording was asked for (for inspection).
+    recording was asked for (for inspection). layer_s / place_s: seconds each layer took to
+    compute and to place its cached KV (the loading controller's measurements).
     """
 
     k: list[torch.Tensor]
@@ -40,6 +42,8 @@ class FusedPrefill:
     recomputed_per_layer: list[int]
     final_positions: torch.Tensor
     layer_sets: list[torch.Tensor] = field(default_factory=list)
+    layer_s: list[float] = field(default_factory=list)
+    place_s: list[float] = field(default_factory=list)
 
 
 def deviation(ops: TorchOps, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: torch.Tensor,
@@ -55,7 +59,7 @@ def deviation(ops: TorchOps, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: to
 
 def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, ChunkKV]],
          ctx: SelectionContext, policy: SelectionPolicy, *, deviation_on: str = "k",
-         record: bool = False) -> FusedPrefill:
+         record: bool = False, pipelined: bool = True) -> FusedPrefill:
     """Prefill ``ids [T]`` reusing ``cached`` spans ``(start, ChunkKV)``.
 
     Positions covered by no span must be among the policy's initial positions; the last
@@ -63,19 +67,13 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     """
     T = ids.shape[0]
     runner.check_length(T)
-    dev, dt = runner.device, runner.dtype
-    L, H, D = runner.n_layers, runner.kv_heads, runner.head_dim
-    k_pre = torch.zeros(L, H, T, D, device=dev, dtype=dt)
-    v_buf = torch.zeros(L, H, T, D, device=dev, dtype=dt)
-    for start, kv in cached:
-        n = kv.n_tokens
-        k_pre[:, :, start:start + n] = kv.k.to(dev, dt)
-        v_buf[:, :, start:start + n] = kv.v.to(dev, dt)
-
+    dev, L = runner.device, runner.n_layers
     positions = torch.arange(T, device=dev)
     cos, sin = runner.cos_sin(positions)
     ops = runner.ops
-    k_buf = ops.rope(k_pre, cos, sin)  # every layer's cached keys at their true positions
+    # Cached keys reach their true positions layer by layer, behind the compute (loading.py).
+    feed = LayerFeed(runner, cached, T, cos, sin, pipelined=pipelined)
+    k_pre, k_buf, v_buf = feed.k_pre, feed.k_buf, feed.v_buf
     ctx = replace(ctx, ops=ops)
 
     active = torch.unique(policy.initial(ctx)).to(dev)  # sorted, as attention expects
@@ -89,8 +87,10 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     counts: list[int] = []
     sets: list[torch.Tensor] = []
     checks = set(policy.check_layers)
+    clock = LayerClock(dev)
     for layer in range(L):
         q, k, v = runner.qkv(layer, h)
+        feed.wait(layer)
         d = None
         if layer in checks:  # before the buffers are overwritten below
             d = deviation(ops, k, v, k_pre[layer], v_buf[layer], active, deviation_on)
@@ -111,11 +111,13 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
         out = runner.attend(q, k_buf[layer], v_buf[layer], None if plain_causal else active)
         h = runner.finish(layer, h, out)
         counts.append(int(active.numel()))
+        clock.lap()
         if record:
             sets.append(active.cpu())
     logits = runner.logits(h[-1:])[0]
+    place_s = feed.close()
     return FusedPrefill(list(k_buf.unbind(0)), list(v_buf.unbind(0)), logits, counts,
-                        active.cpu(), sets)
+                        active.cpu(), sets, layer_s=clock.seconds(), place_s=place_s)
 
 
 def compute_span(runner: LlamaFamilyRunner, ids: torch.Tensor,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from ragkv.config import BlendConfig
 from ragkv.engine.blend import FusedPrefill, compute_span, fuse
 from ragkv.engine.kernels import make_ops
 from ragkv.engine.kv import ChunkKV, torch_dtype
+from ragkv.engine.loading import LoadingController
 from ragkv.engine.policies import ComputeAll, SelectionContext, SelectionPolicy, make_policy
 from ragkv.engine.runner import SUPPORTED, LlamaFamilyRunner
 from ragkv.keys import model_fingerprint
@@ -32,6 +34,10 @@ class HFEngine:
         self.tokenizer = tokenizer
         device = next(model.parameters()).device
         self.runner = LlamaFamilyRunner(model, make_ops(kernels, device))
+        #: measures placement vs compute per layer; answers ``ratio="auto"``
+        self.controller = LoadingController()
+        #: place cached KV layer by layer on a background thread (False: all before layer 0)
+        self.pipelined = True
         self.fingerprint = model_fingerprint(model)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
@@ -63,9 +69,16 @@ class HFEngine:
     def precompute(self, ids: list[int], past: ChunkKV | None = None) -> ChunkKV:
         return compute_span(self.runner, torch.tensor(ids, device=self.runner.device), past)
 
+    def resolve(self, blend: BlendConfig) -> BlendConfig:
+        """``blend`` with ``ratio="auto"`` replaced by the loading controller's choice."""
+        if blend.ratio != "auto":
+            return blend
+        return replace(blend, ratio=self.controller.choose_ratio(blend.min_ratio))
+
     @torch.inference_mode()
     def prefill(self, prompt: AssembledPrompt, cached: list[tuple[int, ChunkKV]], mode: str,
                 blend: BlendConfig, exact_until: int, record: bool = False) -> FusedPrefill:
+        blend = self.resolve(blend)
         ids = torch.tensor(prompt.ids, device=self.runner.device)
         T = len(prompt.ids)
         if mode == "full":
@@ -85,8 +98,13 @@ class HFEngine:
             policy = make_policy(blend, self.runner.n_layers)
         else:
             raise ValueError(f"unknown mode {mode!r}; choose full, prefix, reuse or blend")
-        return fuse(self.runner, ids, cached, ctx, policy, deviation_on=blend.deviation_on,
-                    record=record)
+        out = fuse(self.runner, ids, cached, ctx, policy, deviation_on=blend.deviation_on,
+                   record=record, pipelined=self.pipelined)
+        if mode == "blend":
+            self.controller.observe(chunk_tokens=sum(e - s for s, e in spans),
+                                    place_s=out.place_s, layer_s=out.layer_s,
+                                    computed=out.recomputed_per_layer)
+        return out
 
     def _full(self, ids: torch.Tensor) -> FusedPrefill:
         out = self.model(input_ids=ids[None], use_cache=True)

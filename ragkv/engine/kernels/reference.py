@@ -29,7 +29,12 @@ class TorchOps:
             cos, sin = cos[positions], sin[positions]
         else:
             cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
-        return x * cos + rotate_half(x) * sin
+        # x * cos + rotate_half(x) * sin, without materialising rotate_half(x).
+        h = x.shape[-1] // 2
+        y = x * cos
+        y[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        y[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        return y
 
     def deviation(self, k_new: torch.Tensor, k_buf: torch.Tensor, index: torch.Tensor,
                   out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""Loading controller: cached chunk KV placed layer by layer, behind the blend's compute.
+
+CacheBlend's §5 idea. Before layer ``l`` runs, the fused buffers need layer ``l`` of every
+cached span: converted to the model's dtype, copied to its device, keys rotated to their
+positions. ``LayerFeed`` does that work for layer ``l + 1`` on a background thread (and on a
+side CUDA stream) while the main thread computes layer ``l``, so only layer 0's placement is
+on the critical path. ``LoadingController`` measures how long a layer takes to place and to
+compute, and picks the recompute ratio whose extra compute still hides under loading.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ragkv.engine.kernels import interpreting
+from ragkv.engine.kv import ChunkKV
+
+
+class LayerFeed:
+    """Fused buffers ``k_pre`` (pre-RoPE keys), ``k_buf`` (rotated keys) and ``v_buf``, all
+    ``[layers, kv_heads, T, head_dim]``, filled from ``cached`` spans ``(start, ChunkKV)``.
+
+    ``pipelined=False`` fills every layer now (one RoPE launch for the whole buffer);
+    otherwise ``wait(l)`` returns once layer ``l`` is in place.
+    """
+
+    def __init__(self, runner, cached: list[tuple[int, ChunkKV]], T: int, cos: torch.Tensor,
+                 sin: torch.Tensor, pipelined: bool = True) -> None:
+        dev, dt = runner.device, runner.dtype
+        L, H, D = runner.n_layers, runner.kv_heads, runner.head_dim
+        self.ops, self.cached, self.cos, self.sin = runner.ops, cached, cos, sin
+        self.k_pre = torch.empty(L, H, T, D, device=dev, dtype=dt)
+        self.v_buf = torch.empty(L, H, T, D, device=dev, dtype=dt)
+        # Only positions no span covers need zeros; the rest is overwritten by placement.
+        covered = torch.zeros(T, dtype=torch.bool)
+        for start, kv in cached:
+            covered[start:start + kv.n_tokens] = True
+        gaps = (~covered).nonzero().flatten().to(dev)
+        self.k_pre.index_fill_(2, gaps, 0.0)
+        self.v_buf.index_fill_(2, gaps, 0.0)
+        self.place_s = [0.0] * L
+        self.error: BaseException | None = None
+        self._ready = [threading.Event() for _ in range(L)]
+        # Triton's interpreter (tests) patches the language module while a kernel runs, so two
+        # threads cannot interpret kernels at once.
+        if self.ops.name == "triton" and interpreting():
+            pipelined = False
+        if not pipelined or L == 1:
+            t = time.perf_counter()
+            self._place(slice(None))
+            self.k_buf = self.ops.rope(self.k_pre, cos, sin)
+            self.place_s = [(time.perf_counter() - t) / L] * L
+            for e in self._ready:
+                e.set()
+            self._thread = None
+            return
+        self.k_buf = torch.empty_like(self.k_pre)
+        self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self._events: list[torch.cuda.Event | None] = [None] * L
+        self._starts: list[torch.cuda.Event | None] = [None] * L
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(dev))  # the fills above
+        self._thread = threading.Thread(target=self._run, name="ragkv-layer-feed", daemon=True)
+        self._thread.start()
+
+    def _place(self, layers) -> None:
+        for start, kv in self.cached:
+            n = kv.n_tokens
+            self.k_pre[layers, :, start:start + n].copy_(kv.k[layers], non_blocking=True)
+            self.v_buf[layers, :, start:start + n].copy_(kv.v[layers], non_blocking=True)
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                for layer in range(len(self._ready)):
+                    t = time.perf_counter()
+                    if self._stream is not None:
+                        with torch.cuda.stream(self._stream):
+                            start, ev = (torch.cuda.Event(enable_timing=True) for _ in "ab")
+                            start.record(self._stream)
+                            self._layer(layer)
+                            ev.record(self._stream)
+                            self._starts[layer], self._events[layer] = start, ev
+                    else:
+                        self._layer(layer)
+                    self.place_s[layer] = time.perf_counter() - t
+                    self._ready[layer].set()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread in wait()
+            self.error = exc
+            for e in self._ready:
+                e.set()
+
+    def _layer(self, layer: int) -> None:
+        self._place(layer)
+        self.k_buf[layer] = self.ops.rope(self.k_pre[layer], self.cos, self.sin)
+
+    def wait(self, layer: int) -> None:
+        self._ready[layer].wait()
+        if self.error is not None:
+            raise RuntimeError("placing cached KV failed") from self.error
+        ev = self._events[layer] if self._thread is not None else None
+        if ev is not None:
+            torch.cuda.current_stream(self.k_pre.device).wait_event(ev)
+
+    def close(self) -> list[float]:
+        """Join the loader; seconds each layer's placement took."""
+        if self._thread is None:
+            return self.place_s
+        self._thread.join()
+        if self._stream is not None:  # device time of the side stream's work
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self._starts, self._events,
+                                                          strict=True)]
+        return self.place_s
+
+
+class LayerClock:
+    """Per-layer compute time of the main thread (CUDA events on a GPU, so no sync in the
+    loop; read once at the end)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.lap()
+
+    def lap(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        m = self.marks
+        if self.cuda:
+            m[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(m, m[1:], strict=False)]
+        return [b - a for a, b in zip(m, m[1:], strict=False)]
+
+
+@dataclass
+class LoadingController:
+    """Chooses the recompute ratio so that recompute hides under loading (paper §5).
+
+    Measures, per layer and per chunk token, how long placing cached KV takes (``load``) and how
+    long computing every chunk token takes (``compute``); both are running averages. The ratio
+    r is the largest whose recompute fits in the load time, ``r = load / compute``, never below
+    ``floor`` (quality) nor above 1. With no measurements yet it answers ``floor``.
+    """
+
+    smoothing: float = 0.3
+    load_s_per_token: float | None = None
+    compute_s_per_token: float | None = None
+    history: list[dict] = field(default_factory=list, repr=False)
+
+    def _ewma(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe(self, *, chunk_tokens: int, place_s: list[float],
+                layer_s: list[float], computed: list[int]) -> None:
+        """One prefill's measurements: per-layer placement and compute times and how many
+        tokens each layer computed."""
+        if chunk_tokens <= 0 or not place_s:
+            return
+        load = sum(place_s) / len(place_s) / chunk_tokens
+        self.load_s_per_token = self._ewma(self.load_s_per_token, load)
+        rates = [t / n for t, n in zip(layer_s, computed, strict=True) if n > 0]
+        if rates:
+            rates.sort()
+            self.compute_s_per_token = self._ewma(self.compute_s_per_token,
+                                                  rates[len(rates) // 2])
+        self.history.append({"load_s_per_token": load,
+                             "compute_s_per_token": self.compute_s_per_token})
+        del self.history[:-100]
+
+    def choose_ratio(self, floor: float) -> float:
+        if not self.load_s_per_token or not self.compute_s_per_token:
+            return floor
+        return float(min(1.0, max(floor, self.load_s_per_token / self.compute_s_per_token)))

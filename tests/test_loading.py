@@ -1,0 +1,124 @@
+"""The loading controller: cached KV placed layer by layer behind the compute must give the
+same prefill as placing everything first, and ``ratio="auto"`` must follow the measurements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from api_cases import (  # noqa: F401 - fixtures are used by name
+    QUESTION,
+    _one_thread,
+    engine,
+    make_config,
+    rag,
+    seed,
+    three_chunks,
+)
+
+from ragkv.api import RagKV
+from ragkv.config import BlendConfig
+from ragkv.engine.blend import fuse
+from ragkv.engine.kv import ChunkKV
+from ragkv.engine.loading import LayerFeed, LoadingController
+from ragkv.engine.policies import POLICIES, SelectionContext, make_policy
+from tests.engine_cases import MODELS, _case, _engine
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pipelined_placement_equals_placing_first(name, policy):
+    """Bit for bit: the background feed changes when KV is placed, never what is placed."""
+    eng, case = _engine(name), _case(name)
+    cfg = BlendConfig(ratio=0.3, policy=policy)
+    p = case.prompt
+    forced = torch.ones(len(p), dtype=torch.bool)
+    for s, kv in case.cached:
+        forced[s:s + kv.n_tokens] = False
+    ctx = SelectionContext(len(p), p.prefix_len, p.chunk_spans, forced, 0.3, p.suffix_start)
+    ids = torch.tensor(p.ids)
+    with torch.inference_mode():
+        outs = [fuse(eng.runner, ids, case.cached, ctx, make_policy(cfg, eng.runner.n_layers),
+                     record=True, pipelined=flag) for flag in (True, False)]
+    a, b = outs
+    assert torch.equal(a.logits, b.logits)
+    for x, y in zip(a.k + a.v, b.k + b.v, strict=True):
+        assert torch.equal(x, y)
+    assert all(torch.equal(x, y) for x, y in zip(a.layer_sets, b.layer_sets, strict=True))
+    L = eng.runner.n_layers
+    assert len(a.place_s) == len(a.layer_s) == L and min(a.place_s) >= 0 < min(a.layer_s)
+
+
+def test_feed_places_every_layer_and_zeroes_gaps():
+    runner = _engine("llama").runner
+    L, H, D = runner.n_layers, runner.kv_heads, runner.head_dim
+    kv = ChunkKV(torch.randn(L, H, 5, D), torch.randn(L, H, 5, D))
+    T = 12
+    cos, sin = runner.cos_sin(torch.arange(T))
+    with torch.inference_mode():
+        feed = LayerFeed(runner, [(3, kv)], T, cos, sin, pipelined=True)
+        for layer in range(L):
+            feed.wait(layer)
+        feed.close()
+    assert torch.equal(feed.k_pre[:, :, 3:8], kv.k) and torch.equal(feed.v_buf[:, :, 3:8], kv.v)
+    gaps = torch.cat([torch.arange(0, 3), torch.arange(8, T)])
+    assert not feed.k_pre[:, :, gaps].any() and not feed.v_buf[:, :, gaps].any()
+    assert torch.allclose(feed.k_buf, runner.rotate(feed.k_pre, cos, sin), atol=1e-6)
+
+
+def test_a_failing_placement_is_raised_on_the_waiting_thread():
+    runner = _engine("llama").runner
+    L, D = runner.n_layers, runner.head_dim
+    wrong = ChunkKV(torch.randn(L, runner.kv_heads + 1, 4, D), torch.randn(L, runner.kv_heads
+                                                                            + 1, 4, D))
+    cos, sin = runner.cos_sin(torch.arange(10))
+    with torch.inference_mode():
+        feed = LayerFeed(runner, [(2, wrong)], 10, cos, sin, pipelined=True)
+        with pytest.raises(RuntimeError, match="placing cached KV failed"):
+            feed.wait(0)
+
+
+def test_controller_hides_recompute_under_loading():
+    c = LoadingController(smoothing=1.0)
+    assert c.choose_ratio(0.15) == 0.15  # nothing measured yet
+    # Placing a layer takes 1 ms per 100 tokens, computing 100 tokens of a layer 10 ms.
+    c.observe(chunk_tokens=100, place_s=[1e-3] * 4, layer_s=[0.01] * 4, computed=[100] * 4)
+    assert c.choose_ratio(0.05) == pytest.approx(0.1)
+    assert c.choose_ratio(0.15) == 0.15  # the quality floor wins
+    c.observe(chunk_tokens=100, place_s=[0.5] * 4, layer_s=[0.01] * 4, computed=[100] * 4)
+    assert c.choose_ratio(0.15) == 1.0  # loading is slow: recomputing everything is free
+
+
+def test_auto_ratio_in_a_query_and_a_set_ratio_wins(rag):
+    chunks = three_chunks(rag)
+    saved, rag.engine.controller = rag.engine.controller, LoadingController(smoothing=1.0)
+    first = rag.generate(chunks, QUESTION, blend=BlendConfig(ratio="auto", min_ratio=0.2))
+    assert first.trace.ratio == 0.2  # no measurement before the first blend
+    assert rag.engine.controller.load_s_per_token is not None
+    rag.engine.controller.load_s_per_token = 10 * rag.engine.controller.compute_s_per_token
+    auto = rag.generate(chunks, QUESTION, blend=BlendConfig(ratio="auto"))
+    assert auto.trace.ratio == 1.0
+    full = rag.generate(chunks, QUESTION, mode="full")
+    assert auto.tokens == full.tokens  # ratio 1.0 is full prefill
+    fixed = rag.generate(chunks, QUESTION, blend=BlendConfig(ratio=0.15))
+    assert fixed.trace.ratio == 0.15
+    rag.engine.controller = saved
+
+
+def test_bad_ratios_are_rejected():
+    with pytest.raises(ValueError, match="'auto'"):
+        BlendConfig(ratio="most")
+    with pytest.raises(ValueError, match="min_ratio"):
+        BlendConfig(ratio="auto", min_ratio=1.5)
+
+
+def test_engine_without_pipelining(tmp_path, engine):
+    rag = RagKV(make_config(tmp_path), engine=engine)
+    rag.ingest_text("doc", "The assert statement checks a condition. " * 20)
+    chunks = three_chunks(rag)
+    a = rag.generate(chunks, QUESTION, keep_kv=True)
+    engine.pipelined = False
+    try:
+        b = rag.generate(chunks, QUESTION, keep_kv=True)
+    finally:
+        engine.pipelined = True
+    assert a.tokens == b.tokens and torch.equal(a.fused.logits, b.fused.logits)
