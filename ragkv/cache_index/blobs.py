@@ -33,6 +33,16 @@ _TMP_PREFIX = ".tmp-"
 _ATOMIC_PUT_PROTOCOLS = {"redis", "rediss", "s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
 
 _EXTRAS = {"s3": "s3", "s3a": "s3", "redis": "redis", "rediss": "redis"}
+# botocore's defaults retry an unreachable endpoint for several seconds per call (over 20 s to
+# open a store); a cache is better off with a quick miss. Options a caller gives replace these.
+_S3_FAST_FAIL: dict[str, Any] = {
+    "config_kwargs": {
+        "connect_timeout": 2,
+        "read_timeout": 20,
+        "retries": {"max_attempts": 2, "mode": "standard"},
+    }
+}
+_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"s3": _S3_FAST_FAIL, "s3a": _S3_FAST_FAIL}
 
 # The Redis backend is ours (fsspec has none); registered by name so it is imported, with its
 # redis client, only when a redis:// URL is used.
@@ -73,13 +83,16 @@ class BlobStore:
     def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
         self.url = url
         if "://" in url:
+            scheme = url.split("://", 1)[0]
             try:
-                self.fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+                self.fs, root = fsspec.core.url_to_fs(
+                    url, **{**_DEFAULT_OPTIONS.get(scheme, {}), **(options or {})}
+                )
             except ImportError as exc:
-                extra = _EXTRAS.get(url.split("://", 1)[0])
+                extra = _EXTRAS.get(scheme)
                 if extra is None:
                     raise
-                raise ImportError(f"{url.split('://')[0]}:// blob URLs need "
+                raise ImportError(f"{scheme}:// blob URLs need "
                                   f"pip install 'ragkv[{extra}]' ({exc})") from exc
         else:
             self.fs = LocalFileSystem()
