@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ragkv.cache_index import (
     decode_kv,
     encode_kv,
 )
+from ragkv.cache_index.blobs import checksum_matches
 
 # -- round trip ------------------------------------------------------------------------------
 
@@ -58,7 +60,10 @@ def test_encode_decode_keeps_metadata_and_handles_views() -> None:
     tensors, meta = decode_kv(data)
     assert meta == {"key": "x", "extra": "y"}
     assert torch.equal(tensors["k"], base[0]) and torch.equal(tensors["v"], base[1].t())
-    assert len(checksum) == 64
+    assert checksum.startswith("xxh3:") and len(checksum) == 37
+    assert checksum_matches(data, checksum) and not checksum_matches(data[:-1], checksum)
+    # Entries written with the earlier sha256 checksums still verify.
+    assert checksum_matches(data, hashlib.sha256(data).hexdigest())
 
 
 @pytest.mark.parametrize(

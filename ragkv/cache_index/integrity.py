@@ -1,7 +1,7 @@
 """Integrity of stored KV: the one check every read and every ``verify`` applies to a blob,
 and ``verify``, which scans the whole cache and repairs what fails.
 
-A blob is good when its bytes hash to the checksum the index recorded (sha256: truncation,
+A blob is good when its bytes hash to the checksum the index recorded (xxh3-128: truncation,
 flipped bits and a half-written file all fail it), its safetensors framing is sound, its
 metadata names this key, model and layout (a blob copied under another key's name fails
 here), and, for int8 entries, its payload and scales fit together.
@@ -9,7 +9,6 @@ here), and, for int8 entries, its payload and scales fit together.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import posixpath
 import time
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ragkv.cache_index import residency
-from ragkv.cache_index.blobs import BlobStore, decode_kv
+from ragkv.cache_index.blobs import BlobStore, checksum_matches, decode_kv
 from ragkv.cache_index.codec import decode_tensors
 from ragkv.cache_index.models import EntryInfo
 
@@ -29,15 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("ragkv.cache")
 
 
-def checksum(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def open_blob(data: bytes, entry: EntryInfo, *, model_fp: str | None = None,
               layout: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors (decoded, ready to use) of a blob read for ``entry``; ValueError says why
     the blob is unusable."""
-    if checksum(data) != entry.checksum:
+    if not checksum_matches(data, entry.checksum):
         raise ValueError(f"checksum mismatch ({len(data)} of {entry.nbytes} bytes)")
     tensors, meta = decode_kv(data)
     expected = {"key": entry.key, "model_fp": model_fp or entry.model_fp,
