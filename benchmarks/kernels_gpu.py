@@ -178,11 +178,11 @@ def bench_end_to_end(layers: int, n_chunks: int, chunk: int, reps: int,
         return model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
 
     @torch.inference_mode()
-    def blend(ops, kv, policy="qhkvd", ratio=0.15, record=False):
+    def blend(ops, kv, policy="qhkvd", ratio=0.15, record=False, pipelined=None):
         runner.ops = ops
         c = SelectionContext(T, ctx.exact_until, spans, forced, ratio, ctx.suffix_start)
         pol = make_policy(BlendConfig(ratio=ratio, policy=policy), layers)
-        return fuse(runner, ids, kv, c, pol, record=record)
+        return fuse(runner, ids, kv, c, pol, record=record, pipelined=pipelined)
 
     tri, ref = make_ops("triton", dev), TorchOps()
     res = {"params": params, "layers": layers, "prompt_tokens": T, "chunks": n_chunks,
@@ -193,6 +193,13 @@ def bench_end_to_end(layers: int, n_chunks: int, chunk: int, reps: int,
             res[f"blend_{policy}_{name}_ms"] = wall_ms(
                 lambda ops=ops, policy=policy: blend(ops, cached, policy), reps)
         res[f"blend_qhkvd_{name}_hostload_ms"] = wall_ms(lambda ops=ops: blend(ops, host), reps)
+        # The same with every layer placed before layer 0 (no loading pipeline).
+        res[f"blend_qhkvd_{name}_hostload_placed_first_ms"] = wall_ms(
+            lambda ops=ops: blend(ops, host, pipelined=False), reps)
+    piped, first = blend(tri, host, pipelined=True), blend(tri, host, pipelined=False)
+    res["pipelined_equals_placed_first"] = bool(torch.equal(piped.logits, first.logits))
+    res["place_ms_per_layer_median"] = 1e3 * statistics.median(piped.place_s)
+    res["compute_ms_per_layer_median"] = 1e3 * statistics.median(piped.layer_s)
     a, b = blend(tri, cached, record=True), blend(ref, cached, record=True)
     res["recomputed_per_layer"] = a.recomputed_per_layer
     # bf16 deviations round differently in the two implementations: report the overlap.
@@ -243,7 +250,8 @@ def main() -> None:
         print(f"e2e {e['prompt_tokens']} tokens: full {e['full_ms']:.1f} ms, blend 0.15 triton "
               f"{e['blend_qhkvd_triton_ms']:.1f} ms (x{e['blend_qhkvd_triton_speedup']:.2f}), "
               f"torch {e['blend_qhkvd_torch_ms']:.1f} ms, host-load triton "
-              f"{e['blend_qhkvd_triton_hostload_ms']:.1f} ms", flush=True)
+              f"{e['blend_qhkvd_triton_hostload_ms']:.1f} ms (placed first "
+              f"{e['blend_qhkvd_triton_hostload_placed_first_ms']:.1f} ms)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

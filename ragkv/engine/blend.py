@@ -59,7 +59,7 @@ def deviation(ops: TorchOps, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: to
 
 def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, ChunkKV]],
          ctx: SelectionContext, policy: SelectionPolicy, *, deviation_on: str = "k",
-         record: bool = False, pipelined: bool = True) -> FusedPrefill:
+         record: bool = False, pipelined: bool | None = None) -> FusedPrefill:
     """Prefill ``ids [T]`` reusing ``cached`` spans ``(start, ChunkKV)``.
 
     Positions covered by no span must be among the policy's initial positions; the last

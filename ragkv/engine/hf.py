@@ -36,8 +36,8 @@ class HFEngine:
         self.runner = LlamaFamilyRunner(model, make_ops(kernels, device))
         #: measures placement vs compute per layer; answers ``ratio="auto"``
         self.controller = LoadingController()
-        #: place cached KV layer by layer on a background thread (False: all before layer 0)
-        self.pipelined = True
+        #: place cached KV layer by layer behind the compute: None = when it crosses devices
+        self.pipelined: bool | None = None
         self.fingerprint = model_fingerprint(model)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
