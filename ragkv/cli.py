@@ -218,15 +218,22 @@ def ui(home: Home = default_home(), model: Model = None, port: int = 8501,
     raise typer.Exit(code)
 
 
+IndexUrl = Annotated[str | None, typer.Option(
+    help="SQLAlchemy URL of a shared index (default: SQLite in --home)")]
+BlobUrl = Annotated[str | None, typer.Option(
+    help="fsspec URL of shared blobs, e.g. redis:// or s3:// (default: --home/blobs)")]
+
+
 @cache_app.command("stats")
-def cache_stats(home: Home = default_home()) -> None:
+def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
+                blob_url: BlobUrl = None) -> None:
     """Documents, chunks, KV entries and bytes in the cache index."""
     from ragkv.cache_index import BlobStore, CacheIndex
 
-    cfg = RagkvConfig(home=home)
+    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url)
     index = CacheIndex(cfg.resolved_index_url)
     s = index.stats()
-    s["blob_bytes"] = BlobStore(cfg.resolved_blob_url).total_bytes()
+    s["blob_bytes"] = BlobStore(cfg.resolved_blob_url, cfg.blob_options).total_bytes()
     t = Table("what", "value")
     for key, value in s.items():
         t.add_row(key, str(value))
@@ -234,13 +241,15 @@ def cache_stats(home: Home = default_home()) -> None:
 
 
 def _store(home: Path, disk_budget_mb: float | None = None,
-           remote_budget_mb: float | None = None, remote_url: str | None = None):
+           remote_budget_mb: float | None = None, remote_url: str | None = None,
+           index_url: str | None = None, blob_url: str | None = None):
     from ragkv.cache_index import KVStore
 
     def _bytes(mb: float | None) -> int | None:
         return None if mb is None else int(mb * 2**20)
 
-    cfg = RagkvConfig(home=home, remote_blob_url=remote_url, memory_budget_bytes=0,
+    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url,
+                      remote_blob_url=remote_url, memory_budget_bytes=0,
                       disk_budget_bytes=_bytes(disk_budget_mb),
                       remote_budget_bytes=_bytes(remote_budget_mb))
     return KVStore.from_config(cfg)
@@ -251,6 +260,7 @@ Remote = Annotated[str | None, typer.Option(help="fsspec URL of the remote blob 
 
 @cache_app.command("verify")
 def cache_verify(home: Home = default_home(), remote: Remote = None,
+                 index_url: IndexUrl = None, blob_url: BlobUrl = None,
                  repair: Annotated[bool, typer.Option(help="delete what fails")] = True,
                  grace_s: Annotated[float, typer.Option(
                      help="leave orphan blobs younger than this (puts in flight)")] = 300.0,
@@ -258,7 +268,8 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
     """Read every stored blob: checksum, framing, metadata; remove bad entries and orphans."""
     from ragkv.cache_index import verify
 
-    report = verify(_store(home, remote_url=remote), repair=repair, orphan_grace_s=grace_s)
+    report = verify(_store(home, remote_url=remote, index_url=index_url, blob_url=blob_url),
+                    repair=repair, orphan_grace_s=grace_s)
     for key, tier, reason in report.bad[:50]:
         console.print(f"[red]bad[/red] {tier} {key[:16]}: {reason}")
     for tier, name in report.orphans[:50]:
@@ -272,11 +283,12 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
 
 @cache_app.command("gc")
 def cache_gc(home: Home = default_home(), remote: Remote = None,
+             index_url: IndexUrl = None, blob_url: BlobUrl = None,
              disk_budget_mb: Annotated[float | None, typer.Option(help="local disk budget")] = None,
              remote_budget_mb: Annotated[float | None, typer.Option(help="remote budget")] = None,
              ) -> None:
     """Evict lowest-priority entries until each tier fits its budget."""
-    store = _store(home, disk_budget_mb, remote_budget_mb, remote)
+    store = _store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
     if disk_budget_mb is None and remote_budget_mb is None:
         _fail("give --disk-budget-mb and/or --remote-budget-mb")
     t = Table("tier", "budget MiB", "before MiB", "after MiB", "evicted")

@@ -101,6 +101,26 @@ def test_cli_verify_and_gc(tmp_path):
     assert runner.invoke(app, ["cache", "gc", "--home", str(cfg.home)]).exit_code == 2
 
 
+def test_cli_cache_commands_take_shared_urls(tmp_path):
+    """A shared index and blob store live anywhere: the commands take their URLs."""
+    from ragkv.cache_index import KVStore
+
+    shared = RagkvConfig(home=tmp_path / "shared", index_url=f"sqlite:///{tmp_path / 'i.db'}",
+                         blob_url=str(tmp_path / "blobs"), memory_budget_bytes=0)
+    store = KVStore.from_config(shared)
+    for i in range(3):
+        put(store, i, n_tokens=20)
+    disk_path(store, 2).write_bytes(b"garbage")
+    urls = ["--home", str(tmp_path / "elsewhere"), "--index-url", shared.index_url,
+            "--blob-url", shared.blob_url]
+    runner = CliRunner()
+    res = runner.invoke(app, ["cache", "stats", *urls])
+    assert res.exit_code == 0 and "kv_entries" in res.output, res.output
+    res = runner.invoke(app, ["cache", "verify", "--grace-s", "0", *urls])
+    assert res.exit_code == 0 and "1 bad" in res.output, res.output
+    assert store.index.get_entry(key(2)) is None and store.index.get_entry(key(0)) is not None
+
+
 # ---- int8 ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k_scales,v_scales", [("channel", "token"), ("token", "channel")])
