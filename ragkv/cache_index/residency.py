@@ -8,18 +8,21 @@ is deleted. A crash in between leaves at worst an orphan blob (no row points at 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ragkv.cache_index.index import CacheIndex, _batches
 from ragkv.cache_index.models import EntryInfo, EvictionClock, KVEntry, to_info, utcnow
 from ragkv.cache_index.policy import EvictionPolicy
 
+log = logging.getLogger("ragkv.cache")
 Tier = Literal["disk", "remote"]
 _FLAG = {"disk": KVEntry.on_disk, "remote": KVEntry.on_remote}
 
@@ -33,6 +36,19 @@ def _flag(tier: str) -> Any:
 
 def read_clock(s: Session) -> float:
     return float(s.scalar(select(EvictionClock.value).where(EvictionClock.id == 1)) or 0.0)
+
+
+def ensure_clock(index: CacheIndex) -> None:
+    """Create the eviction clock row up front: two processes evicting for the first time at
+    once would otherwise both insert it, and the loser's eviction would fail on the key."""
+    try:
+        with index._tx() as s:
+            if s.get(EvictionClock, 1) is None:
+                s.add(EvictionClock(id=1, value=0.0))
+    except IntegrityError:
+        pass  # another process created it at the same moment: that is all we wanted
+    except SQLAlchemyError as exc:  # an index that is down is handled (as misses) elsewhere
+        log.warning("could not prepare the eviction clock: %s", exc)
 
 
 def clock(index: CacheIndex) -> float:

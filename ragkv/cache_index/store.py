@@ -56,6 +56,7 @@ class KVStore:
         self.tiers = {t: TierStats() for t in TIERS}
         # The UI may serve queries from several threads; lost increments would make it lie.
         self._lock = threading.Lock()
+        residency.ensure_clock(index)
 
     @classmethod
     def from_config(cls, cfg: RagkvConfig) -> KVStore:
