@@ -7,7 +7,7 @@ RAGKV_HOME ?= $(HOME)/.cache/ragkv
 CASES ?= ../shared/eval/pydoc_cases.jsonl
 export RAGKV_HOME
 
-.PHONY: install model demo ui test test-slow test-ui-browser test-services test-vllm bench lint clean
+.PHONY: install model demo ui test test-slow test-ui-browser test-services bench-storage bench-gpu test-vllm bench lint clean
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,15 @@ bench: $(VENV)/.installed model
 	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,blend --ratios 0.15 \
 	    --policies qhkvd,gradual,chunk_head,hkvd+head --contexts cold,prefix \
 	    --out benchmarks/results/pydoc_policies.json
+
+# Cache lookup latency, tier throughput, PGDSF vs LRU; and the lookup+load share of TTFT.
+bench-storage: $(VENV)/.installed model
+	$(PY) benchmarks/storage_bench.py --name sqlite
+	$(PY) benchmarks/loading_bench.py --cases $(CASES) --limit 8
+
+# Triton kernels and TTFT on an 8B-shaped Llama: needs a CUDA device.
+bench-gpu: $(VENV)/.installed
+	$(PY) benchmarks/kernels_gpu.py --out benchmarks/results/kernels_gpu.json
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check ragkv tests benchmarks examples
