@@ -1,0 +1,282 @@
+"""``RagkvConnector``: CacheBlend inside vLLM V1 as a KV connector, loaded by module path.
+
+    kv_transfer_config = {"kv_connector": "RagkvConnector",
+                          "kv_connector_module_path": "ragkv.engine.vllm.connector",
+                          "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                          "kv_connector_extra_config": {"ragkv": {<RagkvConfig fields>}}}
+
+Scheduler side: a request whose ``kv_transfer_params`` name chunks (``params.py``) has its
+whole context, every position before the question suffix, claimed as external KV (beyond
+what vLLM's prefix cache already holds). Worker side: before the step's forward, the chunks'
+KV is loaded from ragkv's store (a miss is computed with vLLM's own weights and stored
+back), fused by ragkv's blend and written into the paged cache; vLLM computes the suffix and
+decodes. A precompute request (``save``) is prefilled by vLLM and its spans' KV stored.
+
+NOTE: malformed parameters are refused on the scheduler side (the request runs as a plain
+full prefill and its output's ``kv_transfer_params`` carries the error); a failure while
+fusing reports the claimed blocks as failed loads, which vLLM recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+from ragkv.config import RagkvConfig
+from ragkv.engine.vllm.params import (
+    FusionParams,
+    ParamsError,
+    Span,
+    fusion_salt,
+    parse,
+    vllm_fingerprint,
+)
+from ragkv.engine.vllm.worker import WorkerFusion, check_layout, read_paged, slots
+from ragkv.keys import context_digest
+
+if TYPE_CHECKING:
+    from vllm.v1.request import Request
+
+log = logging.getLogger("ragkv.vllm")
+
+
+@dataclass
+class LoadReq:
+    req_id: str
+    ids: list[int]
+    block_ids: list[int]
+    lo: int  # first position to write (what vLLM's prefix cache holds comes before)
+    params: FusionParams
+
+
+@dataclass
+class SaveReq:
+    req_id: str
+    ids: list[int]
+    block_ids: list[int]
+    spans: tuple[Span, ...]
+    computed_until: int  # positions [0, computed_until) hold KV after this step
+
+
+@dataclass
+class RagkvMeta(KVConnectorMetadata):
+    loads: list[LoadReq] = field(default_factory=list)
+    saves: list[SaveReq] = field(default_factory=list)
+
+
+@dataclass
+class RagkvWorkerMeta(KVConnectorWorkerMetadata):
+    traces: dict[str, dict] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, RagkvWorkerMeta):
+            self.traces.update(other.traces)
+        return self
+
+
+def ragkv_config(extra: dict[str, Any]) -> RagkvConfig:
+    return RagkvConfig(**dict(extra.get("ragkv") or {}))
+
+
+class RagkvConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._block_size = vllm_config.cache_config.block_size
+        self._cfg = ragkv_config(self._kv_transfer_config.kv_connector_extra_config or {})
+        mc = vllm_config.model_config
+        self._fingerprint = vllm_fingerprint(mc.model, str(mc.dtype).removeprefix("torch."))
+        # scheduler side
+        self._matched: dict[str, tuple[FusionParams, int]] = {}
+        self._pending: dict[str, tuple[Request, FusionParams, int]] = {}
+        self._saves: dict[str, FusionParams] = {}
+        self._notes: dict[str, dict] = {}
+        # worker side
+        self._fusion: WorkerFusion | None = None
+        self._layers: list[str] = []
+        self._traces: dict[str, dict] = {}
+        self._failed: set[int] = set()
+        self._layout_ok: bool | None = None
+        self._captured: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # ==============================
+    # Scheduler side
+    # ==============================
+    def _params(self, request: Request) -> FusionParams | None:
+        ids = list(request.prompt_token_ids or [])
+        try:
+            p = parse(request.kv_transfer_params, len(ids))
+            if p is not None and p.fused and request.cache_salt != fusion_salt(p, ids):
+                raise ParamsError("a fused request needs cache_salt = fusion_salt(params, ids) "
+                                  "so that vLLM's prefix cache keeps fused KV apart")
+            return p
+        except ParamsError as exc:
+            if request.request_id not in self._notes:
+                log.error("request %s: ragkv parameters refused (%s); full prefill instead",
+                          request.request_id, exc)
+            self._notes[request.request_id] = {"error": str(exc), "fallback": "full prefill"}
+            return None
+
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        p = self._params(request)
+        if p is None:
+            return 0, False
+        if p.save:
+            self._saves[request.request_id] = p
+        if not p.fused or num_computed_tokens >= p.suffix_start:
+            return 0, False
+        self._matched[request.request_id] = (p, num_computed_tokens)
+        return p.suffix_start - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Request, blocks, num_external_tokens: int):
+        matched = self._matched.pop(request.request_id, None)
+        if num_external_tokens > 0 and matched is not None:
+            self._pending[request.request_id] = (request, *matched)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        meta = RagkvMeta()
+        for new in scheduler_output.scheduled_new_reqs:
+            ids = list(new.prompt_token_ids or [])
+            blocks = list(new.block_ids[0])
+            if new.req_id in self._pending:
+                _, p, lo = self._pending.pop(new.req_id)
+                meta.loads.append(LoadReq(new.req_id, ids, blocks, lo, p))
+            p = self._saves.pop(new.req_id, None)
+            if p is not None:
+                done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
+                meta.saves.append(SaveReq(new.req_id, ids, blocks, p.save, done))
+        self._pending.clear()
+        return meta
+
+    def update_connector_output(self, connector_output) -> None:
+        wm = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(wm, RagkvWorkerMeta):
+            for rid, trace in wm.traces.items():
+                self._notes.setdefault(rid, {}).update(trace)
+
+    def request_finished(self, request: Request, block_ids: list[int]):
+        self._matched.pop(request.request_id, None)
+        self._saves.pop(request.request_id, None)
+        note = self._notes.pop(request.request_id, None)
+        return False, ({"ragkv": note} if note else None)
+
+    # ==============================
+    # Worker side
+    # ==============================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        def layer_no(name: str) -> int:
+            return int(name.split("layers.")[1].split(".")[0])
+
+        self._layers = sorted(kv_caches, key=layer_no)
+
+    @property
+    def fusion(self) -> WorkerFusion:
+        if self._fusion is None:
+            self._fusion = WorkerFusion(self._cfg, self._fingerprint)
+        return self._fusion
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, RagkvMeta)
+        for req in meta.loads:
+            trace: dict[str, Any] = {"hits": 0, "misses": 0, "mode": req.params.mode}
+            try:
+                fused = self.fusion.fuse(req.ids, req.params, trace)
+                self._write(forward_context, req, fused)
+            except Exception as exc:  # noqa: BLE001 - never the engine's failure
+                log.exception("request %s: ragkv fusion failed; vLLM recomputes", req.req_id)
+                trace["error"] = f"fusion failed: {exc}"
+                trace["fallback"] = "recompute"
+                bs = self._block_size
+                self._failed.update(req.block_ids[req.lo // bs:
+                                                  (req.params.suffix_start + bs - 1) // bs])
+            self._traces[req.req_id] = trace
+
+    def _write(self, forward_context, req: LoadReq, fused) -> None:
+        lo, hi = req.lo, req.params.suffix_start
+        slot = slots(req.block_ids, self._block_size, lo, hi)
+        layers = forward_context.no_compile_layers
+        for i, name in enumerate(self._layers):
+            layer = layers[name]
+            cache = layer.kv_cache
+            k = fused.k[i][:, lo:hi].transpose(0, 1).to(cache.dtype).contiguous()
+            v = fused.v[i][:, lo:hi].transpose(0, 1).to(cache.dtype).contiguous()
+            layer.impl.do_kv_cache_update(layer, k, v, cache, slot.to(cache.device))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads finish inside start_load_kv, before the forward
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata,
+                      **kwargs: Any) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, RagkvMeta) or not meta.saves:
+            return
+        if self._layout_ok is None:
+            from vllm.forward_context import get_forward_context
+
+            layer = get_forward_context().no_compile_layers[layer_name]
+            self._layout_ok = check_layout(layer, kv_layer)
+            if not self._layout_ok:
+                log.warning("this attention backend's KV cache layout is unknown to ragkv: "
+                            "precompute through vLLM is off (misses are still computed)")
+        if not self._layout_ok:
+            return
+        idx = self._layers.index(layer_name)
+        for req in meta.saves:
+            for j, span in enumerate(req.spans):
+                if span.end <= req.computed_until:
+                    slot = slots(req.block_ids, self._block_size, span.start, span.end)
+                    k, v = read_paged(kv_layer, slot.to(kv_layer.device))
+                    self._captured.setdefault(f"{req.req_id}/{j}", {})[idx] = (
+                        k.to("cpu", copy=True), v.to("cpu", copy=True))
+
+    def wait_for_save(self) -> None:
+        if not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, RagkvMeta):
+            return
+        for req in meta.saves:
+            trace = self._traces.setdefault(req.req_id, {})
+            for j, span in enumerate(req.spans):
+                got = self._captured.pop(f"{req.req_id}/{j}", None)
+                if got is None or len(got) != len(self._layers):
+                    continue
+                try:
+                    self._store_span(req, span, got)
+                    trace["saved"] = trace.get("saved", 0) + 1
+                except Exception as exc:  # noqa: BLE001 - a failed save is a later miss
+                    log.warning("request %s: span not saved (%s)", req.req_id, exc)
+                    trace["save_error"] = str(exc)
+
+    def _store_span(self, req: SaveReq, span: Span, got: dict) -> None:
+        f = self.fusion
+        before = req.ids[:span.start]
+        ctx = context_digest(before) if before else None
+        if f.key(req.ids[span.start:span.end], ctx) != span.key:
+            raise ValueError(f"key {span.key[:12]} does not name [{span.start}, {span.end}) "
+                             "after the tokens before it")
+        k = torch.stack([got[i][0] for i in range(len(self._layers))])
+        v = torch.stack([got[i][1] for i in range(len(self._layers))])
+        f.store_span(span, k, v)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed = self._failed, set()
+        return failed
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if not self._traces:
+            return None
+        traces, self._traces = self._traces, {}
+        return RagkvWorkerMeta(traces)

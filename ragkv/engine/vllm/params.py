@@ -1,0 +1,179 @@
+"""What a request tells the connector: per-request parameters, their checks, and the salt.
+
+A client sends them as ``kv_transfer_params = {"ragkv": {...}}`` (offline: in
+``SamplingParams.extra_args``; OpenAI server: the request body's ``kv_transfer_params``)::
+
+    {"ragkv": {"mode": "blend",                       # or "reuse"
+               "prefix_end": 31,                      # template prefix is [0, prefix_end)
+               "chunks": [[31, 420, "<key>"], ...],   # [start, end, cache key] in prompt order
+               "suffix_start": 900,                   # the question suffix: computed by vLLM
+               "context": "prefix",                   # how chunks were precomputed
+               "blend": {"ratio": 0.15, "policy": "qhkvd", "check_layers": [1],
+                         "deviation_on": "k"}}}
+
+A precompute request instead names ``"save": [[start, end, "<key>"]]``: vLLM prefills the
+prompt as usual and the connector stores those positions' KV under the key.
+
+Fused (``reuse``/``blend``) KV is not what full prefill gives, so a fused request must carry
+``cache_salt = fusion_salt(...)``: vLLM's prefix cache then keeps its blocks apart from exact
+ones (and identical fused requests still share theirs). Plain Python: no vLLM import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ragkv.config import BlendConfig
+
+PARAMS_KEY = "ragkv"
+FUSED_MODES = ("reuse", "blend")
+#: policies whose selection reads the question, so the fused context depends on it too
+QUERY_AWARE = ("qhkvd",)
+
+
+class ParamsError(ValueError):
+    """Malformed ragkv connector parameters (the request falls back to full prefill)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    key: str
+
+
+@dataclass(frozen=True)
+class FusionParams:
+    mode: str = "blend"
+    prefix_end: int = 0
+    chunks: tuple[Span, ...] = ()
+    suffix_start: int = 0
+    context: str = "prefix"
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    save: tuple[Span, ...] = ()
+
+    @property
+    def fused(self) -> bool:
+        return bool(self.chunks)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``kv_transfer_params`` value a client sends."""
+        body: dict[str, Any] = {"context": self.context}
+        if self.chunks:
+            b = asdict(self.blend)
+            b["check_layers"] = list(b["check_layers"])
+            body.update(mode=self.mode, prefix_end=self.prefix_end, suffix_start=self.suffix_start,
+                        chunks=[[s.start, s.end, s.key] for s in self.chunks], blend=b)
+        if self.save:
+            body["save"] = [[s.start, s.end, s.key] for s in self.save]
+        return {PARAMS_KEY: body}
+
+
+def _spans(raw: Any, name: str, n: int) -> tuple[Span, ...]:
+    if not isinstance(raw, list):
+        raise ParamsError(f"'{name}' must be a list of [start, end, key]")
+    out = []
+    for i, item in enumerate(raw):
+        if (not isinstance(item, list | tuple) or len(item) != 3
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in item[:2])
+                or not isinstance(item[2], str) or len(item[2]) != 64):
+            raise ParamsError(f"{name}[{i}] must be [start, end, 64-hex key], got {item!r}")
+        s, e, key = item
+        if not 0 <= s < e <= n:
+            raise ParamsError(f"{name}[{i}] span [{s}, {e}) is empty or outside the prompt "
+                              f"of {n} tokens")
+        if out and s < out[-1].end:
+            raise ParamsError(f"{name}[{i}] overlaps or precedes the span before it")
+        out.append(Span(s, e, key))
+    return tuple(out)
+
+
+def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
+    """The request's ragkv parameters, None when it has none; raises ParamsError."""
+    if not isinstance(transfer, dict) or PARAMS_KEY not in transfer:
+        return None
+    body = transfer[PARAMS_KEY]
+    if not isinstance(body, dict):
+        raise ParamsError("kv_transfer_params['ragkv'] must be an object")
+    context = body.get("context", "prefix")
+    if context not in ("prefix", "cold"):
+        raise ParamsError(f"context must be 'prefix' or 'cold', got {context!r}")
+    save = _spans(body.get("save", []), "save", n_prompt)
+    if "chunks" not in body:
+        if not save:
+            raise ParamsError("ragkv parameters name neither 'chunks' nor 'save'")
+        return FusionParams(context=context, save=save)
+    mode = body.get("mode", "blend")
+    if mode not in FUSED_MODES:
+        raise ParamsError(f"mode must be one of {', '.join(FUSED_MODES)}, got {mode!r}")
+    chunks = _spans(body["chunks"], "chunks", n_prompt)
+    prefix_end, suffix_start = body.get("prefix_end"), body.get("suffix_start")
+    if not isinstance(prefix_end, int) or not isinstance(suffix_start, int):
+        raise ParamsError("prefix_end and suffix_start must be integers")
+    if not chunks or not 0 < prefix_end <= chunks[0].start:
+        raise ParamsError("need at least one chunk, after a non-empty template prefix")
+    if not chunks[-1].end <= suffix_start < n_prompt:
+        raise ParamsError(f"suffix_start {suffix_start} must lie after the last chunk and "
+                          f"before the prompt's end ({n_prompt})")
+    raw = body.get("blend", {})
+    if not isinstance(raw, dict):
+        raise ParamsError("'blend' must be an object")
+    try:
+        blend = BlendConfig(**{**raw, "check_layers": tuple(raw.get("check_layers", (1,)))})
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"bad blend settings: {exc}") from None
+    if blend.ratio == "auto":
+        raise ParamsError("ratio 'auto' is not supported inside vLLM; give a number")
+    return FusionParams(mode, prefix_end, chunks, suffix_start, context, blend, save)
+
+
+def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
+    """The ``cache_salt`` a fused request must carry: a digest of everything, besides the
+    tokens themselves, that decides the fused KV of its context."""
+    b = params.blend
+    payload: dict[str, Any] = {
+        "mode": params.mode, "context": params.context, "prefix_end": params.prefix_end,
+        "chunks": [[s.start, s.end, s.key] for s in params.chunks],
+        "suffix_start": params.suffix_start,
+    }
+    if params.mode == "blend":
+        payload["blend"] = [b.ratio, b.policy, list(b.check_layers), b.deviation_on,
+                            b.head_tokens]
+        if b.policy in QUERY_AWARE:
+            payload["question"] = [int(t) for t in prompt_ids[params.suffix_start:]]
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return "ragkv-fusion:" + hashlib.sha256(blob).hexdigest()
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def vllm_fingerprint(model_dir: str, dtype: str) -> str:
+    """Model identity for KV computed by vLLM: ``vllm:`` + SHA-256 of the folder's
+    ``config.json`` and weight files (bytes, in name order) and the compute dtype.
+
+    A namespace of its own: ragkv's transformers backend fingerprints its loaded
+    ``state_dict``, whose names and layout differ from vLLM's merged projections, and the two
+    engines' kernels round differently, so neither reads the other's entries.
+    """
+    from pathlib import Path
+
+    root = Path(model_dir)
+    files = [root / "config.json", *sorted(root.glob("*.safetensors")), *sorted(root.glob("*.bin"))]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no config.json or weight files to fingerprint")
+    stamp = (str(root.resolve()), dtype, tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                              for f in files))
+    if stamp not in _FINGERPRINTS:
+        h = hashlib.sha256(f"ragkv-vllm/1;dtype={dtype}".encode())
+        for f in files:
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                while block := fh.read(1 << 24):
+                    h.update(block)
+        _FINGERPRINTS[stamp] = "vllm:" + h.hexdigest()
+    return _FINGERPRINTS[stamp]
