@@ -1,0 +1,144 @@
+"""ragkv's KV connector inside a real vLLM V1 engine (``make test-vllm``).
+
+One engine (SmolLM2, fp32, eager, prefix caching on) serves every test; prompts stay short
+because vLLM's CPU build is slow here. vLLM is imported only inside the fixture, so the fast
+suite never imports it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ragkv.config import BlendConfig, RagkvConfig, default_home
+
+pytestmark = pytest.mark.vllm
+
+CHUNKS = (
+    "The capital of Freedonia is Zumbat. It lies on the river Oxo and has three bridges.",
+    "Zumbat is famous for its blue cheese and for a kite festival held every May.",
+    "The river Oxo floods every spring, and the bridges of Zumbat were rebuilt in 1911.",
+)
+QUESTION = "What is the capital of Freedonia and what is it famous for?"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    from ragkv.engine.vllm.client import RequestBuilder
+    from ragkv.engine.vllm.engine import connector_config
+    from ragkv.engine.vllm.params import vllm_fingerprint
+    from ragkv.model_fetch import ensure_default_model
+    from ragkv.prompt import PromptTemplate
+
+    path = ensure_default_model(default_home())
+    cfg = RagkvConfig(home=tmp_path_factory.mktemp("ragkv-vllm"), kv_dtype="float32")
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=1024,
+              enable_prefix_caching=True, seed=0, kv_cache_memory_bytes=256 * 2**20,
+              kv_transfer_config=connector_config(cfg))
+    tok = AutoTokenizer.from_pretrained(path)
+    builder = RequestBuilder(PromptTemplate.from_tokenizer(tok, cfg.system_prompt),
+                             vllm_fingerprint(str(path), "float32"), cfg)
+    chunks = [tok(c, add_special_tokens=False).input_ids for c in CHUNKS]
+    yield llm, builder, chunks, cfg
+
+
+def run(llm, req, max_tokens: int = 12):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=req.ids)
+    if req.cache_salt:
+        prompt["cache_salt"] = req.cache_salt
+    extra = {"kv_transfer_params": req.kv_transfer_params} if req.kv_transfer_params else None
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                extra_args=extra), use_tqdm=False)[0]
+    return list(out.outputs[0].token_ids), (out.kv_transfer_params or {}).get("ragkv", {})
+
+
+def stored(cfg, key: str) -> bool:
+    from ragkv.cache_index import KVStore
+
+    return KVStore.from_config(cfg).contains([key]).get(key, False)
+
+
+def test_precompute_through_vllm_then_reuse_of_one_chunk_first_equals_full(served):
+    llm, builder, chunks, cfg = served
+    pre = builder.precompute(chunks[0])
+    run(llm, pre, max_tokens=1)
+    assert stored(cfg, pre.kv_transfer_params["ragkv"]["save"][0][2])
+    full, _ = run(llm, builder.fused(chunks[:1], QUESTION, mode="full"))
+    reuse, trace = run(llm, builder.fused(chunks[:1], QUESTION, mode="reuse"))
+    assert "error" not in trace
+    assert trace["misses"] <= 1 and trace["hits"] >= 1  # the chunk came from the store
+    assert reuse == full
+
+
+def test_blend_at_ratio_one_equals_full(served):
+    llm, builder, chunks, _ = served
+    full, _ = run(llm, builder.fused(chunks[:2], QUESTION, mode="full"))
+    req = builder.fused(chunks[:2], QUESTION, mode="blend", blend=BlendConfig(ratio=1.0))
+    blend, trace = run(llm, req)
+    assert "error" not in trace and trace["recomputed"] > 0
+    assert blend == full
+
+
+def test_blend_at_015_runs_and_is_traced(served):
+    llm, builder, chunks, _ = served
+    req = builder.fused([chunks[1], chunks[0]], QUESTION, mode="blend",
+                        blend=BlendConfig(ratio=0.15))
+    tokens, trace = run(llm, req)
+    assert tokens and "error" not in trace
+    n_chunk = len(chunks[0]) + len(chunks[1])
+    assert 0 < trace["recomputed"] <= 0.5 * n_chunk
+
+
+def test_mixed_hit_and_miss_computes_and_stores_the_miss(served):
+    llm, builder, chunks, cfg = served
+    run(llm, builder.precompute(chunks[0]), max_tokens=1)
+    key_new = builder.key_for(chunks[2])
+    assert not stored(cfg, key_new)
+    req = builder.fused([chunks[0], chunks[2]], QUESTION, mode="blend",
+                        blend=BlendConfig(ratio=1.0))
+    tokens, trace = run(llm, req)
+    full, _ = run(llm, builder.fused([chunks[0], chunks[2]], QUESTION, mode="full"))
+    assert trace["misses"] == 1 and trace["hits"] >= 1
+    assert stored(cfg, key_new)
+    assert tokens == full
+    _, again = run(llm, builder.fused([chunks[2], chunks[0]], QUESTION, mode="reuse"))
+    assert again["misses"] == 0
+
+
+@pytest.mark.parametrize("damage", ["not-a-key", "span", "salt", "mode"])
+def test_malformed_params_fall_back_to_full_prefill_with_an_error(served, damage):
+    llm, builder, chunks, _ = served
+    full, _ = run(llm, builder.fused(chunks[:2], QUESTION, mode="full"))
+    req = builder.fused(chunks[:2], QUESTION, mode="reuse")
+    body = req.kv_transfer_params["ragkv"]
+    if damage == "not-a-key":
+        body["chunks"][0][2] = "not-a-key"
+    elif damage == "span":
+        body["chunks"][1][1] = len(req.ids) + 5
+    elif damage == "salt":
+        req.cache_salt = None
+    else:
+        body["mode"] = "telepathy"
+    tokens, trace = run(llm, req)
+    assert trace["fallback"] == "full prefill" and trace["error"]
+    assert tokens == full
+
+
+def test_a_key_that_names_other_tokens_is_recomputed_not_trusted(served):
+    llm, builder, chunks, _ = served
+    full, _ = run(llm, builder.fused(chunks[:2], QUESTION, mode="full"))
+    req = builder.fused(chunks[:2], QUESTION, mode="reuse")
+    body = req.kv_transfer_params["ragkv"]
+    body["chunks"][1][2] = builder.key_for(chunks[2])  # a real key, of another chunk
+    from ragkv.engine.vllm.params import fusion_salt, parse
+
+    req.cache_salt = fusion_salt(parse(req.kv_transfer_params, len(req.ids)), req.ids)
+    tokens, trace = run(llm, req)
+    assert "does not name" in trace["error"] and trace["fallback"] == "recompute"
+    assert tokens == full
