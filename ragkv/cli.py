@@ -23,6 +23,7 @@ console = Console()
 Home = Annotated[Path, typer.Option(help="ragkv home (model, index, blobs)")]
 Model = Annotated[Path | None, typer.Option(help="local Llama-family transformers model dir")]
 Context = Annotated[str, typer.Option(help="precompute chunks 'cold' or after the 'prefix'")]
+Engine = Annotated[str, typer.Option(help="'hf' (transformers) or 'vllm' (the vllm extra)")]
 
 DEMO_TOPICS = ("try", "exceptions", "raise", "with", "context-managers", "assert", "for",
                "while", "yield", "lambda", "import", "del", "global", "nonlocal", "if", "pass")
@@ -39,16 +40,21 @@ def _progress() -> Progress:
 
 
 def _rag(home: Path, model: Path | None, context: str = "prefix", kv_dtype: str = "float16",
-         **blend):
+         engine: str = "hf", **blend):
     from ragkv.api import RagKV
 
     try:
         cfg = RagkvConfig(home=home, model=model, precompute_context=context,  # type: ignore[arg-type]
-                          kv_dtype=kv_dtype, blend=BlendConfig(**blend))  # type: ignore[arg-type]
+                          kv_dtype=kv_dtype, engine=engine,  # type: ignore[arg-type]
+                          blend=BlendConfig(**blend))
     except ValueError as exc:
         _fail(str(exc))
     try:
         with console.status("loading model and cache index"):
+            if cfg.engine == "vllm":
+                from ragkv.engine.vllm.rag import VLLMRag
+
+                return VLLMRag(cfg)
             return RagKV(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad model dir, no download
         _fail(str(exc))
@@ -61,7 +67,7 @@ def _fail(msg: str) -> None:
 
 @app.command()
 def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
-           context: Context = "prefix") -> None:
+           context: Context = "prefix", engine: Engine = "hf") -> None:
     """Ingest text/markdown files or folders: chunk, embed, precompute and store KV."""
     from ragkv.ingest import iter_text_files, read_text
 
@@ -71,7 +77,7 @@ def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
         _fail(str(exc))
     if not files:
         _fail("no .txt/.md/.rst files found")
-    rag = _rag(home, model, context)
+    rag = _rag(home, model, context, engine=engine)
     _ingest_docs(rag, [(str(f), read_text(f)) for f in files])
 
 
@@ -106,11 +112,15 @@ def ask(question: str,
         mode: str = "blend", ratio: float = 0.15,
         policy: str = "qhkvd", max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
-        home: Home = default_home(), model: Model = None, context: Context = "prefix") -> None:
+        home: Home = default_home(), model: Model = None, context: Context = "prefix",
+        engine: Engine = "hf") -> None:
     """Answer a question over the ingested documents."""
     if mode not in MODES:
         _fail(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    rag = _rag(home, model, context, ratio=ratio, policy=policy)
+    rag = _rag(home, model, context, engine=engine, ratio=ratio, policy=policy)
+    if engine == "vllm":
+        _ask_vllm(rag, question, k, mode, max_new_tokens, compare)
+        return
     try:
         answers = [rag.ask(question, k=k, mode=mode, max_new_tokens=max_new_tokens)]
         if compare and mode != "full":
@@ -121,19 +131,43 @@ def ask(question: str,
     console.print(_trace_table(answers))
 
 
+def _ask_vllm(rag, question: str, k: int, mode: str, max_new_tokens: int,
+              compare: bool) -> None:
+    if mode == "prefix":
+        _fail("mode 'prefix' is vLLM's own prefix caching with --engine vllm: use full")
+    modes = ["full", mode] if compare and mode != "full" else [mode]
+    try:
+        answers = [rag.ask(question, k=k, mode=m, max_new_tokens=max_new_tokens) for m in modes]
+    except LookupError as exc:
+        _fail(str(exc))
+    console.print(f"[bold]{answers[-1].text}[/bold]")
+    t = Table("mode", "hits", "misses", "context tok", "recomputed tok", "TTFT s", "speed-up")
+    full = answers[0].ttft_s if answers[0].mode == "full" else None
+    for a in answers:
+        tr = a.trace
+        t.add_row(a.mode, str(tr.get("hits", "-")), str(tr.get("misses", "-")),
+                  str(a.context_tokens), str(tr.get("recomputed", "-")), f"{a.ttft_s:.2f}",
+                  f"x{full / a.ttft_s:.1f}" if full else "-")
+    console.print(t)
+
+
 @app.command()
 def demo(home: Home = default_home(), model: Model = None,
          all_topics: Annotated[bool, typer.Option(help="ingest every pydoc topic")] = False,
-         max_new_tokens: int = 48) -> None:
+         max_new_tokens: int = 48, engine: Engine = "hf") -> None:
     """Ingest Python's documentation topics, then answer three questions with full and blend."""
     from ragkv.ingest import pydoc_topics
 
-    rag = _rag(home, model)
+    rag = _rag(home, model, engine=engine)
     docs = pydoc_topics(None if all_topics else DEMO_TOPICS)
     computed = _ingest_docs(rag, docs)
     if not computed:
         console.print("[green]all chunk KV already stored: nothing precomputed[/green]")
     for q in DEMO_QUESTIONS:
+        if engine == "vllm":
+            console.rule(q)
+            _ask_vllm(rag, q, 4, "blend", max_new_tokens, compare=True)
+            continue
         chunks = rag.retrieve(q, k=4)
         full = rag.generate(chunks, q, mode="full", max_new_tokens=max_new_tokens)
         blend = rag.generate(chunks, q, mode="blend", max_new_tokens=max_new_tokens)
@@ -154,7 +188,8 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           kv_dtype: Annotated[str, typer.Option(
               help="stored KV dtype: float16, bfloat16, float32 or int8 (run once per dtype "
                    "to compare fidelity)")] = "float16",
-          out: Path | None = None, home: Home = default_home(), model: Model = None) -> None:
+          out: Path | None = None, home: Home = default_home(), model: Model = None,
+          engine: Engine = "hf") -> None:
     """TTFT and fidelity of each mode against full prefill on a case file."""
     from ragkv.bench import BenchSpec, load_cases, run_bench
 
@@ -166,7 +201,10 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    rag = _rag(home, model, kv_dtype=kv_dtype)
+    rag = _rag(home, model, kv_dtype=kv_dtype, engine=engine)
+    if engine == "vllm":
+        _bench_vllm(rag, data, spec, out)
+        return
     with _progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -182,6 +220,25 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
 
         result["long_context"] = run_long(rag, long_context)
     _print_summary(result)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        console.print(f"wrote {out}")
+
+
+def _bench_vllm(rag, data: list[dict], spec, out: Path | None) -> None:
+    from ragkv.engine.vllm.bench import run_vllm_bench
+
+    result = run_vllm_bench(rag, data, spec)
+    t = Table("mode", "ratio", "n", "TTFT full s (med)", "TTFT s (med)", "TTFT x (med)",
+              "1st agree", "1st KL top-20 (med)", "ROUGE-L", "recomp %")
+    for s in result["summary"]:
+        t.add_row(s["mode"], "-" if s["ratio"] is None else f"{s['ratio']:.2f}", str(s["n"]),
+                  f"{s['full_ttft_median_s']:.2f}", f"{s['ttft_median_s']:.2f}",
+                  f"{s['speedup_median']:.2f}", f"{s['first_token_agree']:.3f}",
+                  f"{s['first_token_kl_top20_median']:.4f}", f"{s['rouge_l']:.3f}",
+                  f"{100 * s['recomputed_share']:.1f}")
+    console.print(t)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))

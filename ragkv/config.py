@@ -85,6 +85,8 @@ class RagkvConfig:
     device / dtype: where and in which precision the model runs.
     kernels: hot-path implementation: ``auto`` (Triton on CUDA when installed, else the
         PyTorch reference), ``torch`` or ``triton``.
+    engine: ``hf`` (transformers, in process) or ``vllm`` (a vLLM engine with ragkv's KV
+        connector; needs the ``vllm`` extra).
     """
 
     home: Path = field(default_factory=default_home)
@@ -106,6 +108,7 @@ class RagkvConfig:
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     kernels: Literal["auto", "torch", "triton"] = "auto"
+    engine: Literal["hf", "vllm"] = "hf"
     system_prompt: str = "You are a helpful assistant. Answer the question using the context."
     blend: BlendConfig = field(default_factory=BlendConfig)
 
@@ -115,6 +118,8 @@ class RagkvConfig:
             raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"engine must be 'hf' or 'vllm', got {self.engine!r}")
         if self.precompute_context not in ("cold", "prefix"):
             raise ValueError("precompute_context must be 'cold' or 'prefix'")
         if self.kv_dtype not in ("float32", "float16", "bfloat16", "int8"):

@@ -107,5 +107,9 @@ class VLLMEngine:
         comp = out.outputs[0]
         lp = first.outputs[0].logprobs or []
         top = {int(t): float(v.logprob) for t, v in lp[0].items()} if lp else {}
+        # A one-token request can finish before the worker's trace reaches the scheduler;
+        # the answer request (same fused context) carries it then.
+        trace = ((first.kv_transfer_params or {}).get("ragkv")
+                 or (out.kv_transfer_params or {}).get("ragkv") or {})
         return VLLMAnswer(comp.text.strip(), list(comp.token_ids), ttft, mode, len(req.ids),
-                          (first.kv_transfer_params or {}).get("ragkv", {}), top)
+                          trace, top)
