@@ -89,7 +89,7 @@ def test_blend_at_015_runs_and_is_traced(served):
     llm, builder, chunks, _ = served
     req = builder.fused([chunks[1], chunks[0]], QUESTION, mode="blend",
                         blend=BlendConfig(ratio=0.15))
-    tokens, trace = run(llm, req)
+    tokens, trace = run(llm, req, max_tokens=1)  # finishes in the step that fuses it
     assert tokens and "error" not in trace
     n_chunk = len(chunks[0]) + len(chunks[1])
     assert 0 < trace["recomputed"] <= 0.5 * n_chunk

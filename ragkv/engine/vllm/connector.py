@@ -5,12 +5,14 @@
                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                           "kv_connector_extra_config": {"ragkv": {<RagkvConfig fields>}}}
 
-Scheduler side: a request whose ``kv_transfer_params`` name chunks (``params.py``) has its
-whole context, every position before the question suffix, claimed as external KV (beyond
-what vLLM's prefix cache already holds). Worker side: before the step's forward, the chunks'
-KV is loaded from ragkv's store (a miss is computed with vLLM's own weights and stored
-back), fused by ragkv's blend and written into the paged cache; vLLM computes the suffix and
-decodes. A precompute request (``save``) is prefilled by vLLM and its spans' KV stored.
+Scheduler side: a request whose ``kv_transfer_params`` name chunks (``params.py``) has every
+position but the last claimed as external KV (beyond what vLLM's prefix cache already holds).
+Worker side: before the step's forward, the chunks' KV is loaded from ragkv's store (a miss
+is computed with vLLM's own weights and stored back), fused by ragkv's blend and written into
+the paged cache. The blend computes the question suffix anyway (it is never cached, and the
+query-aware policy reads its attention), so its suffix KV is written too and vLLM computes
+only the last token, then decodes. A precompute request (``save``) is prefilled by vLLM and
+its spans' KV stored.
 
 NOTE: malformed parameters are refused on the scheduler side (the request runs as a plain
 full prefill and its output's ``kv_transfer_params`` carries the error); a failure while
@@ -20,6 +22,7 @@ fusing reports the claimed blocks as failed loads, which vLLM recomputes.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +43,13 @@ from ragkv.engine.vllm.params import (
     parse,
     vllm_fingerprint,
 )
-from ragkv.engine.vllm.worker import WorkerFusion, check_layout, read_paged, slots
-from ragkv.keys import context_digest
+from ragkv.engine.vllm.worker import (
+    WorkerFusion,
+    check_layout,
+    read_paged,
+    slots,
+    write_paged,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -55,6 +63,7 @@ class LoadReq:
     ids: list[int]
     block_ids: list[int]
     lo: int  # first position to write (what vLLM's prefix cache holds comes before)
+    hi: int  # first position vLLM computes itself (the prompt's last)
     params: FusionParams
 
 
@@ -95,10 +104,14 @@ class RagkvConnector(KVConnectorBase_V1):
         mc = vllm_config.model_config
         self._fingerprint = vllm_fingerprint(mc.model, str(mc.dtype).removeprefix("torch."))
         # scheduler side
-        self._matched: dict[str, tuple[FusionParams, int]] = {}
-        self._pending: dict[str, tuple[Request, FusionParams, int]] = {}
+        self._matched: dict[str, tuple[FusionParams, int, int]] = {}
+        self._pending: dict[str, tuple[Request, FusionParams, int, int]] = {}
         self._saves: dict[str, FusionParams] = {}
         self._notes: dict[str, dict] = {}
+        # notes handed out by request_finished this step: the worker's trace of a request
+        # that finishes in the step it was fused in (a one-token request) arrives after it.
+        self._handed: dict[str, dict] = {}
+        self._worked: set[str] = set()  # requests the worker fused or saved for
         # worker side
         self._fusion: WorkerFusion | None = None
         self._layers: list[str] = []
@@ -133,9 +146,11 @@ class RagkvConnector(KVConnectorBase_V1):
         if p.save:
             self._saves[request.request_id] = p
         if not p.fused or num_computed_tokens >= p.suffix_start:
-            return 0, False
-        self._matched[request.request_id] = (p, num_computed_tokens)
-        return p.suffix_start - num_computed_tokens, False
+            return 0, False  # only question tokens left: vLLM's own prefill is exact there
+        # vLLM must compute at least one token; the blend has computed the rest of the suffix.
+        hi = len(request.prompt_token_ids or []) - 1
+        self._matched[request.request_id] = (p, num_computed_tokens, hi)
+        return hi - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Request, blocks, num_external_tokens: int):
         matched = self._matched.pop(request.request_id, None)
@@ -148,25 +163,38 @@ class RagkvConnector(KVConnectorBase_V1):
             ids = list(new.prompt_token_ids or [])
             blocks = list(new.block_ids[0])
             if new.req_id in self._pending:
-                _, p, lo = self._pending.pop(new.req_id)
-                meta.loads.append(LoadReq(new.req_id, ids, blocks, lo, p))
+                _, p, lo, hi = self._pending.pop(new.req_id)
+                meta.loads.append(LoadReq(new.req_id, ids, blocks, lo, hi, p))
+                self._worked.add(new.req_id)
             p = self._saves.pop(new.req_id, None)
             if p is not None:
                 done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
                 meta.saves.append(SaveReq(new.req_id, ids, blocks, p.save, done))
+                self._worked.add(new.req_id)
         self._pending.clear()
+        self._handed.clear()
         return meta
 
     def update_connector_output(self, connector_output) -> None:
         wm = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(wm, RagkvWorkerMeta):
             for rid, trace in wm.traces.items():
-                self._notes.setdefault(rid, {}).update(trace)
+                handed = self._handed.get(rid)
+                if handed is not None:
+                    handed.update(trace)  # not serialized yet: the output leaves after this
+                else:
+                    self._notes.setdefault(rid, {}).update(trace)
+        self._handed.clear()
 
     def request_finished(self, request: Request, block_ids: list[int]):
         self._matched.pop(request.request_id, None)
         self._saves.pop(request.request_id, None)
         note = self._notes.pop(request.request_id, None)
+        if request.request_id in self._worked:
+            self._worked.discard(request.request_id)
+            note = note if note is not None else {}
+            self._handed[request.request_id] = note
+            return False, {"ragkv": note}
         return False, ({"ragkv": note} if note else None)
 
     # ==============================
@@ -189,6 +217,7 @@ class RagkvConnector(KVConnectorBase_V1):
         assert isinstance(meta, RagkvMeta)
         for req in meta.loads:
             trace: dict[str, Any] = {"hits": 0, "misses": 0, "mode": req.params.mode}
+            self._traces[req.req_id] = trace
             try:
                 fused = self.fusion.fuse(req.ids, req.params, trace)
                 self._write(forward_context, req, fused)
@@ -197,20 +226,14 @@ class RagkvConnector(KVConnectorBase_V1):
                 trace["error"] = f"fusion failed: {exc}"
                 trace["fallback"] = "recompute"
                 bs = self._block_size
-                self._failed.update(req.block_ids[req.lo // bs:
-                                                  (req.params.suffix_start + bs - 1) // bs])
-            self._traces[req.req_id] = trace
+                self._failed.update(req.block_ids[req.lo // bs:(req.hi + bs - 1) // bs])
 
     def _write(self, forward_context, req: LoadReq, fused) -> None:
-        lo, hi = req.lo, req.params.suffix_start
-        slot = slots(req.block_ids, self._block_size, lo, hi)
+        t = time.perf_counter()
+        slot = slots(req.block_ids, self._block_size, req.lo, req.hi)
         layers = forward_context.no_compile_layers
-        for i, name in enumerate(self._layers):
-            layer = layers[name]
-            cache = layer.kv_cache
-            k = fused.k[i][:, lo:hi].transpose(0, 1).to(cache.dtype).contiguous()
-            v = fused.v[i][:, lo:hi].transpose(0, 1).to(cache.dtype).contiguous()
-            layer.impl.do_kv_cache_update(layer, k, v, cache, slot.to(cache.device))
+        write_paged([layers[name] for name in self._layers], fused, slot, req.lo, req.hi)
+        self._traces.setdefault(req.req_id, {})["write_s"] = time.perf_counter() - t
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads finish inside start_load_kv, before the forward
@@ -254,22 +277,11 @@ class RagkvConnector(KVConnectorBase_V1):
                 if got is None or len(got) != len(self._layers):
                     continue
                 try:
-                    self._store_span(req, span, got)
+                    self.fusion.store_captured(req.ids, span, got)
                     trace["saved"] = trace.get("saved", 0) + 1
                 except Exception as exc:  # noqa: BLE001 - a failed save is a later miss
                     log.warning("request %s: span not saved (%s)", req.req_id, exc)
                     trace["save_error"] = str(exc)
-
-    def _store_span(self, req: SaveReq, span: Span, got: dict) -> None:
-        f = self.fusion
-        before = req.ids[:span.start]
-        ctx = context_digest(before) if before else None
-        if f.key(req.ids[span.start:span.end], ctx) != span.key:
-            raise ValueError(f"key {span.key[:12]} does not name [{span.start}, {span.end}) "
-                             "after the tokens before it")
-        k = torch.stack([got[i][0] for i in range(len(self._layers))])
-        v = torch.stack([got[i][1] for i in range(len(self._layers))])
-        f.store_span(span, k, v)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed = self._failed, set()

@@ -47,6 +47,17 @@ def read_paged(kv_layer: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor
     return k.transpose(0, 1), v.transpose(0, 1)
 
 
+def write_paged(layers: list, fused: FusedPrefill, slot: torch.Tensor, lo: int, hi: int) -> None:
+    """Positions ``[lo, hi)`` of the fused K/V into each attention layer's paged cache at
+    ``slot``, through the backend's own cache update (one call per layer)."""
+    for i, layer in enumerate(layers):
+        cache = layer.kv_cache
+        # the backend wants [n, kv_heads, head_dim] rows; one copy per layer makes them so
+        k = fused.k[i][:, lo:hi].transpose(0, 1).to(cache.dtype).contiguous()
+        v = fused.v[i][:, lo:hi].transpose(0, 1).to(cache.dtype).contiguous()
+        layer.impl.do_kv_cache_update(layer, k, v, cache, slot.to(cache.device))
+
+
 def check_layout(layer, kv_layer: torch.Tensor) -> bool:
     """Whether :func:`read_paged` reads back what the layer's backend writes (scratch copy)."""
     nb, h, bs, two_d = kv_layer.shape
@@ -153,8 +164,10 @@ class WorkerFusion:
             out = fuse(r, torch.tensor(ids, device=r.device), cached, ctx, policy,
                        deviation_on=p.blend.deviation_on)
         trace["fuse_s"] = time.perf_counter() - t1
-        final = set(out.final_positions.tolist())
-        trace["recomputed"] = sum(1 for s in p.chunks for q in range(s.start, s.end) if q in final)
+        in_chunk = torch.zeros(T, dtype=torch.bool)
+        for s in p.chunks:
+            in_chunk[s.start:s.end] = True
+        trace["recomputed"] = int(in_chunk[out.final_positions.cpu()].sum())
         trace["context_tokens"] = T
         return out
 
@@ -167,3 +180,16 @@ class WorkerFusion:
     def store_span(self, span: Span, k_post: torch.Tensor, v: torch.Tensor) -> None:
         """Store a span's KV read from vLLM's cache (post-RoPE keys)."""
         self.save(span.key, ChunkKV(self.unrotate(k_post, span.start), v.to(self.runner.dtype)))
+
+    def store_captured(self, ids: list[int], span: Span,
+                       got: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Store a precompute span from per-layer K/V read from vLLM's cache, once its key is
+        proven to name those tokens after the ones before them."""
+        before = ids[:span.start]
+        ctx = context_digest(before) if before else None
+        if self.key(ids[span.start:span.end], ctx) != span.key:
+            raise ValueError(f"key {span.key[:12]} does not name [{span.start}, {span.end}) "
+                             "after the tokens before it")
+        k = torch.stack([got[i][0] for i in range(len(got))])
+        v = torch.stack([got[i][1] for i in range(len(got))])
+        self.store_span(span, k, v)
