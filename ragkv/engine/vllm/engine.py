@@ -47,11 +47,12 @@ class VLLMAnswer:
 
 
 class VLLMEngine:
-    """A vLLM ``LLM`` with ragkv's connector; fp32 by default to compare with the hf backend."""
+    """A vLLM ``LLM`` with ragkv's connector; fp32 by default to compare with the hf backend.
+    ``connector=False`` builds plain vLLM (prefix caching on), the baseline users run today."""
 
     def __init__(self, cfg: RagkvConfig, model_path: Path, *, dtype: str = "float32",
                  max_model_len: int = 4096, kv_cache_bytes: int = 1 << 30,
-                 enforce_eager: bool = True, **llm_kwargs: Any) -> None:
+                 enforce_eager: bool = True, connector: bool = True, **llm_kwargs: Any) -> None:
         try:
             from vllm import LLM
         except ImportError as exc:
@@ -65,13 +66,15 @@ class VLLMEngine:
         self.llm = LLM(model=str(model_path), dtype=dtype, enforce_eager=enforce_eager,
                        max_model_len=max_model_len, enable_prefix_caching=True, seed=0,
                        kv_cache_memory_bytes=kv_cache_bytes,
-                       kv_transfer_config=connector_config(cfg), **llm_kwargs)
+                       kv_transfer_config=connector_config(cfg) if connector else None,
+                       **llm_kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.fingerprint = vllm_fingerprint(str(model_path), dtype)
         self.template = PromptTemplate.from_tokenizer(self.tokenizer, cfg.system_prompt)
         self.builder = RequestBuilder(self.template, self.fingerprint, cfg)
 
-    def _run(self, req: VLLMRequest, max_tokens: int, logprobs: int | None = None):
+    def complete(self, req: VLLMRequest, max_tokens: int, logprobs: int | None = None):
+        """One greedy request as built by ``builder``; vLLM's ``RequestOutput``."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -90,7 +93,7 @@ class VLLMEngine:
         key = self.builder.key_for(ids)
         if KVStore.from_config(self.cfg).contains([key]).get(key):
             return False
-        self._run(self.builder.precompute(ids), max_tokens=1)
+        self.complete(self.builder.precompute(ids), max_tokens=1)
         return True
 
     def generate(self, chunks: Sequence[Sequence[int]], question: str, *, mode: str = "blend",
@@ -101,9 +104,9 @@ class VLLMEngine:
         whose fused context vLLM's prefix cache already holds."""
         req = self.builder.fused(chunks, question, mode, blend)
         t0 = time.perf_counter()
-        first = self._run(req, max_tokens=1, logprobs=logprobs)
+        first = self.complete(req, max_tokens=1, logprobs=logprobs)
         ttft = time.perf_counter() - t0
-        out = self._run(req, max_tokens=max_new_tokens) if max_new_tokens > 1 else first
+        out = self.complete(req, max_tokens=max_new_tokens) if max_new_tokens > 1 else first
         comp = out.outputs[0]
         lp = first.outputs[0].logprobs or []
         top = {int(t): float(v.logprob) for t, v in lp[0].items()} if lp else {}
@@ -113,3 +116,23 @@ class VLLMEngine:
                  or (out.kv_transfer_params or {}).get("ragkv") or {})
         return VLLMAnswer(comp.text.strip(), list(comp.token_ids), ttft, mode, len(req.ids),
                           trace, top)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the ``--kv-transfer-config`` JSON for vLLM's OpenAI server (README recipe)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m ragkv.engine.vllm.engine",
+                                 description=main.__doc__)
+    ap.add_argument("--kv-dtype", default="float32", help="must match the clients' settings")
+    ap.add_argument("--precompute-context", default="prefix", choices=("prefix", "cold"))
+    ap.add_argument("--home", type=Path, help="ragkv home holding the KV store")
+    a = ap.parse_args(argv)
+    cfg = RagkvConfig(kv_dtype=a.kv_dtype, precompute_context=a.precompute_context,
+                      **({"home": a.home} if a.home else {}))
+    print(json.dumps(connector_config(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Workload benchmark: a stream of RAG queries served by plain vLLM vs vLLM + ragkv fusion.
+
+The corpus is the chunks of the first ``--cases`` pydoc cases. Each query takes its case's
+question and six chunks (its case's four and two from the next case, as a retriever's top-6
+would mix them), in an order shuffled per query; some queries repeat a case with another
+order. Both arms serve the same stream after the corpus has been seen once:
+
+* ``plain``: vLLM with prefix caching on and no connector, chunk text in the prompt; its warm
+  pass prefills every chunk once after the template prefix (so a query whose first chunk was
+  seen gets that prefix from the cache: the best plain vLLM can do without fusion);
+* ``ragkv``: vLLM with ragkv's connector, every chunk precomputed through vLLM, queries fused
+  with ``blend`` at ``--ratio``.
+
+TTFT is the wall time of a one-token request. Each arm runs in a subprocess of its own (one
+vLLM engine per process), then the summary is written as JSON. Both arms run with
+``VLLM_CPU_NUM_OF_RESERVED_CPU=0``: by default vLLM's CPU build keeps one core for its
+scheduler unless a KV connector is configured, which on a 2-core machine binds plain vLLM's
+worker to a single core and would flatter the connector arm::
+
+    python benchmarks/vllm_workload.py --out benchmarks/results/vllm_workload.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CASES = Path(__file__).resolve().parents[2] / "shared" / "eval" / "pydoc_cases.jsonl"
+
+
+def make_stream(cases: list[dict], n_queries: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    stream = []
+    for i in range(n_queries):
+        case, other = cases[i % len(cases)], cases[(i + 1) % len(cases)]
+        chunks = list(case["chunks"]) + rng.sample(list(other["chunks"]), 2)
+        rng.shuffle(chunks)
+        stream.append({"case": case["id"], "question": case["question"], "chunks": chunks})
+    return stream
+
+
+def p90(xs: list[float]) -> float:
+    return statistics.quantiles(xs, n=10, method="inclusive")[-1]
+
+
+def run_arm(arm: str, stream: list[dict], ratio: float, home: Path) -> dict:
+    from ragkv.chunking import tokenize_chunk
+    from ragkv.config import BlendConfig, RagkvConfig
+    from ragkv.engine.vllm.client import VLLMRequest
+    from ragkv.engine.vllm.engine import VLLMEngine
+    from ragkv.model_fetch import ensure_default_model
+
+    cfg = RagkvConfig(home=home, kv_dtype="float32")
+    model = ensure_default_model(RagkvConfig().home)
+    t0 = time.perf_counter()
+    eng = VLLMEngine(cfg, model, connector=arm == "ragkv", kv_cache_bytes=2 << 30)
+    load_s = time.perf_counter() - t0
+    tok = eng.tokenizer
+    corpus = {c: tokenize_chunk(c, tok) for q in stream for c in q["chunks"]}
+    warm = [tokenize_chunk("A warm-up chunk, in no query.", tok)]
+    t0 = time.perf_counter()
+    if arm == "ragkv":
+        for ids in [*corpus.values(), warm[0]]:
+            eng.precompute(ids)
+        mode, blend = "blend", BlendConfig(ratio=ratio)
+    else:
+        for ids in corpus.values():  # the corpus seen once: each chunk after the prefix
+            pre = eng.builder.precompute(ids)  # the prompt ragkv's arm prefills, unsaved
+            eng.complete(VLLMRequest(pre.prompt, None, None), max_tokens=1)
+        mode, blend = "full", None
+    seen_s = time.perf_counter() - t0
+    eng.generate(warm, "Warm up?", mode=mode, blend=blend, max_new_tokens=1, logprobs=None)
+    records = []
+    for q in stream:
+        a = eng.generate([corpus[c] for c in q["chunks"]], q["question"], mode=mode,
+                         blend=blend, max_new_tokens=1, logprobs=None)
+        records.append({"case": q["case"], "ttft_s": a.ttft_s, "tokens": a.context_tokens,
+                        "first_token": a.tokens[:1], "hits": a.trace.get("hits"),
+                        "misses": a.trace.get("misses"), "recomputed": a.trace.get("recomputed"),
+                        "error": a.trace.get("error")})
+        print(arm, q["case"], f"{a.ttft_s:.3f}s", a.trace, file=sys.stderr, flush=True)
+    return {"arm": arm, "engine_load_s": load_s, "corpus_seen_s": seen_s,
+            "corpus_chunks": len(corpus), "records": records}
+
+
+def summarize(arms: dict[str, dict], meta: dict) -> dict:
+    out: dict = {"meta": meta, "arms": {}}
+    for name, arm in arms.items():
+        ttft = [r["ttft_s"] for r in arm["records"]]
+        out["arms"][name] = {"n": len(ttft), "ttft_mean_s": statistics.fmean(ttft),
+                             "ttft_p90_s": p90(ttft), "ttft_median_s": statistics.median(ttft),
+                             "engine_load_s": arm["engine_load_s"],
+                             "corpus_seen_s": arm["corpus_seen_s"],
+                             "corpus_chunks": arm["corpus_chunks"]}
+    plain, fused = arms["plain"]["records"], arms["ragkv"]["records"]
+    out["ragkv_over_plain_mean"] = (out["arms"]["ragkv"]["ttft_mean_s"]
+                                    / out["arms"]["plain"]["ttft_mean_s"])
+    out["first_token_agree"] = statistics.fmean(
+        float(a["first_token"] == b["first_token"]) for a, b in zip(plain, fused, strict=True))
+    out["ragkv_misses"] = sum(r["misses"] or 0 for r in fused)
+    out["ragkv_recomputed_share"] = statistics.fmean((r["recomputed"] or 0) / r["tokens"]
+                                                     for r in fused)
+    out["queries"] = [{"case": a["case"], "tokens": a["tokens"], "plain_ttft_s": a["ttft_s"],
+                       "ragkv_ttft_s": b["ttft_s"]} for a, b in zip(plain, fused, strict=True)]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=Path, default=CASES)
+    ap.add_argument("--n-cases", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=16)
+    ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_workload.json"))
+    ap.add_argument("--arm", choices=("plain", "ragkv"), help=argparse.SUPPRESS)
+    ap.add_argument("--arm-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--home", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cases = [json.loads(line) for line in args.cases.read_text().splitlines()][:args.n_cases]
+    stream = make_stream(cases, args.queries)
+    if args.arm:  # one arm, in this process
+        result = run_arm(args.arm, stream, args.ratio, args.home)
+        args.arm_out.write_text(json.dumps(result))
+        return
+    arms = {}
+    with tempfile.TemporaryDirectory(prefix="ragkv-workload-") as tmp:
+        for arm in ("plain", "ragkv"):
+            part = Path(tmp) / f"{arm}.json"
+            subprocess.run([sys.executable, __file__, "--cases", str(args.cases), "--n-cases",
+                            str(args.n_cases), "--queries", str(args.queries), "--ratio",
+                            str(args.ratio), "--arm", arm, "--arm-out", str(part),
+                            "--home", str(Path(tmp) / "home")], check=True,
+                           env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+            arms[arm] = json.loads(part.read_text())
+    meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": args.n_cases,
+            "queries": args.queries, "chunks_per_query": 6, "ratio": args.ratio,
+            "engine": "vllm (CPU build), SmolLM2, fp32, eager, prefix caching on"}
+    result = summarize(arms, meta)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "queries"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
