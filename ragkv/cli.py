@@ -1,4 +1,5 @@
-"""Command line: ``ragkv ingest | ask | demo | bench | cache stats | cache verify | cache gc``."""
+"""Command line: ``ragkv ingest | ask | demo | bench | ui``; ``ragkv cache ...`` lives in
+:mod:`ragkv.cli_cache`."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ragkv.cli_cache import cache_app
+from ragkv.cli_shared import Home, console, fail
 from ragkv.config import MODES, BlendConfig, RagkvConfig, default_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Precomputed chunk KV + CacheBlend fusion for RAG.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect the KV cache.")
 app.add_typer(cache_app, name="cache")
-console = Console()
 
-Home = Annotated[Path, typer.Option(help="ragkv home (model, index, blobs)")]
 Model = Annotated[Path | None, typer.Option(help="local Llama-family transformers model dir")]
 Context = Annotated[str, typer.Option(help="precompute chunks 'cold' or after the 'prefix'")]
 Engine = Annotated[str, typer.Option(help="'hf' (transformers) or 'vllm' (the vllm extra)")]
@@ -48,7 +47,7 @@ def _rag(home: Path, model: Path | None, context: str = "prefix", kv_dtype: str 
                           kv_dtype=kv_dtype, engine=engine,  # type: ignore[arg-type]
                           blend=BlendConfig(**blend))
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     try:
         with console.status("loading model and cache index"):
             if cfg.engine == "vllm":
@@ -57,12 +56,7 @@ def _rag(home: Path, model: Path | None, context: str = "prefix", kv_dtype: str 
                 return VLLMRag(cfg)
             return RagKV(cfg)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad model dir, no download
-        _fail(str(exc))
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
+        fail(str(exc))
 
 
 @app.command()
@@ -74,9 +68,9 @@ def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
     try:
         files = list(iter_text_files(paths))
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not files:
-        _fail("no .txt/.md/.rst files found")
+        fail("no .txt/.md/.rst files found")
     rag = _rag(home, model, context, engine=engine)
     _ingest_docs(rag, [(str(f), read_text(f)) for f in files])
 
@@ -116,7 +110,7 @@ def ask(question: str,
         engine: Engine = "hf") -> None:
     """Answer a question over the ingested documents."""
     if mode not in MODES:
-        _fail(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        fail(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     rag = _rag(home, model, context, engine=engine, ratio=ratio, policy=policy)
     if engine == "vllm":
         _ask_vllm(rag, question, k, mode, max_new_tokens, compare)
@@ -126,7 +120,7 @@ def ask(question: str,
         if compare and mode != "full":
             answers.insert(0, rag.ask(question, k=k, mode="full", max_new_tokens=max_new_tokens))
     except LookupError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"[bold]{answers[-1].text}[/bold]")
     console.print(_trace_table(answers))
 
@@ -134,12 +128,12 @@ def ask(question: str,
 def _ask_vllm(rag, question: str, k: int, mode: str, max_new_tokens: int,
               compare: bool) -> None:
     if mode == "prefix":
-        _fail("mode 'prefix' is vLLM's own prefix caching with --engine vllm: use full")
+        fail("mode 'prefix' is vLLM's own prefix caching with --engine vllm: use full")
     modes = ["full", mode] if compare and mode != "full" else [mode]
     try:
         answers = [rag.ask(question, k=k, mode=m, max_new_tokens=max_new_tokens) for m in modes]
     except LookupError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"[bold]{answers[-1].text}[/bold]")
     t = Table("mode", "hits", "misses", "context tok", "recomputed tok", "TTFT s", "speed-up")
     full = answers[0].ttft_s if answers[0].mode == "full" else None
@@ -200,7 +194,7 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
                          deviation_on=deviation_on, max_new_tokens=max_new_tokens, limit=limit)
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     rag = _rag(home, model, kv_dtype=kv_dtype, engine=engine)
     if engine == "vllm":
         _bench_vllm(rag, data, spec, out)
@@ -271,88 +265,8 @@ def ui(home: Home = default_home(), model: Model = None, port: int = 8501,
     try:
         code = launch(home, model, port=port, headless=headless)
     except RuntimeError as exc:  # Streamlit missing: the message names the extra to install
-        _fail(str(exc))
+        fail(str(exc))
     raise typer.Exit(code)
-
-
-IndexUrl = Annotated[str | None, typer.Option(
-    help="SQLAlchemy URL of a shared index (default: SQLite in --home)")]
-BlobUrl = Annotated[str | None, typer.Option(
-    help="fsspec URL of shared blobs, e.g. redis:// or s3:// (default: --home/blobs)")]
-
-
-@cache_app.command("stats")
-def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
-                blob_url: BlobUrl = None) -> None:
-    """Documents, chunks, KV entries and bytes in the cache index."""
-    from ragkv.cache_index import BlobStore, CacheIndex
-
-    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url)
-    index = CacheIndex(cfg.resolved_index_url)
-    s = index.stats()
-    s["blob_bytes"] = BlobStore(cfg.resolved_blob_url, cfg.blob_options).total_bytes()
-    t = Table("what", "value")
-    for key, value in s.items():
-        t.add_row(key, str(value))
-    console.print(t)
-
-
-def _store(home: Path, disk_budget_mb: float | None = None,
-           remote_budget_mb: float | None = None, remote_url: str | None = None,
-           index_url: str | None = None, blob_url: str | None = None):
-    from ragkv.cache_index import KVStore
-
-    def _bytes(mb: float | None) -> int | None:
-        return None if mb is None else int(mb * 2**20)
-
-    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url,
-                      remote_blob_url=remote_url, memory_budget_bytes=0,
-                      disk_budget_bytes=_bytes(disk_budget_mb),
-                      remote_budget_bytes=_bytes(remote_budget_mb))
-    return KVStore.from_config(cfg)
-
-
-Remote = Annotated[str | None, typer.Option(help="fsspec URL of the remote blob tier, if any")]
-
-
-@cache_app.command("verify")
-def cache_verify(home: Home = default_home(), remote: Remote = None,
-                 index_url: IndexUrl = None, blob_url: BlobUrl = None,
-                 repair: Annotated[bool, typer.Option(help="delete what fails")] = True,
-                 grace_s: Annotated[float, typer.Option(
-                     help="leave orphan blobs younger than this (puts in flight)")] = 300.0,
-                 ) -> None:
-    """Read every stored blob: checksum, framing, metadata; remove bad entries and orphans."""
-    from ragkv.cache_index import verify
-
-    report = verify(_store(home, remote_url=remote, index_url=index_url, blob_url=blob_url),
-                    repair=repair, orphan_grace_s=grace_s)
-    for key, tier, reason in report.bad[:50]:
-        console.print(f"[red]bad[/red] {tier} {key[:16]}: {reason}")
-    for tier, name in report.orphans[:50]:
-        console.print(f"[yellow]orphan[/yellow] {tier} {name}")
-    verb = "removed" if repair else "found"
-    console.print(f"{report.entries} entries, {report.blobs_checked} blobs read; {verb} "
-                  f"{len(report.bad)} bad, {len(report.orphans)} orphan blobs")
-    if report.bad or report.orphans:
-        raise typer.Exit(0 if repair else 1)
-
-
-@cache_app.command("gc")
-def cache_gc(home: Home = default_home(), remote: Remote = None,
-             index_url: IndexUrl = None, blob_url: BlobUrl = None,
-             disk_budget_mb: Annotated[float | None, typer.Option(help="local disk budget")] = None,
-             remote_budget_mb: Annotated[float | None, typer.Option(help="remote budget")] = None,
-             ) -> None:
-    """Evict lowest-priority entries until each tier fits its budget."""
-    store = _store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
-    if disk_budget_mb is None and remote_budget_mb is None:
-        _fail("give --disk-budget-mb and/or --remote-budget-mb")
-    t = Table("tier", "budget MiB", "before MiB", "after MiB", "evicted")
-    for r in store.apply_budgets():
-        t.add_row(r.tier, f"{(r.budget or 0) / 2**20:.1f}", f"{r.bytes_before / 2**20:.1f}",
-                  f"{r.bytes_after / 2**20:.1f}", str(r.evicted))
-    console.print(t)
 
 
 def main() -> None:  # pragma: no cover

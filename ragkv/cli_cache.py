@@ -1,0 +1,94 @@
+"""``ragkv cache stats | verify | gc``: inspect, check and collect the KV cache, local or
+shared (``--index-url`` / ``--blob-url``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ragkv.cli_shared import Home, console, fail
+from ragkv.config import RagkvConfig, default_home
+
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect the KV cache.")
+
+IndexUrl = Annotated[str | None, typer.Option(
+    help="SQLAlchemy URL of a shared index (default: SQLite in --home)")]
+BlobUrl = Annotated[str | None, typer.Option(
+    help="fsspec URL of shared blobs, e.g. redis:// or s3:// (default: --home/blobs)")]
+
+
+@cache_app.command("stats")
+def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
+                blob_url: BlobUrl = None) -> None:
+    """Documents, chunks, KV entries and bytes in the cache index."""
+    from ragkv.cache_index import BlobStore, CacheIndex
+
+    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url)
+    index = CacheIndex(cfg.resolved_index_url)
+    s = index.stats()
+    s["blob_bytes"] = BlobStore(cfg.resolved_blob_url, cfg.blob_options).total_bytes()
+    t = Table("what", "value")
+    for key, value in s.items():
+        t.add_row(key, str(value))
+    console.print(t)
+
+
+def _store(home: Path, disk_budget_mb: float | None = None,
+           remote_budget_mb: float | None = None, remote_url: str | None = None,
+           index_url: str | None = None, blob_url: str | None = None):
+    from ragkv.cache_index import KVStore
+
+    def _bytes(mb: float | None) -> int | None:
+        return None if mb is None else int(mb * 2**20)
+
+    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url,
+                      remote_blob_url=remote_url, memory_budget_bytes=0,
+                      disk_budget_bytes=_bytes(disk_budget_mb),
+                      remote_budget_bytes=_bytes(remote_budget_mb))
+    return KVStore.from_config(cfg)
+
+
+Remote = Annotated[str | None, typer.Option(help="fsspec URL of the remote blob tier, if any")]
+
+
+@cache_app.command("verify")
+def cache_verify(home: Home = default_home(), remote: Remote = None,
+                 index_url: IndexUrl = None, blob_url: BlobUrl = None,
+                 repair: Annotated[bool, typer.Option(help="delete what fails")] = True,
+                 grace_s: Annotated[float, typer.Option(
+                     help="leave orphan blobs younger than this (puts in flight)")] = 300.0,
+                 ) -> None:
+    """Read every stored blob: checksum, framing, metadata; remove bad entries and orphans."""
+    from ragkv.cache_index import verify
+
+    report = verify(_store(home, remote_url=remote, index_url=index_url, blob_url=blob_url),
+                    repair=repair, orphan_grace_s=grace_s)
+    for key, tier, reason in report.bad[:50]:
+        console.print(f"[red]bad[/red] {tier} {key[:16]}: {reason}")
+    for tier, name in report.orphans[:50]:
+        console.print(f"[yellow]orphan[/yellow] {tier} {name}")
+    verb = "removed" if repair else "found"
+    console.print(f"{report.entries} entries, {report.blobs_checked} blobs read; {verb} "
+                  f"{len(report.bad)} bad, {len(report.orphans)} orphan blobs")
+    if report.bad or report.orphans:
+        raise typer.Exit(0 if repair else 1)
+
+
+@cache_app.command("gc")
+def cache_gc(home: Home = default_home(), remote: Remote = None,
+             index_url: IndexUrl = None, blob_url: BlobUrl = None,
+             disk_budget_mb: Annotated[float | None, typer.Option(help="local disk budget")] = None,
+             remote_budget_mb: Annotated[float | None, typer.Option(help="remote budget")] = None,
+             ) -> None:
+    """Evict lowest-priority entries until each tier fits its budget."""
+    store = _store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
+    if disk_budget_mb is None and remote_budget_mb is None:
+        fail("give --disk-budget-mb and/or --remote-budget-mb")
+    t = Table("tier", "budget MiB", "before MiB", "after MiB", "evicted")
+    for r in store.apply_budgets():
+        t.add_row(r.tier, f"{(r.budget or 0) / 2**20:.1f}", f"{r.bytes_before / 2**20:.1f}",
+                  f"{r.bytes_after / 2**20:.1f}", str(r.evicted))
+    console.print(t)
