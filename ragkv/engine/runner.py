@@ -18,33 +18,23 @@ from ragkv.engine.kernels.reference import sdpa
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-class LlamaFamilyRunner:
-    """Pieces of a forward pass, for batch size 1.
+class DecoderRunner:
+    """What every runner shares: device, length check, embedding, and the attention the blend
+    owns (exact mask by position; the kernel set in ``ops``). Variants set ``model``,
+    ``inner``, ``n_layers``, ``q_heads``, ``kv_heads``, ``head_dim``, ``scaling``,
+    ``sliding_window`` and ``ops``, and supply ``cos_sin``, ``rotate``, ``qkv``, ``finish`` and
+    ``logits`` from their framework's modules.
 
     Hidden states are ``[n, hidden]``; per-layer q is ``[q_heads, n, head_dim]``, k and v are
     ``[kv_heads, n, head_dim]``; positions are int64 ``[n]``.
     """
 
-    def __init__(self, model: torch.nn.Module, ops: TorchOps | None = None) -> None:
-        arch = type(model).__name__
-        if arch not in SUPPORTED:
-            raise ValueError(f"unsupported architecture {arch}; supported: {', '.join(SUPPORTED)}")
-        self.model = model
-        self.inner = model.model
-        cfg = model.config
-        self.n_layers = cfg.num_hidden_layers
-        self.q_heads = cfg.num_attention_heads
-        self.kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scaling = self.head_dim**-0.5
-        self.sliding_window = getattr(cfg, "sliding_window", None) if getattr(
-            cfg, "use_sliding_window", True) else None
-        modeling = sys.modules[type(model).__module__]
-        # The model's own helpers, so RoPE variants and conventions stay the model's.
-        self._rotate_half = modeling.rotate_half
-        self.apply_rotary_pos_emb = modeling.apply_rotary_pos_emb
-        #: the hot-path implementation (Triton on CUDA, the torch reference elsewhere)
-        self.ops = ops if ops is not None else make_ops("auto", self.device)
+    inner: torch.nn.Module
+    q_heads: int
+    kv_heads: int
+    scaling: float
+    sliding_window: int | None
+    ops: TorchOps
 
     @property
     def device(self) -> torch.device:
@@ -61,27 +51,6 @@ class LlamaFamilyRunner:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(ids)
-
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[n, head_dim]`` from the model's rotary embedding (scaling included)."""
-        probe = torch.empty(0, device=self.device, dtype=self.dtype)
-        cos, sin = self.inner.rotary_emb(probe, positions[None])
-        return cos[0], sin[0]
-
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Apply RoPE to ``x [..., n, head_dim]`` with cos/sin ``[n, head_dim]``."""
-        return x * cos + self._rotate_half(x) * sin
-
-    def qkv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pre-RoPE q ``[Hq, n, D]``, k and v ``[Hkv, n, D]`` of layer ``layer``."""
-        blk = self.inner.layers[layer]
-        x = blk.input_layernorm(h)
-        attn = blk.self_attn
-        n = h.shape[0]
-        q = attn.q_proj(x).view(n, self.q_heads, self.head_dim).transpose(0, 1)
-        k = attn.k_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = attn.v_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                q_pos: torch.Tensor | None) -> torch.Tensor:
@@ -106,6 +75,52 @@ class LlamaFamilyRunner:
         scores = torch.matmul(q.float(), k.float().transpose(1, 2)) * self.scaling
         mask = torch.arange(k.shape[1], device=k.device)[None, :] > q_pos[:, None]
         return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+
+
+class LlamaFamilyRunner(DecoderRunner):
+    """Pieces of a transformers forward pass, for batch size 1."""
+
+    def __init__(self, model: torch.nn.Module, ops: TorchOps | None = None) -> None:
+        arch = type(model).__name__
+        if arch not in SUPPORTED:
+            raise ValueError(f"unsupported architecture {arch}; supported: {', '.join(SUPPORTED)}")
+        self.model = model
+        self.inner = model.model
+        cfg = model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.q_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.sliding_window = getattr(cfg, "sliding_window", None) if getattr(
+            cfg, "use_sliding_window", True) else None
+        modeling = sys.modules[type(model).__module__]
+        # The model's own helpers, so RoPE variants and conventions stay the model's.
+        self._rotate_half = modeling.rotate_half
+        self.apply_rotary_pos_emb = modeling.apply_rotary_pos_emb
+        #: the hot-path implementation (Triton on CUDA, the torch reference elsewhere)
+        self.ops = ops if ops is not None else make_ops("auto", self.device)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[n, head_dim]`` from the model's rotary embedding (scaling included)."""
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self.inner.rotary_emb(probe, positions[None])
+        return cos[0], sin[0]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply RoPE to ``x [..., n, head_dim]`` with cos/sin ``[n, head_dim]``."""
+        return x * cos + self._rotate_half(x) * sin
+
+    def qkv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-RoPE q ``[Hq, n, D]``, k and v ``[Hkv, n, D]`` of layer ``layer``."""
+        blk = self.inner.layers[layer]
+        x = blk.input_layernorm(h)
+        attn = blk.self_attn
+        n = h.shape[0]
+        q = attn.q_proj(x).view(n, self.q_heads, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
+        return q, k, v
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """o_proj, residual, MLP, residual: the rest of the layer for the same rows as ``h``."""

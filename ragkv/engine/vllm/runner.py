@@ -3,8 +3,7 @@
 :func:`ragkv.engine.blend.fuse` and :func:`~ragkv.engine.blend.compute_span` drive a runner
 one decoder layer at a time on any subset of tokens; this one calls vLLM's own modules
 (merged qkv projection, RMSNorm, MLP, rotary cache, LM head) so numerics are the engine's,
-and keeps ragkv's exact-mask attention. It meets the same interface as
-:class:`ragkv.engine.runner.LlamaFamilyRunner`.
+and keeps ragkv's exact-mask attention (from :class:`ragkv.engine.runner.DecoderRunner`).
 """
 
 from __future__ import annotations
@@ -12,15 +11,11 @@ from __future__ import annotations
 import torch
 
 from ragkv.engine.kernels import TorchOps, make_ops
-from ragkv.engine.kernels.reference import sdpa
+from ragkv.engine.runner import DecoderRunner
 
 
-class VLLMRunner:
-    """Pieces of a forward pass of a vLLM Llama/Mistral/Qwen2 model, batch size 1.
-
-    Hidden states are ``[n, hidden]``; per-layer q is ``[q_heads, n, head_dim]``, k and v are
-    ``[kv_heads, n, head_dim]``; positions are int64 ``[n]``.
-    """
+class VLLMRunner(DecoderRunner):
+    """Pieces of a forward pass of a vLLM Llama/Mistral/Qwen2 model, batch size 1."""
 
     def __init__(self, model: torch.nn.Module, ops: TorchOps | None = None) -> None:
         self.model = model
@@ -38,22 +33,6 @@ class VLLMRunner:
         self.sliding_window = getattr(cfg, "sliding_window", None) if getattr(
             cfg, "use_sliding_window", True) else None
         self.ops = ops if ops is not None else make_ops("auto", self.device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.embed_tokens.weight.dtype
-
-    def check_length(self, n: int) -> None:
-        if self.sliding_window is not None and n > self.sliding_window:
-            raise ValueError(f"prompt of {n} tokens exceeds the sliding window "
-                             f"({self.sliding_window}); fusion assumes full attention")
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.inner.embed_tokens(ids)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[n, head_dim]`` in rotate-half form, from vLLM's rotary cache (which
@@ -78,24 +57,6 @@ class VLLMRunner:
         return (q.reshape(n, self.q_heads, self.head_dim).transpose(0, 1),
                 k.reshape(n, self.kv_heads, self.head_dim).transpose(0, 1),
                 v.reshape(n, self.kv_heads, self.head_dim).transpose(0, 1))
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               q_pos: torch.Tensor | None) -> torch.Tensor:
-        """Exact-mask attention, as :meth:`LlamaFamilyRunner.attend`; returns ``[n, Hq*D]``."""
-        n = q.shape[1]
-        if q_pos is None:
-            out = sdpa(q, k, v, None, self.scaling).transpose(0, 1)
-        else:
-            out = self.ops.attend_selected(q, k, v, q_pos, self.scaling)
-        return out.reshape(n, -1)
-
-    def attention_probs(self, q: torch.Tensor, k: torch.Tensor,
-                        q_pos: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities ``[Hq, n, T]`` of rotated queries over keys, exact mask."""
-        k = k.repeat_interleave(self.q_heads // self.kv_heads, dim=0)
-        scores = torch.matmul(q.float(), k.float().transpose(1, 2)) * self.scaling
-        mask = torch.arange(k.shape[1], device=k.device)[None, :] > q_pos[:, None]
-        return torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
 
     def finish(self, layer: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """o_proj, residual, MLP, residual for the same rows as ``h``."""
