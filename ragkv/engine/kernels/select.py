@@ -38,38 +38,36 @@ def _deviation_kernel(KN, KB, IDX, OUT, n, H, snh, snn, sbh, sbt,
 
 
 @triton.jit
+def _block(DEV, MUST, offs, n):
+    """Sort keys of one block (non-negative fp32 bits; NaN largest, as in torch.sort), which
+    positions exist, and which are candidates (not forced)."""
+    valid = offs < n
+    d = tl.load(DEV + offs, mask=valid, other=0.0)
+    key = tl.maximum(tl.where(d != d, 0x7F800000, d.to(tl.int32, bitcast=True)), 0)
+    must = tl.load(MUST + offs, mask=valid, other=1) != 0
+    return key, valid, must, valid & (must == 0)
+
+
+@triton.jit
 def _keep_top_kernel(DEV, MUST, KEEP, n, k, BLOCK: tl.constexpr):
-    # Candidates are the non-forced tokens; NaN counts as the largest value, as in torch.sort.
     prefix = tl.zeros([], dtype=tl.int32)
     for b in tl.static_range(30, -1, -1):
         cand = prefix | (1 << b)
         cnt = tl.zeros([], dtype=tl.int32)
         for start in range(0, n, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < n
-            d = tl.load(DEV + offs, mask=valid, other=0.0)
-            key = tl.maximum(tl.where(d != d, 0x7F800000, d.to(tl.int32, bitcast=True)), 0)
-            free = valid & (tl.load(MUST + offs, mask=valid, other=1) == 0)
+            key, valid, must, free = _block(DEV, MUST, start + tl.arange(0, BLOCK), n)
             cnt += tl.sum((free & (key >= cand)).to(tl.int32), axis=0)
         prefix = tl.where(cnt >= k, cand, prefix)
     # prefix is now the k-th largest key: take everything above it, then ties by index.
     above = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        valid = offs < n
-        d = tl.load(DEV + offs, mask=valid, other=0.0)
-        key = tl.maximum(tl.where(d != d, 0x7F800000, d.to(tl.int32, bitcast=True)), 0)
-        free = valid & (tl.load(MUST + offs, mask=valid, other=1) == 0)
+        key, valid, must, free = _block(DEV, MUST, start + tl.arange(0, BLOCK), n)
         above += tl.sum((free & (key > prefix)).to(tl.int32), axis=0)
     need = k - above
     taken = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        valid = offs < n
-        d = tl.load(DEV + offs, mask=valid, other=0.0)
-        key = tl.maximum(tl.where(d != d, 0x7F800000, d.to(tl.int32, bitcast=True)), 0)
-        must = tl.load(MUST + offs, mask=valid, other=1) != 0
-        free = valid & (must == 0)
+        key, valid, must, free = _block(DEV, MUST, offs, n)
         tie = free & (key == prefix)
         rank = tl.cumsum(tie.to(tl.int32), axis=0) + taken
         keep = must | (free & (key > prefix)) | (tie & (rank <= need))
