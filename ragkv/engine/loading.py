@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -162,7 +162,6 @@ class LoadingController:
     smoothing: float = 0.3
     load_s_per_token: float | None = None
     compute_s_per_token: float | None = None
-    history: list[dict] = field(default_factory=list, repr=False)
 
     def _ewma(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -180,9 +179,6 @@ class LoadingController:
             rates.sort()
             self.compute_s_per_token = self._ewma(self.compute_s_per_token,
                                                   rates[len(rates) // 2])
-        self.history.append({"load_s_per_token": load,
-                             "compute_s_per_token": self.compute_s_per_token})
-        del self.history[:-100]
 
     def choose_ratio(self, floor: float) -> float:
         if not self.load_s_per_token or not self.compute_s_per_token:

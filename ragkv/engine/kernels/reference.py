@@ -10,12 +10,6 @@ import torch
 import torch.nn.functional as F
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The Llama-family (NeoX) convention: ``[x1, x2] -> [-x2, x1]`` over the last dim."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class TorchOps:
     """Reference implementations; also the fallback wherever Triton cannot run."""
 
@@ -29,7 +23,8 @@ class TorchOps:
             cos, sin = cos[positions], sin[positions]
         else:
             cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
-        # x * cos + rotate_half(x) * sin, without materialising rotate_half(x).
+        # x * cos + rotate_half(x) * sin (Llama-family convention), without materialising
+        # rotate_half(x).
         h = x.shape[-1] // 2
         y = x * cos
         y[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
