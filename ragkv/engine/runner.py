@@ -53,13 +53,15 @@ class DecoderRunner:
         return self.inner.embed_tokens(ids)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               q_pos: torch.Tensor | None) -> torch.Tensor:
+               q_pos: torch.Tensor | None, layer: int | None = None) -> torch.Tensor:
         """Attention of rotated queries ``[Hq, n, D]`` over keys/values ``[Hkv, T, D]``.
 
         Key j sits at position j. ``q_pos=None`` means the queries are exactly positions
         ``0..T-1`` (plain causal); otherwise query i may see keys at positions <= q_pos[i] only,
         and ``q_pos`` must be sorted ascending (the blend keeps its active set sorted).
-        Returns ``[n, Hq * D]``.
+        ``layer`` names the decoder layer when ``k, v`` are that layer's final fused KV (the
+        blend's call), for runners that attend over an engine's own cache. Returns
+        ``[n, Hq * D]``.
         """
         n = q.shape[1]
         if q_pos is None:

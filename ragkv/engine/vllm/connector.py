@@ -35,6 +35,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from ragkv.config import RagkvConfig
+from ragkv.engine.vllm.paged import (
+    PagedAttention,
+    check_layout,
+    read_paged,
+    slots,
+    write_paged,
+)
 from ragkv.engine.vllm.params import (
     FusionParams,
     ParamsError,
@@ -43,13 +50,7 @@ from ragkv.engine.vllm.params import (
     parse,
     vllm_fingerprint,
 )
-from ragkv.engine.vllm.worker import (
-    WorkerFusion,
-    check_layout,
-    read_paged,
-    slots,
-    write_paged,
-)
+from ragkv.engine.vllm.worker import WorkerFusion
 
 if TYPE_CHECKING:
     from vllm.v1.request import Request
@@ -118,6 +119,7 @@ class RagkvConnector(KVConnectorBase_V1):
         self._traces: dict[str, dict] = {}
         self._failed: set[int] = set()
         self._layout_ok: bool | None = None
+        self._paged_ok: bool | None = None  # vLLM's attention kernel proven usable
         self._captured: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ==============================
@@ -219,8 +221,9 @@ class RagkvConnector(KVConnectorBase_V1):
             trace: dict[str, Any] = {"hits": 0, "misses": 0, "mode": req.params.mode}
             self._traces[req.req_id] = trace
             try:
-                fused = self.fusion.fuse(req.ids, req.params, trace)
-                self._write(forward_context, req, fused)
+                paged = self._paged(forward_context, req)
+                fused = self.fusion.fuse(req.ids, req.params, trace, paged)
+                self._write(forward_context, req, fused, paged)
             except Exception as exc:  # noqa: BLE001 - never the engine's failure
                 log.exception("request %s: ragkv fusion failed; vLLM recomputes", req.req_id)
                 trace["error"] = f"fusion failed: {exc}"
@@ -228,11 +231,28 @@ class RagkvConnector(KVConnectorBase_V1):
                 bs = self._block_size
                 self._failed.update(req.block_ids[req.lo // bs:(req.hi + bs - 1) // bs])
 
-    def _write(self, forward_context, req: LoadReq, fused) -> None:
+    def _paged(self, forward_context, req: LoadReq) -> PagedAttention | None:
+        """The blend's attention on vLLM's kernel over this request's blocks, if the backend
+        is one ragkv knows and a scratch probe matched the reference (checked once)."""
+        layers = [forward_context.no_compile_layers[name] for name in self._layers]
+        if self._paged_ok is None:
+            first = layers[0]
+            self._paged_ok = (PagedAttention.supported(first)
+                              and PagedAttention.probe(first, self.fusion.runner.scaling))
+            if not self._paged_ok:
+                log.warning("fused layers attend through ragkv's own kernels (vLLM's attention "
+                            "backend is not one ragkv can call)")
+        if not self._paged_ok:
+            return None
+        return PagedAttention(layers, req.block_ids, self._block_size, req.lo, len(req.ids))
+
+    def _write(self, forward_context, req: LoadReq, fused,
+               paged: PagedAttention | None) -> None:
         t = time.perf_counter()
         slot = slots(req.block_ids, self._block_size, req.lo, req.hi)
         layers = forward_context.no_compile_layers
-        write_paged([layers[name] for name in self._layers], fused, slot, req.lo, req.hi)
+        write_paged([layers[name] for name in self._layers], fused.k, fused.v, slot, req.lo,
+                    req.hi, skip=paged.written if paged is not None else None)
         self._traces.setdefault(req.req_id, {})["write_s"] = time.perf_counter() - t
 
     def wait_for_layer_load(self, layer_name: str) -> None:

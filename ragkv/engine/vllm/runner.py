@@ -8,14 +8,25 @@ and keeps ragkv's exact-mask attention (from :class:`ragkv.engine.runner.Decoder
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ragkv.engine.kernels import TorchOps, make_ops
 from ragkv.engine.runner import DecoderRunner
+from ragkv.engine.vllm.paged import PagedAttention
 
 
 class VLLMRunner(DecoderRunner):
-    """Pieces of a forward pass of a vLLM Llama/Mistral/Qwen2 model, batch size 1."""
+    """Pieces of a forward pass of a vLLM Llama/Mistral/Qwen2 model, batch size 1.
+
+    Inside :meth:`on_paged_cache` the blend's attention runs on vLLM's own kernel over the
+    request's paged cache (:class:`~ragkv.engine.vllm.paged.PagedAttention`); elsewhere
+    (computing a missing chunk, or a backend ragkv does not know) on ragkv's exact-mask ops.
+    """
+
+    paged: PagedAttention | None = None
 
     def __init__(self, model: torch.nn.Module, ops: TorchOps | None = None) -> None:
         self.model = model
@@ -33,6 +44,21 @@ class VLLMRunner(DecoderRunner):
         self.sliding_window = getattr(cfg, "sliding_window", None) if getattr(
             cfg, "use_sliding_window", True) else None
         self.ops = ops if ops is not None else make_ops("auto", self.device)
+
+    @contextmanager
+    def on_paged_cache(self, paged: PagedAttention | None) -> Iterator[None]:
+        """Attend through ``paged`` (when given) while the block runs."""
+        self.paged = paged
+        try:
+            yield
+        finally:
+            self.paged = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_pos: torch.Tensor | None, layer: int | None = None) -> torch.Tensor:
+        if self.paged is not None and layer is not None:
+            return self.paged.attend(layer, q, k, v, q_pos, self.scaling)
+        return super().attend(q, k, v, q_pos)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[n, head_dim]`` in rotate-half form, from vLLM's rotary cache (which

@@ -16,59 +16,12 @@ from ragkv.config import RagkvConfig
 from ragkv.engine.blend import FusedPrefill, compute_span, fuse
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.policies import SelectionContext, SelectionPolicy, make_policy
+from ragkv.engine.vllm.paged import PagedAttention
 from ragkv.engine.vllm.params import FusionParams, Span
 from ragkv.engine.vllm.runner import VLLMRunner
 from ragkv.keys import KV_LAYOUT, chunk_key, context_digest
 
 log = logging.getLogger("ragkv.vllm")
-
-
-def slots(block_ids: list[int], block_size: int, lo: int, hi: int) -> torch.Tensor:
-    """Paged-cache slot of each position in ``[lo, hi)``: ``[hi - lo]`` int64."""
-    pos = torch.arange(lo, hi)
-    return torch.tensor(block_ids, dtype=torch.long)[pos // block_size] * block_size \
-        + pos % block_size
-
-
-def read_paged(kv_layer: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V ``[kv_heads, n, head_dim]`` at ``slot`` of a CPU-backend layer cache
-    ``[blocks, kv_heads, block_size, 2 * head_dim]``.
-
-    Per block and head the CPU kernels (``vec``/``vec16`` ISAs) keep keys transposed,
-    ``[head_dim, block_size]``, followed by values ``[block_size, head_dim]``;
-    :func:`check_layout` proves it against the backend's own write before anything is read.
-    """
-    nb, h, bs, two_d = kv_layer.shape
-    d = two_d // 2
-    flat = kv_layer.view(nb, h, 2, bs * d)
-    b, off = slot // bs, slot % bs
-    k = flat[:, :, 0].view(nb, h, d, bs)[b, :, :, off]  # [n, kv_heads, head_dim]
-    v = flat[:, :, 1].view(nb, h, bs, d)[b, :, off]
-    return k.transpose(0, 1), v.transpose(0, 1)
-
-
-def write_paged(layers: list, fused: FusedPrefill, slot: torch.Tensor, lo: int, hi: int) -> None:
-    """Positions ``[lo, hi)`` of the fused K/V into each attention layer's paged cache at
-    ``slot``, through the backend's own cache update (one call per layer)."""
-    for i, layer in enumerate(layers):
-        cache = layer.kv_cache
-        # the backend wants [n, kv_heads, head_dim] rows; one copy per layer makes them so
-        k = fused.k[i][:, lo:hi].transpose(0, 1).to(cache.dtype).contiguous()
-        v = fused.v[i][:, lo:hi].transpose(0, 1).to(cache.dtype).contiguous()
-        layer.impl.do_kv_cache_update(layer, k, v, cache, slot.to(cache.device))
-
-
-def check_layout(layer, kv_layer: torch.Tensor) -> bool:
-    """Whether :func:`read_paged` reads back what the layer's backend writes (scratch copy)."""
-    nb, h, bs, two_d = kv_layer.shape
-    scratch = torch.zeros(1, h, bs, two_d, dtype=kv_layer.dtype, device=kv_layer.device)
-    n = bs
-    key = torch.randn(n, h, two_d // 2).to(kv_layer.dtype).to(kv_layer.device)
-    value = torch.randn(n, h, two_d // 2).to(kv_layer.dtype).to(kv_layer.device)
-    slot = torch.arange(n, device=kv_layer.device)
-    layer.impl.do_kv_cache_update(layer, key, value, scratch, slot)
-    k, v = read_paged(scratch, slot)
-    return torch.equal(k.transpose(0, 1), key) and torch.equal(v.transpose(0, 1), value)
 
 
 class WorkerFusion:
@@ -130,8 +83,10 @@ class WorkerFusion:
         return kv.to(r.device, r.dtype)
 
     # ---- the fused prefill ------------------------------------------------------------
-    def fuse(self, ids: list[int], p: FusionParams, trace: dict) -> FusedPrefill:
-        """Fused K/V of the whole prompt ``ids`` (keys rotated to their positions)."""
+    def fuse(self, ids: list[int], p: FusionParams, trace: dict,
+             paged: PagedAttention | None = None) -> FusedPrefill:
+        """Fused K/V of the whole prompt ``ids`` (keys rotated to their positions); with
+        ``paged``, attention runs on vLLM's kernel and writes each layer's KV as it goes."""
         r = self.runner
         t0 = time.perf_counter()
         prefix = ids[:p.prefix_end]
@@ -160,10 +115,11 @@ class WorkerFusion:
         policy = (make_policy(p.blend, r.n_layers) if p.mode == "blend"
                   else SelectionPolicy())
         t1 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), r.on_paged_cache(paged):
             out = fuse(r, torch.tensor(ids, device=r.device), cached, ctx, policy,
                        deviation_on=p.blend.deviation_on)
         trace["fuse_s"] = time.perf_counter() - t1
+        trace["attention"] = "vllm" if paged is not None else "ragkv"
         in_chunk = torch.zeros(T, dtype=torch.bool)
         for s in p.chunks:
             in_chunk[s.start:s.end] = True
