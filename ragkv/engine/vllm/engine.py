@@ -7,8 +7,9 @@ it. This side assembles token ids, names each chunk's span and key, and times re
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,11 +99,16 @@ class VLLMEngine:
 
     def generate(self, chunks: Sequence[Sequence[int]], question: str, *, mode: str = "blend",
                  blend: BlendConfig | None = None, max_new_tokens: int = 64,
-                 logprobs: int | None = 20) -> VLLMAnswer:
+                 logprobs: int | None = 20, fresh: bool = False) -> VLLMAnswer:
         """Answer over ``chunks`` in this order. TTFT is the wall time of a one-token request
         (request to first token, connector work included); the answer is a second request
-        whose fused context vLLM's prefix cache already holds."""
+        whose fused context vLLM's prefix cache already holds. ``fresh`` (``full`` only) salts
+        the request uniquely, so vLLM's prefix cache serves none of it: a cold full prefill."""
         req = self.builder.fused(chunks, question, mode, blend)
+        if fresh:
+            if mode != "full":
+                raise ValueError("fresh applies to mode 'full' (a fused request's salt is fixed)")
+            req = replace(req, cache_salt=uuid.uuid4().hex)
         t0 = time.perf_counter()
         first = self.complete(req, max_tokens=1, logprobs=logprobs)
         ttft = time.perf_counter() - t0
