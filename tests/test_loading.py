@@ -19,7 +19,7 @@ from ragkv.api import RagKV
 from ragkv.config import BlendConfig
 from ragkv.engine.blend import fuse
 from ragkv.engine.kv import ChunkKV
-from ragkv.engine.loading import LayerFeed, LoadingController
+from ragkv.engine.loading import LayerFeed, LoadingController, Workspace
 from ragkv.engine.policies import POLICIES, SelectionContext, make_policy
 from tests.engine_cases import MODELS, _case, _engine
 
@@ -46,6 +46,32 @@ def test_pipelined_placement_equals_placing_first(name, policy):
     assert all(torch.equal(x, y) for x, y in zip(a.layer_sets, b.layer_sets, strict=True))
     L = eng.runner.n_layers
     assert len(a.place_s) == len(a.layer_s) == L and min(a.place_s) >= 0 < min(a.layer_s)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_reused_workspace_holding_stale_values_changes_nothing(name, pipelined):
+    """A workspace's buffers keep the last prefill's values (NaN here); none may leak."""
+    eng, case = _engine(name), _case(name)
+    p = case.prompt
+    forced = torch.ones(len(p), dtype=torch.bool)
+    for s, kv in case.cached:
+        forced[s:s + kv.n_tokens] = False
+    ctx = SelectionContext(len(p), p.prefix_len, p.chunk_spans, forced, 0.3, p.suffix_start)
+    policy = make_policy(BlendConfig(ratio=0.3, policy="hkvd"), eng.runner.n_layers)
+    r = eng.runner
+    ws = Workspace()
+    for buf in ("k_pre", "v", "k"):
+        ws.take(buf, (r.n_layers * r.kv_heads * (len(p) + 7) * r.head_dim,), r.dtype,
+                r.device).fill_(float("nan"))
+    ids = torch.tensor(p.ids)
+    with torch.inference_mode():
+        want = fuse(r, ids, case.cached, ctx, policy, pipelined=pipelined)
+        for _ in range(2):  # the second run starts from the first one's values
+            got = fuse(r, ids, case.cached, ctx, policy, pipelined=pipelined, workspace=ws)
+            assert torch.equal(got.logits, want.logits)
+            for x, y in zip(got.k + got.v, want.k + want.v, strict=True):
+                assert torch.equal(x, y)
 
 
 def test_feed_places_every_layer_and_zeroes_gaps():

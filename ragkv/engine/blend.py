@@ -20,7 +20,7 @@ import torch
 
 from ragkv.engine.kernels import TorchOps
 from ragkv.engine.kv import ChunkKV
-from ragkv.engine.loading import LayerClock, LayerFeed
+from ragkv.engine.loading import LayerClock, LayerFeed, Workspace
 from ragkv.engine.policies import SelectionContext, SelectionPolicy
 from ragkv.engine.runner import LlamaFamilyRunner
 
@@ -59,11 +59,13 @@ def deviation(ops: TorchOps, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: to
 
 def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, ChunkKV]],
          ctx: SelectionContext, policy: SelectionPolicy, *, deviation_on: str = "k",
-         record: bool = False, pipelined: bool | None = None) -> FusedPrefill:
+         record: bool = False, pipelined: bool | None = None,
+         workspace: Workspace | None = None) -> FusedPrefill:
     """Prefill ``ids [T]`` reusing ``cached`` spans ``(start, ChunkKV)``.
 
     Positions covered by no span must be among the policy's initial positions; the last
     position (end of the question suffix) always is, since it carries the first-token logits.
+    With a ``workspace`` the result's K/V are views into it, valid until its next use.
     """
     T = ids.shape[0]
     runner.check_length(T)
@@ -72,7 +74,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     cos, sin = runner.cos_sin(positions)
     ops = runner.ops
     # Cached keys reach their true positions layer by layer, behind the compute (loading.py).
-    feed = LayerFeed(runner, cached, T, cos, sin, pipelined=pipelined)
+    feed = LayerFeed(runner, cached, T, cos, sin, pipelined=pipelined, workspace=workspace)
     k_pre, k_buf, v_buf = feed.k_pre, feed.k_buf, feed.v_buf
     ctx = replace(ctx, ops=ops)
 

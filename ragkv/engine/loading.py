@@ -10,6 +10,7 @@ compute, and picks the recompute ratio whose extra compute still hides under loa
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -20,22 +21,54 @@ from ragkv.engine.kernels import interpreting
 from ragkv.engine.kv import ChunkKV
 
 
+class Workspace:
+    """Grow-only buffers reused from one prefill to the next.
+
+    Each fused buffer is ``[layers, kv_heads, T, head_dim]``, tens of MB for a few thousand
+    tokens: allocators hand memory that large straight back to the OS, so every prefill would
+    fault it in again page by page, which on a CPU costs about as much as a layer of compute.
+    For callers that are done with a prefill's fused KV before the next one starts (the vLLM
+    worker copies it into its paged cache); the result's tensors are views into these buffers.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor backed by the buffer ``name``."""
+        n = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n].view(shape)
+
+
+def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+           device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 class LayerFeed:
     """Fused buffers ``k_pre`` (pre-RoPE keys), ``k_buf`` (rotated keys) and ``v_buf``, all
     ``[layers, kv_heads, T, head_dim]``, filled from ``cached`` spans ``(start, ChunkKV)``.
 
     ``pipelined=False`` fills every layer now (one RoPE launch for the whole buffer);
     ``True`` places layer by layer on a background thread, ``wait(l)`` returning once layer
-    ``l`` is in place; ``None`` (default) pipelines only spans that must cross devices.
+    ``l`` is in place; ``None`` (default) pipelines only spans that must cross devices. The
+    buffers come from ``workspace`` when one is given (see :class:`Workspace`).
     """
 
     def __init__(self, runner, cached: list[tuple[int, ChunkKV]], T: int, cos: torch.Tensor,
-                 sin: torch.Tensor, pipelined: bool | None = None) -> None:
+                 sin: torch.Tensor, pipelined: bool | None = None,
+                 workspace: Workspace | None = None) -> None:
         dev, dt = runner.device, runner.dtype
         L, H, D = runner.n_layers, runner.kv_heads, runner.head_dim
         self.ops, self.cached, self.cos, self.sin = runner.ops, cached, cos, sin
-        self.k_pre = torch.empty(L, H, T, D, device=dev, dtype=dt)
-        self.v_buf = torch.empty(L, H, T, D, device=dev, dtype=dt)
+        take = workspace.take if workspace is not None else _fresh
+        self.k_pre = take("k_pre", (L, H, T, D), dt, dev)
+        self.v_buf = take("v", (L, H, T, D), dt, dev)
+        k_buf = take("k", (L, H, T, D), dt, dev)
         # Only positions no span covers need zeros; the rest is overwritten by placement.
         covered = torch.zeros(T, dtype=torch.bool)
         for start, kv in cached:
@@ -58,13 +91,13 @@ class LayerFeed:
         if not pipelined or L == 1:
             t = time.perf_counter()
             self._place(slice(None))
-            self.k_buf = self.ops.rope(self.k_pre, cos, sin)
+            self.k_buf = self.ops.rope(self.k_pre, cos, sin, out=k_buf)
             self.place_s = [(time.perf_counter() - t) / L] * L
             for e in self._ready:
                 e.set()
             self._thread = None
             return
-        self.k_buf = torch.empty_like(self.k_pre)
+        self.k_buf = k_buf
         self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self._events: list[torch.cuda.Event | None] = [None] * L
         self._starts: list[torch.cuda.Event | None] = [None] * L
@@ -102,7 +135,7 @@ class LayerFeed:
 
     def _layer(self, layer: int) -> None:
         self._place(layer)
-        self.k_buf[layer] = self.ops.rope(self.k_pre[layer], self.cos, self.sin)
+        self.ops.rope(self.k_pre[layer], self.cos, self.sin, out=self.k_buf[layer])
 
     def wait(self, layer: int) -> None:
         self._ready[layer].wait()

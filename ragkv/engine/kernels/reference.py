@@ -16,9 +16,11 @@ class TorchOps:
     name = "torch"
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             positions: torch.Tensor | None = None) -> torch.Tensor:
+             positions: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """RoPE of ``x [R, N, D]`` (any leading dims) to ``positions [N]`` (default
-        ``0..N-1``), reading the model's own tables ``cos/sin [P, D]``. Same dtype as ``x``."""
+        ``0..N-1``), reading the model's own tables ``cos/sin [P, D]``. Same dtype as ``x``;
+        written into ``out`` (contiguous, shaped like ``x``, not ``x`` itself) when given."""
         if positions is not None:
             cos, sin = cos[positions], sin[positions]
         else:
@@ -26,7 +28,7 @@ class TorchOps:
         # x * cos + rotate_half(x) * sin (Llama-family convention), without materialising
         # rotate_half(x).
         h = x.shape[-1] // 2
-        y = x * cos
+        y = torch.mul(x, cos, out=out) if out is not None else x * cos
         y[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
         y[..., h:].addcmul_(x[..., :h], sin[..., h:])
         return y

@@ -55,9 +55,10 @@ def _rope_kernel(X, Y, COS, SIN, POS, R, N, n_bucket, r_bucket, sxr, sxn, syr, s
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         positions: torch.Tensor | None = None) -> torch.Tensor:
+         positions: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE of ``x [..., N, D]`` to ``positions [N]`` (default ``0..N-1``) from the tables
-    ``cos/sin [P, D]``, into a new tensor (the autotuner reruns the kernel, so no in-place)."""
+    ``cos/sin [P, D]``, into ``out`` (contiguous, shaped like ``x``) or a new tensor; never
+    into ``x`` itself (the autotuner reruns the kernel)."""
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {D}")
@@ -65,7 +66,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     x3 = x.reshape(-1, N, D)
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = out if out is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    if not y.is_contiguous() or y.shape != x.shape:
+        raise ValueError("out must be contiguous and shaped like x")
     y3 = y.view(-1, N, D)
     cos, sin = cos.contiguous(), sin.contiguous()
     if positions is None and cos.shape[0] < N:

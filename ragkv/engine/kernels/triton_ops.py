@@ -11,8 +11,8 @@ from ragkv.engine.kernels.reference import TorchOps
 class TritonOps(TorchOps):
     name = "triton"
 
-    def rope(self, x, cos, sin, positions=None):
-        return rope.rope(x, cos, sin, positions)
+    def rope(self, x, cos, sin, positions=None, out=None):
+        return rope.rope(x, cos, sin, positions, out)
 
     def deviation(self, k_new, k_buf, index, out=None):
         return select.deviation(k_new, k_buf, index, out)

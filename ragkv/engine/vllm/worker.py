@@ -15,6 +15,7 @@ from ragkv.cache_index import KVStore
 from ragkv.config import RagkvConfig
 from ragkv.engine.blend import FusedPrefill, compute_span, fuse
 from ragkv.engine.kv import ChunkKV
+from ragkv.engine.loading import Workspace
 from ragkv.engine.policies import SelectionContext, SelectionPolicy, make_policy
 from ragkv.engine.vllm.paged import PagedAttention
 from ragkv.engine.vllm.params import FusionParams, Span
@@ -31,6 +32,8 @@ class WorkerFusion:
         self.cfg, self.fingerprint = cfg, fingerprint
         self.store = KVStore.from_config(cfg)
         self._runner: VLLMRunner | None = None
+        # the fused KV is in vLLM's paged cache before the next request is fused
+        self.workspace = Workspace()
 
     @property
     def runner(self) -> VLLMRunner:
@@ -117,7 +120,7 @@ class WorkerFusion:
         t1 = time.perf_counter()
         with torch.inference_mode(), r.on_paged_cache(paged):
             out = fuse(r, torch.tensor(ids, device=r.device), cached, ctx, policy,
-                       deviation_on=p.blend.deviation_on)
+                       deviation_on=p.blend.deviation_on, workspace=self.workspace)
         trace["fuse_s"] = time.perf_counter() - t1
         trace["attention"] = "vllm" if paged is not None else "ragkv"
         in_chunk = torch.zeros(T, dtype=torch.bool)
