@@ -74,6 +74,23 @@ def test_decode_rejects_garbage(data: bytes) -> None:
         decode_kv(data)
 
 
+def _encode_in_a_fresh_process(_: int) -> str:
+    from ragkv.cache_index.blobs import encode_kv
+
+    meta = {"key": "k", "model_fp": "m", "layout": "l", "n_tokens": "4", "extra": "x"}
+    g = torch.Generator().manual_seed(0)
+    return encode_kv({"k": torch.randn(2, 4, 3, generator=g)}, meta)[1]
+
+
+def test_same_kv_encodes_to_the_same_bytes_in_every_process() -> None:
+    """Racing writers of one key store one blob under one checksum only if their bytes agree."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(4) as pool:
+        sums = pool.map(_encode_in_a_fresh_process, range(8))
+    assert len(set(sums)) == 1, sums
+
+
 def test_decode_rejects_every_truncation() -> None:
     data, _ = encode_kv({"k": torch.arange(6, dtype=torch.float32)}, {"key": "x"})
     for cut in range(len(data)):

@@ -205,8 +205,22 @@ def encode_kv(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tup
         raise TypeError(f"safetensors metadata must be str -> str; offending keys: {bad}")
     if not tensors:
         raise ValueError("nothing to encode: no tensors")
-    data = st_save(_standalone(tensors), metadata=dict(metadata))
+    data = _canonical(st_save(_standalone(tensors), metadata=dict(metadata)))
     return data, checksum(data)
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same blob with its JSON header's keys sorted. safetensors writes the metadata map in
+    a hash order chosen per process, so two processes storing the same KV produced different
+    bytes: racing writers of one key could leave one's blob under the other's checksum."""
+    (n,) = struct.unpack("<Q", data[:8])
+    canon = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=False).encode()
+    if len(canon) > n:  # not for the header safetensors wrote; keep its bytes then
+        return data
+    buf = bytearray(data)
+    buf[8:8 + n] = canon.ljust(n)  # safetensors pads its header with spaces too
+    return bytes(buf)
 
 
 def _standalone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
