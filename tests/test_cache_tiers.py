@@ -47,6 +47,17 @@ def test_memory_tier_hands_out_copies(tmp_path):
     assert torch.equal(get(store, 2).tensors["k"], want["k"])
 
 
+def test_a_shared_memory_hit_is_the_tiers_own_tensors_and_a_copy_is_not(tmp_path):
+    store = make_store(tmp_path, memory=None)
+    put(store, 3)
+    a = store.fetch(key(3), model_fp=FP, layout=LAYOUT, shared=True)
+    b = store.fetch(key(3), model_fp=FP, layout=LAYOUT, shared=True)
+    c = store.fetch(key(3), model_fp=FP, layout=LAYOUT)
+    assert a.tier == b.tier == c.tier == "memory"
+    assert a.tensors["k"].data_ptr() == b.tensors["k"].data_ptr() != c.tensors["k"].data_ptr()
+    assert torch.equal(a.tensors["k"], c.tensors["k"])
+
+
 def test_memory_tier_budget_by_bytes():
     tier = MemoryTier(budget=3 * 2 * 2 * 4 * 5 * 8 * 4, policy=LRU())  # three entries
     for i in range(5):

@@ -58,7 +58,10 @@ class MemoryTier:
         return float(self.policy.priority(hits=slot.hits, tokens=slot.tokens, nbytes=slot.nbytes,
                                           now=time.time(), clock=self.clock))
 
-    def get(self, key: str, *, model_fp: str, layout: str) -> dict[str, torch.Tensor] | None:
+    def get(self, key: str, *, model_fp: str, layout: str,
+            shared: bool = False) -> dict[str, torch.Tensor] | None:
+        """A copy of the entry's tensors, or with ``shared`` the tier's own (the caller only
+        reads them: a chunk's KV is tens of MB, and copying it cost a fused request ~1 %)."""
         with self._lock:
             slot = self._slots.get(key)
             if slot is None:
@@ -70,7 +73,7 @@ class MemoryTier:
             slot.hits += 1
             slot.priority = self._score(slot)
             tensors = slot.tensors
-        return _copy(tensors)
+        return tensors if shared else _copy(tensors)
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], *, model_fp: str, layout: str,
             tokens: int) -> bool:

@@ -104,10 +104,12 @@ class KVStore:
         found = self.fetch(key, model_fp=model_fp, layout=layout)
         return found.tensors if found else None
 
-    def fetch(self, key: str, *, model_fp: str, layout: str) -> Fetched | None:
-        """Like :meth:`get`, also naming the tier that served the entry."""
+    def fetch(self, key: str, *, model_fp: str, layout: str,
+              shared: bool = False) -> Fetched | None:
+        """Like :meth:`get`, also naming the tier that served the entry. ``shared``: a memory
+        hit hands out the tier's own tensors, which the caller must not modify."""
         if self.memory is not None:
-            tensors = self.memory.get(key, model_fp=model_fp, layout=layout)
+            tensors = self.memory.get(key, model_fp=model_fp, layout=layout, shared=shared)
             if tensors is not None:
                 return self._hit(key, Fetched(tensors, "memory"), 0)
             self._count("", "memory", "misses")

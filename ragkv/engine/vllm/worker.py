@@ -53,7 +53,8 @@ class WorkerFusion:
         return dict(layers=r.n_layers, kv_heads=r.kv_heads, head_dim=r.head_dim, n_tokens=n)
 
     def load(self, key: str, n: int) -> ChunkKV | None:
-        found = self.store.fetch(key, model_fp=self.fingerprint, layout=KV_LAYOUT)
+        # read only: placed into the fused buffers, or read as the past of a missing chunk
+        found = self.store.fetch(key, model_fp=self.fingerprint, layout=KV_LAYOUT, shared=True)
         if found is None:
             return None
         try:
