@@ -41,7 +41,8 @@ def _layer(ops, n_blocks: int, kv_heads: int, block: int, d: int, q_heads: int):
 @pytest.mark.parametrize("q_heads,kv_heads", [(9, 3), (4, 4)])
 @pytest.mark.parametrize("block", [32, 128])
 @pytest.mark.parametrize("kind", ["scattered", "tail", "all", "first", "single_last"])
-def test_vllm_kernel_equals_exact_mask_reference(q_heads, kv_heads, block, kind):
+@pytest.mark.parametrize("strided", [True, False], ids=["views", "copies"])
+def test_vllm_kernel_equals_exact_mask_reference(q_heads, kv_heads, block, kind, strided):
     pytest.importorskip("vllm")
     from vllm import _custom_ops as ops
 
@@ -53,7 +54,7 @@ def test_vllm_kernel_equals_exact_mask_reference(q_heads, kv_heads, block, kind)
     table = torch.randperm(n_blocks + 3, generator=g)[:n_blocks]
     layer = _layer(ops, n_blocks + 3, kv_heads, block, d, q_heads)
     k, v = (torch.randn(kv_heads, T, d, generator=g) for _ in "kv")
-    write_layer(layer, k, v, slots(table.tolist(), block, 0, T))
+    write_layer(layer, k, v, slots(table.tolist(), block, 0, T), strided=strided)
     q_pos = {"scattered": torch.randperm(T, generator=g)[:60].sort().values,
              "tail": torch.arange(T - 70, T), "all": torch.arange(T),
              "first": torch.tensor([0, 1, 2, 150]), "single_last": torch.tensor([T - 1])}[kind]

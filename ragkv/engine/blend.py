@@ -96,8 +96,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
         d = None
         if layer in checks:  # before the buffers are overwritten below
             d = deviation(ops, k, v, k_pre[layer], v_buf[layer], active, deviation_on)
-        c, s = cos[active], sin[active]
-        q, k = runner.rotate(q, c, s), runner.rotate(k, c, s)
+        q, k = runner.rotate_qk(q, k, active, cos, sin)
         # Fresh KV of every computed token replaces the cached entry, dropped or not.
         k_buf[layer].index_copy_(1, active, k)
         v_buf[layer].index_copy_(1, active, v)

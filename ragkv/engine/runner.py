@@ -52,6 +52,14 @@ class DecoderRunner:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(ids)
 
+    def rotate_qk(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE of fresh ``q [Hq, n, D]`` and ``k [Hkv, n, D]`` (as :meth:`qkv` returns them)
+        to ``positions [n]``, with the prompt's tables ``cos/sin [T, D]``. Variants may
+        rotate in place: the caller is done with the pre-RoPE values."""
+        c, s = cos[positions], sin[positions]
+        return self.rotate(q, c, s), self.rotate(k, c, s)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                q_pos: torch.Tensor | None, layer: int | None = None) -> torch.Tensor:
         """Attention of rotated queries ``[Hq, n, D]`` over keys/values ``[Hkv, T, D]``.

@@ -36,12 +36,16 @@ def read_paged(kv_layer: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor
     return k.transpose(0, 1), v.transpose(0, 1)
 
 
-def write_layer(layer, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
-    """K/V ``[kv_heads, n, head_dim]`` into ``layer``'s paged cache at ``slot [n]``."""
+def write_layer(layer, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor,
+                strided: bool = False) -> None:
+    """K/V ``[kv_heads, n, head_dim]`` into ``layer``'s paged cache at ``slot [n]``. The
+    backend takes ``[n, kv_heads, head_dim]`` rows; ``strided`` hands it transposed views
+    instead of contiguous copies (for callers that proved the backend honours strides)."""
     cache = layer.kv_cache
-    # the backend wants [n, kv_heads, head_dim] rows
-    k = k.transpose(0, 1).to(cache.dtype).contiguous()
-    v = v.transpose(0, 1).to(cache.dtype).contiguous()
+    k = k.transpose(0, 1).to(cache.dtype)
+    v = v.transpose(0, 1).to(cache.dtype)
+    if not strided:
+        k, v = k.contiguous(), v.contiguous()
     layer.impl.do_kv_cache_update(layer, k, v, cache, slot.to(cache.device))
 
 
@@ -112,7 +116,7 @@ class PagedAttention:
         """Queries ``q [Hq, n, D]`` at sorted ``q_pos [n]`` (None: ``0..T-1``) over layer
         ``layer``'s fused ``k, v [Hkv, T, D]``; returns ``[n, Hq * D]``."""
         lay = self.layers[layer]
-        write_layer(lay, k[:, self.lo:], v[:, self.lo:], self.slot)
+        write_layer(lay, k[:, self.lo:], v[:, self.lo:], self.slot, strided=True)
         self.written[layer] = True
         if q_pos is None:
             q_pos = torch.arange(k.shape[1], device=q.device)
@@ -120,8 +124,9 @@ class PagedAttention:
 
     @staticmethod
     def probe(layer, scale: float) -> bool:
-        """Whether :func:`paged_attention` over a scratch cache matches the reference
-        attention of scattered queries (once per engine, before first use)."""
+        """Whether :func:`paged_attention` over a scratch cache written as :meth:`attend`
+        writes (strided) matches the reference attention of scattered queries (once per
+        engine, before first use)."""
         cache = layer.kv_cache
         nb, h, bs, two_d = cache.shape
         d, hq = two_d // 2, getattr(layer, "num_heads", h)
@@ -134,7 +139,7 @@ class PagedAttention:
         real = layer.kv_cache
         try:
             layer.kv_cache = scratch
-            write_layer(layer, k, v, torch.arange(T))
+            write_layer(layer, k, v, torch.arange(T), strided=True)
             got = paged_attention(layer, q, q_pos, torch.tensor([[0, 1]], dtype=torch.int32),
                                   scale)
         except Exception as exc:  # noqa: BLE001 - an unknown kernel only turns the path off

@@ -73,6 +73,16 @@ class VLLMRunner(DecoderRunner):
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
+    def rotate_qk(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's own RoPE op on the projection's rows (in place where the backend's op is):
+        one fused call instead of the reference's temporaries."""
+        n = q.shape[1]
+        q2, k2 = self._rope(positions, q.transpose(0, 1).reshape(n, -1),
+                            k.transpose(0, 1).reshape(n, -1))
+        return (q2.view(n, self.q_heads, self.head_dim).transpose(0, 1),
+                k2.view(n, self.kv_heads, self.head_dim).transpose(0, 1))
+
     def qkv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pre-RoPE q ``[Hq, n, D]``, k and v ``[Hkv, n, D]`` of layer ``layer``."""
         blk = self.inner.layers[layer]
