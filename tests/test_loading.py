@@ -24,27 +24,32 @@ from ragkv.engine.policies import POLICIES, SelectionContext, make_policy
 from tests.engine_cases import MODELS, _case, _engine
 
 
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("policy", POLICIES)
-def test_pipelined_placement_equals_placing_first(name, policy):
-    """Bit for bit: the background feed changes when KV is placed, never what is placed."""
+def _blend_inputs(name: str, policy: str):
+    """Runner, prompt ids, cached spans, context and policy of a model's case at ratio 0.3."""
     eng, case = _engine(name), _case(name)
-    cfg = BlendConfig(ratio=0.3, policy=policy)
     p = case.prompt
     forced = torch.ones(len(p), dtype=torch.bool)
     for s, kv in case.cached:
         forced[s:s + kv.n_tokens] = False
     ctx = SelectionContext(len(p), p.prefix_len, p.chunk_spans, forced, 0.3, p.suffix_start)
-    ids = torch.tensor(p.ids)
+    pol = make_policy(BlendConfig(ratio=0.3, policy=policy), eng.runner.n_layers)
+    return eng.runner, torch.tensor(p.ids), case.cached, ctx, pol
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pipelined_placement_equals_placing_first(name, policy):
+    """Bit for bit: the background feed changes when KV is placed, never what is placed."""
+    runner, ids, cached, ctx, pol = _blend_inputs(name, policy)
     with torch.inference_mode():
-        outs = [fuse(eng.runner, ids, case.cached, ctx, make_policy(cfg, eng.runner.n_layers),
-                     record=True, pipelined=flag) for flag in (True, False)]
+        outs = [fuse(runner, ids, cached, ctx, pol, record=True, pipelined=flag)
+                for flag in (True, False)]
     a, b = outs
     assert torch.equal(a.logits, b.logits)
     for x, y in zip(a.k + a.v, b.k + b.v, strict=True):
         assert torch.equal(x, y)
     assert all(torch.equal(x, y) for x, y in zip(a.layer_sets, b.layer_sets, strict=True))
-    L = eng.runner.n_layers
+    L = runner.n_layers
     assert len(a.place_s) == len(a.layer_s) == L and min(a.place_s) >= 0 < min(a.layer_s)
 
 
@@ -52,23 +57,15 @@ def test_pipelined_placement_equals_placing_first(name, policy):
 @pytest.mark.parametrize("pipelined", [True, False])
 def test_reused_workspace_holding_stale_values_changes_nothing(name, pipelined):
     """A workspace's buffers keep the last prefill's values (NaN here); none may leak."""
-    eng, case = _engine(name), _case(name)
-    p = case.prompt
-    forced = torch.ones(len(p), dtype=torch.bool)
-    for s, kv in case.cached:
-        forced[s:s + kv.n_tokens] = False
-    ctx = SelectionContext(len(p), p.prefix_len, p.chunk_spans, forced, 0.3, p.suffix_start)
-    policy = make_policy(BlendConfig(ratio=0.3, policy="hkvd"), eng.runner.n_layers)
-    r = eng.runner
+    r, ids, cached, ctx, policy = _blend_inputs(name, "hkvd")
     ws = Workspace()
     for buf in ("k_pre", "v", "k"):
-        ws.take(buf, (r.n_layers * r.kv_heads * (len(p) + 7) * r.head_dim,), r.dtype,
+        ws.take(buf, (r.n_layers * r.kv_heads * (len(ids) + 7) * r.head_dim,), r.dtype,
                 r.device).fill_(float("nan"))
-    ids = torch.tensor(p.ids)
     with torch.inference_mode():
-        want = fuse(r, ids, case.cached, ctx, policy, pipelined=pipelined)
+        want = fuse(r, ids, cached, ctx, policy, pipelined=pipelined)
         for _ in range(2):  # the second run starts from the first one's values
-            got = fuse(r, ids, case.cached, ctx, policy, pipelined=pipelined, workspace=ws)
+            got = fuse(r, ids, cached, ctx, policy, pipelined=pipelined, workspace=ws)
             assert torch.equal(got.logits, want.logits)
             for x, y in zip(got.k + got.v, want.k + want.v, strict=True):
                 assert torch.equal(x, y)
