@@ -70,7 +70,7 @@ def lookups(url: str, sizes: list[int], repeats: int) -> list[dict]:
                     print(f"{n:>7} entries {k:>2} keys {what:>8}: "
                           f"{out[-1]['median_ms']:.2f} ms median, {out[-1]['p95_ms']:.2f} p95")
     finally:
-        with index._tx() as s:
+        with index.transaction() as s:
             s.execute(delete(KVEntry).where(KVEntry.key.like("zz%")))
         index.close()
     return out

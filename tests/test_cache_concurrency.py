@@ -53,7 +53,7 @@ def test_four_processes_ingesting_at_once(tmp_path):
     failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
     assert [p.exitcode for p in procs] == [0] * 4, failures
     store = make_store(tmp_path)
-    with store.index._tx() as s:
+    with store.index.transaction() as s:
         assert s.scalar(select(func.count(KVEntry.key))) == SHARED + 4 * OWN
         assert s.scalar(select(func.count(Document.id))) == 5  # shared.md once, own-* x4
     report = verify(store, orphan_grace_s=0)

@@ -32,6 +32,7 @@ from ragkv.cache_index import (
     encode_kv,
 )
 from ragkv.cache_index.blobs import checksum_matches
+from ragkv.cache_index.residency import drop_resident
 
 # -- round trip ------------------------------------------------------------------------------
 
@@ -300,6 +301,68 @@ def test_log_query_and_recent_queries(index: CacheIndex) -> None:
     with pytest.raises(TypeError):
         index.log_query(question="q", mode="full", bogus=1)
 
+
+
+def _entry(index: CacheIndex, i: int, nbytes: int, *, on_remote: bool = False) -> None:
+    index.upsert_entry(_key(i), model_fp=FP, layout=LAYOUT, n_tokens=i, nbytes=nbytes,
+                       blob_name=blob_name(_key(i)), checksum="0" * 64, dtype="float16",
+                       on_remote=on_remote)
+
+
+def test_transaction_commits_or_rolls_back(index: CacheIndex) -> None:
+    doc_id, _ = index.add_document("t.md", "", "1" * 64)
+    with index.transaction() as s:
+        assert s.scalar(text("SELECT name FROM documents WHERE id = :i"), {"i": doc_id}) == "t.md"
+        s.execute(text("UPDATE documents SET source = 'committed' WHERE id = :i"), {"i": doc_id})
+    with pytest.raises(RuntimeError), index.transaction() as s:
+        s.execute(text("UPDATE documents SET source = 'lost' WHERE id = :i"), {"i": doc_id})
+        raise RuntimeError("abort")
+    assert index.documents()[0].source == "committed"
+
+
+def test_tier_sizes(index: CacheIndex) -> None:
+    empty = [{"tier": "disk", "entries": 0, "kv_bytes": 0},
+             {"tier": "remote", "entries": 0, "kv_bytes": 0}]
+    assert index.tier_sizes() == empty
+    _entry(index, 1, 100)
+    _entry(index, 2, 250, on_remote=True)
+    drop_resident(index, _key(3), "disk")  # no such row: changes nothing
+    _entry(index, 4, 1000, on_remote=True)
+    drop_resident(index, _key(4), "disk")  # remote only now
+    assert index.tier_sizes() == [{"tier": "disk", "entries": 2, "kv_bytes": 350},
+                                  {"tier": "remote", "entries": 2, "kv_bytes": 1250}]
+
+
+def test_document_sizes(index: CacheIndex) -> None:
+    assert index.document_sizes() == []
+    a, _ = index.add_document("a.md", "", "1" * 64)
+    b, _ = index.add_document("b.md", "", "2" * 64)
+    index.add_document("no-chunks.md", "", "3" * 64)
+    index.add_chunks(a, _records(3))  # keys 100..102
+    index.add_chunks(b, _records(2))  # keys 100..101, shared with a.md
+    _entry(index, 100, 10)
+    _entry(index, 102, 1000)
+    assert index.document_sizes() == [
+        {"document_id": a, "document": "a.md", "chunks": 3, "kv_bytes": 1010},
+        {"document_id": b, "document": "b.md", "chunks": 2, "kv_bytes": 10},
+    ]
+
+
+def test_top_entries(index: CacheIndex) -> None:
+    a, _ = index.add_document("a.md", "", "1" * 64)
+    b, _ = index.add_document("b.md", "", "2" * 64)
+    index.add_chunks(a, _records(2))  # keys 100, 101
+    index.add_chunks(b, _records(1, tag="b"))  # key 100 again: a.md's chunk was stored first
+    for i in (100, 101, 7, 8):
+        _entry(index, i, 10)
+    assert index.top_entries() == []  # nothing reused yet
+    index.record_hits([_key(101), _key(7), _key(7), _key(100), _key(100)])
+    top = index.top_entries(10)
+    assert [(e["key"], e["hits"]) for e in top] == [(_key(7), 2), (_key(100), 2), (_key(101), 1)]
+    assert top[1] == {"key": _key(100), "hits": 2, "n_tokens": 100, "document": "a.md",
+                      "ordinal": 0, "text": "chunk 0"}
+    assert (top[0]["document"], top[0]["ordinal"], top[0]["text"]) == (None, None, None)
+    assert [e["key"] for e in index.top_entries(1)] == [_key(7)]
 
 def test_sqlite_wal_mode(index: CacheIndex, tmp_path: Path) -> None:
     if index.engine.dialect.name != "sqlite":

@@ -1,10 +1,8 @@
-"""Integrity of stored KV: the one check every read and every ``verify`` applies to a blob,
-and ``verify``, which scans the whole cache and repairs what fails.
+"""``verify``: scan the whole cache with the blob check of :mod:`.blobcheck` and repair what
+fails (bad copies lose their tier, orphan blobs go).
 
-A blob is good when its bytes hash to the checksum the index recorded (xxh3-128: truncation,
-flipped bits and a half-written file all fail it), its safetensors framing is sound, its
-metadata names this key, model and layout (a blob copied under another key's name fails
-here), and, for int8 entries, its payload and scales fit together.
+It takes the store as a :class:`VerifiedStore` protocol rather than importing
+:class:`~.store.KVStore`, which itself imports the blob check: the two stay acyclic.
 """
 
 from __future__ import annotations
@@ -13,34 +11,27 @@ import logging
 import posixpath
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import torch
+from typing import Protocol
 
 from ragkv.cache_index import residency
-from ragkv.cache_index.blobs import BlobStore, checksum_matches, decode_kv
-from ragkv.cache_index.codec import decode_tensors
-from ragkv.cache_index.models import EntryInfo
+from ragkv.cache_index.blobcheck import open_blob
+from ragkv.cache_index.blobs import BlobStore
+from ragkv.cache_index.index import CacheIndex
 
-if TYPE_CHECKING:
-    from ragkv.cache_index.store import KVStore
+__all__ = ["VerifiedStore", "VerifyReport", "open_blob", "verify"]
 
 log = logging.getLogger("ragkv.cache")
 
 
-def open_blob(data: bytes, entry: EntryInfo, *, model_fp: str | None = None,
-              layout: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors (decoded, ready to use) of a blob read for ``entry``; ValueError says why
-    the blob is unusable."""
-    if not checksum_matches(data, entry.checksum):
-        raise ValueError(f"checksum mismatch ({len(data)} of {entry.nbytes} bytes)")
-    tensors, meta = decode_kv(data)
-    expected = {"key": entry.key, "model_fp": model_fp or entry.model_fp,
-                "layout": layout or entry.layout}
-    wrong = {k: meta.get(k) for k, v in expected.items() if meta.get(k) != v}
-    if wrong:
-        raise ValueError(f"blob metadata does not match: {wrong}")
-    return decode_tensors(tensors, meta)
+class VerifiedStore(Protocol):
+    """What :func:`verify` uses of a :class:`~.store.KVStore`."""
+
+    @property
+    def index(self) -> CacheIndex: ...
+
+    def persistent_tiers(self) -> list[tuple[residency.Tier, BlobStore]]: ...
+
+    def memory_discard(self, key: str) -> None: ...
 
 
 @dataclass
@@ -56,7 +47,8 @@ class VerifyReport:
         return not self.bad and not self.orphans
 
 
-def verify(store: KVStore, *, repair: bool = True, orphan_grace_s: float = 300.0) -> VerifyReport:
+def verify(store: VerifiedStore, *, repair: bool = True,
+           orphan_grace_s: float = 300.0) -> VerifyReport:
     """Read every blob every row points at, and every blob no row points at.
 
     Bad blobs lose their tier (the row goes with its last tier); orphan blobs and leftover

@@ -26,7 +26,13 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    InstrumentedAttribute,
+    Mapped,
+    mapped_column,
+    relationship,
+)
 
 #: Bumped by hand whenever the tables change, together with a new Alembic revision in
 #: ``migrations/versions/`` (``tests/test_migrations.py`` fails until the two agree).
@@ -112,6 +118,22 @@ class KVEntry(Base):
     # evicted from local disk but still remote is found (and promoted) instead of recomputed.
     on_disk: Mapped[bool] = mapped_column(Boolean, default=True)
     on_remote: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+#: The column saying whether each persistent tier holds an entry's blob, fastest tier first.
+TIER_FLAGS: dict[str, InstrumentedAttribute[bool]] = {
+    "disk": KVEntry.on_disk,
+    "remote": KVEntry.on_remote,
+}
+
+
+def tier_flag(tier: str) -> InstrumentedAttribute[bool]:
+    """The ``on_<tier>`` column; ValueError for a tier that is not persistent (memory is per
+    process and has no column)."""
+    try:
+        return TIER_FLAGS[tier]
+    except KeyError:
+        raise ValueError(f"not a persistent tier: {tier!r}") from None
 
 
 class EvictionClock(Base):

@@ -14,24 +14,25 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from ragkv.cache_index.index import CacheIndex, _batches
-from ragkv.cache_index.models import EntryInfo, EvictionClock, KVEntry, to_info, utcnow
+from ragkv.cache_index import reports
+from ragkv.cache_index.database import in_batches
+from ragkv.cache_index.index import CacheIndex
+from ragkv.cache_index.models import (
+    EntryInfo,
+    EvictionClock,
+    KVEntry,
+    tier_flag,
+    to_info,
+    utcnow,
+)
 from ragkv.cache_index.policy import EvictionPolicy
 
 log = logging.getLogger("ragkv.cache")
 Tier = Literal["disk", "remote"]
-_FLAG = {"disk": KVEntry.on_disk, "remote": KVEntry.on_remote}
-
-
-def _flag(tier: str) -> Any:
-    try:
-        return _FLAG[tier]
-    except KeyError:
-        raise ValueError(f"not a persistent tier: {tier!r}") from None
 
 
 def read_clock(s: Session) -> float:
@@ -42,7 +43,7 @@ def ensure_clock(index: CacheIndex) -> None:
     """Create the eviction clock row up front: two processes evicting for the first time at
     once would otherwise both insert it, and the loser's eviction would fail on the key."""
     try:
-        with index._tx() as s:
+        with index.transaction() as s:
             if s.get(EvictionClock, 1) is None:
                 s.add(EvictionClock(id=1, value=0.0))
     except IntegrityError:
@@ -52,7 +53,7 @@ def ensure_clock(index: CacheIndex) -> None:
 
 
 def clock(index: CacheIndex) -> float:
-    with index._tx() as s:
+    with index.transaction() as s:
         return read_clock(s)
 
 
@@ -72,23 +73,23 @@ def touch(index: CacheIndex, keys: list[str], policy: EvictionPolicy, *, hit: bo
     by_count: dict[int, list[str]] = {}
     for key, n in Counter(keys).items():
         by_count.setdefault(n if hit else 0, []).append(key)
-    with index._tx() as s:
+    with index.transaction() as s:
         c = read_clock(s)
         for n, group in by_count.items():
             # SET expressions see the row before the update: both use the old hit count.
             hits = KVEntry.hits + n
             prio = policy.priority(hits=hits, tokens=KVEntry.n_tokens, nbytes=KVEntry.nbytes,
                                    now=ts, clock=c)
-            for batch in _batches(group):
+            for batch in in_batches(group):
                 s.execute(update(KVEntry).where(KVEntry.key.in_(batch))
                           .values(hits=hits, last_access_at=now, priority=prio))
 
 
 def set_resident(index: CacheIndex, key: str, tier: Tier, checksum: str) -> bool:
     """Record that ``tier`` holds the blob with ``checksum`` (after it was written there)."""
-    with index._tx() as s:
+    with index.transaction() as s:
         res = s.execute(update(KVEntry).where(KVEntry.key == key, KVEntry.checksum == checksum)
-                        .values({_flag(tier).key: True}))
+                        .values({tier_flag(tier).key: True}))
         return bool(res.rowcount)
 
 
@@ -97,11 +98,11 @@ def drop_resident(index: CacheIndex, key: str, tier: Tier, *, checksum: str | No
     """``tier`` no longer holds the blob; the row goes once no tier does. With ``checksum``,
     only if the row still describes that blob (a concurrent writer's new entry survives).
     ``evicted_priority`` advances the eviction clock. Returns whether the row changed."""
-    flag = _flag(tier)
+    flag = tier_flag(tier)
     cond = [KVEntry.key == key, flag.is_(True)]
     if checksum is not None:
         cond.append(KVEntry.checksum == checksum)
-    with index._tx() as s:
+    with index.transaction() as s:
         res = s.execute(update(KVEntry).where(*cond).values({flag.key: False}))
         if not res.rowcount:
             return False
@@ -114,18 +115,15 @@ def drop_resident(index: CacheIndex, key: str, tier: Tier, *, checksum: str | No
 
 def tier_bytes(index: CacheIndex, tier: Tier) -> tuple[int, int]:
     """(entries, bytes) the index says ``tier`` holds."""
-    with index._tx() as s:
-        n, total = s.execute(select(func.count(KVEntry.key),
-                                    func.coalesce(func.sum(KVEntry.nbytes), 0))
-                             .where(_flag(tier).is_(True))).one()
-        return int(n), int(total)
+    with index.transaction() as s:
+        return reports.tier_size(s, tier)
 
 
 def eviction_candidates(index: CacheIndex, tier: Tier, limit: int = 256) -> list[EntryInfo]:
     """Entries of ``tier``, lowest priority first (ties: least recently used, then key)."""
-    q = (select(KVEntry).where(_flag(tier).is_(True))
+    q = (select(KVEntry).where(tier_flag(tier).is_(True))
          .order_by(KVEntry.priority, KVEntry.last_access_at, KVEntry.key).limit(limit))
-    with index._tx() as s:
+    with index.transaction() as s:
         return [to_info(EntryInfo, row) for row in s.scalars(q)]
 
 
@@ -134,7 +132,7 @@ def iter_entries(index: CacheIndex, batch: int = 500) -> Iterator[list[EntryInfo
     rows deleted while scanning cannot shift a page)."""
     after = ""
     while True:
-        with index._tx() as s:
+        with index.transaction() as s:
             rows = [to_info(EntryInfo, r) for r in s.scalars(
                 select(KVEntry).where(KVEntry.key > after).order_by(KVEntry.key).limit(batch))]
         if not rows:
@@ -150,15 +148,15 @@ def bulk_insert_entries(index: CacheIndex, rows: list[dict[str, Any]], chunk: in
     defaults = dict(created_at=now, last_access_at=now, hits=0, priority=0.0, on_disk=True,
                     on_remote=False)
     for start in range(0, len(rows), chunk):
-        with index._tx() as s:
+        with index.transaction() as s:
             s.execute(insert(KVEntry), [{**defaults, **r} for r in rows[start:start + chunk]])
 
 
 def lookup_entries(index: CacheIndex, keys: list[str]) -> dict[str, EntryInfo]:
     """Full rows for many keys in one query per 500 keys."""
     out: dict[str, EntryInfo] = {}
-    with index._tx() as s:
-        for b in _batches(list(dict.fromkeys(keys))):
+    with index.transaction() as s:
+        for b in in_batches(list(dict.fromkeys(keys))):
             for row in s.scalars(select(KVEntry).where(KVEntry.key.in_(b))):
                 out[row.key] = to_info(EntryInfo, row)
     return out

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ragkv.cache_index import residency
+from ragkv.cache_index.blobcheck import open_blob
 from ragkv.cache_index.blobs import BlobStore, encode_kv
 from ragkv.cache_index.codec import Int8Codec
 from ragkv.cache_index.eviction import EvictionReport, enforce_budget
 from ragkv.cache_index.index import CacheIndex
-from ragkv.cache_index.integrity import open_blob
 from ragkv.cache_index.memory import MemoryTier
 from ragkv.cache_index.models import EntryInfo
 from ragkv.cache_index.policy import PGDSF, EvictionPolicy, make_policy
@@ -59,13 +59,14 @@ class KVStore:
         residency.ensure_clock(index)
 
     @classmethod
-    def from_config(cls, cfg: RagkvConfig) -> KVStore:
+    def from_config(cls, cfg: RagkvConfig, index: CacheIndex | None = None) -> KVStore:
+        """The store ``cfg`` names; ``index``: that cache's index, when already open."""
         policy = make_policy(cfg.eviction_policy)
         memory = None if cfg.memory_budget_bytes == 0 else MemoryTier(cfg.memory_budget_bytes,
                                                                        policy)
         remote = (BlobStore(cfg.remote_blob_url, cfg.remote_blob_options)
                   if cfg.remote_blob_url else None)
-        return cls(CacheIndex(cfg.resolved_index_url),
+        return cls(index or CacheIndex(cfg.resolved_index_url),
                    BlobStore(cfg.resolved_blob_url, cfg.blob_options),
                    remote=remote, memory=memory, policy=policy,
                    disk_budget=cfg.disk_budget_bytes, remote_budget=cfg.remote_budget_bytes)

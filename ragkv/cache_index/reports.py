@@ -1,0 +1,121 @@
+"""Read-only summaries of the index for the UI and the CLI, as plain rows.
+
+Each function runs inside a transaction the caller opened (the public entry points are the
+:class:`~.index.CacheIndex` methods of the same names), and returns dicts of Python scalars,
+so no ORM object or SQLAlchemy type reaches a caller; the UI only shapes them into frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ragkv.cache_index.database import in_batches
+from ragkv.cache_index.models import (
+    SCHEMA_VERSION,
+    TIER_FLAGS,
+    Chunk,
+    Document,
+    KVEntry,
+    QueryLog,
+    tier_flag,
+)
+
+
+class TierSize(TypedDict):
+    """What one persistent tier holds, by the index's account."""
+
+    tier: str  # "disk" or "remote"
+    entries: int
+    kv_bytes: int
+
+
+class DocumentSize(TypedDict):
+    """Stored KV of one document's chunks."""
+
+    document_id: int
+    document: str  # its name
+    chunks: int
+    kv_bytes: int  # chunks without an entry add 0; an entry shared by two documents counts in both
+
+
+class TopEntry(TypedDict):
+    """A reused KV entry and one chunk that uses it (None when no chunk names its key)."""
+
+    key: str
+    hits: int
+    n_tokens: int
+    document: str | None
+    ordinal: int | None
+    text: str | None
+
+
+def tier_size(s: Session, tier: str) -> tuple[int, int]:
+    """``(entries, bytes)`` whose row says ``tier`` holds them; ValueError for no such tier."""
+    n, total = s.execute(select(func.count(KVEntry.key),
+                                func.coalesce(func.sum(KVEntry.nbytes), 0))
+                         .where(tier_flag(tier).is_(True))).one()
+    return int(n), int(total)
+
+
+def tier_sizes(s: Session) -> list[TierSize]:
+    out: list[TierSize] = []
+    for tier in TIER_FLAGS:
+        n, total = tier_size(s, tier)
+        out.append({"tier": tier, "entries": n, "kv_bytes": total})
+    return out
+
+
+def document_sizes(s: Session) -> list[DocumentSize]:
+    # Inner join on chunks: a document with no chunks (yet) has no KV to show.
+    q = (select(Document.id, Document.name, func.count(Chunk.id),
+                func.coalesce(func.sum(KVEntry.nbytes), 0))
+         .join(Chunk, Chunk.document_id == Document.id)
+         .join(KVEntry, KVEntry.key == Chunk.cache_key, isouter=True)
+         .group_by(Document.id, Document.name)
+         .order_by(Document.id))
+    return [{"document_id": int(doc_id), "document": name, "chunks": int(n), "kv_bytes": int(b)}
+            for doc_id, name, n, b in s.execute(q).all()]
+
+
+def top_entries(s: Session, limit: int) -> list[TopEntry]:
+    entries = s.execute(select(KVEntry.key, KVEntry.hits, KVEntry.n_tokens)
+                        .where(KVEntry.hits > 0)
+                        .order_by(KVEntry.hits.desc(), KVEntry.key).limit(limit)).all()
+    owners: dict[str, tuple[str, int, str]] = {}
+    q = (select(Chunk.cache_key, Document.name, Chunk.ordinal, Chunk.text)
+         .join(Document, Chunk.document_id == Document.id)
+         .order_by(Chunk.id))  # a shared entry is shown under its first-stored chunk
+    for batch in in_batches([e.key for e in entries]):
+        for key, name, ordinal, text in s.execute(q.where(Chunk.cache_key.in_(batch))).all():
+            owners.setdefault(key, (name, int(ordinal), text))
+    out: list[TopEntry] = []
+    for key, hits, n_tokens in entries:
+        name, ordinal, text = owners.get(key, (None, None, None))
+        out.append({"key": key, "hits": int(hits), "n_tokens": int(n_tokens),
+                    "document": name, "ordinal": ordinal, "text": text})
+    return out
+
+
+def overview(s: Session, index_url: str) -> dict[str, Any]:
+    kv_n, kv_bytes, kv_tokens, kv_hits = s.execute(
+        select(
+            func.count(KVEntry.key),
+            func.coalesce(func.sum(KVEntry.nbytes), 0),
+            func.coalesce(func.sum(KVEntry.n_tokens), 0),
+            func.coalesce(func.sum(KVEntry.hits), 0),
+        )
+    ).one()
+    return {
+        "documents": s.scalar(select(func.count(Document.id))) or 0,
+        "chunks": s.scalar(select(func.count(Chunk.id))) or 0,
+        "kv_entries": int(kv_n),
+        "kv_bytes": int(kv_bytes),
+        "kv_tokens": int(kv_tokens),
+        "queries": s.scalar(select(func.count(QueryLog.id))) or 0,
+        "chunk_hits": int(kv_hits),
+        "index_url": index_url,
+        "schema_version": SCHEMA_VERSION,
+    }
