@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
+from ragkv.cache_index import CacheIndex, ChunkRecord  # noqa: E402
 from ragkv.ui import APP_PATH, frames  # noqa: E402
 from ragkv.ui.launch import MissingUIDependency, build_command, launch  # noqa: E402
 from ragkv.ui.state import SETTINGS_KEY, parse_args  # noqa: E402
@@ -102,6 +103,34 @@ def test_heatmap_frame_bins_wide_prompts() -> None:
     assert width == 1 and sorted(set(df.position)) == [2, 3, 4]
     assert list(frames.token_shades(m, 2, 5).round(3)) == [round(1 / 3, 3), round(2 / 3, 3), 0]
 
+
+
+def test_cache_size_frames_shape_the_index_summaries() -> None:
+    index = CacheIndex("sqlite://")  # in memory: the frames only shape what the index reports
+    try:
+        assert list(frames.size_by_tier(index).itertuples(index=False)) == [("disk", 0, 0.0)]
+        assert frames.size_by_document(index).empty
+        assert list(frames.size_by_document(index).columns) == ["document", "chunks", "MiB"]
+        assert list(frames.top_chunks(index).columns) == ["chunk", "hits", "tokens", "text"]
+        doc, _ = index.add_document("a.md", "", "1" * 64)
+        keys = [f"{i:064x}" for i in range(3)]
+        index.add_chunks(doc, [ChunkRecord(i, f"line {i}\n" + "x" * 200, [1, 2], keys[i])
+                               for i in range(2)])
+        for i, key in enumerate(keys):  # keys[2] is no chunk's (a prompt prefix, say)
+            index.upsert_entry(key, model_fp="f", layout="l", n_tokens=i + 1, nbytes=2**20,
+                               blob_name=key, checksum="0", dtype="float16", on_remote=i == 0)
+        index.record_hits([keys[2], keys[2], keys[1]])
+        tiers = frames.size_by_tier(index)
+        assert tiers.to_dict("records") == [{"tier": "disk", "entries": 3, "MiB": 3.0},
+                                            {"tier": "remote", "entries": 1, "MiB": 1.0}]
+        assert frames.size_by_document(index).to_dict("records") == [
+            {"document": "a.md", "chunks": 2, "MiB": 2.0}]
+        top = frames.top_chunks(index, 10)
+        assert list(top["chunk"]) == [keys[2][:12], "a.md #1"]
+        assert list(top["hits"]) == [2, 1] and list(top["tokens"]) == [3, 2]
+        assert top["text"][0] == "" and top["text"][1] == ("line 1 " + "x" * 200)[:120]
+    finally:
+        index.close()
 
 class _Upload:
     def __init__(self, name: str, data: bytes) -> None:

@@ -10,10 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
-
-from ragkv.cache_index.models import Chunk, Document, KVEntry
 
 if TYPE_CHECKING:
     from ragkv.cache_index import CacheIndex
@@ -71,51 +67,28 @@ def queries_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 def size_by_tier(index: CacheIndex) -> pd.DataFrame:
     """Entries and MiB per persistent tier (an entry in both counts in both); the memory tier
-    is per process and reported by ``KVStore.stats``."""
-    rows = []
-    with Session(index.engine) as s:
-        for tier, flag in (("disk", KVEntry.on_disk), ("remote", KVEntry.on_remote)):
-            n, total = s.execute(select(func.count(KVEntry.key),
-                                        func.coalesce(func.sum(KVEntry.nbytes), 0))
-                                 .where(flag.is_(True))).one()
-            if tier == DEFAULT_TIER or n:
-                rows.append({"tier": tier, "entries": int(n), "MiB": int(total) / 2**20})
+    is per process and reported by ``KVStore.stats``. An empty remote tier is left out: most
+    setups have none, and a zero bar would suggest one."""
+    rows = [{"tier": t["tier"], "entries": t["entries"], "MiB": t["kv_bytes"] / 2**20}
+            for t in index.tier_sizes() if t["tier"] == DEFAULT_TIER or t["entries"]]
     return pd.DataFrame(rows)
 
 
 def size_by_document(index: CacheIndex) -> pd.DataFrame:
     """Stored KV bytes per document (a chunk shared by two documents counts in both)."""
-    q = (select(Document.name, func.count(Chunk.id), func.coalesce(func.sum(KVEntry.nbytes), 0))
-         .join(Chunk, Chunk.document_id == Document.id)
-         .join(KVEntry, KVEntry.key == Chunk.cache_key, isouter=True)
-         .group_by(Document.id, Document.name)
-         .order_by(Document.id))
-    with Session(index.engine) as s:
-        rows = s.execute(q).all()
-    return pd.DataFrame([{"document": name, "chunks": int(n), "MiB": int(b) / 2**20}
-                         for name, n, b in rows], columns=["document", "chunks", "MiB"])
+    return pd.DataFrame([{"document": d["document"], "chunks": d["chunks"],
+                          "MiB": d["kv_bytes"] / 2**20} for d in index.document_sizes()],
+                        columns=["document", "chunks", "MiB"])
 
 
 def top_chunks(index: CacheIndex, limit: int = 10) -> pd.DataFrame:
     """The most reused KV entries, with the document and text of a chunk that uses each."""
-    with Session(index.engine) as s:
-        entries = s.execute(select(KVEntry.key, KVEntry.hits, KVEntry.n_tokens)
-                            .where(KVEntry.hits > 0)
-                            .order_by(KVEntry.hits.desc(), KVEntry.key).limit(limit)).all()
-        keys = [e.key for e in entries]
-        owners: dict[str, tuple[str, int, str]] = {}
-        if keys:
-            q = (select(Chunk.cache_key, Document.name, Chunk.ordinal, Chunk.text)
-                 .join(Document, Chunk.document_id == Document.id)
-                 .where(Chunk.cache_key.in_(keys)))
-            for key, name, ordinal, text in s.execute(q).all():
-                owners.setdefault(key, (name, ordinal, text))
     rows = []
-    for e in entries:
-        name, ordinal, text = owners.get(e.key, ("-", -1, ""))
-        label = f"{name} #{ordinal}" if ordinal >= 0 else e.key[:12]
-        rows.append({"chunk": label, "hits": int(e.hits), "tokens": int(e.n_tokens),
-                     "text": text[:120].replace("\n", " ")})
+    for e in index.top_entries(limit):
+        # An entry no chunk names (the template prefix's KV, say) is shown by its key.
+        label = f"{e['document']} #{e['ordinal']}" if e["ordinal"] is not None else e["key"][:12]
+        rows.append({"chunk": label, "hits": e["hits"], "tokens": e["n_tokens"],
+                     "text": (e["text"] or "")[:120].replace("\n", " ")})
     return pd.DataFrame(rows, columns=["chunk", "hits", "tokens", "text"])
 
 
