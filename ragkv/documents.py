@@ -1,0 +1,251 @@
+"""Paths → document texts, robustly: what ``ragkv ingest`` reads before chunking.
+
+Rules:
+
+* Formats, by suffix (case-insensitive): ``.txt .md .markdown .rst`` as plain text; ``.html
+  .htm`` through BeautifulSoup (script, style, nav and the like dropped; block elements become
+  paragraphs separated by a blank line; ``<pre>`` keeps its line breaks); ``.pdf`` through
+  pypdf (page texts joined by a blank line). HTML and PDF need the ``docs`` extra
+  (``pip install 'ragkv[docs]'``); without it such files are skipped with a reason saying so.
+* Plain text is decoded as UTF-8 when it is valid UTF-8, otherwise as charset-normalizer's
+  best guess; when that guess is a tie the Windows-1252 family wins (the usual legacy encoding
+  of Western documents). Bytes that no encoding fits, or whose decoding has more than 1 % of
+  control characters, are "not text" (binary) and skipped.
+* Every text is normalised: BOM dropped, ``\\r\\n``/``\\r`` → ``\\n``, surrounding
+  whitespace stripped. ``LoadedDocument.sha256`` is of that normalised text.
+* Skipped with a one-line reason: an explicitly named file with an unsupported suffix, a file
+  over ``max_bytes`` (default 20 MiB, checked before reading), binary data, an unreadable
+  file, a malformed or encrypted PDF, a document with no text, and a file whose normalised
+  text equals an earlier one's ("duplicate of <first path>").
+* Bad files never stop the others. ``strict=True`` raises :class:`DocumentError` at the first
+  bad file instead; duplicates are not bad files (still only skipped, even when strict).
+* Folders are walked recursively in sorted order, taking only supported suffixes and ignoring
+  hidden files and folders (names starting with "."). A path that does not exist raises
+  FileNotFoundError before anything is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+HTML_SUFFIXES = (".html", ".htm")
+PDF_SUFFIXES = (".pdf",)
+SUPPORTED_SUFFIXES: tuple[str, ...] = TEXT_SUFFIXES + HTML_SUFFIXES + PDF_SUFFIXES
+DEFAULT_MAX_BYTES = 20 * 2**20
+EXTRA_HINT = "pip install 'ragkv[docs]'"
+
+# C0 controls except \t \n \v \f \r, DEL, and C1 controls: frequent in decoded binary data,
+# rare in real text (a stray form feed or DOS end-of-file mark stays under the threshold).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+_MAX_CONTROL_RATIO = 0.01
+# Elements whose text is never part of the readable document.
+_HTML_DROP = {"script", "style", "noscript", "template", "nav", "iframe", "svg"}
+# Elements that start a new paragraph in the text.
+_HTML_BLOCKS = {"p", "div", "section", "article", "main", "header", "footer", "aside", "h1", "h2",
+                "h3", "h4", "h5", "h6", "li", "dt", "dd", "tr", "table", "blockquote", "pre",
+                "figure", "figcaption", "title", "hr", "ul", "ol", "dl", "address", "details"}
+
+
+class DocumentError(ValueError):
+    """A file that cannot become a document; ``reason`` is the one-line why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self):  # keep path and reason across pickling (process pools)
+        return type(self), (self.path, self.reason)
+
+
+@dataclass(frozen=True)
+class LoadedDocument:
+    name: str  # the path as given or as found under a given folder
+    text: str  # normalised (see the module docstring)
+    sha256: str  # of ``text`` encoded as UTF-8
+    format: str  # "text", "html" or "pdf"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class LoadReport:
+    documents: list[LoadedDocument] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_BYTES,
+                   strict: bool = False) -> LoadReport:
+    """Load every supported document under ``paths`` (see the module docstring for the rules)."""
+    paths = [Path(p) for p in paths]
+    # Fail before reading anything: a typo in one path should not cost a long partial run.
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"no such file or folder: {p}")
+    report = LoadReport()
+    first_with: dict[str, str] = {}  # sha256 → name of the first document with that text
+    for path in _iter_files(paths):
+        name = str(path)
+        try:
+            doc = _load_file(path, max_bytes)
+        except DocumentError as exc:
+            if strict:
+                raise
+            report.skipped.append(Skipped(name, exc.reason))
+            continue
+        if doc.sha256 in first_with:
+            report.skipped.append(Skipped(name, f"duplicate of {first_with[doc.sha256]}"))
+            continue
+        first_with[doc.sha256] = name
+        report.documents.append(doc)
+    return report
+
+
+def load_bytes(name: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> LoadedDocument:
+    """One document from bytes in memory (an upload); its format comes from ``name``'s suffix.
+
+    Raises DocumentError for anything :func:`load_documents` would skip (but duplicates)."""
+    _check_size(name, len(data), max_bytes)
+    return _extract(name, Path(name).suffix.lower(), data)
+
+
+def _iter_files(paths: list[Path]) -> Iterator[Path]:
+    for p in paths:
+        if p.is_dir():
+            yield from sorted(
+                f for f in p.rglob("*")
+                if f.suffix.lower() in SUPPORTED_SUFFIXES and f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        else:
+            yield p  # named explicitly: an unsupported suffix is reported, not ignored
+
+
+def _load_file(path: Path, max_bytes: int) -> LoadedDocument:
+    name = str(path)
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DocumentError(name, f"unsupported format {suffix or '(no suffix)'}")
+    try:
+        # Checked before reading so that a huge file is never loaded into memory.
+        _check_size(name, path.stat().st_size, max_bytes)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DocumentError(name, f"unreadable: {exc.strerror or exc}") from exc
+    return _extract(name, suffix, data)
+
+
+def _check_size(name: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise DocumentError(name, f"too large ({size:,} bytes; the limit is {max_bytes:,})")
+
+
+def _extract(name: str, suffix: str, data: bytes) -> LoadedDocument:
+    if suffix in TEXT_SUFFIXES:
+        fmt, text = "text", _decode_text(name, data)
+    elif suffix in HTML_SUFFIXES:
+        fmt, text = "html", _html_to_text(name, data)
+    elif suffix in PDF_SUFFIXES:
+        fmt, text = "pdf", _pdf_to_text(name, data)
+    else:
+        raise DocumentError(name, f"unsupported format {suffix or '(no suffix)'}")
+    text = _normalise(text)
+    if not text:
+        raise DocumentError(name, "empty (no text after extraction)")
+    return LoadedDocument(name, text, hashlib.sha256(text.encode()).hexdigest(), fmt)
+
+
+def _normalise(text: str) -> str:
+    """Drop a BOM, turn \\r\\n and \\r into \\n, strip surrounding whitespace."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def _decode_text(name: str, data: bytes) -> str:
+    """Bytes of a plain-text file → str, or DocumentError("not text ...") for binary data."""
+    try:
+        # Valid UTF-8 with non-ASCII bytes is almost never another encoding by accident, and
+        # this skips the detector for the common case.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        from charset_normalizer import from_bytes
+
+        matches = list(from_bytes(data))
+        if not matches:
+            raise DocumentError(name, "not text (no character encoding fits)") from None
+        best = matches[0]
+        # On short texts the detector often ties many single-byte encodings and then picks
+        # the alphabetically first one (cp1250 turns "crème" into "crčme"); a tie means no
+        # evidence, so prefer the most common legacy encoding of documents.
+        tied = [m for m in matches if (m.chaos, m.coherence) == (best.chaos, best.coherence)]
+        best = next((m for m in tied if "cp1252" in m.could_be_from_charset), best)
+        text = str(best)
+    if text and len(_CONTROL.findall(text)) > _MAX_CONTROL_RATIO * len(text):
+        raise DocumentError(name, "not text (binary data)")
+    return text
+
+
+def _optional(name: str, module: str, package: str, what: str) -> ModuleType:
+    # Lazy: the docs extra is only needed by those who ingest HTML or PDF.
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DocumentError(name, f"{what} needs {package}: {EXTRA_HINT}") from None
+
+
+def _html_to_text(name: str, data: bytes) -> str:
+    bs4 = _optional(name, "bs4", "beautifulsoup4", "HTML")
+    # Given bytes, BeautifulSoup detects the encoding itself and honours <meta charset>.
+    # html.parser is in the standard library: no compiled parser needed.
+    soup = bs4.BeautifulSoup(data, "html.parser")
+    # One walk over the tree, without changing it: bs4's insert/replace look nodes up in
+    # their parent's child list, which turns a tree rewrite quadratic on large flat pages.
+    # The stack holds (node, inside <pre>); None marks a block's end (a paragraph break).
+    out: list[str] = []
+    stack: list[tuple[object, bool] | None] = [(soup, False)]
+    while stack:
+        item = stack.pop()
+        if item is None:
+            out.append("\n\n")
+            continue
+        node, pre = item
+        if isinstance(node, bs4.element.PreformattedString):
+            continue  # comments, doctype, CDATA, processing instructions
+        if isinstance(node, bs4.element.NavigableString):
+            # Whitespace in HTML source is layout, not text: a wrapped line is one line.
+            out.append(str(node) if pre else re.sub(r"\s+", " ", node))
+        elif isinstance(node, bs4.element.Tag) and node.name not in _HTML_DROP:
+            if node.name == "br":
+                out.append("\n")
+            elif node.name in _HTML_BLOCKS:
+                out.append("\n\n")
+                stack.append(None)
+            pre = pre or node.name == "pre"
+            stack.extend((child, pre) for child in reversed(node.contents))
+    lines = [line.strip() for line in "".join(out).split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+
+
+def _pdf_to_text(name: str, data: bytes) -> str:
+    pypdf = _optional(name, "pypdf", "pypdf", "PDF")
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise DocumentError(name, "encrypted PDF (needs a password)")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except DocumentError:
+        raise
+    except Exception as exc:  # pypdf raises many types on malformed files; all mean "bad PDF"
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DocumentError(name, f"unreadable PDF: {reason}") from exc
+    return "\n\n".join(p.strip() for p in pages if p.strip())
