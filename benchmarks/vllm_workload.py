@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CASES = Path(__file__).resolve().parents[2] / "shared" / "eval" / "pydoc_cases.jsonl"
+CASES = Path(__file__).resolve().parent / "cases" / "pydoc.jsonl"
 
 
 def make_stream(cases: list[dict], n_queries: int, seed: int = 0) -> list[dict]:
@@ -56,43 +56,43 @@ def p90(xs: list[float]) -> float:
 
 def run_arm(arm: str, stream: list[dict], ratio: float, home: Path,
             warm_stream: list[dict] | None = None) -> dict:
+    from ragkv.api import RagKV
     from ragkv.chunking import tokenize_chunk
     from ragkv.config import BlendConfig, RagkvConfig
+    from ragkv.engine.vllm.backend import VLLMBackend
     from ragkv.engine.vllm.client import VLLMRequest
-    from ragkv.engine.vllm.engine import VLLMEngine
-    from ragkv.model_fetch import ensure_default_model
 
-    cfg = RagkvConfig(home=home, kv_dtype="float32")
-    model = ensure_default_model(RagkvConfig().home)
+    cfg = RagkvConfig(home=home, kv_dtype="float32", engine="vllm")
     t0 = time.perf_counter()
-    eng = VLLMEngine(cfg, model, connector=arm == "ragkv", kv_cache_bytes=2 << 30)
+    backend = VLLMBackend.in_process(cfg, kv_cache_bytes=2 << 30, connector=arm == "ragkv")
+    rag = RagKV(cfg, backend=backend)
     load_s = time.perf_counter() - t0
-    tok = eng.tokenizer
     warm_stream = warm_stream or []
-    corpus = {c: tokenize_chunk(c, tok) for q in stream + warm_stream for c in q["chunks"]}
+    corpus = {c: tokenize_chunk(c, rag.tokenizer) for q in stream + warm_stream
+              for c in q["chunks"]}
     t0 = time.perf_counter()
     if arm == "ragkv":
-        for ids in corpus.values():
-            eng.precompute(ids)
+        rag.precompute_many(list(corpus.values()))
         mode, blend = "blend", BlendConfig(ratio=ratio)
-    else:
-        for ids in corpus.values():  # the corpus seen once: each chunk after the prefix
-            pre = eng.builder.precompute(ids)  # the prompt ragkv's arm prefills, unsaved
-            eng.complete(VLLMRequest(pre.prompt, None, None), max_tokens=1)
-        mode, blend = "full", None
+    else:  # the corpus seen once: each chunk after the prefix, the prompt ragkv's arm prefills
+        seen = [backend.builder.precompute(ids) for ids in corpus.values()]
+        backend.transport.complete([VLLMRequest(r.ids, None, None) for r in seen], 1)
+        mode, blend = "prefix", None  # plain vLLM, its prefix cache on
     seen_s = time.perf_counter() - t0
     for q in warm_stream:
-        eng.generate([corpus[c] for c in q["chunks"]], q["question"], mode=mode, blend=blend,
-                     max_new_tokens=1, logprobs=None)
+        rag.generate([corpus[c] for c in q["chunks"]], q["question"], mode=mode, blend=blend,
+                     max_new_tokens=1, log_query=False)
     records = []
     for q in stream:
-        a = eng.generate([corpus[c] for c in q["chunks"]], q["question"], mode=mode,
-                         blend=blend, max_new_tokens=1, logprobs=None)
-        records.append({"case": q["case"], "ttft_s": a.ttft_s, "tokens": a.context_tokens,
-                        "first_token": a.tokens[:1], "hits": a.trace.get("hits"),
-                        "misses": a.trace.get("misses"), "recomputed": a.trace.get("recomputed"),
-                        "error": a.trace.get("error")})
-        print(arm, q["case"], f"{a.ttft_s:.3f}s", a.trace, file=sys.stderr, flush=True)
+        a = rag.generate([corpus[c] for c in q["chunks"]], q["question"], mode=mode,
+                         blend=blend, max_new_tokens=1, log_query=False)
+        t = a.trace
+        records.append({"case": q["case"], "ttft_s": t.ttft_s, "tokens": t.context_tokens,
+                        "engine_ttft_s": t.engine_ttft_s, "first_token": a.tokens[:1],
+                        "hits": t.hits, "misses": t.misses,
+                        "recomputed": t.recomputed_tokens, "error": t.error})
+        print(arm, q["case"], f"{t.ttft_s:.3f}s", file=sys.stderr, flush=True)
+    rag.close()
     return {"arm": arm, "engine_load_s": load_s, "corpus_seen_s": seen_s,
             "corpus_chunks": len(corpus), "records": records}
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from ragkv import metrics
-from ragkv.api import RagKV
+from ragkv.api import Answer, RagKV
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import BlendConfig, RagkvConfig
+from ragkv.config import BlendConfig
+from ragkv.engine.base import EngineError, NextToken
 
 Progress = Callable[[str, int, int], None]
 
@@ -69,68 +70,83 @@ def variants(spec: BenchSpec) -> list[tuple[str, str | None, float | None]]:
     return out
 
 
-def _record(case: dict, ctx: str, answer, full, full_scores, engine) -> dict:
-    scores = engine.score(answer.fused, full.tokens)
+def _scores(answer: Answer, target: list[int]) -> list[NextToken] | None:
+    """Teacher-forced rows of ``answer``'s prefill, or None where the engine has none."""
+    try:
+        return answer.score(target)
+    except EngineError:
+        return None
+
+
+def _record(case: dict, ctx: str, answer: Answer, full: Answer,
+            full_scores: list[NextToken] | None) -> dict:
+    scores = _scores(answer, full.tokens) if full_scores is not None else None
     tr = answer.trace
-    rec = {
+    tf = (metrics.teacher_forced(full_scores, scores, full.tokens)
+          if full_scores is not None and scores is not None
+          else {"tf_agree": None, "tf_kl": None})
+    return {
         "case": case["id"], "context": ctx, "mode": tr.mode, "policy": tr.policy,
         "ratio": tr.ratio, "ttft_s": tr.ttft_s, "full_ttft_s": full.trace.ttft_s,
-        "speedup": full.trace.ttft_s / tr.ttft_s, "context_tokens": tr.context_tokens,
-        "recomputed_tokens": tr.recomputed_tokens, "hits": tr.hits, "misses": tr.misses,
-        "load_s": tr.load_s, "lookup_s": tr.lookup_s,
-        "storage_share": (tr.lookup_s + tr.load_s) / tr.ttft_s,
-        **metrics.first_token(full.fused.logits, answer.fused.logits),
-        **metrics.teacher_forced(full_scores, scores, full.tokens),
+        "speedup": full.trace.ttft_s / tr.ttft_s, "engine_ttft_s": tr.engine_ttft_s,
+        "context_tokens": tr.context_tokens, "recomputed_tokens": tr.recomputed_tokens,
+        "hits": tr.hits, "misses": tr.misses, "load_s": tr.load_s, "lookup_s": tr.lookup_s,
+        "storage_share": (tr.lookup_s + tr.load_s) / tr.ttft_s, "error": tr.error,
+        **metrics.first_token(full.first, answer.first), **tf,
         "rouge_l": metrics.rouge_l(full.tokens, answer.tokens),
         "contains": metrics.contains(answer.text, case.get("answer")),
         "answer": answer.text,
     }
-    return rec
 
 
-def run_bench(engine, home: Path, cases: list[dict], spec: BenchSpec,
-              progress: Progress | None = None, base: RagkvConfig | None = None) -> dict:
-    base = base or RagkvConfig(home=home)
-    rags = {}
-    for ctx in spec.contexts:
-        cfg = RagkvConfig(**{**base.__dict__, "home": home, "precompute_context": ctx,
-                             "blend": BlendConfig(check_layers=spec.check_layers,
-                                                  deviation_on=spec.deviation_on)})
-        rags[ctx] = RagKV(cfg, engine=engine)
+def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
+              progress: Progress | None = None) -> dict:
+    """Every variant of ``spec`` against full prefill on each case, on ``rag``'s engine."""
+    rags = {ctx: rag.with_config(precompute_context=ctx,
+                                 blend=BlendConfig(check_layers=spec.check_layers,
+                                                   deviation_on=spec.deviation_on))
+            for ctx in spec.contexts}
     cases = cases[: spec.limit] if spec.limit else cases
-    tok = engine.tokenizer
+    tok = rag.tokenizer
     chunk_ids = [[tokenize_chunk(c, tok) for c in case["chunks"]] for case in cases]
     total = sum(map(len, chunk_ids)) * len(rags)
     done = 0
-    for rag in rags.values():  # ingestion: not timed
-        for ids in (i for per_case in chunk_ids for i in per_case):
-            rag.precompute(ids)
-            done += 1
+    for r in rags.values():  # ingestion: not timed
+        for ids in chunk_ids:
+            r.precompute_many(ids)
+            done += len(ids)
             if progress:
                 progress("precompute", done, total)
     first = next(iter(rags.values()))
-    for mode in ("full", "reuse", "blend"):  # warm-up: first calls pay one-off costs
-        first.generate(chunk_ids[0], cases[0]["question"], mode=mode, max_new_tokens=2,
-                       log_query=False)
+    # warm-up on a prompt of its own: first calls pay one-off costs, and a case's prompt
+    # would leave its full prefill in a prefix cache
+    warm = [tokenize_chunk("A warm-up chunk that no case shares.", tok)]
+    first.precompute_many(warm)
+    for mode in ("full", "reuse", "blend"):
+        first.generate(warm, "Warm up?", mode=mode, max_new_tokens=2, log_query=False)
     records = []
     todo = variants(spec)
     for i, (case, ids) in enumerate(zip(cases, chunk_ids, strict=True)):
         q = case["question"]
         full = first.generate(ids, q, mode="full", keep_kv=True, log_query=False,
                               max_new_tokens=spec.max_new_tokens)
-        full_scores = engine.score(full.fused, full.tokens)
-        records.append(_record(case, "-", full, full, full_scores, engine))
-        for ctx, rag in rags.items():
+        full_scores = _scores(full, full.tokens)
+        records.append(_record(case, "-", full, full, full_scores))
+        for ctx, r in rags.items():
             for mode, policy, ratio in todo:
                 blend = BlendConfig(ratio=ratio or 0.0, policy=policy or "hkvd",
                                     check_layers=spec.check_layers,
                                     deviation_on=spec.deviation_on)  # type: ignore[arg-type]
-                ans = rag.generate(ids, q, mode=mode, blend=blend, keep_kv=True,
-                                   log_query=False, max_new_tokens=spec.max_new_tokens)
-                records.append(_record(case, ctx, ans, full, full_scores, engine))
+                ans = r.generate(ids, q, mode=mode, blend=blend, keep_kv=True,
+                                 log_query=False, max_new_tokens=spec.max_new_tokens)
+                records.append(_record(case, ctx, ans, full, full_scores))
+                if ans.generation is not None:
+                    ans.generation.close()
+        if full.generation is not None:
+            full.generation.close()
         if progress:
             progress("cases", i + 1, len(cases))
-    return {"meta": _meta(engine, spec, len(cases)), "summary": summarize(records),
+    return {"meta": _meta(rag, spec, len(cases)), "summary": summarize(records),
             "cases": records}
 
 
@@ -145,10 +161,12 @@ def summarize(records: list[dict]) -> list[dict]:
             return statistics.fmean(vals) if vals else None
 
         def med(k, rs=rs):
-            return statistics.median(r[k] for r in rs)
+            vals = [r[k] for r in rs if r[k] is not None]
+            return statistics.median(vals) if vals else None
 
         out.append({
             "context": ctx, "mode": mode, "policy": policy, "ratio": ratio, "n": len(rs),
+            "kl_basis": rs[0]["kl_basis"], "engine_ttft_median_s": med("engine_ttft_s"),
             "speedup_median": med("speedup"), "ttft_median_s": med("ttft_s"),
             "first_token_agree": mean("first_token_agree"),
             "first_token_kl_median": med("first_token_kl"),
@@ -169,14 +187,13 @@ def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dic
     chunks: list[list[int]] = []
     budget = target_tokens - 200  # room for template and question
     for _, text in pydoc_topics():
-        for c in chunk_text(text, rag.engine.tokenizer, rag.config.chunk_tokens):
+        for c in chunk_text(text, rag.tokenizer, rag.config.chunk_tokens):
             if sum(map(len, chunks)) + len(c.token_ids) > budget:
                 break
             chunks.append(c.token_ids)
         if sum(map(len, chunks)) > budget - rag.config.chunk_tokens:
             break
-    for ids in chunks:
-        rag.precompute(ids)
+    rag.precompute_many(chunks)
     q = "Summarize what these passages say about exceptions."
     full = rag.generate(chunks, q, mode="full", keep_kv=True, log_query=False,
                         max_new_tokens=max_new_tokens)
@@ -185,14 +202,12 @@ def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dic
     return {"context_tokens": full.trace.context_tokens, "chunks": len(chunks),
             "full_ttft_s": full.trace.ttft_s, "blend_ttft_s": blend.trace.ttft_s,
             "speedup": full.trace.ttft_s / blend.trace.ttft_s,
-            **metrics.first_token(full.fused.logits, blend.fused.logits)}
+            **metrics.first_token(full.first, blend.first)}
 
 
-def _meta(engine, spec: BenchSpec, n_cases: int) -> dict:
+def _meta(rag: RagKV, spec: BenchSpec, n_cases: int) -> dict:
     return {
-        "model": Path(getattr(engine.model.config, "_name_or_path", "") or "?").name,
-        "model_fingerprint": engine.fingerprint[:16],
-        "device": str(engine.runner.device), "dtype": str(engine.runner.dtype),
+        "engine": rag.backend.description, "model_fingerprint": rag.fingerprint[:16],
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.machine(), "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": n_cases,

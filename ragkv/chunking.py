@@ -31,6 +31,18 @@ class TextChunk:
     end: int
 
 
+@dataclass
+class RetrievedChunk:
+    """A chunk as a retriever hands it out: text, token ids and its cache key."""
+
+    token_ids: list[int]
+    key: str
+    text: str = ""
+    chunk_id: int | None = None
+    document: str | None = None
+    score: float | None = None
+
+
 def tokenize_chunk(text: str, tokenizer: Any) -> list[int]:
     """Token ids of ``text`` on its own, without BOS/EOS: the ids a chunk is cached under."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -9,15 +9,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ragkv.cli_shared import Home, console, fail
+from ragkv.cli_shared import BlobUrl, Home, IndexUrl, console, fail
 from ragkv.config import RagkvConfig, default_home
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the KV cache.")
-
-IndexUrl = Annotated[str | None, typer.Option(
-    help="SQLAlchemy URL of a shared index (default: SQLite in --home)")]
-BlobUrl = Annotated[str | None, typer.Option(
-    help="fsspec URL of shared blobs, e.g. redis:// or s3:// (default: --home/blobs)")]
 
 
 @cache_app.command("stats")

@@ -1,18 +1,122 @@
-"""What every ragkv command shares: the console, the error exit, the home option."""
+"""What every ragkv command shares: options, the console, one-line errors, opening the facade
+on the engine a user names, and the tables answers print as."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 console = Console()
 
 Home = Annotated[Path, typer.Option(help="ragkv home (model, index, blobs)")]
+Model = Annotated[Path | None, typer.Option(help="local Llama-family transformers model dir")]
+Engine = Annotated[str, typer.Option(
+    help="'hf' (transformers in process), 'vllm' (vLLM in process; the vllm extra) or the URL "
+         "of a vLLM server started by `ragkv serve`")]
+
+IndexUrl = Annotated[str | None, typer.Option(
+    help="SQLAlchemy URL of a shared cache index (default: SQLite in --home)")]
+BlobUrl = Annotated[str | None, typer.Option(
+    help="fsspec URL of shared KV blobs, e.g. redis:// or s3:// (default: --home/blobs)")]
+
+T = TypeVar("T")
 
 
-def fail(msg: str) -> NoReturn:
+def fail(msg: str, code: int = 2) -> NoReturn:
+    """One line on the console and the exit code (2: the user's input; 1: the engine)."""
     console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def run_engine(work: Callable[[], T]) -> T:
+    """Run ``work``; what a user can fix is one line and exit 2, an engine that stopped
+    answering one line and exit 1, never a traceback."""
+    from ragkv.engine.base import EngineError
+
+    try:
+        return work()
+    except EngineError as exc:
+        fail(str(exc), code=1)
+    except (ValueError, LookupError) as exc:
+        fail(str(exc))
+
+
+def open_rag(home: Path, model: Path | None, context: str = "prefix",
+             kv_dtype: str = "float16", engine: str = "hf", index_url: str | None = None,
+             blob_url: str | None = None, **blend):
+    """The facade on the engine the user named, or a one-line error."""
+    from ragkv.api import RagKV
+    from ragkv.config import BlendConfig, RagkvConfig
+    from ragkv.engine.base import EngineError
+
+    try:
+        cfg = RagkvConfig(home=home, model=model, precompute_context=context,  # type: ignore[arg-type]
+                          kv_dtype=kv_dtype, engine=engine,  # type: ignore[arg-type]
+                          index_url=index_url, blob_url=blob_url, blend=BlendConfig(**blend))
+        from ragkv.engine.policies import policy_class
+
+        policy_class(cfg.blend.policy)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        with console.status("loading model and cache index"):
+            return RagKV(cfg)
+    except EngineError as exc:
+        fail(str(exc), code=1)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad model dir, no vLLM
+        fail(str(exc))
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def answers_table(answers: Sequence) -> Group:
+    """Figures of each answer (TTFT, hits, recompute, speed-up vs full), the answers side by
+    side, and the sources they were given."""
+    t = Table("mode", "chunks", "hits", "context tok", "recomputed tok", "TTFT s", "speed-up")
+    full = next((a.trace.ttft_s for a in answers if a.trace.mode == "full"), None)
+    for a in answers:
+        tr = a.trace
+        up = f"x{full / tr.ttft_s:.1f}" if full else "-"
+        t.add_row(tr.mode, str(len(tr.chunks)), f"{tr.hits}/{len(tr.chunks)}",
+                  str(tr.context_tokens), str(tr.recomputed_tokens), f"{tr.ttft_s:.2f}", up)
+    titles = {"full": "full prefill"}
+    side = Table(*[titles.get(a.trace.mode, f"ragkv {a.trace.mode}") for a in answers],
+                 show_lines=True)
+    side.add_row(*[a.text or "(empty answer)" for a in answers])
+    src = Table("#", "source", "tokens", "cache", caption=answers[-1].trace.engine)
+    for i, c in enumerate(answers[-1].trace.chunks, 1):
+        cache = "hit" if c.hit else "miss" if c.hit is False else "-"
+        src.add_row(str(i), c.document or c.key[:12], str(c.n_tokens),
+                    f"{cache} ({c.tier})" if c.tier else cache)
+    notes = [f"[yellow]{a.trace.mode}: {a.trace.error}[/yellow]" for a in answers
+             if a.trace.error]
+    return Group(t, side, src, *notes)
+
+
+def print_summary(result: dict) -> None:
+    def f(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    t = Table("context", "mode", "policy", "ratio", "n", "TTFT x (med)", "1st agree",
+              "1st KL (med)", "TF agree", "TF KL (med)", "ROUGE-L", "recomp %",
+              caption=f"{result['meta']['engine']}; KL over {result['summary'][0]['kl_basis']}")
+    for s in result["summary"]:
+        t.add_row(s["context"], s["mode"], s["policy"] or "-", f(s["ratio"], ".2f"),
+                  str(s["n"]), f(s["speedup_median"], ".2f"), f(s["first_token_agree"], ".3f"),
+                  f(s["first_token_kl_median"], ".4f"), f(s["tf_agree"], ".3f"),
+                  f(s["tf_kl_median"], ".4f"), f(s["rouge_l"], ".3f"),
+                  f(100 * s["recomputed_share"], ".1f"))
+    console.print(t)
+    if "long_context" in result:
+        lc = result["long_context"]
+        console.print(f"long prompt: {lc['context_tokens']} tokens, full {lc['full_ttft_s']:.2f}s,"
+                      f" blend {lc['blend_ttft_s']:.2f}s, x{lc['speedup']:.2f}")

@@ -14,6 +14,21 @@ from typing import Any, Literal
 Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
 PrecomputeContext = Literal["cold", "prefix"]
+#: in-process engines by name; any http(s):// URL names a served vLLM
+ENGINES: tuple[str, ...] = ("hf", "vllm")
+
+
+def masked_url(url: str) -> str:
+    """A cache URL as it may be shown: no password; a SQLite path made absolute."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001 - a folder or fsspec URL: shown as given
+        return str(Path(url).expanduser().resolve()) if "://" not in url else url
+    if u.get_backend_name() == "sqlite" and u.database:
+        return f"sqlite:///{Path(u.database).expanduser().resolve()}"
+    return u.render_as_string(hide_password=True)
 
 
 def default_home() -> Path:
@@ -85,8 +100,10 @@ class RagkvConfig:
     device / dtype: where and in which precision the model runs.
     kernels: hot-path implementation: ``auto`` (Triton on CUDA when installed, else the
         PyTorch reference), ``torch`` or ``triton``.
-    engine: ``hf`` (transformers, in process) or ``vllm`` (a vLLM engine with ragkv's KV
-        connector; needs the ``vllm`` extra).
+    engine: which engine answers: ``hf`` (transformers, in process), ``vllm`` (a vLLM engine
+        in process with ragkv's KV connector; the ``vllm`` extra) or the URL of a vLLM server
+        started with the connector (``http://host:8000/v1``; see ``ragkv serve``). Every
+        front end works the same on all three.
     """
 
     home: Path = field(default_factory=default_home)
@@ -108,7 +125,7 @@ class RagkvConfig:
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     kernels: Literal["auto", "torch", "triton"] = "auto"
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: str = "hf"
     system_prompt: str = "You are a helpful assistant. Answer the question using the context."
     blend: BlendConfig = field(default_factory=BlendConfig)
 
@@ -118,8 +135,9 @@ class RagkvConfig:
             raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
-        if self.engine not in ("hf", "vllm"):
-            raise ValueError(f"engine must be 'hf' or 'vllm', got {self.engine!r}")
+        if self.engine not in ENGINES and not self.engine.startswith(("http://", "https://")):
+            raise ValueError(f"engine must be 'hf', 'vllm' or the http(s):// URL of a vLLM "
+                             f"server with ragkv's connector, got {self.engine!r}")
         if self.precompute_context not in ("cold", "prefix"):
             raise ValueError("precompute_context must be 'cold' or 'prefix'")
         if self.kv_dtype not in ("float32", "float16", "bfloat16", "int8"):

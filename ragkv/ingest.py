@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ragkv.cache_index.models import ChunkRecord
-from ragkv.chunking import chunk_text
+from ragkv.chunking import RetrievedChunk, chunk_text
 
 if TYPE_CHECKING:
-    from ragkv.api import RagKV, RetrievedChunk
+    from ragkv.cache_index import CacheIndex
+    from ragkv.config import RagkvConfig
+
+
+class Ingesting(Protocol):
+    """What ingestion and retrieval need of the facade (:class:`ragkv.api.RagKV`)."""
+
+    config: RagkvConfig
+    index: CacheIndex
+    tokenizer: Any
+    _retrieval: Any
+    _embedder: Any
+
+    def key_for(self, token_ids: Sequence[int]) -> str: ...
+
+    def precompute_many(self, chunks: Sequence[Sequence[int]]) -> list[bool]: ...
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 
-#: Called after each chunk with (chunks done, chunks total).
+#: Called after each batch of chunks with (chunks done, chunks total).
 Progress = Callable[[int, int], None]
+#: Chunks handed to the engine at once: enough for it to batch, few enough for a live bar.
+PRECOMPUTE_BATCH = 8
 
 
 @dataclass
@@ -29,16 +46,19 @@ class IngestResult:
     new_document: bool
 
 
-def ingest_text(rag: RagKV, name: str, text: str, source: str = "",
+def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
                 progress: Progress | None = None) -> IngestResult:
-    """Chunk, embed, record and precompute one document. Idempotent on (name, text)."""
+    """Chunk, embed, record and precompute one document. Idempotent on (name, text).
+
+    Chunk KV goes to the engine in batches (it may prefill several chunks per forward pass);
+    ``progress`` is called after each batch with (chunks done, chunks total)."""
     if not text.strip():
         raise ValueError(f"document {name!r} is empty")
     sha = hashlib.sha256(text.encode()).hexdigest()
     index = rag.index
     doc_id, created = index.add_document(name, source or name, sha)
     if created:
-        chunks = chunk_text(text, rag.engine.tokenizer, rag.config.chunk_tokens)
+        chunks = chunk_text(text, rag.tokenizer, rag.config.chunk_tokens)
         vectors = _embedder(rag).embed([c.text for c in chunks])
         from ragkv.connectors.retrieval import vector_to_bytes
 
@@ -53,10 +73,11 @@ def ingest_text(rag: RagKV, name: str, text: str, source: str = "",
     else:
         infos = [c for c in index.chunks() if c.document_id == doc_id]
     done = 0
-    for i, info in enumerate(infos):
-        done += rag.precompute(info.token_ids)
+    for start in range(0, len(infos), PRECOMPUTE_BATCH):
+        batch = infos[start:start + PRECOMPUTE_BATCH]
+        done += sum(rag.precompute_many([c.token_ids for c in batch]))
         if progress:
-            progress(i + 1, len(infos))
+            progress(start + len(batch), len(infos))
     return IngestResult(doc_id, name, len(infos), done, created)
 
 
@@ -91,7 +112,7 @@ def pydoc_topics(names: Iterable[str] | None = None) -> list[tuple[str, str]]:
 class _Retrieval:
     """Embedder + FAISS index over every chunk in the cache index."""
 
-    def __init__(self, rag: RagKV) -> None:
+    def __init__(self, rag: Ingesting) -> None:
         from ragkv.connectors.retrieval import build_retriever
 
         infos = [c for c in rag.index.chunks() if c.embedding is not None]
@@ -101,8 +122,8 @@ class _Retrieval:
         self.faiss.add(ids, vectors)
 
 
-def _embedder(rag: RagKV):
-    emb = getattr(rag, "_embedder", None)
+def _embedder(rag: Ingesting):
+    emb = rag._embedder
     if emb is None:
         from ragkv.connectors.retrieval import Embedder
 
@@ -110,9 +131,7 @@ def _embedder(rag: RagKV):
     return emb
 
 
-def retrieve(rag: RagKV, question: str, k: int) -> list[RetrievedChunk]:
-    from ragkv.api import RetrievedChunk
-
+def retrieve(rag: Ingesting, question: str, k: int) -> list[RetrievedChunk]:
     if k < 1:
         raise ValueError("k must be >= 1")
     if rag._retrieval is None:

@@ -1,4 +1,4 @@
-"""Cache keys: a digest of exactly what produced a chunk's KV (DESIGN §3.2).
+"""Cache keys: a digest of exactly what produced a chunk's KV (docs/design.md §3.2).
 
 A key covers the model's weights (not its name), the KV layout version, the storage dtype, the
 precompute context (cold, or the token ids of the shared prefix the chunk was prefilled after)
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,3 +66,40 @@ def chunk_key(model_fp: str, token_ids: Sequence[int], *, context: str = COLD_CO
         "dtype": kv_dtype,
         "ids": [int(t) for t in token_ids],
     })
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Every key one engine and cache setting gives out: the only place keys are derived.
+
+    fingerprint: the weights' identity (``model_fingerprint``, or ``vllm_fingerprint`` for KV
+    that vLLM computes). kv_storage: the stored dtype tag (``RagkvConfig.kv_storage``).
+    prefix_ids: the template prefix, the context chunks are precomputed after when
+    ``context == "prefix"``.
+    """
+
+    fingerprint: str
+    kv_storage: str
+    prefix_ids: tuple[int, ...]
+    context: str = "prefix"
+
+    def context_name(self, context: str | None = None) -> str:
+        """The precompute context a chunk key records: cold, or the prefix digest."""
+        ctx = self.context if context is None else context
+        return context_digest(self.prefix_ids if ctx == "prefix" else None)
+
+    def chunk(self, token_ids: Sequence[int], context: str | None = None) -> str:
+        """Key of a chunk precomputed in ``context`` (default: this space's own)."""
+        return chunk_key(self.fingerprint, token_ids, context=self.context_name(context),
+                         kv_dtype=self.kv_storage)
+
+    def exact(self, token_ids: Sequence[int]) -> str:
+        """Key of a span computed from position 0 with nothing before it (the template
+        prefix): a true prompt prefix, so its KV is exact wherever it is reused."""
+        return chunk_key(self.fingerprint, token_ids, kv_dtype=self.kv_storage)
+
+    def after(self, before: Sequence[int], token_ids: Sequence[int]) -> str:
+        """Key of a span prefilled after exactly the tokens ``before`` (a precompute request
+        names both, so the key is checked against what was really computed)."""
+        ctx = context_digest(before) if len(before) else context_digest(None)
+        return chunk_key(self.fingerprint, token_ids, context=ctx, kv_dtype=self.kv_storage)

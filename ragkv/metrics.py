@@ -5,9 +5,12 @@ All compare a mode with ``full`` on the same assembled prompt, same engine, gree
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+
+from ragkv.engine.base import NextToken
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -17,22 +20,40 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)
 
 
-def first_token(full_logits: torch.Tensor, mode_logits: torch.Tensor) -> dict[str, float]:
-    return {
-        "first_token_agree": float(full_logits.argmax() == mode_logits.argmax()),
-        "first_token_kl": float(kl(full_logits, mode_logits)),
-    }
+def top_kl(full: dict[int, float], mode: dict[int, float]) -> float:
+    """KL(full || mode) over full's top-k log-probabilities, the mode's missing entries
+    floored at its own smallest: an approximation of the full-vocabulary KL, for engines
+    that expose only the top-k."""
+    if not full or not mode:
+        return float("nan")
+    floor = min(mode.values())
+    return max(0.0, sum(math.exp(lp) * (lp - mode.get(t, floor)) for t, lp in full.items()))
 
 
-def teacher_forced(full_scores: torch.Tensor, mode_scores: torch.Tensor,
+def dist_kl(full: NextToken, mode: NextToken) -> tuple[float, str]:
+    """KL(full || mode) of one next token and its basis: ``vocab`` (exact, both full
+    distributions known) or ``top-k`` (see :func:`top_kl`)."""
+    if full.logits is not None and mode.logits is not None:
+        return float(kl(full.logits, mode.logits)), "vocab"
+    return top_kl(full.top, mode.top), f"top-{len(full.top)}"
+
+
+def first_token(full: NextToken, mode: NextToken) -> dict[str, float | str]:
+    value, basis = dist_kl(full, mode)
+    return {"first_token_agree": float(full.argmax == mode.argmax), "first_token_kl": value,
+            "kl_basis": basis}
+
+
+def teacher_forced(full_rows: Sequence[NextToken], mode_rows: Sequence[NextToken],
                    target: Sequence[int]) -> dict[str, float]:
-    """Scores ``[n, vocab]`` where row i predicts ``target[i]`` (full's greedy answer)."""
+    """Row i predicts ``target[i]`` (full's greedy answer) after the prompt and
+    ``target[:i]``: agreement of the mode's top-1 with it, and the mean KL."""
     n = len(target)
     if n == 0:
         return {"tf_agree": 1.0, "tf_kl": 0.0}
-    tgt = torch.tensor(list(target))
-    agree = (mode_scores[:n].argmax(-1) == tgt).float().mean()
-    return {"tf_agree": float(agree), "tf_kl": float(kl(full_scores[:n], mode_scores[:n]).mean())}
+    agree = sum(mode_rows[i].argmax == int(target[i]) for i in range(n)) / n
+    kls = [dist_kl(full_rows[i], mode_rows[i])[0] for i in range(n)]
+    return {"tf_agree": float(agree), "tf_kl": float(sum(kls) / n)}
 
 
 def rouge_l(reference: Sequence, candidate: Sequence) -> float:

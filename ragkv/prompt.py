@@ -1,4 +1,4 @@
-"""Prompt assembly from token ids only (DESIGN §3.1).
+"""Prompt assembly from token ids only (docs/design.md §3.1).
 
 A prompt is ``[template prefix] [chunk 1] [sep] ... [sep] [chunk k] [question suffix]``. The
 template is rendered once with sentinels and split into pieces that are tokenized on their own;

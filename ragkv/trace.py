@@ -18,10 +18,13 @@ class ChunkTrace:
 
 @dataclass
 class QueryTrace:
-    """Filled by the engine (recompute figures) and the API (times, hits).
+    """What one answer cost and reused, filled by the engine that served it (every engine
+    fills the same fields).
 
-    ttft_s is measured from the request (question + chunk keys) to the first token and
-    includes index lookup, blob loading and fusion; retrieval is reported separately.
+    ttft_s is measured from the request (question + chunk keys) to the first token where the
+    request is made (the app process, also for a served engine) and includes index lookup,
+    blob loading and fusion; retrieval is reported separately. engine_ttft_s is the engine's
+    own figure where it reports one (vLLM: from scheduling the request to its first token).
     """
 
     mode: str
@@ -37,6 +40,12 @@ class QueryTrace:
     fuse_s: float = 0.0
     retrieval_s: float | None = None
     full_ttft_s: float | None = None
+    engine: str = ""  # which engine answered, for people
+    engine_ttft_s: float | None = None
+    #: what went wrong and what was done instead (the answer is then full prefill's)
+    error: str | None = None
+    #: positions computed at each layer, when recording was asked for (inspection)
+    layer_sets: list[list[int]] | None = None
 
     @property
     def hits(self) -> int:
@@ -53,5 +62,6 @@ class QueryTrace:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("layer_sets")
         d.update(hits=self.hits, misses=self.misses, recomputed_tokens=self.recomputed_tokens)
         return d

@@ -76,7 +76,7 @@ def ingest(a: dict[str, Any]) -> dict[str, Any]:
     rag = _rag(a)
     for name in TOPICS:
         rag.ingest_text(f"pydoc:{name}", topics[name])
-    return {"puts": rag.store.counters["puts"], **_answer(rag)}
+    return {"puts": rag.backend.store.counters["puts"], **_answer(rag)}
 
 
 def answer(a: dict[str, Any]) -> dict[str, Any]:

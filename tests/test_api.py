@@ -48,7 +48,7 @@ def test_ingest_stores_chunks_and_kv(seed, rag):
         assert 0 < c.n_tokens <= 64 * 1.1 + 1
         entry = rag.index.get_entry(c.cache_key)
         assert entry is not None and entry.n_tokens == c.n_tokens
-        assert entry.model_fp == rag.engine.fingerprint and entry.layout == KV_LAYOUT
+        assert entry.model_fp == rag.fingerprint and entry.layout == KV_LAYOUT
         assert blob_path(rag, c.cache_key).is_file()
         assert rag.precompute(c.token_ids) is False
 
@@ -70,7 +70,7 @@ def test_generate_every_mode(rag, mode):
     assert t.mode == mode and t.context_tokens == len(ans.prompt)
     assert t.ttft_s > 0 and t.fuse_s > 0
     assert t.ttft_s >= t.fuse_s
-    assert len(t.recomputed_per_layer) == rag.engine.runner.n_layers
+    assert len(t.recomputed_per_layer) == rag.backend.engine.runner.n_layers
     looked_up = {"full": 0, "prefix": 1, "reuse": 3, "blend": 3}[mode]
     assert t.hits + t.misses == looked_up and len(t.chunks) == 3  # hit=None: never looked up
     assert [c.start for c in t.chunks] == [s for s, _ in ans.prompt.chunk_spans]
@@ -78,11 +78,11 @@ def test_generate_every_mode(rag, mode):
     T = len(ans.prompt)
     first_end = ans.prompt.chunk_spans[0][1]
     if mode == "full":
-        assert t.recomputed_per_layer == [T] * rag.engine.runner.n_layers
+        assert t.recomputed_per_layer == [T] * rag.backend.engine.runner.n_layers
     elif mode == "prefix":
         # The first chunk was precomputed after the template prefix: exact, never recomputed.
         assert t.chunks[0].hit
-        assert t.recomputed_per_layer == [T - first_end] * rag.engine.runner.n_layers
+        assert t.recomputed_per_layer == [T - first_end] * rag.backend.engine.runner.n_layers
     elif mode == "reuse":
         assert t.hits == 3
         assert t.recomputed_per_layer == [len(ans.prompt.uncached_positions())] * len(
@@ -109,10 +109,10 @@ def test_blend_at_ratio_one_matches_full(rag):
     prefix = rag.generate(chunks, QUESTION, mode="prefix", max_new_tokens=MAX_NEW,
                           keep_kv=True)
     assert one.tokens == full.tokens == prefix.tokens
-    assert (one.fused.logits - full.fused.logits).abs().max() < 1e-4
-    assert (prefix.fused.logits - full.fused.logits).abs().max() < 1e-4
-    assert full.fused is not None and rag.generate(chunks, QUESTION, mode="full",
-                                                   max_new_tokens=1).fused is None
+    assert (one.first.logits - full.first.logits).abs().max() < 1e-4
+    assert (prefix.first.logits - full.first.logits).abs().max() < 1e-4
+    assert full.generation is not None and rag.generate(chunks, QUESTION, mode="full",
+                                                   max_new_tokens=1).generation is None
 
 
 def test_reuse_of_single_chunk_matches_full_with_prefix_context(rag):
@@ -123,7 +123,7 @@ def test_reuse_of_single_chunk_matches_full_with_prefix_context(rag):
     reuse = rag.generate(chunk, QUESTION, mode="reuse", max_new_tokens=MAX_NEW, keep_kv=True)
     assert reuse.trace.hits == 1
     assert reuse.tokens == full.tokens
-    assert (reuse.fused.logits - full.fused.logits).abs().max() < 1e-4
+    assert (reuse.first.logits - full.first.logits).abs().max() < 1e-4
 
 
 def test_generate_with_plain_token_lists(rag):
@@ -234,7 +234,7 @@ def test_generate_without_chunks(rag, mode):
     assert ans.trace.chunks == [] and ans.prompt.chunk_spans == []
     full = rag.generate([], QUESTION, mode="full", max_new_tokens=3, keep_kv=True)
     assert ans.tokens == full.tokens
-    assert (ans.fused.logits - full.fused.logits).abs().max() < 1e-4
+    assert (ans.first.logits - full.first.logits).abs().max() < 1e-4
 
 
 def test_float16_storage_stays_close(tmp_path, engine, rag):
@@ -247,7 +247,7 @@ def test_float16_storage_stays_close(tmp_path, engine, rag):
                        max_new_tokens=1, keep_kv=True)
     assert one.trace.hits == 3
     assert r16.index.get_entry(r16.key_for(chunks[0])).dtype == "float16"
-    assert (one.fused.logits - full.fused.logits).abs().max() < 1e-2
+    assert (one.first.logits - full.first.logits).abs().max() < 1e-2
     r16.index.close()
 
 

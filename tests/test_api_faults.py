@@ -42,9 +42,9 @@ def _delete(rag: RagKV, key: str) -> None:
 
 def _foreign(rag: RagKV, key: str) -> None:
     entry = rag.index.get_entry(key)
-    shape = (rag.engine.runner.n_layers, rag.engine.runner.kv_heads, entry.n_tokens,
-             rag.engine.runner.head_dim)
-    rag.store.put(key, {"k": torch.ones(shape), "v": torch.ones(shape)}, model_fp="0" * 64,
+    shape = (rag.backend.engine.runner.n_layers, rag.backend.engine.runner.kv_heads, entry.n_tokens,
+             rag.backend.engine.runner.head_dim)
+    rag.backend.store.put(key, {"k": torch.ones(shape), "v": torch.ones(shape)}, model_fp="0" * 64,
                   layout=KV_LAYOUT, n_tokens=entry.n_tokens)
     assert rag.index.get_entry(key).model_fp == "0" * 64
 
@@ -52,19 +52,19 @@ def _foreign(rag: RagKV, key: str) -> None:
 def _wrong_shape(rag: RagKV, key: str) -> None:
     entry = rag.index.get_entry(key)
     shape = (1, 1, entry.n_tokens, 2)
-    assert rag.store.put(key, {"k": torch.ones(shape), "v": torch.ones(shape)},
-                         model_fp=rag.engine.fingerprint, layout=KV_LAYOUT,
+    assert rag.backend.store.put(key, {"k": torch.ones(shape), "v": torch.ones(shape)},
+                         model_fp=rag.fingerprint, layout=KV_LAYOUT,
                          n_tokens=entry.n_tokens)
 
 
 def _non_finite(rag: RagKV, key: str) -> None:
     entry = rag.index.get_entry(key)
-    r = rag.engine.runner
+    r = rag.backend.engine.runner
     shape = (r.n_layers, r.kv_heads, entry.n_tokens, r.head_dim)
     v = torch.zeros(shape)
     v[0, 0, 0, 0] = float("nan")
-    assert rag.store.put(key, {"k": torch.zeros(shape), "v": v},
-                         model_fp=rag.engine.fingerprint, layout=KV_LAYOUT,
+    assert rag.backend.store.put(key, {"k": torch.zeros(shape), "v": v},
+                         model_fp=rag.fingerprint, layout=KV_LAYOUT,
                          n_tokens=entry.n_tokens)
 
 
@@ -88,10 +88,10 @@ def test_bad_entry_is_a_miss_and_is_stored_back(rag, fault, mode):
     assert [c.hit for c in hurt.trace.chunks] == want
     assert hurt.trace.misses == clean.trace.misses + 1 and hurt.trace.precompute_s > 0
     assert hurt.tokens == clean.tokens
-    assert torch.equal(hurt.fused.logits, clean.fused.logits)
+    assert torch.equal(hurt.first.logits, clean.first.logits)
     # The recomputed KV was stored back, under this model, and reads back as a hit.
     entry = rag.index.get_entry(key)
-    assert entry is not None and entry.model_fp == rag.engine.fingerprint
+    assert entry is not None and entry.model_fp == rag.fingerprint
     assert blob_path(rag, key).is_file()
     healed = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=MAX_NEW)
     assert [c.hit for c in healed.trace.chunks] == [c.hit for c in clean.trace.chunks]
@@ -112,6 +112,6 @@ def test_missing_prefix_entry_is_recomputed(tmp_path, seed, engine):
     _corrupt(rag, prefix_key)
     ans = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
     assert ans.tokens == ref.tokens
-    assert rag.store.counters["corrupt"] >= 1
+    assert rag.backend.store.counters["corrupt"] >= 1
     assert rag.index.get_entry(prefix_key) is not None
     rag.index.close()

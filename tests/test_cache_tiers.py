@@ -132,7 +132,7 @@ def _answers(rag: RagKV, chunks, rounds: int = 2):
         for combo in _combos(chunks):
             a = rag.generate(combo, QUESTION, mode="blend", max_new_tokens=MAX_NEW,
                              keep_kv=True, log_query=False)
-            out.append((a.tokens, a.fused.logits, [c.tier for c in a.trace.chunks]))
+            out.append((a.tokens, a.first.logits, [c.tier for c in a.trace.chunks]))
     return out
 
 
@@ -150,12 +150,12 @@ def test_tiny_budgets_never_fail_or_change_answers(tmp_path, seed, engine, memor
     got = _answers(rag, chunks)
     for (t_ref, l_ref, _), (t, logits, _) in zip(ref, got, strict=True):
         assert t == t_ref and torch.equal(logits, l_ref)
-    stats = rag.store.stats()
+    stats = rag.backend.store.stats()
     assert stats["disk"]["evictions"] > 0 and stats["disk"]["resident_bytes"] <= 30_000
     tiers = {t for _, _, ts in got for t in ts}
     assert None in tiers  # some chunks were evicted and recomputed
     if memory:
-        assert "memory" in tiers and rag.store.memory.nbytes <= memory
-    consistent(rag.store)
+        assert "memory" in tiers and rag.backend.store.memory.nbytes <= memory
+    consistent(rag.backend.store)
     ref_rag.index.close()
     rag.index.close()

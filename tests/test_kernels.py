@@ -1,4 +1,4 @@
-"""Each Triton kernel against its PyTorch reference (DESIGN §3: exact re-encoding and mask).
+"""Each Triton kernel against its PyTorch reference (docs/design.md §3: exact re-encoding and mask).
 
 Without a GPU the kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET), so
 shapes stay small; on a CUDA device the same tests run at full size.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_cases import MODEL_SPECS, _engine, max_diff
 
 from ragkv.engine.kernels import TorchOps, make_ops
-from tests.engine_cases import MODEL_SPECS, _engine, max_diff
 
 pytest.importorskip("triton")
 

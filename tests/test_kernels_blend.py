@@ -10,11 +10,7 @@ import functools
 
 import pytest
 import torch
-
-from ragkv.config import BlendConfig
-from ragkv.engine.hf import HFEngine
-from ragkv.engine.kernels import TorchOps, make_ops
-from tests.engine_cases import (
+from engine_cases import (
     MODELS,
     _engine,
     _Tok,
@@ -23,6 +19,10 @@ from tests.engine_cases import (
     make_case,
     max_diff,
 )
+
+from ragkv.config import BlendConfig
+from ragkv.engine.hf import HFEngine
+from ragkv.engine.kernels import TorchOps, make_ops
 
 pytest.importorskip("triton")
 

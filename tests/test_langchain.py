@@ -117,7 +117,7 @@ def test_any_retriever_runnable_feeds_the_chunks(rag: RagKV) -> None:
     chain = RagkvRunnable(rag=rag, retriever=RunnableLambda(lambda _q: docs),
                           max_new_tokens=NEW)
     assert chain.invoke(QUESTION)["trace"]["misses"] == 2  # never ingested: computed, stored
-    ids = [tokenize_chunk(d.page_content, rag.engine.tokenizer) for d in docs]
+    ids = [tokenize_chunk(d.page_content, rag.tokenizer) for d in docs]
     expected = rag.generate(ids, QUESTION, mode="blend", max_new_tokens=NEW)
     out = chain.invoke(QUESTION)
     assert out["trace"]["hits"] == 2 and out["tokens"] == expected.tokens

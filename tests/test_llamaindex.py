@@ -91,12 +91,12 @@ def test_retriever_wraps_any_llamaindex_index(rag: RagKV) -> None:
     for n in out:
         llm_text = n.node.get_content(metadata_mode=MetadataMode.LLM)
         assert "topic:" in llm_text and KEY not in llm_text  # user metadata kept, keys hidden
-        assert n.node.metadata[KEY] == rag.key_for(tokenize_chunk(llm_text, rag.engine.tokenizer))
+        assert n.node.metadata[KEY] == rag.key_for(tokenize_chunk(llm_text, rag.tokenizer))
     assert all(KEY not in n.metadata for n in nodes)  # the index's own nodes are untouched
 
 
 def test_ingestion_pipeline_precomputes_and_annotates(rag: RagKV, collector: Any) -> None:
-    tok = rag.engine.tokenizer
+    tok = rag.tokenizer
     splitter = SentenceSplitter(chunk_size=80, chunk_overlap=0,
                                 tokenizer=lambda t: tokenize_chunk(t, tok))
     transform = RagkvKVTransform(rag)
@@ -104,7 +104,7 @@ def test_ingestion_pipeline_precomputes_and_annotates(rag: RagKV, collector: Any
     nodes = IngestionPipeline(transformations=[splitter, transform]).run(documents=docs)
     assert len(nodes) >= 2 and transform.computed == len(nodes)
     keys = [n.metadata[KEY] for n in nodes]
-    assert all(rag.store.contains(keys).values())
+    assert all(rag.backend.store.contains(keys).values())
     assert all(KEY not in n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes)
     misses = [e for e in collector.events if isinstance(e, RagkvCacheMissEvent)]
     assert {e.key for e in misses} == set(keys) and {e.stage for e in misses} == {"ingest"}
@@ -148,7 +148,7 @@ def test_query_engine_over_a_foreign_retriever(rag: RagKV) -> None:
                               max_new_tokens=NEW)
     first = engine.query(QUESTION)
     assert first.metadata["ragkv_trace"]["misses"] == 2  # never ingested: computed and stored
-    chunks = [tokenize_chunk(n.text, rag.engine.tokenizer) for n in nodes]
+    chunks = [tokenize_chunk(n.text, rag.tokenizer) for n in nodes]
     expected = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=NEW)
     response = engine.query(QUESTION)
     assert response.metadata["ragkv_trace"]["hits"] == 2

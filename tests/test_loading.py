@@ -14,6 +14,7 @@ from api_cases import (  # noqa: F401 - fixtures are used by name
     seed,
     three_chunks,
 )
+from engine_cases import MODELS, _case, _engine
 
 from ragkv.api import RagKV
 from ragkv.config import BlendConfig
@@ -21,7 +22,6 @@ from ragkv.engine.blend import fuse
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.loading import LayerFeed, LoadingController, Workspace
 from ragkv.engine.policies import POLICIES, SelectionContext, make_policy
-from tests.engine_cases import MODELS, _case, _engine
 
 
 def _blend_inputs(name: str, policy: str):
@@ -113,18 +113,19 @@ def test_controller_hides_recompute_under_loading():
 
 def test_auto_ratio_in_a_query_and_a_set_ratio_wins(rag):
     chunks = three_chunks(rag)
-    saved, rag.engine.controller = rag.engine.controller, LoadingController(smoothing=1.0)
+    eng = rag.backend.engine
+    saved, eng.controller = eng.controller, LoadingController(smoothing=1.0)
     first = rag.generate(chunks, QUESTION, blend=BlendConfig(ratio="auto", min_ratio=0.2))
     assert first.trace.ratio == 0.2  # no measurement before the first blend
-    assert rag.engine.controller.load_s_per_token is not None
-    rag.engine.controller.load_s_per_token = 10 * rag.engine.controller.compute_s_per_token
+    assert eng.controller.load_s_per_token is not None
+    eng.controller.load_s_per_token = 10 * eng.controller.compute_s_per_token
     auto = rag.generate(chunks, QUESTION, blend=BlendConfig(ratio="auto"))
     assert auto.trace.ratio == 1.0
     full = rag.generate(chunks, QUESTION, mode="full")
     assert auto.tokens == full.tokens  # ratio 1.0 is full prefill
     fixed = rag.generate(chunks, QUESTION, blend=BlendConfig(ratio=0.15))
     assert fixed.trace.ratio == 0.15
-    rag.engine.controller = saved
+    eng.controller = saved
 
 
 def test_bad_ratios_are_rejected():
@@ -145,4 +146,4 @@ def test_engine_without_pipelining(tmp_path, engine):
         b = rag.generate(chunks, QUESTION, keep_kv=True)
     finally:
         engine.pipelined = None
-    assert a.tokens == b.tokens and torch.equal(a.fused.logits, b.fused.logits)
+    assert a.tokens == b.tokens and torch.equal(a.first.logits, b.first.logits)

@@ -243,7 +243,7 @@ def test_query_with_unreachable_shared_stores_is_answered_as_without_cache(
         urls["index_url"] = f"postgresql+psycopg://ragkv@127.0.0.1:{port}/ragkv"
     cfg = RagkvConfig(home=tmp_path / "u", model=tiny_model, memory_budget_bytes=0, **urls)
     t0 = time.perf_counter()
-    unreachable = RagKV(cfg, engine=healthy.engine)  # starts anyway
+    unreachable = RagKV(cfg, engine=healthy.backend.engine)  # starts anyway
     got = unreachable.generate(ids, "q?", max_new_tokens=6)
     assert time.perf_counter() - t0 < 30
     assert got.trace.misses == 2

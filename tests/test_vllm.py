@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from ragkv.config import BlendConfig, RagkvConfig, default_home
+from ragkv.config import BlendConfig, RagkvConfig
 
 pytestmark = pytest.mark.vllm
 
@@ -22,27 +22,25 @@ QUESTION = "What is the capital of Freedonia and what is it famous for?"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def vllm_rag(tmp_path_factory):
+    """The facade on an in-process vLLM engine with ragkv's connector."""
     pytest.importorskip("vllm")
-    from transformers import AutoTokenizer
-    from vllm import LLM
+    from ragkv.api import RagKV
+    from ragkv.engine.vllm.backend import VLLMBackend
 
-    from ragkv.engine.vllm.client import RequestBuilder
-    from ragkv.engine.vllm.engine import connector_config
-    from ragkv.engine.vllm.params import vllm_fingerprint
-    from ragkv.model_fetch import ensure_default_model
-    from ragkv.prompt import PromptTemplate
+    cfg = RagkvConfig(home=tmp_path_factory.mktemp("ragkv-vllm"), kv_dtype="float32",
+                      engine="vllm")
+    backend = VLLMBackend.in_process(cfg, max_model_len=1024, kv_cache_bytes=256 * 2**20)
+    rag = RagKV(cfg, backend=backend)
+    yield rag
+    rag.close()
 
-    path = ensure_default_model(default_home())
-    cfg = RagkvConfig(home=tmp_path_factory.mktemp("ragkv-vllm"), kv_dtype="float32")
-    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=1024,
-              enable_prefix_caching=True, seed=0, kv_cache_memory_bytes=256 * 2**20,
-              kv_transfer_config=connector_config(cfg))
-    tok = AutoTokenizer.from_pretrained(path)
-    builder = RequestBuilder(PromptTemplate.from_tokenizer(tok, cfg.system_prompt),
-                             vllm_fingerprint(str(path), "float32"), cfg)
-    chunks = [tok(c, add_special_tokens=False).input_ids for c in CHUNKS]
-    yield llm, builder, chunks, cfg
+
+@pytest.fixture(scope="module")
+def served(vllm_rag):
+    rag = vllm_rag
+    chunks = [rag.tokenizer(c, add_special_tokens=False).input_ids for c in CHUNKS]
+    yield rag.backend.transport.llm, rag.backend.builder, chunks, rag.config
 
 
 def run(llm, req, max_tokens: int = 12):
@@ -58,7 +56,7 @@ def run(llm, req, max_tokens: int = 12):
     return list(out.outputs[0].token_ids), (out.kv_transfer_params or {}).get("ragkv", {})
 
 
-def stored(cfg, key: str) -> bool:
+def stored(cfg, key: str) -> bool:  # read straight from the shared store
     from ragkv.cache_index import KVStore
 
     return KVStore.from_config(cfg).contains([key]).get(key, False)
@@ -99,7 +97,7 @@ def test_blend_at_015_runs_and_is_traced(served):
 def test_mixed_hit_and_miss_computes_and_stores_the_miss(served):
     llm, builder, chunks, cfg = served
     run(llm, builder.precompute(chunks[0]), max_tokens=1)
-    key_new = builder.key_for(chunks[2])
+    key_new = builder.keys.chunk(chunks[2])
     assert not stored(cfg, key_new)
     req = builder.fused([chunks[0], chunks[2]], QUESTION, mode="blend",
                         blend=BlendConfig(ratio=1.0))
@@ -136,10 +134,35 @@ def test_a_key_that_names_other_tokens_is_recomputed_not_trusted(served):
     full, _ = run(llm, builder.fused(chunks[:2], QUESTION, mode="full"))
     req = builder.fused(chunks[:2], QUESTION, mode="reuse")
     body = req.kv_transfer_params["ragkv"]
-    body["chunks"][1][2] = builder.key_for(chunks[2])  # a real key, of another chunk
+    body["chunks"][1][2] = builder.keys.chunk(chunks[2])  # a real key, of another chunk
     from ragkv.engine.vllm.params import fusion_salt, parse
 
     req.cache_salt = fusion_salt(parse(req.kv_transfer_params, len(req.ids)), req.ids)
     tokens, trace = run(llm, req)
     assert "does not name" in trace["error"] and trace["fallback"] == "recompute"
     assert tokens == full
+
+
+# ---- the facade on in-process vLLM: the same calls as on transformers ---------------------
+
+def test_facade_ingests_through_vllm_and_answers_every_mode_with_a_trace(vllm_rag):
+    rag = vllm_rag
+    res = rag.ingest_text("freedonia", "\n\n".join(CHUNKS))
+    assert res.n_chunks >= 1
+    assert rag.precompute(rag.index.chunks()[0].token_ids) is False  # stored by the ingest
+    chunks = rag.retrieve(QUESTION, k=2)
+    full = rag.generate(chunks, QUESTION, mode="full", max_new_tokens=8)
+    for mode in ("prefix", "reuse", "blend"):
+        ans = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=8,
+                           blend=BlendConfig(ratio=1.0) if mode == "blend" else None)
+        t = ans.trace
+        assert t.error is None and t.ttft_s > 0 and t.engine.startswith("vLLM in process")
+        assert t.context_tokens == len(full.prompt) and len(t.chunks) == len(chunks)
+        if mode in ("reuse", "blend"):
+            assert t.hits == len(chunks) and t.misses == 0, t
+            assert all(c.tier is not None for c in t.chunks)
+        if mode != "reuse":
+            assert ans.tokens == full.tokens, mode  # prefix and blend 1.0 are exact
+    assert full.trace.recomputed_tokens == full.trace.context_tokens
+    pieces = list(rag.stream(chunks, QUESTION, max_new_tokens=8))
+    assert "".join(pieces).strip() == rag.generate(chunks, QUESTION, max_new_tokens=8).text

@@ -1,18 +1,20 @@
-"""The README's server recipe, for real: vLLM's OpenAI-compatible server with ragkv's
-connector, asked by ``examples/vllm_client.py``, answers as the offline engine does.
+"""The served deployment, for real: `ragkv serve` starts vLLM's OpenAI server with ragkv's
+connector over a cache given by URL; the app process ingests through it, answers through it
+from LangChain and LlamaIndex, a second server on the same cache hits what the first stored,
+and a server killed mid-request leaves a clear error and a consistent cache.
 
-Slow (two engine starts on the CPU): marked ``vllm``, run by ``make test-vllm``.
+Slow (several engine starts on the CPU): marked ``vllm``, run by ``make test-vllm``. Under
+``make test-services`` the same two-server test runs on PostgreSQL + Redis (env URLs).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,19 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from ragkv.config import BlendConfig, RagkvConfig, default_home
+from ragkv.config import RagkvConfig, default_home
 
 pytestmark = pytest.mark.vllm
 
-ROOT = Path(__file__).resolve().parents[1]
-MAX_TOKENS = 16
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("vllm_client", ROOT / "examples/vllm_client.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+DOCS = {
+    "freedonia.md": "The capital of Freedonia is Zumbat. It lies on the river Oxo and has "
+                    "three bridges.\n\nZumbat is famous for its blue cheese and for a kite "
+                    "festival held every May.",
+    "oxo.txt": "The river Oxo floods every spring, and the bridges of Zumbat were rebuilt in "
+               "1911 after the great flood.",
+}
+QUESTION = "What is Zumbat famous for?"
+MAX_TOKENS = 12
 
 
 def free_port() -> int:
@@ -41,73 +43,168 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(2)
-    pytest.fail(f"server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+class Server:
+    """`ragkv serve` in its own process group, on a free port."""
+
+    def __init__(self, home: Path, log: Path, index_url: str | None = None,
+                 blob_url: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        cmd = [sys.executable, "-m", "ragkv.cli", "serve", "--home", str(home),
+               "--port", str(self.port), "--max-model-len", "1024", "--kv-cache-mb", "256"]
+        if index_url:
+            cmd += ["--index-url", index_url]
+        if blob_url:
+            cmd += ["--blob-url", blob_url]
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait(self, timeout: float = 420) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited ({self.proc.returncode}):\n"
+                            f"{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url.removesuffix("/v1") + "/health",
+                                            timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(2)
+        pytest.fail(f"server not healthy after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # its own session: the engine process goes too
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def test_served_recipe_fuses_chunks_and_answers_as_the_offline_engine(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache (a SQLite file and a blob folder, or PostgreSQL + Redis from the
+    environment under `make test-services`) and a documents folder."""
     pytest.importorskip("vllm")
+    root = tmp_path_factory.mktemp("served")
+    docs = root / "docs"
+    docs.mkdir()
+    for name, text in DOCS.items():
+        (docs / name).write_text(text)
+    return root, docs, os.environ.get("RAGKV_TEST_INDEX_URL"), os.environ.get(
+        "RAGKV_TEST_BLOB_URL")
+
+
+@pytest.fixture(scope="module")
+def server_a(cache):
+    root, _, index_url, blob_url = cache
+    srv = Server(root / "home", root / "a.log", index_url, blob_url).wait()
+    yield srv
+    srv.stop()
+
+
+def app_config(root: Path, url: str, index_url: str | None, blob_url: str | None):
+    return RagkvConfig(home=root / "home", engine=url, index_url=index_url, blob_url=blob_url)
+
+
+def test_ingest_and_answer_through_the_server_from_langchain_and_llamaindex(cache, server_a):
+    from typer.testing import CliRunner
+
+    from ragkv.api import RagKV
+    from ragkv.cli import app
+    from ragkv.connectors.langchain import RagkvRunnable
+    from ragkv.connectors.llamaindex import RagkvQueryEngine
+
+    root, docs, index_url, blob_url = cache
+    args = ["ingest", str(docs), "--home", str(root / "home"), "--engine", server_a.url]
+    if index_url:
+        args += ["--index-url", index_url, "--blob-url", blob_url]
+    out = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "2 documents" in out.output and "computed now: 0" not in out.output
+
+    rag = RagKV(app_config(root, server_a.url, index_url, blob_url))
+    assert rag.backend.description.startswith("vLLM server")
+    lc = RagkvRunnable(rag=rag, k=2, max_new_tokens=MAX_TOKENS).invoke({"question": QUESTION})
+    trace = lc["trace"]
+    assert trace["hits"] == 2 and trace["misses"] == 0 and trace["error"] is None, trace
+    assert trace["engine_ttft_s"] is not None and 0 < trace["engine_ttft_s"] <= trace["ttft_s"]
+    li = RagkvQueryEngine(rag=rag, similarity_top_k=2, max_new_tokens=MAX_TOKENS).query(QUESTION)
+    assert li.metadata["ragkv_tokens"] == lc["tokens"]
+
+    # The same prompt on an in-process vLLM over the same cache: token for token equal.
+    from ragkv.engine.vllm.backend import VLLMBackend
+
+    cfg = RagkvConfig(home=root / "home", kv_dtype="float32", engine="vllm",
+                      index_url=index_url, blob_url=blob_url)
+    local = RagKV(cfg, backend=VLLMBackend.in_process(cfg, max_model_len=1024,
+                                                      kv_cache_bytes=256 * 2**20))
+    try:
+        chunks = rag.retrieve(QUESTION, 2)
+        here = local.generate(chunks, QUESTION, max_new_tokens=MAX_TOKENS)
+        assert here.trace.hits == 2  # what the server stored, read in this process
+        assert here.tokens == lc["tokens"]
+    finally:
+        local.close()
+
+
+def test_a_second_server_hits_what_the_first_stored_and_survives_a_kill(cache, server_a):
+    from ragkv.api import RagKV
+    from ragkv.cache_index import KVStore, verify
+    from ragkv.engine.base import EngineError
+
+    root, _, index_url, blob_url = cache
+    rag_a = RagKV(app_config(root, server_a.url, index_url, blob_url))
+    new = [rag_a.tokenizer("A chunk only server A ever saw, about the lighthouse of Oxo.",
+                           add_special_tokens=False).input_ids]
+    assert rag_a.precompute_many(new) == [True]
+
+    srv_b = Server(root / "home", root / "b.log", index_url, blob_url).wait()
+    try:
+        rag_b = RagKV(app_config(root, srv_b.url, index_url, blob_url))
+        assert rag_b.precompute_many(new) == [False]  # stored by A, seen by B
+        ans = rag_b.generate(new, "What is this chunk about?", max_new_tokens=4)
+        assert ans.trace.hits == 1 and ans.trace.misses == 0, ans.trace
+
+        # Killed mid-request: the client gets one clear error, not a hang or a traceback.
+        stream = rag_b.stream(new, "Tell me everything about the lighthouse.",
+                              max_new_tokens=400)
+        threading.Timer(1.0, srv_b.stop, kwargs={"sig": signal.SIGKILL}).start()
+        with pytest.raises(EngineError, match="server at"):
+            for _ in stream:
+                pass
+    finally:
+        srv_b.stop(signal.SIGKILL)
+
+    report = verify(KVStore.from_config(RagkvConfig(home=root / "home", index_url=index_url,
+                                                    blob_url=blob_url, memory_budget_bytes=0)),
+                    repair=False, orphan_grace_s=0)
+    assert report.bad == [], report.bad
+
+    srv_b = Server(root / "home", root / "b2.log", index_url, blob_url).wait()
+    try:
+        again = RagKV(app_config(root, srv_b.url, index_url, blob_url))
+        ans = again.generate(new, "What is this chunk about?", max_new_tokens=4)
+        assert ans.trace.hits == 1 and ans.trace.error is None
+    finally:
+        srv_b.stop()
+
+
+def test_serve_prints_the_vllm_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from ragkv.cli import app
     from ragkv.model_fetch import ensure_default_model
 
-    model = str(ensure_default_model(default_home()))
-    client = load_example()
-    cfg = RagkvConfig(home=tmp_path / "home", kv_dtype="float32")
-    kv_config = subprocess.run(
-        [sys.executable, "-m", "ragkv.engine.vllm.engine", "--kv-dtype", "float32",
-         "--home", str(cfg.home)], check=True, capture_output=True, text=True).stdout.strip()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    # The recipe of the README, word for word but the port, model length and cache size.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-           "--kv-cache-memory-bytes", str(256 * 2**20), "--host", "127.0.0.1",
-           "--port", str(port), "--kv-transfer-config", kv_config]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        wait_healthy(url, proc, log)
-        blend = BlendConfig(ratio=0.15)
-        text, trace = client.ask(url, model, client.CHUNKS, client.QUESTION, cfg, blend=blend,
-                                 max_tokens=MAX_TOKENS)
-    finally:
-        stop(proc)
-    assert proc.poll() is not None
-    assert "error" not in trace, trace
-    # the chunks come from the store; the template prefix, stored by no precompute, may miss
-    assert trace["hits"] >= len(client.CHUNKS) and trace["misses"] <= 1, trace
-    assert trace["recomputed"] > 0
-
-    # The same request through the offline engine, on the KV the server stored.
-    from ragkv.engine.vllm.engine import VLLMEngine
-
-    eng = VLLMEngine(cfg, Path(model), max_model_len=1024, kv_cache_bytes=256 * 2**20)
-    tok, builder = client.builder_for(model, cfg)
-    ids = [tok(c, add_special_tokens=False).input_ids for c in client.CHUNKS]
-    out = eng.complete(builder.fused(ids, client.QUESTION, mode="blend", blend=blend),
-                       max_tokens=MAX_TOKENS)
-    offline = (out.kv_transfer_params or {}).get("ragkv", {})
-    assert offline["hits"] == len(client.CHUNKS) + 1 and offline["misses"] == 0
-    assert out.outputs[0].text == text, json.dumps({"served": text, "offline": out.outputs[0].text})
+    model = ensure_default_model(default_home())
+    out = CliRunner().invoke(app, ["serve", "--print", "--home", str(tmp_path), "--port", "9001",
+                                   "--model", str(model)])
+    assert out.exit_code == 0, out.output
+    assert "vllm.entrypoints.openai.api_server" in out.output
+    assert "--kv-transfer-config" in out.output and "RagkvConnector" in out.output

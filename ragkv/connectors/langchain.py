@@ -63,7 +63,7 @@ def chunk_document(chunk: RetrievedChunk) -> Document:
 
 def document_chunk(rag: RagKV, doc: Document) -> RetrievedChunk | None:
     """The chunk a Document stands for: its page content tokenized on its own; None if empty."""
-    ids = tokenize_chunk(doc.page_content, rag.engine.tokenizer)
+    ids = tokenize_chunk(doc.page_content, rag.tokenizer)
     if not ids:
         return None
     return RetrievedChunk(ids, rag.key_for(ids), doc.page_content,

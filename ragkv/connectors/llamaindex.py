@@ -116,7 +116,7 @@ def emit_trace_events(trace: QueryTrace) -> None:
 def node_chunk(rag: RagKV, node: BaseNode) -> RetrievedChunk | None:
     """The chunk a node stands for: its LLM-visible text, tokenized on its own; None if empty."""
     text = node.get_content(metadata_mode=MetadataMode.LLM)
-    ids = tokenize_chunk(text, rag.engine.tokenizer)
+    ids = tokenize_chunk(text, rag.tokenizer)
     if not ids:
         return None
     document = node.metadata.get(DOCUMENT) or node.ref_doc_id or node.node_id
@@ -207,7 +207,7 @@ class RagkvKVTransform(TransformComponent):
     _computed: int = PrivateAttr(default=0)
 
     def __init__(self, rag: RagKV, **kwargs: Any) -> None:
-        super().__init__(rag=rag, fingerprint=rag.engine.fingerprint, **kwargs)
+        super().__init__(rag=rag, fingerprint=rag.fingerprint, **kwargs)
 
     @classmethod
     def class_name(cls) -> str:

@@ -1,38 +1,151 @@
-"""The engine contract every backend meets (transformers today, vLLM later)."""
+"""The engine contract: what every front end asks of an engine, and nothing more.
+
+Three engines meet it: transformers in process (:mod:`ragkv.engine.local`), vLLM in process
+and a vLLM server reached by URL (:mod:`ragkv.engine.vllm.backend`). The facade
+(:class:`ragkv.api.RagKV`) and every front end above it (CLI, LangChain, LlamaIndex, UI, bench)
+talk to this contract only; none asks which engine it has. A new engine is one new module
+that meets it and one line in :mod:`ragkv.engine.registry`.
+
+The division of work: the app process assembles token ids and keys (retrieval stays there);
+the engine stores chunk KV (precompute), and answers a :class:`GenerationRequest` with a
+:class:`Generation`, whose trace is complete when the first token is known.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from ragkv.config import BlendConfig
-from ragkv.engine.blend import FusedPrefill
-from ragkv.engine.kv import ChunkKV
-from ragkv.prompt import AssembledPrompt
+from ragkv.keys import KeySpace
+from ragkv.prompt import AssembledPrompt, PromptTemplate
+from ragkv.trace import QueryTrace
 
 
-class Engine(Protocol):
-    """What the API needs from a backend.
+class EngineError(RuntimeError):
+    """The engine could not answer (a server that is down or died mid-request): one line
+    that says what to do, never the cache's fault (a cache problem is a miss)."""
 
-    ``prefill`` gets the assembled prompt and the cached spans it may use (prefix and chunks,
-    as ``(start, ChunkKV)``) and returns the prompt's KV and first-token logits; ``decode`` and
-    ``score`` continue from that KV.
+
+@dataclass
+class NextToken:
+    """The distribution of one next token, as far as the engine exposes it.
+
+    logits: ``[vocab]`` over the whole vocabulary (in-process engines), else None.
+    top: the top-k log-probabilities by token id (every engine).
     """
 
-    fingerprint: str
-    tokenizer: object
-    eos_token_ids: set[int]
+    top: dict[int, float]
+    logits: torch.Tensor | None = None
 
-    def precompute(self, ids: list[int], past: ChunkKV | None = None) -> ChunkKV: ...
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, k: int = 20) -> NextToken:
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        vals, idx = lp.topk(min(k, lp.shape[-1]))
+        return cls({int(i): float(v) for i, v in zip(idx, vals, strict=True)}, logits)
 
-    def resolve(self, blend: BlendConfig) -> BlendConfig:
-        """``blend`` with a concrete ratio (``"auto"`` answered by the loading controller)."""
+    @property
+    def argmax(self) -> int:
+        if self.logits is not None:
+            return int(self.logits.argmax())
+        return max(self.top, key=self.top.__getitem__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One answer to compute: the assembled prompt and how to prefill it.
+
+    keys: the cache key of each chunk, in prompt order (derived from the ids by the facade).
+    context: how the chunks' KV was precomputed (``cold`` or ``prefix``), part of each key.
+    record: put the positions computed at each layer into the trace (for inspection).
+    keep: keep what :meth:`Generation.score` needs until the generation is closed.
+    started: ``time.perf_counter()`` at the request; TTFT runs from here to the first token.
+    """
+
+    prompt: AssembledPrompt
+    keys: tuple[str, ...]
+    mode: str
+    blend: BlendConfig
+    context: str
+    max_new_tokens: int
+    started: float
+    documents: tuple[str | None, ...] = ()
+    record: bool = False
+    keep: bool = False
+    top_logprobs: int = 20
+
+
+class Generation(Protocol):
+    """An answer whose prefill is done: the first token and the trace are known."""
+
+    trace: QueryTrace
+    first_token: int
+    first: NextToken
+
+    def rest(self) -> Iterator[int]:
+        """Greedy tokens after the first, up to the request's limit, stopping after EOS."""
         ...
 
-    def prefill(self, prompt: AssembledPrompt, cached: list[tuple[int, ChunkKV]], mode: str,
-                blend: BlendConfig, exact_until: int, record: bool = False) -> FusedPrefill: ...
+    def score(self, target: Sequence[int]) -> list[NextToken]:
+        """Teacher forcing on the same prefill: row i predicts ``target[i]`` given the prompt
+        and ``target[:i]``. Needs ``keep=True`` on engines that free the prefill early."""
+        ...
 
-    def decode(self, fused: FusedPrefill, first_token: int, max_new_tokens: int) -> list[int]: ...
+    def close(self) -> None:
+        """Release what the generation holds (KV kept for scoring, a stream)."""
+        ...
 
-    def score(self, fused: FusedPrefill, target: list[int]) -> torch.Tensor: ...
+
+class Backend(Protocol):
+    """An engine as the front ends see it."""
+
+    #: one line for people: which engine, which model, where
+    description: str
+    tokenizer: Any
+    template: PromptTemplate
+    #: how this engine names chunk KV (its weights' identity and storage dtype)
+    keys: KeySpace
+    #: most positions a prompt plus its answer may take
+    max_model_len: int
+    eos_token_ids: set[int]
+
+    def stored(self, keys: Sequence[str]) -> dict[str, bool]:
+        """Which keys the engine's cache holds now (a later load may still miss)."""
+        ...
+
+    def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
+        """Store every chunk's KV, precomputed in ``context``; True where it was computed now
+        (False: already stored)."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> Generation:
+        """Prefill (the TTFT is measured here) and hand back the rest to iterate."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Completed:
+    """A :class:`Generation` whose tokens are all known already (engines that answer a whole
+    request at once); ``score`` is supplied by the engine."""
+
+    trace: QueryTrace
+    first_token: int
+    first: NextToken
+    tokens: list[int] = field(default_factory=list)  # every token after the first
+    scorer: Any = None  # callable(target) -> list[NextToken]
+
+    def rest(self) -> Iterator[int]:
+        yield from self.tokens
+
+    def score(self, target: Sequence[int]) -> list[NextToken]:
+        if self.scorer is None:
+            raise EngineError("this generation was not kept for scoring (keep=True)")
+        return self.scorer(target)
+
+    def close(self) -> None:
+        self.scorer = None

@@ -2,7 +2,7 @@
 
 One loop serves every mode but ``full``: the policy decides which positions are computed at
 layer 0 and which stay active after each check layer. Everything else follows from three
-rules (DESIGN §3):
+rules (docs/design.md §3):
 
 * cached keys are stored before RoPE and rotated to their true positions by the model's own
   rotary embedding (exact re-encoding);
@@ -101,7 +101,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
         k_buf[layer].index_copy_(1, active, k)
         v_buf[layer].index_copy_(1, active, v)
         if d is not None:
-            if policy.uses_attention:
+            if policy.reads_question:
                 tail = active >= ctx.suffix_start
                 w = runner.attention_probs(q[:, tail], k_buf[layer], active[tail])
                 d = d * w.mean(dim=(0, 1))[active].float()

@@ -14,7 +14,7 @@ from ragkv.engine.blend import FusedPrefill, compute_span, fuse
 from ragkv.engine.kernels import make_ops
 from ragkv.engine.kv import ChunkKV, torch_dtype
 from ragkv.engine.loading import LoadingController
-from ragkv.engine.policies import ComputeAll, SelectionContext, SelectionPolicy, make_policy
+from ragkv.engine.plan import plan_prefill
 from ragkv.engine.runner import SUPPORTED, LlamaFamilyRunner
 from ragkv.keys import model_fingerprint
 from ragkv.prompt import AssembledPrompt
@@ -80,28 +80,16 @@ class HFEngine:
                 blend: BlendConfig, exact_until: int, record: bool = False) -> FusedPrefill:
         blend = self.resolve(blend)
         ids = torch.tensor(prompt.ids, device=self.runner.device)
-        T = len(prompt.ids)
         if mode == "full":
             return self._full(ids)
-        forced = torch.ones(T, dtype=torch.bool)
-        for start, kv in cached:
-            forced[start:start + kv.n_tokens] = False
-        forced[:exact_until] = False
-        spans = [(s, e) for s, e in prompt.chunk_spans if s >= exact_until]
-        ctx = SelectionContext(T, exact_until, spans, forced, blend.ratio, prompt.suffix_start)
-        policy: SelectionPolicy
-        if mode == "prefix":
-            policy = ComputeAll()
-        elif mode == "reuse":
-            policy = SelectionPolicy()
-        elif mode == "blend":
-            policy = make_policy(blend, self.runner.n_layers)
-        else:
-            raise ValueError(f"unknown mode {mode!r}; choose full, prefix, reuse or blend")
+        plan = plan_prefill(len(prompt.ids), prompt.chunk_spans, prompt.suffix_start,
+                            [(s, kv.n_tokens) for s, kv in cached], exact_until, mode, blend,
+                            self.runner.n_layers)
+        ctx, policy = plan.ctx, plan.policy
         out = fuse(self.runner, ids, cached, ctx, policy, deviation_on=blend.deviation_on,
                    record=record, pipelined=self.pipelined)
         if mode == "blend":
-            self.controller.observe(chunk_tokens=sum(e - s for s, e in spans),
+            self.controller.observe(chunk_tokens=ctx.chunk_tokens,
                                     place_s=out.place_s, layer_s=out.layer_s,
                                     computed=out.recomputed_per_layer)
         return out

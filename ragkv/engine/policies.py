@@ -70,8 +70,14 @@ class SelectionPolicy:
     """Base: compute nothing beyond the forced positions (full KV reuse)."""
 
     name: str = "reuse"
-    #: whether ``select`` wants deviations weighted by the question's attention to each token
-    uses_attention = False
+    #: whether ``select`` wants deviations weighted by the question's attention to each token;
+    #: such a policy's fused KV depends on the question (vLLM's cache salt asks this)
+    reads_question = False
+
+    @classmethod
+    def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
+        """The policy fitted to ``cfg`` and a model of ``n_layers`` layers."""
+        return cls()
 
     @property
     def check_layers(self) -> tuple[int, ...]:
@@ -85,6 +91,15 @@ class SelectionPolicy:
         return torch.ones_like(active, dtype=torch.bool)
 
 
+#: every selection policy a BlendConfig may name, by name: the one place they are listed
+REGISTRY: dict[str, type[SelectionPolicy]] = {}
+
+
+def register(cls: type[SelectionPolicy]) -> type[SelectionPolicy]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
 @dataclass
 class ComputeAll(SelectionPolicy):
     """Everything past the exact prefix is computed (``prefix`` mode; and ratio 1.0)."""
@@ -95,6 +110,7 @@ class ComputeAll(SelectionPolicy):
         return ctx.all_uncached_and_chunks()
 
 
+@register
 @dataclass
 class HKVD(SelectionPolicy):
     """CacheBlend's selection: all tokens up to the check layer, then the tokens whose KV
@@ -102,6 +118,10 @@ class HKVD(SelectionPolicy):
 
     name: str = "hkvd"
     layers: tuple[int, ...] = (1,)
+
+    @classmethod
+    def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
+        return cls(layers=cfg.check_layers)
 
     @property
     def check_layers(self) -> tuple[int, ...]:
@@ -114,6 +134,7 @@ class HKVD(SelectionPolicy):
         return _keep_top(ctx, active, deviation, ctx.forced_positions(), ctx.budget())
 
 
+@register
 @dataclass
 class GradualFilter(HKVD):
     """The paper's gradual filtering: a wider selection at the first check layer, narrowed at
@@ -122,6 +143,12 @@ class GradualFilter(HKVD):
     name: str = "gradual"
     layers: tuple[int, ...] = (1, 2, 3, 4)
     start_factor: float = 2.0
+
+    @classmethod
+    def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
+        layers = cfg.check_layers
+        c = layers[0]
+        return cls(layers=layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers))))
 
     @property
     def check_layers(self) -> tuple[int, ...]:
@@ -135,6 +162,7 @@ class GradualFilter(HKVD):
         return _keep_top(ctx, active, deviation, ctx.forced_positions(), ctx.budget(ratio))
 
 
+@register
 @dataclass
 class ChunkHead(SelectionPolicy):
     """EPIC-style: recompute the first ``ceil(ratio * n)`` tokens of every chunk at every layer,
@@ -148,6 +176,7 @@ class ChunkHead(SelectionPolicy):
         return torch.unique(pos)
 
 
+@register
 @dataclass
 class HKVDWithHeads(HKVD):
     """HKVD that always spends part of the budget on every chunk's first tokens."""
@@ -155,41 +184,49 @@ class HKVDWithHeads(HKVD):
     name: str = "hkvd+head"
     head_tokens: int = 4
 
+    @classmethod
+    def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
+        return cls(layers=cfg.check_layers, head_tokens=cfg.head_tokens)
+
     def select(self, layer, ctx, active, deviation):
         heads = ctx.heads(self.head_tokens)
         must = torch.cat([ctx.forced_positions(), heads])
         return _keep_top(ctx, active, deviation, must, max(0, ctx.budget() - len(heads)))
 
 
+@register
 @dataclass
 class QueryAwareHKVD(HKVD):
     """HKVD whose deviation is weighted by the attention the question suffix pays each token
     at the check layer: a deviating token the question never reads costs nothing."""
 
     name: str = "qhkvd"
-    uses_attention = True
+    reads_question = True
 
 
-POLICIES = ("hkvd", "qhkvd", "gradual", "chunk_head", "hkvd+head")
+#: names a BlendConfig may give as ``policy``, in registration order
+POLICIES: tuple[str, ...] = tuple(REGISTRY)
+
+
+def policy_class(name: str) -> type[SelectionPolicy]:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown selection policy {name!r}; choose from "
+                         f"{', '.join(REGISTRY)}") from None
+
+
+def reads_question(cfg: BlendConfig) -> bool:
+    """Whether the fused KV that ``cfg`` gives depends on the question, not only the chunks."""
+    return cfg.ratio != "auto" and cfg.ratio < 1.0 and policy_class(cfg.policy).reads_question
 
 
 def make_policy(cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
     """The policy a BlendConfig names, fitted to a model of ``n_layers`` layers."""
+    cls = policy_class(cfg.policy)
     if cfg.ratio >= 1.0:
         return ComputeAll()
-    layers = cfg.check_layers
-    if layers[-1] >= n_layers:
-        raise ValueError(f"check layer {layers[-1]} does not exist (model has {n_layers} layers)")
-    if cfg.policy == "hkvd":
-        return HKVD(layers=layers)
-    if cfg.policy == "qhkvd":
-        return QueryAwareHKVD(layers=layers)
-    if cfg.policy == "gradual":
-        c = layers[0]
-        fitted = layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers)))
-        return GradualFilter(layers=fitted)
-    if cfg.policy == "chunk_head":
-        return ChunkHead()
-    if cfg.policy == "hkvd+head":
-        return HKVDWithHeads(layers=layers, head_tokens=cfg.head_tokens)
-    raise ValueError(f"unknown selection policy {cfg.policy!r}; choose from {', '.join(POLICIES)}")
+    if cfg.check_layers[-1] >= n_layers:
+        raise ValueError(f"check layer {cfg.check_layers[-1]} does not exist (model has "
+                         f"{n_layers} layers)")
+    return cls.from_config(cfg, n_layers)

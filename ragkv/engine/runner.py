@@ -3,7 +3,7 @@
 The blend needs to run one decoder layer on an arbitrary subset of tokens against a fused KV
 buffer; transformers' forward only runs whole sequences. This runner calls the model's own
 modules (projections, norms, MLP, rotary embedding) so numerics match the model, and owns only
-the attention call, where the exact causal mask by position is applied (DESIGN §3.4).
+the attention call, where the exact causal mask by position is applied (docs/design.md §3.4).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ class MissingUIDependency(RuntimeError):
 
 
 def build_command(home: Path, model: Path | None, port: int = 8501, headless: bool = True,
-                  address: str = "localhost") -> list[str]:
+                  address: str = "localhost", engine: str = "hf") -> list[str]:
     """The ``python -m streamlit run`` command line; app options go after ``--``."""
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_PATH),
            "--server.port", str(port),
@@ -28,18 +28,20 @@ def build_command(home: Path, model: Path | None, port: int = 8501, headless: bo
            "--", "--home", str(Path(home).expanduser())]
     if model is not None:
         cmd += ["--model", str(Path(model).expanduser())]
+    if engine != "hf":
+        cmd += ["--engine", engine]
     return cmd
 
 
 def launch(home: Path, model: Path | None, port: int = 8501, headless: bool = True,
-           address: str = "localhost") -> int:
+           address: str = "localhost", engine: str = "hf") -> int:
     """Run the UI server until it exits or Ctrl-C; returns its exit status.
 
     Raises :class:`MissingUIDependency` (a RuntimeError) when Streamlit is not installed.
     """
     if importlib.util.find_spec("streamlit") is None:
         raise MissingUIDependency(MISSING_STREAMLIT)
-    proc = subprocess.Popen(build_command(home, model, port, headless, address))
+    proc = subprocess.Popen(build_command(home, model, port, headless, address, engine))
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -40,6 +40,7 @@ class Settings:
     home: str
     model: str | None = None
     context: str = "prefix"
+    engine: str = "hf"
 
 
 def parse_args(argv: Sequence[str]) -> Settings:
@@ -51,10 +52,11 @@ def parse_args(argv: Sequence[str]) -> Settings:
     p.add_argument("--home", default=None)
     p.add_argument("--model", default=None)
     p.add_argument("--context", default="prefix")
+    p.add_argument("--engine", default="hf")
     ns, _ = p.parse_known_args(list(argv))
     home = Path(ns.home).expanduser() if ns.home else default_home()
     model = str(Path(ns.model).expanduser()) if ns.model else None
-    return Settings(str(home), model, ns.context)
+    return Settings(str(home), model, ns.context, ns.engine)
 
 
 def settings() -> Settings:
@@ -68,20 +70,22 @@ def settings() -> Settings:
 
 
 @st.cache_resource(show_spinner="Loading the model and the cache index...")
-def _load_rag(home: str, model: str | None, context: str) -> RagKV:
+def _load_rag(home: str, model: str | None, context: str, engine: str = "hf") -> RagKV:
     from ragkv.api import RagKV
 
     cfg = RagkvConfig(home=Path(home), model=Path(model) if model else None,
-                      precompute_context=context)  # type: ignore[arg-type]
+                      precompute_context=context, engine=engine)  # type: ignore[arg-type]
     rag = RagKV(cfg)
-    # One short forward pass now, so the first TTFT a user sees (or a full-prefill baseline
-    # measured first) does not carry torch's one-time start-up cost.
-    rag.engine.precompute(list(rag.template.prefix_ids)[:8])
+    # One short untimed answer now, so the first TTFT a user sees (or a full-prefill baseline
+    # measured first) does not carry the engine's one-time start-up cost.
+    prefix = list(rag.template.prefix_ids)[:8]
+    rag.generate([prefix], "Warm up?", mode="full", max_new_tokens=1, log_query=False)
     return rag
 
 
 @st.cache_resource
-def _engine_lock(home: str, model: str | None, context: str) -> threading.Lock:
+def _engine_lock(home: str, model: str | None, context: str,
+                 engine: str = "hf") -> threading.Lock:
     return threading.Lock()
 
 
@@ -89,7 +93,7 @@ def get_rag() -> RagKV:
     """The shared RagKV, or an error box and a stopped page if it cannot be built."""
     s = settings()
     try:
-        return _load_rag(s.home, s.model, s.context)
+        return _load_rag(s.home, s.model, s.context, s.engine)
     except (ValueError, OSError, RuntimeError) as exc:  # bad/missing model, unusable home
         where = f"`{s.model}`" if s.model else "the default model (fetched into the home folder)"
         st.error(f"Could not load {where}: {exc}\n\nStart the UI with `ragkv ui --model DIR` "
@@ -101,7 +105,7 @@ def get_rag() -> RagKV:
 
 def engine_lock() -> threading.Lock:
     s = settings()
-    return _engine_lock(s.home, s.model, s.context)
+    return _engine_lock(s.home, s.model, s.context, s.engine)
 
 
 @dataclass(frozen=True)

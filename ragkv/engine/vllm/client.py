@@ -1,72 +1,80 @@
 """Building connector requests: prompt ids, ``kv_transfer_params`` and the cache salt.
 
-Plain Python (the tokenizer and ragkv's prompt template only), so an application talking to
-``vllm serve`` over HTTP can use it without vLLM installed.
+No vLLM import: an application talking to a served vLLM over HTTP builds its requests here.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ragkv.config import BlendConfig, RagkvConfig
+from ragkv.config import BlendConfig
 from ragkv.engine.vllm.params import FusionParams, Span, fusion_salt
-from ragkv.keys import chunk_key, context_digest
+from ragkv.keys import KeySpace
 from ragkv.prompt import AssembledPrompt, PromptTemplate
 
 
 @dataclass
 class VLLMRequest:
     """What to send: ``prompt_token_ids``, ``kv_transfer_params`` and ``cache_salt``
-    (None for plain or precompute requests)."""
+    (None: vLLM's prefix cache may serve the prompt's exact leading blocks)."""
 
-    prompt: AssembledPrompt
+    ids: list[int]
     kv_transfer_params: dict[str, Any] | None
     cache_salt: str | None
 
-    @property
-    def ids(self) -> list[int]:
-        return self.prompt.ids
-
 
 class RequestBuilder:
-    """Keys and parameters for one model served by vLLM with ragkv's connector.
+    """Requests for one model served by vLLM with ragkv's connector; ``keys`` must be the
+    connector's key space (its fingerprint and storage), so both name KV alike."""
 
-    fingerprint: :func:`ragkv.engine.vllm.params.vllm_fingerprint` of the served model folder
-    and dtype (the connector computes the same); cfg: the connector's ragkv settings
-    (``precompute_context`` and ``kv_dtype`` enter the keys).
-    """
+    def __init__(self, template: PromptTemplate, keys: KeySpace) -> None:
+        self.template, self.keys = template, keys
 
-    def __init__(self, template: PromptTemplate, fingerprint: str, cfg: RagkvConfig) -> None:
-        self.template, self.fingerprint, self.cfg = template, fingerprint, cfg
+    def prompt(self, prompt: AssembledPrompt, keys: Sequence[str], mode: str,
+               blend: BlendConfig, context: str, record: bool = False) -> VLLMRequest:
+        """A request for an assembled prompt whose chunks have ``keys``.
 
-    def _context(self) -> str:
-        if self.cfg.precompute_context == "prefix":
-            return context_digest(self.template.prefix_ids)
-        return context_digest(None)
-
-    def key_for(self, ids: Sequence[int]) -> str:
-        return chunk_key(self.fingerprint, ids, context=self._context(),
-                         kv_dtype=self.cfg.kv_storage)
+        ``full``: nothing reused, not even vLLM's prefix cache (a unique salt), so every
+        position is prefilled; ``prefix``: vLLM's own prefix cache serves the exact leading
+        blocks (the template prefix, a first chunk seen before); ``reuse``/``blend``: the
+        connector fuses the chunks' stored KV.
+        """
+        if mode == "full":
+            return VLLMRequest(list(prompt.ids), None, "ragkv-cold:" + uuid.uuid4().hex)
+        if mode == "prefix":
+            return VLLMRequest(list(prompt.ids), None, None)
+        spans = tuple(Span(s, e, k) for (s, e), k in zip(prompt.chunk_spans, keys, strict=True))
+        p = FusionParams(mode, prompt.prefix_len, spans, prompt.suffix_start, context, blend,
+                         record=record)
+        return VLLMRequest(list(prompt.ids), p.to_json(), fusion_salt(p, prompt.ids))
 
     def fused(self, chunks: Sequence[Sequence[int]], question: str, mode: str = "blend",
-              blend: BlendConfig | None = None) -> VLLMRequest:
-        """A query over ``chunks`` in this order; ``mode="full"`` sends no parameters."""
+              blend: BlendConfig | None = None, context: str | None = None) -> VLLMRequest:
+        """A query over ``chunks`` in this order (keys derived here)."""
+        ctx = context or self.keys.context
         prompt = self.template.assemble(chunks, question)
-        if mode == "full":
-            return VLLMRequest(prompt, None, None)
-        spans = tuple(Span(s, e, self.key_for(prompt.ids[s:e])) for s, e in prompt.chunk_spans)
-        p = FusionParams(mode, prompt.prefix_len, spans, prompt.suffix_start,
-                         self.cfg.precompute_context, blend or self.cfg.blend)
-        return VLLMRequest(prompt, p.to_json(), fusion_salt(p, prompt.ids))
+        keys = [self.keys.chunk(prompt.ids[s:e], ctx) for s, e in prompt.chunk_spans]
+        return self.prompt(prompt, keys, mode, blend or BlendConfig(), ctx)
 
-    def precompute(self, chunk: Sequence[int]) -> VLLMRequest:
+    def precompute(self, chunk: Sequence[int], context: str | None = None) -> VLLMRequest:
         """A request whose prefill stores the chunk's KV (after the template prefix, or
         alone for ``cold``); send it with ``max_tokens=1``."""
-        prefix = list(self.template.prefix_ids) if self.cfg.precompute_context == "prefix" else []
+        ctx = context or self.keys.context
+        prefix = list(self.template.prefix_ids) if ctx == "prefix" else []
         ids = prefix + [int(t) for t in chunk]
-        prompt = AssembledPrompt(ids, len(prefix), [(len(prefix), len(ids))], len(ids))
-        p = FusionParams(context=self.cfg.precompute_context,
-                         save=(Span(len(prefix), len(ids), self.key_for(chunk)),))
-        return VLLMRequest(prompt, p.to_json(), None)
+        p = FusionParams(context=ctx, save=(Span(len(prefix), len(ids),
+                                                 self.keys.chunk(chunk, ctx)),))
+        return VLLMRequest(ids, p.to_json(), None)
+
+    @staticmethod
+    def describe(probe: Sequence[int]) -> VLLMRequest:
+        """Ask the connector who it is (model identity, storage, cache); ``probe``: any
+        one-token prompt."""
+        return VLLMRequest(list(probe), FusionParams(describe=True).to_json(), None)
+
+    @staticmethod
+    def contains(keys: Sequence[str], probe: Sequence[int]) -> VLLMRequest:
+        return VLLMRequest(list(probe), FusionParams(contains=tuple(keys)).to_json(), None)

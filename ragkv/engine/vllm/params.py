@@ -12,7 +12,12 @@ A client sends them as ``kv_transfer_params = {"ragkv": {...}}`` (offline: in
                          "deviation_on": "k"}}}
 
 A precompute request instead names ``"save": [[start, end, "<key>"]]``: vLLM prefills the
-prompt as usual and the connector stores those positions' KV under the key.
+prompt as usual and the connector stores those positions' KV under the key. Two questions a
+client may ask (a one-token request; the answer comes back in the output's
+``kv_transfer_params``): ``{"describe": true}`` (the connector's model identity, storage and
+cache, so a client derives the same keys) and ``{"contains": ["<key>", ...]}`` (which keys
+the cache holds). ``"record": true`` on a fused request adds the positions computed at each
+layer to its trace.
 
 Fused (``reuse``/``blend``) KV is not what full prefill gives, so a fused request must carry
 ``cache_salt = fusion_salt(...)``: vLLM's prefix cache then keeps its blocks apart from exact
@@ -27,11 +32,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ragkv.config import BlendConfig
+from ragkv.engine.policies import policy_class, reads_question
 
 PARAMS_KEY = "ragkv"
 FUSED_MODES = ("reuse", "blend")
-#: policies whose selection reads the question, so the fused context depends on it too
-QUERY_AWARE = ("qhkvd",)
+
+
+#: keys one ``contains`` question may name (a bound on what any HTTP client can ask for)
+MAX_CONTAINS = 4096
 
 
 class ParamsError(ValueError):
@@ -54,6 +62,9 @@ class FusionParams:
     context: str = "prefix"
     blend: BlendConfig = field(default_factory=BlendConfig)
     save: tuple[Span, ...] = ()
+    record: bool = False
+    describe: bool = False
+    contains: tuple[str, ...] = ()
 
     @property
     def fused(self) -> bool:
@@ -62,6 +73,12 @@ class FusionParams:
     def to_json(self) -> dict[str, Any]:
         """The ``kv_transfer_params`` value a client sends."""
         body: dict[str, Any] = {"context": self.context}
+        if self.describe:
+            body["describe"] = True
+        if self.contains:
+            body["contains"] = list(self.contains)
+        if self.record:
+            body["record"] = True
         if self.chunks:
             b = asdict(self.blend)
             b["check_layers"] = list(b["check_layers"])
@@ -101,6 +118,14 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     context = body.get("context", "prefix")
     if context not in ("prefix", "cold"):
         raise ParamsError(f"context must be 'prefix' or 'cold', got {context!r}")
+    if body.get("describe") is True:
+        return FusionParams(context=context, describe=True)
+    if "contains" in body:
+        keys = body["contains"]
+        if (not isinstance(keys, list) or len(keys) > MAX_CONTAINS
+                or not all(isinstance(k, str) and len(k) == 64 for k in keys)):
+            raise ParamsError(f"'contains' must be a list of at most {MAX_CONTAINS} keys")
+        return FusionParams(context=context, contains=tuple(keys))
     save = _spans(body.get("save", []), "save", n_prompt)
     if "chunks" not in body:
         if not save:
@@ -127,7 +152,14 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
         raise ParamsError(f"bad blend settings: {exc}") from None
     if blend.ratio == "auto":
         raise ParamsError("ratio 'auto' is not supported inside vLLM; give a number")
-    return FusionParams(mode, prefix_end, chunks, suffix_start, context, blend, save)
+    try:
+        policy_class(blend.policy)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
+    record = body.get("record", False)
+    if not isinstance(record, bool):
+        raise ParamsError("'record' must be true or false")
+    return FusionParams(mode, prefix_end, chunks, suffix_start, context, blend, save, record)
 
 
 def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
@@ -142,7 +174,7 @@ def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
     if params.mode == "blend":
         payload["blend"] = [b.ratio, b.policy, list(b.check_layers), b.deviation_on,
                             b.head_tokens]
-        if b.policy in QUERY_AWARE:
+        if reads_question(b):
             payload["question"] = [int(t) for t in prompt_ids[params.suffix_start:]]
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return "ragkv-fusion:" + hashlib.sha256(blob).hexdigest()

@@ -1,155 +1,136 @@
-"""Worker side of the connector: chunk KV in, fused, written into vLLM's paged KV cache.
+"""Worker side of ragkv's connector: fuse before the step's forward, save what vLLM prefilled.
 
-Everything here runs in vLLM's worker process, inside ``start_load_kv`` (before the step's
-forward) or ``save_kv_layer`` (after each layer's attention).
+Runs in vLLM's worker process. ``start_load_kv`` fuses every request the scheduler side
+claimed positions for and writes the result into vLLM's paged cache; ``save_kv_layer`` reads
+a precompute request's spans from each layer's cache and ``wait_for_save`` stores them.
+
+NOTE: a failure while fusing (for instance a key that does not name the tokens at its span)
+reports the claimed blocks as failed loads, which vLLM recomputes: never the engine's failure.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
-from ragkv.cache_index import KVStore
 from ragkv.config import RagkvConfig
-from ragkv.engine.blend import FusedPrefill, compute_span, fuse
-from ragkv.engine.kv import ChunkKV
-from ragkv.engine.loading import Workspace
-from ragkv.engine.policies import SelectionContext, SelectionPolicy, make_policy
-from ragkv.engine.vllm.paged import PagedAttention
-from ragkv.engine.vllm.params import FusionParams, Span
-from ragkv.engine.vllm.runner import VLLMRunner
-from ragkv.keys import KV_LAYOUT, chunk_key, context_digest
+from ragkv.engine.vllm.fusion import WorkerFusion
+from ragkv.engine.vllm.meta import LoadReq, RagkvMeta, RagkvWorkerMeta
+from ragkv.engine.vllm.paged import PagedAttention, check_layout, read_paged, slots, write_paged
 
 log = logging.getLogger("ragkv.vllm")
 
 
-class WorkerFusion:
-    """Loads (or computes and stores back) chunk KV and runs the blend with vLLM's weights."""
-
-    def __init__(self, cfg: RagkvConfig, fingerprint: str) -> None:
-        self.cfg, self.fingerprint = cfg, fingerprint
-        self.store = KVStore.from_config(cfg)
-        self._runner: VLLMRunner | None = None
-        # the fused KV is in vLLM's paged cache before the next request is fused
-        self.workspace = Workspace()
+class ConnectorWorker:
+    def __init__(self, cfg: RagkvConfig, fingerprint: str, block_size: int) -> None:
+        self.cfg, self.fingerprint, self.block_size = cfg, fingerprint, block_size
+        self._fusion: WorkerFusion | None = None
+        self._layers: list[str] = []
+        self._traces: dict[str, dict] = {}
+        self._failed: set[int] = set()
+        self._layout_ok: bool | None = None
+        self._paged_ok: bool | None = None  # vLLM's attention kernel proven usable
+        self._captured: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
-    def runner(self) -> VLLMRunner:
-        if self._runner is None:
-            from ragkv.engine.vllm.models import latest_model
+    def fusion(self) -> WorkerFusion:
+        if self._fusion is None:
+            self._fusion = WorkerFusion(self.cfg, self.fingerprint)
+        return self._fusion
 
-            model = latest_model()
-            if model is None:
-                raise RuntimeError("no model recorded by ragkv's vLLM plugin in this process; "
-                                   "is ragkv installed in vLLM's environment (entry points)?")
-            self._runner = VLLMRunner(model)
-        return self._runner
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        def layer_no(name: str) -> int:
+            return int(name.split("layers.")[1].split(".")[0])
 
-    # ---- chunk KV ---------------------------------------------------------------------
-    def _shape(self, n: int) -> dict[str, int]:
-        r = self.runner
-        return dict(layers=r.n_layers, kv_heads=r.kv_heads, head_dim=r.head_dim, n_tokens=n)
+        self._layers = sorted(kv_caches, key=layer_no)
 
-    def load(self, key: str, n: int) -> ChunkKV | None:
-        # read only: placed into the fused buffers, or read as the past of a missing chunk
-        found = self.store.fetch(key, model_fp=self.fingerprint, layout=KV_LAYOUT, shared=True)
-        if found is None:
+    # ---- fusing before the forward ----------------------------------------------------
+    def start_load_kv(self, meta: RagkvMeta, forward_context) -> None:
+        for req in meta.loads:
+            trace: dict[str, Any] = {"hits": 0, "misses": 0, "mode": req.params.mode}
+            self._traces[req.req_id] = trace
+            try:
+                paged = self._paged(forward_context, req)
+                fused = self.fusion.fuse(req.ids, req.params, trace, paged)
+                self._write(forward_context, req, fused, paged)
+            except Exception as exc:  # noqa: BLE001 - never the engine's failure
+                log.exception("request %s: ragkv fusion failed; vLLM recomputes", req.req_id)
+                trace["error"] = f"fusion failed: {exc}"
+                trace["fallback"] = "recompute"
+                bs = self.block_size
+                self._failed.update(req.block_ids[req.lo // bs:(req.hi + bs - 1) // bs])
+
+    def _paged(self, forward_context, req: LoadReq) -> PagedAttention | None:
+        """The blend's attention on vLLM's kernel over this request's blocks, if the backend
+        is one ragkv knows and a scratch probe matched the reference (checked once)."""
+        layers = [forward_context.no_compile_layers[name] for name in self._layers]
+        if self._paged_ok is None:
+            first = layers[0]
+            self._paged_ok = (PagedAttention.supported(first)
+                              and PagedAttention.probe(first, self.fusion.runner.scaling))
+            if not self._paged_ok:
+                log.warning("fused layers attend through ragkv's own kernels (vLLM's attention "
+                            "backend is not one ragkv can call)")
+        if not self._paged_ok:
             return None
-        try:
-            return ChunkKV.from_tensors(found.tensors, **self._shape(n))
-        except (KeyError, ValueError) as exc:  # foreign or damaged: a miss
-            log.warning("cache entry %s unusable (%s); recomputing", key[:12], exc)
-            self.store.delete(key)
+        return PagedAttention(layers, req.block_ids, self.block_size, req.lo, len(req.ids))
+
+    def _write(self, forward_context, req: LoadReq, fused,
+               paged: PagedAttention | None) -> None:
+        t = time.perf_counter()
+        slot = slots(req.block_ids, self.block_size, req.lo, req.hi)
+        layers = forward_context.no_compile_layers
+        write_paged([layers[name] for name in self._layers], fused.k, fused.v, slot, req.lo,
+                    req.hi, skip=paged.written if paged is not None else None)
+        self._traces.setdefault(req.req_id, {})["write_s"] = time.perf_counter() - t
+
+    # ---- saving what vLLM prefilled ---------------------------------------------------
+    def save_kv_layer(self, meta: RagkvMeta, layer_name: str, kv_layer: torch.Tensor) -> None:
+        if not meta.saves:
+            return
+        if self._layout_ok is None:
+            from vllm.forward_context import get_forward_context
+
+            layer = get_forward_context().no_compile_layers[layer_name]
+            self._layout_ok = check_layout(layer, kv_layer)
+            if not self._layout_ok:
+                log.warning("this attention backend's KV cache layout is unknown to ragkv: "
+                            "precompute through vLLM is off (misses are still computed)")
+        if not self._layout_ok:
+            return
+        idx = self._layers.index(layer_name)
+        for req in meta.saves:
+            for j, span in enumerate(req.spans):
+                if span.end <= req.computed_until:
+                    slot = slots(req.block_ids, self.block_size, span.start, span.end)
+                    k, v = read_paged(kv_layer, slot.to(kv_layer.device))
+                    self._captured.setdefault(f"{req.req_id}/{j}", {})[idx] = (
+                        k.to("cpu", copy=True), v.to("cpu", copy=True))
+
+    def wait_for_save(self, meta: RagkvMeta) -> None:
+        for req in meta.saves:
+            trace = self._traces.setdefault(req.req_id, {})
+            for j, span in enumerate(req.spans):
+                got = self._captured.pop(f"{req.req_id}/{j}", None)
+                if got is None or len(got) != len(self._layers):
+                    continue
+                try:
+                    self.fusion.store_captured(req.ids, span, got)
+                    trace["saved"] = trace.get("saved", 0) + 1
+                except Exception as exc:  # noqa: BLE001 - a failed save is a later miss
+                    log.warning("request %s: span not saved (%s)", req.req_id, exc)
+                    trace["save_error"] = str(exc)
+
+    # ---- reporting --------------------------------------------------------------------
+    def failed_blocks(self) -> set[int]:
+        failed, self._failed = self._failed, set()
+        return failed
+
+    def worker_meta(self) -> RagkvWorkerMeta | None:
+        if not self._traces:
             return None
-
-    def save(self, key: str, kv: ChunkKV) -> None:
-        codec = self.cfg.int8_codec
-        dtype = "float32" if codec is not None else self.cfg.kv_dtype
-        self.store.put(key, kv.to_tensors(dtype), model_fp=self.fingerprint, layout=KV_LAYOUT,
-                       n_tokens=kv.n_tokens, codec=codec)
-
-    def key(self, ids: list[int], context: str | None) -> str:
-        return chunk_key(self.fingerprint, ids, context=context or context_digest(None),
-                         kv_dtype=self.cfg.kv_storage)
-
-    def get_or_compute(self, ids: list[int], key: str, past: ChunkKV | None,
-                       trace: dict) -> ChunkKV:
-        r = self.runner
-        kv = self.load(key, len(ids))
-        if kv is None:
-            kv = compute_span(r, torch.tensor(ids, device=r.device), past)
-            self.save(key, kv)
-            trace["misses"] += 1
-        else:
-            trace["hits"] += 1
-        return kv.to(r.device, r.dtype)
-
-    # ---- the fused prefill ------------------------------------------------------------
-    def fuse(self, ids: list[int], p: FusionParams, trace: dict,
-             paged: PagedAttention | None = None) -> FusedPrefill:
-        """Fused K/V of the whole prompt ``ids`` (keys rotated to their positions); with
-        ``paged``, attention runs on vLLM's kernel and writes each layer's KV as it goes."""
-        r = self.runner
-        t0 = time.perf_counter()
-        prefix = ids[:p.prefix_end]
-        prefix_kv = self.get_or_compute(prefix, self.key(prefix, None), None, trace)
-        ctx_name = context_digest(prefix) if p.context == "prefix" else None
-        past = prefix_kv if p.context == "prefix" else None
-        cached: list[tuple[int, ChunkKV]] = [(0, prefix_kv)]
-        exact_until = p.prefix_end
-        for span in p.chunks:
-            chunk = ids[span.start:span.end]
-            if self.key(chunk, ctx_name) != span.key:
-                raise ValueError(f"chunk key {span.key[:12]} does not name the tokens at "
-                                 f"[{span.start}, {span.end}) for this model and settings")
-            cached.append((span.start, self.get_or_compute(chunk, span.key, past, trace)))
-            if p.context == "prefix" and span.start == p.prefix_end:
-                exact_until = span.end  # computed after the same prefix at the same positions
-        trace["load_s"] = time.perf_counter() - t0
-        T = len(ids)
-        forced = torch.ones(T, dtype=torch.bool)
-        for start, kv in cached:
-            forced[start:start + kv.n_tokens] = False
-        forced[:exact_until] = False
-        spans = [(s.start, s.end) for s in p.chunks if s.start >= exact_until]
-        ratio = float(p.blend.ratio) if p.mode == "blend" else 0.0
-        ctx = SelectionContext(T, exact_until, spans, forced, ratio, p.suffix_start)
-        policy = (make_policy(p.blend, r.n_layers) if p.mode == "blend"
-                  else SelectionPolicy())
-        t1 = time.perf_counter()
-        with torch.inference_mode(), r.on_paged_cache(paged):
-            out = fuse(r, torch.tensor(ids, device=r.device), cached, ctx, policy,
-                       deviation_on=p.blend.deviation_on, workspace=self.workspace)
-        trace["fuse_s"] = time.perf_counter() - t1
-        trace["attention"] = "vllm" if paged is not None else "ragkv"
-        in_chunk = torch.zeros(T, dtype=torch.bool)
-        for s in p.chunks:
-            in_chunk[s.start:s.end] = True
-        trace["recomputed"] = int(in_chunk[out.final_positions.cpu()].sum())
-        trace["context_tokens"] = T
-        return out
-
-    def unrotate(self, k: torch.Tensor, lo: int) -> torch.Tensor:
-        """Keys ``[layers, kv_heads, n, head_dim]`` read at positions ``lo..`` back to pre-RoPE."""
-        r = self.runner
-        cos, sin = r.cos_sin(torch.arange(lo, lo + k.shape[2], device=r.device))
-        return r.rotate(k.to(r.dtype), cos, -sin)
-
-    def store_span(self, span: Span, k_post: torch.Tensor, v: torch.Tensor) -> None:
-        """Store a span's KV read from vLLM's cache (post-RoPE keys)."""
-        self.save(span.key, ChunkKV(self.unrotate(k_post, span.start), v.to(self.runner.dtype)))
-
-    def store_captured(self, ids: list[int], span: Span,
-                       got: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Store a precompute span from per-layer K/V read from vLLM's cache, once its key is
-        proven to name those tokens after the ones before them."""
-        before = ids[:span.start]
-        ctx = context_digest(before) if before else None
-        if self.key(ids[span.start:span.end], ctx) != span.key:
-            raise ValueError(f"key {span.key[:12]} does not name [{span.start}, {span.end}) "
-                             "after the tokens before it")
-        k = torch.stack([got[i][0] for i in range(len(got))])
-        v = torch.stack([got[i][1] for i in range(len(got))])
-        self.store_span(span, k, v)
+        traces, self._traces = self._traces, {}
+        return RagkvWorkerMeta(traces)

@@ -50,7 +50,9 @@ def cache_size(rag) -> None:
         st.subheader("Cache size by tier")
         tiers = frames.size_by_tier(rag.index)
         st.bar_chart(tiers, x="tier", y="MiB")
-        st.caption(f"Blob bytes on disk: {rag.store.blobs.total_bytes() / 2**20:.1f} MiB")
+        s = rag.index.stats()
+        st.caption(f"{s['kv_entries']} KV entries, {s['kv_bytes'] / 2**20:.1f} MiB as the "
+                   "cache index records them (shared by every engine on this cache)")
     with right:
         st.subheader("Cache size by document")
         docs = frames.size_by_document(rag.index)

@@ -53,22 +53,21 @@ def run_modes(rag, question: str, k: int, ratio: float, policy: str,
         full_ttft = None
         for mode in MODES_SHOWN:
             stream = rag.stream(chunks, question, mode=mode, blend=blend,
-                                max_new_tokens=max_new_tokens, keep_kv=mode == "blend",
-                                record=mode == "blend", log_query=mode != "full")
+                                max_new_tokens=max_new_tokens, record=mode == "blend",
+                                log_query=mode != "full")
             if mode == "full":
                 full_ttft = stream.trace.ttft_s
             stream.trace.full_ttft_s = full_ttft  # measured on this same prompt just before
             answers[mode] = rag.generate_from(stream)
     blend_ans = answers["blend"]
-    tok = rag.engine.tokenizer
+    tok = rag.tokenizer
     return {
         "question": question, "ratio": ratio, "policy": policy,
         "ids": list(blend_ans.prompt.ids),
         "pieces": [tok.decode([t]) for t in blend_ans.prompt.ids],
         "spans": list(blend_ans.prompt.chunk_spans),
         "documents": [c.document or "-" for c in blend_ans.trace.chunks],
-        "layer_sets": [ls.tolist() for ls in blend_ans.fused.layer_sets] if blend_ans.fused
-        else [],
+        "layer_sets": blend_ans.trace.layer_sets or [],
         "answers": {m: {"text": a.text, "ttft_s": a.trace.ttft_s, "hits": a.trace.hits,
                         "n_chunks": len(a.trace.chunks),
                         "recomputed": a.trace.recomputed_tokens}

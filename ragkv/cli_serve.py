@@ -1,0 +1,56 @@
+"""``ragkv serve``: a vLLM OpenAI-compatible server with ragkv's connector over a cache given by
+URL, so that app processes (``--engine http://HOST:PORT/v1``) fuse and answer through it."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ragkv.cli_shared import Home, Model, console, fail
+from ragkv.config import RagkvConfig, default_home
+
+
+def serve(home: Home = default_home(), model: Model = None,
+          index_url: Annotated[str | None, typer.Option(
+              help="SQLAlchemy URL of the cache index shared with the app (default: SQLite "
+                   "in --home)")] = None,
+          blob_url: Annotated[str | None, typer.Option(
+              help="fsspec URL of the shared KV blobs (default: --home/blobs)")] = None,
+          host: str = "127.0.0.1", port: int = 8000,
+          kv_dtype: Annotated[str, typer.Option(help="stored KV dtype")] = "float32",
+          dtype: Annotated[str, typer.Option(help="the model's compute dtype")] = "float32",
+          max_model_len: Annotated[int | None, typer.Option(
+              help="positions per request (default: the model's own window)")] = None,
+          kv_cache_mb: Annotated[int, typer.Option(help="vLLM's paged KV cache")] = 1024,
+          print_only: Annotated[bool, typer.Option(
+              "--print", help="print the vLLM command instead of running it")] = False) -> None:
+    """Serve the model with vLLM and ragkv's KV connector (the served deployment)."""
+    from ragkv.engine.vllm.engine import MISSING, serve_command
+    from ragkv.model_fetch import resolve_model
+
+    try:
+        cfg = RagkvConfig(home=home, model=model, kv_dtype=kv_dtype,  # type: ignore[arg-type]
+                          index_url=index_url, blob_url=blob_url)
+        path = resolve_model(cfg.model, cfg.home)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        fail(str(exc))
+    cmd = serve_command(cfg, path, host=host, port=port, dtype=dtype,
+                        max_model_len=max_model_len, kv_cache_bytes=kv_cache_mb * 2**20)
+    line = shlex.join(cmd)
+    if print_only:
+        print(line)
+        return
+    if importlib.util.find_spec("vllm") is None:
+        fail(MISSING)
+    cache = f"--index-url {shlex.quote(index_url)}" if index_url else f"--home {home}"
+    console.print(f"[bold]serving[/bold] {path.name} on http://{host}:{port}/v1 over the cache "
+                  f"at {cfg.resolved_index_url}\napp side: ragkv ask QUESTION --engine "
+                  f"http://{host}:{port}/v1 {cache}")
+    console.print(f"[dim]{line}[/dim]")
+    Path(cfg.home).mkdir(parents=True, exist_ok=True)
+    raise typer.Exit(subprocess.call(cmd))

@@ -1,0 +1,81 @@
+"""Chunk KV get-or-compute: the one place an engine loads a chunk's KV, checks it, and on a
+miss computes it and stores it back (docs/design.md §3.6).
+
+Shared by the transformers engine (in the app process) and the vLLM connector's worker (in
+vLLM's process): both hand in how to compute a span, everything else is here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ragkv.cache_index import KVStore
+from ragkv.cache_index.codec import Int8Codec
+from ragkv.engine.kv import ChunkKV
+from ragkv.keys import KV_LAYOUT
+
+log = logging.getLogger("ragkv")
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The per-layer KV geometry of one model: entries of another shape are foreign."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+class ChunkStore:
+    """Chunk KV of one model in a :class:`KVStore`; a miss is never an error.
+
+    fingerprint: the model identity entries must carry (a foreign entry is a miss).
+    kv_dtype / codec: how entries are stored (``codec`` quantizes; then float32 goes in).
+    """
+
+    def __init__(self, store: KVStore, fingerprint: str, shape: KVShape, kv_dtype: str,
+                 codec: Int8Codec | None = None) -> None:
+        self.store, self.fingerprint, self.shape = store, fingerprint, shape
+        self.kv_dtype, self.codec = kv_dtype, codec
+
+    def load(self, key: str, n_tokens: int, *, shared: bool = False) -> tuple[ChunkKV, str] | None:
+        """The stored KV of ``key`` and the tier that served it, or None (a miss).
+
+        ``shared``: a memory-tier hit hands out the tier's own tensors (read-only use)."""
+        found = self.store.fetch(key, model_fp=self.fingerprint, layout=KV_LAYOUT,
+                                 shared=shared)
+        if found is None:
+            return None
+        s = self.shape
+        try:
+            kv = ChunkKV.from_tensors(found.tensors, layers=s.layers, kv_heads=s.kv_heads,
+                                      head_dim=s.head_dim, n_tokens=n_tokens)
+        except (KeyError, ValueError) as exc:  # a foreign or damaged entry is a miss
+            log.warning("cache entry %s unusable (%s); recomputing", key[:12], exc)
+            self.store.delete(key)
+            return None
+        return kv, found.tier
+
+    def save(self, key: str, kv: ChunkKV) -> None:
+        """Store ``kv`` under ``key``; a failed write is logged by the store, never raised."""
+        dtype = "float32" if self.codec is not None else self.kv_dtype
+        self.store.put(key, kv.to_tensors(dtype), model_fp=self.fingerprint, layout=KV_LAYOUT,
+                       n_tokens=kv.n_tokens, codec=self.codec)
+
+    def get_or_compute(self, key: str, n_tokens: int, compute: Callable[[], ChunkKV], *,
+                       indexed: bool = True,
+                       shared: bool = False) -> tuple[ChunkKV, str | None]:
+        """The chunk's KV and the tier that served it (None: computed now and stored back).
+
+        ``indexed=False`` (the index already said the key is absent) skips the read."""
+        loaded = self.load(key, n_tokens, shared=shared) if indexed else None
+        if loaded is not None:
+            return loaded
+        kv = compute()
+        self.save(key, kv)
+        return kv, None
+
+    def stored(self, keys: list[str]) -> dict[str, bool]:
+        return self.store.contains(keys)

@@ -1,0 +1,168 @@
+"""The transformers engine behind the contract: model, chunk store and fusion in this process.
+
+Chunk KV is loaded from (or computed into) ragkv's store here; a fused prefill runs through
+:class:`~ragkv.engine.hf.HFEngine`; decoding continues from the fused KV. TTFT runs from the
+request to the first token and includes index lookup, blob loading, computing chunks that
+missed, and fusion (docs/design.md §3.7).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ragkv.cache_index import KVStore
+from ragkv.config import RagkvConfig
+from ragkv.engine.base import GenerationRequest, NextToken
+from ragkv.engine.blend import FusedPrefill
+from ragkv.engine.chunk_store import ChunkStore, KVShape
+from ragkv.engine.hf import HFEngine
+from ragkv.engine.kv import ChunkKV
+from ragkv.engine.plan import chunks_to_load, exact_end
+from ragkv.keys import KeySpace
+from ragkv.prompt import PromptTemplate
+from ragkv.trace import ChunkTrace, QueryTrace
+
+
+@dataclass
+class HFGeneration:
+    """A prefill done in this process; decoding continues from its fused KV."""
+
+    engine: HFEngine
+    trace: QueryTrace
+    fused: FusedPrefill | None
+    first_token: int
+    first: NextToken
+    max_new_tokens: int
+    _tokens: list[int] = field(default_factory=list)
+
+    def rest(self) -> Iterator[int]:
+        fused = self.fused
+        if fused is None:
+            raise RuntimeError("this generation was closed")
+        it = self.engine.decode_iter(fused, self.first_token, self.max_new_tokens)
+        next(it)  # the first token, already known
+        yield from it
+
+    def score(self, target: Sequence[int]) -> list[NextToken]:
+        if self.fused is None:
+            raise RuntimeError("this generation was closed; ask with keep=True to score it")
+        rows = self.engine.score(self.fused, list(target))
+        return [NextToken.from_logits(r) for r in rows]
+
+    def close(self) -> None:
+        self.fused = None
+
+
+class HFBackend:
+    """Transformers in process: meets :class:`ragkv.engine.base.Backend`."""
+
+    def __init__(self, engine: HFEngine, cfg: RagkvConfig, store: KVStore) -> None:
+        self.engine, self.store = engine, store
+        self.tokenizer = engine.tokenizer
+        self.template = PromptTemplate.from_tokenizer(engine.tokenizer, cfg.system_prompt)
+        self.keys = KeySpace(engine.fingerprint, cfg.kv_storage, self.template.prefix_ids,
+                             cfg.precompute_context)
+        r = engine.runner
+        self.chunks = ChunkStore(store, engine.fingerprint,
+                                 KVShape(r.n_layers, r.kv_heads, r.head_dim), cfg.kv_dtype,
+                                 cfg.int8_codec)
+        mc = engine.model.config
+        self.max_model_len = int(getattr(mc, "max_position_embeddings", 0) or 2**31 - 1)
+        self.eos_token_ids = engine.eos_token_ids
+        name = Path(getattr(mc, "_name_or_path", "") or "model").name or "model"
+        self.description = f"transformers in process ({name}, {r.device}, {r.dtype})"
+        self._prefix_kv: ChunkKV | None = None
+
+    @classmethod
+    def load(cls, cfg: RagkvConfig, store: KVStore) -> HFBackend:
+        from ragkv.model_fetch import resolve_model
+
+        path = resolve_model(cfg.model, cfg.home)
+        return cls(HFEngine.load(path, cfg.device, cfg.dtype, cfg.kernels), cfg, store)
+
+    # ---- chunk KV ------------------------------------------------------------------------
+    def stored(self, keys: Sequence[str]) -> dict[str, bool]:
+        return self.chunks.stored(list(keys))
+
+    def prefix_kv(self) -> ChunkKV:
+        """KV of the template prefix: a true prefix, so its cached KV is exact."""
+        if self._prefix_kv is None:
+            ids = list(self.template.prefix_ids)
+            kv, _ = self.chunks.get_or_compute(self.keys.exact(ids), len(ids),
+                                               lambda: self.engine.precompute(ids))
+            r = self.engine.runner
+            self._prefix_kv = kv.to(r.device, r.dtype)
+        return self._prefix_kv
+
+    def chunk_kv(self, ids: Sequence[int], key: str, context: str,
+                 indexed: bool = True) -> tuple[ChunkKV, str | None]:
+        """The chunk's KV and the tier that served it (None: computed now, stored back)."""
+        past = self.prefix_kv() if context == "prefix" else None
+        return self.chunks.get_or_compute(
+            key, len(ids), lambda: self.engine.precompute(list(ids), past), indexed=indexed)
+
+    def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
+        keys = [self.keys.chunk(ids, context) for ids in chunks]
+        present = self.stored(keys)
+        done = []
+        for ids, key in zip(chunks, keys, strict=True):
+            if present.get(key):
+                done.append(False)
+                continue
+            self.chunk_kv(ids, key, context, indexed=False)
+            present[key] = True  # a chunk twice in one batch is computed once
+            done.append(True)
+        return done
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, req: GenerationRequest) -> HFGeneration:
+        prompt, mode = req.prompt, req.mode
+        blend = self.engine.resolve(req.blend)
+        fused_mode = mode == "blend"
+        trace = QueryTrace(mode, blend.ratio if fused_mode else None,
+                           blend.policy if fused_mode else None, len(prompt),
+                           engine=self.description)
+        docs = req.documents or (None,) * len(req.keys)
+        trace.chunks = [ChunkTrace(k, e - s, None, s, d)
+                        for k, (s, e), d in zip(req.keys, prompt.chunk_spans, docs, strict=True)]
+        cached: list[tuple[int, ChunkKV]] = []
+        exact = 0
+        wanted = chunks_to_load(mode, req.context, len(req.keys))
+        if mode != "full":
+            t = time.perf_counter()
+            present = self.stored(req.keys)
+            trace.lookup_s = time.perf_counter() - t
+            cached.append((0, self.prefix_kv()))
+            for i in wanted:
+                ct, (s, e) = trace.chunks[i], prompt.chunk_spans[i]
+                t = time.perf_counter()
+                kv, ct.tier = self.chunk_kv(prompt.ids[s:e], ct.key, req.context,
+                                            present.get(ct.key, False))
+                dt = time.perf_counter() - t
+                ct.hit = ct.tier is not None
+                if ct.hit:
+                    trace.load_s += dt
+                else:
+                    trace.precompute_s += dt
+                cached.append((s, kv))
+            exact = exact_end(prompt.prefix_len, prompt.chunk_spans, req.context, wanted)
+        t = time.perf_counter()
+        fused = self.engine.prefill(prompt, cached, mode, blend, exact, record=req.record)
+        first = int(fused.logits.argmax())
+        trace.fuse_s = time.perf_counter() - t
+        trace.ttft_s = time.perf_counter() - req.started
+        trace.recomputed_per_layer = fused.recomputed_per_layer
+        final = set(fused.final_positions.tolist())
+        for ct, (s, e) in zip(trace.chunks, prompt.chunk_spans, strict=True):
+            ct.recomputed = sum(1 for p in range(s, e) if p in final)
+        if req.record:
+            trace.layer_sets = [ls.tolist() for ls in fused.layer_sets]
+        return HFGeneration(self.engine, trace, fused, first,
+                            NextToken.from_logits(fused.logits, req.top_logprobs),
+                            req.max_new_tokens)
+
+    def close(self) -> None:
+        self._prefix_kv = None

@@ -1,0 +1,217 @@
+"""vLLM behind the engine contract: in this process, or a server reached by URL.
+
+Chunk KV never crosses into this process: the connector inside vLLM loads, fuses and stores
+it. This side builds the requests (token ids, chunk spans and keys, the cache salt), times
+them, and turns the connector's note into the same :class:`~ragkv.trace.QueryTrace` the
+transformers engine fills. The two deployments differ only in the transport
+(:mod:`ragkv.engine.vllm.transport`).
+
+TTFT is the wall time from the request to a one-token answer, measured here (the client, for
+a server); vLLM's own figure (scheduling to first token) goes beside it as
+``engine_ttft_s``. The rest of the answer is a second request on the same prompt and salt,
+whose context vLLM's prefix cache then holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ragkv.config import RagkvConfig, masked_url
+from ragkv.engine.base import EngineError, GenerationRequest, NextToken
+from ragkv.engine.vllm.client import RequestBuilder, VLLMRequest
+from ragkv.engine.vllm.transport import HTTP, Completion, InProcess
+from ragkv.keys import KeySpace
+from ragkv.prompt import PromptTemplate
+from ragkv.trace import ChunkTrace, QueryTrace
+
+log = logging.getLogger("ragkv.vllm")
+
+#: chunks sent to vLLM at once when precomputing (it prefills them in one batch)
+PRECOMPUTE_BATCH = 16
+
+
+@dataclass
+class VLLMGeneration:
+    """The first token is known; the rest comes from the transport on demand."""
+
+    backend: VLLMBackend
+    req: VLLMRequest
+    trace: QueryTrace
+    first_token: int
+    first: NextToken
+    max_new_tokens: int
+    prompt_ids: list[int]
+
+    def rest(self) -> Iterator[int]:
+        if self.max_new_tokens <= 1:
+            return
+        tokens = self.backend.transport.stream(self.req, self.max_new_tokens)
+        # The answer request prefills the same prompt on the same salt: its first token is
+        # the one already known (same KV, same greedy step), so it is not yielded twice.
+        for i, tok in enumerate(tokens):
+            if i:
+                yield tok
+
+    def score(self, target: Sequence[int]) -> list[NextToken]:
+        if self.trace.mode not in ("full", "prefix"):
+            raise EngineError("teacher-forced scores of a fused prefill are not available "
+                              "from vLLM (its prompt log-probabilities bypass the connector)")
+        rows = self.backend.transport.prompt_logprobs(self.prompt_ids + list(target[:-1]), 20)
+        n = len(self.prompt_ids)
+        return [NextToken(r or {}) for r in rows[n - 1:n - 1 + len(target)]]
+
+    def close(self) -> None:
+        pass
+
+
+class VLLMBackend:
+    """vLLM with ragkv's connector: meets :class:`ragkv.engine.base.Backend`."""
+
+    def __init__(self, transport: InProcess | HTTP, tokenizer: Any, keys: KeySpace,
+                 template: PromptTemplate, max_model_len: int, description: str) -> None:
+        self.transport, self.tokenizer, self.keys = transport, tokenizer, keys
+        self.template, self.max_model_len, self.description = template, max_model_len, description
+        self.builder = RequestBuilder(template, keys)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_ids = set() if eos is None else {int(eos)}
+        self._probe = list(template.prefix_ids[:1]) or [0]
+
+    # ---- opening -------------------------------------------------------------------------
+    @classmethod
+    def in_process(cls, cfg: RagkvConfig, **llm_kwargs: Any) -> VLLMBackend:
+        """A vLLM ``LLM`` with the connector in this process (``engine="vllm"``)."""
+        from transformers import AutoTokenizer
+
+        from ragkv.engine.vllm.engine import load_llm
+        from ragkv.engine.vllm.params import vllm_fingerprint
+        from ragkv.model_fetch import resolve_model
+
+        path = resolve_model(cfg.model, cfg.home)
+        dtype = llm_kwargs.pop("dtype", "float32")
+        llm = load_llm(cfg, path, dtype=dtype, **llm_kwargs)
+        tok = AutoTokenizer.from_pretrained(path)
+        template = PromptTemplate.from_tokenizer(tok, cfg.system_prompt)
+        keys = KeySpace(vllm_fingerprint(str(path), dtype), cfg.kv_storage,
+                        template.prefix_ids, cfg.precompute_context)
+        max_len = int(llm.llm_engine.model_config.max_model_len)
+        return cls(InProcess(llm, str(path)), tok, keys, template, max_len,
+                   f"vLLM in process ({path.name}, {dtype})")
+
+    @classmethod
+    def served(cls, cfg: RagkvConfig, url: str) -> VLLMBackend:
+        """A vLLM server started with the connector (``engine="http://host:port/v1"``); its
+        connector says which key space and cache it uses."""
+        from transformers import AutoTokenizer
+
+        from ragkv.model_fetch import resolve_model
+
+        http = HTTP(url)
+        served = Path(http.model)
+        path = served if (served / "config.json").is_file() else resolve_model(cfg.model,
+                                                                              cfg.home)
+        tok = AutoTokenizer.from_pretrained(path)
+        template = PromptTemplate.from_tokenizer(tok, cfg.system_prompt)
+        probe = list(template.prefix_ids[:1]) or [0]
+        note = http.complete([RequestBuilder.describe(probe)], 1)[0].note
+        if "fingerprint" not in note:
+            raise EngineError(f"the server at {http.url} does not run ragkv's connector "
+                              f"(start it with `ragkv serve`); it answered {note or 'nothing'}")
+        _check_cache(cfg, note, http.url)
+        keys = KeySpace(note["fingerprint"], note["kv_storage"], template.prefix_ids,
+                        cfg.precompute_context)
+        max_len = int(http.max_model_len or note.get("max_model_len") or 2**31 - 1)
+        return cls(http, tok, keys, template, max_len,
+                   f"vLLM server at {http.url} ({served.name})")
+
+    # ---- chunk KV ------------------------------------------------------------------------
+    def stored(self, keys: Sequence[str]) -> dict[str, bool]:
+        if not keys:
+            return {}
+        note = self.transport.complete([self.builder.contains(keys, self._probe)], 1)[0].note
+        held = set(note.get("contains") or [])
+        return {k: k in held for k in keys}
+
+    def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
+        keys = [self.keys.chunk(ids, context) for ids in chunks]
+        present = self.stored(keys)
+        todo: dict[str, Sequence[int]] = {}
+        for ids, key in zip(chunks, keys, strict=True):
+            if not present.get(key):
+                todo.setdefault(key, ids)
+        items = list(todo.items())
+        for start in range(0, len(items), PRECOMPUTE_BATCH):
+            batch = items[start:start + PRECOMPUTE_BATCH]
+            done = self.transport.complete([self.builder.precompute(ids, context)
+                                            for _, ids in batch], 1)
+            for (key, _), comp in zip(batch, done, strict=True):
+                if comp.note.get("save_error") or not comp.note.get("saved"):
+                    log.warning("chunk %s not stored by the server: %s", key[:12],
+                                comp.note.get("save_error") or comp.note)
+        computed, seen = [], set()
+        for key in keys:
+            computed.append(key in todo and key not in seen)
+            seen.add(key)
+        return computed
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, req: GenerationRequest) -> VLLMGeneration:
+        import time
+
+        prompt, mode = req.prompt, req.mode
+        if req.blend.ratio == "auto" and mode == "blend":
+            raise ValueError("ratio 'auto' is not available on vLLM; give a number")
+        vreq = self.builder.prompt(prompt, req.keys, mode, req.blend, req.context, req.record)
+        first = self.transport.complete([vreq], 1, req.top_logprobs)[0]
+        ttft = time.perf_counter() - req.started
+        if not first.tokens:
+            raise EngineError("vLLM returned no token for the prompt")
+        trace = self._trace(req, first)
+        trace.ttft_s = ttft
+        return VLLMGeneration(self, vreq, trace, first.tokens[0], NextToken(first.first_top),
+                              req.max_new_tokens, list(prompt.ids))
+
+    def _trace(self, req: GenerationRequest, done: Completion) -> QueryTrace:
+        prompt, mode, note = req.prompt, req.mode, done.note
+        fused = mode in ("reuse", "blend")
+        trace = QueryTrace(mode, req.blend.ratio if mode == "blend" else None,
+                           req.blend.policy if mode == "blend" else None, len(prompt),
+                           engine=self.description, engine_ttft_s=done.engine_ttft_s)
+        docs = req.documents or (None,) * len(req.keys)
+        trace.chunks = [ChunkTrace(k, e - s, None, s, d)
+                        for k, (s, e), d in zip(req.keys, prompt.chunk_spans, docs, strict=True)]
+        if note.get("error"):
+            trace.error = f"{note['error']} ({note.get('fallback', 'recomputed')})"
+        per_chunk = note.get("chunks") or []
+        if fused and len(per_chunk) == len(trace.chunks):
+            for ct, (hit, tier, recomputed) in zip(trace.chunks, per_chunk, strict=True):
+                ct.hit, ct.tier, ct.recomputed = bool(hit), tier, int(recomputed)
+        for name in ("lookup_s", "load_s", "precompute_s", "fuse_s"):
+            setattr(trace, name, float(note.get(name) or 0.0))
+        T = len(prompt)
+        if fused and note.get("recomputed_per_layer") and not trace.error:
+            trace.recomputed_per_layer = [int(n) for n in note["recomputed_per_layer"]]
+        elif fused and trace.error:
+            trace.recomputed_per_layer = [T]  # vLLM prefilled everything instead
+        else:  # vLLM prefilled all but what its own prefix cache held
+            trace.recomputed_per_layer = [T - (done.cached_tokens if mode == "prefix" else 0)]
+        if note.get("layer_sets"):
+            trace.layer_sets = note["layer_sets"]
+        return trace
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _check_cache(cfg: RagkvConfig, note: dict[str, Any], url: str) -> None:
+    """Warn when the server's cache is not the one this process indexes documents in: the
+    dashboard's cache figures would then describe another cache."""
+    mine = masked_url(cfg.resolved_index_url)
+    theirs = note.get("index")
+    if theirs and theirs != mine:
+        log.warning("the server at %s keeps its cache index at %s, this process at %s: pass "
+                    "the same --home / --index-url to both", url, theirs, mine)
+

@@ -1,0 +1,145 @@
+"""The fusion inside vLLM's worker: chunk KV in (or computed and stored back), fused with
+vLLM's weights by the same planner and blend as the transformers engine.
+
+Runs in vLLM's worker process, inside the connector's ``start_load_kv`` (before the step's
+forward) or ``wait_for_save`` (storing a precompute request's spans).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ragkv.cache_index import KVStore
+from ragkv.config import RagkvConfig
+from ragkv.engine.blend import FusedPrefill, compute_span, fuse
+from ragkv.engine.chunk_store import ChunkStore, KVShape
+from ragkv.engine.kv import ChunkKV
+from ragkv.engine.loading import Workspace
+from ragkv.engine.plan import chunks_to_load, exact_end, plan_prefill
+from ragkv.engine.vllm.paged import PagedAttention
+from ragkv.engine.vllm.params import FusionParams, Span
+from ragkv.engine.vllm.runner import VLLMRunner
+from ragkv.keys import KeySpace
+
+
+class WorkerFusion:
+    """Loads (or computes and stores back) chunk KV and runs the blend with vLLM's weights."""
+
+    def __init__(self, cfg: RagkvConfig, fingerprint: str) -> None:
+        self.cfg, self.fingerprint = cfg, fingerprint
+        self.store = KVStore.from_config(cfg)
+        self._runner: VLLMRunner | None = None
+        self._chunks: ChunkStore | None = None
+        # the fused KV is in vLLM's paged cache before the next request is fused
+        self.workspace = Workspace()
+
+    @property
+    def runner(self) -> VLLMRunner:
+        if self._runner is None:
+            from ragkv.engine.vllm.models import latest_model
+
+            model = latest_model()
+            if model is None:
+                raise RuntimeError("no model recorded by ragkv's vLLM plugin in this process; "
+                                   "is ragkv installed in vLLM's environment (entry points)?")
+            self._runner = VLLMRunner(model)
+        return self._runner
+
+    @property
+    def chunks(self) -> ChunkStore:
+        if self._chunks is None:
+            r = self.runner
+            self._chunks = ChunkStore(self.store, self.fingerprint,
+                                      KVShape(r.n_layers, r.kv_heads, r.head_dim),
+                                      self.cfg.kv_dtype, self.cfg.int8_codec)
+        return self._chunks
+
+    def keys(self, prefix: list[int]) -> KeySpace:
+        return KeySpace(self.fingerprint, self.cfg.kv_storage, tuple(prefix))
+
+    def _get(self, ids: list[int], key: str, past: ChunkKV | None) -> tuple[ChunkKV, str | None]:
+        r = self.runner
+        # read only: placed into the fused buffers, or read as the past of a missing chunk
+        kv, tier = self.chunks.get_or_compute(
+            key, len(ids), lambda: compute_span(r, torch.tensor(ids, device=r.device), past),
+            shared=True)
+        return kv.to(r.device, r.dtype), tier
+
+    # ---- the fused prefill ------------------------------------------------------------
+    def fuse(self, ids: list[int], p: FusionParams, trace: dict[str, Any],
+             paged: PagedAttention | None = None) -> FusedPrefill:
+        """Fused K/V of the whole prompt ``ids`` (keys rotated to their positions); with
+        ``paged``, attention runs on vLLM's kernel and writes each layer's KV as it goes.
+        ``trace`` gets what the client's :class:`~ragkv.trace.QueryTrace` shows."""
+        r = self.runner
+        t0 = time.perf_counter()
+        prefix = ids[:p.prefix_end]
+        keys = self.keys(prefix)
+        prefix_kv, tier = self._get(prefix, keys.exact(prefix), None)
+        trace["prefix_hit"] = tier is not None
+        past = prefix_kv if p.context == "prefix" else None
+        cached: list[tuple[int, ChunkKV]] = [(0, prefix_kv)]
+        wanted = chunks_to_load(p.mode, p.context, len(p.chunks))
+        per_chunk: list[list[Any]] = []
+        load_s = precompute_s = 0.0
+        for i in wanted:
+            span = p.chunks[i]
+            chunk = ids[span.start:span.end]
+            if keys.chunk(chunk, p.context) != span.key:
+                raise ValueError(f"chunk key {span.key[:12]} does not name the tokens at "
+                                 f"[{span.start}, {span.end}) for this model and settings")
+            t = time.perf_counter()
+            kv, tier = self._get(chunk, span.key, past)
+            if tier is None:
+                precompute_s += time.perf_counter() - t
+            else:
+                load_s += time.perf_counter() - t
+            per_chunk.append([tier is not None, tier, 0])
+            cached.append((span.start, kv))
+        trace["load_s"], trace["precompute_s"] = load_s, precompute_s
+        trace["lookup_s"] = time.perf_counter() - t0 - load_s - precompute_s
+        spans = [(s.start, s.end) for s in p.chunks]
+        exact = exact_end(p.prefix_end, spans, p.context, wanted)
+        plan = plan_prefill(len(ids), spans, p.suffix_start,
+                            [(s, kv.n_tokens) for s, kv in cached], exact, p.mode, p.blend,
+                            r.n_layers)
+        t1 = time.perf_counter()
+        with torch.inference_mode(), r.on_paged_cache(paged):
+            out = fuse(r, torch.tensor(ids, device=r.device), cached, plan.ctx, plan.policy,
+                       deviation_on=p.blend.deviation_on, workspace=self.workspace,
+                       record=p.record)
+        trace["fuse_s"] = time.perf_counter() - t1
+        trace["attention"] = "vllm" if paged is not None else "ragkv"
+        final = out.final_positions.cpu()
+        for entry, (s, e) in zip(per_chunk, spans, strict=False):
+            entry[2] = int(((final >= s) & (final < e)).sum())
+        trace["chunks"] = per_chunk
+        trace["recomputed_per_layer"] = list(out.recomputed_per_layer)
+        trace["recomputed"] = sum(c[2] for c in per_chunk)
+        trace["hits"] = sum(1 for c in per_chunk if c[0])
+        trace["misses"] = len(per_chunk) - trace["hits"]
+        if p.record:
+            trace["layer_sets"] = [ls.tolist() for ls in out.layer_sets]
+        return out
+
+    # ---- storing what vLLM prefilled --------------------------------------------------
+    def unrotate(self, k: torch.Tensor, lo: int) -> torch.Tensor:
+        """Keys ``[layers, kv_heads, n, head_dim]`` read at positions ``lo..`` back to pre-RoPE."""
+        r = self.runner
+        cos, sin = r.cos_sin(torch.arange(lo, lo + k.shape[2], device=r.device))
+        return r.rotate(k.to(r.dtype), cos, -sin)
+
+    def store_captured(self, ids: list[int], span: Span,
+                       got: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Store a precompute span from per-layer K/V read from vLLM's cache (post-RoPE keys),
+        once its key is proven to name those tokens after the ones before them."""
+        before = ids[:span.start]
+        if self.keys(before).after(before, ids[span.start:span.end]) != span.key:
+            raise ValueError(f"key {span.key[:12]} does not name [{span.start}, {span.end}) "
+                             "after the tokens before it")
+        k = torch.stack([got[i][0] for i in range(len(got))])
+        v = torch.stack([got[i][1] for i in range(len(got))])
+        self.chunks.save(span.key, ChunkKV(self.unrotate(k, span.start), v.to(self.runner.dtype)))
