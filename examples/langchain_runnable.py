@@ -1,11 +1,16 @@
 """LangChain runnable on ragkv: ingest two pydoc topics, ask, print answer and cache trace.
 
-Run: .venv/bin/python examples/langchain_runnable.py
-(needs `pip install 'ragkv[langchain]'`; uses the default model and ~/.cache/ragkv)
+Run: .venv/bin/python examples/langchain_runnable.py \
+    [--engine hf|vllm|http://HOST:PORT/v1] [--home DIR]
+(needs `pip install 'ragkv[langchain]'`; the default model and ~/.cache/ragkv). The same code
+runs on every engine: against a served vLLM, start it with `ragkv serve --home DIR` first and
+give this script the same --home (server and app share the cache).
 """
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from pydoc_data.topics import topics
 from typing import Any
 
@@ -26,7 +31,12 @@ class PrintCacheEvents(BaseCallbackHandler):
 
 
 def main() -> None:
-    rag = RagKV(RagkvConfig())
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", default="hf", help="hf, vllm or a vLLM server URL")
+    ap.add_argument("--home", type=Path, default=RagkvConfig().home)
+    a = ap.parse_args()
+    rag = RagKV(RagkvConfig(home=a.home, engine=a.engine))
+    print(f"engine: {rag.backend.description}")
     for name in ("with", "context-managers"):
         rag.ingest_text(f"pydoc:{name}", topics[name])  # precomputes and stores chunk KV
     chain = RagkvRunnable(rag=rag, k=3, max_new_tokens=48)

@@ -50,7 +50,10 @@ class Server:
                  blob_url: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
+        from ragkv.model_fetch import ensure_default_model
+
         cmd = [sys.executable, "-m", "ragkv.cli", "serve", "--home", str(home),
+               "--model", str(ensure_default_model(default_home())),
                "--port", str(self.port), "--max-model-len", "1024", "--kv-cache-mb", "256"]
         if index_url:
             cmd += ["--index-url", index_url]
