@@ -179,8 +179,8 @@ def test_api_default_config_blend_one_matches_full(engine, setups, tmp_path, cap
     hit = rag.generate(s.chunks, question, mode="blend", blend=one, max_new_tokens=N_DECODE,
                        keep_kv=True)
     assert miss.trace.misses == 3 and hit.trace.hits == 3
-    d_miss = float((miss.fused.logits - full.fused.logits).abs().max())
-    d_hit = float((hit.fused.logits - full.fused.logits).abs().max())
+    d_miss = float((miss.first.logits - full.first.logits).abs().max())
+    d_hit = float((hit.first.logits - full.first.logits).abs().max())
     with capsys.disabled():
         print(f"\n[smollm] API blend@1.0 vs full, max |logit diff|: miss {d_miss:.3g}, "
               f"fp16 hit {d_hit:.3g}")
