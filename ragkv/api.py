@@ -20,8 +20,8 @@ from ragkv.cache_index import CacheIndex
 from ragkv.chunking import RetrievedChunk
 from ragkv.config import BlendConfig, RagkvConfig
 from ragkv.engine.base import Backend, Generation, GenerationRequest, NextToken
-from ragkv.prompt import AssembledPrompt
-from ragkv.trace import QueryTrace
+from ragkv.prompt import AssembledPrompt, PromptTemplate
+from ragkv.trace import ChunkTrace, QueryTrace
 
 log = logging.getLogger("ragkv")
 
@@ -42,6 +42,31 @@ class Answer:
         if self.generation is None:
             raise RuntimeError("ask with keep_kv=True to score an answer")
         return self.generation.score(target)
+
+
+def pack(template: PromptTemplate, chunks: list[RetrievedChunk], question: str,
+         window: int) -> tuple[list[RetrievedChunk], list[RetrievedChunk]]:
+    """The chunks that fit ``window`` positions with the template and the question, taken in
+    rank order (one too long for what is left is skipped, a later shorter one may still fit),
+    and those left out. Raises ValueError when not even one chunk fits."""
+    fixed = len(template.prefix_ids) + len(template.suffix_ids(question))
+    if fixed >= window:
+        raise ValueError(f"the question and the prompt template take {fixed} tokens: no room "
+                         f"for context in the model's window ({window} tokens left after the "
+                         "answer budget)")
+    kept, left, used = [], [], fixed
+    for c in chunks:
+        need = len(c.token_ids) + (len(template.sep_ids) if kept else 0)
+        if used + need <= window:
+            kept.append(c)
+            used += need
+        else:
+            left.append(c)
+    if chunks and not kept:
+        raise ValueError(f"not even one retrieved chunk fits the model's window ({window} "
+                         f"tokens after the answer budget; the shortest chunk needs "
+                         f"{fixed + min(len(c.token_ids) for c in chunks)})")
+    return kept, left
 
 
 class TokenStream:
@@ -152,22 +177,30 @@ class RagKV:
     def generate(self, chunks: Sequence[RetrievedChunk | Sequence[int]], question: str, *,
                  mode: str = "blend", blend: BlendConfig | None = None,
                  max_new_tokens: int = 64, keep_kv: bool = False, record: bool = False,
-                 log_query: bool = True) -> Answer:
+                 log_query: bool = True, full_ttft_s: float | None = None) -> Answer:
         """Answer ``question`` over ``chunks`` (in this order) with one of the four modes."""
         return self.generate_from(self.stream(
             chunks, question, mode=mode, blend=blend, max_new_tokens=max_new_tokens,
-            keep_kv=keep_kv, record=record, log_query=log_query))
+            keep_kv=keep_kv, record=record, log_query=log_query, full_ttft_s=full_ttft_s))
 
     def stream(self, chunks: Sequence[RetrievedChunk | Sequence[int]], question: str, *,
                mode: str = "blend", blend: BlendConfig | None = None, max_new_tokens: int = 64,
                keep_kv: bool = False, record: bool = False, log_query: bool = True,
-               retrieval_s: float | None = None) -> TokenStream:
-        """Prefill now (TTFT is measured here), then iterate the returned stream for text."""
+               retrieval_s: float | None = None,
+               full_ttft_s: float | None = None) -> TokenStream:
+        """Prefill now (TTFT is measured here), then iterate the returned stream for text.
+
+        Chunks are taken in the order given (a retriever's rank) while the prompt and the
+        answer budget fit the engine's window; the rest are left out and named in
+        ``trace.left_out``. ``full_ttft_s``: full prefill's TTFT measured on this same prompt
+        (logged beside this answer's, for the dashboard)."""
         items = [c if isinstance(c, RetrievedChunk) else RetrievedChunk(list(c), "")
                  for c in chunks]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         t0 = time.perf_counter()
+        items, left_out = pack(self.template, items, question,
+                               self.backend.max_model_len - max_new_tokens)
         prompt = self.template.assemble([c.token_ids for c in items], question)
         # Keys are derived from the ids, never taken on trust: a stale or mistaken key handed in
         # with a chunk must not load another chunk's KV (hashing costs microseconds).
@@ -177,6 +210,9 @@ class RagKV:
                                 tuple(c.document for c in items), record=record, keep=keep_kv)
         gen = self.backend.generate(req)
         gen.trace.retrieval_s = retrieval_s
+        gen.trace.full_ttft_s = full_ttft_s
+        gen.trace.left_out = [ChunkTrace(self.key_for(c.token_ids), len(c.token_ids), None, -1,
+                                         c.document) for c in left_out]
         return TokenStream(self, question, prompt, gen, keep_kv, log_query)
 
     def ask(self, question: str, k: int = 4, **kwargs) -> Answer:

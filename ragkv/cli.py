@@ -90,9 +90,9 @@ def _ask_both(rag, question: str, chunks, mode: str, max_new_tokens: int, compar
     if compare and mode != "full":
         answers.append(rag.generate(chunks, question, mode="full",
                                     max_new_tokens=max_new_tokens))
-    answers.append(rag.generate(chunks, question, mode=mode, max_new_tokens=max_new_tokens))
-    if len(answers) == 2:
-        answers[1].trace.full_ttft_s = answers[0].trace.ttft_s
+    full_s = answers[0].trace.ttft_s if answers else None
+    answers.append(rag.generate(chunks, question, mode=mode, max_new_tokens=max_new_tokens,
+                                full_ttft_s=full_s))
     return answers
 
 

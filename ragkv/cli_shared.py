@@ -95,10 +95,16 @@ def answers_table(answers: Sequence) -> Group:
     src = Table("#", "source", "tokens", "cache", caption=answers[-1].trace.engine)
     for i, c in enumerate(answers[-1].trace.chunks, 1):
         cache = "hit" if c.hit else "miss" if c.hit is False else "-"
-        src.add_row(str(i), c.document or c.key[:12], str(c.n_tokens),
+        doc = c.document or c.key[:12]
+        src.add_row(str(i), doc if len(doc) <= 40 else "..." + doc[-37:], str(c.n_tokens),
                     f"{cache} ({c.tier})" if c.tier else cache)
     notes = [f"[yellow]{a.trace.mode}: {a.trace.error}[/yellow]" for a in answers
              if a.trace.error]
+    left = answers[-1].trace.left_out
+    if left:
+        names = ", ".join(c.document or c.key[:12] for c in left)
+        notes.append(f"[yellow]left out {len(left)} retrieved chunk(s) that did not fit the "
+                     f"model's window: {names}[/yellow]")
     return Group(t, side, src, *notes)
 
 

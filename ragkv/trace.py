@@ -46,6 +46,8 @@ class QueryTrace:
     error: str | None = None
     #: positions computed at each layer, when recording was asked for (inspection)
     layer_sets: list[list[int]] | None = None
+    #: retrieved chunks that did not fit the model's window (in rank order)
+    left_out: list[ChunkTrace] = field(default_factory=list)
 
     @property
     def hits(self) -> int:

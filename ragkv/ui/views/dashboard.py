@@ -33,15 +33,25 @@ def reuse_over_time(df) -> None:
     with right:
         st.subheader("Cumulative TTFT saved")
         measured = df.dropna(subset=["saved_s"])
-        if measured.empty:
-            st.info("Unavailable: no query has a measured full-prefill TTFT yet. Tick "
-                    "*Measure full prefill* on the Ask page (or use Inspect) to measure it.")
-        else:
-            st.line_chart(measured[["created_at", "cum_saved_s"]], x="created_at",
-                          y="cum_saved_s", y_label="seconds")
-            st.caption(f"Measured, not estimated: full-prefill TTFT minus TTFT summed over the "
-                       f"{len(measured)} of {len(df)} queries where full prefill was measured "
-                       f"({measured['saved_s'].sum():.2f} s). The others are left out.")
+        estimated = df.dropna(subset=["est_saved_s"])
+        if measured.empty and estimated.empty:
+            st.info("Nothing to show yet: no query has a full-prefill TTFT measured on its "
+                    "prompt, and too few full prefills were measured to estimate one. Tick "
+                    "*Measure full prefill* on the Ask page, or run `ragkv ask --compare`.")
+            return
+        lines = ["cum_saved_s"] + (["cum_with_est_s"] if not estimated.empty else [])
+        chart = df[["created_at", *lines]].rename(columns={
+            "cum_saved_s": "measured", "cum_with_est_s": "measured + estimated"})
+        st.line_chart(chart, x="created_at", y=[c for c in chart.columns if c != "created_at"],
+                      y_label="seconds")
+        caption = (f"Measured: full-prefill TTFT minus TTFT on the same prompt, summed over "
+                   f"{len(measured)} of {len(df)} queries ({measured['saved_s'].sum():.2f} s).")
+        if not estimated.empty:
+            caption += (f" Estimated for {len(estimated)} more: full-prefill TTFT from a fit "
+                        f"of this machine's measured full prefills against prompt length "
+                        f"({estimated['est_saved_s'].sum():.2f} s; an estimate, not a "
+                        f"measurement).")
+        st.caption(caption)
 
 
 def cache_size(rag) -> None:
