@@ -44,7 +44,7 @@ test-ui-browser: $(VENV)/.installed model
 # The cache suites again on a real PostgreSQL index with Redis, then S3, blobs, plus the
 # multi-node tests: scripts/services.sh installs the servers from Debian's packages if missing,
 # starts them on free loopback ports for this run only, and stops them afterwards.
-test-services: $(VENV)/.installed model
+test-services: $(VENV)/.installed model vllm-install
 	$(PY) -m pip install -q -e '.[postgres,redis,s3]' 'moto[server]>=5'
 	bash scripts/services.sh test $(PY)
 

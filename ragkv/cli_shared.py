@@ -112,12 +112,14 @@ def print_summary(result: dict) -> None:
     def f(v, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    t = Table("context", "mode", "policy", "ratio", "n", "TTFT x (med)", "1st agree",
+    t = Table("context", "mode", "policy", "ratio", "n", "TTFT s", "engine s", "TTFT x (med)",
+              "1st agree",
               "1st KL (med)", "TF agree", "TF KL (med)", "ROUGE-L", "recomp %",
               caption=f"{result['meta']['engine']}; KL over {result['summary'][0]['kl_basis']}")
     for s in result["summary"]:
         t.add_row(s["context"], s["mode"], s["policy"] or "-", f(s["ratio"], ".2f"),
-                  str(s["n"]), f(s["speedup_median"], ".2f"), f(s["first_token_agree"], ".3f"),
+                  str(s["n"]), f(s["ttft_median_s"], ".3f"), f(s["engine_ttft_median_s"], ".3f"),
+                  f(s["speedup_median"], ".2f"), f(s["first_token_agree"], ".3f"),
                   f(s["first_token_kl_median"], ".4f"), f(s["tf_agree"], ".3f"),
                   f(s["tf_kl_median"], ".4f"), f(s["rouge_l"], ".3f"),
                   f(100 * s["recomputed_share"], ".1f"))

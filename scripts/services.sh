@@ -123,6 +123,13 @@ run_tests() {
         "$py" -m pytest -q -m "not slow and not browser" "${suite[@]}"
     # Service-only tests: migrations on Postgres, two nodes, races, outages.
     "$py" -m pytest -q -rs -m services
+    # The served deployment on a shared PostgreSQL index and Redis blobs: two vLLM servers,
+    # a chunk stored through one is a hit on the other (when vLLM is installed).
+    if "$py" -c "import vllm" 2>/dev/null; then
+        OMP_NUM_THREADS=2 RAGKV_TEST_INDEX_URL=$RAGKV_TEST_PG_URL \
+            RAGKV_TEST_BLOB_URL=$RAGKV_TEST_REDIS_URL \
+            "$py" -m pytest -q -m vllm tests/test_vllm_serve.py -k second_server
+    fi
     echo "test-services done in $((SECONDS - start)) s"
 }
 

@@ -17,19 +17,30 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from ragkv.cache_index import CacheIndex, ChunkRecord  # noqa: E402
 from ragkv.ui import APP_PATH, frames  # noqa: E402
-from ragkv.ui.launch import MissingUIDependency, build_command, launch  # noqa: E402
-from ragkv.ui.state import SETTINGS_KEY, parse_args  # noqa: E402
-from ragkv.ui.views.ingest import collect  # noqa: E402
+from ragkv.ui.launch import (  # noqa: E402
+    MAX_UPLOAD_MB,
+    DocsRootError,
+    MissingUIDependency,
+    build_command,
+    launch,
+)
+from ragkv.ui.state import SETTINGS_KEY, Settings, parse_args  # noqa: E402
+from ragkv.ui.views.ingest import ENABLE_HINT, OUTSIDE_ROOTS, collect  # noqa: E402
 
 VIEWS = APP_PATH.parent / "views"
 TIMEOUT = 300  # seconds per script run: model load and first embedding happen in one run
 
 
-def page(name: str, home: Path, model: Path | None) -> AppTest:
+def page(name: str, home: Path, model: Path | None,
+         docs_roots: list[Path] | None = None) -> AppTest:
+    """The page's AppTest; ``docs_roots=None`` leaves the key out of the settings (as older
+    session state would), so no server path is readable."""
     path = APP_PATH if name == "app" else VIEWS / f"{name}.py"
     at = AppTest.from_file(str(path), default_timeout=TIMEOUT)
-    at.session_state[SETTINGS_KEY] = {"home": str(home), "model": str(model) if model else None,
-                                      "context": "prefix"}
+    raw = {"home": str(home), "model": str(model) if model else None, "context": "prefix"}
+    if docs_roots is not None:
+        raw["docs_roots"] = [str(r) for r in docs_roots]
+    at.session_state[SETTINGS_KEY] = raw
     return at
 
 
@@ -51,7 +62,7 @@ def ingested(tmp_path_factory, tiny_model: Path) -> Path:
     """A home with two documents, ingested through the Ingest page itself."""
     root = tmp_path_factory.mktemp("ui")
     docs = write_docs(root / "docs")
-    at = page("ingest", root / "home", tiny_model).run()
+    at = page("ingest", root / "home", tiny_model, docs_roots=[root]).run()
     at.text_input(key="ingest_path").input(str(docs))
     at.button(key="ingest_go").click().run()
     assert not at.exception, at.exception
@@ -69,15 +80,64 @@ def test_launch_command_and_missing_streamlit(tmp_path: Path, monkeypatch) -> No
     assert cmd[cmd.index("--") + 1:] == ["--home", str(tmp_path / "h"),
                                           "--model", str(tmp_path / "m")]
     assert "--model" not in build_command(tmp_path, None)
+    assert "--docs-root" not in build_command(tmp_path, None)
+    assert cmd[cmd.index("--server.address") + 1] == "localhost"
+    assert cmd[cmd.index("--server.maxUploadSize") + 1] == str(MAX_UPLOAD_MB) == "20"
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(MissingUIDependency, match=r"pip install 'ragkv\[ui\]'"):
         launch(tmp_path, None)
+
+
+def test_launch_passes_docs_roots(tmp_path: Path, monkeypatch) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (tmp_path / "link").symlink_to(b, target_is_directory=True)
+    cmd = build_command(tmp_path / "h", None, docs_roots=[a, tmp_path / "link", a])
+    app_args = cmd[cmd.index("--") + 1:]
+    # Each root once, absolute and with symlinks resolved, after the home.
+    assert app_args == ["--home", str(tmp_path / "h"),
+                        "--docs-root", str(a.resolve()), "--docs-root", str(b.resolve())]
+    assert parse_args(app_args).docs_roots == (str(a.resolve()), str(b.resolve()))
+    assert cmd[cmd.index("--server.address") + 1] == "localhost"
+    other = build_command(tmp_path, None, address="0.0.0.0", docs_roots=[a])
+    assert other[other.index("--server.address") + 1] == "0.0.0.0"
+    with pytest.raises(DocsRootError, match="not an existing folder"):
+        launch(tmp_path, None, docs_roots=[tmp_path / "missing"])
+    (tmp_path / "h.txt").write_text("a file, not a folder")
+    with pytest.raises(DocsRootError):
+        launch(tmp_path, None, docs_roots=[tmp_path / "h.txt"])
+    started: list[list[str]] = []
+
+    class _Proc:
+        def __init__(self, cmd: list[str]) -> None:
+            started.append(cmd)
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    monkeypatch.setattr("subprocess.Popen", _Proc)
+    assert launch(tmp_path / "h", None, docs_roots=[a]) == 0
+    assert started[0][-2:] == ["--docs-root", str(a.resolve())]
 
 
 def test_parse_args_ignores_foreign_arguments(tmp_path: Path) -> None:
     s = parse_args(["-q", "tests/x.py", "--home", str(tmp_path), "-m", "not slow"])
     assert s.home == str(tmp_path) and s.model is None and s.context == "prefix"
     assert parse_args(["--model", str(tmp_path)]).model == str(tmp_path)
+    assert s.docs_roots == ()
+
+
+def test_settings_docs_roots(tmp_path: Path) -> None:
+    s = parse_args(["--docs-root", str(tmp_path / "a"), "--home", str(tmp_path),
+                    "--docs-root", str(tmp_path / "b" / ".." / "c"), "--docs-root",
+                    str(tmp_path / "a")])
+    assert s.docs_roots == (str((tmp_path / "a").resolve()), str((tmp_path / "c").resolve()))
+    # Session state written before the option existed, or by tests, still makes Settings.
+    assert Settings(**{"home": "h", "model": None, "context": "prefix"}).docs_roots == ()
+    assert Settings(home="h", docs_roots=["/x", Path("/y")]).docs_roots == ("/x", "/y")
+    assert Settings(home="h", docs_roots="/x").docs_roots == ("/x",)
 
 
 def test_queries_frame_measures_saved_time_only_where_measured() -> None:
@@ -141,16 +201,97 @@ class _Upload:
 
 
 def test_collect_reports_bad_files(tmp_path: Path) -> None:
-    docs, errors = collect([_Upload("a.md", b"hello"), _Upload("b.txt", b"\xff\xfe\x00bad"),
-                            _Upload("c.txt", b"  \n")], "")
+    docs, errors = collect([_Upload("a.md", b"hello"), _Upload("b.txt", bytes(range(256)) * 3),
+                            _Upload("c.txt", b"  \n"), _Upload("d.exe", b"MZ")], "")
     assert docs == [("a.md", "hello")]
-    assert any("b.txt is not UTF-8" in e for e in errors) and any("c.txt" in e for e in errors)
-    docs, errors = collect([], str(tmp_path / "missing"))
+    assert any(e.startswith("b.txt: not text") for e in errors)
+    assert any(e.startswith("c.txt: empty") for e in errors)
+    assert any(e.startswith("d.exe: unsupported format .exe") for e in errors)
+    docs, errors = collect([], str(tmp_path / "missing"), [tmp_path])
     assert not docs and "no such file" in errors[0]
     empty = tmp_path / "empty"
     empty.mkdir()
-    docs, errors = collect([], str(empty))
+    docs, errors = collect([], str(empty), [tmp_path])
     assert not docs and "no .txt" in errors[0]
+
+
+def test_collect_uploads_size_limit_and_formats() -> None:
+    html = b"<html><body><nav>menu</nav><p>Hello <b>there</b>.</p><script>x()</script></body>"
+    big = b"word " * 50
+    docs, errors = collect([_Upload("page.HTML", html), _Upload("big.txt", big),
+                            _Upload("bom.txt", "caf\u00e9 na\u00efve".encode("utf-8-sig"))],
+                           "", max_bytes=200)
+    assert docs == [("page.HTML", "Hello there."), ("bom.txt", "caf\u00e9 na\u00efve")]
+    assert errors == ["big.txt: too large (250 bytes; the limit is 200); skipped"]
+    docs, errors = collect([_Upload("big.txt", big)], "")  # the default limit is 20 MiB
+    assert docs == [("big.txt", big.decode().strip())] and not errors
+
+
+def _outside_setup(tmp_path: Path) -> tuple[Path, Path]:
+    """A docs root with one good file, and a secret file beside it (outside the root)."""
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "good.md").write_text("Inside the root.")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET outside the root")
+    return root, secret
+
+
+def test_collect_reads_only_inside_docs_roots(tmp_path: Path) -> None:
+    root, secret = _outside_setup(tmp_path)
+    (root / "sub" / "link.txt").symlink_to(secret)
+    (root / "dirlink").symlink_to(tmp_path, target_is_directory=True)
+    outside = [str(secret), str(root / ".." / "secret.txt"), str(root / "sub" / "link.txt"),
+               str(root / "dirlink" / "secret.txt"), str(root / "dirlink"), str(tmp_path),
+               "/", str(tmp_path / "missing-outside.txt")]
+    if Path("/etc/hostname").exists():
+        outside.append("/etc/hostname")
+    for path in outside:
+        docs, errors = collect([], path, [root])
+        assert docs == [], path
+        assert errors == [f"{path}: {OUTSIDE_ROOTS}"], path
+    # No roots at all: no server path is read, not even one that exists.
+    docs, errors = collect([], str(root / "sub" / "good.md"))
+    assert not docs and OUTSIDE_ROOTS in errors[0] and "none were named" in errors[0]
+    # Inside: a file, a folder (the link inside it is skipped with its reason, the linked
+    # folder is not entered), a relative spelling that stays inside, a second root.
+    for path in (root / "sub" / "good.md", root / "sub" / ".." / "sub" / "good.md"):
+        docs, errors = collect([], str(path), [tmp_path / "elsewhere", root])
+        assert docs == [(str((root / "sub" / "good.md").resolve()), "Inside the root.")]
+        assert not errors
+    docs, errors = collect([], str(root), [root])
+    assert docs == [(str(root.resolve() / "sub" / "good.md"), "Inside the root.")]
+    assert errors == [f"{root.resolve() / 'sub' / 'link.txt'}: links outside the --docs-root "
+                      "folders; skipped"]
+    assert not any("SECRET" in text for _, text in docs)
+    # A link inside a root that points into another root is read.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "shared.txt").write_text("Shared text.")
+    (root / "sub" / "shared.txt").symlink_to(other / "shared.txt")
+    docs, _ = collect([], str(root / "sub"), [root, other])
+    assert [t for _, t in docs] == ["Inside the root.", "Shared text."]
+
+
+def test_collect_folder_reports_skipped_files(tmp_path: Path) -> None:
+    root = tmp_path / "docs"
+    (root / ".hidden").mkdir(parents=True)
+    (root / ".hidden" / "h.txt").write_text("hidden")
+    (root / "a.txt").write_text("Alpha text.")
+    (root / "b.md").write_text("Alpha text.")
+    (root / "bin.txt").write_bytes(bytes(range(256)) * 4)
+    (root / "big.txt").write_text("x" * 300)
+    (root / "notes.csv").write_text("ignored,by,suffix")
+    docs, errors = collect([], str(root), [root], max_bytes=200)
+    assert docs == [(str(root.resolve() / "a.txt"), "Alpha text.")]
+    assert sorted(errors) == sorted([
+        f"{root.resolve() / 'b.md'}: duplicate of {root.resolve() / 'a.txt'}; skipped",
+        f"{root.resolve() / 'big.txt'}: too large (300 bytes; the limit is 200); skipped",
+        f"{root.resolve() / 'bin.txt'}: too large (1,024 bytes; the limit is 200); skipped",
+    ])
+    docs, errors = collect([], str(root / "bin.txt"), [root])
+    assert not docs and errors == [f"{root.resolve() / 'bin.txt'}: not text (no character "
+                                   "encoding fits); skipped"]
 
 
 # ---- pages ------------------------------------------------------------------------------------
@@ -178,10 +319,43 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_ingest_bad_path_is_an_error(tmp_path: Path, tiny_model: Path) -> None:
-    at = page("ingest", tmp_path / "home", tiny_model).run()
+    at = page("ingest", tmp_path / "home", tiny_model, docs_roots=[tmp_path]).run()
     at.text_input(key="ingest_path").input(str(tmp_path / "nope"))
     at.button(key="ingest_go").click().run()
     assert not at.exception and "no such file" in texts(at.error)
+
+
+def test_ingest_page_refuses_paths_outside_docs_roots(tmp_path: Path, tiny_model: Path) -> None:
+    root, secret = _outside_setup(tmp_path)
+    (root / "link.txt").symlink_to(secret)
+    at = page("ingest", tmp_path / "home", tiny_model, docs_roots=[root]).run()
+    assert not at.text_input(key="ingest_path").disabled
+    assert str(root.resolve()) in texts(at.caption)
+    outside = [str(secret), str(root / "link.txt"), str(root / ".." / "secret.txt")]
+    if Path("/etc/hostname").exists():
+        outside.append("/etc/hostname")
+    for path in outside:
+        at.text_input(key="ingest_path").input(path)
+        at.button(key="ingest_go").click().run()
+        assert not at.exception, at.exception
+        assert texts(at.error) == f"{path}: {OUTSIDE_ROOTS}"
+        assert not at.success and "No documents yet" in texts(at.info)
+    at.text_input(key="ingest_path").input(str(root / "sub"))
+    at.button(key="ingest_go").click().run()
+    assert not at.exception, at.exception
+    assert not at.error and "Ingested 1 document(s)" in texts(at.success)
+    assert list(at.dataframe[0].value["document"]) == [str(root.resolve() / "sub" / "good.md")]
+
+
+def test_ingest_page_without_docs_roots_reads_no_path(tmp_path: Path, tiny_model: Path) -> None:
+    root, _ = _outside_setup(tmp_path)
+    at = page("ingest", tmp_path / "home", tiny_model).run()  # settings without docs_roots
+    box = at.text_input(key="ingest_path")
+    assert box.disabled and ENABLE_HINT in texts(at.caption) and "--docs-root" in ENABLE_HINT
+    box.input(str(root / "sub" / "good.md"))  # a browser cannot type here; a script could
+    at.button(key="ingest_go").click().run()
+    assert not at.exception and OUTSIDE_ROOTS in texts(at.error) and not at.success
+    assert "No documents yet: upload files above" in texts(at.info)
 
 
 def test_ask_streams_answer_with_metrics(ingested: Path, tiny_model: Path) -> None:

@@ -21,6 +21,7 @@ from ragkv.engine.chunk_store import ChunkStore, KVShape
 from ragkv.engine.hf import HFEngine
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.plan import chunks_to_load, exact_end
+from ragkv.engine.precompute import compute_spans
 from ragkv.keys import KeySpace
 from ragkv.prompt import PromptTemplate
 from ragkv.trace import ChunkTrace, QueryTrace
@@ -105,16 +106,23 @@ class HFBackend:
             key, len(ids), lambda: self.engine.precompute(list(ids), past), indexed=indexed)
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
+        """Missing chunks are prefilled several per forward pass (``engine/precompute.py``)."""
         keys = [self.keys.chunk(ids, context) for ids in chunks]
         present = self.stored(keys)
-        done = []
+        todo: dict[str, Sequence[int]] = {}
         for ids, key in zip(chunks, keys, strict=True):
-            if present.get(key):
-                done.append(False)
-                continue
-            self.chunk_kv(ids, key, context, indexed=False)
-            present[key] = True  # a chunk twice in one batch is computed once
-            done.append(True)
+            if not present.get(key):
+                todo.setdefault(key, ids)  # a chunk twice in one batch is computed once
+        if todo:
+            past = self.prefix_kv() if context == "prefix" else None
+            kvs = compute_spans(self.engine.runner, list(todo.values()), past)
+            for key, kv in zip(todo, kvs, strict=True):
+                self.chunks.save(key, kv)
+        seen: set[str] = set()
+        done = []
+        for key in keys:
+            done.append(key in todo and key not in seen)
+            seen.add(key)
         return done
 
     # ---- generation ----------------------------------------------------------------------

@@ -5,23 +5,43 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from ragkv.documents import DEFAULT_MAX_BYTES
 from ragkv.ui import APP_PATH, MISSING_STREAMLIT
+
+#: Streamlit's own cap on one upload, in its megabytes (MiB); the Ingest page checks the
+#: same limit again on the bytes it gets.
+MAX_UPLOAD_MB = max(1, DEFAULT_MAX_BYTES // 2**20)
 
 
 class MissingUIDependency(RuntimeError):
     """Streamlit is not installed (the ``ui`` extra)."""
 
 
+class DocsRootError(RuntimeError):
+    """A ``--docs-root`` that is not an existing folder."""
+
+
+def _root(path: Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
 def build_command(home: Path, model: Path | None, port: int = 8501, headless: bool = True,
-                  address: str = "localhost", engine: str = "hf") -> list[str]:
-    """The ``python -m streamlit run`` command line; app options go after ``--``."""
+                  address: str = "localhost", engine: str = "hf",
+                  docs_roots: Sequence[Path] = ()) -> list[str]:
+    """The ``python -m streamlit run`` command line; app options go after ``--``.
+
+    ``docs_roots``: the only folders whose files the Ingest page reads on the server (each
+    passed as ``--docs-root``, absolute with symlinks resolved); none: uploads only.
+    """
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_PATH),
            "--server.port", str(port),
-           # Bound to localhost by default: the Ingest page reads paths on this machine.
+           # Bound to localhost by default: the UI runs models and writes the cache.
            "--server.address", address,
            "--server.headless", "true" if headless else "false",
+           "--server.maxUploadSize", str(MAX_UPLOAD_MB),
            "--browser.gatherUsageStats", "false",
            # A local tool: no "Deploy" button in the toolbar.
            "--client.toolbarMode", "minimal",
@@ -30,18 +50,26 @@ def build_command(home: Path, model: Path | None, port: int = 8501, headless: bo
         cmd += ["--model", str(Path(model).expanduser())]
     if engine != "hf":
         cmd += ["--engine", engine]
+    for root in dict.fromkeys(_root(r) for r in docs_roots):
+        cmd += ["--docs-root", root]
     return cmd
 
 
 def launch(home: Path, model: Path | None, port: int = 8501, headless: bool = True,
-           address: str = "localhost", engine: str = "hf") -> int:
+           address: str = "localhost", engine: str = "hf",
+           docs_roots: Sequence[Path] = ()) -> int:
     """Run the UI server until it exits or Ctrl-C; returns its exit status.
 
-    Raises :class:`MissingUIDependency` (a RuntimeError) when Streamlit is not installed.
+    Raises :class:`MissingUIDependency` (a RuntimeError) when Streamlit is not installed and
+    :class:`DocsRootError` (a RuntimeError) when a docs root is not an existing folder.
     """
+    for root in docs_roots:
+        if not Path(root).expanduser().is_dir():
+            raise DocsRootError(f"--docs-root {root}: not an existing folder")
     if importlib.util.find_spec("streamlit") is None:
         raise MissingUIDependency(MISSING_STREAMLIT)
-    proc = subprocess.Popen(build_command(home, model, port, headless, address, engine))
+    proc = subprocess.Popen(build_command(home, model, port, headless, address, engine,
+                                          docs_roots))
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -37,15 +37,29 @@ LAST_ASK_KEY = "ragkv_last_ask"
 
 @dataclass(frozen=True)
 class Settings:
+    """home, model, precompute context and engine of the shared RagKV; ``docs_roots``: the
+    folders (absolute, symlinks resolved) whose files the Ingest page may read on the server.
+    No roots: it reads uploads only."""
+
     home: str
     model: str | None = None
     context: str = "prefix"
     engine: str = "hf"
+    docs_roots: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Session state may hold a list (tests, ``asdict`` round trips); one bare string is
+        # one folder, not a sequence of one-letter folders.
+        roots = self.docs_roots
+        roots = (roots,) if isinstance(roots, str | Path) else tuple(roots or ())
+        object.__setattr__(self, "docs_roots", tuple(str(r) for r in roots))
 
 
 def parse_args(argv: Sequence[str]) -> Settings:
-    """App options as ``streamlit run app.py -- --home H --model M`` passes them.
+    """App options as ``streamlit run app.py -- --home H --model M [--docs-root DIR ...]``
+    passes them.
 
+    ``--docs-root`` may be repeated; each folder is made absolute with symlinks resolved.
     Unknown arguments are ignored so a foreign ``sys.argv`` (a test runner's) does no harm.
     """
     p = argparse.ArgumentParser(prog="ragkv ui", add_help=False, allow_abbrev=False)
@@ -53,10 +67,12 @@ def parse_args(argv: Sequence[str]) -> Settings:
     p.add_argument("--model", default=None)
     p.add_argument("--context", default="prefix")
     p.add_argument("--engine", default="hf")
+    p.add_argument("--docs-root", action="append", default=[], dest="docs_roots")
     ns, _ = p.parse_known_args(list(argv))
     home = Path(ns.home).expanduser() if ns.home else default_home()
     model = str(Path(ns.model).expanduser()) if ns.model else None
-    return Settings(str(home), model, ns.context, ns.engine)
+    roots = tuple(dict.fromkeys(str(Path(r).expanduser().resolve()) for r in ns.docs_roots))
+    return Settings(str(home), model, ns.context, ns.engine, roots)
 
 
 def settings() -> Settings:
