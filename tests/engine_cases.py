@@ -4,11 +4,25 @@ Every model is built from a seeded random initialisation, so the invariants chec
 ``test_engine_exactness.py`` and ``test_engine_selection.py`` hold across RoPE variants
 (default, llama3, YaRN, linear), head_dim != hidden/heads, Mistral and Qwen2 (qkv bias), not
 only on the default SmolLM2.
+
+The initialisation is chosen so that a wrong position *shows*. transformers' default (std
+0.02) gives near-uniform attention and logits of about 0.5: a one-position RoPE error moved the
+first-token logits by ~2e-4, about TOL, and ``mistral`` had ``llama``'s very weights.
+:func:`position_sensitive` re-draws every weight, seeded by the model's name: q/k projections
+with gain ``QK_GAIN`` (pre-softmax scores of std ~``QK_GAIN**2`` = 4, so each query attends to
+a few keys), unit-variance embeddings, 1/sqrt(fan_in) elsewhere (logits of std ~1, max ~3-4),
+norm weights around 1 (so the two norms of a layer differ) and non-zero biases. On these
+models the exact paths (ratio 1.0, prefix mode, one chunk placed first) differ from the model's
+own forward by <= 7e-6 on logits and <= 1.1e-5 on K/V, while a one-position RoPE shift of the
+cached keys moves the logits by 0.7-2.7, a query seeing one key too many by 0.04-1.9 (0.4-1.9
+at ratio 1.0) and default RoPE tables on a llama3/YaRN/linear model by 0.3-3.6;
+``tests/test_engine_guards.py`` holds those margins.
 """
 
 from __future__ import annotations
 
 import functools
+import zlib
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +42,14 @@ from ragkv.engine.hf import HFEngine
 from ragkv.engine.kv import ChunkKV
 from ragkv.prompt import AssembledPrompt
 
+# Tolerance of every "equals full prefill" check, logits and K/V alike. The fused path and the
+# model's own forward run the same float32 operations in a different order (SDPA vs the
+# selected-query attention, one RoPE launch over the buffer vs per-call rotation, row subsets of
+# the matmuls), so they differ by reassociation only: measured on these models, logits (max
+# ~3-4) by <= 7e-6 and K/V (elements up to ~10) by <= 1.1e-5, i.e. a few float32 ulps
+# (1.2e-7 relative) compounded over four layers. 1e-4 leaves ~9x headroom for other BLAS
+# builds and thread counts, and stays >400x below the smallest logit error a one-position
+# RoPE shift, a one-key mask error or a wrong RoPE scaling scheme causes (see above).
 TOL = 1e-4
 VOCAB = 256
 SEP = 2  # one-token separator between chunks
@@ -35,6 +57,10 @@ RATIOS = (0.05, 0.15, 0.3)
 
 _BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+
+#: q/k projection gain: scores ``q.k / sqrt(head_dim)`` have std ~QK_GAIN**2 on unit-RMS input
+QK_GAIN = 2.0
 
 
 def _llama(**extra) -> LlamaForCausalLM:
@@ -59,6 +85,33 @@ MODEL_SPECS = {
 MODELS = list(MODEL_SPECS)
 
 
+def position_sensitive(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Re-draw every weight of ``model`` in place from a generator seeded by ``name`` (see the
+    module docstring for why); returns the model."""
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    # A tied embedding is also the output head: drawn like one, so logits keep std ~1.
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():  # a tied lm_head is the embedding: once
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in pname:
+                p.copy_(1.0 + 0.2 * noise)
+            elif pname.endswith("bias"):
+                p.copy_(0.2 * noise)
+            elif "embed_tokens" in pname and not tied:
+                p.copy_(noise)
+            elif "q_proj" in pname or "k_proj" in pname:
+                p.copy_(noise * QK_GAIN / p.shape[1] ** 0.5)
+            else:
+                p.copy_(noise / p.shape[1] ** 0.5)
+    return model
+
+
+def make_model(name: str) -> torch.nn.Module:
+    """A fresh float32 copy of the test model ``name`` (eval mode)."""
+    return position_sensitive(MODEL_SPECS[name](), name).float().eval()
+
+
 class _Tok:
     """HFEngine only asks the tokenizer for EOS (and text, which these tests never decode)."""
 
@@ -77,9 +130,7 @@ def _one_thread():
 
 @functools.cache
 def _engine(name: str) -> HFEngine:
-    torch.manual_seed(1234)
-    model = MODEL_SPECS[name]().float().eval()
-    return HFEngine(model, _Tok())
+    return HFEngine(make_model(name), _Tok())
 
 
 @pytest.fixture(params=MODELS)

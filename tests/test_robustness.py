@@ -119,3 +119,14 @@ def test_dashboard_estimates_only_where_nothing_was_measured():
     assert df["cum_saved_s"].iloc[-1] == pytest.approx(1.9)
     assert df["cum_with_est_s"].iloc[-1] > df["cum_saved_s"].iloc[-1]
     assert frames.full_prefill_fit(frames.queries_frame(rows[2:3])) is None
+
+
+def test_every_fingerprint_fits_the_index_column(tiny_model, rag):
+    """PostgreSQL enforces the index's 64-character model_fp column (SQLite does not): a
+    longer vLLM fingerprint made every store through vLLM fail there."""
+    from ragkv.cache_index.models import KVEntry
+    from ragkv.engine.vllm.params import vllm_fingerprint
+
+    width = KVEntry.__table__.c.model_fp.type.length
+    assert len(vllm_fingerprint(str(tiny_model), "float32")) == width
+    assert len(rag.fingerprint) == width

@@ -1,0 +1,91 @@
+"""Ingestion throughput on the transformers engine: ragkv's precompute (8 chunks per forward
+pass, each after the template prefix) against the model's own batched prefill of the same
+chunks, and against one chunk at a time, in tokens per second, in one run.
+
+    python benchmarks/ingest_bench.py [--chunks 32] [--out benchmarks/results/ingest_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chunks", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ingest_cpu.json"))
+    a = ap.parse_args()
+
+    from ragkv.api import RagKV
+    from ragkv.chunking import chunk_text
+    from ragkv.config import RagkvConfig
+    from ragkv.engine.blend import compute_span
+    from ragkv.engine.precompute import BATCH, compute_spans
+    from ragkv.ingest import pydoc_topics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rag = RagKV(RagkvConfig(home=Path(tmp)))
+        eng = rag.backend.engine
+        chunks: list[list[int]] = []
+        for _, text in pydoc_topics():
+            chunks += [c.token_ids for c in chunk_text(text, rag.tokenizer, 512)
+                       if len(c.token_ids) >= 384]
+            if len(chunks) >= a.chunks:
+                break
+        chunks = chunks[:a.chunks]
+        tokens = sum(map(len, chunks))
+        past = rag.backend.prefix_kv()
+        prefix = list(rag.template.prefix_ids)
+
+        def ragkv_batched() -> None:
+            compute_spans(eng.runner, chunks, past)
+
+        def one_at_a_time() -> None:
+            for c in chunks:
+                compute_span(eng.runner, torch.tensor(c), past)
+
+        @torch.inference_mode()
+        def model_batched() -> None:  # the model's own forward, prefix + chunk, padded batches
+            order = sorted(chunks, key=len)
+            for s in range(0, len(order), BATCH):
+                group = order[s:s + BATCH]
+                n = max(map(len, group))
+                ids = torch.zeros(len(group), len(prefix) + n, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, c in enumerate(group):
+                    row = prefix + c
+                    ids[i, :len(row)] = torch.tensor(row)
+                    mask[i, :len(row)] = 1
+                eng.model(input_ids=ids, attention_mask=mask, use_cache=True)
+
+        runs = {"ragkv_batched": ragkv_batched, "model_batched": model_batched,
+                "one_at_a_time": one_at_a_time}
+        ragkv_batched()  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(a.repeats):
+            for name, fn in runs.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {"chunks": len(chunks), "tokens": tokens, "batch": BATCH,
+              "threads": torch.get_num_threads(), "seconds": times,
+              "tokens_per_s": {k: tokens / v for k, v in med.items()},
+              "ragkv_over_model_batched": med["model_batched"] / med["ragkv_batched"]}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+    for k, v in result["tokens_per_s"].items():
+        print(f"{k:15s} {v:8.0f} tokens/s")
+    print(f"ragkv / model's own batched prefill: {result['ragkv_over_model_batched']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""Property-based tests (hypothesis): chunking, prompt assembly, cache keys and the vLLM
+fusion-parameter parser, on arbitrary input.
+
+The tokenizer is SmolLM2's real one (the session-scoped ``tokenizer`` fixture: hypothesis only
+objects to function-scoped ones). Each property runs at most 100 examples, no example database
+is written (nothing lands in the working tree) and there is no per-example deadline (the first
+tokenizer call of a session is slow).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from ragkv.chunking import TextChunk, chunk_text
+from ragkv.config import BlendConfig
+from ragkv.engine.policies import REGISTRY, reads_question
+from ragkv.engine.vllm.params import FUSED_MODES, FusionParams, ParamsError, fusion_salt, parse
+from ragkv.keys import KV_LAYOUT, KeySpace, chunk_key, context_digest
+from ragkv.prompt import PromptTemplate
+
+
+def fast(n: int = 100) -> settings:
+    return settings(max_examples=n, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+# ---- text strategies ---------------------------------------------------------------------------
+
+WHITESPACE = [" ", "  ", "   ", "\t", "\n", "\n\n", "\n\n\n", " \n", "\n  ", "\r\n", "\r",
+              "\u00a0", "\u3000", "\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\u200b"]
+PIECES = ["word", "Hello", "the", "cache", "x" * 12, ".", ". ", "! ", "? ", ";", ":", ",",
+          "def f(x):\n    return x\n", "    indented", "- item\n",
+          "\U0001f600", "\U0001f680\U0001f9e0", "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+          "\U0001f1eb\U0001f1f7", "\u2764\ufe0f",
+          "e\u0301", "a\u0308\u0323", "\u0301", "Z\u0351\u0352\u0357\u0358\u035b\u0346",
+          "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8", "\u4e2d\u6587\u3002",
+          "\ud55c\uad6d\uc5b4", "\u0627\u0644\u0639\u0631\u0628\u064a\u0629", "\u05e2\u05d1",
+          "caf\u00e9", "\x00", "\ufeff", "\ufffd"]
+
+# Control characters whose bytes SmolLM2's byte-level vocabulary lacks: its tokenizer drops
+# them and misreports the offsets of the tokens after them in the same word (see
+# test_chunk_text_with_bytes_the_tokenizer_drops). Left out of the other properties.
+DROPPED = "\x04\x06\x13\x14\x16\x1d"
+_NO_DROPPED = str.maketrans("", "", DROPPED)
+
+# Valid unicode: hypothesis's text() leaves out lone surrogates (category Cs).
+_piece = st.one_of(
+    st.sampled_from(WHITESPACE),
+    st.sampled_from(PIECES),
+    st.text(min_size=1, max_size=8),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=4),
+)
+texts = st.lists(_piece, max_size=80).map("".join).map(lambda s: s.translate(_NO_DROPPED))
+
+
+# ---- chunking ----------------------------------------------------------------------------------
+
+def _standalone(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_chunks(source: str, chunks: list[TextChunk], tokenizer: Any) -> None:
+    assert isinstance(chunks, list)
+    prev_end = 0
+    for c in chunks:
+        assert isinstance(c, TextChunk)
+        assert 0 <= prev_end <= c.start < c.end <= len(source), "ordered, disjoint, in range"
+        assert c.text == source[c.start:c.end]
+        assert c.text.strip(), "no empty or whitespace-only chunk"
+        assert c.token_ids, "a chunk has tokens"
+        assert c.token_ids == _standalone(tokenizer, c.text), "ids are the text on its own"
+        prev_end = c.end
+    # Nothing but whitespace is ever left out.
+    assert "".join(source.split()) == "".join("".join(c.text for c in chunks).split())
+
+
+@fast()
+@given(source=texts, chunk_tokens=st.integers(1, 64))
+@example(source="\U0001f600" * 12, chunk_tokens=1)  # one character, several byte tokens
+@example(source="\n\n \u3000\n", chunk_tokens=4)  # whitespace only: no chunk
+def test_chunk_text_on_arbitrary_unicode(tokenizer, source: str, chunk_tokens: int) -> None:
+    chunks = chunk_text(source, tokenizer, chunk_tokens)
+    _check_chunks(source, chunks, tokenizer)
+    if not source.strip():
+        assert chunks == []
+
+
+@fast()
+@given(source=texts, chunk_tokens=st.integers(8, 96))
+@example(source="\U0001f600" * 200, chunk_tokens=8)
+@example(source="a\u0301" * 300, chunk_tokens=8)
+def test_chunk_size_bound(tokenizer, source: str, chunk_tokens: int) -> None:
+    """The module's promise: "at most ~1.25x" ``chunk_tokens`` per chunk. A chunk cannot be
+    smaller than one character, which is up to 4 byte-level tokens, so the bound is checked
+    from 8 tokens on (below that only the invariants of the test above hold)."""
+    for c in chunk_text(source, tokenizer, chunk_tokens):
+        assert len(c.token_ids) <= 1.25 * chunk_tokens, (len(c.token_ids), c.text)
+
+
+@fast(60)
+@given(source=st.text(alphabet=st.characters(codec=None, categories=["Cs", "L", "Zs", "Cc"],
+                                             exclude_characters=DROPPED), max_size=40),
+       chunk_tokens=st.integers(-3, 64))
+def test_chunk_text_raises_only_documented_errors(tokenizer, source: str,
+                                                  chunk_tokens: int) -> None:
+    """Lone surrogates (not encodable text; a JSON ``"\\ud800"`` decodes to one) and a size
+    below 1 raise ValueError or TypeError; nothing else escapes."""
+    try:
+        chunks = chunk_text(source, tokenizer, chunk_tokens)
+    except (ValueError, TypeError):
+        assert chunk_tokens < 1 or any(0xD800 <= ord(ch) <= 0xDFFF for ch in source)
+        return
+    assert chunk_tokens >= 1
+    _check_chunks(source, chunks, tokenizer)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the tokenizer drops these bytes and shifts the "
+                   "offsets chunk_text cuts by: a chunk loses its last characters or has no "
+                   "token ids (reported; remove this marker once chunking.py handles them)")
+@pytest.mark.parametrize("source", ["\x16:", "Hello world \x16:", "Total\x04: 12"])
+def test_chunk_text_with_bytes_the_tokenizer_drops(tokenizer, source: str) -> None:
+    _check_chunks(source, chunk_text(source, tokenizer, 64), tokenizer)
+
+
+# ---- prompt assembly ---------------------------------------------------------------------------
+
+VOCAB = 49152
+chunk_ids = st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=24)
+questions = st.one_of(st.sampled_from(["", " ", "\n\t ", "What?", "  padded question  ",
+                                       "\u3000", "\u200b"]),
+                      texts, st.text(max_size=30))
+systems = st.one_of(st.sampled_from(["", "You are a helpful assistant."]), st.text(max_size=40))
+
+
+@fast()
+@given(system=systems,
+       chunks=st.lists(st.one_of(chunk_ids, chunk_ids.map(np.array), st.just([])), max_size=6),
+       question=questions)
+def test_assemble_is_prefix_chunks_separators_suffix(tokenizer, system: str, chunks: list,
+                                                     question: str) -> None:
+    tpl = PromptTemplate.from_tokenizer(tokenizer, system)
+    try:
+        p = tpl.assemble(chunks, question)
+    except ValueError as exc:  # documented: an empty chunk or an empty question
+        assert any(len(c) == 0 for c in chunks) or not question.strip(), exc
+        return
+    assert question.strip() and all(len(c) for c in chunks)
+    lists = [[int(t) for t in c] for c in chunks]
+    prefix, sep = list(tpl.prefix_ids), list(tpl.sep_ids)
+    suffix = _standalone(tokenizer, tpl.suffix_head + question.strip() + tpl.suffix_tail)
+    body: list[int] = []
+    for i, c in enumerate(lists):
+        body += (sep if i else []) + c
+    assert p.ids == prefix + body + suffix
+    assert all(type(t) is int for t in p.ids)
+    assert p.prefix_len == len(prefix) > 0 and sep
+    assert len(p.chunk_spans) == len(lists)
+    at = p.prefix_len
+    for i, ((s, e), c) in enumerate(zip(p.chunk_spans, lists, strict=True)):
+        assert s == at + (len(sep) if i else 0) and e == s + len(c)
+        assert p.ids[s:e] == c
+        if i:
+            assert p.ids[at:s] == sep
+        at = e
+    assert p.suffix_start == at == len(p.ids) - len(suffix) and suffix
+    assert p.chunk_tokens == sum(map(len, lists))
+    uncached = {i for i in range(p.prefix_len, len(p.ids))
+                if not any(s <= i < e for s, e in p.chunk_spans)}
+    assert p.uncached_positions() == sorted(uncached)
+
+
+# ---- cache keys --------------------------------------------------------------------------------
+
+token_ids = st.lists(st.integers(0, 2**31 - 1), max_size=40)
+fingerprints = st.one_of(st.text(max_size=20), st.text(alphabet="0123456789abcdef",
+                                                       min_size=64, max_size=64))
+storages = st.one_of(st.sampled_from(["float16", "bfloat16", "float32", "int8"]),
+                     st.text(max_size=10))
+spaces = st.builds(KeySpace, fingerprint=fingerprints, kv_storage=storages,
+                   prefix_ids=token_ids.filter(bool).map(tuple),
+                   context=st.sampled_from(["prefix", "cold"]))
+
+
+@fast()
+@given(space=spaces, ids=token_ids)
+def test_keys_are_hex_deterministic_and_consistent(space: KeySpace, ids: list[int]) -> None:
+    keys = [space.chunk(ids), space.chunk(ids, "prefix"), space.chunk(ids, "cold"),
+            space.exact(ids), space.after(space.prefix_ids, ids), space.after((), ids)]
+    assert all(HEX64.fullmatch(k) for k in keys)
+    again = KeySpace(space.fingerprint, space.kv_storage, tuple(space.prefix_ids), space.context)
+    assert keys[0] == again.chunk(list(ids)) == space.chunk(tuple(ids))
+    assert space.chunk(ids) == space.chunk(np.array(ids, dtype=np.int64))
+    assert space.chunk(ids) == space.chunk(ids, space.context)
+    assert space.after(space.prefix_ids, ids) == space.chunk(ids, "prefix")
+    assert space.after(list(space.prefix_ids), ids) == space.chunk(ids, "prefix")
+    assert space.exact(ids) == space.chunk(ids, "cold") == space.after((), ids)
+    assert space.chunk(ids, "prefix") != space.chunk(ids, "cold")
+    assert space.chunk(ids, "cold") == chunk_key(space.fingerprint, ids,
+                                                 kv_dtype=space.kv_storage)
+
+
+@fast()
+@given(fp=st.tuples(fingerprints, fingerprints), ids=st.tuples(token_ids, token_ids),
+       ctx=st.tuples(st.one_of(st.just(None), token_ids), st.one_of(st.just(None), token_ids)),
+       dtype=st.tuples(storages, storages),
+       layout=st.tuples(st.just(KV_LAYOUT), st.one_of(st.just(KV_LAYOUT), st.text(max_size=8))),
+       which=st.sampled_from(["fp", "ids", "ctx", "dtype", "layout"]))
+def test_keys_differ_when_any_input_differs(fp, ids, ctx, dtype, layout, which: str) -> None:
+    """Change one input (and only that one): the key changes; change none: it stays."""
+    def key(i: dict[str, int]) -> str:
+        return chunk_key(fp[i["fp"]], ids[i["ids"]], context=context_digest(ctx[i["ctx"]]),
+                         kv_dtype=dtype[i["dtype"]], layout=layout[i["layout"]])
+
+    base = dict.fromkeys(("fp", "ids", "ctx", "dtype", "layout"), 0)
+    changed = {**base, which: 1}
+    same = {"fp": fp[0] == fp[1], "ids": ids[0] == ids[1],
+            "ctx": context_digest(ctx[0]) == context_digest(ctx[1]),
+            "dtype": dtype[0] == dtype[1], "layout": layout[0] == layout[1]}[which]
+    assert (key(base) == key(changed)) == same
+    assert key(base) == key(dict(base))
+
+
+@fast()
+@given(space=spaces, other=st.tuples(fingerprints, storages, token_ids.filter(bool)),
+       ids=token_ids)
+def test_key_spaces_differ_in_every_field(space: KeySpace, other, ids: list[int]) -> None:
+    fp, storage, prefix = other
+    for changed in (KeySpace(fp, space.kv_storage, space.prefix_ids, "prefix"),
+                    KeySpace(space.fingerprint, storage, space.prefix_ids, "prefix"),
+                    KeySpace(space.fingerprint, space.kv_storage, tuple(prefix), "prefix")):
+        base = KeySpace(space.fingerprint, space.kv_storage, space.prefix_ids, "prefix")
+        assert (base.chunk(ids) == changed.chunk(ids)) == (base == changed)
+
+
+# ---- vLLM fusion parameters --------------------------------------------------------------------
+
+keys64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+NAMES = ["mode", "prefix_end", "chunks", "suffix_start", "context", "blend", "save", "record",
+         "describe", "contains", "ratio", "min_ratio", "policy", "check_layers",
+         "deviation_on", "head_tokens"]
+WORDS = ["blend", "reuse", "prefix", "cold", "auto", "k", "v", "kv", *REGISTRY]
+json_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-3, 40),
+                        st.floats(), st.text(max_size=70), keys64, st.sampled_from(WORDS))
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: st.one_of(st.lists(inner, max_size=5),
+                            st.dictionaries(st.one_of(st.sampled_from(NAMES), st.text(max_size=6)),
+                                            inner, max_size=6)),
+    max_leaves=25)
+prompt_lengths = st.integers(0, 300)
+
+
+def _span_list(draw, lo: int, hi: int, max_spans: int) -> list[list]:
+    """Ordered, non-overlapping [start, end, key] spans inside [lo, hi)."""
+    cuts = sorted(draw(st.sets(st.integers(lo, hi), min_size=2, max_size=2 * max_spans)))
+    pairs = [cuts[i:i + 2] for i in range(0, len(cuts) - 1, 2)]
+    return [[s, e, draw(keys64)] for s, e in pairs]
+
+
+@st.composite
+def valid_bodies(draw) -> tuple[dict, int]:
+    """A well-formed ``{"ragkv": ...}`` and its prompt length (fused, save-only, question)."""
+    n = draw(st.integers(4, 300))
+    context = draw(st.sampled_from(["prefix", "cold"]))
+    kind = draw(st.sampled_from(["fused", "fused", "fused", "save", "describe", "contains"]))
+    if kind == "describe":
+        return {"ragkv": {"describe": True, "context": context}}, n
+    if kind == "contains":
+        # (an empty "contains" parses, but to_json leaves it out: no round trip; harmless)
+        return {"ragkv": {"contains": draw(st.lists(keys64, min_size=1, max_size=4)),
+                          "context": context}}, n
+    if kind == "save":
+        return {"ragkv": {"save": _span_list(draw, 0, n, 3), "context": context}}, n
+    prefix_end = draw(st.integers(1, n - 3))
+    suffix_start = draw(st.integers(prefix_end + 1, n - 1))
+    chunks = _span_list(draw, prefix_end, suffix_start, 5)
+    body: dict[str, Any] = {"mode": draw(st.sampled_from(FUSED_MODES)), "prefix_end": prefix_end,
+                            "chunks": chunks, "suffix_start": suffix_start, "context": context}
+    blend = {}
+    for name, values in (("ratio", st.floats(0, 1)), ("min_ratio", st.floats(0, 1)),
+                         ("policy", st.sampled_from(sorted(REGISTRY))),
+                         ("check_layers", st.lists(st.integers(1, 40), min_size=1, max_size=3)),
+                         ("deviation_on", st.sampled_from(["k", "v", "kv"])),
+                         ("head_tokens", st.integers(0, 16))):
+        if draw(st.booleans()):
+            blend[name] = draw(values)
+    if blend or draw(st.booleans()):
+        body["blend"] = blend
+    if draw(st.booleans()):
+        body["record"] = draw(st.booleans())
+    if draw(st.booleans()):
+        body["save"] = _span_list(draw, 0, n, 2)
+    return {"ragkv": body}, n
+
+
+def _mutate(draw, body: dict) -> None:
+    """One change a careless or hostile client could make to a ragkv body."""
+    target = body
+    if "blend" in body and isinstance(body["blend"], dict) and draw(st.booleans()):
+        target = body["blend"]
+    op = draw(st.sampled_from(["set", "set", "drop", "span", "nudge", "bool"]))
+    names = list(target) or ["mode"]
+    name = draw(st.sampled_from(sorted(set(names) | set(NAMES))))
+    if op == "set":
+        target[name] = draw(json_values)
+    elif op == "drop":
+        target.pop(name, None)
+    elif op == "span" and isinstance(body.get("chunks") or body.get("save"), list):
+        spans = body.get("chunks") or body.get("save")
+        if spans:
+            i = draw(st.integers(0, len(spans) - 1))
+            if isinstance(spans[i], list) and spans[i]:
+                j = draw(st.integers(0, len(spans[i]) - 1))
+                spans[i][j] = draw(st.one_of(json_values, st.integers(-2, 310)))
+            if draw(st.booleans()):
+                spans.insert(draw(st.integers(0, len(spans))), draw(json_values))
+    elif op == "nudge" and isinstance(target.get(name), int | float):
+        target[name] = target[name] + draw(st.sampled_from([-2, -1, 1, 2, 0.5, 10**30]))
+    elif op == "bool":
+        target[name] = draw(st.booleans())
+
+
+@st.composite
+def mutated_bodies(draw) -> tuple[Any, int]:
+    transfer, n = draw(valid_bodies())
+    for _ in range(draw(st.integers(1, 3))):
+        _mutate(draw, transfer["ragkv"])
+    return transfer, draw(st.one_of(st.just(n), st.integers(0, n + 2)))
+
+
+def _parse_checked(transfer: Any, n: int) -> FusionParams | None:
+    """parse() under its contract: None, FusionParams or ParamsError, and a usable result."""
+    try:
+        p = parse(transfer, n)
+    except ParamsError:
+        return None
+    if p is None:
+        assert not isinstance(transfer, dict) or "ragkv" not in transfer
+        return None
+    assert isinstance(p, FusionParams)
+    assert p.context in ("prefix", "cold")
+    for spans in (p.chunks, p.save):
+        prev = 0
+        for s in spans:
+            assert isinstance(s.key, str) and len(s.key) == 64
+            assert 0 <= prev <= s.start < s.end <= n, "inside the prompt, ordered, disjoint"
+            prev = s.end
+    if p.chunks:
+        assert p.mode in FUSED_MODES
+        assert 0 < p.prefix_end <= p.chunks[0].start
+        assert p.chunks[-1].end <= p.suffix_start < n, "the suffix's last token is computed"
+    ids = list(range(n))
+    salt = fusion_salt(p, ids)  # never raises on a parsed object
+    assert salt.startswith("ragkv-fusion:") and HEX64.fullmatch(salt.split(":", 1)[1])
+    assert fusion_salt(p, ids) == salt
+    return p
+
+
+UNHASHABLE_POLICY = {"ragkv": {"mode": "blend", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]],
+                               "suffix_start": 5, "blend": {"policy": ["qhkvd"]}}}
+
+
+@fast()
+@given(body=json_values, n=prompt_lengths)
+@example(body=UNHASHABLE_POLICY["ragkv"], n=8)
+@example(body={"mode": "blend", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]],
+               "suffix_start": 5, "blend": {"policy": {}}}, n=8)
+def test_parse_arbitrary_json(body: Any, n: int) -> None:
+    _parse_checked({"ragkv": body}, n)
+
+
+@fast()
+@given(transfer=json_values, n=prompt_lengths)
+def test_parse_arbitrary_transfer(transfer: Any, n: int) -> None:
+    _parse_checked(transfer, n)
+
+
+@fast()
+@given(case=mutated_bodies())
+def test_parse_mutated_bodies(case: tuple[Any, int]) -> None:
+    _parse_checked(*case)
+
+
+def test_parse_refuses_an_unhashable_policy() -> None:
+    """Found by test_parse_arbitrary_json: ``blend.policy`` a list or an object made parse
+    raise TypeError (unhashable) out of the registry lookup, past the scheduler's ``except
+    ParamsError``; any HTTP client of a served vLLM could send it."""
+    for policy in (["qhkvd"], {"a": 1}):
+        body = {**UNHASHABLE_POLICY["ragkv"], "blend": {"policy": policy}}
+        with pytest.raises(ParamsError):
+            parse({"ragkv": body}, 8)
+
+
+@fast()
+@given(case=st.one_of(valid_bodies(), mutated_bodies()))
+@example(case=({"ragkv": {"mode": "blend", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]],
+                          "suffix_start": 5, "blend": {"check_layers": [1.5]}}}, 8))
+@example(case=({"ragkv": {"mode": "blend", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]],
+                          "suffix_start": 5, "blend": {"head_tokens": "x"}}}, 8))
+def test_parse_gives_blend_settings_the_worker_can_use(case: tuple[Any, int]) -> None:
+    """Every number the worker computes with is a real int (not a bool, float or string)."""
+    p = _parse_checked(*case)
+    if p is None or not p.chunks:
+        return
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    b = p.blend
+    assert is_int(p.prefix_end) and is_int(p.suffix_start)
+    assert isinstance(b.ratio, int | float) and not isinstance(b.ratio, bool)
+    assert 0.0 <= b.ratio <= 1.0 and 0.0 <= b.min_ratio <= 1.0
+    assert b.check_layers and all(is_int(x) and x >= 1 for x in b.check_layers)
+    assert is_int(b.head_tokens) and b.head_tokens >= 0
+    assert b.policy in REGISTRY and b.deviation_on in ("k", "v", "kv")
+
+
+@fast()
+@given(case=valid_bodies())
+def test_valid_bodies_parse_and_round_trip(case: tuple[dict, int]) -> None:
+    transfer, n = case
+    p = _parse_checked(transfer, n)
+    assert p is not None, transfer
+    body = transfer["ragkv"]
+    if "chunks" in body:
+        assert [[s.start, s.end, s.key] for s in p.chunks] == body["chunks"]
+        assert (p.prefix_end, p.suffix_start) == (body["prefix_end"], body["suffix_start"])
+        raw = body.get("blend", {})
+        assert p.blend == BlendConfig(**{**raw, "check_layers": tuple(raw.get("check_layers",
+                                                                              (1,)))})
+    assert parse(p.to_json(), n) == p
+
+
+@fast()
+@given(case=valid_bodies(), other=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8))
+def test_fusion_salt_names_the_fusion_not_the_tokens(case: tuple[dict, int],
+                                                     other: list[int]) -> None:
+    """The salt ignores the context tokens (vLLM hashes those itself) and covers the question
+    exactly when the blend policy reads it."""
+    transfer, n = case
+    p = parse(transfer, n)
+    assume(p is not None and p.fused)
+    ids = list(range(n))
+    salt = fusion_salt(p, ids)
+    before = [t + 1 for t in ids[:p.suffix_start]] + ids[p.suffix_start:]
+    assert fusion_salt(p, before) == salt
+    after = ids[:p.suffix_start] + [(t + 7) % VOCAB for t in ids[p.suffix_start:]]
+    reads = p.mode == "blend" and reads_question(p.blend)
+    assert (fusion_salt(p, after) != salt) == reads
+    assert fusion_salt(p, ids[:p.suffix_start] + other) == salt or reads
