@@ -130,3 +130,19 @@ def test_every_fingerprint_fits_the_index_column(tiny_model, rag):
     width = KVEntry.__table__.c.model_fp.type.length
     assert len(vllm_fingerprint(str(tiny_model), "float32")) == width
     assert len(rag.fingerprint) == width
+
+
+def test_a_server_that_is_not_there_is_one_clear_error(tmp_path, tiny_model):
+    import socket
+
+    from ragkv.engine.base import EngineError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(EngineError, match="did not answer"):
+        RagKV(RagkvConfig(home=tmp_path, model=tiny_model, engine=url))
+    out = runner.invoke(app, ["ask", "q", "--engine", url, "--home", str(tmp_path),
+                              "--model", str(tiny_model)])
+    assert out.exit_code == 1 and "ragkv serve" in out.output
+    assert "Traceback" not in out.output

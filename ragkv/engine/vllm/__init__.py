@@ -1,6 +1,7 @@
-"""The vLLM backend: a KV connector that fuses cached chunk KV inside a real vLLM V1 engine.
+"""The vLLM engine: a KV connector that fuses cached chunk KV inside a real vLLM V1 engine,
+and the contract's backend that reaches it in process or over HTTP.
 
-Nothing here imports vLLM at package import: ``ragkv.engine.vllm.params`` is plain Python
-(what a client sends), the rest is loaded by vLLM itself (connector, plugin) or by
-``VLLMEngine`` once the ``vllm`` extra is known to be installed.
+Nothing here imports vLLM at package import: ``params``, ``client``, ``transport`` and
+``backend`` are plain Python (what a client of a served vLLM needs); the connector and the
+plugin are loaded by vLLM itself, and ``engine.load_llm`` imports vLLM when it is asked for.
 """

@@ -57,7 +57,8 @@ def load_llm(cfg: RagkvConfig, model_path: Path, *, dtype: str = "float32",
 
 def serve_command(cfg: RagkvConfig, model_path: Path, *, host: str = "127.0.0.1",
                   port: int = 8000, dtype: str = "float32", max_model_len: int | None = None,
-                  kv_cache_bytes: int = 1 << 30, extra: Sequence[str] = ()) -> list[str]:
+                  kv_cache_bytes: int = 1 << 30, extra: Sequence[str] = (),
+                  connector: bool = True) -> list[str]:
     """The command that serves ``model_path`` with vLLM's OpenAI-compatible server and
     ragkv's connector over ``cfg``'s cache. The CPU build of vLLM ships no working ``vllm``
     command, so the server module runs; a GPU build's ``vllm serve`` takes the same options.
@@ -68,7 +69,8 @@ def serve_command(cfg: RagkvConfig, model_path: Path, *, host: str = "127.0.0.1"
             "--kv-cache-memory-bytes", str(kv_cache_bytes),
             "--host", host, "--port", str(port),
             "--enable-per-request-metrics", "--enable-prompt-tokens-details",
-            "--kv-transfer-config", json.dumps(connector_config(cfg)), *extra]
+            *(["--kv-transfer-config", json.dumps(connector_config(cfg))] if connector else []),
+            *extra]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
