@@ -193,12 +193,17 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
 
 @app.command()
 def ui(home: Home = default_home(), model: Model = None, port: int = 8501,
-       headless: bool = True, engine: Engine = "hf") -> None:
+       headless: bool = True, engine: Engine = "hf",
+       docs_root: Annotated[list[Path] | None, typer.Option(
+           "--docs-root", file_okay=False,
+           help="a folder the Ingest page may read on the server (repeatable; none: uploads "
+                "only)")] = None) -> None:
     """Start the web UI (Ask, Dashboard, Inspect, Ingest) on localhost."""
     from ragkv.ui.launch import launch
 
     try:
-        code = launch(home, model, port=port, headless=headless, engine=engine)
+        code = launch(home, model, port=port, headless=headless, engine=engine,
+                      docs_roots=docs_root or [])
     except RuntimeError as exc:  # Streamlit missing: the message names the extra to install
         fail(str(exc))
     raise typer.Exit(code)

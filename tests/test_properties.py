@@ -2,9 +2,9 @@
 fusion-parameter parser, on arbitrary input.
 
 The tokenizer is SmolLM2's real one (the session-scoped ``tokenizer`` fixture: hypothesis only
-objects to function-scoped ones). Each property runs at most 100 examples, no example database
-is written (nothing lands in the working tree) and there is no per-example deadline (the first
-tokenizer call of a session is slow).
+objects to function-scoped ones). Each property runs at most 100 examples, keeps no example
+database (hypothesis's own ``.hypothesis/`` cache gitignores itself) and has no per-example
+deadline (the first tokenizer call of a session is slow). A failure prints the input.
 """
 
 from __future__ import annotations
@@ -47,11 +47,16 @@ PIECES = ["word", "Hello", "the", "cache", "x" * 12, ".", ". ", "! ", "? ", ";",
           "\ud55c\uad6d\uc5b4", "\u0627\u0644\u0639\u0631\u0628\u064a\u0629", "\u05e2\u05d1",
           "caf\u00e9", "\x00", "\ufeff", "\ufffd"]
 
-# Control characters whose bytes SmolLM2's byte-level vocabulary lacks: its tokenizer drops
-# them and misreports the offsets of the tokens after them in the same word (see
-# test_chunk_text_with_bytes_the_tokenizer_drops). Left out of the other properties.
+# Characters with a UTF-8 byte SmolLM2's byte-level vocabulary lacks (it has no token for the
+# bytes 04 06 13 14 16 1d f1 f2, the last two leading the unassigned planes U+40000-U+BFFFF):
+# its tokenizer drops them and misreports the offsets of the tokens after them in the same word
+# (see test_chunk_text_with_bytes_the_tokenizer_drops). Left out of the other properties.
 DROPPED = "\x04\x06\x13\x14\x16\x1d"
-_NO_DROPPED = str.maketrans("", "", DROPPED)
+
+
+def _without_dropped(text: str) -> str:
+    return "".join(c for c in text if c not in DROPPED and not 0x40000 <= ord(c) < 0xC0000)
+
 
 # Valid unicode: hypothesis's text() leaves out lone surrogates (category Cs).
 _piece = st.one_of(
@@ -60,7 +65,7 @@ _piece = st.one_of(
     st.text(min_size=1, max_size=8),
     st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=4),
 )
-texts = st.lists(_piece, max_size=80).map("".join).map(lambda s: s.translate(_NO_DROPPED))
+texts = st.lists(_piece, max_size=80).map("".join).map(_without_dropped)
 
 
 # ---- chunking ----------------------------------------------------------------------------------
@@ -127,9 +132,15 @@ def test_chunk_text_raises_only_documented_errors(tokenizer, source: str,
 @pytest.mark.xfail(strict=True, reason="bug: the tokenizer drops these bytes and shifts the "
                    "offsets chunk_text cuts by: a chunk loses its last characters or has no "
                    "token ids (reported; remove this marker once chunking.py handles them)")
-@pytest.mark.parametrize("source", ["\x16:", "Hello world \x16:", "Total\x04: 12"])
-def test_chunk_text_with_bytes_the_tokenizer_drops(tokenizer, source: str) -> None:
-    _check_chunks(source, chunk_text(source, tokenizer, 64), tokenizer)
+@pytest.mark.parametrize(("source", "chunk_tokens"), [
+    ("\x16:", 64),  # one chunk "\x16" with no token ids; ":" lost
+    ("Ends with a control byte\x16.", 64),  # "." lost
+    ("Para one.\n\nTotal\x1d!\n\nPara three is here.", 4),  # a middle chunk loses "\x1d!"
+    ("\U00040000:", 8),  # ":" lost
+])
+def test_chunk_text_with_bytes_the_tokenizer_drops(tokenizer, source: str,
+                                                   chunk_tokens: int) -> None:
+    _check_chunks(source, chunk_text(source, tokenizer, chunk_tokens), tokenizer)
 
 
 # ---- prompt assembly ---------------------------------------------------------------------------
@@ -308,7 +319,7 @@ def _mutate(draw, body: dict) -> None:
     target = body
     if "blend" in body and isinstance(body["blend"], dict) and draw(st.booleans()):
         target = body["blend"]
-    op = draw(st.sampled_from(["set", "set", "drop", "span", "nudge", "bool"]))
+    op = draw(st.sampled_from(["set", "set", "drop", "span", "nudge", "bool", "retype"]))
     names = list(target) or ["mode"]
     name = draw(st.sampled_from(sorted(set(names) | set(NAMES))))
     if op == "set":
@@ -328,6 +339,18 @@ def _mutate(draw, body: dict) -> None:
         target[name] = target[name] + draw(st.sampled_from([-2, -1, 1, 2, 0.5, 10**30]))
     elif op == "bool":
         target[name] = draw(st.booleans())
+    elif op == "retype":  # the same number as another JSON type: 3 -> true, 3.0, 3.5, "3"
+        numbers = [k for k, v in target.items() if isinstance(v, int | float | list)]
+        if numbers:
+            k = draw(st.sampled_from(sorted(numbers)))
+            v = target[k]
+            if isinstance(v, list) and v:
+                i = draw(st.integers(0, len(v) - 1))
+                if isinstance(v[i], int | float):
+                    v[i] = draw(st.sampled_from([bool(v[i]), float(v[i]), v[i] + 0.5,
+                                                 str(v[i])]))
+            elif isinstance(v, int | float):
+                target[k] = draw(st.sampled_from([bool(v), float(v), v + 0.5, str(v)]))
 
 
 @st.composite

@@ -89,6 +89,10 @@ class FusionParams:
         return {PARAMS_KEY: body}
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _spans(raw: Any, name: str, n: int) -> tuple[Span, ...]:
     if not isinstance(raw, list):
         raise ParamsError(f"'{name}' must be a list of [start, end, key]")
@@ -136,7 +140,7 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
         raise ParamsError(f"mode must be one of {', '.join(FUSED_MODES)}, got {mode!r}")
     chunks = _spans(body["chunks"], "chunks", n_prompt)
     prefix_end, suffix_start = body.get("prefix_end"), body.get("suffix_start")
-    if not isinstance(prefix_end, int) or not isinstance(suffix_start, int):
+    if not (_is_int(prefix_end) and _is_int(suffix_start)):
         raise ParamsError("prefix_end and suffix_start must be integers")
     if not chunks or not 0 < prefix_end <= chunks[0].start:
         raise ParamsError("need at least one chunk, after a non-empty template prefix")
@@ -146,6 +150,17 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     raw = body.get("blend", {})
     if not isinstance(raw, dict):
         raise ParamsError("'blend' must be an object")
+    # Any HTTP client sends these: types are checked before the settings reach the worker.
+    layers = raw.get("check_layers", (1,))
+    if (not isinstance(raw.get("policy", ""), str)
+            or not isinstance(layers, list | tuple) or not all(_is_int(x) for x in layers)
+            or not _is_int(raw.get("head_tokens", 0)) or raw.get("head_tokens", 0) < 0
+            or isinstance(raw.get("ratio"), bool)
+            or not isinstance(raw.get("ratio", 0.0), int | float | str)
+            or not isinstance(raw.get("min_ratio", 0.0), int | float)
+            or isinstance(raw.get("min_ratio"), bool)):
+        raise ParamsError("bad blend settings: policy must be a name, check_layers integers, "
+                          "head_tokens a non-negative integer, ratio a number")
     try:
         blend = BlendConfig(**{**raw, "check_layers": tuple(raw.get("check_layers", (1,)))})
     except (TypeError, ValueError) as exc:
