@@ -8,7 +8,7 @@ CASES ?= benchmarks/cases/pydoc.jsonl
 PROSE ?= benchmarks/cases/prose.jsonl
 export RAGKV_HOME
 
-.PHONY: install model demo ui test test-slow test-ui-browser test-services bench-storage bench-gpu vllm-install test-vllm bench lint clean
+.PHONY: install model demo ui test test-slow test-ui-browser test-services bench-storage bench-gpu bench-engines bench-concurrency bench-ingest vllm-install test-vllm bench lint clean
 
 install: $(VENV)/.installed
 
@@ -80,6 +80,15 @@ bench: $(VENV)/.installed model
 bench-storage: $(VENV)/.installed model
 	$(PY) benchmarks/storage_bench.py --name sqlite
 	$(PY) benchmarks/loading_bench.py --cases $(CASES) --limit 8
+
+# The same bench on transformers, in-process vLLM and a served vLLM; many clients at once
+# through a served vLLM with ragkv vs plain vLLM; ingestion throughput.
+bench-engines: $(VENV)/.installed model vllm-install
+	$(PY) benchmarks/engines.py --limit 8
+bench-concurrency: $(VENV)/.installed model vllm-install
+	$(PY) benchmarks/concurrency.py
+bench-ingest: $(VENV)/.installed model
+	$(PY) benchmarks/ingest_bench.py
 
 # Triton kernels and TTFT on an 8B-shaped Llama: needs a CUDA device.
 bench-gpu: $(VENV)/.installed

@@ -26,13 +26,15 @@ def main() -> None:
 
     from ragkv.api import RagKV
     from ragkv.chunking import chunk_text
-    from ragkv.config import RagkvConfig
+    from ragkv.config import RagkvConfig, default_home
     from ragkv.engine.blend import compute_span
     from ragkv.engine.precompute import BATCH, compute_spans
     from ragkv.ingest import pydoc_topics
+    from ragkv.model_fetch import ensure_default_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        rag = RagKV(RagkvConfig(home=Path(tmp)))
+        model = ensure_default_model(default_home())
+        rag = RagKV(RagkvConfig(home=Path(tmp), model=model))
         eng = rag.backend.engine
         chunks: list[list[int]] = []
         for _, text in pydoc_topics():

@@ -33,9 +33,8 @@ def _batch(runner, chunks: Sequence[Sequence[int]], past: ChunkKV | None) -> lis
     ks = torch.empty(L, B, H, n, D, device=dev, dtype=dt)
     vs = torch.empty(L, B, H, n, D, device=dev, dtype=dt)
     past_k = None if past is None else runner.rotate(past.k.to(dev, dt), cos[:P], sin[:P])
-    # query i (at position P + i) sees the whole past and chunk keys 0..i (no past: causal)
-    mask = torch.ones(n, P + n, dtype=torch.bool, device=dev)
-    mask[:, P:] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    # query i (at position P + i) sees the whole past and chunk keys 0..i: plain causal
+    # attention over [past; chunk] once the queries are padded in front (below)
     h = runner.embed(ids.reshape(-1))  # [B*n, hidden]: row-wise pieces see a flat batch
     for layer in range(L):
         q, k, v = runner.qkv(layer, h)  # [heads, B*n, D]
@@ -47,9 +46,10 @@ def _batch(runner, chunks: Sequence[Sequence[int]], past: ChunkKV | None) -> lis
         if past is not None:
             k = torch.cat([past_k[layer].expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([past.v[layer].to(dev, dt).expand(B, -1, -1, -1), v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if past is None else mask, is_causal=past is None,
-            scale=runner.scaling, enable_gqa=True)
+        if P:  # zero queries in front for the past: the plain causal kernel applies (fast)
+            q = torch.cat([q.new_zeros(B, q.shape[1], P, D), q], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=runner.scaling,
+                                             enable_gqa=True)[:, :, P:]
         h = runner.finish(layer, h, out.permute(0, 2, 1, 3).reshape(B * n, -1))
     return [ChunkKV(ks[:, i, :, :len(c)].contiguous(), vs[:, i, :, :len(c)].contiguous())
             for i, c in enumerate(chunks)]
