@@ -6,6 +6,8 @@ faults injected into one test's blobs or index never leak into another.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from api_cases import (  # noqa: F401 - fixtures are used by name
     MAX_NEW,
@@ -22,6 +24,7 @@ from api_cases import (  # noqa: F401 - fixtures are used by name
 )
 
 from ragkv.api import RagKV, RetrievedChunk
+from ragkv.cache_index.blobs import BlobStore
 from ragkv.config import BlendConfig
 from ragkv.keys import KV_LAYOUT, chunk_key, context_digest
 
@@ -69,7 +72,7 @@ def test_generate_every_mode(rag, mode):
     assert isinstance(ans.text, str)
     assert t.mode == mode and t.context_tokens == len(ans.prompt)
     assert t.ttft_s > 0 and t.fuse_s > 0
-    assert t.ttft_s >= t.fuse_s
+    assert t.ttft_s >= t.lookup_s + t.load_s + t.precompute_s + t.fuse_s
     assert len(t.recomputed_per_layer) == rag.backend.engine.runner.n_layers
     looked_up = {"full": 0, "prefix": 1, "reuse": 3, "blend": 3}[mode]
     assert t.hits + t.misses == looked_up and len(t.chunks) == 3  # hit=None: never looked up
@@ -211,6 +214,71 @@ def test_ask_retrieves_and_answers(rag):
     got = rag.retrieve(QUESTION, k=2)
     assert [g.key for g in got] == [c.key for c in t.chunks]
     assert all(g.text and g.score is not None for g in got)
+
+
+# ---- TTFT is measured (docs/design.md §3.7) ------------------------------------------------
+
+DELAY = 0.3  # seconds injected into one step; far above the tiny model's TTFT (~10-30 ms)
+
+
+def _parts(t) -> float:
+    return t.lookup_s + t.load_s + t.precompute_s + t.fuse_s
+
+
+def test_ttft_covers_lookup_load_precompute_and_fusion(rag, tokenizer):
+    """TTFT runs from the request to the first token, so it contains every measured step."""
+    unknown = list(tokenizer("A chunk nobody ingested, about caching.",
+                             add_special_tokens=False).input_ids)
+    chunks = [*three_chunks(rag)[:2], unknown]
+    traces = [rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=1).trace
+              for mode in ("reuse", *MODES)]  # reuse first: the unknown chunk misses there
+    assert traces[0].misses == 1 and traces[0].precompute_s > 0 and traces[0].load_s > 0
+    for t in traces:
+        assert t.ttft_s >= _parts(t) > 0, t.mode
+
+
+def test_a_slow_blob_read_raises_ttft(rag, monkeypatch):
+    """A delay in reading the cached KV's blobs is inside TTFT (and load_s), in full."""
+    chunks = three_chunks(rag)
+    rag.generate(chunks, QUESTION, max_new_tokens=1)  # warm: the backend keeps the prefix KV
+    plain = rag.generate(chunks, QUESTION, max_new_tokens=1).trace
+    reads: list[str] = []
+    get = BlobStore.get
+
+    def slow_get(self, name):
+        reads.append(name)
+        time.sleep(DELAY)
+        return get(self, name)
+
+    monkeypatch.setattr(BlobStore, "get", slow_get)
+    slow = rag.generate(chunks, QUESTION, max_new_tokens=1).trace
+    assert slow.hits == 3 and len(reads) == 3  # one disk read per chunk, no memory tier
+    assert slow.load_s >= len(reads) * DELAY
+    assert slow.ttft_s >= len(reads) * DELAY
+    assert slow.ttft_s >= plain.ttft_s + DELAY
+    assert slow.ttft_s >= _parts(slow)
+
+
+def test_a_slow_retrieval_shows_in_retrieval_s_not_in_ttft(rag, monkeypatch):
+    """Retrieval is reported apart: a delay there moves retrieval_s and leaves TTFT alone."""
+    rag.ask(QUESTION, k=2, max_new_tokens=1)  # warm: embedder, FAISS index, prefix KV
+    plain = rag.ask(QUESTION, k=2, max_new_tokens=1).trace
+    retrieve = rag.retrieve
+    calls = []
+
+    def slow_retrieve(question, k=4):
+        calls.append(question)
+        time.sleep(DELAY)
+        return retrieve(question, k)
+
+    monkeypatch.setattr(rag, "retrieve", slow_retrieve)
+    slow = rag.ask(QUESTION, k=2, max_new_tokens=1).trace
+    assert calls == [QUESTION]
+    assert [c.key for c in slow.chunks] == [c.key for c in plain.chunks]
+    assert slow.retrieval_s >= DELAY
+    # Without the delay in it, TTFT stays where it was (slack for a noisy machine).
+    assert slow.ttft_s < max(DELAY, plain.ttft_s + DELAY / 2)
+    assert slow.ttft_s >= _parts(slow)
 
 
 def test_ask_with_nothing_ingested(tmp_path, engine):
