@@ -33,10 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_model() -> str:
+    from ragkv.config import default_home
+    from ragkv.model_fetch import ensure_default_model
+
+    return str(ensure_default_model(default_home()))
+
+
 def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "ragkv.cli", "serve", "--home", str(home), "--port", str(port),
-           "--kv-cache-mb", "2048"]
+           "--kv-cache-mb", "2048", "--model", default_model()]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ,
@@ -56,7 +63,8 @@ def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
 def bench(engine: str, home: Path, out: Path, limit: int) -> dict:
     cmd = [sys.executable, "-m", "ragkv.cli", "bench", "--cases", str(CASES), "--limit",
            str(limit), "--modes", "full,blend", "--ratios", "0.15", "--kv-dtype", "float32",
-           "--max-new-tokens", "16", "--engine", engine, "--home", str(home), "--out", str(out)]
+           "--max-new-tokens", "16", "--engine", engine, "--home", str(home), "--out", str(out),
+           "--model", default_model()]
     env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     subprocess.run(cmd, check=True, env=env)
     return json.loads(out.read_text())

@@ -166,3 +166,15 @@ def test_facade_ingests_through_vllm_and_answers_every_mode_with_a_trace(vllm_ra
     assert full.trace.recomputed_tokens == full.trace.context_tokens
     pieces = list(rag.stream(chunks, QUESTION, max_new_tokens=8))
     assert "".join(pieces).strip() == rag.generate(chunks, QUESTION, max_new_tokens=8).text
+
+
+def test_full_prefill_scores_its_own_greedy_answer(vllm_rag):
+    """Teacher forcing on vLLM (prompt log-probabilities): the greedy answer is each row's
+    top token, so the bench's teacher-forced agreement of full with itself is 1."""
+    rag = vllm_rag
+    chunks = [rag.tokenizer(c, add_special_tokens=False).input_ids for c in CHUNKS[:2]]
+    full = rag.generate(chunks, QUESTION, mode="full", max_new_tokens=6, keep_kv=True)
+    rows = full.score(full.tokens)
+    assert len(rows) == len(full.tokens)
+    assert [r.argmax for r in rows] == full.tokens
+    assert rows[0].argmax == full.first.argmax

@@ -60,9 +60,10 @@ class VLLMGeneration:
         if self.trace.mode not in ("full", "prefix"):
             raise EngineError("teacher-forced scores of a fused prefill are not available "
                               "from vLLM (its prompt log-probabilities bypass the connector)")
-        rows = self.backend.transport.prompt_logprobs(self.prompt_ids + list(target[:-1]), 20)
+        # prompt log-probabilities row j is the distribution of token j given those before it
+        rows = self.backend.transport.prompt_logprobs(self.prompt_ids + list(target), 20)
         n = len(self.prompt_ids)
-        return [NextToken(r or {}) for r in rows[n - 1:n - 1 + len(target)]]
+        return [NextToken(r or {}) for r in rows[n:n + len(target)]]
 
     def close(self) -> None:
         pass
