@@ -163,6 +163,9 @@ def test_facade_ingests_through_vllm_and_answers_every_mode_with_a_trace(vllm_ra
             assert all(c.tier is not None for c in t.chunks)
         if mode != "reuse":
             assert ans.tokens == full.tokens, mode  # prefix and blend 1.0 are exact
+            # and so are the first token's log-probabilities (fp32: float reassociation only)
+            assert ans.first.top.keys() == full.first.top.keys(), mode
+            assert max(abs(ans.first.top[t] - lp) for t, lp in full.first.top.items()) < 1e-3
     assert full.trace.recomputed_tokens == full.trace.context_tokens
     pieces = list(rag.stream(chunks, QUESTION, max_new_tokens=8))
     assert "".join(pieces).strip() == rag.generate(chunks, QUESTION, max_new_tokens=8).text

@@ -143,9 +143,12 @@ def test_ingest_and_answer_through_the_server_from_langchain_and_llamaindex(cach
 
     # The same prompt on an in-process vLLM over the same cache: token for token equal.
     from ragkv.engine.vllm.backend import VLLMBackend
+    from ragkv.model_fetch import ensure_default_model
 
-    cfg = RagkvConfig(home=root / "home", kv_dtype="float32", engine="vllm",
-                      index_url=index_url, blob_url=blob_url)
+    # the server's model folder: KV computed by vLLM is keyed by the folder's weight bytes
+    cfg = RagkvConfig(home=root / "home", model=ensure_default_model(default_home()),
+                      kv_dtype="float32", engine="vllm", index_url=index_url,
+                      blob_url=blob_url)
     local = RagKV(cfg, backend=VLLMBackend.in_process(cfg, max_model_len=1024,
                                                       kv_cache_bytes=256 * 2**20))
     try:
