@@ -22,7 +22,7 @@ import torch
 from ragkv.config import BlendConfig
 from ragkv.keys import KeySpace
 from ragkv.prompt import AssembledPrompt, PromptTemplate
-from ragkv.trace import QueryTrace
+from ragkv.trace import ChunkTrace, QueryTrace
 
 
 class EngineError(RuntimeError):
@@ -76,6 +76,30 @@ class GenerationRequest:
     record: bool = False
     keep: bool = False
     top_logprobs: int = 20
+
+
+def request_trace(req: GenerationRequest, engine: str) -> QueryTrace:
+    """The trace an engine fills for ``req``: mode, blend settings, one row per chunk."""
+    blend = req.mode == "blend"
+    trace = QueryTrace(req.mode, req.blend.ratio if blend else None,
+                       req.blend.policy if blend else None, len(req.prompt), engine=engine)
+    docs = req.documents or (None,) * len(req.keys)
+    trace.chunks = [ChunkTrace(k, e - s, None, s, d) for k, (s, e), d
+                    in zip(req.keys, req.prompt.chunk_spans, docs, strict=True)]
+    return trace
+
+
+def to_compute(chunks: Sequence[Sequence[int]], keys: Sequence[str],
+               present: dict[str, bool]) -> tuple[dict[str, Sequence[int]], list[bool]]:
+    """Which chunks a precompute must compute (by key, each once) and, per chunk given,
+    whether it is computed now (False: stored already, or a repeat in the same call)."""
+    todo: dict[str, Sequence[int]] = {}
+    computed = []
+    for ids, key in zip(chunks, keys, strict=True):
+        computed.append(not present.get(key) and key not in todo)
+        if not present.get(key):
+            todo.setdefault(key, ids)
+    return todo, computed
 
 
 class Generation(Protocol):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ragkv.cache_index import KVStore
 from ragkv.config import RagkvConfig
-from ragkv.engine.base import GenerationRequest, NextToken
+from ragkv.engine.base import GenerationRequest, NextToken, request_trace, to_compute
 from ragkv.engine.blend import FusedPrefill
 from ragkv.engine.chunk_store import ChunkStore, KVShape
 from ragkv.engine.hf import HFEngine
@@ -24,7 +24,7 @@ from ragkv.engine.plan import chunks_to_load, exact_end
 from ragkv.engine.precompute import compute_spans
 from ragkv.keys import KeySpace
 from ragkv.prompt import PromptTemplate
-from ragkv.trace import ChunkTrace, QueryTrace
+from ragkv.trace import QueryTrace
 
 
 @dataclass
@@ -108,34 +108,19 @@ class HFBackend:
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
         """Missing chunks are prefilled several per forward pass (``engine/precompute.py``)."""
         keys = [self.keys.chunk(ids, context) for ids in chunks]
-        present = self.stored(keys)
-        todo: dict[str, Sequence[int]] = {}
-        for ids, key in zip(chunks, keys, strict=True):
-            if not present.get(key):
-                todo.setdefault(key, ids)  # a chunk twice in one batch is computed once
+        todo, computed = to_compute(chunks, keys, self.stored(keys))
         if todo:
             past = self.prefix_kv() if context == "prefix" else None
             kvs = compute_spans(self.engine.runner, list(todo.values()), past)
             for key, kv in zip(todo, kvs, strict=True):
                 self.chunks.save(key, kv)
-        seen: set[str] = set()
-        done = []
-        for key in keys:
-            done.append(key in todo and key not in seen)
-            seen.add(key)
-        return done
+        return computed
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, req: GenerationRequest) -> HFGeneration:
         prompt, mode = req.prompt, req.mode
         blend = self.engine.resolve(req.blend)
-        fused_mode = mode == "blend"
-        trace = QueryTrace(mode, blend.ratio if fused_mode else None,
-                           blend.policy if fused_mode else None, len(prompt),
-                           engine=self.description)
-        docs = req.documents or (None,) * len(req.keys)
-        trace.chunks = [ChunkTrace(k, e - s, None, s, d)
-                        for k, (s, e), d in zip(req.keys, prompt.chunk_spans, docs, strict=True)]
+        trace = request_trace(replace(req, blend=blend), self.description)
         cached: list[tuple[int, ChunkKV]] = []
         exact = 0
         wanted = chunks_to_load(mode, req.context, len(req.keys))

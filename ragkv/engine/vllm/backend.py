@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ragkv.config import RagkvConfig, masked_url
-from ragkv.engine.base import EngineError, GenerationRequest, NextToken
+from ragkv.engine.base import EngineError, GenerationRequest, NextToken, request_trace, to_compute
 from ragkv.engine.vllm.client import RequestBuilder, VLLMRequest
 from ragkv.engine.vllm.transport import HTTP, Completion, InProcess
 from ragkv.keys import KeySpace
 from ragkv.prompt import PromptTemplate
-from ragkv.trace import ChunkTrace, QueryTrace
+from ragkv.trace import QueryTrace
 
 log = logging.getLogger("ragkv.vllm")
 
@@ -138,11 +138,7 @@ class VLLMBackend:
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
         keys = [self.keys.chunk(ids, context) for ids in chunks]
-        present = self.stored(keys)
-        todo: dict[str, Sequence[int]] = {}
-        for ids, key in zip(chunks, keys, strict=True):
-            if not present.get(key):
-                todo.setdefault(key, ids)
+        todo, computed = to_compute(chunks, keys, self.stored(keys))
         items = list(todo.items())
         for start in range(0, len(items), PRECOMPUTE_BATCH):
             batch = items[start:start + PRECOMPUTE_BATCH]
@@ -152,10 +148,6 @@ class VLLMBackend:
                 if comp.note.get("save_error") or not comp.note.get("saved"):
                     log.warning("chunk %s not stored by the server: %s", key[:12],
                                 comp.note.get("save_error") or comp.note)
-        computed, seen = [], set()
-        for key in keys:
-            computed.append(key in todo and key not in seen)
-            seen.add(key)
         return computed
 
     # ---- generation ----------------------------------------------------------------------
@@ -178,12 +170,8 @@ class VLLMBackend:
     def _trace(self, req: GenerationRequest, done: Completion) -> QueryTrace:
         prompt, mode, note = req.prompt, req.mode, done.note
         fused = mode in ("reuse", "blend")
-        trace = QueryTrace(mode, req.blend.ratio if mode == "blend" else None,
-                           req.blend.policy if mode == "blend" else None, len(prompt),
-                           engine=self.description, engine_ttft_s=done.engine_ttft_s)
-        docs = req.documents or (None,) * len(req.keys)
-        trace.chunks = [ChunkTrace(k, e - s, None, s, d)
-                        for k, (s, e), d in zip(req.keys, prompt.chunk_spans, docs, strict=True)]
+        trace = request_trace(req, self.description)
+        trace.engine_ttft_s = done.engine_ttft_s
         if note.get("error"):
             trace.error = f"{note['error']} ({note.get('fallback', 'recomputed')})"
         per_chunk = note.get("chunks") or []
