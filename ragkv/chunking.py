@@ -8,6 +8,7 @@ that is exactly what gets prefilled and cached: a cached chunk must not depend o
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,44 @@ class RetrievedChunk:
 def tokenize_chunk(text: str, tokenizer: Any) -> list[int]:
     """Token ids of ``text`` on its own, without BOS/EOS: the ids a chunk is cached under."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@functools.cache
+def _byte_values() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character that stands for each byte in a token."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _offsets(text: str, tokenizer: Any, enc: Any) -> list[tuple[int, int]]:
+    """Character offsets of the tokens of ``text``, corrected where a byte-level tokenizer
+    dropped bytes its vocabulary lacks (SmolLM2 has no token for some control bytes): it then
+    reports the offsets of the later tokens of the same word too early. Each token is a byte
+    string there, and the text's bytes are the tokens' bytes in order with the dropped ones
+    between them, so the true offsets are found by walking both."""
+    reported = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
+        return reported
+    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"])
+    data = text.encode()
+    if sum(map(len, tokens)) == len(data):  # nothing dropped: the offsets are right
+        return reported
+    table = _byte_values()
+    char_of = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]
+    fixed, at = [], 0
+    for token in tokens:
+        if any(ch not in table for ch in token):  # not a byte string (an added token)
+            return reported
+        piece = bytes(table[ch] for ch in token)
+        found = data.find(piece, at)
+        if found < 0:  # not the text's bytes in order: keep what the tokenizer said
+            return reported
+        at = found + len(piece)
+        fixed.append((char_of[found], char_of[at - 1] + 1 if piece else char_of[found]))
+    return fixed
 
 
 def _boundary_ranks(text: str) -> list[int]:
@@ -91,6 +130,22 @@ def _strip_blank_lines(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+def _gap_cut(offsets: list[tuple[int, int]], ranks: list[int], j: int) -> tuple[int, int]:
+    """Where to cut before token ``j``, and how good a place it is: ``(position, rank)``.
+
+    Characters no token covers (whitespace some tokenizers skip, bytes a byte-level vocabulary
+    lacks) lie between ``offsets[j - 1][1]`` and ``offsets[j][0]``; the cut takes the best rank
+    in that gap, the later of equals, so they go with a neighbour and never get lost. Offsets
+    that overlap (pieces of one character, or offsets a tokenizer misreported after bytes it
+    dropped) leave no gap: the cut is at the start the tokenizer reports.
+    """
+    a, b = offsets[j][0], offsets[j - 1][1]
+    if a <= b:
+        return a, ranks[a] if a == b else _NONE
+    best = max(range(b, a + 1), key=lambda p: (ranks[p], p))
+    return best, ranks[best]
+
+
 def _pick_cut(
     pos: int, n: int, chunk_tokens: int, offsets: list[tuple[int, int]], ranks: list[int]
 ) -> int:
@@ -99,10 +154,9 @@ def _pick_cut(
     hi = min(n - 1, pos + chunk_tokens)
     best_j, best_rank = -1, -1
     for j in range(lo, hi + 1):
-        a_j, b_prev = offsets[j][0], offsets[j - 1][1]
-        if a_j < b_prev:  # overlapping offsets: both tokens are pieces of one character
+        if offsets[j][0] < offsets[j - 1][1]:  # overlapping: both are pieces of one character
             continue
-        rank = max(ranks[a_j], ranks[b_prev])
+        rank = _gap_cut(offsets, ranks, j)[1]
         if rank >= best_rank:  # ties go to the later cut: bigger chunks, fewer of them
             best_j, best_rank = j, rank
     if best_j == -1:  # only overlapping pieces in the window: cut at the first clean place
@@ -110,34 +164,58 @@ def _pick_cut(
     return best_j
 
 
+def _cut_positions(text: str, offsets: list[tuple[int, int]], chunk_tokens: int) -> list[int]:
+    """Character positions ``0 = c0 <= c1 <= ... = len(text)`` that partition ``text``.
+
+    Cuts are chosen between tokens of the whole-text tokenization; the pieces between them
+    cover every character, so nothing the offsets fail to cover (or misplace) is ever lost.
+    """
+    ranks = _boundary_ranks(text)
+    n = len(offsets)
+    cuts = [0]
+    pos = 0
+    while n - pos > int(chunk_tokens * _TAIL_SLACK):
+        pos = _pick_cut(pos, n, chunk_tokens, offsets, ranks)
+        if pos >= n:
+            break
+        # Never before the last cut, even where offsets a tokenizer misreported go backwards.
+        cuts.append(max(cuts[-1], _gap_cut(offsets, ranks, pos)[0]))
+    cuts.append(len(text))
+    return cuts
+
+
 def chunk_text(text: str, tokenizer: Any, chunk_tokens: int = 512) -> list[TextChunk]:
-    """Split ``text`` into chunks of about ``chunk_tokens`` tokens (at most ~1.25x that)."""
+    """Split ``text`` into chunks of about ``chunk_tokens`` tokens (at most ~1.25x that).
+
+    Every character except surrounding whitespace is in exactly one chunk. A piece the
+    tokenizer has no token for (only characters it drops, like control bytes its vocabulary
+    lacks) joins the chunk before it (or after it, at the start); a text with no token at all
+    gives no chunk, like a blank one.
+    """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("chunk_text needs a fast (Rust) tokenizer: it relies on offset mappings")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-    n = len(offsets)
-    if n == 0:
+    offsets = _offsets(text, tokenizer, enc)
+    if not offsets:
         return []
-    ranks = _boundary_ranks(text)
-
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    while pos < n:
-        if n - pos <= int(chunk_tokens * _TAIL_SLACK):
-            cut = n
-        else:
-            cut = _pick_cut(pos, n, chunk_tokens, offsets, ranks)
-        spans.append((offsets[pos][0], offsets[cut - 1][1]))
-        pos = cut
+    cuts = _cut_positions(text, offsets, chunk_tokens)
 
     chunks: list[TextChunk] = []
-    for raw_start, raw_end in spans:
+    carried: int | None = None  # start of a leading piece that had no token of its own
+    for raw_start, raw_end in zip(cuts, cuts[1:], strict=False):
         start, end = _strip_blank_lines(text, raw_start, raw_end)
         if start >= end:
             continue
-        piece = text[start:end]
-        chunks.append(TextChunk(piece, tokenize_chunk(piece, tokenizer), start, end))
+        if carried is not None:
+            start, carried = carried, None
+        ids = tokenize_chunk(text[start:end], tokenizer)
+        if not ids and chunks:  # nothing the tokenizer keeps: it joins the chunk before
+            start = chunks.pop().start
+            ids = tokenize_chunk(text[start:end], tokenizer)
+        if not ids:  # no chunk before it: it joins the next one
+            carried = start
+            continue
+        chunks.append(TextChunk(text[start:end], ids, start, end))
     return chunks
