@@ -14,6 +14,8 @@ from typing import Any, Literal
 Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
 PrecomputeContext = Literal["cold", "prefix"]
+#: corrections of the KV the blend keeps from the cache (``ragkv.engine.correction``)
+CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean")
 #: in-process engines by name; any http(s):// URL names a served vLLM
 ENGINES: tuple[str, ...] = ("hf", "vllm")
 
@@ -50,6 +52,13 @@ class BlendConfig:
         for every token. ``gradual`` narrows the selection over all of them.
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
+    correction: how the KV of tokens not recomputed is corrected at each layer: ``chunk_mean``
+        moves it by ``correction_strength`` times the mean drift (fresh - cached) of its
+        chunk's recomputed tokens (:mod:`ragkv.engine.correction`); ``none`` keeps it as cached.
+    coverage: the quality guard of the deviation policies (``hkvd``, ``qhkvd``, ``hkvd+head``):
+        where the tokens ``ratio`` allows hold less than this share of the check layer's
+        deviation mass, more are recomputed until they do, up to ``max_ratio``; the trace
+        counts the tokens it added (``guard_tokens``). None: off.
     """
 
     ratio: float | Literal["auto"] = 0.15
@@ -58,6 +67,10 @@ class BlendConfig:
     check_layers: tuple[int, ...] = (1,)
     deviation_on: Literal["k", "v", "kv"] = "k"
     head_tokens: int = 4
+    correction: str = "chunk_mean"
+    correction_strength: float = 0.75
+    coverage: float | None = None
+    max_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
@@ -71,6 +84,20 @@ class BlendConfig:
         self.check_layers = tuple(sorted(set(self.check_layers)))
         if self.deviation_on not in ("k", "v", "kv"):
             raise ValueError(f"deviation_on must be 'k', 'v' or 'kv', got {self.deviation_on!r}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got "
+                             f"{self.correction!r}")
+        if (isinstance(self.correction_strength, bool)
+                or not isinstance(self.correction_strength, int | float)
+                or not 0.0 <= self.correction_strength <= 2.0):
+            raise ValueError(f"correction_strength must be a number within [0, 2], got "
+                             f"{self.correction_strength!r}")
+        if self.coverage is not None and (isinstance(self.coverage, bool) or not isinstance(
+                self.coverage, int | float) or not 0.0 < self.coverage <= 1.0):
+            raise ValueError(f"coverage must be within (0, 1] or None, got {self.coverage!r}")
+        if (isinstance(self.max_ratio, bool) or not isinstance(self.max_ratio, int | float)
+                or not 0.0 <= self.max_ratio <= 1.0):
+            raise ValueError(f"max_ratio must be within [0, 1], got {self.max_ratio!r}")
 
 
 @dataclass

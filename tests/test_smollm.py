@@ -188,3 +188,19 @@ def test_api_default_config_blend_one_matches_full(engine, setups, tmp_path, cap
     assert d_hit < 0.02
     assert miss.tokens == full.tokens == hit.tokens
     rag.index.close()
+
+
+def test_chunk_mean_correction_lowers_blend_kl(engine, setups, capsys):
+    """The default correction of the KV kept from the cache brings blend closer to full."""
+    rows = []
+    for s in setups:
+        cached, P = _cached(s), s.prompt.prefix_len
+        got = {c: _kl(s.full.logits, engine.prefill(
+            s.prompt, cached, "blend", BlendConfig(ratio=0.15, correction=c), P).logits)
+            for c in ("none", "chunk_mean")}
+        rows.append(got)
+    mean = {c: sum(r[c] for r in rows) / len(rows) for c in ("none", "chunk_mean")}
+    with capsys.disabled():
+        print(f"\n[smollm] mean KL blend@0.15: no correction {mean['none']:.4g}, "
+              f"chunk_mean {mean['chunk_mean']:.4g}")
+    assert mean["chunk_mean"] < 0.9 * mean["none"]  # measured 0.038 vs 0.046 here

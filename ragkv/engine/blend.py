@@ -10,6 +10,9 @@ rules (docs/design.md §3):
   buffer, so later queries see the best KV available;
 * a computed query at position p attends to keys at positions <= p only (exact causal mask),
   whatever mix of cached and fresh keys sits there.
+
+A ``Correction`` (``correction.py``) may then move the KV of the chunk tokens still served from
+the cache by the drift the recomputed tokens of their chunk show at the same layer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ragkv.engine.correction import Correction, chunk_index
 from ragkv.engine.kernels import TorchOps
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.loading import LayerClock, LayerFeed, Workspace
@@ -44,6 +48,8 @@ class FusedPrefill:
     layer_sets: list[torch.Tensor] = field(default_factory=list)
     layer_s: list[float] = field(default_factory=list)
     place_s: list[float] = field(default_factory=list)
+    #: tokens the policy's quality guard recomputed beyond the ratio's budget
+    guard_tokens: int = 0
 
 
 def deviation(ops: TorchOps, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: torch.Tensor,
@@ -60,7 +66,8 @@ def deviation(ops: TorchOps, k_new: torch.Tensor, v_new: torch.Tensor, k_buf: to
 def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, ChunkKV]],
          ctx: SelectionContext, policy: SelectionPolicy, *, deviation_on: str = "k",
          record: bool = False, pipelined: bool | None = None,
-         workspace: Workspace | None = None) -> FusedPrefill:
+         workspace: Workspace | None = None,
+         correction: Correction | None = None) -> FusedPrefill:
     """Prefill ``ids [T]`` reusing ``cached`` spans ``(start, ChunkKV)``.
 
     Positions covered by no span must be among the policy's initial positions; the last
@@ -86,6 +93,9 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
         raise AssertionError("positions without cached KV must be computed from layer 0")
 
     h = runner.embed(ids[active])
+    correct = correction is not None and correction.name != "none" and bool(ctx.chunk_spans)
+    chunk_of = chunk_index(T, ctx.chunk_spans, dev) if correct else None
+    stale = anchors = None  # chunk positions served from the cache / recomputed, per active set
     counts: list[int] = []
     sets: list[torch.Tensor] = []
     checks = set(policy.check_layers)
@@ -96,7 +106,18 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
         d = None
         if layer in checks:  # before the buffers are overwritten below
             d = deviation(ops, k, v, k_pre[layer], v_buf[layer], active, deviation_on)
+        drift = None
+        if chunk_of is not None:
+            if stale is None:
+                stale, anchors = _stale_and_anchors(chunk_of, active)
+            if stale.numel() and anchors.numel():  # pre-RoPE: rotate_qk may rotate in place
+                a = active[anchors]
+                drift = correction.drift(k[:, anchors] - k_pre[layer][:, a],
+                                         v[:, anchors] - v_buf[layer][:, a], a, chunk_of, stale)
         q, k = runner.rotate_qk(q, k, active, cos, sin)
+        if drift is not None:
+            k_buf[layer].index_add_(1, stale, ops.rope(drift[0], cos, sin, stale))
+            v_buf[layer].index_add_(1, stale, drift[1])
         # Fresh KV of every computed token replaces the cached entry, dropped or not.
         k_buf[layer].index_copy_(1, active, k)
         v_buf[layer].index_copy_(1, active, v)
@@ -108,6 +129,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
             keep = policy.select(layer, ctx, active, d)
             if not bool(keep.all()):
                 active, q, h = active[keep], q[:, keep], h[keep]
+                stale = None
         plain_causal = active.numel() == T
         out = runner.attend(q, k_buf[layer], v_buf[layer], None if plain_causal else active,
                            layer=layer)
@@ -119,7 +141,18 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     logits = runner.logits(h[-1:])[0]
     place_s = feed.close()
     return FusedPrefill(list(k_buf.unbind(0)), list(v_buf.unbind(0)), logits, counts,
-                        active.cpu(), sets, layer_s=clock.seconds(), place_s=place_s)
+                        active.cpu(), sets, layer_s=clock.seconds(), place_s=place_s,
+                        guard_tokens=getattr(policy, "raised", 0))
+
+
+def _stale_and_anchors(chunk_of: torch.Tensor,
+                       active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk positions not in ``active`` (sorted), and the indices into ``active`` of those
+    that are chunk positions."""
+    in_chunk = chunk_of >= 0
+    computed = torch.zeros_like(in_chunk)
+    computed[active] = True
+    return (in_chunk & ~computed).nonzero().flatten(), in_chunk[active].nonzero().flatten()
 
 
 def compute_span(runner: LlamaFamilyRunner, ids: torch.Tensor,

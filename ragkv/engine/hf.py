@@ -87,7 +87,7 @@ class HFEngine:
                             self.runner.n_layers)
         ctx, policy = plan.ctx, plan.policy
         out = fuse(self.runner, ids, cached, ctx, policy, deviation_on=blend.deviation_on,
-                   record=record, pipelined=self.pipelined)
+                   record=record, pipelined=self.pipelined, correction=plan.correction)
         if mode == "blend":
             self.controller.observe(chunk_tokens=ctx.chunk_tokens,
                                     place_s=out.place_s, layer_s=out.layer_s,

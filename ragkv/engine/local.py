@@ -148,6 +148,7 @@ class HFBackend:
         trace.fuse_s = time.perf_counter() - t
         trace.ttft_s = time.perf_counter() - req.started
         trace.recomputed_per_layer = fused.recomputed_per_layer
+        trace.guard_tokens = fused.guard_tokens
         final = set(fused.final_positions.tolist())
         for ct, (s, e) in zip(trace.chunks, prompt.chunk_spans, strict=True):
             ct.recomputed = sum(1 for p in range(s, e) if p in final)

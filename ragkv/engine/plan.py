@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ragkv.config import BlendConfig
+from ragkv.engine.correction import Correction, make_correction
 from ragkv.engine.policies import ComputeAll, SelectionContext, SelectionPolicy, make_policy
 
 FUSED_MODES = ("prefix", "reuse", "blend")
@@ -51,10 +52,12 @@ def exact_end(prefix_len: int, chunk_spans: Sequence[tuple[int, int]], context: 
 
 @dataclass
 class PrefillPlan:
-    """What :func:`ragkv.engine.blend.fuse` needs: the selection context and the policy."""
+    """What :func:`ragkv.engine.blend.fuse` needs: the selection context, the policy and the
+    correction of the KV kept from the cache."""
 
     ctx: SelectionContext
     policy: SelectionPolicy
+    correction: Correction
 
     @property
     def exact_until(self) -> int:
@@ -80,10 +83,12 @@ def plan_prefill(n_tokens: int, chunk_spans: Sequence[tuple[int, int]], suffix_s
     ratio = float(blend.ratio) if mode == "blend" else 0.0
     ctx = SelectionContext(n_tokens, exact_until, spans, forced, ratio, suffix_start)
     policy: SelectionPolicy
+    correction = Correction()
     if mode == "prefix":
         policy = ComputeAll()
     elif mode == "reuse":
         policy = SelectionPolicy()
     else:
         policy = make_policy(blend, n_layers)
-    return PrefillPlan(ctx, policy)
+        correction = make_correction(blend)
+    return PrefillPlan(ctx, policy, correction)

@@ -65,6 +65,17 @@ def _keep_top(ctx: SelectionContext, active: torch.Tensor, deviation: torch.Tens
     return ctx.ops.keep_top(deviation, torch.isin(active, must.to(active.device)), budget)
 
 
+def covering_budget(deviation: torch.Tensor, must: torch.Tensor, coverage: float) -> int:
+    """Fewest tokens outside ``must`` (bool ``[n]``) whose deviations ``[n]`` hold
+    ``coverage`` of the deviation mass outside ``must``."""
+    d = deviation.double().masked_fill(must, 0.0).clamp(min=0.0)
+    total = float(d.sum())
+    if total <= 0.0:
+        return 0
+    cum = torch.sort(d, descending=True).values.cumsum(0)
+    return int((cum < coverage * total).sum()) + 1
+
+
 @dataclass
 class SelectionPolicy:
     """Base: compute nothing beyond the forced positions (full KV reuse)."""
@@ -118,10 +129,16 @@ class HKVD(SelectionPolicy):
 
     name: str = "hkvd"
     layers: tuple[int, ...] = (1,)
+    #: the quality guard: raise the budget until the kept tokens hold this share of the
+    #: check layer's deviation mass (None: off), never past ``max_ratio``
+    coverage: float | None = None
+    max_ratio: float = 0.5
+    #: tokens the guard added beyond ``ratio``'s budget in this prefill (for the trace)
+    raised: int = 0
 
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
-        return cls(layers=cfg.check_layers)
+        return cls(layers=cfg.check_layers, coverage=cfg.coverage, max_ratio=cfg.max_ratio)
 
     @property
     def check_layers(self) -> tuple[int, ...]:
@@ -130,8 +147,23 @@ class HKVD(SelectionPolicy):
     def initial(self, ctx: SelectionContext) -> torch.Tensor:
         return ctx.all_uncached_and_chunks()
 
+    def guarded(self, ctx: SelectionContext, active: torch.Tensor, deviation: torch.Tensor,
+                must: torch.Tensor, budget: int, reserved: int = 0) -> int:
+        """``budget``, raised by the guard where the deviation mass asks for more; ``reserved``
+        chunk tokens are kept besides it (and count against ``max_ratio``)."""
+        if self.coverage is None:
+            return budget
+        need = covering_budget(deviation, torch.isin(active, must.to(active.device)),
+                               self.coverage)
+        cap = max(budget, ctx.budget(self.max_ratio) - reserved)
+        raised = min(max(budget, need), cap)
+        self.raised = raised - budget
+        return raised
+
     def select(self, layer, ctx, active, deviation):
-        return _keep_top(ctx, active, deviation, ctx.forced_positions(), ctx.budget())
+        must = ctx.forced_positions()
+        budget = self.guarded(ctx, active, deviation, must, ctx.budget())
+        return _keep_top(ctx, active, deviation, must, budget)
 
 
 @register
@@ -186,12 +218,15 @@ class HKVDWithHeads(HKVD):
 
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
-        return cls(layers=cfg.check_layers, head_tokens=cfg.head_tokens)
+        return cls(layers=cfg.check_layers, head_tokens=cfg.head_tokens,
+                   coverage=cfg.coverage, max_ratio=cfg.max_ratio)
 
     def select(self, layer, ctx, active, deviation):
         heads = ctx.heads(self.head_tokens)
         must = torch.cat([ctx.forced_positions(), heads])
-        return _keep_top(ctx, active, deviation, must, max(0, ctx.budget() - len(heads)))
+        budget = max(0, ctx.budget() - len(heads))
+        return _keep_top(ctx, active, deviation, must,
+                         self.guarded(ctx, active, deviation, must, budget, len(heads)))
 
 
 @register

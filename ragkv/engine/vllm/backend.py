@@ -183,6 +183,7 @@ class VLLMBackend:
         T = len(prompt)
         if fused and note.get("recomputed_per_layer") and not trace.error:
             trace.recomputed_per_layer = [int(n) for n in note["recomputed_per_layer"]]
+            trace.guard_tokens = int(note.get("guard_tokens") or 0)
         elif fused and trace.error:
             trace.recomputed_per_layer = [T]  # vLLM prefilled everything instead
         else:  # vLLM prefilled all but what its own prefix cache held

@@ -110,7 +110,7 @@ class WorkerFusion:
         with torch.inference_mode(), r.on_paged_cache(paged):
             out = fuse(r, torch.tensor(ids, device=r.device), cached, plan.ctx, plan.policy,
                        deviation_on=p.blend.deviation_on, workspace=self.workspace,
-                       record=p.record)
+                       record=p.record, correction=plan.correction)
         trace["fuse_s"] = time.perf_counter() - t1
         trace["attention"] = "vllm" if paged is not None else "ragkv"
         final = out.final_positions.cpu()
@@ -118,6 +118,7 @@ class WorkerFusion:
             entry[2] = int(((final >= s) & (final < e)).sum())
         trace["chunks"] = per_chunk
         trace["recomputed_per_layer"] = list(out.recomputed_per_layer)
+        trace["guard_tokens"] = out.guard_tokens
         trace["recomputed"] = sum(c[2] for c in per_chunk)
         trace["hits"] = sum(1 for c in per_chunk if c[0])
         trace["misses"] = len(per_chunk) - trace["hits"]

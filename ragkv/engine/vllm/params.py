@@ -158,7 +158,8 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
             or isinstance(raw.get("ratio"), bool)
             or not isinstance(raw.get("ratio", 0.0), int | float | str)
             or not isinstance(raw.get("min_ratio", 0.0), int | float)
-            or isinstance(raw.get("min_ratio"), bool)):
+            or isinstance(raw.get("min_ratio"), bool)
+            or not isinstance(raw.get("correction", ""), str)):
         raise ParamsError("bad blend settings: policy must be a name, check_layers integers, "
                           "head_tokens a non-negative integer, ratio a number")
     try:
@@ -188,7 +189,8 @@ def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
     }
     if params.mode == "blend":
         payload["blend"] = [b.ratio, b.policy, list(b.check_layers), b.deviation_on,
-                            b.head_tokens]
+                            b.head_tokens, b.correction, b.correction_strength, b.coverage,
+                            b.max_ratio]
         if reads_question(b):
             payload["question"] = [int(t) for t in prompt_ids[params.suffix_start:]]
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,178 @@
+"""The correction of cached KV (``ragkv.engine.correction``): what it moves, by how much, and
+where it must not reach. Checked from the fused prefill's output against numbers computed here
+from the cached spans, so a drift rotated to the wrong position, taken from another chunk or
+applied to recomputed tokens fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_cases import (  # noqa: F401 - fixtures are used by name
+    TOL,
+    _case,
+    _engine,
+    _one_thread,
+    blend,
+    case,
+    engine,
+)
+
+from ragkv.config import BlendConfig
+from ragkv.engine.correction import ChunkMeanDrift, Correction, chunk_index, make_correction
+from ragkv.engine.vllm.params import PARAMS_KEY, FusionParams, ParamsError, Span, fusion_salt, parse
+
+
+def _cached_pre(case, n_layers):
+    """Cached pre-RoPE K and V ``[layers, H, T, D]`` of the prompt (zeros where none)."""
+    T = len(case.prompt)
+    kv0 = case.cached[0][1]
+    L, H, _, D = kv0.k.shape
+    k = torch.zeros(L, H, T, D)
+    v = torch.zeros(L, H, T, D)
+    for start, kv in case.cached:
+        k[:, :, start:start + kv.n_tokens] = kv.k.float()
+        v[:, :, start:start + kv.n_tokens] = kv.v.float()
+    return k, v
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_stale_tokens_move_by_their_chunks_mean_drift(engine, case, strength):
+    cfg = BlendConfig(ratio=0.3, policy="hkvd", correction="chunk_mean",
+                      correction_strength=strength)
+    out = blend(engine, case, cfg)
+    r = engine.runner
+    T = len(case.prompt)
+    cos, sin = r.cos_sin(torch.arange(T))
+    k_pre, v_pre = _cached_pre(case, r.n_layers)
+    final = out.final_positions
+    check = cfg.check_layers[0]
+    moved = 0
+    for layer in range(check + 1, r.n_layers):
+        k_rot = out.k[layer].float()
+        # RoPE undone: rotation by the opposite angle, over the squared gain that scaled
+        # schemes (YaRN) fold into cos and sin
+        k_fresh_pre = r.rotate(k_rot, cos, -sin) / (cos * cos + sin * sin)
+        for s, e in case.prompt.chunk_spans:
+            pos = torch.arange(s, e)
+            anchors = pos[torch.isin(pos, final)]
+            stale = pos[~torch.isin(pos, final)]
+            assert anchors.numel() and stale.numel()
+            dk = (k_fresh_pre[:, anchors] - k_pre[layer][:, anchors]).mean(1, keepdim=True)
+            dv = (out.v[layer][:, anchors].float() - v_pre[layer][:, anchors]).mean(1, keepdim=True)
+            want_v = v_pre[layer][:, stale] + strength * dv
+            want_k = r.rotate(k_pre[layer][:, stale] + strength * dk, cos[stale], sin[stale])
+            assert (out.v[layer][:, stale].float() - want_v).abs().max() < TOL, layer
+            assert (k_rot[:, stale] - want_k).abs().max() < TOL, layer
+            moved += int(dv.abs().max() > 1e-3)
+    assert moved, "the recomputed tokens showed no drift: the check above proves nothing"
+
+
+def test_without_correction_stale_tokens_keep_cached_kv(engine, case):
+    out = blend(engine, case, BlendConfig(ratio=0.3, policy="hkvd", correction="none"))
+    r = engine.runner
+    T = len(case.prompt)
+    cos, sin = r.cos_sin(torch.arange(T))
+    k_pre, v_pre = _cached_pre(case, r.n_layers)
+    chunk = chunk_index(T, case.prompt.chunk_spans, torch.device("cpu")) >= 0
+    stale = (chunk & ~torch.isin(torch.arange(T), out.final_positions)).nonzero().flatten()
+    for layer in range(2, r.n_layers):
+        assert (out.v[layer][:, stale].float() - v_pre[layer][:, stale]).abs().max() < TOL
+        want_k = r.rotate(k_pre[layer][:, stale], cos[stale], sin[stale])
+        assert (out.k[layer][:, stale].float() - want_k).abs().max() < TOL
+
+
+def test_correction_changes_the_prefill_and_never_a_compute_all_one(engine, case):
+    plain = blend(engine, case, BlendConfig(ratio=0.3, correction="none"))
+    fixed = blend(engine, case, BlendConfig(ratio=0.3, correction="chunk_mean"))
+    assert (plain.logits - fixed.logits).abs().max() > 10 * TOL
+    for mode in ("prefix", "reuse"):  # nothing is recomputed in chunks, or everything is
+        a = blend(engine, case, BlendConfig(correction="none"), mode=mode)
+        b = blend(engine, case, BlendConfig(correction="chunk_mean"), mode=mode)
+        assert torch.equal(a.logits, b.logits), mode
+    one = blend(engine, case, BlendConfig(ratio=1.0, correction="chunk_mean"))
+    assert (one.logits - case.full.logits).abs().max() < TOL
+
+
+def test_chunk_mean_drift_by_hand():
+    chunk_of = torch.tensor([-1, 0, 0, 0, -1, 1, 1, 2, 2])
+    anchors = torch.tensor([1, 5])  # chunk 0 and chunk 1 each have one recomputed token
+    dk = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # [H=1, n=2, D=2]
+    dv = -dk
+    stale = torch.tensor([2, 3, 6, 7, 8])
+    k, v = ChunkMeanDrift(strength=0.5).drift(dk, dv, anchors, chunk_of, stale)
+    want = torch.tensor([[[0.5, 1.0], [0.5, 1.0], [1.5, 2.0], [0.0, 0.0], [0.0, 0.0]]])
+    assert torch.equal(k, want) and torch.equal(v, -want)  # chunk 2: no anchor, no move
+    two = torch.tensor([[[1.0, 0.0], [3.0, 0.0]]])
+    k2, _ = ChunkMeanDrift(strength=1.0).drift(two, two, torch.tensor([1, 2]), chunk_of, stale)
+    assert torch.equal(k2[0, :2], torch.tensor([[2.0, 0.0], [2.0, 0.0]]))  # the mean, not sum
+    assert Correction().drift(dk, dv, anchors, chunk_of, stale) is None
+
+
+def test_config_names_the_correction():
+    assert make_correction(BlendConfig(correction="none")).name == "none"
+    assert make_correction(BlendConfig(correction_strength=0.0)).name == "none"
+    c = make_correction(BlendConfig(correction="chunk_mean", correction_strength=0.75))
+    assert isinstance(c, ChunkMeanDrift) and c.strength == 0.75
+    for bad in ({"correction": "bogus"}, {"correction_strength": -0.1},
+                {"correction_strength": 2.5}, {"correction_strength": True}):
+        with pytest.raises(ValueError):
+            BlendConfig(**bad)
+
+
+def _params(**blend) -> FusionParams:
+    return FusionParams("blend", 2, (Span(2, 10, "a" * 64), Span(11, 20, "b" * 64)), 20,
+                        "cold", BlendConfig(policy="hkvd", **blend))
+
+
+def test_vllm_salt_and_parser_carry_the_correction():
+    ids = list(range(30))
+    salts = {fusion_salt(_params(correction=c, correction_strength=s), ids)
+             for c, s in (("none", 1.0), ("chunk_mean", 1.0), ("chunk_mean", 0.5))}
+    assert len(salts) == 3  # a different correction is a different fused KV
+    body = {"mode": "blend", "prefix_end": 2, "suffix_start": 20, "context": "cold",
+            "chunks": [[2, 10, "a" * 64], [11, 20, "b" * 64]],
+            "blend": {"policy": "hkvd", "ratio": 0.2, "correction": "none"}}
+    got = parse({PARAMS_KEY: body}, 30)
+    assert got is not None and got.blend.correction == "none"
+    for bad in ({"correction": 3}, {"correction": "bogus"}, {"correction_strength": 9}):
+        with pytest.raises(ParamsError):
+            parse({PARAMS_KEY: {**body, "blend": {"policy": "hkvd", **bad}}}, 30)
+
+
+# ---- the quality guard (BlendConfig.coverage) --------------------------------------------
+
+def test_covering_budget_by_hand():
+    from ragkv.engine.policies import covering_budget
+
+    d = torch.tensor([5.0, 1.0, 3.0, 0.5, 0.5, 100.0])
+    must = torch.tensor([False, False, False, False, False, True])  # 100 is forced: not counted
+    assert covering_budget(d, must, 0.5) == 1  # 5 of 10
+    assert covering_budget(d, must, 0.8) == 2  # 5 + 3
+    assert covering_budget(d, must, 0.95) == 4
+    assert covering_budget(d, must, 1.0) == 5
+    assert covering_budget(torch.zeros(3), torch.zeros(3, dtype=torch.bool), 0.9) == 0
+
+
+@pytest.mark.parametrize("policy", ["hkvd", "qhkvd", "hkvd+head"])
+def test_guard_raises_the_budget_to_cover_the_deviation_mass(engine, case, policy):
+    base = BlendConfig(ratio=0.2, policy=policy)
+    plain = blend(engine, case, base)
+    assert plain.guard_tokens == 0
+    strict = blend(engine, case, BlendConfig(ratio=0.2, policy=policy, coverage=0.99,
+                                              max_ratio=0.6))
+    loose = blend(engine, case, BlendConfig(ratio=0.2, policy=policy, coverage=0.01))
+    n_chunk = case.prompt.chunk_tokens
+    extra = strict.recomputed_per_layer[-1] - plain.recomputed_per_layer[-1]
+    assert extra == strict.guard_tokens > 0
+    assert strict.recomputed_per_layer[-1] - (len(case.prompt) - case.prompt.prefix_len
+                                              - n_chunk) <= round(0.6 * n_chunk)
+    assert loose.guard_tokens == 0  # a low target never lowers the ratio's budget
+    assert loose.recomputed_per_layer == plain.recomputed_per_layer
+    assert torch.isin(plain.final_positions, strict.final_positions).all()
+
+
+def test_guard_config_is_checked():
+    for bad in ({"coverage": 0.0}, {"coverage": 1.5}, {"coverage": True},
+                {"max_ratio": 1.2}):
+        with pytest.raises(ValueError):
+            BlendConfig(**bad)
