@@ -34,6 +34,9 @@ class BenchSpec:
     contexts: list[str] = field(default_factory=lambda: ["prefix"])
     check_layers: tuple[int, ...] = (1,)
     deviation_on: str = "k"
+    corrections: list[str] = field(default_factory=lambda: ["chunk_mean"])
+    correction_strength: float = BlendConfig.correction_strength
+    coverage: float | None = None
     max_new_tokens: int = 32
     limit: int | None = None
 
@@ -60,13 +63,15 @@ def load_cases(path: Path) -> list[dict]:
     return cases
 
 
-def variants(spec: BenchSpec) -> list[tuple[str, str | None, float | None]]:
-    out: list[tuple[str, str | None, float | None]] = []
+def variants(spec: BenchSpec) -> list[tuple[str, str | None, float | None, str]]:
+    """(mode, policy, ratio, correction) of every prefill run against full on each case."""
+    out: list[tuple[str, str | None, float | None, str]] = []
     for mode in spec.modes:
         if mode == "blend":
-            out += [("blend", p, r) for p in spec.policies for r in spec.ratios]
+            out += [("blend", p, r, c) for p in spec.policies for r in spec.ratios
+                    for c in spec.corrections]
         elif mode != "full":
-            out.append((mode, None, None))
+            out.append((mode, None, None, "none"))
     return out
 
 
@@ -79,7 +84,7 @@ def _scores(answer: Answer, target: list[int]) -> list[NextToken] | None:
 
 
 def _record(case: dict, ctx: str, answer: Answer, full: Answer,
-            full_scores: list[NextToken] | None) -> dict:
+            full_scores: list[NextToken] | None, correction: str = "none") -> dict:
     scores = _scores(answer, full.tokens) if full_scores is not None else None
     tr = answer.trace
     tf = (metrics.teacher_forced(full_scores, scores, full.tokens)
@@ -87,10 +92,12 @@ def _record(case: dict, ctx: str, answer: Answer, full: Answer,
           else {"tf_agree": None, "tf_kl": None})
     return {
         "case": case["id"], "context": ctx, "mode": tr.mode, "policy": tr.policy,
-        "ratio": tr.ratio, "ttft_s": tr.ttft_s, "full_ttft_s": full.trace.ttft_s,
+        "ratio": tr.ratio, "correction": correction, "ttft_s": tr.ttft_s,
+        "full_ttft_s": full.trace.ttft_s,
         "speedup": full.trace.ttft_s / tr.ttft_s, "engine_ttft_s": tr.engine_ttft_s,
         "context_tokens": tr.context_tokens, "recomputed_tokens": tr.recomputed_tokens,
-        "hits": tr.hits, "misses": tr.misses, "load_s": tr.load_s, "lookup_s": tr.lookup_s,
+        "guard_tokens": tr.guard_tokens, "hits": tr.hits, "misses": tr.misses,
+        "load_s": tr.load_s, "lookup_s": tr.lookup_s,
         "storage_share": (tr.lookup_s + tr.load_s) / tr.ttft_s, "error": tr.error,
         **metrics.first_token(full.first, answer.first), **tf,
         "rouge_l": metrics.rouge_l(full.tokens, answer.tokens),
@@ -133,13 +140,16 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
         full_scores = _scores(full, full.tokens)
         records.append(_record(case, "-", full, full, full_scores))
         for ctx, r in rags.items():
-            for mode, policy, ratio in todo:
+            for mode, policy, ratio, correction in todo:
                 blend = BlendConfig(ratio=ratio or 0.0, policy=policy or "hkvd",
                                     check_layers=spec.check_layers,
-                                    deviation_on=spec.deviation_on)  # type: ignore[arg-type]
+                                    deviation_on=spec.deviation_on,  # type: ignore[arg-type]
+                                    correction=correction,
+                                    correction_strength=spec.correction_strength,
+                                    coverage=spec.coverage)
                 ans = r.generate(ids, q, mode=mode, blend=blend, keep_kv=True,
                                  log_query=False, max_new_tokens=spec.max_new_tokens)
-                records.append(_record(case, ctx, ans, full, full_scores))
+                records.append(_record(case, ctx, ans, full, full_scores, correction))
                 if ans.generation is not None:
                     ans.generation.close()
         if full.generation is not None:
@@ -153,9 +163,10 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
 def summarize(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["context"], r["mode"], r["policy"], r["ratio"]), []).append(r)
+        key = (r["context"], r["mode"], r["policy"], r["ratio"], r.get("correction", "none"))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (ctx, mode, policy, ratio), rs in groups.items():
+    for (ctx, mode, policy, ratio, correction), rs in groups.items():
         def mean(k, rs=rs):
             vals = [r[k] for r in rs if r[k] is not None]
             return statistics.fmean(vals) if vals else None
@@ -165,7 +176,8 @@ def summarize(records: list[dict]) -> list[dict]:
             return statistics.median(vals) if vals else None
 
         out.append({
-            "context": ctx, "mode": mode, "policy": policy, "ratio": ratio, "n": len(rs),
+            "context": ctx, "mode": mode, "policy": policy, "ratio": ratio,
+            "correction": correction, "n": len(rs),
             "kl_basis": rs[0]["kl_basis"], "engine_ttft_median_s": med("engine_ttft_s"),
             "speedup_median": med("speedup"), "ttft_median_s": med("ttft_s"),
             "first_token_agree": mean("first_token_agree"),

@@ -27,7 +27,7 @@ from ragkv.cli_shared import (
     progress_bar,
     run_engine,
 )
-from ragkv.config import MODES, default_home
+from ragkv.config import MODES, BlendConfig, default_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Precomputed chunk KV + CacheBlend fusion for RAG.")
@@ -151,7 +151,15 @@ def demo(home: Home = default_home(), model: Model = None,
 def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           modes: str = "full,prefix,reuse,blend", ratios: str = "0.05,0.15,0.3",
           policies: str = "qhkvd", contexts: str = "prefix", check_layers: str = "1",
-          deviation_on: str = "k", max_new_tokens: int = 32, limit: int | None = None,
+          deviation_on: str = "k",
+          corrections: Annotated[str, typer.Option(
+              help="blend KV corrections to compare: chunk_mean, none")] = "chunk_mean",
+          correction_strength: float = BlendConfig.correction_strength,
+          coverage: Annotated[float | None, typer.Option(
+              help="quality guard: share of deviation mass the recomputed tokens must "
+                   "hold")] = None,
+          max_new_tokens: int = 32,
+          limit: int | None = None,
           long_context: Annotated[int, typer.Option(help="also time one prompt of N tokens")] = 0,
           kv_dtype: Annotated[str, typer.Option(
               help="stored KV dtype: float16, bfloat16, float32 or int8 (run once per dtype "
@@ -165,7 +173,11 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
         spec = BenchSpec(modes=modes.split(","), ratios=[float(r) for r in ratios.split(",")],
                          policies=policies.split(","), contexts=contexts.split(","),
                          check_layers=tuple(int(c) for c in check_layers.split(",")),
-                         deviation_on=deviation_on, max_new_tokens=max_new_tokens, limit=limit)
+                         deviation_on=deviation_on, corrections=corrections.split(","),
+                         correction_strength=correction_strength, coverage=coverage,
+                         max_new_tokens=max_new_tokens, limit=limit)
+        for c in spec.corrections:
+            BlendConfig(correction=c, correction_strength=correction_strength, coverage=coverage)
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         fail(str(exc))
