@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ragkv.engine.kernels.split_attention import MIN_KEYS, split_attention
+
 
 class TorchOps:
     """Reference implementations; also the fallback wherever Triton cannot run."""
@@ -60,12 +62,24 @@ class TorchOps:
         n, T = q.shape[1], k.shape[1]
         if n > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
             raise ValueError("query positions must be strictly increasing")
+        tail = int(q_pos[0]) == T - n and int(q_pos[-1]) == T - 1
+        if tail and 2 * n > T:
+            return _padded_tail(q, k, v, scale)
+        if q.device.type == "cpu" and (tail or T >= MIN_KEYS):
+            # The keys each block of queries sees whole go through the unmasked fast kernel,
+            # only the diagonal blocks are masked (split_attention.py).
+            return split_attention(q, k, v, q_pos, scale)
+        return self.attend_selected_masked(q, k, v, q_pos, scale)
+
+    def attend_selected_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+        """:meth:`attend_selected` by torch SDPA with an explicit mask: the plain reference
+        (and the path off the CPU, where :mod:`split_attention`'s kernel does not run)."""
+        n, T = q.shape[1], k.shape[1]
+        if n > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
+            raise ValueError("query positions must be strictly increasing")
         if int(q_pos[0]) == T - n and int(q_pos[-1]) == T - 1:
-            # The contiguous tail [T-n, T): pad the missing head with zero queries so the
-            # fast plain-causal kernel applies; the padded rows are dropped, the rest is exact.
-            pad = T - n
-            q = torch.cat([q.new_zeros(q.shape[0], pad, q.shape[2]), q], dim=1) if pad else q
-            return sdpa(q, k, v, None, scale)[:, pad:].transpose(0, 1)
+            return _padded_tail(q, k, v, scale)
         # Sparse queries: blocks sorted by position, each reading keys up to its last position
         # only (keys beyond are masked anyway), so masked work shrinks.
         outs = []
@@ -75,6 +89,16 @@ class TorchOps:
             mask = torch.arange(m, device=k.device)[None, :] <= pos[:, None]
             outs.append(sdpa(q[:, idx], k[:, :m], v[:, :m], mask, scale))
         return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def _padded_tail(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """The contiguous tail ``[T-n, T)``: pad the missing head with zero queries so the fast
+    plain-causal kernel applies; the padded rows are dropped, the rest is exact."""
+    n, T = q.shape[1], k.shape[1]
+    pad = T - n
+    q = torch.cat([q.new_zeros(q.shape[0], pad, q.shape[2]), q], dim=1) if pad else q
+    return sdpa(q, k, v, None, scale)[:, pad:].transpose(0, 1)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
