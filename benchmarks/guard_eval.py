@@ -1,0 +1,74 @@
+"""How well the quality guard (``BlendConfig.coverage``) predicts a blend that parts from full.
+
+Usage: python benchmarks/guard_eval.py --plain benchmarks/results/prose_main.json \
+           --guarded benchmarks/results/prose_guard.json [--kl 0.02] [--out FILE]
+
+``--plain``: a `ragkv bench` run with the guard off (its default blend row is the reference);
+``--guarded``: the same cases with ``--coverage C``. A case is *bad* when the plain blend's
+first-token KL exceeds ``--kl``; the guard *fires* when it added tokens. Prints how often it
+fires, its precision and recall against bad cases, and the median KL and TTFT ratio with and
+without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def blend_rows(path: Path, ratio: float, correction: str) -> dict[str, dict]:
+    data = json.loads(path.read_text())
+    return {r["case"]: r for r in data["cases"]
+            if r["mode"] == "blend" and r["ratio"] == ratio
+            and r.get("correction", "none") == correction}
+
+
+def evaluate(plain: dict[str, dict], guarded: dict[str, dict], kl: float) -> dict:
+    cases = sorted(set(plain) & set(guarded))
+    bad = {c for c in cases if plain[c]["first_token_kl"] > kl}
+    fired = {c for c in cases if guarded[c].get("guard_tokens", 0) > 0}
+    hit = bad & fired
+
+    def med(rows, key):
+        return statistics.median(rows[c][key] for c in cases)
+
+    return {
+        "cases": len(cases), "kl_threshold": kl, "bad": len(bad), "fired": len(fired),
+        "fire_rate": len(fired) / len(cases) if cases else None,
+        "precision": len(hit) / len(fired) if fired else None,
+        "recall": len(hit) / len(bad) if bad else None,
+        "kl_median_plain": med(plain, "first_token_kl"),
+        "kl_median_guarded": med(guarded, "first_token_kl"),
+        "speedup_median_plain": med(plain, "speedup"),
+        "speedup_median_guarded": med(guarded, "speedup"),
+        "recomputed_share_plain": statistics.fmean(
+            plain[c]["recomputed_tokens"] / plain[c]["context_tokens"] for c in cases),
+        "recomputed_share_guarded": statistics.fmean(
+            guarded[c]["recomputed_tokens"] / guarded[c]["context_tokens"] for c in cases),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plain", type=Path, nargs="+", required=True)
+    ap.add_argument("--guarded", type=Path, nargs="+", required=True)
+    ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--correction", default="chunk_mean")
+    ap.add_argument("--kl", type=float, default=0.02)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    results = {}
+    for p, g in zip(args.plain, args.guarded, strict=True):
+        res = evaluate(blend_rows(p, args.ratio, args.correction),
+                       blend_rows(g, args.ratio, args.correction), args.kl)
+        results[p.stem] = res
+        print(p.stem, json.dumps(res, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
