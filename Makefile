@@ -8,7 +8,7 @@ CASES ?= benchmarks/cases/pydoc.jsonl
 PROSE ?= benchmarks/cases/prose.jsonl
 export RAGKV_HOME
 
-.PHONY: install model demo ui test test-slow test-ui-browser test-services bench-storage bench-gpu bench-engines bench-concurrency bench-ingest vllm-install test-vllm bench lint clean
+.PHONY: install model demo ui test test-slow test-ui-browser test-services mutants soak frontier bench-storage bench-gpu bench-engines bench-concurrency bench-ingest vllm-install test-vllm bench lint clean
 
 install: $(VENV)/.installed
 
@@ -67,14 +67,32 @@ test-vllm: $(VENV)/.installed model vllm-install
 # The published figures: modes x ratios x precompute contexts, then every policy at 0.15.
 bench: $(VENV)/.installed model
 	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,prefix,reuse,blend \
-	    --ratios 0.05,0.15,0.3 --policies hkvd --contexts cold,prefix --long-context 7600 \
+	    --ratios 0.05,0.15,0.3 --policies hkvd,qhkvd --contexts cold,prefix --long-context 7600 \
+	    --corrections none,chunk_mean \
 	    --out benchmarks/results/pydoc_main.json
 	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,blend --ratios 0.15 \
 	    --policies qhkvd,gradual,chunk_head,hkvd+head --contexts cold,prefix \
 	    --out benchmarks/results/pydoc_policies.json
 	$(VENV)/bin/ragkv bench --cases $(PROSE) --modes full,prefix,reuse,blend \
 	    --ratios 0.05,0.15,0.3 --policies hkvd,qhkvd --contexts cold,prefix \
-	    --out benchmarks/results/prose_main.json
+	    --corrections none,chunk_mean --out benchmarks/results/prose_main.json
+	$(MAKE) frontier
+
+# The speed/fidelity frontier of both public sets (after make bench): JSON and a plot.
+frontier: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/frontier.py benchmarks/results/pydoc_main.json \
+	    benchmarks/results/prose_main.json --out benchmarks/results/frontier.json \
+	    --plot docs/frontier.png
+
+# Mutation testing of the modules that decide results (mutmut; see scripts/mutants.py):
+# score over non-equivalent mutants, every survivor listed. Not part of CI (up to an hour).
+mutants: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) scripts/mutants.py --max-children 2
+
+# 8 clients and an ingester over one cache for 10 minutes under a budget below the working set.
+soak: $(VENV)/.installed model
+	$(PY) benchmarks/soak.py --minutes 10
 
 # Cache lookup latency, tier throughput, PGDSF vs LRU; and the lookup+load share of TTFT.
 bench-storage: $(VENV)/.installed model

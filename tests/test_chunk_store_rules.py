@@ -1,0 +1,181 @@
+"""ChunkStore's hit/miss rules (docs/design.md §3.6), on a real SQLite index and blob folder.
+
+A stored chunk loads back as stored, from the tier that holds it, under the model and layout it
+was stored for; a foreign or damaged entry is a miss, removed so it is recomputed; a miss is
+computed once and stored back; nothing here raises for a cache problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ragkv.cache_index import BlobStore, CacheIndex, Int8Codec, KVStore, MemoryTier
+from ragkv.engine.chunk_store import ChunkStore, KVShape
+from ragkv.engine.kv import ChunkKV
+from ragkv.keys import KV_LAYOUT
+
+SHAPE = KVShape(layers=2, kv_heads=2, head_dim=4)
+FP = "a" * 64
+KEY = "0" * 63 + "1"
+
+
+def _kv(n_tokens: int = 3, seed: int = 0) -> ChunkKV:
+    g = torch.Generator().manual_seed(seed)
+    shape = (SHAPE.layers, SHAPE.kv_heads, n_tokens, SHAPE.head_dim)
+    return ChunkKV(torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+
+
+@pytest.fixture
+def kvstore(tmp_path: Path) -> Iterator[KVStore]:
+    index = CacheIndex(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    yield KVStore(index, BlobStore(str(tmp_path / "blobs")))
+    index.close()
+
+
+@pytest.fixture
+def with_memory(tmp_path: Path) -> Iterator[KVStore]:
+    index = CacheIndex(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    yield KVStore(index, BlobStore(str(tmp_path / "blobs")), memory=MemoryTier(None))
+    index.close()
+
+
+class Compute:
+    """A compute callback that counts its calls."""
+
+    def __init__(self, kv: ChunkKV) -> None:
+        self.kv, self.calls = kv, 0
+
+    def __call__(self) -> ChunkKV:
+        self.calls += 1
+        return self.kv
+
+
+def test_miss_then_saved_entry_loads_back_as_stored(kvstore):
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    assert chunks.load(KEY, 3) is None
+    assert chunks.stored([KEY]) == {KEY: False}
+    kv = _kv()
+    chunks.save(KEY, kv)
+    assert chunks.stored([KEY, "f" * 64]) == {KEY: True, "f" * 64: False}
+    loaded, tier = chunks.load(KEY, 3)
+    assert tier == "disk"
+    assert torch.equal(loaded.k, kv.k) and torch.equal(loaded.v, kv.v)
+    # The entry records what produced it: this model, this layout, its length and dtype.
+    entry = kvstore.index.get_entry(KEY)
+    assert (entry.model_fp, entry.layout, entry.n_tokens, entry.dtype) == (
+        FP, KV_LAYOUT, 3, "float32")
+
+
+@pytest.mark.parametrize(("kv_dtype", "dtype"), [("float16", torch.float16),
+                                                 ("bfloat16", torch.bfloat16)])
+def test_entries_are_stored_in_the_configured_dtype(kvstore, kv_dtype, dtype):
+    chunks = ChunkStore(kvstore, FP, SHAPE, kv_dtype)
+    kv = _kv()
+    chunks.save(KEY, kv)
+    assert kvstore.index.get_entry(KEY).dtype == kv_dtype
+    loaded, _ = chunks.load(KEY, 3)
+    assert loaded.k.dtype == dtype and loaded.v.dtype == dtype
+    assert torch.equal(loaded.k, kv.k.to(dtype)) and torch.equal(loaded.v, kv.v.to(dtype))
+
+
+def test_a_codec_quantizes_the_float32_kv(kvstore):
+    codec = Int8Codec()
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float16", codec=codec)
+    kv = _kv()
+    chunks.save(KEY, kv)
+    assert kvstore.index.get_entry(KEY).dtype == codec.tag
+    loaded, _ = chunks.load(KEY, 3)
+    # What the codec makes of the float32 KV (not of a float16 rounding of it).
+    want = codec.roundtrip(kv.to_tensors("float32"))
+    assert torch.equal(loaded.k, want["k"]) and torch.equal(loaded.v, want["v"])
+
+
+def test_another_models_entry_is_a_miss(kvstore):
+    ChunkStore(kvstore, FP, SHAPE, "float32").save(KEY, _kv())
+    assert ChunkStore(kvstore, "b" * 64, SHAPE, "float32").load(KEY, 3) is None
+
+
+def test_another_layouts_entry_is_a_miss(kvstore):
+    kvstore.put(KEY, _kv().to_tensors("float32"), model_fp=FP, layout=KV_LAYOUT + "x",
+                n_tokens=3)
+    assert ChunkStore(kvstore, FP, SHAPE, "float32").load(KEY, 3) is None
+
+
+@pytest.mark.parametrize("bad", ["length", "shape", "tensors", "non-finite"])
+def test_an_unusable_entry_is_a_logged_miss_and_removed(kvstore, caplog, bad):
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    n = 3
+    tensors = _kv().to_tensors("float32")
+    if bad == "length":  # stored for another length than the prompt's chunk
+        n = 4
+    elif bad == "shape":  # another model geometry
+        tensors = ChunkKV(torch.zeros(2, 1, 3, 8), torch.zeros(2, 1, 3, 8)).to_tensors("float32")
+    elif bad == "tensors":  # not a K/V pair at all
+        tensors = {"x": tensors["k"]}
+    else:
+        tensors["v"][0, 0, 0, 0] = float("inf")
+    kvstore.put(KEY, tensors, model_fp=FP, layout=KV_LAYOUT, n_tokens=3)
+    with caplog.at_level(logging.WARNING, logger="ragkv"):
+        assert chunks.load(KEY, n) is None
+    # The warning names the entry and why it was unusable.
+    reason = {"length": "expected", "shape": "expected", "tensors": "'k'",
+              "non-finite": "non-finite"}[bad]
+    assert any(KEY[:12] in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+    assert chunks.stored([KEY]) == {KEY: False}, "a bad entry is removed, so it is recomputed"
+    # ... and the next get-or-compute stores a good one in its place.
+    kv = _kv(n)
+    got, tier = chunks.get_or_compute(KEY, n, Compute(kv))
+    assert tier is None and torch.equal(got.k, kv.k)
+    assert chunks.load(KEY, n) is not None
+
+
+def test_get_or_compute_hit_does_not_compute(kvstore):
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    kv = _kv()
+    chunks.save(KEY, kv)
+    compute = Compute(_kv(seed=1))
+    got, tier = chunks.get_or_compute(KEY, 3, compute)
+    assert compute.calls == 0 and tier == "disk"
+    assert torch.equal(got.k, kv.k) and torch.equal(got.v, kv.v)
+
+
+def test_get_or_compute_miss_computes_once_and_stores_back(kvstore):
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    kv = _kv()
+    compute = Compute(kv)
+    got, tier = chunks.get_or_compute(KEY, 3, compute)
+    assert compute.calls == 1 and tier is None and got is kv
+    again, tier = chunks.get_or_compute(KEY, 3, compute)
+    assert compute.calls == 1 and tier == "disk"
+    assert torch.equal(again.k, kv.k) and torch.equal(again.v, kv.v)
+
+
+def test_get_or_compute_not_indexed_skips_the_read(kvstore):
+    """``indexed=False``: the caller already knows the key is absent, so nothing is read."""
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    chunks.save(KEY, _kv())
+    kv = _kv(seed=1)
+    compute = Compute(kv)
+    got, tier = chunks.get_or_compute(KEY, 3, compute, indexed=False)
+    assert compute.calls == 1 and tier is None and got is kv
+    assert torch.equal(chunks.load(KEY, 3)[0].k, kv.k), "the computed KV is what is stored"
+
+
+def test_shared_memory_hits_hand_out_the_tiers_tensors(with_memory):
+    chunks = ChunkStore(with_memory, FP, SHAPE, "float32")
+    chunks.save(KEY, _kv())
+    a, tier = chunks.load(KEY, 3, shared=True)
+    b, _ = chunks.load(KEY, 3, shared=True)
+    assert tier == "memory"
+    assert a.k.data_ptr() == b.k.data_ptr(), "shared: the memory tier's own tensors"
+    c, _ = chunks.load(KEY, 3)
+    assert c.k.data_ptr() != a.k.data_ptr(), "not shared: a copy the caller may modify"
+    d, tier = chunks.get_or_compute(KEY, 3, Compute(_kv(seed=1)), shared=True)
+    assert tier == "memory" and d.k.data_ptr() == a.k.data_ptr()
+    e, _ = chunks.get_or_compute(KEY, 3, Compute(_kv(seed=1)))
+    assert e.k.data_ptr() != a.k.data_ptr()

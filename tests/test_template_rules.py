@@ -1,0 +1,92 @@
+"""Prompt template rules not covered by SmolLM2's tokenizer (which adds no BOS): the pieces
+reassemble the model's own chat format, a BOS the tokenizer adds is in the prefix exactly once,
+and no other piece carries special tokens (docs/design.md §3.1)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from ragkv.prompt import PromptTemplate
+
+SYSTEM = "Answer from the context."
+BOS = 1
+
+
+def _enc(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def test_pieces_reassemble_the_models_chat_format(tokenizer):
+    """prefix + chunks + separators + suffix decode to the chat template rendered over the
+    whole user turn (SmolLM2's real template)."""
+    tpl = PromptTemplate.from_tokenizer(tokenizer, SYSTEM)
+    chunks = ["First chunk text.", "Second one, with a tail"]
+    question = "What is in the chunks?"
+    p = tpl.assemble([_enc(tokenizer, c) for c in chunks], question)
+    context = "\n\n".join(chunks)
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"}]
+    want = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(p.ids) == want
+
+
+class CharTokenizer:
+    """One id per character (ord); with ``add_special_tokens`` (the default, as in
+    transformers) a BOS first, as Llama's tokenizers do."""
+
+    def __init__(self, bos: int | None = BOS, adds_bos: bool = True,
+                 template: str | None = None) -> None:
+        if bos is not None:
+            self.bos_token_id = bos
+        self.adds_bos = adds_bos
+        if template is not None:
+            self.chat_template = template
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        ids = [ord(ch) for ch in text]
+        if add_special_tokens and self.adds_bos:
+            ids = [self.bos_token_id, *ids]
+        return SimpleNamespace(input_ids=ids)
+
+    def apply_chat_template(self, messages, tokenize: bool, add_generation_prompt: bool) -> str:
+        assert tokenize is False and add_generation_prompt is True
+        text = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+        return self.chat_template + text + "[assistant]"
+
+
+def _ords(text: str) -> list[int]:
+    return [ord(ch) for ch in text]
+
+
+def test_bos_the_tokenizer_adds_is_in_the_prefix_once():
+    tok = CharTokenizer()  # no chat template attribute at all: the plain template
+    tpl = PromptTemplate.from_tokenizer(tok, SYSTEM)
+    head = f"{SYSTEM}\n\nContext:\n"
+    assert list(tpl.prefix_ids) == [BOS, *_ords(head)]
+    # Separators and the question suffix never carry a BOS: they sit mid-prompt.
+    assert list(tpl.sep_ids) == _ords("\n\n")
+    assert tpl.suffix_ids("why?") == _ords("\n\nQuestion: why?\nAnswer:")
+    p = tpl.assemble([[50, 51], [52]], "why?")
+    assert p.ids.count(BOS) == 1 and p.ids[0] == BOS
+
+
+def test_a_template_that_renders_bos_itself_gets_no_second_one():
+    tok = CharTokenizer(template=chr(BOS))  # the chat template text starts with the BOS
+    tpl = PromptTemplate.from_tokenizer(tok, SYSTEM)
+    assert list(tpl.prefix_ids) == [BOS, *_ords(f"[system]{SYSTEM}[user]Context:\n")]
+    assert tpl.suffix_ids("why?") == _ords("\n\nQuestion: why?[assistant]")
+
+
+def test_no_bos_when_the_tokenizer_adds_none():
+    for tok in (CharTokenizer(adds_bos=False), CharTokenizer(bos=None, adds_bos=False)):
+        tpl = PromptTemplate.from_tokenizer(tok, SYSTEM)
+        assert list(tpl.prefix_ids) == _ords(f"{SYSTEM}\n\nContext:\n")
+
+
+def test_empty_question_is_refused_by_name():
+    tpl = PromptTemplate.from_tokenizer(CharTokenizer(), SYSTEM)
+    with pytest.raises(ValueError, match="^the question is empty$"):
+        tpl.suffix_ids(" \n")
