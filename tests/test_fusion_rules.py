@@ -268,6 +268,7 @@ def test_fuse_with_only_the_last_position_uncached():
     assert out.final_positions.tolist() == [len(p) - 1]
     assert out.recomputed_per_layer == [1] * engine.runner.n_layers
     assert out.layer_sets == [], "per-layer sets are recorded only when asked for"
+    assert out.guard_tokens == 0, "a policy without the quality guard raises nothing"
     assert torch.isfinite(out.logits).all()
 
 

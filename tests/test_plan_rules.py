@@ -115,6 +115,15 @@ def test_mode_picks_the_policy_and_only_blend_has_a_ratio():
     assert type(one.policy) is ComputeAll and one.ctx.ratio == 1.0
 
 
+def test_only_blend_corrects_the_kv_it_keeps():
+    for mode in ("prefix", "reuse"):
+        assert _plan(mode, blend=BlendConfig(correction="chunk_mean")).correction.name == "none"
+    blend = _plan("blend", blend=BlendConfig(ratio=0.3, correction="chunk_mean",
+                                             correction_strength=0.5)).correction
+    assert blend.name == "chunk_mean" and blend.strength == 0.5
+    assert _plan("blend", blend=BlendConfig(correction="none")).correction.name == "none"
+
+
 def test_full_and_unknown_modes_are_not_fused_prefills():
     for mode in ("full", "fastest"):
         with pytest.raises(ValueError, match=f"unknown mode '{mode}'; a fused prefill is one "
