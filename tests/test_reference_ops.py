@@ -139,30 +139,48 @@ def _attend_def(q, k, v, q_pos, scale) -> torch.Tensor:
     return (torch.softmax(scores.masked_fill(hidden, float("-inf")), -1) @ v).transpose(0, 1)
 
 
-@pytest.mark.parametrize("kind", ["tail", "all", "one-last", "sparse", "blocks", "first"])
-def test_attend_selected_is_masked_attention(kind):
+def _positions(kind: str) -> tuple[int, torch.Tensor]:
+    """(T, query positions) of each shape the attention paths tell apart."""
     T = 300
-    q_pos = {
-        "tail": torch.arange(T - 70, T),
-        "all": torch.arange(T),
-        "one-last": torch.tensor([T - 1]),
-        "sparse": torch.tensor([0, 1, 9, 64, 65, 200]),
-        "blocks": torch.arange(0, T - 1, 2),  # 150 queries: split in blocks
-        "first": torch.tensor([0]),
+    return {
+        "tail": (T, torch.arange(T - 70, T)),
+        "long-tail": (T, torch.arange(T - 200, T)),
+        "all": (T, torch.arange(T)),
+        "one-last": (T, torch.tensor([T - 1])),
+        "sparse": (T, torch.tensor([0, 1, 9, 64, 65, 200])),
+        "blocks": (T, torch.arange(0, T - 1, 2)),  # 150 queries: split in blocks
+        "first": (T, torch.tensor([0])),
+        # most positions, ending at the last one, but not a contiguous tail
+        "dense-with-last": (T, torch.cat([torch.arange(0, 10), torch.arange(11, T)])),
+        "short-sparse": (10, torch.tensor([2, 5, 9])),  # first = T - head_dim, not a tail
     }[kind]
+
+
+KINDS = ["tail", "long-tail", "all", "one-last", "sparse", "blocks", "first",
+         "dense-with-last", "short-sparse"]
+
+
+@pytest.mark.parametrize("method", ["attend_selected", "attend_selected_masked"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_attend_selected_is_masked_attention(kind, method):
+    T, q_pos = _positions(kind)
     n = len(q_pos)
     q, k, v = _randn(4, n, 8), _randn(2, T, 8, seed=1), _randn(2, T, 8, seed=2)
-    got = OPS.attend_selected(q, k, v, q_pos, 0.3)
+    got = getattr(OPS, method)(q, k, v, q_pos, 0.3)
     assert got.shape == (n, 4, 8)
     assert _max_diff(got, _attend_def(q, k, v, q_pos, 0.3)) < 1e-5
 
 
-def test_attend_selected_refuses_unsorted_or_repeated_positions():
-    k, v = _randn(1, 20, 8, seed=1), _randn(1, 20, 8, seed=2)
-    for bad in ([4, 2, 9], [4, 4, 9], [4, 9, 6], [9, 4]):
+@pytest.mark.parametrize("method", ["attend_selected", "attend_selected_masked"])
+def test_attend_selected_refuses_unsorted_or_repeated_positions(method):
+    cases = [(20, [4, 2, 9]), (20, [4, 4, 9]), (20, [4, 9, 6]), (20, [9, 4]),
+             (6, [2, 4, 3, 5]), (5, [2, 2, 4]),  # shaped like a tail: first T - n, last T - 1
+             (2560, [9, 4])]  # long prompts take the split kernel on the CPU
+    for T, bad in cases:
+        k, v = _randn(1, T, 8, seed=1), _randn(1, T, 8, seed=2)
         q = _randn(2, len(bad), 8)
         with pytest.raises(ValueError, match="^query positions must be strictly increasing$"):
-            OPS.attend_selected(q, k, v, torch.tensor(bad), 0.3)
+            getattr(OPS, method)(q, k, v, torch.tensor(bad), 0.3)
 
 
 def test_sdpa_without_mask_is_plain_causal_with_grouped_heads():
