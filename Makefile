@@ -87,7 +87,7 @@ frontier: $(VENV)/.installed
 
 # Mutation testing of the modules that decide results (mutmut; see scripts/mutants.py):
 # score over non-equivalent mutants, every survivor listed. Not part of CI (up to an hour).
-mutants: $(VENV)/.installed
+mutants: $(VENV)/.installed model
 	OMP_NUM_THREADS=1 $(PY) scripts/mutants.py --max-children 2
 
 # 8 clients and an ingester over one cache for 10 minutes under a budget below the working set.

@@ -153,11 +153,12 @@ def _positions(kind: str) -> tuple[int, torch.Tensor]:
         # most positions, ending at the last one, but not a contiguous tail
         "dense-with-last": (T, torch.cat([torch.arange(0, 10), torch.arange(11, T)])),
         "short-sparse": (10, torch.tensor([2, 5, 9])),  # first = T - head_dim, not a tail
+        "early-block": (T, torch.arange(3, 8)),  # contiguous, ending at head_dim, not at T
     }[kind]
 
 
 KINDS = ["tail", "long-tail", "all", "one-last", "sparse", "blocks", "first",
-         "dense-with-last", "short-sparse"]
+         "dense-with-last", "short-sparse", "early-block"]
 
 
 @pytest.mark.parametrize("method", ["attend_selected", "attend_selected_masked"])
