@@ -142,7 +142,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     place_s = feed.close()
     return FusedPrefill(list(k_buf.unbind(0)), list(v_buf.unbind(0)), logits, counts,
                         active.cpu(), sets, layer_s=clock.seconds(), place_s=place_s,
-                        guard_tokens=getattr(policy, "raised", 0))
+                        guard_tokens=policy.raised)
 
 
 def _stale_and_anchors(chunk_of: torch.Tensor,

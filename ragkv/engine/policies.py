@@ -81,6 +81,8 @@ class SelectionPolicy:
     """Base: compute nothing beyond the forced positions (full KV reuse)."""
 
     name: str = "reuse"
+    #: tokens a quality guard added beyond ``ratio``'s budget in this prefill (for the trace)
+    raised: int = 0
     #: whether ``select`` wants deviations weighted by the question's attention to each token;
     #: such a policy's fused KV depends on the question (vLLM's cache salt asks this)
     reads_question = False
@@ -133,8 +135,6 @@ class HKVD(SelectionPolicy):
     #: check layer's deviation mass (None: off), never past ``max_ratio``
     coverage: float | None = None
     max_ratio: float = 0.5
-    #: tokens the guard added beyond ``ratio``'s budget in this prefill (for the trace)
-    raised: int = 0
 
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
