@@ -14,6 +14,7 @@ from services_cases import BLOB_URL, INDEX_URL, fresh_blobs, fresh_database
 from ragkv.cache_index import (
     BlobStore,
     CacheIndex,
+    ChunkRecord,
     KVStore,
     blob_name,
 )
@@ -33,6 +34,19 @@ def _kv(dtype: torch.dtype = torch.float16, n_tokens: int = 5) -> dict[str, torc
         for layer in range(2)
         for kind in ("k", "v")
     }
+
+
+def _records(n: int, tag: str = "") -> list[ChunkRecord]:
+    return [
+        ChunkRecord(
+            ordinal=i,
+            text=f"chunk {i}{tag}",
+            token_ids=list(range(i + 3)),
+            cache_key=_key(100 + i),
+            embedding=(torch.ones(4) * i).numpy().tobytes(),
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture

@@ -1,0 +1,110 @@
+"""Bad input of the fusion engine: unknown modes and policies, check layers past the model's
+depth, invalid blend configurations, an empty chunk, an unsupported architecture, a sliding
+window shorter than the prompt, malformed chunk KV (tiny model matrix from ``engine_cases``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_cases import (  # noqa: F401 - fixtures are used by name
+    _BASE,
+    VOCAB,
+    _one_thread,
+    _Tok,
+    assemble,
+    blend,
+    case,
+    engine,
+)
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+from ragkv.config import BlendConfig
+from ragkv.engine.hf import HFEngine
+from ragkv.engine.kv import ChunkKV
+from ragkv.engine.policies import POLICIES
+from ragkv.engine.runner import SUPPORTED, LlamaFamilyRunner
+from ragkv.prompt import PromptTemplate
+
+# ---- bad input -----------------------------------------------------------------------------
+
+def test_unknown_mode_raises(engine, case):
+    with pytest.raises(ValueError, match="unknown mode"):
+        blend(engine, case, BlendConfig(), mode="fastest")
+
+
+def test_check_layer_beyond_depth_raises(engine, case):
+    L = engine.runner.n_layers
+    for policy in POLICIES:
+        with pytest.raises(ValueError, match="does not exist"):
+            blend(engine, case, BlendConfig(ratio=0.15, policy=policy, check_layers=(L,)))
+    # The last layer itself is a valid check layer.
+    out = blend(engine, case, BlendConfig(ratio=0.15, check_layers=(L - 1,)))
+    assert out.recomputed_per_layer[L - 2] == len(case.prompt) - case.prompt.prefix_len
+
+
+def test_unknown_policy_raises(engine, case):
+    with pytest.raises(ValueError, match="unknown selection policy"):
+        blend(engine, case, BlendConfig(ratio=0.15, policy="random"))
+
+
+@pytest.mark.parametrize("kwargs", [dict(ratio=1.5), dict(ratio=-0.1), dict(check_layers=()),
+                                    dict(check_layers=(0,)), dict(deviation_on="q")])
+def test_bad_blend_config(kwargs):
+    with pytest.raises(ValueError):
+        BlendConfig(**kwargs)
+
+
+def test_blend_config_normalises_check_layers():
+    assert BlendConfig(check_layers=(3, 1, 3)).check_layers == (1, 3)
+
+
+def test_empty_chunk_in_assemble_raises():
+    class Stub:
+        def __call__(self, text, add_special_tokens=False):
+            class R:
+                input_ids = [ord(ch) % VOCAB for ch in text]
+            return R()
+
+    tpl = PromptTemplate((1, 2), (3,), "Q: ", " A:", Stub())
+    ok = tpl.assemble([[10, 11], [12]], "why")
+    assert ok.chunk_spans == [(2, 4), (5, 6)]
+    with pytest.raises(ValueError, match="chunk 1"):
+        tpl.assemble([[10, 11], []], "why")
+
+
+def test_unsupported_architecture_raises():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2,
+                                      n_positions=64))
+    with pytest.raises(ValueError) as info:
+        LlamaFamilyRunner(gpt2)
+    for name in SUPPORTED:
+        assert name in str(info.value)
+    assert "GPT2LMHeadModel" in str(info.value)
+    with pytest.raises(ValueError):
+        HFEngine(gpt2, _Tok())
+
+
+def test_sliding_window_shorter_than_prompt_raises():
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**_BASE, head_dim=16, sliding_window=32)).eval()
+    eng = HFEngine(model, _Tok())
+    with pytest.raises(ValueError, match="sliding window"):
+        eng.precompute(list(range(3, 43)))
+    prompt = assemble([5, 6, 7], [list(range(3, 40))], [8, 9])
+    with pytest.raises(ValueError, match="sliding window"):
+        eng.prefill(prompt, [], "prefix", BlendConfig(), 0)
+
+
+def test_chunk_kv_shape_checks():
+    with pytest.raises(ValueError):
+        ChunkKV(torch.zeros(2, 2, 3, 4), torch.zeros(2, 2, 4, 4))
+    kv = ChunkKV(torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4))
+    t = kv.to_tensors("float16")
+    assert t["k"].dtype == torch.float16
+    back = ChunkKV.from_tensors(t, layers=2, kv_heads=2, head_dim=4, n_tokens=3)
+    assert back.n_tokens == 3
+    with pytest.raises(ValueError, match="shape"):
+        ChunkKV.from_tensors(t, layers=2, kv_heads=2, head_dim=4, n_tokens=4)
+    t["v"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        ChunkKV.from_tensors(t, layers=2, kv_heads=2, head_dim=4, n_tokens=3)

@@ -1,0 +1,64 @@
+"""The UI's frames (pure helpers, no page run): the query log with its measured savings, the
+recompute heatmap of wide prompts, the cache-size summaries of the index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("streamlit")
+from ragkv.cache_index import CacheIndex, ChunkRecord  # noqa: E402
+from ragkv.ui import frames  # noqa: E402
+
+
+def test_queries_frame_measures_saved_time_only_where_measured() -> None:
+    rows = [dict(id=2, created_at=1, hits=2, misses=2, ttft_s=0.1, full_ttft_s=0.5),
+            dict(id=1, created_at=0, hits=0, misses=0, ttft_s=0.4, full_ttft_s=None),
+            dict(id=3, created_at=2, hits=4, misses=0, ttft_s=0.1, full_ttft_s=None)]
+    df = frames.queries_frame(rows)
+    assert list(df["id"]) == [1, 2, 3]
+    assert np.isnan(df["hit_rate"][0]) and df["hit_rate"][1] == 0.5 and df["hit_rate"][2] == 1.0
+    assert np.isnan(df["saved_s"][0]) and df["saved_s"][1] == pytest.approx(0.4)
+    assert list(df["cum_saved_s"].round(6)) == [0.0, 0.4, 0.4]
+    assert frames.queries_frame([]).empty
+
+
+def test_heatmap_frame_bins_wide_prompts() -> None:
+    m = frames.recompute_matrix([torch.tensor([0, 1, 2, 3, 9]), torch.tensor([3]), []], 10)
+    assert m.shape == (3, 10) and m[0].sum() == 5 and m[1, 3] and not m[2].any()
+    df, width = frames.heatmap_frame(m, 0, 10, max_columns=5)
+    assert width == 2 and len(df) == 15
+    assert df[(df.layer == 0) & (df.position == 0)]["recomputed"].item() == 1.0
+    assert df[(df.layer == 0) & (df.position == 8)]["recomputed"].item() == 0.5
+    df, width = frames.heatmap_frame(m, 2, 5)
+    assert width == 1 and sorted(set(df.position)) == [2, 3, 4]
+    assert list(frames.token_shades(m, 2, 5).round(3)) == [round(1 / 3, 3), round(2 / 3, 3), 0]
+
+
+def test_cache_size_frames_shape_the_index_summaries() -> None:
+    index = CacheIndex("sqlite://")  # in memory: the frames only shape what the index reports
+    try:
+        assert list(frames.size_by_tier(index).itertuples(index=False)) == [("disk", 0, 0.0)]
+        assert frames.size_by_document(index).empty
+        assert list(frames.size_by_document(index).columns) == ["document", "chunks", "MiB"]
+        assert list(frames.top_chunks(index).columns) == ["chunk", "hits", "tokens", "text"]
+        doc, _ = index.add_document("a.md", "", "1" * 64)
+        keys = [f"{i:064x}" for i in range(3)]
+        index.add_chunks(doc, [ChunkRecord(i, f"line {i}\n" + "x" * 200, [1, 2], keys[i])
+                               for i in range(2)])
+        for i, key in enumerate(keys):  # keys[2] is no chunk's (a prompt prefix, say)
+            index.upsert_entry(key, model_fp="f", layout="l", n_tokens=i + 1, nbytes=2**20,
+                               blob_name=key, checksum="0", dtype="float16", on_remote=i == 0)
+        index.record_hits([keys[2], keys[2], keys[1]])
+        tiers = frames.size_by_tier(index)
+        assert tiers.to_dict("records") == [{"tier": "disk", "entries": 3, "MiB": 3.0},
+                                            {"tier": "remote", "entries": 1, "MiB": 1.0}]
+        assert frames.size_by_document(index).to_dict("records") == [
+            {"document": "a.md", "chunks": 2, "MiB": 2.0}]
+        top = frames.top_chunks(index, 10)
+        assert list(top["chunk"]) == [keys[2][:12], "a.md #1"]
+        assert list(top["hits"]) == [2, 1] and list(top["tokens"]) == [3, 2]
+        assert top["text"][0] == "" and top["text"][1] == ("line 1 " + "x" * 200)[:120]
+    finally:
+        index.close()
