@@ -4,7 +4,9 @@ Usage: python benchmarks/correction_lab.py --limit 10 --sets prose,pydoc \
            --variants prefix/qhkvd/0,prefix/qhkvd/0.75,cold/qhkvd/0.75 \
            --out benchmarks/results/correction_lab.jsonl
 
-A variant is ``context/policy/correction_strength`` (strength 0: no correction). Chunk KV is
+A variant is ``context/policy/correction_strength[/coverage/floor_ratio]`` (strength 0: no
+correction; coverage and floor: the per-prompt budget, e.g. ``prefix/qhkvd/0.75/0.9/0.05``;
+``-`` for none). Each record carries ``share``, the chunk tokens recomputed. Chunk KV is
 computed here (fp16 round trip, as stored by default), full prefill is the reference; one JSON
 line per case and variant. Cheaper than `ragkv bench` (no decoding), for sweeps.
 """
@@ -74,19 +76,25 @@ def run_case(eng, tpl, prefix_kv, name, case, todo, ratio, out) -> None:
         kvs[ctx] = [compute_span(r, torch.tensor(c), past) for c in chunks]
         kvs[ctx] = [ChunkKV(kv.k.half().float(), kv.v.half().float()) for kv in kvs[ctx]]
     for var in todo:
-        ctx, policy, strength = (var.split("/") + ["0"])[:3]
+        ctx, policy, strength, cov, floor = (var.split("/") + ["0", "-", "-"][
+            len(var.split("/")) - 2:])[:5]
         cached = [(0, prefix_kv)] + [(s, kv) for (s, _), kv in
                                      zip(p.chunk_spans, kvs[ctx], strict=True)]
         exact = exact_end(p.prefix_len, p.chunk_spans, ctx, range(len(chunks)))
-        cfg = BlendConfig(ratio=ratio, policy=policy, correction_strength=float(strength))
+        cfg = BlendConfig(ratio=ratio, policy=policy, correction_strength=float(strength),
+                          coverage=None if cov == "-" else float(cov),
+                          floor_ratio=None if floor == "-" else float(floor))
         plan = plan_prefill(len(p.ids), p.chunk_spans, p.suffix_start,
                             [(s, kv.n_tokens) for s, kv in cached], exact, "blend", cfg,
                             r.n_layers)
-        logits = fuse(r, ids, cached, plan.ctx, plan.policy, pipelined=False,
-                      correction=plan.correction).logits
+        out_ = fuse(r, ids, cached, plan.ctx, plan.policy, pipelined=False,
+                    correction=plan.correction)
+        logits = out_.logits
+        forced = int(plan.ctx.forced.sum())
+        share = (out_.recomputed_per_layer[-1] - forced) / plan.ctx.chunk_tokens
         rec = {"set": name, "case": case["id"], "var": var, "ratio": ratio,
                "kl": kl(full, logits), "agree": int(full.argmax() == logits.argmax()),
-               "T": len(p.ids)}
+               "T": len(p.ids), "share": share}
         out.write(json.dumps(rec) + "\n")
         out.flush()
         print(rec, flush=True)

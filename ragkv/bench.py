@@ -37,6 +37,7 @@ class BenchSpec:
     corrections: list[str] = field(default_factory=lambda: ["chunk_mean"])
     correction_strength: float = BlendConfig.correction_strength
     coverage: float | None = None
+    floor_ratio: float | None = None
     max_new_tokens: int = 32
     limit: int | None = None
 
@@ -146,7 +147,7 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
                                     deviation_on=spec.deviation_on,  # type: ignore[arg-type]
                                     correction=correction,
                                     correction_strength=spec.correction_strength,
-                                    coverage=spec.coverage)
+                                    coverage=spec.coverage, floor_ratio=spec.floor_ratio)
                 ans = r.generate(ids, q, mode=mode, blend=blend, keep_kv=True,
                                  log_query=False, max_new_tokens=spec.max_new_tokens)
                 records.append(_record(case, ctx, ans, full, full_scores, correction))

@@ -158,6 +158,9 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           coverage: Annotated[float | None, typer.Option(
               help="quality guard: share of deviation mass the recomputed tokens must "
                    "hold")] = None,
+          floor_ratio: Annotated[float | None, typer.Option(
+              help="with --coverage: a per-prompt budget that may also recompute fewer tokens "
+                   "than the ratio, down to this share")] = None,
           max_new_tokens: int = 32,
           limit: int | None = None,
           long_context: Annotated[int, typer.Option(help="also time one prompt of N tokens")] = 0,
@@ -175,9 +178,11 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
                          check_layers=tuple(int(c) for c in check_layers.split(",")),
                          deviation_on=deviation_on, corrections=corrections.split(","),
                          correction_strength=correction_strength, coverage=coverage,
+                         floor_ratio=floor_ratio,
                          max_new_tokens=max_new_tokens, limit=limit)
         for c in spec.corrections:
-            BlendConfig(correction=c, correction_strength=correction_strength, coverage=coverage)
+            BlendConfig(correction=c, correction_strength=correction_strength, coverage=coverage,
+                        floor_ratio=floor_ratio)
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         fail(str(exc))

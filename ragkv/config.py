@@ -59,6 +59,10 @@ class BlendConfig:
         where the tokens ``ratio`` allows hold less than this share of the check layer's
         deviation mass, more are recomputed until they do, up to ``max_ratio``; the trace
         counts the tokens it added (``guard_tokens``). None: off.
+    floor_ratio: with ``coverage``, turns the guard into a per-prompt budget: a prompt whose
+        deviation mass is concentrated recomputes fewer tokens than ``ratio`` (down to this
+        share), one whose mass is spread recomputes more (up to ``max_ratio``); the trace's
+        ``guard_tokens`` is then negative when tokens were spared. None: the guard only raises.
     """
 
     ratio: float | Literal["auto"] = 0.15
@@ -71,6 +75,7 @@ class BlendConfig:
     correction_strength: float = 0.75
     coverage: float | None = None
     max_ratio: float = 0.5
+    floor_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
@@ -98,6 +103,11 @@ class BlendConfig:
         if (isinstance(self.max_ratio, bool) or not isinstance(self.max_ratio, int | float)
                 or not 0.0 <= self.max_ratio <= 1.0):
             raise ValueError(f"max_ratio must be within [0, 1], got {self.max_ratio!r}")
+        if self.floor_ratio is not None and (
+                isinstance(self.floor_ratio, bool) or not isinstance(self.floor_ratio, int | float)
+                or not 0.0 <= self.floor_ratio <= 1.0):
+            raise ValueError(f"floor_ratio must be within [0, 1] or None, got "
+                             f"{self.floor_ratio!r}")
 
 
 @dataclass

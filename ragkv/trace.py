@@ -47,6 +47,7 @@ class QueryTrace:
     #: positions computed at each layer, when recording was asked for (inspection)
     layer_sets: list[list[int]] | None = None
     #: tokens the quality guard (``BlendConfig.coverage``) recomputed beyond the ratio's budget
+    #: (negative: tokens a per-prompt budget, ``floor_ratio``, spared)
     guard_tokens: int = 0
     #: retrieved chunks that did not fit the model's window (in rank order)
     left_out: list[ChunkTrace] = field(default_factory=list)

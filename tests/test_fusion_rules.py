@@ -19,6 +19,7 @@ from engine_cases import (  # noqa: F401 - fixtures are used by name
     make_model,
     max_diff,
 )
+from policy_cases import kept_chunk_tokens, make_ctx
 
 from ragkv.config import BlendConfig
 from ragkv.engine.blend import fuse
@@ -34,7 +35,6 @@ from ragkv.engine.policies import (
     GradualFilter,
     HKVDWithHeads,
     QueryAwareHKVD,
-    SelectionContext,
     SelectionPolicy,
     covering_budget,
     make_policy,
@@ -44,20 +44,10 @@ from ragkv.engine.policies import (
 
 # ---- selection context ---------------------------------------------------------------------
 
-def _ctx(ratio: float, spans=((5, 105),), n_tokens: int = 110, exact_until: int = 5,
-         suffix_start: int | None = None) -> SelectionContext:
-    """Prefix [0, exact_until), the chunk spans, everything else uncached (forced)."""
-    forced = torch.ones(n_tokens, dtype=torch.bool)
-    forced[:exact_until] = False
-    for s, e in spans:
-        forced[s:e] = False
-    return SelectionContext(n_tokens, exact_until, list(spans), forced, ratio, suffix_start)
-
-
 def test_context_defaults_and_budget():
-    ctx = _ctx(0.15)
+    ctx = make_ctx(0.15)
     assert ctx.suffix_start == 109, "without a suffix start, the last position is the question"
-    assert _ctx(0.15, suffix_start=100).suffix_start == 100
+    assert make_ctx(0.15, suffix_start=100).suffix_start == 100
     assert ctx.chunk_tokens == 100
     assert ctx.budget() == 15 and ctx.budget(0.333) == 33 and ctx.budget(1.0) == 100
     assert ctx.all_uncached_and_chunks().tolist() == list(range(5, 110))
@@ -65,42 +55,29 @@ def test_context_defaults_and_budget():
 
 
 def test_heads_are_each_chunks_first_positions():
-    ctx = _ctx(0.15, spans=((5, 7), (8, 20)), n_tokens=25)
+    ctx = make_ctx(0.15, spans=((5, 7), (8, 20)), n_tokens=25)
     assert ctx.heads(4).tolist() == [5, 6, 8, 9, 10, 11]  # a short chunk gives what it has
-    none = _ctx(0.15, spans=(), n_tokens=10).heads(4)
+    none = make_ctx(0.15, spans=(), n_tokens=10).heads(4)
     assert none.dtype == torch.long and none.numel() == 0
 
 
 # ---- policies ------------------------------------------------------------------------------
 
-def _kept_chunk_tokens(policy: SelectionPolicy, ctx: SelectionContext, layer: int,
-                       deviation: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
-    active = ctx.all_uncached_and_chunks()
-    if deviation is None:  # distinct deviations, largest on the last chunk tokens
-        deviation = torch.arange(active.numel(), dtype=torch.float32)
-    keep = policy.select(layer, ctx, active, deviation)
-    assert keep.dtype == torch.bool and keep.shape == active.shape
-    kept = active[keep]
-    assert torch.isin(ctx.forced_positions(), kept).all(), "forced positions are always kept"
-    in_chunks = sum(int(((kept >= s) & (kept < e)).sum()) for s, e in ctx.chunk_spans)
-    return in_chunks, kept
-
-
 def test_base_policy_keeps_every_active_position():
-    ctx = _ctx(0.3)
+    ctx = make_ctx(0.3)
     policy = SelectionPolicy()
     assert policy.check_layers == () and not policy.reads_question
     assert policy.initial(ctx).tolist() == ctx.forced_positions().tolist()
-    n, kept = _kept_chunk_tokens(policy, ctx, 1)
+    n, kept = kept_chunk_tokens(policy, ctx, 1)
     assert n == 100 and kept.tolist() == ctx.all_uncached_and_chunks().tolist()
 
 
 def test_hkvd_keeps_the_budgets_largest_deviations_at_its_first_layer():
     policy = HKVD(layers=(2, 3))
     assert policy.check_layers == (2,)
-    ctx = _ctx(0.15)
+    ctx = make_ctx(0.15)
     assert policy.initial(ctx).tolist() == list(range(5, 110))
-    n, kept = _kept_chunk_tokens(policy, ctx, 2)
+    n, kept = kept_chunk_tokens(policy, ctx, 2)
     assert n == 15 and kept.tolist() == [*range(90, 105), *range(105, 110)]
 
 
@@ -113,8 +90,8 @@ def test_hkvd_keeps_the_budgets_largest_deviations_at_its_first_layer():
 def test_gradual_budgets_interpolate_per_check_layer(ratio, layers, budgets):
     policy = GradualFilter(layers=layers)
     assert policy.check_layers == layers
-    ctx = _ctx(ratio)
-    got = [_kept_chunk_tokens(policy, ctx, layer)[0] for layer in layers]
+    ctx = make_ctx(ratio)
+    got = [kept_chunk_tokens(policy, ctx, layer)[0] for layer in layers]
     assert got == budgets
 
 
@@ -134,17 +111,17 @@ def test_hkvd_with_heads_spends_the_budget_on_heads_first():
                                      head_tokens=3), 4)
     assert type(policy) is HKVDWithHeads
     assert policy.check_layers == (2,) and policy.head_tokens == 3
-    ctx = _ctx(0.15, spans=((5, 55), (55, 105)))
-    n, kept = _kept_chunk_tokens(policy, ctx, 2)
+    ctx = make_ctx(0.15, spans=((5, 55), (55, 105)))
+    n, kept = kept_chunk_tokens(policy, ctx, 2)
     assert n == 15  # 6 head tokens + the 9 largest deviations
     assert torch.isin(torch.tensor([5, 6, 7, 55, 56, 57]), kept).all()
     assert torch.isin(torch.arange(96, 105), kept).all()
     # More heads than budget: every head, nothing else.
-    n, kept = _kept_chunk_tokens(HKVDWithHeads(head_tokens=10), _ctx(0.05, spans=(
+    n, kept = kept_chunk_tokens(HKVDWithHeads(head_tokens=10), make_ctx(0.05, spans=(
         (5, 55), (55, 105))), 1)
     assert n == 20 and kept.tolist() == [*range(5, 15), *range(55, 65), *range(105, 110)]
     # No chunk past the exact part: only the forced positions.
-    n, kept = _kept_chunk_tokens(HKVDWithHeads(), _ctx(0.15, spans=(), n_tokens=10), 1)
+    n, kept = kept_chunk_tokens(HKVDWithHeads(), make_ctx(0.15, spans=(), n_tokens=10), 1)
     assert n == 0 and kept.tolist() == list(range(5, 10))
 
 
@@ -161,27 +138,27 @@ def test_covering_budget_is_scale_free():
 def test_guard_raises_the_budget_up_to_max_ratio(policy):
     cfg = BlendConfig(ratio=0.15, policy=policy, coverage=1.0, max_ratio=0.3)
     guarded = make_policy(cfg, 4)
-    ctx = _ctx(0.15)
-    n, kept = _kept_chunk_tokens(guarded, ctx, 1)
+    ctx = make_ctx(0.15)
+    n, kept = kept_chunk_tokens(guarded, ctx, 1)
     assert n == 30, "every deviating token is asked for: capped at max_ratio"
     assert guarded.raised == 15
     assert kept.tolist() == [*range(75, 105), *range(105, 110)]
     loose = make_policy(BlendConfig(ratio=0.15, policy=policy, coverage=1e-3), 4)
-    assert _kept_chunk_tokens(loose, ctx, 1)[0] == 15 and loose.raised == 0
+    assert kept_chunk_tokens(loose, ctx, 1)[0] == 15 and loose.raised == 0
 
 
 def test_guard_counts_the_heads_against_max_ratio():
     cfg = BlendConfig(ratio=0.15, policy="hkvd+head", coverage=1.0, max_ratio=0.3,
                       head_tokens=3)
     guarded = make_policy(cfg, 4)
-    n, kept = _kept_chunk_tokens(guarded, _ctx(0.15, spans=((5, 55), (55, 105))), 1)
+    n, kept = kept_chunk_tokens(guarded, make_ctx(0.15, spans=((5, 55), (55, 105))), 1)
     assert n == 30  # 6 heads + 24 raised: max_ratio bounds them together
     assert torch.isin(torch.tensor([5, 6, 7, 55, 56, 57]), kept).all()
     assert guarded.raised == 15
 
 
 def test_chunk_head_computes_each_chunks_head_from_layer_0():
-    ctx = _ctx(0.15, spans=((5, 55), (56, 66)), n_tokens=70)
+    ctx = make_ctx(0.15, spans=((5, 55), (56, 66)), n_tokens=70)
     policy = ChunkHead()
     assert policy.check_layers == ()
     heads = [*range(5, 5 + math.ceil(0.15 * 50)), *range(56, 56 + math.ceil(0.15 * 10))]

@@ -48,7 +48,7 @@ class FusedPrefill:
     layer_sets: list[torch.Tensor] = field(default_factory=list)
     layer_s: list[float] = field(default_factory=list)
     place_s: list[float] = field(default_factory=list)
-    #: tokens the policy's quality guard recomputed beyond the ratio's budget
+    #: tokens the policy's quality guard recomputed beyond the ratio's budget (negative: spared)
     guard_tokens: int = 0
 
 

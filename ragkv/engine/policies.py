@@ -81,7 +81,8 @@ class SelectionPolicy:
     """Base: compute nothing beyond the forced positions (full KV reuse)."""
 
     name: str = "reuse"
-    #: tokens a quality guard added beyond ``ratio``'s budget in this prefill (for the trace)
+    #: tokens a quality guard added beyond ``ratio``'s budget in this prefill (for the trace;
+    #: negative when a per-prompt budget spared some)
     raised: int = 0
     #: whether ``select`` wants deviations weighted by the question's attention to each token;
     #: such a policy's fused KV depends on the question (vLLM's cache salt asks this)
@@ -135,10 +136,14 @@ class HKVD(SelectionPolicy):
     #: check layer's deviation mass (None: off), never past ``max_ratio``
     coverage: float | None = None
     max_ratio: float = 0.5
+    #: with ``coverage``: the guard may also lower the budget, to this share at least (a
+    #: per-prompt budget); None: it only raises
+    floor_ratio: float | None = None
 
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
-        return cls(layers=cfg.check_layers, coverage=cfg.coverage, max_ratio=cfg.max_ratio)
+        return cls(layers=cfg.check_layers, coverage=cfg.coverage, max_ratio=cfg.max_ratio,
+                   floor_ratio=cfg.floor_ratio)
 
     @property
     def check_layers(self) -> tuple[int, ...]:
@@ -149,16 +154,19 @@ class HKVD(SelectionPolicy):
 
     def guarded(self, ctx: SelectionContext, active: torch.Tensor, deviation: torch.Tensor,
                 must: torch.Tensor, budget: int, reserved: int = 0) -> int:
-        """``budget``, raised by the guard where the deviation mass asks for more; ``reserved``
-        chunk tokens are kept besides it (and count against ``max_ratio``)."""
+        """``budget``, raised by the guard where the deviation mass asks for more (and, with
+        ``floor_ratio``, lowered where it asks for less); ``reserved`` chunk tokens are kept
+        besides it (and count against ``max_ratio`` and ``floor_ratio``)."""
         if self.coverage is None:
             return budget
         need = covering_budget(deviation, torch.isin(active, must.to(active.device)),
                                self.coverage)
         cap = max(budget, ctx.budget(self.max_ratio) - reserved)
-        raised = min(max(budget, need), cap)
-        self.raised = raised - budget
-        return raised
+        floor = budget if self.floor_ratio is None else min(
+            budget, max(0, ctx.budget(self.floor_ratio) - reserved))
+        kept = min(max(floor, need), cap)
+        self.raised = kept - budget
+        return kept
 
     def select(self, layer, ctx, active, deviation):
         must = ctx.forced_positions()
@@ -219,7 +227,7 @@ class HKVDWithHeads(HKVD):
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return cls(layers=cfg.check_layers, head_tokens=cfg.head_tokens,
-                   coverage=cfg.coverage, max_ratio=cfg.max_ratio)
+                   coverage=cfg.coverage, max_ratio=cfg.max_ratio, floor_ratio=cfg.floor_ratio)
 
     def select(self, layer, ctx, active, deviation):
         heads = ctx.heads(self.head_tokens)
