@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.progress import TextColumn
 
 from ragkv.cli_cache import cache_app
 from ragkv.cli_serve import serve
@@ -70,18 +72,30 @@ def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
 
 
 def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0) -> int:
-    computed = 0
-    with progress_bar() as bar:
-        task = bar.add_task("ingesting", total=len(docs))
+    computed = tokens = 0
+    busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
+    with progress_bar(TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("ingesting", total=len(docs), rate="")
         for name, text in docs:
             bar.update(task, description=f"ingesting {name[-40:]}")
-            computed += rag.ingest_text(name, text).precomputed
-            bar.advance(task)
+            t0 = time.perf_counter()
+            res = rag.ingest_text(name, text)
+            if res.precomputed_tokens:
+                busy += time.perf_counter() - t0
+            computed += res.precomputed
+            tokens += res.precomputed_tokens
+            bar.update(task, advance=1, rate=_rate(tokens, busy))
     s = rag.index.stats()
     console.print(f"{s['documents']} documents, {s['chunks']} chunks, {s['kv_entries']} KV "
                   f"entries ({s['kv_bytes'] / 2**20:.0f} MiB); computed now: {computed}"
+                  + (f" ({tokens:,} tokens, {_rate(tokens, busy)})" if tokens else "")
                   + (f"; files skipped: {skipped}" if skipped else ""))
     return computed
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    """Precompute throughput as shown: chunking and embedding time included."""
+    return f"{tokens / seconds:,.0f} tokens/s" if tokens and seconds > 0 else ""
 
 
 def _ask_both(rag, question: str, chunks, mode: str, max_new_tokens: int, compare: bool):

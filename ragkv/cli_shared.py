@@ -9,7 +9,14 @@ from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console, Group
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 console = Console()
@@ -73,9 +80,9 @@ def open_rag(home: Path, model: Path | None, context: str = "prefix",
         fail(str(exc))
 
 
-def progress_bar() -> Progress:
+def progress_bar(*extra: ProgressColumn) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+                    TimeElapsedColumn(), *extra, console=console, transient=False)
 
 
 def answers_table(answers: Sequence) -> Group:

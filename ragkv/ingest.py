@@ -44,6 +44,8 @@ class IngestResult:
     n_chunks: int
     precomputed: int  # chunks whose KV had to be computed (0 on a second run)
     new_document: bool
+    #: tokens of the chunks computed now (their sum is what precompute throughput divides)
+    precomputed_tokens: int = 0
 
 
 def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
@@ -72,13 +74,15 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         infos = index.chunks(ids)
     else:
         infos = [c for c in index.chunks() if c.document_id == doc_id]
-    done = 0
+    done = tokens = 0
     for start in range(0, len(infos), PRECOMPUTE_BATCH):
         batch = infos[start:start + PRECOMPUTE_BATCH]
-        done += sum(rag.precompute_many([c.token_ids for c in batch]))
+        computed = rag.precompute_many([c.token_ids for c in batch])
+        done += sum(computed)
+        tokens += sum(len(c.token_ids) for c, new in zip(batch, computed, strict=True) if new)
         if progress:
             progress(start + len(batch), len(infos))
-    return IngestResult(doc_id, name, len(infos), done, created)
+    return IngestResult(doc_id, name, len(infos), done, created, tokens)
 
 
 def iter_text_files(paths: Iterable[Path]) -> Iterator[Path]:

@@ -44,6 +44,9 @@ def test_ingest_stores_chunks_and_kv(seed, rag):
         rag.template.prefix_ids)
     # Re-ingesting the same document computes nothing.
     assert not again.new_document and again.precomputed == 0
+    assert again.precomputed_tokens == 0
+    assert sum(r.precomputed_tokens for r in results) == sum(
+        c.n_tokens for c in rag.index.chunks()), "every computed chunk's tokens, once"
     assert again.n_chunks == results[0].n_chunks
     # Stored chunks carry the key the API computes, and every key has a readable entry.
     for c in rag.index.chunks():

@@ -30,7 +30,8 @@ def test_ingest_ask_and_stats(tmp_path: Path, tiny_model: Path) -> None:
     (docs / "b.txt").write_text("A with statement wraps a block in a context manager.\n" * 40)
     home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
     out = run("ingest", str(docs), *home)
-    assert "2 documents" in out
+    assert "2 documents" in out and "tokens/s" in out  # precompute throughput is shown
+    assert "tokens/s" not in run("ingest", str(docs), *home), "nothing computed: no rate"
     out = run("ask", "What does assert do?", "-k", "2", "--compare", *home)
     assert "blend" in out and "full" in out and "TTFT" in out
     stats = run("cache", "stats", "--home", str(tmp_path / "home"))
