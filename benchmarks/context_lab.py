@@ -7,7 +7,8 @@ Usage: python benchmarks/context_lab.py --limit 8 --sets pydoc,prose \
 Each chunk's KV is computed after the template prefix and a context never taken from the
 prompt: ``prefix`` (none: today), ``doc:N`` (the N tokens of the chunk's source document before
 it), ``sim:n`` (the n passages of the set's documents most similar by TF-IDF, 512 tokens each,
-best last) or ``rand:N`` (N tokens of a random other document: the control). The chunk's own KV
+best last), ``rand:N`` (N tokens of a random other document: the control) or ``anchor``
+(ragkv's fixed neutral passage, the same before every chunk of every set). The chunk's own KV
 (fp16 round trip) is fused with policy qhkvd as in correction_lab.py. One JSON line per case and
 variant ``context/qhkvd/strength`` (resumable): first-token KL and agreement against full
 prefill; ``dev``: per layer, the mean over chunk tokens not computed at that layer of
@@ -29,6 +30,7 @@ from collections import Counter
 
 import torch
 
+from ragkv.anchor import ANCHOR_TEXT
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import BlendConfig, RagkvConfig, default_home
 from ragkv.engine.blend import compute_span, fuse
@@ -135,6 +137,8 @@ def context_ids(spec, eng, tpl, corpus, case, locs, i) -> list[int]:
     probes = [c[o:o + 80] for c in case["chunks"] for o in range(0, len(c) - 80, 80)]
     if kind == "prefix":
         return []
+    if kind == "anchor":  # the fixed passage of precompute_context="anchor": same everywhere
+        return tokenize_chunk(ANCHOR_TEXT, tok) + list(tpl.sep_ids)
     if kind == "doc":
         lo = max([e for d, s, e in locs if d == doc and e <= start], default=0)
         text = corpus.docs[doc][max(lo, start - 10 * int(arg)):start]  # >= N tokens of text

@@ -133,6 +133,9 @@ class RagKV:
     def with_config(self, **changes) -> RagKV:
         """Another facade on the same engine with some settings changed (e.g. the precompute
         context); settings the engine was built with (model, storage) stay the engine's."""
+        if changes.get("anchor_text", self.config.anchor_text) != self.config.anchor_text:
+            raise ValueError("the anchor passage is fixed when the engine is built; open a "
+                             "new RagKV with the other anchor_text")
         return RagKV(replace(self.config, **changes), backend=self.backend)
 
     # ---- keys and KV --------------------------------------------------------------------
@@ -204,7 +207,8 @@ class RagKV:
         prompt = self.template.assemble([c.token_ids for c in items], question)
         # Keys are derived from the ids, never taken on trust: a stale or mistaken key handed in
         # with a chunk must not load another chunk's KV (hashing costs microseconds).
-        keys = tuple(self.key_for(c.token_ids) for c in items)
+        keys = tuple(self.backend.keys.at(c.token_ids, i, self.config.precompute_context)
+                     for i, c in enumerate(items))
         req = GenerationRequest(prompt, keys, mode, blend or self.config.blend,
                                 self.config.precompute_context, max_new_tokens, t0,
                                 tuple(c.document for c in items), record=record, keep=keep_kv)

@@ -36,7 +36,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(cache_app, name="cache")
 app.command()(serve)
 
-Context = Annotated[str, typer.Option(help="precompute chunks 'cold' or after the 'prefix'")]
+Context = Annotated[str, typer.Option(
+    help="precompute chunks 'cold', after the 'prefix', or after it and the 'anchor' passage")]
 
 DEMO_TOPICS = ("try", "exceptions", "raise", "with", "context-managers", "assert", "for",
                "while", "yield", "lambda", "import", "del", "global", "nonlocal", "if", "pass")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
-PrecomputeContext = Literal["cold", "prefix"]
+PrecomputeContext = Literal["cold", "prefix", "anchor"]
 #: corrections of the KV the blend keeps from the cache (``ragkv.engine.correction``)
 CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean")
 #: in-process engines by name; any http(s):// URL names a served vLLM
@@ -123,8 +123,12 @@ class RagkvConfig:
         an S3-compatible server, or Redis client timeouts); S3 also reads the standard AWS
         settings (``AWS_ENDPOINT_URL``, credentials files) on its own.
     chunk_tokens: target chunk size in tokens.
-    precompute_context: ``cold`` (each chunk prefilled alone) or ``prefix`` (after the shared
-        template prefix / system prompt).
+    precompute_context: ``cold`` (each chunk prefilled alone), ``prefix`` (after the shared
+        template prefix / system prompt) or ``anchor`` (two entries per chunk: after the
+        prefix, read when the chunk comes first in a prompt, and after the prefix and a fixed
+        passage, read everywhere else; its KV is closer to the chunk's KV deep in a prompt).
+    anchor_text: the passage of ``anchor`` precompute (None: ragkv's own neutral passage,
+        :data:`ragkv.anchor.ANCHOR_TEXT`); changing it changes every anchor key.
     kv_dtype: dtype chunk KV is stored in; ``int8`` quantizes it KIVI-style with float32
         scales per channel (keys) / per token (values) by default, see ``int8_*_scales``.
     memory_budget_bytes: bytes of decoded KV the in-process memory tier holds (None:
@@ -150,6 +154,7 @@ class RagkvConfig:
     blob_options: dict[str, Any] = field(default_factory=dict)
     chunk_tokens: int = 512
     precompute_context: PrecomputeContext = "prefix"
+    anchor_text: str | None = None
     kv_dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float16"
     int8_key_scales: Literal["channel", "token"] = "channel"
     int8_value_scales: Literal["channel", "token"] = "token"
@@ -175,8 +180,11 @@ class RagkvConfig:
         if self.engine not in ENGINES and not self.engine.startswith(("http://", "https://")):
             raise ValueError(f"engine must be 'hf', 'vllm' or the http(s):// URL of a vLLM "
                              f"server with ragkv's connector, got {self.engine!r}")
-        if self.precompute_context not in ("cold", "prefix"):
-            raise ValueError("precompute_context must be 'cold' or 'prefix'")
+        if self.precompute_context not in ("cold", "prefix", "anchor"):
+            raise ValueError(f"precompute_context must be 'cold', 'prefix' or 'anchor', "
+                             f"got {self.precompute_context!r}")
+        if self.anchor_text is not None and not str(self.anchor_text).strip():
+            raise ValueError("anchor_text is empty; give a passage or None for the default")
         if self.kv_dtype not in ("float32", "float16", "bfloat16", "int8"):
             raise ValueError(f"kv_dtype must be float32, float16, bfloat16 or int8, "
                              f"got {self.kv_dtype!r}")
@@ -196,6 +204,12 @@ class RagkvConfig:
         from ragkv.cache_index.codec import Int8Codec
 
         return Int8Codec(self.int8_key_scales, self.int8_value_scales)
+
+    @property
+    def resolved_anchor_text(self) -> str:
+        from ragkv.anchor import ANCHOR_TEXT
+
+        return ANCHOR_TEXT if self.anchor_text is None else self.anchor_text
 
     @property
     def kv_storage(self) -> str:

@@ -1,10 +1,11 @@
 """Cache keys: a digest of exactly what produced a chunk's KV (docs/design.md §3.2).
 
 A key covers the model's weights (not its name), the KV layout version, the storage dtype, the
-precompute context (cold, or the token ids of the shared prefix the chunk was prefilled after)
-and the chunk's own token ids. Keys are content-addressed, so one chunk at any position in any
-query is one entry, and they are stable across processes and machines (no ``hash()``, no
-pickles: canonical JSON through SHA-256).
+precompute context (cold, or the token ids the chunk was prefilled after: the shared prefix, or
+the prefix and the anchor passage) and the chunk's own token ids. Keys are content-addressed,
+so one chunk at any position in any query is one entry (two with ``anchor`` precompute: the
+first position reads the prefix-context one), and they are stable across processes and
+machines (no ``hash()``, no pickles: canonical JSON through SHA-256).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def context_digest(prefix_ids: Sequence[int] | None) -> str:
-    """Name of the precompute context: ``cold`` or a digest of the shared prefix's token ids."""
+    """Name of the precompute context: ``cold`` or a digest of the token ids before the chunk."""
     if prefix_ids is None:
         return COLD_CONTEXT
     return "prefix:" + _digest([int(t) for t in prefix_ids])
@@ -68,6 +69,18 @@ def chunk_key(model_fp: str, token_ids: Sequence[int], *, context: str = COLD_CO
     })
 
 
+def position_context(context: str, index: int) -> str:
+    """The context the chunk at prompt position ``index`` (0 = right after the template
+    prefix) is read in: with ``anchor`` precompute the first chunk uses its prefix-context
+    entry, which is exact there, and every later chunk its anchor-context entry."""
+    return "prefix" if context == "anchor" and index == 0 else context
+
+
+def stored_contexts(context: str) -> tuple[str, ...]:
+    """The entries ingestion stores per chunk for a precompute ``context``."""
+    return ("prefix", "anchor") if context == "anchor" else (context,)
+
+
 @dataclass(frozen=True)
 class KeySpace:
     """Every key one engine and cache setting gives out: the only place keys are derived.
@@ -75,23 +88,39 @@ class KeySpace:
     fingerprint: the weights' identity (``model_fingerprint``, or ``vllm_fingerprint`` for KV
     that vLLM computes). kv_storage: the stored dtype tag (``RagkvConfig.kv_storage``).
     prefix_ids: the template prefix, the context chunks are precomputed after when
-    ``context == "prefix"``.
+    ``context == "prefix"``; ``anchor_ids``: the anchor passage (and separator) that follows
+    it when ``context == "anchor"`` (``PromptTemplate.anchor_ids``).
     """
 
     fingerprint: str
     kv_storage: str
     prefix_ids: tuple[int, ...]
     context: str = "prefix"
+    anchor_ids: tuple[int, ...] = ()
+
+    def before(self, context: str | None = None) -> tuple[int, ...]:
+        """The token ids a chunk is prefilled after in ``context`` (none when cold)."""
+        ctx = self.context if context is None else context
+        if ctx == "anchor" and not self.anchor_ids:
+            raise ValueError("anchor-context keys need the anchor's token ids")
+        return {"cold": (), "prefix": self.prefix_ids,
+                "anchor": self.prefix_ids + self.anchor_ids}[ctx]
 
     def context_name(self, context: str | None = None) -> str:
-        """The precompute context a chunk key records: cold, or the prefix digest."""
-        ctx = self.context if context is None else context
-        return context_digest(self.prefix_ids if ctx == "prefix" else None)
+        """The precompute context a chunk key records: cold, or a digest of what came
+        before the chunk (the same name :meth:`after` gives that span)."""
+        before = self.before(context)
+        return context_digest(before) if before else context_digest(None)
 
     def chunk(self, token_ids: Sequence[int], context: str | None = None) -> str:
         """Key of a chunk precomputed in ``context`` (default: this space's own)."""
         return chunk_key(self.fingerprint, token_ids, context=self.context_name(context),
                          kv_dtype=self.kv_storage)
+
+    def at(self, token_ids: Sequence[int], index: int, context: str | None = None) -> str:
+        """Key of the entry the chunk at prompt position ``index`` is read from."""
+        ctx = self.context if context is None else context
+        return self.chunk(token_ids, position_context(ctx, index))
 
     def exact(self, token_ids: Sequence[int]) -> str:
         """Key of a span computed from position 0 with nothing before it (the template

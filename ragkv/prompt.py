@@ -76,6 +76,10 @@ class PromptTemplate:
             prefix = [bos, *prefix]
         return cls(tuple(prefix), tuple(_encode(tokenizer, "\n\n")), mid, tail, tokenizer)
 
+    def anchor_ids(self, text: str) -> tuple[int, ...]:
+        """The anchor passage as it stands before a chunk: its ids and the chunk separator."""
+        return (*_encode(self.tokenizer, text.strip()), *self.sep_ids)
+
     def suffix_ids(self, question: str) -> list[int]:
         if not question.strip():
             raise ValueError("the question is empty")

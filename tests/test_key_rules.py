@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, configuration_utils
 
@@ -22,6 +23,8 @@ from ragkv.keys import (
     chunk_key,
     context_digest,
     model_fingerprint,
+    position_context,
+    stored_contexts,
 )
 
 FP = "f" * 64
@@ -152,3 +155,30 @@ def test_fingerprint_covers_every_tensor_dtype_and_modules_without_config():
     with torch.no_grad():
         lin.weight[0, 0] += 1.0
     assert model_fingerprint(lin) != b
+
+
+ANCHOR = (21, 22, 23)
+
+
+def test_anchor_keys_name_the_prefix_and_the_anchor():
+    """An anchor-context entry is the chunk prefilled after the prefix and the anchor; the
+    first prompt position reads the prefix-context entry (exact there), later ones the anchor
+    entry, and another anchor passage is another key."""
+    space = KeySpace(FP, "float16", PREFIX, context="anchor", anchor_ids=ANCHOR)
+    assert space.before("anchor") == PREFIX + ANCHOR
+    assert space.chunk(IDS) == space.after(PREFIX + ANCHOR, IDS)
+    assert space.chunk(IDS) not in {space.chunk(IDS, "prefix"), space.chunk(IDS, "cold")}
+    assert space.at(IDS, 0) == space.chunk(IDS, "prefix") == KeySpace(FP, "float16",
+                                                                      PREFIX).chunk(IDS)
+    assert space.at(IDS, 1) == space.at(IDS, 5) == space.chunk(IDS, "anchor")
+    assert KeySpace(FP, "float16", PREFIX, "anchor", (21, 22)).chunk(IDS) != space.chunk(IDS)
+    # other contexts read one entry at every position
+    for context in ("prefix", "cold"):
+        plain = KeySpace(FP, "float16", PREFIX, context=context, anchor_ids=ANCHOR)
+        assert plain.at(IDS, 0) == plain.at(IDS, 3) == plain.chunk(IDS)
+    assert stored_contexts("anchor") == ("prefix", "anchor")
+    assert stored_contexts("prefix") == ("prefix",) and stored_contexts("cold") == ("cold",)
+    assert position_context("anchor", 0) == "prefix"
+    assert position_context("anchor", 1) == "anchor"
+    with pytest.raises(ValueError, match="anchor's token ids"):
+        KeySpace(FP, "float16", PREFIX, context="anchor").chunk(IDS)

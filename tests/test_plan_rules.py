@@ -34,11 +34,13 @@ def test_prefix_mode_loads_only_a_first_chunk_computed_after_the_prefix():
     assert list(chunks_to_load("prefix", "prefix", 1)) == [0]
     assert list(chunks_to_load("prefix", "prefix", 0)) == []
     assert list(chunks_to_load("prefix", "cold", 3)) == []  # a cold chunk is never exact
+    # anchor precompute keeps a prefix-context entry for the first position
+    assert list(chunks_to_load("prefix", "anchor", 3)) == [0]
 
 
 def test_reuse_and_blend_load_every_chunk():
     for mode in ("reuse", "blend"):
-        for context in ("cold", "prefix"):
+        for context in ("cold", "prefix", "anchor"):
             assert list(chunks_to_load(mode, context, 3)) == [0, 1, 2]
             assert list(chunks_to_load(mode, context, 0)) == []
 
@@ -58,6 +60,8 @@ def test_exact_part_ends_after_the_template_prefix():
 def test_a_loaded_first_chunk_precomputed_after_the_prefix_is_exact():
     assert exact_end(PREFIX, SPANS, "prefix", [0, 1]) == 9
     assert exact_end(PREFIX, SPANS, "prefix", range(1)) == 9
+    assert exact_end(PREFIX, SPANS, "anchor", [0, 1]) == 9  # its prefix-context entry
+    assert exact_end(PREFIX, SPANS, "anchor", [1]) == PREFIX
 
 
 def test_the_first_chunk_is_not_exact_unless_loaded_right_after_the_prefix():

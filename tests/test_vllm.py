@@ -181,3 +181,42 @@ def test_full_prefill_scores_its_own_greedy_answer(vllm_rag):
     assert len(rows) == len(full.tokens)
     assert [r.argmax for r in rows] == full.tokens
     assert rows[0].argmax == full.first.argmax
+
+
+def test_anchor_context_through_vllm_matches_what_the_worker_computes(vllm_rag):
+    """Anchor precompute on vLLM: ingestion stores both entries through vLLM's own prefill,
+    the first chunk reads the exact prefix entry, and a miss the connector computes after the
+    anchor holds the KV vLLM's prefill of the same tokens stored."""
+    from ragkv.cache_index import KVStore
+    from ragkv.keys import KV_LAYOUT
+
+    rag = vllm_rag.with_config(precompute_context="anchor")
+    keys, cfg = rag.backend.keys, rag.config
+    chunks = [rag.tokenizer(c + " (anchored)", add_special_tokens=False).input_ids
+              for c in CHUNKS]
+    assert rag.precompute_many(chunks[:2]) == [True, True]
+    assert rag.precompute_many(chunks[:2]) == [False, False]
+    assert all(stored(cfg, keys.chunk(c, ctx)) for c in chunks[:2] for ctx in ("prefix",
+                                                                               "anchor"))
+    full = rag.generate(chunks, QUESTION, mode="full", max_new_tokens=8)
+    one = rag.generate(chunks, QUESTION, mode="blend", blend=BlendConfig(ratio=1.0),
+                       max_new_tokens=8)
+    assert one.trace.error is None and one.tokens == full.tokens
+    assert one.trace.hits == 2 and one.trace.misses == 1  # chunk 3 computed by the worker
+    assert [c.key for c in one.trace.chunks] == [keys.at(c, i) for i, c in enumerate(chunks)]
+    blend = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=8)
+    assert blend.trace.error is None and blend.trace.hits == 3
+    assert blend.trace.chunks[0].recomputed == 0  # its prefix entry is exact there
+
+    def tensors(key):
+        found = KVStore.from_config(cfg).fetch(key, model_fp=keys.fingerprint, layout=KV_LAYOUT)
+        assert found is not None
+        return found.tensors
+
+    key = keys.chunk(chunks[2], "anchor")
+    by_worker = tensors(key)
+    KVStore.from_config(cfg).delete(key)
+    assert rag.precompute_many(chunks[2:]) == [True]  # now through vLLM's prefill
+    by_vllm = tensors(key)
+    for name, t in by_worker.items():
+        assert (t.float() - by_vllm[name].float()).abs().max() < 2e-3, name

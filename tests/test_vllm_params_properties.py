@@ -13,7 +13,14 @@ from property_cases import fast
 
 from ragkv.config import BlendConfig
 from ragkv.engine.policies import REGISTRY, reads_question
-from ragkv.engine.vllm.params import FUSED_MODES, FusionParams, ParamsError, fusion_salt, parse
+from ragkv.engine.vllm.params import (
+    FUSED_MODES,
+    MAX_ANCHOR,
+    FusionParams,
+    ParamsError,
+    fusion_salt,
+    parse,
+)
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 VOCAB = 49152  # SmolLM2's vocabulary
@@ -46,7 +53,7 @@ def _span_list(draw, lo: int, hi: int, max_spans: int) -> list[list]:
 def valid_bodies(draw) -> tuple[dict, int]:
     """A well-formed ``{"ragkv": ...}`` and its prompt length (fused, save-only, question)."""
     n = draw(st.integers(4, 300))
-    context = draw(st.sampled_from(["prefix", "cold"]))
+    context = draw(st.sampled_from(["prefix", "cold", "anchor"]))
     kind = draw(st.sampled_from(["fused", "fused", "fused", "save", "describe", "contains"]))
     if kind == "describe":
         return {"ragkv": {"describe": True, "context": context}}, n
@@ -61,6 +68,8 @@ def valid_bodies(draw) -> tuple[dict, int]:
     chunks = _span_list(draw, prefix_end, suffix_start, 5)
     body: dict[str, Any] = {"mode": draw(st.sampled_from(FUSED_MODES)), "prefix_end": prefix_end,
                             "chunks": chunks, "suffix_start": suffix_start, "context": context}
+    if context == "anchor":
+        body["anchor"] = draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8))
     blend = {}
     for name, values in (("ratio", st.floats(0, 1)), ("min_ratio", st.floats(0, 1)),
                          ("policy", st.sampled_from(sorted(REGISTRY))),
@@ -135,7 +144,9 @@ def _parse_checked(transfer: Any, n: int) -> FusionParams | None:
         assert not isinstance(transfer, dict) or "ragkv" not in transfer
         return None
     assert isinstance(p, FusionParams)
-    assert p.context in ("prefix", "cold")
+    assert p.context in ("prefix", "cold", "anchor")
+    assert all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p.anchor)
+    assert p.anchor or p.context != "anchor" or not p.chunks
     for spans in (p.chunks, p.save):
         prev = 0
         for s in spans:
@@ -221,6 +232,7 @@ def test_valid_bodies_parse_and_round_trip(case: tuple[dict, int]) -> None:
     if "chunks" in body:
         assert [[s.start, s.end, s.key] for s in p.chunks] == body["chunks"]
         assert (p.prefix_end, p.suffix_start) == (body["prefix_end"], body["suffix_start"])
+        assert list(p.anchor) == body.get("anchor", [])
         raw = body.get("blend", {})
         assert p.blend == BlendConfig(**{**raw, "check_layers": tuple(raw.get("check_layers",
                                                                               (1,)))})
@@ -244,3 +256,19 @@ def test_fusion_salt_names_the_fusion_not_the_tokens(case: tuple[dict, int],
     reads = p.mode == "blend" and reads_question(p.blend)
     assert (fusion_salt(p, after) != salt) == reads
     assert fusion_salt(p, ids[:p.suffix_start] + other) == salt or reads
+
+
+def test_an_anchor_context_fusion_carries_the_anchor_ids() -> None:
+    body = {"mode": "blend", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]], "suffix_start": 6,
+            "context": "anchor"}
+    with pytest.raises(ParamsError, match="needs the anchor passage's token ids"):
+        parse({"ragkv": body}, 8)
+    for bad in ([1, -2], [1, True], "12", [1.5], [0] * (MAX_ANCHOR + 1)):
+        with pytest.raises(ParamsError, match="'anchor' must be a list of at most"):
+            parse({"ragkv": {**body, "anchor": bad}}, 8)
+    p = parse({"ragkv": {**body, "anchor": [7, 8, 9]}}, 8)
+    assert p is not None and p.anchor == (7, 8, 9) and p.context == "anchor"
+    assert parse(p.to_json(), 8) == p
+    # the keys name the anchor; the salt need not (same keys, same fusion)
+    assert fusion_salt(p, list(range(8))) == fusion_salt(
+        parse({"ragkv": {**body, "anchor": [7]}}, 8), list(range(8)))

@@ -13,14 +13,14 @@ the engine stores chunk KV (precompute), and answers a :class:`GenerationRequest
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from ragkv.config import BlendConfig
-from ragkv.keys import KeySpace
+from ragkv.keys import KeySpace, stored_contexts
 from ragkv.prompt import AssembledPrompt, PromptTemplate
 from ragkv.trace import ChunkTrace, QueryTrace
 
@@ -59,7 +59,8 @@ class GenerationRequest:
     """One answer to compute: the assembled prompt and how to prefill it.
 
     keys: the cache key of each chunk, in prompt order (derived from the ids by the facade).
-    context: how the chunks' KV was precomputed (``cold`` or ``prefix``), part of each key.
+    context: how the chunks' KV was precomputed (``cold``, ``prefix`` or ``anchor``), part of
+        each key; with ``anchor`` the first chunk's key names its prefix-context entry.
     record: put the positions computed at each layer into the trace (for inspection).
     keep: keep what :meth:`Generation.score` needs until the generation is closed.
     started: ``time.perf_counter()`` at the request; TTFT runs from here to the first token.
@@ -100,6 +101,23 @@ def to_compute(chunks: Sequence[Sequence[int]], keys: Sequence[str],
         if not present.get(key):
             todo.setdefault(key, ids)
     return todo, computed
+
+
+def to_precompute(keys: KeySpace, chunks: Sequence[Sequence[int]], context: str,
+                  stored: Callable[[list[str]], dict[str, bool]]
+                  ) -> tuple[list[tuple[str, dict[str, Sequence[int]]]], list[bool]]:
+    """What a precompute in ``context`` must compute: per entry context it stores
+    (:func:`ragkv.keys.stored_contexts`), the chunks by key; and per chunk given whether any
+    of its entries is computed now. ``stored``: which keys the cache holds."""
+    per_ctx = [(ctx, [keys.chunk(ids, ctx) for ids in chunks])
+               for ctx in stored_contexts(context)]
+    present = stored([k for _, ks in per_ctx for k in ks])
+    plan, computed = [], [False] * len(chunks)
+    for ctx, ks in per_ctx:
+        todo, now = to_compute(chunks, ks, present)
+        plan.append((ctx, todo))
+        computed = [a or b for a, b in zip(computed, now, strict=True)]
+    return plan, computed
 
 
 class Generation(Protocol):

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from ragkv.cache_index import KVStore
 from ragkv.config import RagkvConfig
-from ragkv.engine.base import GenerationRequest, NextToken, request_trace, to_compute
+from ragkv.engine.base import GenerationRequest, NextToken, request_trace, to_precompute
 from ragkv.engine.blend import FusedPrefill
 from ragkv.engine.chunk_store import ChunkStore, KVShape
 from ragkv.engine.hf import HFEngine
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.plan import chunks_to_load, exact_end
 from ragkv.engine.precompute import compute_spans
-from ragkv.keys import KeySpace
+from ragkv.keys import KeySpace, position_context
 from ragkv.prompt import PromptTemplate
 from ragkv.trace import QueryTrace
 
@@ -65,7 +65,8 @@ class HFBackend:
         self.tokenizer = engine.tokenizer
         self.template = PromptTemplate.from_tokenizer(engine.tokenizer, cfg.system_prompt)
         self.keys = KeySpace(engine.fingerprint, cfg.kv_storage, self.template.prefix_ids,
-                             cfg.precompute_context)
+                             cfg.precompute_context,
+                             self.template.anchor_ids(cfg.resolved_anchor_text))
         r = engine.runner
         self.chunks = ChunkStore(store, engine.fingerprint,
                                  KVShape(r.n_layers, r.kv_heads, r.head_dim), cfg.kv_dtype,
@@ -76,6 +77,7 @@ class HFBackend:
         name = Path(getattr(mc, "_name_or_path", "") or "model").name or "model"
         self.description = f"transformers in process ({name}, {r.device}, {r.dtype})"
         self._prefix_kv: ChunkKV | None = None
+        self._anchor_kv: ChunkKV | None = None
 
     @classmethod
     def load(cls, cfg: RagkvConfig, store: KVStore) -> HFBackend:
@@ -88,32 +90,45 @@ class HFBackend:
     def stored(self, keys: Sequence[str]) -> dict[str, bool]:
         return self.chunks.stored(list(keys))
 
+    def _exact(self, ids: list[int]) -> ChunkKV:
+        kv, _ = self.chunks.get_or_compute(self.keys.exact(ids), len(ids),
+                                           lambda: self.engine.precompute(ids))
+        r = self.engine.runner
+        return kv.to(r.device, r.dtype)
+
     def prefix_kv(self) -> ChunkKV:
         """KV of the template prefix: a true prefix, so its cached KV is exact."""
         if self._prefix_kv is None:
-            ids = list(self.template.prefix_ids)
-            kv, _ = self.chunks.get_or_compute(self.keys.exact(ids), len(ids),
-                                               lambda: self.engine.precompute(ids))
-            r = self.engine.runner
-            self._prefix_kv = kv.to(r.device, r.dtype)
+            self._prefix_kv = self._exact(list(self.template.prefix_ids))
         return self._prefix_kv
+
+    def past(self, context: str) -> ChunkKV | None:
+        """What a chunk is prefilled after in ``context``: nothing, the template prefix, or
+        the prefix and the anchor passage (one exact span, stored like the prefix)."""
+        if context == "cold":
+            return None
+        if context == "prefix":
+            return self.prefix_kv()
+        if self._anchor_kv is None:
+            self._anchor_kv = self._exact(list(self.keys.before("anchor")))
+        return self._anchor_kv
 
     def chunk_kv(self, ids: Sequence[int], key: str, context: str,
                  indexed: bool = True) -> tuple[ChunkKV, str | None]:
-        """The chunk's KV and the tier that served it (None: computed now, stored back)."""
-        past = self.prefix_kv() if context == "prefix" else None
+        """The chunk's KV and the tier that served it (None: computed now, stored back);
+        ``context``: the entry's own (``keys.position_context``)."""
         return self.chunks.get_or_compute(
-            key, len(ids), lambda: self.engine.precompute(list(ids), past), indexed=indexed)
+            key, len(ids), lambda: self.engine.precompute(list(ids), self.past(context)),
+            indexed=indexed)
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
         """Missing chunks are prefilled several per forward pass (``engine/precompute.py``)."""
-        keys = [self.keys.chunk(ids, context) for ids in chunks]
-        todo, computed = to_compute(chunks, keys, self.stored(keys))
-        if todo:
-            past = self.prefix_kv() if context == "prefix" else None
-            kvs = compute_spans(self.engine.runner, list(todo.values()), past)
-            for key, kv in zip(todo, kvs, strict=True):
-                self.chunks.save(key, kv)
+        plan, computed = to_precompute(self.keys, chunks, context, self.stored)
+        for ctx, todo in plan:
+            if todo:
+                kvs = compute_spans(self.engine.runner, list(todo.values()), self.past(ctx))
+                for key, kv in zip(todo, kvs, strict=True):
+                    self.chunks.save(key, kv)
         return computed
 
     # ---- generation ----------------------------------------------------------------------
@@ -132,7 +147,8 @@ class HFBackend:
             for i in wanted:
                 ct, (s, e) = trace.chunks[i], prompt.chunk_spans[i]
                 t = time.perf_counter()
-                kv, ct.tier = self.chunk_kv(prompt.ids[s:e], ct.key, req.context,
+                kv, ct.tier = self.chunk_kv(prompt.ids[s:e], ct.key,
+                                            position_context(req.context, i),
                                             present.get(ct.key, False))
                 dt = time.perf_counter() - t
                 ct.hit = ct.tier is not None
@@ -159,4 +175,4 @@ class HFBackend:
                             req.max_new_tokens)
 
     def close(self) -> None:
-        self._prefix_kv = None
+        self._prefix_kv = self._anchor_kv = None

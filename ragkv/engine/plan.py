@@ -25,16 +25,22 @@ from ragkv.engine.policies import ComputeAll, SelectionContext, SelectionPolicy,
 FUSED_MODES = ("prefix", "reuse", "blend")
 
 
+#: precompute contexts whose first chunk is read from an entry prefilled after the template
+#: prefix alone (``keys.position_context``): exact where it stands
+EXACT_FIRST = ("prefix", "anchor")
+
+
 def chunks_to_load(mode: str, context: str, n_chunks: int) -> range:
     """Indices of the chunks whose cached KV a prefill uses.
 
-    ``prefix`` mode reuses only an exact leading chunk, which only prefix-context precompute
-    gives (a cold-computed chunk never is the prompt's exact prefix).
+    ``prefix`` mode reuses only an exact leading chunk, which only a prefix-context entry
+    gives (``prefix`` and ``anchor`` precompute; a cold-computed chunk never is the prompt's
+    exact prefix).
     """
     if mode == "full":
         return range(0)
     if mode == "prefix":
-        return range(1 if context == "prefix" and n_chunks else 0)
+        return range(1 if context in EXACT_FIRST and n_chunks else 0)
     if mode in ("reuse", "blend"):
         return range(n_chunks)
     raise ValueError(f"unknown mode {mode!r}; choose full, prefix, reuse or blend")
@@ -43,9 +49,10 @@ def chunks_to_load(mode: str, context: str, n_chunks: int) -> range:
 def exact_end(prefix_len: int, chunk_spans: Sequence[tuple[int, int]], context: str,
               loaded: Sequence[int]) -> int:
     """First position whose KV is not exact: past the template prefix, and past the first
-    chunk too when it was precomputed after the same prefix and is loaded (``loaded``: the
+    chunk too when its entry was precomputed after the same prefix and is loaded (``loaded``: the
     indices of chunks whose cached KV is used)."""
-    if context == "prefix" and 0 in loaded and chunk_spans and chunk_spans[0][0] == prefix_len:
+    if (context in EXACT_FIRST and 0 in loaded and chunk_spans
+            and chunk_spans[0][0] == prefix_len):
         return chunk_spans[0][1]
     return prefix_len
 

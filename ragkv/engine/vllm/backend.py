@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from ragkv.config import RagkvConfig, masked_url
-from ragkv.engine.base import EngineError, GenerationRequest, NextToken, request_trace, to_compute
+from ragkv.engine.base import (
+    EngineError,
+    GenerationRequest,
+    NextToken,
+    request_trace,
+    to_precompute,
+)
 from ragkv.engine.vllm.client import RequestBuilder, VLLMRequest
 from ragkv.engine.vllm.transport import HTTP, Completion, InProcess
 from ragkv.keys import KeySpace
@@ -97,7 +103,8 @@ class VLLMBackend:
         tok = AutoTokenizer.from_pretrained(path)
         template = PromptTemplate.from_tokenizer(tok, cfg.system_prompt)
         keys = KeySpace(vllm_fingerprint(str(path), dtype), cfg.kv_storage,
-                        template.prefix_ids, cfg.precompute_context)
+                        template.prefix_ids, cfg.precompute_context,
+                        template.anchor_ids(cfg.resolved_anchor_text))
         max_len = int(llm.llm_engine.model_config.max_model_len)
         return cls(InProcess(llm, str(path)), tok, keys, template, max_len,
                    f"vLLM in process ({path.name}, {dtype})")
@@ -123,7 +130,7 @@ class VLLMBackend:
                               f"(start it with `ragkv serve`); it answered {note or 'nothing'}")
         _check_cache(cfg, note, http.url)
         keys = KeySpace(note["fingerprint"], note["kv_storage"], template.prefix_ids,
-                        cfg.precompute_context)
+                        cfg.precompute_context, template.anchor_ids(cfg.resolved_anchor_text))
         max_len = int(http.max_model_len or note.get("max_model_len") or 2**31 - 1)
         return cls(http, tok, keys, template, max_len,
                    f"vLLM server at {http.url} ({served.name})")
@@ -137,14 +144,13 @@ class VLLMBackend:
         return {k: k in held for k in keys}
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
-        keys = [self.keys.chunk(ids, context) for ids in chunks]
-        todo, computed = to_compute(chunks, keys, self.stored(keys))
-        items = list(todo.items())
+        plan, computed = to_precompute(self.keys, chunks, context, self.stored)
+        items = [(key, ids, ctx) for ctx, todo in plan for key, ids in todo.items()]
         for start in range(0, len(items), PRECOMPUTE_BATCH):
             batch = items[start:start + PRECOMPUTE_BATCH]
-            done = self.transport.complete([self.builder.precompute(ids, context)
-                                            for _, ids in batch], 1)
-            for (key, _), comp in zip(batch, done, strict=True):
+            done = self.transport.complete([self.builder.precompute(ids, ctx)
+                                            for _, ids, ctx in batch], 1)
+            for (key, _, _), comp in zip(batch, done, strict=True):
                 if comp.note.get("save_error") or not comp.note.get("saved"):
                     log.warning("chunk %s not stored by the server: %s", key[:12],
                                 comp.note.get("save_error") or comp.note)

@@ -48,7 +48,8 @@ class RequestBuilder:
             return VLLMRequest(list(prompt.ids), None, None)
         spans = tuple(Span(s, e, k) for (s, e), k in zip(prompt.chunk_spans, keys, strict=True))
         p = FusionParams(mode, prompt.prefix_len, spans, prompt.suffix_start, context, blend,
-                         record=record)
+                         record=record,
+                         anchor=self.keys.anchor_ids if context == "anchor" else ())
         return VLLMRequest(list(prompt.ids), p.to_json(), fusion_salt(p, prompt.ids))
 
     def fused(self, chunks: Sequence[Sequence[int]], question: str, mode: str = "blend",
@@ -56,14 +57,15 @@ class RequestBuilder:
         """A query over ``chunks`` in this order (keys derived here)."""
         ctx = context or self.keys.context
         prompt = self.template.assemble(chunks, question)
-        keys = [self.keys.chunk(prompt.ids[s:e], ctx) for s, e in prompt.chunk_spans]
+        keys = [self.keys.at(prompt.ids[s:e], i, ctx)
+                for i, (s, e) in enumerate(prompt.chunk_spans)]
         return self.prompt(prompt, keys, mode, blend or BlendConfig(), ctx)
 
     def precompute(self, chunk: Sequence[int], context: str | None = None) -> VLLMRequest:
-        """A request whose prefill stores the chunk's KV (after the template prefix, or
-        alone for ``cold``); send it with ``max_tokens=1``."""
+        """A request whose prefill stores the chunk's KV (after the template prefix, after it
+        and the anchor passage, or alone for ``cold``); send it with ``max_tokens=1``."""
         ctx = context or self.keys.context
-        prefix = list(self.template.prefix_ids) if ctx == "prefix" else []
+        prefix = list(self.keys.before(ctx))
         ids = prefix + [int(t) for t in chunk]
         p = FusionParams(context=ctx, save=(Span(len(prefix), len(ids),
                                                  self.keys.chunk(chunk, ctx)),))

@@ -8,6 +8,7 @@ forward) or ``wait_for_save`` (storing a precompute request's spans).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from ragkv.engine.plan import chunks_to_load, exact_end, plan_prefill
 from ragkv.engine.vllm.paged import PagedAttention
 from ragkv.engine.vllm.params import FusionParams, Span
 from ragkv.engine.vllm.runner import VLLMRunner
-from ragkv.keys import KeySpace
+from ragkv.keys import KeySpace, position_context
 
 
 class WorkerFusion:
@@ -57,14 +58,17 @@ class WorkerFusion:
                                       self.cfg.kv_dtype, self.cfg.int8_codec)
         return self._chunks
 
-    def keys(self, prefix: list[int]) -> KeySpace:
-        return KeySpace(self.fingerprint, self.cfg.kv_storage, tuple(prefix))
+    def keys(self, prefix: list[int], anchor: tuple[int, ...] = ()) -> KeySpace:
+        return KeySpace(self.fingerprint, self.cfg.kv_storage, tuple(prefix),
+                        anchor_ids=anchor)
 
-    def _get(self, ids: list[int], key: str, past: ChunkKV | None) -> tuple[ChunkKV, str | None]:
+    def _get(self, ids: list[int], key: str, past: Callable[[], ChunkKV | None] = lambda: None
+             ) -> tuple[ChunkKV, str | None]:
+        """``past``: what a miss is prefilled after (asked only on a miss)."""
         r = self.runner
         # read only: placed into the fused buffers, or read as the past of a missing chunk
         kv, tier = self.chunks.get_or_compute(
-            key, len(ids), lambda: compute_span(r, torch.tensor(ids, device=r.device), past),
+            key, len(ids), lambda: compute_span(r, torch.tensor(ids, device=r.device), past()),
             shared=True)
         return kv.to(r.device, r.dtype), tier
 
@@ -77,10 +81,16 @@ class WorkerFusion:
         r = self.runner
         t0 = time.perf_counter()
         prefix = ids[:p.prefix_end]
-        keys = self.keys(prefix)
-        prefix_kv, tier = self._get(prefix, keys.exact(prefix), None)
+        keys = self.keys(prefix, p.anchor)
+        prefix_kv, tier = self._get(prefix, keys.exact(prefix))
         trace["prefix_hit"] = tier is not None
-        past = prefix_kv if p.context == "prefix" else None
+        pasts: dict[str, ChunkKV | None] = {"cold": None, "prefix": prefix_kv}
+
+        def past(ctx: str) -> ChunkKV | None:  # the anchor's KV only when a chunk misses
+            if ctx not in pasts:
+                before = list(keys.before(ctx))
+                pasts[ctx] = self._get(before, keys.exact(before))[0]
+            return pasts[ctx]
         cached: list[tuple[int, ChunkKV]] = [(0, prefix_kv)]
         wanted = chunks_to_load(p.mode, p.context, len(p.chunks))
         per_chunk: list[list[Any]] = []
@@ -88,11 +98,12 @@ class WorkerFusion:
         for i in wanted:
             span = p.chunks[i]
             chunk = ids[span.start:span.end]
-            if keys.chunk(chunk, p.context) != span.key:
+            ctx = position_context(p.context, i)
+            if keys.chunk(chunk, ctx) != span.key:
                 raise ValueError(f"chunk key {span.key[:12]} does not name the tokens at "
                                  f"[{span.start}, {span.end}) for this model and settings")
             t = time.perf_counter()
-            kv, tier = self._get(chunk, span.key, past)
+            kv, tier = self._get(chunk, span.key, lambda ctx=ctx: past(ctx))
             if tier is None:
                 precompute_s += time.perf_counter() - t
             else:

@@ -8,6 +8,7 @@ A client sends them as ``kv_transfer_params = {"ragkv": {...}}`` (offline: in
                "chunks": [[31, 420, "<key>"], ...],   # [start, end, cache key] in prompt order
                "suffix_start": 900,                   # the question suffix: computed by vLLM
                "context": "prefix",                   # how chunks were precomputed
+               "anchor": [...],                       # context "anchor": the passage's ids
                "blend": {"ratio": 0.15, "policy": "qhkvd", "check_layers": [1],
                          "deviation_on": "k"}}}
 
@@ -40,6 +41,9 @@ FUSED_MODES = ("reuse", "blend")
 
 #: keys one ``contains`` question may name (a bound on what any HTTP client can ask for)
 MAX_CONTAINS = 4096
+#: tokens an anchor passage may have (it precedes every chunk a miss recomputes)
+MAX_ANCHOR = 8192
+CONTEXTS = ("prefix", "cold", "anchor")
 
 
 class ParamsError(ValueError):
@@ -65,6 +69,7 @@ class FusionParams:
     record: bool = False
     describe: bool = False
     contains: tuple[str, ...] = ()
+    anchor: tuple[int, ...] = ()
 
     @property
     def fused(self) -> bool:
@@ -73,6 +78,8 @@ class FusionParams:
     def to_json(self) -> dict[str, Any]:
         """The ``kv_transfer_params`` value a client sends."""
         body: dict[str, Any] = {"context": self.context}
+        if self.anchor:
+            body["anchor"] = list(self.anchor)
         if self.describe:
             body["describe"] = True
         if self.contains:
@@ -120,8 +127,8 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     if not isinstance(body, dict):
         raise ParamsError("kv_transfer_params['ragkv'] must be an object")
     context = body.get("context", "prefix")
-    if context not in ("prefix", "cold"):
-        raise ParamsError(f"context must be 'prefix' or 'cold', got {context!r}")
+    if context not in CONTEXTS:
+        raise ParamsError(f"context must be 'prefix', 'cold' or 'anchor', got {context!r}")
     if body.get("describe") is True:
         return FusionParams(context=context, describe=True)
     if "contains" in body:
@@ -135,6 +142,12 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
         if not save:
             raise ParamsError("ragkv parameters name neither 'chunks' nor 'save'")
         return FusionParams(context=context, save=save)
+    anchor = body.get("anchor", [])
+    if (not isinstance(anchor, list) or len(anchor) > MAX_ANCHOR
+            or not all(_is_int(t) and t >= 0 for t in anchor)):
+        raise ParamsError(f"'anchor' must be a list of at most {MAX_ANCHOR} token ids")
+    if context == "anchor" and not anchor:
+        raise ParamsError("context 'anchor' needs the anchor passage's token ids ('anchor')")
     mode = body.get("mode", "blend")
     if mode not in FUSED_MODES:
         raise ParamsError(f"mode must be one of {', '.join(FUSED_MODES)}, got {mode!r}")
@@ -175,7 +188,8 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     record = body.get("record", False)
     if not isinstance(record, bool):
         raise ParamsError("'record' must be true or false")
-    return FusionParams(mode, prefix_end, chunks, suffix_start, context, blend, save, record)
+    return FusionParams(mode, prefix_end, chunks, suffix_start, context, blend, save, record,
+                        anchor=tuple(anchor))
 
 
 def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
