@@ -203,7 +203,8 @@ def test_anchor_context_through_vllm_matches_what_the_worker_computes(vllm_rag):
                        max_new_tokens=8)
     assert one.trace.error is None and one.tokens == full.tokens
     assert one.trace.hits == 2 and one.trace.misses == 1  # chunk 3 computed by the worker
-    assert [c.key for c in one.trace.chunks] == [keys.at(c, i) for i, c in enumerate(chunks)]
+    assert [c.key for c in one.trace.chunks] == [keys.at(c, i, "anchor")
+                                                 for i, c in enumerate(chunks)]
     blend = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=8)
     assert blend.trace.error is None and blend.trace.hits == 3
     assert blend.trace.chunks[0].recomputed == 0  # its prefix entry is exact there
