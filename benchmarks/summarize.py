@@ -14,21 +14,28 @@ def rows(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     out = []
     for s in data["summary"]:
-        if s["mode"] == "full":
+        if s["mode"] == "full":  # its answer-contains rate is the reference
+            if s.get("contains") is not None:
+                out.append(f"| - | full | - | - | - | 100.0% | x1.00 | 1.000 | 0.0000 | 1.000 "
+                           f"| 0.0000 | 1.000 | {s['contains']:.3f} |")
             continue
         ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}"
+        contains = "-" if s.get("contains") is None else f"{s['contains']:.3f}"
         out.append(
             f"| {s['context']} | {s['mode']} | {s['policy'] or '-'} | {ratio} "
+            f"| {s.get('correction') or 'none'} "
             f"| {100 * s['recomputed_share']:.1f}% | x{s['speedup_median']:.2f} "
             f"| {s['first_token_agree']:.3f} | {s['first_token_kl_median']:.4f} "
-            f"| {s['tf_agree']:.3f} | {s['tf_kl_median']:.4f} | {s['rouge_l']:.3f} |")
+            f"| {s['tf_agree']:.3f} | {s['tf_kl_median']:.4f} | {s['rouge_l']:.3f} "
+            f"| {contains} |")
     return out
 
 
 def main(paths: list[str]) -> None:
-    print("| precompute | mode | policy | ratio | recomputed | TTFT full/mode (median) "
-          "| 1st-token agree | 1st-token KL (median) | TF agree | TF KL (median) | ROUGE-L |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| precompute | mode | policy | ratio | correction | recomputed "
+          "| TTFT full/mode (median) | 1st-token agree | 1st-token KL (median) | TF agree "
+          "| TF KL (median) | ROUGE-L | answer contains |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     seen: set[str] = set()
     for p in paths:
         for row in rows(Path(p)):
