@@ -8,7 +8,7 @@ CASES ?= benchmarks/cases/pydoc.jsonl
 PROSE ?= benchmarks/cases/prose.jsonl
 export RAGKV_HOME
 
-.PHONY: install model demo ui test test-slow test-ui-browser test-services mutants soak frontier bench-storage bench-gpu bench-engines bench-concurrency bench-ingest vllm-install test-vllm bench bench-policies lint clean
+.PHONY: install model demo ui test test-slow test-ui-browser test-services mutants soak frontier bench-storage bench-gpu bench-engines bench-concurrency bench-ingest vllm-install test-vllm bench bench-contexts bench-policies lint clean
 
 install: $(VENV)/.installed
 
@@ -64,16 +64,27 @@ $(VENV)/.vllm: $(VENV)/.installed
 test-vllm: $(VENV)/.installed model vllm-install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_paged.py tests/test_vllm_serve.py
 
-# The published figures: full, reuse and blend (qhkvd, prefix-context precompute) at three
-# ratios, with and without the KV correction, on both public sets; then the frontier.
+# The published figures: full, reuse and blend (qhkvd, anchor-context precompute: the default)
+# at three ratios, with and without the KV correction, on both public sets; then the three
+# precompute contexts' comparison at the default ratio; then the frontier.
 bench: $(VENV)/.installed model
 	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,reuse,blend --ratios 0.05,0.15,0.3 \
-	    --policies qhkvd --contexts prefix --corrections none,chunk_mean \
+	    --policies qhkvd --contexts anchor --corrections none,chunk_mean \
 	    --out benchmarks/results/pydoc_main.json
 	$(VENV)/bin/ragkv bench --cases $(PROSE) --modes full,reuse,blend --ratios 0.05,0.15,0.3 \
-	    --policies qhkvd --contexts prefix --corrections none,chunk_mean \
+	    --policies qhkvd --contexts anchor --corrections none,chunk_mean \
 	    --out benchmarks/results/prose_main.json
+	$(MAKE) bench-contexts
 	$(MAKE) frontier
+
+# Precompute after the prefix only against after the prefix and the anchor, blend 0.15.
+bench-contexts: $(VENV)/.installed model
+	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,blend --ratios 0.15 --policies qhkvd \
+	    --contexts prefix,anchor --corrections none,chunk_mean \
+	    --out benchmarks/results/pydoc_anchor.json
+	$(VENV)/bin/ragkv bench --cases $(PROSE) --modes full,blend --ratios 0.15 --policies qhkvd \
+	    --contexts prefix,anchor --corrections none,chunk_mean \
+	    --out benchmarks/results/prose_anchor.json
 
 # Every policy and both precompute contexts at 0.15 without the correction (the earlier
 # policy comparison, benchmarks/results/pydoc_policies.json).

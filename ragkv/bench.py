@@ -31,7 +31,7 @@ class BenchSpec:
     modes: list[str] = field(default_factory=lambda: ["full", "prefix", "reuse", "blend"])
     ratios: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.3])
     policies: list[str] = field(default_factory=lambda: ["qhkvd"])
-    contexts: list[str] = field(default_factory=lambda: ["prefix"])
+    contexts: list[str] = field(default_factory=lambda: ["anchor"])
     check_layers: tuple[int, ...] = (1,)
     deviation_on: str = "k"
     corrections: list[str] = field(default_factory=lambda: ["chunk_mean"])

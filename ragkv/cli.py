@@ -50,7 +50,7 @@ DEMO_QUESTIONS = (
 
 @app.command()
 def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
-           context: Context = "prefix", engine: Engine = "hf", index_url: IndexUrl = None,
+           context: Context = "anchor", engine: Engine = "hf", index_url: IndexUrl = None,
            blob_url: BlobUrl = None,
            strict: Annotated[bool, typer.Option(help="stop at the first unreadable file")] = False,
            max_mb: Annotated[float, typer.Option(help="skip files larger than this")] = 20.0,
@@ -117,7 +117,7 @@ def ask(question: str,
         mode: str = "blend", ratio: float = 0.15,
         policy: str = "qhkvd", max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
-        home: Home = default_home(), model: Model = None, context: Context = "prefix",
+        home: Home = default_home(), model: Model = None, context: Context = "anchor",
         engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None) -> None:
     """Answer a question over the ingested documents."""
     if mode not in MODES:
@@ -165,7 +165,7 @@ def demo(home: Home = default_home(), model: Model = None,
 @app.command()
 def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           modes: str = "full,prefix,reuse,blend", ratios: str = "0.05,0.15,0.3",
-          policies: str = "qhkvd", contexts: str = "prefix", check_layers: str = "1",
+          policies: str = "qhkvd", contexts: str = "anchor", check_layers: str = "1",
           deviation_on: str = "k",
           corrections: Annotated[str, typer.Option(
               help="blend KV corrections to compare: chunk_mean, none")] = "chunk_mean",

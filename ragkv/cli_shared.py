@@ -54,7 +54,7 @@ def run_engine(work: Callable[[], T]) -> T:
         fail(str(exc))
 
 
-def open_rag(home: Path, model: Path | None, context: str = "prefix",
+def open_rag(home: Path, model: Path | None, context: str = "anchor",
              kv_dtype: str = "float16", engine: str = "hf", index_url: str | None = None,
              blob_url: str | None = None, **blend):
     """The facade on the engine the user named, or a one-line error."""

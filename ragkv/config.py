@@ -153,7 +153,7 @@ class RagkvConfig:
     blob_url: str | None = None
     blob_options: dict[str, Any] = field(default_factory=dict)
     chunk_tokens: int = 512
-    precompute_context: PrecomputeContext = "prefix"
+    precompute_context: PrecomputeContext = "anchor"
     anchor_text: str | None = None
     kv_dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float16"
     int8_key_scales: Literal["channel", "token"] = "channel"

@@ -50,6 +50,9 @@ def make_config(home: Path, **kw) -> RagkvConfig:
     # No memory tier by default: these tests damage the disk tier and must see it read;
     # tests/test_cache_tiers.py covers the memory tier.
     kw.setdefault("memory_budget_bytes", 0)
+    # One entry per chunk keeps these suites' entry counts and fault injection simple; the
+    # default anchor context (two entries per chunk) has its own file, test_api_anchor.py.
+    kw.setdefault("precompute_context", "prefix")
     return RagkvConfig(home=home, chunk_tokens=64, kv_dtype=kw.pop("kv_dtype", "float32"), **kw)
 
 

@@ -35,7 +35,8 @@ def test_backend_precompute_stores_what_a_lone_prefill_gives(tmp_path, tiny_mode
     from ragkv.api import RagKV
     from ragkv.config import RagkvConfig
 
-    rag = RagKV(RagkvConfig(home=tmp_path, model=tiny_model, kv_dtype="float32"))
+    rag = RagKV(RagkvConfig(home=tmp_path, model=tiny_model, kv_dtype="float32",
+                            precompute_context="prefix"))
     chunks = [rag.tokenizer(t, add_special_tokens=False).input_ids
               for t in ("One chunk about assert.", "Another, longer chunk about the with "
                         "statement and context managers.", "One chunk about assert.")]

@@ -92,8 +92,9 @@ def test_what_one_node_stores_the_other_hits(
             "model": str(tiny_model),
         }
         a = _result(_node({**common, "role": "ingest", "home": str(tmp_path / "a")}))
-        # Every chunk, plus the template prefix the chunks were precomputed after.
-        assert a["puts"] == a["n_chunks"] + 1 and a["n_chunks"] > 1
+        # Every chunk twice (after the template prefix; after it and the anchor: the default
+        # anchor context), plus the two spans they were precomputed after.
+        assert a["puts"] == 2 * a["n_chunks"] + 2 and a["n_chunks"] > 1
         assert len(blobs.names()) == a["puts"]
         b = _result(_node({**common, "role": "answer", "home": str(tmp_path / "b")}))
     # Node B computed nothing: every chunk came from the shared store ("disk" is the tier

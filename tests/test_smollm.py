@@ -163,7 +163,7 @@ def test_blend_beats_reuse_on_first_token_kl(engine, setups, capsys):
 
 
 def test_api_default_config_blend_one_matches_full(engine, setups, tmp_path, capsys):
-    """Default RagkvConfig (fp16 KV storage, prefix precompute context) on the real model:
+    """Default RagkvConfig (fp16 KV storage, anchor precompute context) on the real model:
     blend at 1.0 answers like full prefill, whether chunks are computed (miss) or read back
     from the fp16 store (hit)."""
     from ragkv.api import RagKV
@@ -204,3 +204,32 @@ def test_chunk_mean_correction_lowers_blend_kl(engine, setups, capsys):
         print(f"\n[smollm] mean KL blend@0.15: no correction {mean['none']:.4g}, "
               f"chunk_mean {mean['chunk_mean']:.4g}")
     assert mean["chunk_mean"] < 0.9 * mean["none"]  # measured 0.038 vs 0.046 here
+
+
+def test_anchor_context_brings_cached_kv_closer_to_the_prompts(engine, template, setups,
+                                                               capsys):
+    """The default anchor context: chunks 2..k prefilled after the prefix and the anchor
+    passage hold keys closer to the keys they have in the prompt (full prefill) than chunks
+    prefilled after the prefix alone (mean relative squared deviation over layers 2..L)."""
+    from ragkv.anchor import ANCHOR_TEXT
+
+    r = engine.runner
+    dev = {"prefix": [], "anchor": []}
+    for s in setups:
+        anchor = engine.precompute(list(template.prefix_ids)
+                                   + list(template.anchor_ids(ANCHOR_TEXT)))
+        cos, sin = r.cos_sin(torch.arange(len(s.prompt.ids)))
+        for name, past in (("prefix", s.prefix_kv), ("anchor", anchor)):
+            for (st, e), c in zip(s.prompt.chunk_spans[1:], s.chunks[1:], strict=True):
+                k = r.rotate(engine.precompute(c, past=past).k, cos[st:e], sin[st:e])
+                ref = torch.stack(s.full.k)[:, :, st:e]
+                err = (k - ref).pow(2).sum((1, 3)) / ref.pow(2).sum((1, 3))  # [layers, n]
+                dev[name].append(float(err[2:].mean()))
+    mean = {c: sum(v) / len(v) for c, v in dev.items()}
+    with capsys.disabled():
+        print(f"\n[smollm] cached-key deviation from full, chunks 2..k: prefix context "
+              f"{mean['prefix']:.4g}, anchor context {mean['anchor']:.4g}")
+    # measured 0.0243 vs 0.0260 here: these chunks are short (~150 tokens) and the second one
+    # starts only ~170 tokens in; on the public sets' 400-700-token chunks the gap is a third
+    # or more (README, *Precomputing chunks after context*)
+    assert mean["anchor"] < 0.97 * mean["prefix"]

@@ -43,7 +43,7 @@ class Settings:
 
     home: str
     model: str | None = None
-    context: str = "prefix"
+    context: str = "anchor"
     engine: str = "hf"
     docs_roots: tuple[str, ...] = ()
 
@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
     p = argparse.ArgumentParser(prog="ragkv ui", add_help=False, allow_abbrev=False)
     p.add_argument("--home", default=None)
     p.add_argument("--model", default=None)
-    p.add_argument("--context", default="prefix")
+    p.add_argument("--context", default="anchor")
     p.add_argument("--engine", default="hf")
     p.add_argument("--docs-root", action="append", default=[], dest="docs_roots")
     ns, _ = p.parse_known_args(list(argv))

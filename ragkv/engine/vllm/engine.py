@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ragkv.engine.vllm.engine",
                                  description=main.__doc__)
     ap.add_argument("--kv-dtype", default="float32", help="stored KV dtype")
-    ap.add_argument("--precompute-context", default="prefix", choices=("prefix", "cold", "anchor"))
+    ap.add_argument("--precompute-context", default="anchor",
+                    choices=("prefix", "cold", "anchor"))
     ap.add_argument("--home", type=Path, help="ragkv home holding the KV store")
     a = ap.parse_args(argv)
     cfg = RagkvConfig(kv_dtype=a.kv_dtype, precompute_context=a.precompute_context)
