@@ -28,8 +28,10 @@ def vllm_rag(tmp_path_factory):
     from ragkv.api import RagKV
     from ragkv.engine.vllm.backend import VLLMBackend
 
+    # prefix context: one entry per chunk, as these tests' counts expect; the default anchor
+    # context has its own test at the end (the same engine: requests name their context)
     cfg = RagkvConfig(home=tmp_path_factory.mktemp("ragkv-vllm"), kv_dtype="float32",
-                      engine="vllm")
+                      engine="vllm", precompute_context="prefix")
     backend = VLLMBackend.in_process(cfg, max_model_len=1024, kv_cache_bytes=256 * 2**20)
     rag = RagKV(cfg, backend=backend)
     yield rag
