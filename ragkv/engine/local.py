@@ -76,8 +76,7 @@ class HFBackend:
         self.eos_token_ids = engine.eos_token_ids
         name = Path(getattr(mc, "_name_or_path", "") or "model").name or "model"
         self.description = f"transformers in process ({name}, {r.device}, {r.dtype})"
-        self._prefix_kv: ChunkKV | None = None
-        self._anchor_kv: ChunkKV | None = None
+        self._pasts: dict[str, ChunkKV] = {}  # exact spans chunks are prefilled after
 
     @classmethod
     def load(cls, cfg: RagkvConfig, store: KVStore) -> HFBackend:
@@ -90,28 +89,25 @@ class HFBackend:
     def stored(self, keys: Sequence[str]) -> dict[str, bool]:
         return self.chunks.stored(list(keys))
 
-    def _exact(self, ids: list[int]) -> ChunkKV:
-        kv, _ = self.chunks.get_or_compute(self.keys.exact(ids), len(ids),
-                                           lambda: self.engine.precompute(ids))
-        r = self.engine.runner
-        return kv.to(r.device, r.dtype)
-
     def prefix_kv(self) -> ChunkKV:
         """KV of the template prefix: a true prefix, so its cached KV is exact."""
-        if self._prefix_kv is None:
-            self._prefix_kv = self._exact(list(self.template.prefix_ids))
-        return self._prefix_kv
+        past = self.past("prefix")
+        assert past is not None
+        return past
 
     def past(self, context: str) -> ChunkKV | None:
-        """What a chunk is prefilled after in ``context``: nothing, the template prefix, or
-        the prefix and the anchor passage (one exact span, stored like the prefix)."""
+        """What a chunk is prefilled after in ``context`` (``keys.before``): nothing, the
+        template prefix, or the prefix and the anchor passage; a true prompt prefix, so it is
+        stored under its exact key and read back exact."""
         if context == "cold":
             return None
-        if context == "prefix":
-            return self.prefix_kv()
-        if self._anchor_kv is None:
-            self._anchor_kv = self._exact(list(self.keys.before("anchor")))
-        return self._anchor_kv
+        if context not in self._pasts:
+            ids = list(self.keys.before(context))
+            kv, _ = self.chunks.get_or_compute(self.keys.exact(ids), len(ids),
+                                               lambda: self.engine.precompute(ids))
+            r = self.engine.runner
+            self._pasts[context] = kv.to(r.device, r.dtype)
+        return self._pasts[context]
 
     def chunk_kv(self, ids: Sequence[int], key: str, context: str,
                  indexed: bool = True) -> tuple[ChunkKV, str | None]:
@@ -175,4 +171,4 @@ class HFBackend:
                             req.max_new_tokens)
 
     def close(self) -> None:
-        self._prefix_kv = self._anchor_kv = None
+        self._pasts.clear()

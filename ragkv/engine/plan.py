@@ -21,13 +21,15 @@ import torch
 from ragkv.config import BlendConfig
 from ragkv.engine.correction import Correction, make_correction
 from ragkv.engine.policies import ComputeAll, SelectionContext, SelectionPolicy, make_policy
+from ragkv.keys import position_context
 
 FUSED_MODES = ("prefix", "reuse", "blend")
 
 
-#: precompute contexts whose first chunk is read from an entry prefilled after the template
-#: prefix alone (``keys.position_context``): exact where it stands
-EXACT_FIRST = ("prefix", "anchor")
+def _exact_first(context: str) -> bool:
+    """Whether the first chunk is read from an entry prefilled after the template prefix
+    alone (``keys.position_context``): exact where it stands."""
+    return position_context(context, 0) == "prefix"
 
 
 def chunks_to_load(mode: str, context: str, n_chunks: int) -> range:
@@ -40,7 +42,7 @@ def chunks_to_load(mode: str, context: str, n_chunks: int) -> range:
     if mode == "full":
         return range(0)
     if mode == "prefix":
-        return range(1 if context in EXACT_FIRST and n_chunks else 0)
+        return range(1 if _exact_first(context) and n_chunks else 0)
     if mode in ("reuse", "blend"):
         return range(n_chunks)
     raise ValueError(f"unknown mode {mode!r}; choose full, prefix, reuse or blend")
@@ -51,7 +53,7 @@ def exact_end(prefix_len: int, chunk_spans: Sequence[tuple[int, int]], context: 
     """First position whose KV is not exact: past the template prefix, and past the first
     chunk too when its entry was precomputed after the same prefix and is loaded (``loaded``: the
     indices of chunks whose cached KV is used)."""
-    if (context in EXACT_FIRST and 0 in loaded and chunk_spans
+    if (_exact_first(context) and 0 in loaded and chunk_spans
             and chunk_spans[0][0] == prefix_len):
         return chunk_spans[0][1]
     return prefix_len
