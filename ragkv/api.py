@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from ragkv.anchor import ANCHOR_SETTING
 from ragkv.cache_index import CacheIndex
 from ragkv.chunking import RetrievedChunk
 from ragkv.config import BlendConfig, RagkvConfig
@@ -129,14 +130,43 @@ class RagKV:
         self.backend: Backend = backend or open_backend(self.config, self.index, engine)
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
         self._embedder = None
+        if self._corpus_anchor and (recorded := self.index.setting(ANCHOR_SETTING)):
+            self.backend.use_anchor(recorded)
 
     def with_config(self, **changes) -> RagKV:
         """Another facade on the same engine with some settings changed (e.g. the precompute
         context); settings the engine was built with (model, storage) stay the engine's."""
-        if changes.get("anchor_text", self.config.anchor_text) != self.config.anchor_text:
-            raise ValueError("the anchor passage is fixed when the engine is built; open a "
-                             "new RagKV with the other anchor_text")
+        for name in ("anchor_text", "anchor_source"):
+            if changes.get(name, getattr(self.config, name)) != getattr(self.config, name):
+                raise ValueError(f"the anchor passage is fixed when the engine is built; open "
+                                 f"a new RagKV with the other {name}")
         return RagKV(replace(self.config, **changes), backend=self.backend)
+
+    @property
+    def _corpus_anchor(self) -> bool:
+        return self.config.anchor_text is None and self.config.anchor_source == "corpus"
+
+    def choose_anchor(self, texts: Sequence[str], record: bool = True) -> str | None:
+        """With ``anchor`` precompute and ``anchor_source="corpus"``: the passage the cache's
+        chunks are precomputed after, picked from ``texts`` (:func:`ragkv.anchor.
+        corpus_anchor`) and recorded in the index if none is yet; the recorded one otherwise.
+        Ingestion calls it before it precomputes anything; hand it the whole corpus when you
+        have it. ``record=False`` (the benchmark) picks from ``texts`` whatever the index
+        holds and records nothing. None: the engine keeps its passage (a fixed
+        ``anchor_text``, the neutral one, or a corpus too short)."""
+        if not self._corpus_anchor or self.config.precompute_context != "anchor":
+            return None
+        chosen = self.index.setting(ANCHOR_SETTING) if record else None
+        if chosen is None:
+            from ragkv.anchor import corpus_anchor
+
+            chosen = corpus_anchor(texts, self.tokenizer)
+            if chosen is None:
+                return None
+            if record:
+                chosen = self.index.record_setting(ANCHOR_SETTING, chosen)
+        self.backend.use_anchor(chosen)
+        return chosen
 
     # ---- keys and KV --------------------------------------------------------------------
     @property

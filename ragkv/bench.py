@@ -115,6 +115,10 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
                                                    deviation_on=spec.deviation_on))
             for ctx in spec.contexts}
     cases = cases[: spec.limit] if spec.limit else cases
+    corpus_anchor = None  # from every case's chunks, as ingestion would see them; a passage
+    if "anchor" in rags:  # the cache recorded for another corpus is not this corpus's
+        corpus_anchor = rags["anchor"].choose_anchor(
+            [c for case in cases for c in case["chunks"]], record=False)
     tok = rag.tokenizer
     chunk_ids = [[tokenize_chunk(c, tok) for c in case["chunks"]] for case in cases]
     total = sum(map(len, chunk_ids)) * len(rags)
@@ -157,7 +161,8 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
             full.generation.close()
         if progress:
             progress("cases", i + 1, len(cases))
-    return {"meta": _meta(rag, spec, len(cases)), "summary": summarize(records),
+    meta = {**_meta(rag, spec, len(cases)), "anchor": _anchor_meta(rag, corpus_anchor)}
+    return {"meta": meta, "summary": summarize(records),
             "cases": records}
 
 
@@ -226,3 +231,13 @@ def _meta(rag: RagKV, spec: BenchSpec, n_cases: int) -> dict:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": n_cases,
         "spec": asdict(spec),
     }
+
+
+def _anchor_meta(rag: RagKV, corpus: str | None) -> dict:
+    """Which passage anchor-context chunks were precomputed after: where it came from, its
+    length in tokens and its opening words."""
+    ids = list(rag.backend.keys.anchor_ids)
+    source = ("corpus" if corpus is not None
+              else "anchor_text" if rag.config.anchor_text is not None else "builtin")
+    text = rag.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return {"source": source, "tokens": len(ids), "opening": text[:80]}

@@ -75,6 +75,7 @@ def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
 def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0) -> int:
     computed = tokens = 0
     busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
+    rag.choose_anchor([text for _, text in docs])  # from all of them, not the first alone
     with progress_bar(TextColumn("{task.fields[rate]}")) as bar:
         task = bar.add_task("ingesting", total=len(docs), rate="")
         for name, text in docs:

@@ -127,8 +127,13 @@ class RagkvConfig:
         template prefix / system prompt) or ``anchor`` (two entries per chunk: after the
         prefix, read when the chunk comes first in a prompt, and after the prefix and a fixed
         passage, read everywhere else; its KV is closer to the chunk's KV deep in a prompt).
-    anchor_text: the passage of ``anchor`` precompute (None: ragkv's own neutral passage,
-        :data:`ragkv.anchor.ANCHOR_TEXT`); changing it changes every anchor key.
+    anchor_text: the passage of ``anchor`` precompute, fixed by hand (None: chosen by
+        ``anchor_source``); changing it changes every anchor key.
+    anchor_source: where the passage comes from when ``anchor_text`` is None: ``corpus`` (the
+        first ingestion into a cache picks its most typical text, :func:`ragkv.anchor.
+        corpus_anchor`, and records it in the index; until then, and for corpora under 64
+        tokens, the neutral passage) or ``builtin`` (always ragkv's neutral passage,
+        :data:`ragkv.anchor.ANCHOR_TEXT`).
     kv_dtype: dtype chunk KV is stored in; ``int8`` quantizes it KIVI-style with float32
         scales per channel (keys) / per token (values) by default, see ``int8_*_scales``.
     memory_budget_bytes: bytes of decoded KV the in-process memory tier holds (None:
@@ -155,6 +160,7 @@ class RagkvConfig:
     chunk_tokens: int = 512
     precompute_context: PrecomputeContext = "anchor"
     anchor_text: str | None = None
+    anchor_source: Literal["corpus", "builtin"] = "corpus"
     kv_dtype: Literal["float32", "float16", "bfloat16", "int8"] = "float16"
     int8_key_scales: Literal["channel", "token"] = "channel"
     int8_value_scales: Literal["channel", "token"] = "token"
@@ -185,6 +191,9 @@ class RagkvConfig:
                              f"got {self.precompute_context!r}")
         if self.anchor_text is not None and not str(self.anchor_text).strip():
             raise ValueError("anchor_text is empty; give a passage or None for the default")
+        if self.anchor_source not in ("corpus", "builtin"):
+            raise ValueError(f"anchor_source must be 'corpus' or 'builtin', "
+                             f"got {self.anchor_source!r}")
         if self.kv_dtype not in ("float32", "float16", "bfloat16", "int8"):
             raise ValueError(f"kv_dtype must be float32, float16, bfloat16 or int8, "
                              f"got {self.kv_dtype!r}")

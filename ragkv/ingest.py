@@ -29,6 +29,8 @@ class Ingesting(Protocol):
 
     def precompute_many(self, chunks: Sequence[Sequence[int]]) -> list[bool]: ...
 
+    def choose_anchor(self, texts: Sequence[str]) -> str | None: ...
+
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 
 #: Called after each batch of chunks with (chunks done, chunks total).
@@ -60,6 +62,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
     index = rag.index
     doc_id, created = index.add_document(name, source or name, sha)
     if created:
+        rag.choose_anchor([text])  # the cache's first document picks it; chunk keys name it
         chunks = chunk_text(text, rag.tokenizer, rag.config.chunk_tokens)
         vectors = _embedder(rag).embed([c.text for c in chunks])
         from ragkv.connectors.retrieval import vector_to_bytes

@@ -20,7 +20,7 @@ from api_cases import (  # noqa: F401 - fixtures are used by name
     three_chunks,
 )
 
-from ragkv.anchor import ANCHOR_TEXT
+from ragkv.anchor import ANCHOR_SETTING, ANCHOR_TEXT, MIN_CORPUS_ANCHOR_TOKENS, corpus_anchor
 from ragkv.api import RagKV
 from ragkv.config import BlendConfig, RagkvConfig
 from ragkv.engine.kv import ChunkKV
@@ -118,6 +118,7 @@ def test_a_miss_is_prefilled_after_the_anchor_and_stored(anchored, rag):
 @pytest.mark.parametrize("bad, match", [
     ({"precompute_context": "neighbours"}, "'cold', 'prefix' or 'anchor', got 'neighbours'"),
     ({"anchor_text": "  "}, "anchor_text is empty"),
+    ({"anchor_source": "documents"}, "'corpus' or 'builtin', got 'documents'"),
 ])
 def test_bad_anchor_settings_are_refused(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
@@ -128,3 +129,88 @@ def test_the_anchor_is_the_engines_and_cannot_change_under_it(anchored):
     with pytest.raises(ValueError, match="fixed when the engine is built"):
         anchored.with_config(anchor_text="Another passage.")
     assert anchored.with_config(precompute_context="prefix").config.anchor_text is None
+
+
+# ---- the corpus anchor (anchor_source="corpus", the default) -------------------------------
+def _corpus() -> dict[str, str]:
+    from pydoc_data.topics import topics
+
+    return {name: topics[name][:1500] for name in ("assert", "pass", "del", "return")}
+
+
+def test_corpus_anchor_picks_the_most_typical_text_within_its_budget(rag):
+    tok = rag.tokenizer
+    texts = ["the cat sat on the mat with the dog", "a cat and a dog sat on a mat",
+             "the dog and the cat sat together on the mat today",
+             "quarterly revenue rose in all regions of the company"]
+    picked = corpus_anchor(texts, tok, tokens=MIN_CORPUS_ANCHOR_TOKENS)
+    assert picked is None  # under 64 tokens in all: the neutral passage stays
+    long = [t * 12 for t in texts]
+    picked = corpus_anchor(long, tok, tokens=200)
+    assert picked is not None and picked == corpus_anchor(long[::-1], tok, tokens=200)
+    assert not picked.startswith("quarterly") and "quarterly" not in picked  # the outlier
+    assert 150 < len(tok(picked, add_special_tokens=False)["input_ids"]) <= 201
+    docs = list(_corpus().values())
+    assert len(tok(corpus_anchor(docs, tok), add_special_tokens=False)["input_ids"]) <= 513
+
+
+def test_first_ingestion_records_the_corpus_anchor_and_every_facade_reads_it(tmp_path, engine):
+    home, docs = tmp_path / "corpus", _corpus()
+    first = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    builtin_before = first.backend.keys.before("anchor")
+    chosen = first.choose_anchor(list(docs.values()))
+    assert chosen is not None and chosen[:60] in "\n\n".join(docs.values())
+    assert first.index.setting(ANCHOR_SETTING) == chosen
+    for name, text in docs.items():
+        first.ingest_text(name, text)
+    assert first.choose_anchor(["another corpus " * 50]) == chosen  # recorded once
+    keys = first.backend.keys
+    assert keys.before("anchor") != builtin_before
+    assert keys.anchor_ids == first.template.anchor_ids(chosen)
+    chunk = first.index.chunks()[1]
+    assert chunk.cache_key == keys.chunk(chunk.token_ids, "anchor")  # retrievers hand it out
+    assert_same(stored_kv(first, chunk.cache_key, len(chunk.token_ids)),
+                prefilled_after(first, list(keys.before("anchor")), chunk.token_ids))
+    chunks = [c.token_ids for c in first.index.chunks()[:3]]
+    first.index.close()
+    # another process on the same cache reads the recorded passage: every chunk a hit
+    second = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    try:
+        assert second.key_for(chunk.token_ids) == chunk.cache_key
+        ans = second.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+        assert ans.trace.hits == 3 and ans.trace.misses == 0
+        with pytest.raises(ValueError, match="fixed when the engine is built"):
+            second.with_config(anchor_source="builtin")
+    finally:
+        second.index.close()
+    neutral = RagKV(make_config(home, precompute_context="anchor", anchor_source="builtin"),
+                    engine=engine)
+    try:
+        assert neutral.backend.keys.before("anchor") == builtin_before
+        assert neutral.choose_anchor(list(docs.values())) is None
+    finally:
+        neutral.index.close()
+
+
+def test_the_prefix_context_records_no_anchor(rag):
+    assert rag.index.setting(ANCHOR_SETTING) is None  # ingested with precompute "prefix"
+    assert rag.choose_anchor(list(_corpus().values())) is None
+
+
+def test_a_setting_is_written_once(rag):
+    assert rag.index.record_setting("probe", "first") == "first"
+    assert rag.index.record_setting("probe", "second") == "first"
+    assert rag.index.setting("probe") == "first" and rag.index.setting("absent") is None
+
+
+def test_the_bench_picks_its_own_passage_and_records_none(tmp_path, engine):
+    home, docs = tmp_path / "bench", _corpus()
+    rag = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    try:
+        recorded = rag.choose_anchor([docs["assert"], docs["pass"]])
+        own = rag.choose_anchor([docs["del"], docs["return"]], record=False)
+        assert own is not None and own != recorded
+        assert rag.index.setting(ANCHOR_SETTING) == recorded  # the cache's stays
+        assert rag.backend.keys.anchor_ids == rag.template.anchor_ids(own)
+    finally:
+        rag.index.close()

@@ -53,12 +53,21 @@ def test_bench_writes_json(tmp_path: Path, tiny_model: Path) -> None:
               "question": f"What is topic {i}?", "answer": "topic"} for i in range(2)]
     cases.write_text("\n".join(json.dumps(x) for x in lines))
     out_file = tmp_path / "res.json"
-    run("bench", "--cases", str(cases), "--ratios", "0.15,1.0", "--contexts", "cold,prefix",
-        "--max-new-tokens", "4", "--out", str(out_file), "--home", str(tmp_path / "h"),
-        "--model", str(tiny_model))
+    run("bench", "--cases", str(cases), "--ratios", "0.15,1.0", "--contexts",
+        "cold,prefix,anchor", "--max-new-tokens", "4", "--out", str(out_file),
+        "--home", str(tmp_path / "h"), "--model", str(tiny_model))
     data = json.loads(out_file.read_text())
     groups = {(s["context"], s["mode"], s["ratio"]) for s in data["summary"]}
     assert ("prefix", "blend", 0.15) in groups and ("cold", "reuse", None) in groups
+    # anchor entries were precomputed after a passage of the cases' own chunks, which the
+    # bench does not record as the cache's anchor
+    anchor = data["meta"]["anchor"]
+    assert anchor["source"] == "corpus" and anchor["opening"].startswith("Chunk ")
+    from ragkv.cache_index import CacheIndex
+
+    index = CacheIndex(f"sqlite:///{tmp_path / 'h' / 'index.sqlite'}")
+    assert index.setting("anchor_text") is None
+    index.close()
     exact = [s for s in data["summary"] if s["mode"] == "blend" and s["ratio"] == 1.0]
     assert all(s["first_token_agree"] == 1.0 and s["first_token_kl_median"] < 1e-6
                for s in exact)

@@ -223,3 +223,19 @@ def test_anchor_context_through_vllm_matches_what_the_worker_computes(vllm_rag):
     by_vllm = tensors(key)
     for name, t in by_worker.items():
         assert (t.float() - by_vllm[name].float()).abs().max() < 2e-3, name
+
+    # a corpus anchor recorded for the cache: new anchor keys, a miss the worker computes
+    # after the new passage (its ids travel with the request), then hits
+    corpus = [" ".join(CHUNKS) * 4, " ".join(reversed(CHUNKS)) * 3]
+    picked = rag.choose_anchor(corpus)
+    assert picked is not None and rag.index.setting("anchor_text") == picked
+    keys = rag.backend.keys
+    assert keys.anchor_ids == rag.template.anchor_ids(picked)
+    assert rag.backend.builder.keys is keys
+    again = rag.generate(chunks, QUESTION, mode="blend", blend=BlendConfig(ratio=1.0),
+                         max_new_tokens=8)
+    assert again.trace.error is None and again.tokens == full.tokens
+    assert again.trace.hits == 1 and again.trace.misses == 2  # the first chunk's entry stays
+    assert all(stored(cfg, keys.chunk(c, "anchor")) for c in chunks[1:])
+    hit = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=8)
+    assert hit.trace.error is None and hit.trace.hits == 3

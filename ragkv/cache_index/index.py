@@ -25,6 +25,7 @@ from ragkv.cache_index.models import (
     EntryInfo,
     KVEntry,
     QueryLog,
+    Setting,
     to_info,
     utcnow,
 )
@@ -231,6 +232,29 @@ class CacheIndex(IndexDatabase):
                         .where(KVEntry.key.in_(batch))
                         .values(hits=KVEntry.hits + n, last_access_at=now)
                     )
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def setting(self, name: str) -> str | None:
+        """The value recorded under ``name``, or None."""
+        with self.transaction() as s:
+            row = s.get(Setting, name)
+            return None if row is None else row.value
+
+    def record_setting(self, name: str, value: str) -> str:
+        """Record ``value`` under ``name`` unless a value is there already; return the value
+        the index holds afterwards (the first writer's, when two processes race)."""
+        if (found := self.setting(name)) is not None:
+            return found
+        try:
+            with self.transaction() as s:
+                s.add(Setting(name=name, value=value, created_at=utcnow()))
+            return value
+        except IntegrityError:
+            found = self.setting(name)
+            if found is None:
+                raise
+            return found
 
     # -- query log -----------------------------------------------------------------------------
 

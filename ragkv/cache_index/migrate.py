@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 #: ``schema_version`` of a pre-migration database -> the revision whose schema it has.
-LEGACY_REVISIONS: dict[int, str] = {1: "0001", 2: "0002"}
+LEGACY_REVISIONS: dict[int, str] = {1: "0001", 2: "0002", 3: "0003"}
 
 # Arbitrary but fixed: every ragkv process must agree on it ("ragkvidx").
 _PG_LOCK_KEY = 0x7261676B76696478 & 0x7FFFFFFFFFFFFFFF

@@ -37,7 +37,8 @@ from sqlalchemy.orm import (
 #: Bumped by hand whenever the tables change, together with a new Alembic revision in
 #: ``migrations/versions/`` (``tests/test_migrations.py`` fails until the two agree).
 #: 2: kv_entries.priority / on_disk / on_remote and the eviction_clock table (tiers, budgets).
-SCHEMA_VERSION = 2
+#: 3: the settings table (the corpus anchor passage).
+SCHEMA_VERSION = 3
 
 
 def utcnow() -> datetime:
@@ -147,6 +148,17 @@ class EvictionClock(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Setting(Base):
+    """A value the cache was built with that every process on it must share (e.g. the corpus
+    anchor passage chunks are precomputed after); written once, never changed."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class QueryLog(Base):

@@ -219,6 +219,7 @@ class RagkvKVTransform(TransformComponent):
         return self._computed
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        self.rag.choose_anchor([n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes])
         for node in nodes:
             chunk = node_chunk(self.rag, node)
             if chunk is None:

@@ -167,6 +167,11 @@ class Backend(Protocol):
         """Prefill (the TTFT is measured here) and hand back the rest to iterate."""
         ...
 
+    def use_anchor(self, text: str) -> None:
+        """Precompute and read ``anchor``-context chunks after ``text`` from now on (the
+        cache's recorded corpus anchor); their keys change with it."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -85,6 +85,10 @@ class HFBackend:
         path = resolve_model(cfg.model, cfg.home)
         return cls(HFEngine.load(path, cfg.device, cfg.dtype, cfg.kernels), cfg, store)
 
+    def use_anchor(self, text: str) -> None:
+        self.keys = replace(self.keys, anchor_ids=self.template.anchor_ids(text))
+        self._pasts.pop("anchor", None)
+
     # ---- chunk KV ------------------------------------------------------------------------
     def stored(self, keys: Sequence[str]) -> dict[str, bool]:
         return self.chunks.stored(list(keys))

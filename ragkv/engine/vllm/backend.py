@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,10 @@ class VLLMBackend:
         max_len = int(http.max_model_len or note.get("max_model_len") or 2**31 - 1)
         return cls(http, tok, keys, template, max_len,
                    f"vLLM server at {http.url} ({served.name})")
+
+    def use_anchor(self, text: str) -> None:
+        self.keys = replace(self.keys, anchor_ids=self.template.anchor_ids(text))
+        self.builder = RequestBuilder(self.template, self.keys)
 
     # ---- chunk KV ------------------------------------------------------------------------
     def stored(self, keys: Sequence[str]) -> dict[str, bool]:
