@@ -96,12 +96,13 @@ def corpus_anchor(texts: Sequence[str], tokenizer: Any,
     parts: list[str] = []
     left = tokens
     for i in order:
-        ids = list(tokenizer(docs[i], add_special_tokens=False)["input_ids"])
+        head = docs[i][: left * 16]  # a long document is not tokenized whole for 512 tokens
+        ids = list(tokenizer(head, add_special_tokens=False)["input_ids"])
         if len(ids) > left:  # cut at the last whole word inside the budget
             text = tokenizer.decode(ids[:left], skip_special_tokens=True)
             text = text[: text.rfind(" ")] if " " in text else text
         else:
-            text = docs[i]
+            text = head
         if text.strip():
             parts.append(text.strip())
             left -= min(len(ids), left)

@@ -38,6 +38,9 @@ app.command()(serve)
 
 Context = Annotated[str, typer.Option(
     help="precompute chunks 'cold', after the 'prefix', or after it and the 'anchor' passage")]
+AnchorSource = Annotated[str, typer.Option(
+    help="the anchor passage: 'corpus' (picked from the documents at the cache's first "
+         "ingestion; for bench, from the cases) or 'builtin' (ragkv's neutral passage)")]
 
 DEMO_TOPICS = ("try", "exceptions", "raise", "with", "context-managers", "assert", "for",
                "while", "yield", "lambda", "import", "del", "global", "nonlocal", "if", "pass")
@@ -50,8 +53,8 @@ DEMO_QUESTIONS = (
 
 @app.command()
 def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
-           context: Context = "anchor", engine: Engine = "hf", index_url: IndexUrl = None,
-           blob_url: BlobUrl = None,
+           context: Context = "anchor", anchor_source: AnchorSource = "corpus",
+           engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None,
            strict: Annotated[bool, typer.Option(help="stop at the first unreadable file")] = False,
            max_mb: Annotated[float, typer.Option(help="skip files larger than this")] = 20.0,
            ) -> None:
@@ -67,7 +70,8 @@ def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
         console.print(f"[yellow]skipped[/yellow] {s.path}: {s.reason}")
     if not report.documents:
         fail(f"no readable {'/'.join(SUPPORTED_SUFFIXES)} files found")
-    rag = open_rag(home, model, context, engine=engine, index_url=index_url, blob_url=blob_url)
+    rag = open_rag(home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
+                   anchor_source=anchor_source)
     run_engine(lambda: _ingest_docs(rag, [(d.name, d.text) for d in report.documents],
                                     len(report.skipped)))
 
@@ -183,6 +187,7 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           kv_dtype: Annotated[str, typer.Option(
               help="stored KV dtype: float16, bfloat16, float32 or int8 (run once per dtype "
                    "to compare fidelity)")] = "float16",
+          anchor_source: AnchorSource = "corpus",
           out: Path | None = None, home: Home = default_home(), model: Model = None,
           engine: Engine = "hf") -> None:
     """TTFT and fidelity of each mode against full prefill on a case file."""
@@ -202,7 +207,7 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         fail(str(exc))
-    rag = open_rag(home, model, kv_dtype=kv_dtype, engine=engine)
+    rag = open_rag(home, model, kv_dtype=kv_dtype, engine=engine, anchor_source=anchor_source)
     with progress_bar() as bar:
         tasks: dict[str, int] = {}
 

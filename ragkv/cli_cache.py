@@ -19,12 +19,16 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect the KV cache.")
 def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
                 blob_url: BlobUrl = None) -> None:
     """Documents, chunks, KV entries and bytes in the cache index."""
+    from ragkv.anchor import ANCHOR_SETTING
     from ragkv.cache_index import BlobStore, CacheIndex
 
     cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url)
     index = CacheIndex(cfg.resolved_index_url)
     s = index.stats()
     s["blob_bytes"] = BlobStore(cfg.resolved_blob_url, cfg.blob_options).total_bytes()
+    anchor = index.setting(ANCHOR_SETTING)
+    s["anchor_passage"] = ("neutral (none recorded)" if anchor is None
+                           else f"corpus, {len(anchor):,} chars: {anchor[:60]!r}...")
     t = Table("what", "value")
     for key, value in s.items():
         t.add_row(key, str(value))

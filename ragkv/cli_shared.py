@@ -56,7 +56,7 @@ def run_engine(work: Callable[[], T]) -> T:
 
 def open_rag(home: Path, model: Path | None, context: str = "anchor",
              kv_dtype: str = "float16", engine: str = "hf", index_url: str | None = None,
-             blob_url: str | None = None, **blend):
+             blob_url: str | None = None, anchor_source: str = "corpus", **blend):
     """The facade on the engine the user named, or a one-line error."""
     from ragkv.api import RagKV
     from ragkv.config import BlendConfig, RagkvConfig
@@ -65,7 +65,8 @@ def open_rag(home: Path, model: Path | None, context: str = "anchor",
     try:
         cfg = RagkvConfig(home=home, model=model, precompute_context=context,  # type: ignore[arg-type]
                           kv_dtype=kv_dtype, engine=engine,  # type: ignore[arg-type]
-                          index_url=index_url, blob_url=blob_url, blend=BlendConfig(**blend))
+                          index_url=index_url, blob_url=blob_url, blend=BlendConfig(**blend),
+                          anchor_source=anchor_source)  # type: ignore[arg-type]
         from ragkv.engine.policies import policy_class
 
         policy_class(cfg.blend.policy)

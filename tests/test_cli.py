@@ -35,7 +35,7 @@ def test_ingest_ask_and_stats(tmp_path: Path, tiny_model: Path) -> None:
     out = run("ask", "What does assert do?", "-k", "2", "--compare", *home)
     assert "blend" in out and "full" in out and "TTFT" in out
     stats = run("cache", "stats", "--home", str(tmp_path / "home"))
-    assert "kv_entries" in stats
+    assert "kv_entries" in stats and "anchor_passage" in stats and "corpus" in stats
 
 
 def test_demo_twice_reuses_stored_kv(tmp_path: Path, tiny_model: Path) -> None:
@@ -83,6 +83,11 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_model: Path) -> None:
     assert result.exit_code == 2 and "no such file" in result.output
     result = runner.invoke(app, ["ask", "q", "--mode", "nope", "--home", str(tmp_path)])
     assert result.exit_code == 2 and "unknown mode" in result.output
+    (tmp_path / "doc.md").write_text("Some text to ingest.")
+    result = runner.invoke(app, ["ingest", str(tmp_path / "doc.md"), "--home", str(tmp_path),
+                                 "--anchor-source", "mine"])
+    assert result.exit_code == 2 and "anchor_source must be" in result.output
+    assert len(result.output.strip().splitlines()) == 1
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
