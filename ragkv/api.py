@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from ragkv.anchor import ANCHOR_SETTING
 from ragkv.cache_index import CacheIndex
 from ragkv.chunking import RetrievedChunk
@@ -130,7 +132,7 @@ class RagKV:
         self.backend: Backend = backend or open_backend(self.config, self.index, engine)
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
         self._embedder = None
-        if self._corpus_anchor and (recorded := self.index.setting(ANCHOR_SETTING)):
+        if self._corpus_anchor and (recorded := self._recorded_anchor()):
             self.backend.use_anchor(recorded)
 
     def with_config(self, **changes) -> RagKV:
@@ -156,7 +158,7 @@ class RagKV:
         ``anchor_text``, the neutral one, or a corpus too short)."""
         if not self._corpus_anchor or self.config.precompute_context != "anchor":
             return None
-        chosen = self.index.setting(ANCHOR_SETTING) if record else None
+        chosen = self._recorded_anchor() if record else None
         if chosen is None:
             from ragkv.anchor import corpus_anchor
 
@@ -164,9 +166,22 @@ class RagKV:
             if chosen is None:
                 return None
             if record:
-                chosen = self.index.record_setting(ANCHOR_SETTING, chosen)
+                try:
+                    chosen = self.index.record_setting(ANCHOR_SETTING, chosen)
+                except SQLAlchemyError as exc:  # unrecorded, another process could not find it
+                    log.warning("could not record the corpus anchor: %s", exc)
+                    return None
         self.backend.use_anchor(chosen)
         return chosen
+
+    def _recorded_anchor(self) -> str | None:
+        """The cache's corpus anchor; None (the engine's passage) when the index cannot say:
+        an unreachable index must not stop a query (it is answered as without a cache)."""
+        try:
+            return self.index.setting(ANCHOR_SETTING)
+        except SQLAlchemyError as exc:
+            log.warning("cache index unreachable, anchor passage not read: %s", exc)
+            return None
 
     # ---- keys and KV --------------------------------------------------------------------
     @property
