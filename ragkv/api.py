@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ragkv.anchor import ANCHOR_SETTING
+from ragkv.anchor import ANCHOR_SETTING, corpus_anchor
 from ragkv.cache_index import CacheIndex
 from ragkv.chunking import RetrievedChunk
 from ragkv.config import BlendConfig, RagkvConfig
@@ -133,7 +133,7 @@ class RagKV:
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
         self._embedder = None
         if self._corpus_anchor and (recorded := self._recorded_anchor()):
-            self.backend.use_anchor(recorded)
+            self._use_anchor(recorded)
 
     def with_config(self, **changes) -> RagKV:
         """Another facade on the same engine with some settings changed (e.g. the precompute
@@ -160,8 +160,6 @@ class RagKV:
             return None
         chosen = self._recorded_anchor() if record else None
         if chosen is None:
-            from ragkv.anchor import corpus_anchor
-
             chosen = corpus_anchor(texts, self.tokenizer)
             if chosen is None:
                 return None
@@ -171,8 +169,14 @@ class RagKV:
                 except SQLAlchemyError as exc:  # unrecorded, another process could not find it
                     log.warning("could not record the corpus anchor: %s", exc)
                     return None
-        self.backend.use_anchor(chosen)
+        self._use_anchor(chosen)
         return chosen
+
+    def _use_anchor(self, text: str) -> None:
+        """Hand the engine ``text`` unless it has it already: ingestion asks once per
+        document, and a new passage drops the engine's cached KV of the old one."""
+        if self.template.anchor_ids(text) != self.backend.keys.anchor_ids:
+            self.backend.use_anchor(text)
 
     def _recorded_anchor(self) -> str | None:
         """The cache's corpus anchor; None (the engine's passage) when the index cannot say:
