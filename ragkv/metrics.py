@@ -21,13 +21,21 @@ def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 
 
 def top_kl(full: dict[int, float], mode: dict[int, float]) -> float:
-    """KL(full || mode) over full's top-k log-probabilities, the mode's missing entries
-    floored at its own smallest: an approximation of the full-vocabulary KL, for engines
-    that expose only the top-k."""
+    """KL(full || mode) for engines that expose only each distribution's top-k
+    log-probabilities: both distributions coarse-grained to full's top-k tokens plus one
+    bucket for the rest of the vocabulary, the mode's missing entries floored at its own
+    smallest. A coarse-graining never raises a KL, so this reads low, never falsely high; a
+    plain sum over the top-k alone is no divergence (its terms may cancel to zero or below
+    when two near-tied tokens swap ranks)."""
     if not full or not mode:
         return float("nan")
     floor = min(mode.values())
-    return max(0.0, sum(math.exp(lp) * (lp - mode.get(t, floor)) for t, lp in full.items()))
+    p = [math.exp(lp) for lp in full.values()]
+    q = [math.exp(mode.get(t, floor)) for t in full]
+    # the rest bucket of each, kept positive: a top-k can round to a sum a hair above 1
+    p.append(max(0.0, 1.0 - sum(p)))
+    q.append(max(1e-12, 1.0 - sum(q)))
+    return max(0.0, sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0))
 
 
 def dist_kl(full: NextToken, mode: NextToken) -> tuple[float, str]:
