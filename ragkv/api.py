@@ -132,6 +132,10 @@ class RagKV:
         self.backend: Backend = backend or open_backend(self.config, self.index, engine)
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
         self._embedder = None
+        # False until this facade holds the cache's corpus passage (or picked its own): until
+        # then each query and precompute asks the index again, so a process opened before
+        # the cache's first ingestion adopts the passage another process records
+        self._anchor_settled = False
         if self._corpus_anchor and (recorded := self._recorded_anchor()):
             self._use_anchor(recorded)
 
@@ -175,8 +179,24 @@ class RagKV:
     def _use_anchor(self, text: str) -> None:
         """Hand the engine ``text`` unless it has it already: ingestion asks once per
         document, and a new passage drops the engine's cached KV of the old one."""
+        self._anchor_settled = True
         if self.template.anchor_ids(text) != self.backend.keys.anchor_ids:
             self.backend.use_anchor(text)
+
+    def _adopt_recorded_anchor(self) -> None:
+        """Before a query or a precompute: adopt the passage another process recorded since
+        this facade opened; its chunks would otherwise be keyed, missed and computed again
+        after the neutral passage. One indexed read per call until a passage is held."""
+        if (self._anchor_settled or not self._corpus_anchor
+                or self.config.precompute_context != "anchor"):
+            return
+        try:
+            recorded = self.index.setting(ANCHOR_SETTING)
+        except SQLAlchemyError as exc:  # warned at open; a query goes on without it
+            log.debug("anchor passage not read: %s", exc)
+            return
+        if recorded is not None:
+            self._use_anchor(recorded)
 
     def _recorded_anchor(self) -> str | None:
         """The cache's corpus anchor; None (the engine's passage) when the index cannot say:
@@ -212,6 +232,7 @@ class RagKV:
         """Store every chunk's KV through the engine; True where it was computed now."""
         if not chunks:
             return []
+        self._adopt_recorded_anchor()
         return self.backend.precompute([list(c) for c in chunks], self.config.precompute_context)
 
     # ---- ingestion and retrieval --------------------------------------------------------
@@ -251,6 +272,7 @@ class RagKV:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         t0 = time.perf_counter()
+        self._adopt_recorded_anchor()
         items, left_out = pack(self.template, items, question,
                                self.backend.max_model_len - max_new_tokens)
         prompt = self.template.assemble([c.token_ids for c in items], question)

@@ -192,6 +192,32 @@ def test_first_ingestion_records_the_corpus_anchor_and_every_facade_reads_it(tmp
         neutral.index.close()
 
 
+def test_a_facade_opened_before_the_first_ingestion_adopts_the_recorded_passage(tmp_path,
+                                                                                 engine):
+    home, docs = tmp_path / "late", _corpus()
+    early = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    writer = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    try:
+        neutral = early.backend.keys.anchor_ids
+        for name, text in docs.items():
+            writer.ingest_text(name, text)
+        recorded = writer.index.setting(ANCHOR_SETTING)
+        assert recorded is not None and early.backend.keys.anchor_ids == neutral
+        chunks = [c.token_ids for c in writer.index.chunks()[:3]]
+        # its next query reads the passage: the writer's entries are hits, none recomputed
+        ans = early.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+        assert early.backend.keys.anchor_ids == early.template.anchor_ids(recorded)
+        assert ans.trace.hits == 3 and ans.trace.misses == 0
+        late = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+        try:  # a precompute reads it too: nothing to compute
+            assert late.precompute_many(chunks) == [False] * 3
+        finally:
+            late.index.close()
+    finally:
+        early.index.close()
+        writer.index.close()
+
+
 def test_the_prefix_context_records_no_anchor(rag):
     assert rag.index.setting(ANCHOR_SETTING) is None  # ingested with precompute "prefix"
     assert rag.choose_anchor(list(_corpus().values())) is None
@@ -212,5 +238,8 @@ def test_the_bench_picks_its_own_passage_and_records_none(tmp_path, engine):
         assert own is not None and own != recorded
         assert rag.index.setting(ANCHOR_SETTING) == recorded  # the cache's stays
         assert rag.backend.keys.anchor_ids == rag.template.anchor_ids(own)
+        ids = rag.tokenizer(docs["pass"][:400], add_special_tokens=False)["input_ids"]
+        rag.generate([ids], QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+        assert rag.backend.keys.anchor_ids == rag.template.anchor_ids(own)  # not re-read
     finally:
         rag.index.close()
