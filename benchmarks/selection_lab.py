@@ -1,0 +1,109 @@
+"""Which tokens to recompute, at the corpus-anchor default: the selection's knobs one at a time
+(policy, check layer, what the deviation is measured on, the correction), blend 0.15, against
+full prefill on every other case of a public set.
+
+    python benchmarks/selection_lab.py pydoc [--variants reuse,q_L1_k,...] [--threads 1]
+
+Each variant changes one setting of the default (``qhkvd``, check layer 1, deviation on K,
+``chunk_mean`` 0.75). The cases are the set's even-numbered ones (the odd ones are left to
+confirm a choice); the anchor passage is picked from the whole set's chunks, as ``ragkv bench``
+does. Writes ``benchmarks/results/selection_lab_<set>.json`` (or ``--out``): per variant the median
+first-token KL, mean teacher-forced agreement and median TTFT ratio, and every case's record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ragkv.api import RagKV
+from ragkv.bench import _record, _scores, load_cases
+from ragkv.chunking import tokenize_chunk
+from ragkv.config import BlendConfig, RagkvConfig, default_home
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = dict(ratio=0.15, policy="qhkvd", check_layers=(1,), deviation_on="k",
+               correction="chunk_mean", correction_strength=0.75)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "reuse": ("reuse", {}),
+    "q_L1_k": ("blend", {}),  # the default
+    "h_L1_k": ("blend", {"policy": "hkvd"}),
+    "q_L1_kv": ("blend", {"deviation_on": "kv"}),
+    "q_L1_v": ("blend", {"deviation_on": "v"}),
+    "q_L2_k": ("blend", {"check_layers": (2,)}),
+    "q_L3_k": ("blend", {"check_layers": (3,)}),
+    # a later check layer costs one more layer computed whole: paid back by a smaller ratio?
+    "q_L2_k_r12": ("blend", {"check_layers": (2,), "ratio": 0.12}),
+    "q_L2_k_r10": ("blend", {"check_layers": (2,), "ratio": 0.10}),
+    "q_L1_k_nocorr": ("blend", {"correction": "none"}),
+}
+
+
+def summarize(rows: dict[str, list[dict]]) -> dict[str, dict]:
+    return {name: {"n": len(rs),
+                   "first_token_kl_median": statistics.median(r["first_token_kl"] for r in rs),
+                   "tf_agree_mean": statistics.mean(r["tf_agree"] for r in rs),
+                   "first_token_agree": statistics.mean(r["first_token_agree"] for r in rs),
+                   "speedup_median": statistics.median(r["speedup"] for r in rs)}
+            for name, rs in rows.items() if rs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("set", choices=("pydoc", "prose"))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: benchmarks/results/selection_lab_<set>.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    every = load_cases(ROOT / "benchmarks" / "cases" / f"{args.set}.jsonl")
+    cases = every[::2]
+    home = Path(tempfile.mkdtemp(prefix="ragkv-selection-"))
+    (home / "models").symlink_to(default_home() / "models")
+    rag = RagKV(RagkvConfig(home=home))
+    rag.choose_anchor([c for case in every for c in case["chunks"]], record=False)
+    ids = [[tokenize_chunk(c, rag.tokenizer) for c in case["chunks"]] for case in cases]
+    for chunk_ids in ids:
+        rag.precompute_many(chunk_ids)
+    rows: dict[str, list[dict]] = {n: [] for n in names}
+    for case, chunk_ids in zip(cases, ids, strict=True):
+        q = case["question"]
+        full = rag.generate(chunk_ids, q, mode="full", keep_kv=True, log_query=False,
+                            max_new_tokens=args.max_new_tokens)
+        scores = _scores(full, full.tokens)
+        for name in names:
+            mode, change = VARIANTS[name]
+            blend = BlendConfig(**{**DEFAULT, **change})
+            ans = rag.generate(chunk_ids, q, mode=mode, blend=blend, keep_kv=True,
+                               log_query=False, max_new_tokens=args.max_new_tokens)
+            rows[name].append(_record(case, "anchor", ans, full, scores, blend.correction))
+            if ans.generation is not None:
+                ans.generation.close()
+        full.generation.close()
+        print(case["id"], {n: (round(rows[n][-1]["first_token_kl"], 4),
+                               round(rows[n][-1]["tf_agree"], 3)) for n in names}, flush=True)
+    summary = summarize(rows)
+    for name, s in summary.items():
+        print(f"{args.set} {name}: KL {s['first_token_kl_median']:.4f} "
+              f"TF {s['tf_agree_mean']:.3f} x{s['speedup_median']:.2f}")
+    out = args.out or ROOT / "benchmarks" / "results" / f"selection_lab_{args.set}.json"
+    out.write_text(json.dumps({"set": args.set, "cases": [c["id"] for c in cases],
+                               "default": {k: list(v) if isinstance(v, tuple) else v
+                                           for k, v in DEFAULT.items()},
+                               "threads": args.threads, "summary": summary, "rows": rows},
+                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
