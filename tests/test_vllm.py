@@ -239,3 +239,26 @@ def test_anchor_context_through_vllm_matches_what_the_worker_computes(vllm_rag):
     assert all(stored(cfg, keys.chunk(c, "anchor")) for c in chunks[1:])
     hit = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=8)
     assert hit.trace.error is None and hit.trace.hits == 3
+
+
+def test_a_precompute_batch_that_vllm_splits_over_steps_stores_every_chunk(vllm_rag):
+    # vLLM prefills at most max_num_batched_tokens per step: a batch of precompute requests
+    # larger than that has some prompts split over two steps, whose spans complete only in
+    # the second (they were lost: the save was planned in the first step only)
+    from ragkv.chunking import chunk_text
+    from ragkv.engine.vllm.backend import PRECOMPUTE_BATCH
+    from ragkv.ingest import pydoc_topics
+
+    rag = vllm_rag
+    sched = rag.backend.transport.llm.llm_engine.vllm_config.scheduler_config
+    budget = sched.max_num_batched_tokens
+    chunks: list[list[int]] = []
+    for _, text in pydoc_topics():
+        chunks += [c.token_ids for c in chunk_text(text, rag.tokenizer, 800)
+                   if len(c.token_ids) >= 600]
+        if sum(map(len, chunks)) > budget + 1000:
+            break
+    assert len(chunks) <= PRECOMPUTE_BATCH, budget  # one batch of requests, split by vLLM
+    assert rag.precompute_many(chunks) == [True] * len(chunks)
+    missing = [i for i, c in enumerate(chunks) if not stored(rag.config, rag.key_for(c))]
+    assert missing == []

@@ -37,6 +37,9 @@ class ConnectorScheduler:
         self._matched: dict[str, tuple[FusionParams, int, int]] = {}
         self._pending: dict[str, tuple[Request, FusionParams, int, int]] = {}
         self._saves: dict[str, FusionParams] = {}
+        # precompute requests whose prefill vLLM split over steps (its token budget per step):
+        # ids, blocks so far and params, until the step that completes their spans
+        self._saving: dict[str, tuple[list[int], list[int], FusionParams]] = {}
         self._notes: dict[str, dict] = {}
         # notes handed out by request_finished this step: the worker's trace of a request
         # that finishes in the step it was fused in (a one-token request) arrives after it.
@@ -109,12 +112,40 @@ class ConnectorScheduler:
                 self._worked.add(new.req_id)
             p = self._saves.pop(new.req_id, None)
             if p is not None:
-                done = new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id]
-                meta.saves.append(SaveReq(new.req_id, ids, blocks, p.save, done))
                 self._worked.add(new.req_id)
+                self._save_when_done(meta, new.req_id, ids, blocks, p, new.num_computed_tokens
+                                     + scheduler_output.num_scheduled_tokens[new.req_id])
+        self._continue_saves(meta, scheduler_output)
         self._pending.clear()
         self._handed.clear()
         return meta
+
+    def _save_when_done(self, meta: RagkvMeta, rid: str, ids: list[int], blocks: list[int],
+                        p: FusionParams, done: int) -> None:
+        """Save the spans in the step whose forward computes the last of them; until then the
+        request waits in ``_saving`` (its earlier positions stay in its blocks)."""
+        if done >= max(span.end for span in p.save):
+            self._saving.pop(rid, None)
+            meta.saves.append(SaveReq(rid, ids, blocks, p.save, done))
+        else:
+            self._saving[rid] = (ids, blocks, p)
+
+    def _continue_saves(self, meta: RagkvMeta, scheduler_output) -> None:
+        """Later steps of precompute requests whose prefill was split (chunked prefill)."""
+        if not self._saving:
+            return
+        cached = scheduler_output.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", None) or set()
+        for i, rid in enumerate(cached.req_ids):
+            if rid not in self._saving:
+                continue
+            ids, blocks, p = self._saving[rid]
+            new = cached.new_block_ids[i]
+            added = list(new[0]) if new else []
+            blocks = added if rid in resumed else blocks + added  # preempted: blocks anew
+            done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(
+                rid, 0)
+            self._save_when_done(meta, rid, ids, blocks, p, done)
 
     def update_connector_output(self, connector_output) -> None:
         wm = getattr(connector_output, "kv_connector_worker_meta", None)
@@ -131,6 +162,7 @@ class ConnectorScheduler:
         rid = request.request_id
         self._matched.pop(rid, None)
         self._saves.pop(rid, None)
+        self._saving.pop(rid, None)
         note = self._notes.pop(rid, None)
         if rid in self._worked:
             self._worked.discard(rid)
