@@ -64,32 +64,31 @@ $(VENV)/.vllm: $(VENV)/.installed
 test-vllm: $(VENV)/.installed model vllm-install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_paged.py tests/test_vllm_serve.py
 
-# The published figures: full, reuse and blend (qhkvd, anchor-context precompute: the default)
-# at three ratios, with and without the KV correction, on both public sets; then the three
-# precompute contexts' comparison at the default ratio; then the frontier.
+# The published figures: full, reuse and blend (qhkvd, check layer 2, anchor-context
+# precompute, the KV correction: the default) at five ratios on both public sets; then the
+# precompute contexts' comparison (published at check layer 1); then the frontier.
+BENCH_GRID = --modes full,reuse,blend --ratios 0.05,0.1,0.12,0.15,0.3 --policies qhkvd \
+	--check-layers 2 --contexts anchor --corrections chunk_mean
 bench: $(VENV)/.installed model
-	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,reuse,blend --ratios 0.05,0.15,0.3 \
-	    --policies qhkvd --contexts anchor --corrections none,chunk_mean \
-	    --out benchmarks/results/pydoc_main.json
-	$(VENV)/bin/ragkv bench --cases $(PROSE) --modes full,reuse,blend --ratios 0.05,0.15,0.3 \
-	    --policies qhkvd --contexts anchor --corrections none,chunk_mean \
-	    --out benchmarks/results/prose_main.json
+	$(VENV)/bin/ragkv bench --cases $(CASES) $(BENCH_GRID) --out benchmarks/results/pydoc_main.json
+	$(VENV)/bin/ragkv bench --cases $(PROSE) $(BENCH_GRID) --out benchmarks/results/prose_main.json
 	$(MAKE) bench-contexts
 	$(MAKE) frontier
 
-# Precompute after the prefix only against after the prefix and the anchor, blend 0.15.
+# Precompute after the prefix only against after the prefix and the anchor, blend 0.15 with
+# check layer 1 (the default when these figures were published).
 bench-contexts: $(VENV)/.installed model
 	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,blend --ratios 0.15 --policies qhkvd \
-	    --contexts prefix,anchor --corrections none,chunk_mean \
+	    --check-layers 1 --contexts prefix,anchor --corrections none,chunk_mean \
 	    --out benchmarks/results/pydoc_anchor.json
 	$(VENV)/bin/ragkv bench --cases $(PROSE) --modes full,blend --ratios 0.15 --policies qhkvd \
-	    --contexts prefix,anchor --corrections none,chunk_mean \
+	    --check-layers 1 --contexts prefix,anchor --corrections none,chunk_mean \
 	    --out benchmarks/results/prose_anchor.json
 
 # Every policy and both precompute contexts at 0.15 without the correction (the earlier
 # policy comparison, benchmarks/results/pydoc_policies.json).
 bench-policies: $(VENV)/.installed model
-	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,blend --ratios 0.15 \
+	$(VENV)/bin/ragkv bench --cases $(CASES) --modes full,blend --ratios 0.15 --check-layers 1 \
 	    --policies qhkvd,gradual,chunk_head,hkvd+head --contexts cold,prefix \
 	    --corrections none --out benchmarks/results/pydoc_policies.json
 

@@ -20,7 +20,7 @@ import torch
 from ragkv import metrics
 from ragkv.api import Answer, RagKV
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import BlendConfig
+from ragkv.config import DEFAULT_CHECK_LAYERS, DEFAULT_RATIO, BlendConfig
 from ragkv.engine.base import EngineError, NextToken
 
 Progress = Callable[[str, int, int], None]
@@ -29,10 +29,10 @@ Progress = Callable[[str, int, int], None]
 @dataclass
 class BenchSpec:
     modes: list[str] = field(default_factory=lambda: ["full", "prefix", "reuse", "blend"])
-    ratios: list[float] = field(default_factory=lambda: [0.05, 0.15, 0.3])
+    ratios: list[float] = field(default_factory=lambda: [0.05, DEFAULT_RATIO, 0.3])
     policies: list[str] = field(default_factory=lambda: ["qhkvd"])
     contexts: list[str] = field(default_factory=lambda: ["anchor"])
-    check_layers: tuple[int, ...] = (1,)
+    check_layers: tuple[int, ...] = DEFAULT_CHECK_LAYERS
     deviation_on: str = "k"
     corrections: list[str] = field(default_factory=lambda: ["chunk_mean"])
     correction_strength: float = BlendConfig.correction_strength

@@ -29,7 +29,7 @@ from ragkv.cli_shared import (
     progress_bar,
     run_engine,
 )
-from ragkv.config import MODES, BlendConfig, default_home
+from ragkv.config import DEFAULT_CHECK_LAYERS, DEFAULT_RATIO, MODES, BlendConfig, default_home
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Precomputed chunk KV + CacheBlend fusion for RAG.")
@@ -119,7 +119,7 @@ def _ask_both(rag, question: str, chunks, mode: str, max_new_tokens: int, compar
 @app.command()
 def ask(question: str,
         k: Annotated[int, typer.Option("--k", "-k", help="chunks to retrieve")] = 4,
-        mode: str = "blend", ratio: float = 0.15,
+        mode: str = "blend", ratio: float = DEFAULT_RATIO,
         policy: str = "qhkvd", max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
         home: Home = default_home(), model: Model = None, context: Context = "anchor",
@@ -169,8 +169,9 @@ def demo(home: Home = default_home(), model: Model = None,
 
 @app.command()
 def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
-          modes: str = "full,prefix,reuse,blend", ratios: str = "0.05,0.15,0.3",
-          policies: str = "qhkvd", contexts: str = "anchor", check_layers: str = "1",
+          modes: str = "full,prefix,reuse,blend", ratios: str = f"0.05,{DEFAULT_RATIO},0.3",
+          policies: str = "qhkvd", contexts: str = "anchor",
+          check_layers: str = ",".join(map(str, DEFAULT_CHECK_LAYERS)),
           deviation_on: str = "k",
           corrections: Annotated[str, typer.Option(
               help="blend KV corrections to compare: chunk_mean, none")] = "chunk_mean",

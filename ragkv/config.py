@@ -18,6 +18,11 @@ PrecomputeContext = Literal["cold", "prefix", "anchor"]
 CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean")
 #: in-process engines by name; any http(s):// URL names a served vLLM
 ENGINES: tuple[str, ...] = ("hf", "vllm")
+#: the blend's default budget and check layer, chosen on the even cases of both public sets
+#: (``benchmarks/selection_lab.py``): deviation read at layer 2 ranks the tokens to recompute
+#: better than at layer 1, and 12% from there costs no more than 15% from layer 1
+DEFAULT_RATIO = 0.12
+DEFAULT_CHECK_LAYERS: tuple[int, ...] = (2,)
 
 
 def masked_url(url: str) -> str:
@@ -46,10 +51,12 @@ class BlendConfig:
         controller picks the largest ratio whose recompute hides under loading the cached KV,
         never below ``min_ratio``. A number set here always wins.
     policy: name of a selection policy in :mod:`ragkv.engine.policies` (``qhkvd``, ``hkvd``,
-        ``gradual``, ``chunk_head``, ``hkvd+head``); the default was chosen by the benchmark
-        in ``benchmarks/results/`` (best first-token KL at 0.15 with TTFT >= 4.5x lower).
+        ``gradual``, ``chunk_head``, ``hkvd+head``); the default was chosen by the benchmarks
+        in ``benchmarks/results/`` (best first-token KL with TTFT >= 4.5x lower, both sets).
     check_layers: layers at which deviation is measured; layers before the first are computed
-        for every token. ``gradual`` narrows the selection over all of them.
+        for every token (with the default, layers 0 and 1, and layer 2's projections).
+        ``gradual`` narrows the selection over all of them. A model with fewer layers checks
+        at its last one.
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
     correction: how the KV of tokens not recomputed is corrected at each layer: ``chunk_mean``
@@ -65,10 +72,10 @@ class BlendConfig:
         ``guard_tokens`` is then negative when tokens were spared. None: the guard only raises.
     """
 
-    ratio: float | Literal["auto"] = 0.15
-    min_ratio: float = 0.15
+    ratio: float | Literal["auto"] = DEFAULT_RATIO
+    min_ratio: float = DEFAULT_RATIO
     policy: str = "qhkvd"
-    check_layers: tuple[int, ...] = (1,)
+    check_layers: tuple[int, ...] = DEFAULT_CHECK_LAYERS
     deviation_on: Literal["k", "v", "kv"] = "k"
     head_tokens: int = 4
     correction: str = "chunk_mean"

@@ -76,7 +76,7 @@ def test_selection_invariants(engine, case, policy, ratio):
 
 def test_gradual_narrows_over_its_check_layers(engine, case):
     p = case.prompt
-    out = blend(engine, case, BlendConfig(ratio=0.15, policy="gradual"))
+    out = blend(engine, case, BlendConfig(ratio=0.15, policy="gradual", check_layers=(1,)))
     counts = out.recomputed_per_layer
     n_unc = len(p.uncached_positions())
     # 4 layers: check layers 1, 2, 3; start at 2x ratio and end at the ratio.

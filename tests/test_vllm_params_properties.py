@@ -234,8 +234,8 @@ def test_valid_bodies_parse_and_round_trip(case: tuple[dict, int]) -> None:
         assert (p.prefix_end, p.suffix_start) == (body["prefix_end"], body["suffix_start"])
         assert list(p.anchor) == body.get("anchor", [])
         raw = body.get("blend", {})
-        assert p.blend == BlendConfig(**{**raw, "check_layers": tuple(raw.get("check_layers",
-                                                                              (1,)))})
+        assert p.blend == BlendConfig(**{**raw, "check_layers": tuple(raw.get(
+            "check_layers", BlendConfig.check_layers))})
     assert parse(p.to_json(), n) == p
 
 

@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import MODES, BlendConfig
+from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
 
 RunnableInput = str | dict[str, Any]
 
@@ -116,7 +116,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
     retriever: Runnable[str, list[Document]] | None = Field(default=None, exclude=True)
     k: int = Field(default=4, ge=1)
     mode: str = "blend"
-    ratio: float = Field(default=0.15, ge=0.0, le=1.0)
+    ratio: float = Field(default=DEFAULT_RATIO, ge=0.0, le=1.0)
     policy: str | None = None  # None: the RagKV config's blend policy
     max_new_tokens: int = Field(default=64, ge=1)
 

@@ -39,7 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import MODES, BlendConfig
+from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
 
 if TYPE_CHECKING:
     from ragkv.trace import QueryTrace
@@ -247,7 +247,7 @@ class RagkvQueryEngine(CustomQueryEngine):
                            description="a LlamaIndex retriever; default: RagkvRetriever(rag)")
     similarity_top_k: int = 4
     mode: str = "blend"
-    ratio: float = 0.15
+    ratio: float = DEFAULT_RATIO
     policy: str | None = None  # None: the RagKV config's blend policy
     max_new_tokens: int = 64
     streaming: bool = False

@@ -9,11 +9,11 @@ the question suffix) are always kept and do not count against it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ragkv.config import BlendConfig
+from ragkv.config import DEFAULT_CHECK_LAYERS, BlendConfig
 from ragkv.engine.kernels import TorchOps
 
 
@@ -131,7 +131,7 @@ class HKVD(SelectionPolicy):
     deviates most from the cached KV at that layer (paper §4.2; LMCache's default, on V)."""
 
     name: str = "hkvd"
-    layers: tuple[int, ...] = (1,)
+    layers: tuple[int, ...] = DEFAULT_CHECK_LAYERS
     #: the quality guard: raise the budget until the kept tokens hold this share of the
     #: check layer's deviation mass (None: off), never past ``max_ratio``
     coverage: float | None = None
@@ -269,6 +269,9 @@ def make_policy(cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
     cls = policy_class(cfg.policy)
     if cfg.ratio >= 1.0:
         return ComputeAll()
+    if cfg.check_layers == DEFAULT_CHECK_LAYERS and 1 < n_layers <= cfg.check_layers[-1]:
+        # the default names a layer of a real model; a shallower one checks at its last
+        cfg = replace(cfg, check_layers=(n_layers - 1,))
     if cfg.check_layers[-1] >= n_layers:
         raise ValueError(f"check layer {cfg.check_layers[-1]} does not exist (model has "
                          f"{n_layers} layers)")

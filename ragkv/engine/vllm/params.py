@@ -9,7 +9,7 @@ A client sends them as ``kv_transfer_params = {"ragkv": {...}}`` (offline: in
                "suffix_start": 900,                   # the question suffix: computed by vLLM
                "context": "prefix",                   # how chunks were precomputed
                "anchor": [...],                       # context "anchor": the passage's ids
-               "blend": {"ratio": 0.15, "policy": "qhkvd", "check_layers": [1],
+               "blend": {"ratio": 0.12, "policy": "qhkvd", "check_layers": [2],
                          "deviation_on": "k"}}}
 
 A precompute request instead names ``"save": [[start, end, "<key>"]]``: vLLM prefills the
@@ -32,7 +32,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ragkv.config import BlendConfig
+from ragkv.config import DEFAULT_CHECK_LAYERS, BlendConfig
 from ragkv.engine.policies import policy_class, reads_question
 
 PARAMS_KEY = "ragkv"
@@ -164,7 +164,7 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     if not isinstance(raw, dict):
         raise ParamsError("'blend' must be an object")
     # Any HTTP client sends these: types are checked before the settings reach the worker.
-    layers = raw.get("check_layers", (1,))
+    layers = raw.get("check_layers", DEFAULT_CHECK_LAYERS)
     if (not isinstance(raw.get("policy", ""), str)
             or not isinstance(layers, list | tuple) or not all(_is_int(x) for x in layers)
             or not _is_int(raw.get("head_tokens", 0)) or raw.get("head_tokens", 0) < 0
@@ -176,7 +176,7 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
         raise ParamsError("bad blend settings: policy must be a name, check_layers integers, "
                           "head_tokens a non-negative integer, ratio a number")
     try:
-        blend = BlendConfig(**{**raw, "check_layers": tuple(raw.get("check_layers", (1,)))})
+        blend = BlendConfig(**{**raw, "check_layers": tuple(layers)})
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"bad blend settings: {exc}") from None
     if blend.ratio == "auto":

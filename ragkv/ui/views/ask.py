@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from ragkv.config import MODES, BlendConfig
+from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
 from ragkv.engine.policies import POLICIES
 from ragkv.trace import QueryTrace
 from ragkv.ui import frames, state
@@ -40,7 +40,7 @@ def controls() -> AskParams | None:
         mode = c1.selectbox("Mode", MODES, index=MODES.index("blend"), key="ask_mode",
                             help="full: no reuse; prefix: first chunk only; reuse: all chunks, "
                                  "nothing recomputed; blend: reuse plus CacheBlend recompute")
-        ratio = c2.slider("Recompute ratio", 0.0, 1.0, 0.15, 0.05, key="ask_ratio",
+        ratio = c2.slider("Recompute ratio", 0.0, 1.0, DEFAULT_RATIO, 0.01, key="ask_ratio",
                           help="blend only: share of chunk tokens recomputed")
         policy = c3.selectbox("Policy", POLICIES, key="ask_policy", help="blend only",
                           index=POLICIES.index(BlendConfig().policy))

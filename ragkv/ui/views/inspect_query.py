@@ -8,7 +8,7 @@ import html
 import numpy as np
 import streamlit as st
 
-from ragkv.config import BlendConfig
+from ragkv.config import DEFAULT_RATIO, BlendConfig
 from ragkv.engine.policies import POLICIES
 from ragkv.ui import frames, state
 
@@ -29,7 +29,7 @@ def controls(rag) -> dict | None:
         question = st.text_input("Question", value=default_question(rag), key="inspect_question")
         c1, c2, c3, c4 = st.columns(4)
         k = c1.number_input("Chunks (k)", 1, 32, 4, key="inspect_k")
-        ratio = c2.slider("Recompute ratio", 0.0, 1.0, 0.15, 0.05, key="inspect_ratio")
+        ratio = c2.slider("Recompute ratio", 0.0, 1.0, DEFAULT_RATIO, 0.01, key="inspect_ratio")
         policy = c3.selectbox("Policy", POLICIES, key="inspect_policy")
         max_new = c4.number_input("Max new tokens", 1, 1024, 48, key="inspect_max_new")
         if not st.form_submit_button("Run full, reuse and blend", type="primary"):
