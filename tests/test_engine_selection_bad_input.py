@@ -42,6 +42,19 @@ def test_check_layer_beyond_depth_raises(engine, case):
     assert out.recomputed_per_layer[L - 2] == len(case.prompt) - case.prompt.prefix_len
 
 
+def test_the_default_check_layer_fits_a_shallow_model_and_a_named_one_does_not():
+    from ragkv.config import DEFAULT_CHECK_LAYERS
+    from ragkv.engine.policies import make_policy
+
+    deep = DEFAULT_CHECK_LAYERS[-1] + 1
+    assert make_policy(BlendConfig(), 30).check_layers == DEFAULT_CHECK_LAYERS
+    assert make_policy(BlendConfig(), deep).check_layers == DEFAULT_CHECK_LAYERS
+    shallow = DEFAULT_CHECK_LAYERS[-1]  # the default names a layer this model lacks
+    assert make_policy(BlendConfig(), shallow).check_layers == (shallow - 1,)
+    with pytest.raises(ValueError, match="does not exist"):
+        make_policy(BlendConfig(check_layers=(deep,)), deep)
+
+
 def test_unknown_policy_raises(engine, case):
     with pytest.raises(ValueError, match="unknown selection policy"):
         blend(engine, case, BlendConfig(ratio=0.15, policy="random"))
