@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/frontier.py benchmarks/results/pydoc_main.json \
            benchmarks/results/prose_main.json --out benchmarks/results/frontier.json \
-           --plot docs/frontier.png
+           --plot docs/frontier.png [--also benchmarks/results/pydoc_check1.json ...]
 
 Reads the summaries that `ragkv bench` wrote (each figure measured in that run against full
 prefill on the same prompts), writes them as one JSON list and, when matplotlib is installed
@@ -17,22 +17,24 @@ import json
 from pathlib import Path
 
 
-def method(s: dict) -> str:
-    """A point's method label, e.g. ``blend qhkvd chunk_mean (prefix)``."""
+def method(s: dict, check_layers: list[int]) -> str:
+    """A point's method label, e.g. ``blend qhkvd chunk_mean L2 (anchor)``."""
     parts = [s["mode"]]
     if s["mode"] == "blend":
-        parts += [s["policy"], s.get("correction") or "none"]
+        parts += [s["policy"], s.get("correction") or "none",
+                  "L" + ",".join(map(str, check_layers))]
     return " ".join(parts) + f" ({s['context']})"
 
 
-def points(path: Path) -> list[dict]:
+def points(path: Path, blend_only: bool = False) -> list[dict]:
     data = json.loads(path.read_text())
     name = path.stem.split("_")[0]
+    layers = data["meta"]["spec"].get("check_layers", [1])
     out = []
     for s in data["summary"]:
-        if s["mode"] == "full":
+        if s["mode"] == "full" or (blend_only and s["mode"] != "blend"):
             continue
-        out.append({"set": name, "method": method(s), "ratio": s["ratio"],
+        out.append({"set": name, "method": method(s, layers), "ratio": s["ratio"],
                     "speedup_median": s["speedup_median"],
                     "first_token_kl_median": s["first_token_kl_median"],
                     "first_token_agree": s["first_token_agree"], "tf_agree": s["tf_agree"],
@@ -79,8 +81,12 @@ def main() -> None:
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/frontier.json"))
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--also", type=Path, nargs="*", default=[],
+                    help="results of other runs whose blend points are added (e.g. an earlier "
+                         "default's grid)")
     args = ap.parse_args()
     rows = [p for path in args.results for p in points(path)]
+    rows += [p for path in args.also for p in points(path, blend_only=True)]
     args.out.write_text(json.dumps(rows, indent=1))
     print("| set | method | ratio | TTFT ratio | 1st-token KL | 1st agree | TF agree |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
