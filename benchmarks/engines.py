@@ -4,8 +4,8 @@ process, and a vLLM server started by ``ragkv serve`` (each alone on the machine
     python benchmarks/engines.py [--limit 8] [--engines hf,vllm,served]
 
 For each engine: ``ragkv bench`` on the first cases of the public pydoc set, full prefill and
-blend 0.15, the TTFT measured where the request is made (the client, for the server) and
-vLLM's own figure (scheduling to first token) beside it. Writes
+blend at the default ratio and check layer, the TTFT measured where the request is made (the
+client, for the server) and vLLM's own figure (scheduling to first token) beside it. Writes
 ``benchmarks/results/engines_pydoc.json``; medians per engine are printed.
 """
 
@@ -22,6 +22,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from ragkv.config import DEFAULT_RATIO
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "benchmarks" / "cases" / "pydoc.jsonl"
@@ -62,7 +64,8 @@ def start_server(home: Path, log: Path) -> tuple[subprocess.Popen, str]:
 
 def bench(engine: str, home: Path, out: Path, limit: int) -> dict:
     cmd = [sys.executable, "-m", "ragkv.cli", "bench", "--cases", str(CASES), "--limit",
-           str(limit), "--modes", "full,blend", "--ratios", "0.15", "--kv-dtype", "float32",
+           str(limit), "--modes", "full,blend", "--ratios", str(DEFAULT_RATIO),
+           "--kv-dtype", "float32",
            "--max-new-tokens", "16", "--engine", engine, "--home", str(home), "--out", str(out),
            "--model", default_model()]
     env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
