@@ -190,21 +190,18 @@ class RagKV:
         if (self._anchor_settled or not self._corpus_anchor
                 or self.config.precompute_context != "anchor"):
             return
-        try:
-            recorded = self.index.setting(ANCHOR_SETTING)
-        except SQLAlchemyError as exc:  # warned at open; a query goes on without it
-            log.debug("anchor passage not read: %s", exc)
-            return
-        if recorded is not None:
+        if (recorded := self._recorded_anchor(quiet=True)) is not None:
             self._use_anchor(recorded)
 
-    def _recorded_anchor(self) -> str | None:
+    def _recorded_anchor(self, quiet: bool = False) -> str | None:
         """The cache's corpus anchor; None (the engine's passage) when the index cannot say:
-        an unreachable index must not stop a query (it is answered as without a cache)."""
+        an unreachable index must not stop a query (it is answered as without a cache).
+        ``quiet``: the per-query re-read, already warned about at open."""
         try:
             return self.index.setting(ANCHOR_SETTING)
         except SQLAlchemyError as exc:
-            log.warning("cache index unreachable, anchor passage not read: %s", exc)
+            (log.debug if quiet else log.warning)(
+                "cache index unreachable, anchor passage not read: %s", exc)
             return None
 
     # ---- keys and KV --------------------------------------------------------------------
