@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ragkv.config import DEFAULT_RATIO
+
 CASES = Path(__file__).resolve().parent / "cases" / "pydoc.jsonl"
 
 
@@ -50,8 +52,9 @@ def make_stream(cases: list[dict], n_queries: int, seed: int = 0) -> list[dict]:
     return stream
 
 
-def p90(xs: list[float]) -> float:
-    return statistics.quantiles(xs, n=10, method="inclusive")[-1]
+def percentile(xs: list[float], q: int) -> float:
+    """The q-th percentile of ``xs`` (inclusive method, interpolated)."""
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
 def run_arm(arm: str, stream: list[dict], ratio: float, home: Path,
@@ -102,7 +105,8 @@ def summarize(arms: dict[str, dict], meta: dict) -> dict:
     for name, arm in arms.items():
         ttft = [r["ttft_s"] for r in arm["records"]]
         out["arms"][name] = {"n": len(ttft), "ttft_mean_s": statistics.fmean(ttft),
-                             "ttft_p90_s": p90(ttft), "ttft_median_s": statistics.median(ttft),
+                             "ttft_median_s": statistics.median(ttft),
+                             "ttft_p90_s": percentile(ttft, 90), "ttft_p99_s": percentile(ttft, 99),
                              "engine_load_s": arm["engine_load_s"],
                              "corpus_seen_s": arm["corpus_seen_s"],
                              "corpus_chunks": arm["corpus_chunks"]}
@@ -124,7 +128,7 @@ def main() -> None:
     ap.add_argument("--cases", type=Path, default=CASES)
     ap.add_argument("--n-cases", type=int, default=8)
     ap.add_argument("--queries", type=int, default=16)
-    ap.add_argument("--ratio", type=float, default=0.15)
+    ap.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
     ap.add_argument("--warm", type=int, default=3, help="untimed queries over other cases first")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_workload.json"))
     ap.add_argument("--arm", choices=("plain", "ragkv"), help=argparse.SUPPRESS)

@@ -262,3 +262,20 @@ def test_a_precompute_batch_that_vllm_splits_over_steps_stores_every_chunk(vllm_
     assert rag.precompute_many(chunks) == [True] * len(chunks)
     missing = [i for i, c in enumerate(chunks) if not stored(rag.config, rag.key_for(c))]
     assert missing == []
+
+
+def test_closing_the_facade_stops_the_engine_processes(vllm_rag):
+    # last in the module: it closes the shared engine. Left to interpreter exit, the engine
+    # core outlived its parent and the exit waited on it for good.
+    import multiprocessing
+    import time
+
+    rag = vllm_rag
+    assert multiprocessing.active_children()  # vLLM runs its engine core in a child
+    rag.close()
+    assert rag.backend.transport.llm is None
+    deadline = time.monotonic() + 30  # a killed child is reaped a moment later
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert multiprocessing.active_children() == []
+    rag.close()  # twice is harmless (the fixture closes again)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,8 @@ from typing import Any
 from ragkv.engine.base import EngineError
 from ragkv.engine.vllm.client import VLLMRequest
 from ragkv.engine.vllm.params import PARAMS_KEY
+
+log = logging.getLogger("ragkv.vllm")
 
 #: concurrent HTTP requests for a batch (vLLM batches what arrives together)
 HTTP_PARALLEL = 8
@@ -85,7 +88,15 @@ class InProcess:
                 for row in (out.prompt_logprobs or [])]
 
     def close(self) -> None:
-        self.llm = None
+        """Stop the engine's processes now: left to interpreter exit, vLLM's engine core
+        outlived its parent (the exit waited on it for good)."""
+        llm, self.llm = self.llm, None
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception as exc:  # noqa: BLE001 - closing must not fail the caller
+                log.warning("vLLM engine did not shut down cleanly: %s", exc)
 
 
 class HTTP:
