@@ -62,3 +62,45 @@ def test_vllm_kernel_equals_exact_mask_reference(q_heads, kv_heads, block, kind,
     got = paged_attention(layer, q, q_pos, table.to(torch.int32)[None], 0.125)
     want = TorchOps().attend_selected(q, k, v, q_pos, 0.125).reshape(q_pos.numel(), -1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("kind", ["scattered", "tail", "all"])
+def test_the_runner_writes_every_layer_and_sends_only_contiguous_queries_to_vllm(kind,
+                                                                                 monkeypatch):
+    # scattered queries attend on ragkv's kernel over the fused buffers (vLLM's kernel reads
+    # a run's whole key prefix per run); their layer's KV must still reach vLLM's cache
+    pytest.importorskip("vllm")
+    from vllm import _custom_ops as ops
+
+    from ragkv.engine.vllm import paged as paged_mod
+    from ragkv.engine.vllm.paged import PagedAttention, read_paged
+    from ragkv.engine.vllm.runner import VLLMRunner
+
+    g = torch.Generator().manual_seed(7)
+    T, d, block, hq, hkv, lo = 200, 64, 32, 9, 3, 40
+    n_blocks = (T + block - 1) // block
+    table = list(range(n_blocks))[::-1]
+    layer = _layer(ops, n_blocks, hkv, block, d, hq)
+    calls: list[int] = []
+    real = paged_mod.paged_attention
+    monkeypatch.setattr(paged_mod, "paged_attention",
+                        lambda *a: calls.append(1) or real(*a))
+    runner = VLLMRunner.__new__(VLLMRunner)  # the attention routing only: no model needed
+    runner.ops, runner.scaling = TorchOps(), 0.125
+    runner.paged = PagedAttention([layer], table, block, lo, T)
+    k, v = (torch.randn(hkv, T, d, generator=g) for _ in "kv")
+    # positions before lo are vLLM's own (a prefix it had cached)
+    paged_mod.write_layer(layer, k[:, :lo], v[:, :lo], slots(table, block, 0, lo))
+    q_pos = {"scattered": torch.tensor([3, 50, 51, 120, T - 2, T - 1]),
+             "tail": torch.arange(T - 30, T), "all": None}[kind]
+    n = T if q_pos is None else q_pos.numel()
+    q = torch.randn(hq, n, d, generator=g)
+    got = runner.attend(q, k, v, q_pos, layer=0)
+    want = TorchOps().attend_selected(q, k, v, torch.arange(T) if q_pos is None else q_pos,
+                                      0.125).reshape(n, -1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert len(calls) == (0 if kind == "scattered" else 1)
+    assert runner.paged.written == [True]
+    k_got, v_got = read_paged(layer.kv_cache, slots(table, block, lo, T))
+    assert torch.equal(k_got, k[:, lo:]) and torch.equal(v_got, v[:, lo:])
