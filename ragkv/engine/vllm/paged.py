@@ -84,15 +84,12 @@ class PagedAttention:
     """The blend's attention on vLLM's CPU kernel, over one request's paged KV cache.
 
     Before layer ``l``'s attention, positions ``[lo, T)`` of the fused K/V are written into
-    the request's blocks (:meth:`write`): their final state, since the blend never changes a
-    layer's buffers after its attention, so the connector need not write them again
-    (``written``). Queries then run as vLLM sequences: each run of consecutive positions
-    ``a..b`` is a sequence of length ``b + 1`` with ``b - a + 1`` queries reading the
-    request's block table, and vLLM's causal rule for a sequence's last tokens is exactly the
-    blend's mask by position. Position ``T - 1`` is written too; vLLM overwrites it when it
-    computes it. :class:`~ragkv.engine.vllm.runner.VLLMRunner` sends only contiguous queries
-    here: the kernel reads a run's whole key prefix per run, so scattered queries are faster
-    on ragkv's split kernel.
+    the request's blocks: their final state, since the blend never changes a layer's buffers
+    after its attention, so the connector need not write them again (``written``). The
+    selected queries then run as vLLM sequences: each run of consecutive positions ``a..b``
+    is a sequence of length ``b + 1`` with ``b - a + 1`` queries reading the request's block
+    table, and vLLM's causal rule for a sequence's last tokens is exactly the blend's mask by
+    position. Position ``T - 1`` is written too; vLLM overwrites it when it computes it.
     """
 
     def __init__(self, layers: list, block_ids: list[int], block_size: int, lo: int,
@@ -118,15 +115,12 @@ class PagedAttention:
                q_pos: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Queries ``q [Hq, n, D]`` at sorted ``q_pos [n]`` (None: ``0..T-1``) over layer
         ``layer``'s fused ``k, v [Hkv, T, D]``; returns ``[n, Hq * D]``."""
-        self.write(layer, k, v)
+        lay = self.layers[layer]
+        write_layer(lay, k[:, self.lo:], v[:, self.lo:], self.slot, strided=True)
+        self.written[layer] = True
         if q_pos is None:
             q_pos = torch.arange(k.shape[1], device=q.device)
-        return paged_attention(self.layers[layer], q, q_pos, self.block_table, scale)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Layer ``layer``'s final fused ``k, v [Hkv, T, D]`` from ``lo`` on into its cache."""
-        write_layer(self.layers[layer], k[:, self.lo:], v[:, self.lo:], self.slot, strided=True)
-        self.written[layer] = True
+        return paged_attention(lay, q, q_pos, self.block_table, scale)
 
     @staticmethod
     def probe(layer, scale: float) -> bool:

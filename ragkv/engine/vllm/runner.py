@@ -21,13 +21,9 @@ from ragkv.engine.vllm.paged import PagedAttention
 class VLLMRunner(DecoderRunner):
     """Pieces of a forward pass of a vLLM Llama/Mistral/Qwen2 model, batch size 1.
 
-    Inside :meth:`on_paged_cache` each layer's fused KV goes into the request's paged cache
-    before its attention (:class:`~ragkv.engine.vllm.paged.PagedAttention`), and contiguous
-    queries (the layers before the check, a question tail) attend on vLLM's own kernel there.
-    Scattered selected queries attend on ragkv's exact-mask ops over the fused buffers: vLLM's
-    kernel runs each run of them as a sequence reading its whole key prefix, which made the
-    workload bench's fused queries slower. Elsewhere (computing a missing chunk, or a backend
-    ragkv does not know) every attention is ragkv's.
+    Inside :meth:`on_paged_cache` the blend's attention runs on vLLM's own kernel over the
+    request's paged cache (:class:`~ragkv.engine.vllm.paged.PagedAttention`); elsewhere
+    (computing a missing chunk, or a backend ragkv does not know) on ragkv's exact-mask ops.
     """
 
     paged: PagedAttention | None = None
@@ -61,9 +57,7 @@ class VLLMRunner(DecoderRunner):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                q_pos: torch.Tensor | None, layer: int | None = None) -> torch.Tensor:
         if self.paged is not None and layer is not None:
-            if q_pos is None or int(q_pos[-1]) - int(q_pos[0]) + 1 == q_pos.numel():
-                return self.paged.attend(layer, q, k, v, q_pos, self.scaling)
-            self.paged.write(layer, k, v)
+            return self.paged.attend(layer, q, k, v, q_pos, self.scaling)
         return super().attend(q, k, v, q_pos)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
