@@ -70,7 +70,7 @@ def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: 
     try:
         if arm == "ragkv":
             rag = RagKV(RagkvConfig(home=home, engine=url + "/v1"))
-            mode, blend = "blend", BlendConfig(ratio=0.15)
+            mode, blend = "blend", BlendConfig()  # the default blend
         else:  # plain vLLM: an app that sends the same token ids, prefix cache on
             from transformers import AutoTokenizer
 
@@ -141,7 +141,12 @@ def main() -> None:
     for c in cases:
         rng.shuffle(c["chunks"])
     clients = [int(n) for n in a.clients.split(",")]
-    result = {"clients": clients, "per_client": a.per_client, "cases": len(cases)}
+    from ragkv.config import BlendConfig
+
+    default = BlendConfig()
+    result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "clients": clients,
+              "per_client": a.per_client, "cases": len(cases), "ratio": default.ratio,
+              "check_layers": list(default.check_layers)}
     with tempfile.TemporaryDirectory(prefix="ragkv-conc-") as tmp:
         for i, arm in enumerate(("plain", "ragkv")):
             home = Path(tmp) / arm / "home"
