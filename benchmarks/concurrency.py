@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,9 +83,12 @@ def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: 
             tok = AutoTokenizer.from_pretrained(model)
             tpl = PromptTemplate.from_tokenizer(tok, cfg.system_prompt)
             http = HTTP(url)
-            backend = VLLMBackend(http, tok, KeySpace("plain", "float32", tpl.prefix_ids), tpl,
+            # no connector, nothing precomputed: its keys only name the prompt's parts
+            plain = replace(cfg, precompute_context="prefix")
+            backend = VLLMBackend(http, tok, KeySpace("plain", "float32", tpl.prefix_ids,
+                                                      "prefix"), tpl,
                                   int(http.max_model_len or 8192), f"plain vLLM at {url}")
-            rag = RagKV(cfg, backend=backend)
+            rag = RagKV(plain, backend=backend)
             mode, blend = "prefix", None
         chunk_ids = {c: rag.tokenizer(c, add_special_tokens=False).input_ids
                      for q in queries for c in q["chunks"]}
@@ -116,6 +120,12 @@ def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: 
             wall = time.perf_counter() - t0
             asked += [(r[0], r[2]) for r in res if r[3] is None]
             ttft = [r[1] for r in res if r[3] is None]
+            failed = [r[3] for r in res if r[3] is not None]
+            if failed:
+                print(f"{arm}: {len(failed)} of {len(res)} requests failed; the first: "
+                      f"{failed[0]}", file=sys.stderr, flush=True)
+            if not ttft:
+                raise SystemExit(f"{arm}: every request at {n} clients failed")
             out[str(n)] = {
                 "queries": len(res), "errors": sum(r[3] is not None for r in res),
                 "throughput_qps": len(res) / wall, "ttft_p50_s": pct(ttft, 0.5),
