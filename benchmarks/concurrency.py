@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from ragkv.config import BlendConfig, RagkvConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "benchmarks" / "cases" / "pydoc.jsonl"
 
@@ -58,7 +60,6 @@ def pct(xs: list[float], q: float) -> float:
 def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: int,
             port: int) -> dict:
     from ragkv.api import RagKV
-    from ragkv.config import BlendConfig, RagkvConfig
     from ragkv.engine.vllm.engine import serve_command
     from ragkv.model_fetch import ensure_default_model
 
@@ -85,8 +86,7 @@ def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: 
             http = HTTP(url)
             # no connector, nothing precomputed: its keys only name the prompt's parts
             plain = replace(cfg, precompute_context="prefix")
-            backend = VLLMBackend(http, tok, KeySpace("plain", "float32", tpl.prefix_ids,
-                                                      "prefix"), tpl,
+            backend = VLLMBackend(http, tok, KeySpace("plain", "float32", tpl.prefix_ids), tpl,
                                   int(http.max_model_len or 8192), f"plain vLLM at {url}")
             rag = RagKV(plain, backend=backend)
             mode, blend = "prefix", None
@@ -127,7 +127,7 @@ def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: 
             if not ttft:
                 raise SystemExit(f"{arm}: every request at {n} clients failed")
             out[str(n)] = {
-                "queries": len(res), "errors": sum(r[3] is not None for r in res),
+                "queries": len(res), "errors": len(failed),
                 "throughput_qps": len(res) / wall, "ttft_p50_s": pct(ttft, 0.5),
                 "ttft_p99_s": pct(ttft, 0.99), "ttft_mean_s": statistics.fmean(ttft)}
             print(arm, n, out[str(n)], file=sys.stderr, flush=True)
@@ -151,8 +151,6 @@ def main() -> None:
     for c in cases:
         rng.shuffle(c["chunks"])
     clients = [int(n) for n in a.clients.split(",")]
-    from ragkv.config import BlendConfig
-
     default = BlendConfig()
     result = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "clients": clients,
               "per_client": a.per_client, "cases": len(cases), "ratio": default.ratio,
