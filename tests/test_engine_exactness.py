@@ -365,3 +365,22 @@ def test_later_chunk_kv_never_changes_earlier_positions(engine, case, mode, cfg)
         assert max_diff(a.k[layer][:, :start], b.k[layer][:, :start]) < 1e-5, layer
         assert max_diff(a.v[layer][:, :start], b.v[layer][:, :start]) < 1e-5, layer
     assert checked >= (3 if cfg.policy == "gradual" else engine.runner.n_layers)
+
+
+def test_full_prefill_projects_only_the_last_position_to_the_vocabulary(engine):
+    """Full prefill is the baseline of every TTFT ratio, so it must not do work a serving
+    engine skips: the vocabulary projection runs on the last position alone, and its logits
+    are the last row of the all-position logits."""
+    g = torch.Generator().manual_seed(11)
+    prompt = assemble([], [_ids(g, 20), _ids(g, 12)], _ids(g, 5))
+    rows = []
+    hook = engine.model.lm_head.register_forward_hook(
+        lambda _m, args, _out: rows.append(args[0].shape[-2]))
+    try:
+        full = engine.prefill(prompt, [], "full", BlendConfig(), 0)
+    finally:
+        hook.remove()
+    assert rows == [1]
+    with torch.inference_mode():
+        every = engine.model(input_ids=torch.tensor([prompt.ids])).logits[0, -1].float()
+    assert max_diff(full.logits, every) < TOL
