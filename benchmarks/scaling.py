@@ -1,4 +1,4 @@
-"""TTFT against prompt length on the CPU: full prefill and blend (default config, ratio 0.15)
+"""TTFT against prompt length on the CPU: full prefill and blend (the default config)
 at ~1k, 2k, 4k and 8k tokens, several prompts each, with the fitted growth of each mode.
 
     python benchmarks/scaling.py [--lengths 1024,2048,4096,8192] [--prompts 3] \\
@@ -42,11 +42,12 @@ from ragkv import metrics
 from ragkv.api import RagKV
 from ragkv.bench import load_cases
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import RagkvConfig
+from ragkv.config import DEFAULT_RATIO, RagkvConfig
 from ragkv.engine.hf import HFEngine
 from ragkv.model_fetch import resolve_model
 
 ATTENTION = ("split", "masked")
+BLEND = f"blend {DEFAULT_RATIO}"
 
 
 def build_prompts(rag: RagKV, cases: list[dict], length: int, count: int,
@@ -128,7 +129,7 @@ def summarize(rows: list[dict], modes: list[str]) -> dict:
 def markdown(summary: dict, modes: list[str]) -> str:
     head = ["tokens (median)", "prompts", "full TTFT"]
     for m in modes[1:]:
-        label = "blend 0.15" if m == "blend" else "blend 0.15, masked attention"
+        label = BLEND if m == "blend" else f"{BLEND}, masked attention"
         head += [f"{label} TTFT", f"x full/{'blend' if m == 'blend' else 'masked'}"]
     head += ["recomputed", "1st-token agree"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -171,8 +172,8 @@ def plot(rows: list[dict], summary: dict, modes: list[str], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = {"full": "full prefill", "blend": "blend 0.15",
-              "blend_masked": "blend 0.15, masked attention"}
+    labels = {"full": "full prefill", "blend": BLEND,
+              "blend_masked": f"{BLEND}, masked attention"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     xs = [e["tokens_median"] for e in summary["table"]]
     for m, color in zip(modes, ("tab:red", "tab:blue", "tab:gray"), strict=False):
