@@ -82,18 +82,20 @@ def main() -> None:
     torch.set_num_threads(1)
     cases = load_cases(a.cases)[:a.limit]
     out = a.out or Path(f"benchmarks/results/tf_misses_{a.cases.stem}.json")
-    home = Path(tempfile.mkdtemp(prefix="ragkv-tf-misses-"))
-    cfg = RagkvConfig(home=home, model=resolve_model(a.model, RagkvConfig().home))
-    rag = RagKV(cfg)
-    rag.choose_anchor([c for case in cases for c in case["chunks"]], record=False)
     # int8 storage has per-channel scales; its rounding is not reproduced here (fp16 is)
-    dtype = torch_dtype(cfg.kv_dtype) if cfg.kv_dtype != "int8" else torch.float16
-    rows = []
-    for case in cases:
-        rows.append(run_case(rag, case, dtype, a.max_new_tokens))
-        r = rows[-1]
-        print(f"{r['case']}: blend TF {r['blend_tf_agree']:.3f}, rounded KV TF "
-              f"{r['rounded_kv_tf_agree']:.3f}, misses at margins {r['miss_margins']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="ragkv-tf-misses-") as home:
+        cfg = RagkvConfig(home=Path(home), model=resolve_model(a.model, RagkvConfig().home))
+        rag = RagKV(cfg)
+        rag.choose_anchor([c for case in cases for c in case["chunks"]], record=False)
+        dtype = torch_dtype(cfg.kv_dtype) if cfg.kv_dtype != "int8" else torch.float16
+        rows = []
+        for case in cases:
+            rows.append(run_case(rag, case, dtype, a.max_new_tokens))
+            r = rows[-1]
+            print(f"{r['case']}: blend TF {r['blend_tf_agree']:.3f}, rounded KV TF "
+                  f"{r['rounded_kv_tf_agree']:.3f}, misses at margins {r['miss_margins']}",
+                  flush=True)
+        rag.close()
     misses = [m for r in rows for m in r["miss_margins"]]
     every = [m for r in rows for m in r["full_margins"]]
     summary = {
