@@ -9,8 +9,9 @@ blend and full prefill itself with every layer's K/V rounded to the stored dtype
 back. For each position where the blend's top-1 differs from full's token: full's own margin
 between its top-1 and top-2 logits there (nats). A miss at a margin near zero is a near-tie
 of full prefill that any perturbation may flip; a miss at a wide margin is the blend's KV
-steering the answer. One torch thread; the chunks are precomputed first (anchor context, the
-corpus passage picked from the cases, as ``ragkv bench`` does).
+steering the answer. One torch thread, the transformers engine in process (the rounded copy is
+scored from its fused KV); the chunks are precomputed first (anchor context, the corpus
+passage picked from the cases, as ``ragkv bench`` does).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ragkv import metrics
 from ragkv.api import RagKV
 from ragkv.bench import load_cases
 from ragkv.chunking import tokenize_chunk
@@ -51,22 +53,20 @@ def run_case(rag: RagKV, case: dict, dtype: torch.dtype, max_new_tokens: int) ->
     blend = rag.generate(ids, q, mode="blend", keep_kv=True, log_query=False,
                          max_new_tokens=max_new_tokens)
     target = list(full.tokens)
-    engine = full.generation.engine
-    full_rows = engine.score(full.generation.fused, target)
-    blend_rows = engine.score(blend.generation.fused, target)
+    full_rows, blend_rows = full.score(target), blend.score(target)
+    # the rounded copy is scored through the engine itself: in process only
     rounded = copy.copy(full.generation.fused)
     rounded.k = [k.to(dtype).to(k.dtype) for k in rounded.k]
     rounded.v = [v.to(dtype).to(v.dtype) for v in rounded.v]
-    rounded_rows = engine.score(rounded, target)
+    rounded_rows = full.generation.engine.score(rounded, target)
     full.generation.close()
     blend.generation.close()
-    tgt = torch.tensor(target)
-    gap = margins(full_rows)
-    miss = (blend_rows.argmax(-1) != tgt).nonzero().flatten().tolist()
-    n = len(target)
-    return {"case": case["id"], "tokens": n,
-            "blend_tf_agree": 1 - len(miss) / n if n else 1.0,
-            "rounded_kv_tf_agree": float((rounded_rows.argmax(-1) == tgt).float().mean()),
+    gap = margins(torch.stack([r.logits for r in full_rows]))
+    miss = [i for i, (r, t) in enumerate(zip(blend_rows, target, strict=True)) if r.argmax != t]
+    return {"case": case["id"], "tokens": len(target),
+            "blend_tf_agree": metrics.teacher_forced(full_rows, blend_rows, target)["tf_agree"],
+            "rounded_kv_tf_agree": float((rounded_rows.argmax(-1) == torch.tensor(target))
+                                         .float().mean()),
             "miss_margins": [round(gap[i], 4) for i in miss],
             "full_margins": [round(g, 4) for g in gap]}
 
@@ -74,7 +74,8 @@ def run_case(rag: RagKV, case: dict, dtype: torch.dtype, max_new_tokens: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None,
+                    help="first N cases; the anchor passage is then picked from these only")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
