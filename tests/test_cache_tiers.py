@@ -159,3 +159,34 @@ def test_tiny_budgets_never_fail_or_change_answers(tmp_path, seed, engine, memor
     consistent(rag.backend.store)
     ref_rag.index.close()
     rag.index.close()
+
+
+def test_queries_fuse_from_the_memory_tiers_own_tensors_without_changing_them(tmp_path, seed,
+                                                                               engine):
+    """The transformers engine reads memory-tier hits without copying them: no mode, nor
+    decoding or scoring after it, may write into them, and a memory hit answers exactly as
+    the disk hit that filled the tier."""
+    import shutil
+
+    from ragkv.keys import KV_LAYOUT
+
+    shutil.copytree(seed[0], tmp_path / "home")
+    rag = RagKV(make_config(tmp_path / "home", memory_budget_bytes=64 << 20), engine=engine)
+    chunks = [RetrievedChunk(c.token_ids, c.cache_key) for c in rag.index.chunks()][:3]
+    store, fp = rag.backend.store, rag.backend.chunks.fingerprint
+    for mode in ("reuse", "blend"):
+        rag.backend.store.memory.clear()
+        first = rag.generate(chunks, QUESTION, mode=mode, keep_kv=True, max_new_tokens=MAX_NEW)
+        assert {c.tier for c in first.trace.chunks} == {"disk"}
+        keys = [c.key for c in first.trace.chunks]
+        held = [store.memory.get(k, model_fp=fp, layout=KV_LAYOUT, shared=True) for k in keys]
+        before = [{n: t.clone() for n, t in h.items()} for h in held]
+        first.score(first.tokens)
+        again = rag.generate(chunks, QUESTION, mode=mode, keep_kv=True, max_new_tokens=MAX_NEW)
+        again.score(first.tokens)
+        assert {c.tier for c in again.trace.chunks} == {"memory"}
+        assert again.tokens == first.tokens and torch.equal(again.first.logits,
+                                                            first.first.logits)
+        for h, b in zip(held, before, strict=True):
+            assert all(torch.equal(h[n], b[n]) for n in b)
+    rag.index.close()

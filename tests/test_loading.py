@@ -20,7 +20,7 @@ from ragkv.api import RagKV
 from ragkv.config import BlendConfig
 from ragkv.engine.blend import fuse
 from ragkv.engine.kv import ChunkKV
-from ragkv.engine.loading import LayerFeed, LoadingController, Workspace
+from ragkv.engine.loading import LayerFeed, LoadingController, Workspace, WorkspacePool
 from ragkv.engine.policies import POLICIES, SelectionContext, make_policy
 
 
@@ -147,3 +147,77 @@ def test_engine_without_pipelining(tmp_path, engine):
     finally:
         engine.pipelined = None
     assert a.tokens == b.tokens and torch.equal(a.first.logits, b.first.logits)
+
+
+@torch.inference_mode()
+def test_pooled_workspace_is_lent_again_only_once_nothing_references_its_result():
+    """The transformers engine reuses fused buffers across prefills (fresh ones are faulted in
+    page by page), but a result still referenced, even one layer's view of it, keeps its
+    buffers: a later prefill must neither overwrite it nor differ from fresh buffers."""
+    from engine_cases import _Tok, make_case, make_model
+
+    from ragkv.engine.hf import HFEngine
+
+    eng = HFEngine(make_model("llama"), _Tok())
+    cfg = BlendConfig(ratio=0.3, policy="hkvd")
+    a, b = make_case(eng, seed=21), make_case(eng, seed=22, lengths=[30, 25, 33])
+
+    def run(case):
+        return eng.prefill(case.prompt, case.cached, "blend", cfg, case.prompt.prefix_len)
+
+    def ptr(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    eng.workspaces = WorkspacePool(size=0)  # fresh buffers every time: the reference
+    want_a, want_b = run(a), run(b)
+    eng.workspaces = WorkspacePool(size=2)
+    first = run(a)
+    kept = [t.clone() for t in first.k + first.v]
+    second = run(b)  # the first result is alive: its workspace is busy
+    assert ptr(second.k[0]) != ptr(first.k[0])
+    assert all(torch.equal(x, y) for x, y in zip(first.k + first.v, kept, strict=True))
+    third = run(a)  # both pooled workspaces busy: fresh buffers, pool not grown
+    assert ptr(third.k[0]) not in (ptr(first.k[0]), ptr(second.k[0]))
+    for got, want in ((first, want_a), (second, want_b), (third, want_a)):
+        assert torch.equal(got.logits, want.logits)
+        assert all(torch.equal(x, y) for x, y in zip(got.k + got.v, want.k + want.v,
+                                                     strict=True))
+    one_layer, old = first.k[3], ptr(first.k[0])
+    del first, third
+    fourth = run(b)  # a single layer's view still holds the first workspace
+    assert ptr(fourth.k[0]) != old and torch.equal(one_layer, kept[3])
+    del one_layer, fourth
+    fifth = run(b)  # nothing references it any more: lent again, same answer
+    assert ptr(fifth.k[0]) == old
+    assert torch.equal(fifth.logits, want_b.logits)
+    assert all(torch.equal(x, y) for x, y in zip(fifth.k + fifth.v, want_b.k + want_b.v,
+                                                 strict=True))
+
+
+
+def test_pooled_workspaces_under_concurrent_prefills_give_each_its_own_buffers():
+    """Several threads prefilling on one engine at once: no two share a workspace."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine_cases import _Tok, make_case, make_model
+
+    from ragkv.engine.hf import HFEngine
+
+    eng = HFEngine(make_model("llama"), _Tok())
+    cfg = BlendConfig(ratio=0.3, policy="hkvd")
+    with torch.inference_mode():
+        cases = [make_case(eng, seed=30 + i) for i in range(3)]
+    eng.workspaces = WorkspacePool(size=0)
+
+    def run(case):
+        with torch.inference_mode():
+            return eng.prefill(case.prompt, case.cached, "blend", cfg, case.prompt.prefix_len)
+
+    want = [run(c) for c in cases]
+    eng.workspaces = WorkspacePool(size=2)
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(run, cases * 4))
+    for i, g in enumerate(got):
+        w = want[i % 3]
+        assert torch.equal(g.logits, w.logits)
+        assert all(torch.equal(x, y) for x, y in zip(g.k + g.v, w.k + w.v, strict=True))

@@ -13,7 +13,7 @@ from ragkv.config import BlendConfig
 from ragkv.engine.blend import FusedPrefill, compute_span, fuse
 from ragkv.engine.kernels import make_ops
 from ragkv.engine.kv import ChunkKV, torch_dtype
-from ragkv.engine.loading import LoadingController
+from ragkv.engine.loading import LoadingController, WorkspacePool
 from ragkv.engine.plan import plan_prefill
 from ragkv.engine.runner import SUPPORTED, LlamaFamilyRunner
 from ragkv.keys import model_fingerprint
@@ -38,6 +38,8 @@ class HFEngine:
         self.controller = LoadingController()
         #: place cached KV layer by layer behind the compute: None = when it crosses devices
         self.pipelined: bool | None = None
+        #: fused buffers reused across prefills once their results are let go (CPU)
+        self.workspaces = WorkspacePool()
         self.fingerprint = model_fingerprint(model)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
@@ -86,8 +88,10 @@ class HFEngine:
                             [(s, kv.n_tokens) for s, kv in cached], exact_until, mode, blend,
                             self.runner.n_layers)
         ctx, policy = plan.ctx, plan.policy
-        out = fuse(self.runner, ids, cached, ctx, policy, deviation_on=blend.deviation_on,
-                   record=record, pipelined=self.pipelined, correction=plan.correction)
+        with self.workspaces.lease(self.runner.device) as ws:
+            out = fuse(self.runner, ids, cached, ctx, policy, deviation_on=blend.deviation_on,
+                       record=record, pipelined=self.pipelined, workspace=ws,
+                       correction=plan.correction)
         if mode == "blend":
             self.controller.observe(chunk_tokens=ctx.chunk_tokens,
                                     place_s=out.place_s, layer_s=out.layer_s,
