@@ -18,7 +18,13 @@ from engine_cases import (  # noqa: F401 - fixtures are used by name
 )
 
 from ragkv.config import BlendConfig
-from ragkv.engine.correction import ChunkMeanDrift, Correction, chunk_index, make_correction
+from ragkv.engine.correction import (
+    ChunkMeanDrift,
+    Correction,
+    apply_drift,
+    chunk_index,
+    make_correction,
+)
 from ragkv.engine.vllm.params import PARAMS_KEY, FusionParams, ParamsError, Span, fusion_salt, parse
 
 
@@ -100,14 +106,39 @@ def test_chunk_mean_drift_by_hand():
     anchors = torch.tensor([1, 5])  # chunk 0 and chunk 1 each have one recomputed token
     dk = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # [H=1, n=2, D=2]
     dv = -dk
-    stale = torch.tensor([2, 3, 6, 7, 8])
-    k, v = ChunkMeanDrift(strength=0.5).drift(dk, dv, anchors, chunk_of, stale)
-    want = torch.tensor([[[0.5, 1.0], [0.5, 1.0], [1.5, 2.0], [0.0, 0.0], [0.0, 0.0]]])
+    k, v = ChunkMeanDrift(strength=0.5).drift(dk, dv, anchors, chunk_of, 3)
+    want = torch.tensor([[[0.5, 1.0], [1.5, 2.0], [0.0, 0.0]]])  # [H, chunks, D]
     assert torch.equal(k, want) and torch.equal(v, -want)  # chunk 2: no anchor, no move
     two = torch.tensor([[[1.0, 0.0], [3.0, 0.0]]])
-    k2, _ = ChunkMeanDrift(strength=1.0).drift(two, two, torch.tensor([1, 2]), chunk_of, stale)
-    assert torch.equal(k2[0, :2], torch.tensor([[2.0, 0.0], [2.0, 0.0]]))  # the mean, not sum
-    assert Correction().drift(dk, dv, anchors, chunk_of, stale) is None
+    k2, _ = ChunkMeanDrift(strength=1.0).drift(two, two, torch.tensor([1, 2]), chunk_of, 3)
+    assert torch.equal(k2[0], torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))  # the mean
+    assert Correction().drift(dk, dv, anchors, chunk_of, 3) is None
+
+
+def test_applied_drift_is_the_drift_rotated_to_each_position_of_its_span():
+    """Whole spans move, each key by its chunk's drift rotated to its own position (the
+    rotate-half RoPE of the drift added to the rotated key); outside spans nothing moves."""
+    g = torch.Generator().manual_seed(3)
+    H, T, D = 2, 12, 8
+    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    mk, mv = torch.randn(H, 2, D, generator=g), torch.randn(H, 2, D, generator=g)
+    ang = torch.randn(T, D // 2, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    spans = [(1, 5), (6, 11)]
+    k2, v2 = k.clone(), v.clone()
+    apply_drift(k2, v2, (mk, mv), spans, cos, sin)
+
+    def rope(x, pos):
+        half = torch.cat([-x[..., D // 2:], x[..., :D // 2]], -1)
+        return x * cos[pos] + half * sin[pos]
+
+    for p in range(T):
+        chunk = next((i for i, (s, e) in enumerate(spans) if s <= p < e), None)
+        if chunk is None:
+            assert torch.equal(k2[:, p], k[:, p]) and torch.equal(v2[:, p], v[:, p])
+            continue
+        assert torch.allclose(k2[:, p], k[:, p] + rope(mk[:, chunk], p), atol=1e-6)
+        assert torch.allclose(v2[:, p], v[:, p] + mv[:, chunk], atol=1e-6)
 
 
 def test_config_names_the_correction():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ragkv.engine.correction import Correction, chunk_index
+from ragkv.engine.correction import Correction, apply_drift, chunk_index
 from ragkv.engine.kernels import TorchOps
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.loading import LayerClock, LayerFeed, Workspace
@@ -95,7 +95,8 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     h = runner.embed(ids[active])
     correct = correction is not None and correction.name != "none" and bool(ctx.chunk_spans)
     chunk_of = chunk_index(T, ctx.chunk_spans, dev) if correct else None
-    stale = anchors = None  # chunk positions served from the cache / recomputed, per active set
+    chunk_tokens = sum(e - s for s, e in ctx.chunk_spans)
+    anchors = None  # indices into the active set of its chunk positions
     counts: list[int] = []
     sets: list[torch.Tensor] = []
     checks = set(policy.check_layers)
@@ -108,16 +109,17 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
             d = deviation(ops, k, v, k_pre[layer], v_buf[layer], active, deviation_on)
         drift = None
         if chunk_of is not None:
-            if stale is None:
-                stale, anchors = _stale_and_anchors(chunk_of, active)
-            if stale.numel() and anchors.numel():  # pre-RoPE: rotate_qk may rotate in place
+            if anchors is None:
+                anchors = (chunk_of[active] >= 0).nonzero().flatten()
+            # some chunk token keeps cached KV, and some was recomputed to show the drift
+            if 0 < anchors.numel() < chunk_tokens:  # pre-RoPE: rotate_qk may rotate in place
                 a = active[anchors]
                 drift = correction.drift(k[:, anchors] - k_pre[layer][:, a],
-                                         v[:, anchors] - v_buf[layer][:, a], a, chunk_of, stale)
+                                         v[:, anchors] - v_buf[layer][:, a], a, chunk_of,
+                                         len(ctx.chunk_spans))
         q, k = runner.rotate_qk(q, k, active, cos, sin)
         if drift is not None:
-            k_buf[layer].index_add_(1, stale, ops.rope(drift[0], cos, sin, stale))
-            v_buf[layer].index_add_(1, stale, drift[1])
+            apply_drift(k_buf[layer], v_buf[layer], drift, ctx.chunk_spans, cos, sin)
         # Fresh KV of every computed token replaces the cached entry, dropped or not.
         k_buf[layer].index_copy_(1, active, k)
         v_buf[layer].index_copy_(1, active, v)
@@ -129,7 +131,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
             keep = policy.select(layer, ctx, active, d)
             if not bool(keep.all()):
                 active, q, h = active[keep], q[:, keep], h[keep]
-                stale = None
+                anchors = None
         plain_causal = active.numel() == T
         out = runner.attend(q, k_buf[layer], v_buf[layer], None if plain_causal else active,
                            layer=layer)
@@ -143,16 +145,6 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     return FusedPrefill(list(k_buf.unbind(0)), list(v_buf.unbind(0)), logits, counts,
                         active.cpu(), sets, layer_s=clock.seconds(), place_s=place_s,
                         guard_tokens=policy.raised)
-
-
-def _stale_and_anchors(chunk_of: torch.Tensor,
-                       active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunk positions not in ``active`` (sorted), and the indices into ``active`` of those
-    that are chunk positions."""
-    in_chunk = chunk_of >= 0
-    computed = torch.zeros_like(in_chunk)
-    computed[active] = True
-    return (in_chunk & ~computed).nonzero().flatten(), in_chunk[active].nonzero().flatten()
 
 
 def compute_span(runner: LlamaFamilyRunner, ids: torch.Tensor,

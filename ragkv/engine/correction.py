@@ -26,15 +26,14 @@ class Correction:
     name: str = "none"
 
     def drift(self, dk: torch.Tensor, dv: torch.Tensor, anchors: torch.Tensor,
-              chunk_of: torch.Tensor, stale: torch.Tensor,
+              chunk_of: torch.Tensor, n_chunks: int,
               ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Estimated (K, V) drift ``[kv_heads, len(stale), head_dim]`` of the ``stale``
-        positions, or None to leave them as cached.
+        """Estimated pre-RoPE (K, V) drift of each chunk's cached tokens, ``[kv_heads,
+        n_chunks, head_dim]`` each, or None to leave them as cached.
 
         dk, dv: fresh - cached pre-RoPE K and V of the recomputed chunk tokens, ``[kv_heads,
         n, head_dim]``; anchors: their positions ``[n]``; chunk_of: chunk index of every
-        prompt position ``[T]`` (-1 outside chunks); stale: sorted positions ``[s]`` of chunk
-        tokens that keep cached KV at this layer.
+        prompt position ``[T]`` (-1 outside chunks).
         """
         return None
 
@@ -47,22 +46,39 @@ class ChunkMeanDrift(Correction):
     name: str = "chunk_mean"
     strength: float = 0.75
 
-    def drift(self, dk, dv, anchors, chunk_of, stale):
-        chunks = int(chunk_of.max()) + 1
-        if anchors.numel() == 0 or chunks <= 0:
+    def drift(self, dk, dv, anchors, chunk_of, n_chunks):
+        if anchors.numel() == 0 or n_chunks <= 0:
             return None
         slot = chunk_of[anchors]
-        count = torch.zeros(chunks, device=dk.device).index_add_(
+        count = torch.zeros(n_chunks, device=dk.device).index_add_(
             0, slot, torch.ones_like(slot, dtype=torch.float32))
-        scale = self.strength / count.clamp(min=1)
-        mean_k = dk.new_zeros(dk.shape[0], chunks, dk.shape[2], dtype=torch.float32)
+        scale = self.strength / count.clamp(min=1)  # no anchors: a zero mean, no move
+        mean_k = dk.new_zeros(dk.shape[0], n_chunks, dk.shape[2], dtype=torch.float32)
         mean_v = torch.zeros_like(mean_k)
         mean_k.index_add_(1, slot, dk.float())
         mean_v.index_add_(1, slot, dv.float())
         mean_k *= scale[None, :, None]
         mean_v *= scale[None, :, None]
-        at = chunk_of[stale]  # chunks without anchors have a zero mean: no move
-        return mean_k[:, at].to(dk.dtype), mean_v[:, at].to(dv.dtype)
+        return mean_k.to(dk.dtype), mean_v.to(dv.dtype)
+
+
+def apply_drift(k: torch.Tensor, v: torch.Tensor, drift: tuple[torch.Tensor, torch.Tensor],
+                spans: list[tuple[int, int]], cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Add each chunk's drift (pre-RoPE, ``[kv_heads, chunks, head_dim]``) to every position
+    of its span in one layer's rotated keys ``k`` and values ``v`` ``[kv_heads, T, head_dim]``,
+    the key drift rotated to each position (RoPE is linear: rope(x + d) = rope(x) + rope(d);
+    Llama's rotate-half convention, tables ``cos/sin [T, head_dim]``).
+
+    Recomputed positions are moved too: the caller overwrites them with their fresh KV next.
+    Whole spans are contiguous slices, added in place; gathering the stale positions and
+    scattering them back cost ~3 ms a layer on a 2k-token prompt, against well under 1 here.
+    """
+    mk, mv = drift
+    h = mk.shape[-1] // 2
+    rk = torch.cat([-mk[..., h:], mk[..., :h]], dim=-1)  # rotate_half of the drift
+    for i, (s, e) in enumerate(spans):
+        k[:, s:e].addcmul_(mk[:, i, None], cos[s:e]).addcmul_(rk[:, i, None], sin[s:e])
+        v[:, s:e].add_(mv[:, i, None])
 
 
 CORRECTIONS: dict[str, type[Correction]] = {"none": Correction, "chunk_mean": ChunkMeanDrift}
