@@ -3,6 +3,8 @@ same prefill as placing everything first, and ``ratio="auto"`` must follow the m
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from api_cases import (  # noqa: F401 - fixtures are used by name
@@ -14,11 +16,12 @@ from api_cases import (  # noqa: F401 - fixtures are used by name
     seed,
     three_chunks,
 )
-from engine_cases import MODELS, _case, _engine
+from engine_cases import MODELS, _case, _engine, _Tok, make_case, make_model
 
 from ragkv.api import RagKV
 from ragkv.config import BlendConfig
 from ragkv.engine.blend import fuse
+from ragkv.engine.hf import HFEngine
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.loading import LayerFeed, LoadingController, Workspace, WorkspacePool
 from ragkv.engine.policies import POLICIES, SelectionContext, make_policy
@@ -154,10 +157,6 @@ def test_pooled_workspace_is_lent_again_only_once_nothing_references_its_result(
     """The transformers engine reuses fused buffers across prefills (fresh ones are faulted in
     page by page), but a result still referenced, even one layer's view of it, keeps its
     buffers: a later prefill must neither overwrite it nor differ from fresh buffers."""
-    from engine_cases import _Tok, make_case, make_model
-
-    from ragkv.engine.hf import HFEngine
-
     eng = HFEngine(make_model("llama"), _Tok())
     cfg = BlendConfig(ratio=0.3, policy="hkvd")
     a, b = make_case(eng, seed=21), make_case(eng, seed=22, lengths=[30, 25, 33])
@@ -194,15 +193,9 @@ def test_pooled_workspace_is_lent_again_only_once_nothing_references_its_result(
                                                  strict=True))
 
 
-
 def test_pooled_workspaces_under_concurrent_prefills_give_each_its_own_buffers():
-    """Several threads prefilling on one engine at once: no two share a workspace."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from engine_cases import _Tok, make_case, make_model
-
-    from ragkv.engine.hf import HFEngine
-
+    """Several threads prefilling on one engine at once each get the reference result (two
+    sharing a workspace would overwrite each other's KV)."""
     eng = HFEngine(make_model("llama"), _Tok())
     cfg = BlendConfig(ratio=0.3, policy="hkvd")
     with torch.inference_mode():

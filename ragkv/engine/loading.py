@@ -46,7 +46,6 @@ class Workspace:
             buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(shape)
 
-
     def idle(self) -> bool:
         """Whether nothing outside this workspace references its buffers (no result's views
         are alive). False where torch cannot tell."""
