@@ -66,11 +66,15 @@ class WorkerFusion:
              ) -> tuple[ChunkKV, str | None]:
         """``past``: what a miss is prefilled after (asked only on a miss)."""
         r = self.runner
-        # read only: placed into the fused buffers, or read as the past of a missing chunk
+        # read only: placed into the fused buffers, or read as the past of a missing chunk;
+        # both convert to the model's dtype as they copy (a conversion here cost a fresh copy
+        # of every chunk on every request with fp16 storage)
         kv, tier = self.chunks.get_or_compute(
             key, len(ids), lambda: compute_span(r, torch.tensor(ids, device=r.device), past()),
             shared=True)
-        return kv.to(r.device, r.dtype), tier
+        if kv.k.device != r.device:
+            kv = kv.to(r.device, kv.k.dtype)
+        return kv, tier
 
     # ---- the fused prefill ------------------------------------------------------------
     def fuse(self, ids: list[int], p: FusionParams, trace: dict[str, Any],
