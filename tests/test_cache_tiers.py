@@ -175,7 +175,7 @@ def test_queries_fuse_from_the_memory_tiers_own_tensors_without_changing_them(tm
     chunks = [RetrievedChunk(c.token_ids, c.cache_key) for c in rag.index.chunks()][:3]
     store, fp = rag.backend.store, rag.backend.chunks.fingerprint
     for mode in ("reuse", "blend"):
-        rag.backend.store.memory.clear()
+        store.memory.clear()
         first = rag.generate(chunks, QUESTION, mode=mode, keep_kv=True, max_new_tokens=MAX_NEW)
         assert {c.tier for c in first.trace.chunks} == {"disk"}
         keys = [c.key for c in first.trace.chunks]

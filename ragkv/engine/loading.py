@@ -85,7 +85,7 @@ class WorkspacePool:
     def __init__(self, size: int = 2) -> None:
         self.size = size
         self._pool: list[Workspace] = []
-        self._lent: set[int] = set()
+        self._lent: set[Workspace] = set()
         self._lock = threading.Lock()
 
     @contextmanager
@@ -95,24 +95,23 @@ class WorkspacePool:
         ws = None
         if device.type == "cpu" and _LONE is not None:
             with self._lock:
-                ws = next((w for w in self._pool if id(w) not in self._lent and w.idle()),
-                          None)
+                ws = next((w for w in self._pool if w not in self._lent and w.idle()), None)
                 if ws is None and len(self._pool) < self.size:
                     ws = Workspace()
                     self._pool.append(ws)
                 if ws is not None:
-                    self._lent.add(id(ws))
+                    self._lent.add(ws)
         try:
             yield ws
         finally:
             if ws is not None:
                 with self._lock:
-                    self._lent.discard(id(ws))
+                    self._lent.discard(ws)
 
     def clear(self) -> None:
         """Let go of the workspaces (results still referenced keep their memory)."""
         with self._lock:
-            self._pool = [w for w in self._pool if id(w) in self._lent]
+            self._pool = [w for w in self._pool if w in self._lent]
 
 
 def _fresh(name: str, shape: tuple[int, ...], dtype: torch.dtype,
