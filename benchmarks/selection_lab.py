@@ -41,6 +41,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "q_L2_k_r12": ("blend", {"check_layers": (2,), "ratio": 0.12}),
     "q_L2_k_r10": ("blend", {"check_layers": (2,), "ratio": 0.10}),
     "q_L1_k_nocorr": ("blend", {"correction": "none"}),
+    # a preselection at layer 1 spares most of layer 1's compute before the check at layer 2
+    "q_L12_k_r12": ("blend", {"check_layers": (1, 2), "ratio": 0.12}),
+    "q_L12_k_r12_s3": ("blend", {"check_layers": (1, 2), "ratio": 0.12, "start_factor": 3.0}),
+    "q_L12_k_r15": ("blend", {"check_layers": (1, 2), "ratio": 0.15}),
 }
 
 

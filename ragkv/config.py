@@ -54,9 +54,11 @@ class BlendConfig:
         ``gradual``, ``chunk_head``, ``hkvd+head``); the default was chosen by the benchmarks
         in ``benchmarks/results/`` (best first-token KL with TTFT >= 4.5x lower, both sets).
     check_layers: layers at which deviation is measured; layers before the first are computed
-        for every token (with the default, layers 0 and 1, and layer 2's projections).
-        ``gradual`` narrows the selection over all of them. A model with fewer layers checks
-        at its last one.
+        for every token (with the default, layers 0 and 1, and layer 2's projections). With
+        several, the deviation policies narrow the selection over them: the first keeps
+        ``start_factor`` times ``ratio``, the last ``ratio`` (``gradual`` widens one given
+        layer to four). A model with fewer layers checks at its last one.
+    start_factor: see ``check_layers``.
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
     correction: how the KV of tokens not recomputed is corrected at each layer: ``chunk_mean``
@@ -83,6 +85,7 @@ class BlendConfig:
     coverage: float | None = None
     max_ratio: float = 0.5
     floor_ratio: float | None = None
+    start_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
@@ -110,6 +113,9 @@ class BlendConfig:
         if (isinstance(self.max_ratio, bool) or not isinstance(self.max_ratio, int | float)
                 or not 0.0 <= self.max_ratio <= 1.0):
             raise ValueError(f"max_ratio must be within [0, 1], got {self.max_ratio!r}")
+        if (isinstance(self.start_factor, bool) or not isinstance(self.start_factor, int | float)
+                or self.start_factor < 1.0):
+            raise ValueError(f"start_factor must be a number >= 1, got {self.start_factor!r}")
         if self.floor_ratio is not None and (
                 isinstance(self.floor_ratio, bool) or not isinstance(self.floor_ratio, int | float)
                 or not 0.0 <= self.floor_ratio <= 1.0):

@@ -72,13 +72,26 @@ def test_base_policy_keeps_every_active_position():
     assert n == 100 and kept.tolist() == ctx.all_uncached_and_chunks().tolist()
 
 
-def test_hkvd_keeps_the_budgets_largest_deviations_at_its_first_layer():
-    policy = HKVD(layers=(2, 3))
+def test_hkvd_keeps_the_budgets_largest_deviations_at_its_check_layer():
+    policy = HKVD(layers=(2,))
     assert policy.check_layers == (2,)
     ctx = make_ctx(0.15)
     assert policy.initial(ctx).tolist() == list(range(5, 110))
     n, kept = kept_chunk_tokens(policy, ctx, 2)
     assert n == 15 and kept.tolist() == [*range(90, 105), *range(105, 110)]
+
+
+@pytest.mark.parametrize("cls", [HKVD, QueryAwareHKVD, HKVDWithHeads])
+def test_deviation_policies_narrow_over_several_check_layers(cls):
+    """A wider preselection at the first check layer, the ratio at the last."""
+    policy = cls(layers=(1, 2), start_factor=2.5, head_tokens=0) if cls is HKVDWithHeads \
+        else cls(layers=(1, 2), start_factor=2.5)
+    assert policy.check_layers == (1, 2)
+    ctx = make_ctx(0.12)
+    assert [kept_chunk_tokens(policy, ctx, layer)[0] for layer in (1, 2)] == [30, 12]
+    cfg = BlendConfig(policy=cls.name, check_layers=(2, 1), start_factor=3.0)
+    assert make_policy(cfg, 30).check_layers == (1, 2)
+    assert make_policy(cfg, 30).start_factor == 3.0
 
 
 @pytest.mark.parametrize(("ratio", "layers", "budgets"), [
@@ -118,10 +131,10 @@ def test_hkvd_with_heads_spends_the_budget_on_heads_first():
     assert torch.isin(torch.arange(96, 105), kept).all()
     # More heads than budget: every head, nothing else.
     n, kept = kept_chunk_tokens(HKVDWithHeads(head_tokens=10), make_ctx(0.05, spans=(
-        (5, 55), (55, 105))), 1)
+        (5, 55), (55, 105))), 2)
     assert n == 20 and kept.tolist() == [*range(5, 15), *range(55, 65), *range(105, 110)]
     # No chunk past the exact part: only the forced positions.
-    n, kept = kept_chunk_tokens(HKVDWithHeads(), make_ctx(0.15, spans=(), n_tokens=10), 1)
+    n, kept = kept_chunk_tokens(HKVDWithHeads(), make_ctx(0.15, spans=(), n_tokens=10), 2)
     assert n == 0 and kept.tolist() == list(range(5, 10))
 
 
@@ -190,7 +203,7 @@ def test_make_policy_at_ratio_one_computes_everything_whatever_the_check_layers(
     with pytest.raises(ValueError, match="check layer 4 does not exist"):
         make_policy(BlendConfig(ratio=0.5, policy="hkvd", check_layers=(1, 4)), 4)
     assert make_policy(BlendConfig(ratio=0.5, policy="hkvd", check_layers=(1, 3)),
-                       4).check_layers == (1,)
+                       4).check_layers == (1, 3)
 
 
 # ---- fuse ----------------------------------------------------------------------------------

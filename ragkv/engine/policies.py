@@ -143,14 +143,30 @@ class HKVD(SelectionPolicy):
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return cls(layers=cfg.check_layers, coverage=cfg.coverage, max_ratio=cfg.max_ratio,
-                   floor_ratio=cfg.floor_ratio)
+                   floor_ratio=cfg.floor_ratio, start_factor=cfg.start_factor)
+
+    #: with several check layers, the first keeps this multiple of ``ratio``, narrowed
+    #: linearly to ``ratio`` at the last (the paper's gradual filtering)
+    start_factor: float = 2.0
 
     @property
     def check_layers(self) -> tuple[int, ...]:
-        return self.layers[:1]
+        return self.layers
 
     def initial(self, ctx: SelectionContext) -> torch.Tensor:
         return ctx.all_uncached_and_chunks()
+
+    def final(self, layer: int) -> bool:
+        """Whether ``layer`` makes the final selection (where the guard judges it)."""
+        return layer not in self.layers[:-1]
+
+    def ratio_at(self, layer: int, ratio: float) -> float:
+        """The share of chunk tokens kept at check layer ``layer`` (``ratio`` at the last)."""
+        if self.final(layer):
+            return ratio
+        m, j = len(self.layers), self.layers.index(layer)
+        start = min(1.0, self.start_factor * ratio)
+        return ratio + (start - ratio) * (m - 1 - j) / max(1, m - 1)
 
     def guarded(self, ctx: SelectionContext, active: torch.Tensor, deviation: torch.Tensor,
                 must: torch.Tensor, budget: int, reserved: int = 0) -> int:
@@ -170,36 +186,28 @@ class HKVD(SelectionPolicy):
 
     def select(self, layer, ctx, active, deviation):
         must = ctx.forced_positions()
-        budget = self.guarded(ctx, active, deviation, must, ctx.budget())
+        budget = ctx.budget(self.ratio_at(layer, ctx.ratio))
+        if self.final(layer):  # the guard judges the final selection only
+            budget = self.guarded(ctx, active, deviation, must, budget)
         return _keep_top(ctx, active, deviation, must, budget)
 
 
 @register
 @dataclass
 class GradualFilter(HKVD):
-    """The paper's gradual filtering: a wider selection at the first check layer, narrowed at
-    each following one down to the ratio at the last (budgets interpolate linearly)."""
+    """The paper's gradual filtering with its four check layers: one check layer given is
+    widened to it and the three after it (every deviation policy narrows over the check
+    layers it is given)."""
 
     name: str = "gradual"
     layers: tuple[int, ...] = (1, 2, 3, 4)
-    start_factor: float = 2.0
 
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         layers = cfg.check_layers
         c = layers[0]
-        return cls(layers=layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers))))
-
-    @property
-    def check_layers(self) -> tuple[int, ...]:
-        return self.layers
-
-    def select(self, layer, ctx, active, deviation):
-        m = len(self.layers)
-        j = self.layers.index(layer)
-        start = min(1.0, self.start_factor * ctx.ratio)
-        ratio = ctx.ratio + (start - ctx.ratio) * (m - 1 - j) / max(1, m - 1)
-        return _keep_top(ctx, active, deviation, ctx.forced_positions(), ctx.budget(ratio))
+        return cls(layers=layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers))),
+                   start_factor=cfg.start_factor)
 
 
 @register
@@ -227,14 +235,16 @@ class HKVDWithHeads(HKVD):
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return cls(layers=cfg.check_layers, head_tokens=cfg.head_tokens,
-                   coverage=cfg.coverage, max_ratio=cfg.max_ratio, floor_ratio=cfg.floor_ratio)
+                   coverage=cfg.coverage, max_ratio=cfg.max_ratio, floor_ratio=cfg.floor_ratio,
+                   start_factor=cfg.start_factor)
 
     def select(self, layer, ctx, active, deviation):
         heads = ctx.heads(self.head_tokens)
         must = torch.cat([ctx.forced_positions(), heads])
-        budget = max(0, ctx.budget() - len(heads))
-        return _keep_top(ctx, active, deviation, must,
-                         self.guarded(ctx, active, deviation, must, budget, len(heads)))
+        budget = max(0, ctx.budget(self.ratio_at(layer, ctx.ratio)) - len(heads))
+        if self.final(layer):
+            budget = self.guarded(ctx, active, deviation, must, budget, len(heads))
+        return _keep_top(ctx, active, deviation, must, budget)
 
 
 @register
