@@ -68,7 +68,7 @@ test-vllm: $(VENV)/.installed model vllm-install
 # precompute, the KV correction: the default) at five ratios on both public sets; then the
 # precompute contexts' comparison (published at check layer 1); then the frontier.
 BENCH_GRID = --modes full,reuse,blend --ratios 0.05,0.1,0.12,0.15,0.3 --policies qhkvd \
-	--check-layers 2 --contexts anchor --corrections chunk_mean
+	--check-layers 2 --contexts anchor --corrections local_mean,chunk_mean
 bench: $(VENV)/.installed model
 	$(VENV)/bin/ragkv bench --cases $(CASES) $(BENCH_GRID) --out benchmarks/results/pydoc_main.json
 	$(VENV)/bin/ragkv bench --cases $(PROSE) $(BENCH_GRID) --out benchmarks/results/prose_main.json

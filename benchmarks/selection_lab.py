@@ -2,13 +2,15 @@
 (policy, check layer, what the deviation is measured on, the correction), blend 0.15, against
 full prefill on every other case of a public set.
 
-    python benchmarks/selection_lab.py pydoc [--variants reuse,q_L1_k,...] [--threads 1]
+    python benchmarks/selection_lab.py pydoc [--variants reuse,q_L1_k,...] [--threads 1] [--odd]
 
-Each variant changes one setting of the default (``qhkvd``, check layer 1, deviation on K,
-``chunk_mean`` 0.75). The cases are the set's even-numbered ones (the odd ones are left to
-confirm a choice); the anchor passage is picked from the whole set's chunks, as ``ragkv bench``
-does. Writes ``benchmarks/results/selection_lab_<set>.json`` (or ``--out``): per variant the median
-first-token KL, mean teacher-forced agreement and median TTFT ratio, and every case's record.
+Each variant changes settings of the default of its time (``qhkvd``, check layer 1, deviation
+on K, ``chunk_mean`` 0.75); the ``r12_*`` variants compare corrections at the check-layer-2
+default. The cases are the set's even-numbered ones (``--odd``: the odd ones, left to confirm
+a choice); the anchor passage is picked from the whole set's chunks, as ``ragkv bench`` does.
+Writes ``benchmarks/results/selection_lab_<set>.json`` (or ``--out``): per variant the median
+first-token KL, mean teacher-forced agreement and median teacher-forced KL, median TTFT ratio,
+and every case's record.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "q_L12_k_r12": ("blend", {"check_layers": (1, 2), "ratio": 0.12}),
     "q_L12_k_r12_s3": ("blend", {"check_layers": (1, 2), "ratio": 0.12, "start_factor": 3.0}),
     "q_L12_k_r15": ("blend", {"check_layers": (1, 2), "ratio": 0.15}),
+    # the correction at the check-layer-2 default: the chunk's mean drift, or a mix of it with
+    # the mean drift of the recomputed tokens within a window of positions
+    "r12_mean": ("blend", {"check_layers": (2,), "ratio": 0.12, "correction": "chunk_mean"}),
+    **{f"r12_local{w}": ("blend", {"check_layers": (2,), "ratio": 0.12,
+                                   "correction": "local_mean", "correction_window": w,
+                                   "correction_mix": 0.5}) for w in (8, 16, 32)},
+    "r12_local32_m75": ("blend", {"check_layers": (2,), "ratio": 0.12,
+                                  "correction": "local_mean", "correction_window": 32,
+                                  "correction_mix": 0.75}),
 }
 
 
@@ -52,6 +63,7 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict]:
     return {name: {"n": len(rs),
                    "first_token_kl_median": statistics.median(r["first_token_kl"] for r in rs),
                    "tf_agree_mean": statistics.mean(r["tf_agree"] for r in rs),
+                   "tf_kl_median": statistics.median(r["tf_kl"] for r in rs),
                    "first_token_agree": statistics.mean(r["first_token_agree"] for r in rs),
                    "speedup_median": statistics.median(r["speedup"] for r in rs)}
             for name, rs in rows.items() if rs}
@@ -62,6 +74,8 @@ def main() -> None:
     ap.add_argument("set", choices=("pydoc", "prose"))
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--odd", action="store_true",
+                    help="the odd-numbered cases (to confirm a choice made on the even ones)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=None,
                     help="default: benchmarks/results/selection_lab_<set>.json")
@@ -72,7 +86,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     every = load_cases(ROOT / "benchmarks" / "cases" / f"{args.set}.jsonl")
-    cases = every[::2]
+    cases = every[1::2] if args.odd else every[::2]
     home = Path(tempfile.mkdtemp(prefix="ragkv-selection-"))
     (home / "models").symlink_to(default_home() / "models")
     rag = RagKV(RagkvConfig(home=home))
@@ -100,9 +114,11 @@ def main() -> None:
     summary = summarize(rows)
     for name, s in summary.items():
         print(f"{args.set} {name}: KL {s['first_token_kl_median']:.4f} "
-              f"TF {s['tf_agree_mean']:.3f} x{s['speedup_median']:.2f}")
+              f"TF {s['tf_agree_mean']:.3f} TF KL {s['tf_kl_median']:.4f} "
+              f"x{s['speedup_median']:.2f}")
     out = args.out or ROOT / "benchmarks" / "results" / f"selection_lab_{args.set}.json"
-    out.write_text(json.dumps({"set": args.set, "cases": [c["id"] for c in cases],
+    out.write_text(json.dumps({"set": args.set, "half": "odd" if args.odd else "even",
+                               "cases": [c["id"] for c in cases],
                                "default": {k: list(v) if isinstance(v, tuple) else v
                                            for k, v in DEFAULT.items()},
                                "threads": args.threads, "summary": summary, "rows": rows},

@@ -34,7 +34,7 @@ class BenchSpec:
     contexts: list[str] = field(default_factory=lambda: ["anchor"])
     check_layers: tuple[int, ...] = DEFAULT_CHECK_LAYERS
     deviation_on: str = "k"
-    corrections: list[str] = field(default_factory=lambda: ["chunk_mean"])
+    corrections: list[str] = field(default_factory=lambda: [BlendConfig.correction])
     correction_strength: float = BlendConfig.correction_strength
     coverage: float | None = None
     floor_ratio: float | None = None

@@ -29,7 +29,14 @@ from ragkv.cli_shared import (
     progress_bar,
     run_engine,
 )
-from ragkv.config import DEFAULT_CHECK_LAYERS, DEFAULT_RATIO, MODES, BlendConfig, default_home
+from ragkv.config import (
+    CORRECTIONS,
+    DEFAULT_CHECK_LAYERS,
+    DEFAULT_RATIO,
+    MODES,
+    BlendConfig,
+    default_home,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Precomputed chunk KV + CacheBlend fusion for RAG.")
@@ -174,7 +181,8 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           check_layers: str = ",".join(map(str, DEFAULT_CHECK_LAYERS)),
           deviation_on: str = "k",
           corrections: Annotated[str, typer.Option(
-              help="blend KV corrections to compare: chunk_mean, none")] = "chunk_mean",
+              help=f"blend KV corrections to compare: {', '.join(CORRECTIONS)}")
+          ] = BlendConfig.correction,
           correction_strength: float = BlendConfig.correction_strength,
           coverage: Annotated[float | None, typer.Option(
               help="quality guard: share of deviation mass the recomputed tokens must "

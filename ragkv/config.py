@@ -15,7 +15,7 @@ Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
 PrecomputeContext = Literal["cold", "prefix", "anchor"]
 #: corrections of the KV the blend keeps from the cache (``ragkv.engine.correction``)
-CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean")
+CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean", "local_mean")
 #: in-process engines by name; any http(s):// URL names a served vLLM
 ENGINES: tuple[str, ...] = ("hf", "vllm")
 #: the blend's default budget and check layer, chosen on the even cases of both public sets
@@ -63,7 +63,9 @@ class BlendConfig:
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
     correction: how the KV of tokens not recomputed is corrected at each layer: ``chunk_mean``
         moves it by ``correction_strength`` times the mean drift (fresh - cached) of its
-        chunk's recomputed tokens (:mod:`ragkv.engine.correction`); ``none`` keeps it as cached.
+        chunk's recomputed tokens (:mod:`ragkv.engine.correction`); ``local_mean`` by a mix
+        of the mean drift of the recomputed tokens within ``correction_window`` positions of
+        it (share ``correction_mix``) and its chunk's mean drift; ``none`` keeps it as cached.
     coverage: the quality guard of the deviation policies (``hkvd``, ``qhkvd``, ``hkvd+head``):
         where the tokens ``ratio`` allows hold less than this share of the check layer's
         deviation mass, more are recomputed until they do, up to ``max_ratio``; the trace
@@ -80,8 +82,10 @@ class BlendConfig:
     check_layers: tuple[int, ...] = DEFAULT_CHECK_LAYERS
     deviation_on: Literal["k", "v", "kv"] = "k"
     head_tokens: int = 4
-    correction: str = "chunk_mean"
+    correction: str = "local_mean"
     correction_strength: float = 0.75
+    correction_window: int = 16
+    correction_mix: float = 0.5
     coverage: float | None = None
     max_ratio: float = 0.5
     floor_ratio: float | None = None
@@ -107,6 +111,15 @@ class BlendConfig:
                 or not 0.0 <= self.correction_strength <= 2.0):
             raise ValueError(f"correction_strength must be a number within [0, 2], got "
                              f"{self.correction_strength!r}")
+        if (isinstance(self.correction_window, bool) or not isinstance(self.correction_window, int)
+                or self.correction_window < 0):
+            raise ValueError(f"correction_window must be a whole number of tokens >= 0, got "
+                             f"{self.correction_window!r}")
+        if (isinstance(self.correction_mix, bool)
+                or not isinstance(self.correction_mix, int | float)
+                or not 0.0 <= self.correction_mix <= 1.0):
+            raise ValueError(f"correction_mix must be a number within [0, 1], got "
+                             f"{self.correction_mix!r}")
         if self.coverage is not None and (isinstance(self.coverage, bool) or not isinstance(
                 self.coverage, int | float) or not 0.0 < self.coverage <= 1.0):
             raise ValueError(f"coverage must be within (0, 1] or None, got {self.coverage!r}")

@@ -21,6 +21,8 @@ from ragkv.config import BlendConfig
 from ragkv.engine.correction import (
     ChunkMeanDrift,
     Correction,
+    LocalMeanDrift,
+    PositionDrift,
     apply_drift,
     chunk_index,
     make_correction,
@@ -71,6 +73,86 @@ def test_stale_tokens_move_by_their_chunks_mean_drift(engine, case, strength):
             assert (k_rot[:, stale] - want_k).abs().max() < TOL, layer
             moved += int(dv.abs().max() > 1e-3)
     assert moved, "the recomputed tokens showed no drift: the check above proves nothing"
+
+
+def _local_mean_by_hand(d: torch.Tensor, anchors: torch.Tensor, pos: int, span: tuple[int, int],
+                        window: int, strength: float, mix: float) -> torch.Tensor:
+    """What ``local_mean`` moves position ``pos`` of ``span`` by, from the drifts ``d [H, n,
+    D]`` of the recomputed positions ``anchors`` (all of the span), spelled out."""
+    s, e = span
+    near = [j for j, a in enumerate(anchors.tolist()) if s <= a < e and abs(a - pos) <= window]
+    mean = strength * d.mean(1)
+    local = strength * d[:, near].mean(1) if near else mean
+    return mix * local + (1 - mix) * mean
+
+
+@pytest.mark.parametrize(("window", "mix"), [(2, 0.5), (6, 1.0)])
+def test_stale_tokens_move_by_their_neighbourhoods_drift_with_local_mean(engine, case, window,
+                                                                       mix):
+    cfg = BlendConfig(ratio=0.3, policy="hkvd", correction="local_mean", correction_strength=0.8,
+                      correction_window=window, correction_mix=mix)
+    out = blend(engine, case, cfg)
+    r = engine.runner
+    T = len(case.prompt)
+    cos, sin = r.cos_sin(torch.arange(T))
+    k_pre, v_pre = _cached_pre(case, r.n_layers)
+    final = out.final_positions
+    differs = 0
+    for layer in range(cfg.check_layers[0] + 1, r.n_layers):
+        k_rot = out.k[layer].float()
+        k_fresh_pre = r.rotate(k_rot, cos, -sin) / (cos * cos + sin * sin)
+        for s, e in case.prompt.chunk_spans:
+            pos = torch.arange(s, e)
+            anchors = pos[torch.isin(pos, final)]
+            dk = k_fresh_pre[:, anchors] - k_pre[layer][:, anchors]
+            dv = out.v[layer][:, anchors].float() - v_pre[layer][:, anchors]
+            for p in pos[~torch.isin(pos, final)].tolist():
+                mk = _local_mean_by_hand(dk, anchors, p, (s, e), window, 0.8, mix)
+                mv = _local_mean_by_hand(dv, anchors, p, (s, e), window, 0.8, mix)
+                want_k = r.rotate(k_pre[layer][:, p:p + 1] + mk[:, None], cos[p:p + 1],
+                                  sin[p:p + 1])
+                assert (out.v[layer][:, p].float() - v_pre[layer][:, p] - mv).abs().max() \
+                    < TOL, (layer, p)
+                assert (k_rot[:, p:p + 1] - want_k).abs().max() < TOL, (layer, p)
+                differs += int((mv - 0.8 * dv.mean(1)).abs().max() > 1e-3)
+    assert differs, "every stale token moved by its chunk's mean: the check proves nothing"
+
+
+def test_local_mean_drift_by_hand():
+    chunk_of = torch.tensor([-1, 0, 0, 0, 0, 0, 0, -1, 1, 1, 1])
+    anchors = torch.tensor([1, 5, 6, 9])
+    dk = torch.tensor([[[4.0], [8.0], [0.0], [2.0]]])  # [H=1, n=4, D=1]
+    got = LocalMeanDrift(strength=0.5, window=1, mix=0.5).drift(dk, -dk, anchors, chunk_of, 3)
+    assert isinstance(got, PositionDrift)
+    mean0 = 0.5 * 4.0  # chunk 0's anchors 4, 8, 0: mean 4, times the strength
+    # window 1 around each chunk position 1..6, then 8..10 (chunk 1: one anchor, drift 2)
+    local = [4.0, 4.0, None, 8.0, 4.0, 4.0, 2.0, 2.0, 2.0]  # None: no anchor within 1
+    want = [0.5 * (0.5 * x) + 0.5 * mean0 if x is not None else mean0 for x in local[:6]]
+    want += [0.5 * 0.5 * 2.0 + 0.5 * 0.5 * 2.0] * 3
+    assert torch.allclose(got.k[0, :, 0], torch.tensor(want))
+    assert torch.equal(got.v, -got.k)
+    assert LocalMeanDrift().drift(dk[:, :0], dk[:, :0], anchors[:0], chunk_of, 3) is None
+
+
+def test_applied_position_drift_is_rotated_to_each_position_in_span_order():
+    g = torch.Generator().manual_seed(5)
+    H, T, D = 2, 12, 8
+    k, v = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    spans = [(1, 5), (6, 11)]
+    dk, dv = torch.randn(H, 9, D, generator=g), torch.randn(H, 9, D, generator=g)
+    ang = torch.randn(T, D // 2, generator=g)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    k2, v2 = k.clone(), v.clone()
+    apply_drift(k2, v2, PositionDrift(dk, dv), spans, cos, sin)
+    order = [p for s, e in spans for p in range(s, e)]
+    for p in range(T):
+        if p not in order:
+            assert torch.equal(k2[:, p], k[:, p]) and torch.equal(v2[:, p], v[:, p])
+            continue
+        i = order.index(p)
+        half = torch.cat([-dk[:, i, D // 2:], dk[:, i, :D // 2]], -1)
+        assert torch.allclose(k2[:, p], k[:, p] + dk[:, i] * cos[p] + half * sin[p], atol=1e-6)
+        assert torch.allclose(v2[:, p], v[:, p] + dv[:, i], atol=1e-6)
 
 
 def test_without_correction_stale_tokens_keep_cached_kv(engine, case):
@@ -146,8 +228,13 @@ def test_config_names_the_correction():
     assert make_correction(BlendConfig(correction_strength=0.0)).name == "none"
     c = make_correction(BlendConfig(correction="chunk_mean", correction_strength=0.75))
     assert isinstance(c, ChunkMeanDrift) and c.strength == 0.75
+    c = make_correction(BlendConfig(correction="local_mean", correction_strength=0.6,
+                                    correction_window=7, correction_mix=0.25))
+    assert isinstance(c, LocalMeanDrift) and (c.strength, c.window, c.mix) == (0.6, 7, 0.25)
     for bad in ({"correction": "bogus"}, {"correction_strength": -0.1},
-                {"correction_strength": 2.5}, {"correction_strength": True}):
+                {"correction_strength": 2.5}, {"correction_strength": True},
+                {"correction_window": -1}, {"correction_window": 2.5},
+                {"correction_window": True}, {"correction_mix": 1.5}, {"correction_mix": "a"}):
         with pytest.raises(ValueError):
             BlendConfig(**bad)
 
@@ -161,7 +248,9 @@ def test_vllm_salt_and_parser_carry_the_correction():
     ids = list(range(30))
     salts = {fusion_salt(_params(correction=c, correction_strength=s), ids)
              for c, s in (("none", 1.0), ("chunk_mean", 1.0), ("chunk_mean", 0.5))}
-    assert len(salts) == 3  # a different correction is a different fused KV
+    salts |= {fusion_salt(_params(correction="local_mean", **kw), ids)
+              for kw in ({}, {"correction_window": 8}, {"correction_mix": 1.0})}
+    assert len(salts) == 6  # a different correction is a different fused KV
     body = {"mode": "blend", "prefix_end": 2, "suffix_start": 20, "context": "cold",
             "chunks": [[2, 10, "a" * 64], [11, 20, "b" * 64]],
             "blend": {"policy": "hkvd", "ratio": 0.2, "correction": "none"}}

@@ -154,3 +154,13 @@ def test_bad_input_and_mode_are_rejected(rag: RagKV) -> None:
         chain.invoke({"query": QUESTION})
     with pytest.raises(ValueError):
         chain.invoke(QUESTION, config={"configurable": {"ragkv_mode": "fastest"}})
+
+
+def test_runnable_keeps_the_configured_blend_settings(rag: RagKV, monkeypatch) -> None:
+    """Per-call mode and ratio override the app's BlendConfig; its other settings hold."""
+    monkeypatch.setattr(rag.config, "blend", BlendConfig(correction="none", coverage=0.9,
+                                                          policy="hkvd"))
+    mode, blend, k = RagkvRunnable(rag=rag, k=3)._options(
+        {"configurable": {"ragkv_ratio": 0.3, "ragkv_mode": "reuse"}})
+    assert (mode, k, blend.ratio, blend.policy) == ("reuse", 3, 0.3, "hkvd")
+    assert blend.correction == "none" and blend.coverage == 0.9

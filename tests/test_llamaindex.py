@@ -164,3 +164,11 @@ def test_instrumentation_sees_cache_events_and_ttft(rag: RagKV, collector: Any) 
     assert {e.key for e in hits} == {c["key"] for c in trace["chunks"]}
     assert len(ttft) == 1 and ttft[0].ttft_s == trace["ttft_s"]
     assert ttft[0].span_id is not None and "_fuse" in ttft[0].span_id  # inside ragkv's span
+
+
+def test_query_engine_keeps_the_configured_blend_settings(rag: RagKV, monkeypatch) -> None:
+    """The engine's ratio and policy override the app's BlendConfig; its other settings hold."""
+    monkeypatch.setattr(rag.config, "blend", BlendConfig(correction="none", coverage=0.9))
+    blend = RagkvQueryEngine(rag=rag, similarity_top_k=3, ratio=0.3, policy="hkvd")._blend()
+    assert (blend.ratio, blend.policy, blend.correction, blend.coverage) == (
+        0.3, "hkvd", "none", 0.9)

@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 try:
@@ -139,11 +140,9 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         mode = conf.get("ragkv_mode", self.mode)
         if mode not in MODES:
             raise ValueError(f"ragkv_mode must be one of {MODES}, got {mode!r}")
-        base = self.rag.config.blend
-        blend = BlendConfig(ratio=float(conf.get("ragkv_ratio", self.ratio)),
-                            policy=conf.get("ragkv_policy") or self.policy or base.policy,
-                            check_layers=base.check_layers, deviation_on=base.deviation_on,
-                            head_tokens=base.head_tokens)
+        base = self.rag.config.blend  # every other setting (correction, guard) as configured
+        blend = replace(base, ratio=float(conf.get("ragkv_ratio", self.ratio)),
+                        policy=conf.get("ragkv_policy") or self.policy or base.policy)
         return mode, blend, int(conf.get("ragkv_k", self.k))
 
     def _start(self, value: RunnableInput,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 try:
@@ -260,10 +261,8 @@ class RagkvQueryEngine(CustomQueryEngine):
             self.retriever = RagkvRetriever(self.rag, self.similarity_top_k)
 
     def _blend(self) -> BlendConfig:
-        base = self.rag.config.blend
-        return BlendConfig(ratio=self.ratio, policy=self.policy or base.policy,
-                           check_layers=base.check_layers,
-                           deviation_on=base.deviation_on, head_tokens=base.head_tokens)
+        base = self.rag.config.blend  # every other setting (correction, guard) as configured
+        return replace(base, ratio=self.ratio, policy=self.policy or base.policy)
 
     @dispatcher.span
     def _fuse(self, query_str: str, nodes: list[NodeWithScore],
