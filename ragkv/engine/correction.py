@@ -87,27 +87,35 @@ class LocalMeanDrift(ChunkMeanDrift):
     mix: float = 0.5
 
     def drift(self, dk, dv, anchors, chunk_of, n_chunks):
-        means = super().drift(dk, dv, anchors, chunk_of, n_chunks)
-        if means is None:
+        if anchors.numel() == 0 or n_chunks <= 0:
             return None
+        h, n, d = dk.shape
+        dev = dk.device
         pos = (chunk_of >= 0).nonzero().flatten()  # every chunk position, in span order
-        c = chunk_of[pos]
+        c, slot = chunk_of[pos], chunk_of[anchors]
+        per_chunk = torch.zeros(n_chunks, device=dev).index_add_(
+            0, slot, torch.ones(n, device=dev))
         big = torch.iinfo(torch.long).max
         first = pos.new_full((n_chunks,), big).scatter_reduce(0, c, pos, "amin")
         last = pos.new_full((n_chunks,), -1).scatter_reduce(0, c, pos, "amax")
         # anchors are sorted: each position's window, clipped to its chunk, is a slice of them
         lo = torch.searchsorted(anchors, torch.maximum(pos - self.window, first[c]))
         hi = torch.searchsorted(anchors, torch.minimum(pos + self.window, last[c]), right=True)
-        count = (hi - lo).clamp(min=1).to(torch.float32)[None, :, None]
-        empty = (hi == lo)[None, :, None]
+        near = hi > lo
+        # per position: weight of the window's sum and of the chunk's sum (a chunk with no
+        # anchor has a zero sum: it stays as cached)
+        w_local = torch.where(near, self.mix * self.strength / (hi - lo).clamp(min=1), 0.0)
+        w_chunk = torch.where(near, 1.0 - self.mix, 1.0) * self.strength / per_chunk.clamp(
+            min=1)[c]
         out = []
-        for d, mean in zip((dk, dv), means, strict=True):
-            cum = torch.cat([d.new_zeros(d.shape[0], 1, d.shape[2], dtype=torch.float32),
-                             d.float().cumsum(1)], dim=1)
-            local = (cum[:, hi] - cum[:, lo]).div_(count).mul_(self.strength)
-            at = mean[:, c].float()
-            local = torch.where(empty, at, local)
-            out.append(local.mul_(self.mix).add_(at, alpha=1.0 - self.mix).to(d.dtype))
+        for x in (dk, dv):
+            x = x.float()
+            cum = torch.cat([x.new_zeros(h, 1, d), x.cumsum(1)], dim=1)  # [H, n + 1, D]
+            sums = x.new_zeros(h, n_chunks, d).index_add_(1, slot, x)
+            drift = cum.index_select(1, hi).sub_(cum.index_select(1, lo)).mul_(
+                w_local[None, :, None])
+            drift.addcmul_(sums.index_select(1, c), w_chunk[None, :, None])
+            out.append(drift.to(dk.dtype))
         return PositionDrift(out[0], out[1])
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import streamlit as st
 
@@ -120,7 +120,7 @@ def answer(rag, p: AskParams) -> None:
                                     log_query=False)
             full = FullTTFT(base.trace.ttft_s, time.time(), "now")
         stream = rag.stream(chunks, p.question, mode=p.mode,
-                            blend=BlendConfig(ratio=p.ratio, policy=p.policy),
+                            blend=replace(rag.config.blend, ratio=p.ratio, policy=p.policy),
                             max_new_tokens=p.max_new_tokens, keep_kv=False, record=False,
                             retrieval_s=retrieval_s)
         if p.mode == "full":

@@ -4,11 +4,12 @@ on the same retrieved chunks side by side."""
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 
 import numpy as np
 import streamlit as st
 
-from ragkv.config import DEFAULT_RATIO, BlendConfig
+from ragkv.config import DEFAULT_RATIO
 from ragkv.engine.policies import POLICIES
 from ragkv.ui import frames, state
 
@@ -44,7 +45,7 @@ def controls(rag) -> dict | None:
 def run_modes(rag, question: str, k: int, ratio: float, policy: str,
               max_new_tokens: int) -> dict | None:
     """Answer with each mode over one retrieval, so the answers differ only by the mode."""
-    blend = BlendConfig(ratio=ratio, policy=policy)
+    blend = replace(rag.config.blend, ratio=ratio, policy=policy)
     with state.engine_lock():
         chunks = rag.retrieve(question, k)
         if not chunks:
