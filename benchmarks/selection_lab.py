@@ -53,9 +53,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     **{f"r12_local{w}": ("blend", {"check_layers": (2,), "ratio": 0.12,
                                    "correction": "local_mean", "correction_window": w,
                                    "correction_mix": 0.5}) for w in (8, 16, 32)},
-    "r12_local32_m75": ("blend", {"check_layers": (2,), "ratio": 0.12,
-                                  "correction": "local_mean", "correction_window": 32,
-                                  "correction_mix": 0.75}),
 }
 
 

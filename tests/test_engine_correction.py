@@ -298,3 +298,18 @@ def test_guard_config_is_checked():
                 {"max_ratio": 1.2}):
         with pytest.raises(ValueError):
             BlendConfig(**bad)
+
+
+def test_local_mean_recomputes_its_windows_when_the_anchor_set_changes():
+    """The windows are kept for the anchor tensor the blend passes layer after layer; a new
+    set (after a check layer) gets its own."""
+    chunk_of = chunk_index(40, [(2, 20), (20, 38)], torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    one = LocalMeanDrift(window=3)
+    for anchors in (torch.tensor([3, 8, 9, 25, 30]), torch.tensor([2, 14, 21, 22, 37]),
+                    torch.tensor([5, 6, 7, 33])):
+        dk, dv = (torch.randn(2, anchors.numel(), 4, generator=g) for _ in "kv")
+        for _ in range(2):  # the same anchor tensor again: the kept windows
+            got = one.drift(dk, dv, anchors, chunk_of, 2)
+            want = LocalMeanDrift(window=3).drift(dk, dv, anchors, chunk_of, 2)
+            assert torch.equal(got.k, want.k) and torch.equal(got.v, want.v)

@@ -96,7 +96,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     correct = correction is not None and correction.name != "none" and bool(ctx.chunk_spans)
     chunk_of = chunk_index(T, ctx.chunk_spans, dev) if correct else None
     chunk_tokens = sum(e - s for s, e in ctx.chunk_spans)
-    anchors = None  # indices into the active set of its chunk positions
+    anchors = anchor_pos = None  # chunk positions in the active set: indices, positions
     counts: list[int] = []
     sets: list[torch.Tensor] = []
     checks = set(policy.check_layers)
@@ -111,9 +111,10 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
         if chunk_of is not None:
             if anchors is None:
                 anchors = (chunk_of[active] >= 0).nonzero().flatten()
+                anchor_pos = active[anchors]  # one tensor until the active set changes
             # some chunk token keeps cached KV, and some was recomputed to show the drift
             if 0 < anchors.numel() < chunk_tokens:  # pre-RoPE: rotate_qk may rotate in place
-                a = active[anchors]
+                a = anchor_pos
                 drift = correction.drift(k[:, anchors] - k_pre[layer][:, a],
                                          v[:, anchors] - v_buf[layer][:, a], a, chunk_of,
                                          len(ctx.chunk_spans))
