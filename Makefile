@@ -65,8 +65,8 @@ test-vllm: $(VENV)/.installed model vllm-install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_paged.py tests/test_vllm_serve.py
 
 # The published figures: full, reuse and blend (qhkvd, check layer 2, anchor-context
-# precompute, the KV correction: the default) at five ratios on both public sets; then the
-# precompute contexts' comparison (published at check layer 1); then the frontier.
+# precompute; both KV corrections, local_mean the default) at five ratios on both public
+# sets; then the precompute contexts' comparison (published at check layer 1); the frontier.
 BENCH_GRID = --modes full,reuse,blend --ratios 0.05,0.1,0.12,0.15,0.3 --policies qhkvd \
 	--check-layers 2 --contexts anchor --corrections local_mean,chunk_mean
 bench: $(VENV)/.installed model
