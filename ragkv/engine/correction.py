@@ -78,15 +78,16 @@ class LocalMeanDrift(ChunkMeanDrift):
     recomputed tokens: their mean within ``window`` positions of it (share ``mix``) and their
     mean over the whole chunk (the rest; alone where the window holds none). Drift varies
     along a chunk, and nearby tokens drift alike; the chunk mean keeps the estimate from
-    resting on a few tokens. Prefix sums over the recomputed tokens make it a few passes
-    over the chunk tokens a layer, as ``chunk_mean``.
+    resting on a few tokens. Prefix sums over the recomputed tokens make it a few gathers
+    over the chunk tokens a layer: about 12 ms a blend more than ``chunk_mean`` on 2k-token
+    prompts at two threads.
     """
 
     name: str = "local_mean"
     window: int = 16
     mix: float = 0.5
     #: the last anchor set's windows and weights: the blend passes the same anchor tensor to
-    #: every layer until a check layer changes it, and recomputing them cost ~20 ms a blend
+    #: every layer until a check layer changes it, and recomputing them cost ~10 ms a blend
     _geometry: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def _windows(self, anchors: torch.Tensor, chunk_of: torch.Tensor,
