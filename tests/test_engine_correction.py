@@ -30,6 +30,20 @@ from ragkv.engine.correction import (
 from ragkv.engine.vllm.params import PARAMS_KEY, FusionParams, ParamsError, Span, fusion_salt, parse
 
 
+def _blend_beside_cache(engine, case, cfg):
+    """The blend's output, the runner, RoPE tables and the cached pre-RoPE K/V of ``case``."""
+    out = blend(engine, case, cfg)
+    r = engine.runner
+    cos, sin = r.cos_sin(torch.arange(len(case.prompt)))
+    return out, r, cos, sin, *_cached_pre(case, r.n_layers)
+
+
+def _unrotated(r, k_rot, cos, sin):
+    """RoPE undone: rotation by the opposite angle, over the squared gain that scaled schemes
+    (YaRN) fold into cos and sin."""
+    return r.rotate(k_rot, cos, -sin) / (cos * cos + sin * sin)
+
+
 def _cached_pre(case, n_layers):
     """Cached pre-RoPE K and V ``[layers, H, T, D]`` of the prompt (zeros where none)."""
     T = len(case.prompt)
@@ -47,19 +61,13 @@ def _cached_pre(case, n_layers):
 def test_stale_tokens_move_by_their_chunks_mean_drift(engine, case, strength):
     cfg = BlendConfig(ratio=0.3, policy="hkvd", correction="chunk_mean",
                       correction_strength=strength)
-    out = blend(engine, case, cfg)
-    r = engine.runner
-    T = len(case.prompt)
-    cos, sin = r.cos_sin(torch.arange(T))
-    k_pre, v_pre = _cached_pre(case, r.n_layers)
+    out, r, cos, sin, k_pre, v_pre = _blend_beside_cache(engine, case, cfg)
     final = out.final_positions
     check = cfg.check_layers[0]
     moved = 0
     for layer in range(check + 1, r.n_layers):
         k_rot = out.k[layer].float()
-        # RoPE undone: rotation by the opposite angle, over the squared gain that scaled
-        # schemes (YaRN) fold into cos and sin
-        k_fresh_pre = r.rotate(k_rot, cos, -sin) / (cos * cos + sin * sin)
+        k_fresh_pre = _unrotated(r, k_rot, cos, sin)
         for s, e in case.prompt.chunk_spans:
             pos = torch.arange(s, e)
             anchors = pos[torch.isin(pos, final)]
@@ -91,16 +99,12 @@ def test_stale_tokens_move_by_their_neighbourhoods_drift_with_local_mean(engine,
                                                                        mix):
     cfg = BlendConfig(ratio=0.3, policy="hkvd", correction="local_mean", correction_strength=0.8,
                       correction_window=window, correction_mix=mix)
-    out = blend(engine, case, cfg)
-    r = engine.runner
-    T = len(case.prompt)
-    cos, sin = r.cos_sin(torch.arange(T))
-    k_pre, v_pre = _cached_pre(case, r.n_layers)
+    out, r, cos, sin, k_pre, v_pre = _blend_beside_cache(engine, case, cfg)
     final = out.final_positions
     differs = 0
     for layer in range(cfg.check_layers[0] + 1, r.n_layers):
         k_rot = out.k[layer].float()
-        k_fresh_pre = r.rotate(k_rot, cos, -sin) / (cos * cos + sin * sin)
+        k_fresh_pre = _unrotated(r, k_rot, cos, sin)
         for s, e in case.prompt.chunk_spans:
             pos = torch.arange(s, e)
             anchors = pos[torch.isin(pos, final)]

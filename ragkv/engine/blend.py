@@ -114,10 +114,9 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
                 anchor_pos = active[anchors]  # one tensor until the active set changes
             # some chunk token keeps cached KV, and some was recomputed to show the drift
             if 0 < anchors.numel() < chunk_tokens:  # pre-RoPE: rotate_qk may rotate in place
-                a = anchor_pos
-                drift = correction.drift(k[:, anchors] - k_pre[layer][:, a],
-                                         v[:, anchors] - v_buf[layer][:, a], a, chunk_of,
-                                         len(ctx.chunk_spans))
+                drift = correction.drift(k[:, anchors] - k_pre[layer][:, anchor_pos],
+                                         v[:, anchors] - v_buf[layer][:, anchor_pos],
+                                         anchor_pos, chunk_of, len(ctx.chunk_spans))
         q, k = runner.rotate_qk(q, k, active, cos, sin)
         if drift is not None:
             apply_drift(k_buf[layer], v_buf[layer], drift, ctx.chunk_spans, cos, sin)
