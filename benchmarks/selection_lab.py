@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ragkv.api import RagKV
-from ragkv.bench import _record, _scores, load_cases
+from ragkv.bench import BenchSpec, _record, _scores, load_cases, warm_config
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import BlendConfig, RagkvConfig, default_home
 
@@ -92,8 +92,12 @@ def main() -> None:
     for chunk_ids in ids:
         rag.precompute_many(chunk_ids)
     rows: dict[str, list[dict]] = {n: [] for n in names}
+    warm = warm_config(BenchSpec(ratios=[BlendConfig(**{**DEFAULT, **c}).ratio
+                                         for _, c in VARIANTS.values()]))
     for case, chunk_ids in zip(cases, ids, strict=True):
         q = case["question"]
+        # every variant reads the case's chunks from the memory tier (as in ``ragkv bench``)
+        rag.generate(chunk_ids, q, mode="blend", blend=warm, max_new_tokens=1, log_query=False)
         full = rag.generate(chunk_ids, q, mode="full", keep_kv=True, log_query=False,
                             max_new_tokens=args.max_new_tokens)
         scores = _scores(full, full.tokens)
