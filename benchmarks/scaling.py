@@ -7,10 +7,11 @@ at ~1k, 2k, 4k and 8k tokens, several prompts each, with the fitted growth of ea
 Prompts are built from the pydoc case set's chunks (``benchmarks/cases/pydoc.jsonl``): prompt
 i of every length takes the chunks in its own shuffled order until the length is reached (the
 last chunk cut to fit), with the question of case i. Every chunk is precomputed first (not
-timed); each length starts with an untimed warm-up of both modes. Then, per prompt, full and
-blend run back to back (their order alternating from prompt to prompt), through the public
-facade (``RagKV.generate``, the transformers engine, SmolLM2 fp32 by default), and TTFT is
-the trace's (request to first token, cache lookup and loading included).
+timed); each length starts with an untimed warm-up of both modes. Then, per prompt, an untimed
+read puts its chunks in the memory tier, and full and blend run back to back (their order
+alternating from prompt to prompt), through the public facade (``RagKV.generate``, the
+transformers engine, SmolLM2 fp32 by default), and TTFT is the trace's (request to first
+token, cache lookup and loading included).
 
 ``--attention masked,split`` also times the blend with the old masked-SDPA selected-query
 attention (``TorchOps.attend_selected_masked``) interleaved with the default, on the same
@@ -40,7 +41,7 @@ import torch
 
 from ragkv import metrics
 from ragkv.api import RagKV
-from ragkv.bench import load_cases
+from ragkv.bench import BenchSpec, load_cases, warm_config
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, RagkvConfig
 from ragkv.engine.hf import HFEngine
@@ -80,7 +81,8 @@ def _time(rag: RagKV, chunks, question: str, mode: str) -> dict:
     t = ans.trace
     return {"ttft_s": t.ttft_s, "cpu_s": cpu, "context_tokens": t.context_tokens,
             "recomputed_tokens": t.recomputed_tokens, "load_s": t.load_s,
-            "lookup_s": t.lookup_s, "hits": t.hits, "misses": t.misses, "first": ans.first}
+            "lookup_s": t.lookup_s, "hits": t.hits, "misses": t.misses,
+            "tiers": sorted({c.tier for c in t.chunks if c.tier}), "first": ans.first}
 
 
 def _slope(xs: list[float], ys: list[float]) -> float | None:
@@ -244,11 +246,16 @@ def main() -> None:
         return _time(rag, chunks, question, mode)
 
     rows = []
+    warm = warm_config(BenchSpec(ratios=[DEFAULT_RATIO]))
     for n in lengths:
         chunks, question = prompts[n][0]
         for mode in modes:  # untimed warm-up at this length
             run(chunks, question, mode)
         for i, (chunks, question) in enumerate(prompts[n]):
+            # the prompt's chunks into the memory tier, as ``ragkv bench`` does: the blend
+            # reads the tier it would on a chunk seen before, not whatever the last prompt left
+            rag.generate(chunks, question, mode="blend", blend=warm, max_new_tokens=1,
+                         log_query=False)
             order = modes if i % 2 == 0 else modes[::-1]
             res = {m: run(chunks, question, m) for m in order}
             row = {"length": n, "prompt": i, "chunks": len(chunks),
