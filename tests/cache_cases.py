@@ -16,7 +16,6 @@ from ragkv.cache_index import (
     CacheIndex,
     ChunkRecord,
     KVStore,
-    blob_name,
 )
 
 FP = "f" * 64
@@ -82,19 +81,26 @@ def _put(store: KVStore, key: str, dtype: torch.dtype = torch.float16) -> dict[s
     return kv
 
 
-def _blob_path(blobs: BlobStore, key: str) -> str:
-    """The blob's path inside ``blobs.fs`` (a file, a Redis key or an S3 object)."""
-    return f"{blobs.root.rstrip('/')}/{blob_name(key)}"
+def _blob_path(store: KVStore, key: str) -> str:
+    """The path, inside ``store.blobs.fs`` (a file, a Redis key or an S3 object), of the blob
+    ``key``'s row names (every write has a blob name of its own)."""
+    entry = store.index.get_entry(key)
+    assert entry is not None, key
+    return f"{store.blobs.root.rstrip('/')}/{entry.blob_name}"
 
 
-def _raw(blobs: BlobStore, key: str) -> bytes:
-    return bytes(blobs.fs.cat_file(_blob_path(blobs, key)))
+def _raw(store: KVStore, key: str) -> bytes:
+    return bytes(store.blobs.fs.cat_file(_blob_path(store, key)))
 
 
-def _overwrite(blobs: BlobStore, key: str, data: bytes) -> None:
+def _overwrite(store: KVStore, key: str, data: bytes) -> None:
     """Replace the stored bytes behind BlobStore's back, as damage on any backend would."""
-    blobs.fs.pipe_file(_blob_path(blobs, key), data)
+    store.blobs.fs.pipe_file(_blob_path(store, key), data)
 
 
 def _on_store(blobs: BlobStore, key: str) -> bool:
-    return blobs.exists(blob_name(key))
+    """Whether any blob written for ``key`` is still stored."""
+    root = blobs.root.rstrip("/")
+    if not blobs.fs.exists(root):
+        return False
+    return any(p.rsplit("/", 1)[-1].startswith(f"{key}.") for p in blobs.fs.find(root))

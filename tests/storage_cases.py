@@ -49,7 +49,10 @@ def get(store: KVStore, i: int):
 
 
 def disk_path(store: KVStore, i: int) -> Path:
-    return Path(store.blobs.root) / f"{key(i)[:2]}/{key(i)}.safetensors"
+    """The file of the blob entry ``i``'s row names (each write has a name of its own)."""
+    entry = store.index.get_entry(key(i))
+    assert entry is not None, i
+    return Path(store.blobs.root) / entry.blob_name
 
 
 def consistent(store: KVStore) -> None:

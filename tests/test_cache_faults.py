@@ -11,6 +11,7 @@ import torch
 from cache_cases import (  # noqa: F401 - fixtures are used by name
     FP,
     LAYOUT,
+    _blob_path,
     _key,
     _kv,
     _on_store,
@@ -27,39 +28,38 @@ from ragkv.cache_index import (
     BlobStore,
     CacheIndex,
     KVStore,
-    blob_name,
 )
 
 # -- bad entries are misses ------------------------------------------------------------------
 
 
-def _truncate(blobs: BlobStore, key: str) -> None:
-    data = _raw(blobs, key)
-    _overwrite(blobs, key, data[: len(data) // 2])
+def _truncate(store: KVStore, key: str) -> None:
+    data = _raw(store, key)
+    _overwrite(store, key, data[: len(data) // 2])
 
 
-def _flip(blobs: BlobStore, key: str) -> None:
-    data = bytearray(_raw(blobs, key))
+def _flip(store: KVStore, key: str) -> None:
+    data = bytearray(_raw(store, key))
     data[-10] ^= 0xFF
-    _overwrite(blobs, key, bytes(data))
+    _overwrite(store, key, bytes(data))
 
 
-def _flip_header(blobs: BlobStore, key: str) -> None:
-    data = bytearray(_raw(blobs, key))
+def _flip_header(store: KVStore, key: str) -> None:
+    data = bytearray(_raw(store, key))
     data[3] ^= 0xFF  # the header length: undecodable, not merely wrong numbers
-    _overwrite(blobs, key, bytes(data))
+    _overwrite(store, key, bytes(data))
 
 
-def _remove(blobs: BlobStore, key: str) -> None:
-    blobs.fs.rm_file(f"{blobs.root.rstrip('/')}/{blob_name(key)}")
+def _remove(store: KVStore, key: str) -> None:
+    store.blobs.fs.rm_file(_blob_path(store, key))
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip, _flip_header, _remove])
 def test_damaged_blob_is_a_miss_and_is_removed(
-    store: KVStore, damage: Callable[[BlobStore, str], None], caplog: pytest.LogCaptureFixture
+    store: KVStore, damage: Callable[[KVStore, str], None], caplog: pytest.LogCaptureFixture
 ) -> None:
     _put(store, _key(7))
-    damage(store.blobs, _key(7))
+    damage(store, _key(7))
     with caplog.at_level(logging.WARNING, logger="ragkv.cache"):
         assert store.get(_key(7), model_fp=FP, layout=LAYOUT) is None
     assert any(r.name == "ragkv.cache" for r in caplog.records)
@@ -76,16 +76,16 @@ def test_foreign_blob_metadata_is_a_miss(store: KVStore) -> None:
     # only the embedded metadata can tell.
     _put(store, _key(1))
     _put(store, _key(2))
-    _overwrite(store.blobs, _key(2), _raw(store.blobs, _key(1)))
-    e1 = store.index.get_entry(_key(1))
-    assert e1 is not None
+    _overwrite(store, _key(2), _raw(store, _key(1)))
+    e1, e2 = store.index.get_entry(_key(1)), store.index.get_entry(_key(2))
+    assert e1 is not None and e2 is not None
     store.index.upsert_entry(
         _key(2),
         model_fp=FP,
         layout=LAYOUT,
         n_tokens=5,
         nbytes=e1.nbytes,
-        blob_name=blob_name(_key(2)),
+        blob_name=e2.blob_name,
         checksum=e1.checksum,
         dtype=e1.dtype,
     )

@@ -4,6 +4,7 @@ round trips per dtype, the blob encoding and its checksum, hits, overwrites, uns
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from cache_cases import (  # noqa: F401 - fixtures are used by name
     store,
 )
 
-from ragkv.cache_index import KVStore, blob_name, decode_kv, encode_kv
+from ragkv.cache_index import KVStore, decode_kv, encode_kv
 from ragkv.cache_index.blobs import checksum_matches
 
 # -- round trip ------------------------------------------------------------------------------
@@ -38,8 +39,8 @@ def test_put_get_round_trip(store: KVStore, dtype: torch.dtype) -> None:
     assert entry is not None
     assert entry.dtype == str(dtype).removeprefix("torch.")
     assert entry.n_tokens == 5 and entry.layout == LAYOUT and entry.model_fp == FP
-    assert entry.blob_name == blob_name(_key(1)) == f"00/{_key(1)}.safetensors"
-    assert entry.nbytes == len(_raw(store.blobs, _key(1)))
+    assert re.fullmatch(f"00/{_key(1)}\\.[0-9a-f]{{12}}\\.safetensors", entry.blob_name)
+    assert entry.nbytes == len(_raw(store, _key(1)))
 
 
 def test_encode_decode_keeps_metadata_and_handles_views() -> None:
@@ -110,6 +111,38 @@ def test_reput_overwrites_and_keeps_hits(store: KVStore) -> None:
     entry = store.index.get_entry(_key(1))
     assert entry is not None and entry.hits == 2 and entry.dtype == "float32"
     assert store.index.stats()["kv_entries"] == 1
+    # the re-put wrote a blob of its own and deleted the one it replaced
+    root = store.blobs.root.rstrip("/")
+    assert [p.removeprefix(root + "/") for p in store.blobs.fs.find(root)] == [entry.blob_name]
+
+
+def test_an_eviction_ranked_before_a_reput_spares_the_new_blob(store: KVStore, monkeypatch):
+    """The evictor read the old row, then the same key was stored again (same bytes, same
+    checksum): the new blob and its row must survive the eviction of the old one."""
+    from ragkv.cache_index import eviction, residency
+
+    kv = _put(store, _key(1))
+    stale = residency.eviction_candidates(store.index, "disk")
+    _put(store, _key(1))
+    monkeypatch.setattr(residency, "eviction_candidates", lambda *a, **k: stale)
+    report = eviction.enforce_budget(store.index, store.blobs, "disk", 0)
+    assert report.evicted == 0
+    got = store.get(_key(1), model_fp=FP, layout=LAYOUT)
+    assert got is not None and torch.equal(got["v.1"], kv["v.1"])
+    assert store.counters["corrupt"] == 0
+
+
+def test_a_reader_of_the_replaced_row_spares_the_new_entry(store: KVStore) -> None:
+    """A reader that found the old row's blob gone (the re-put deleted it) takes a miss and
+    leaves the new row and blob alone."""
+    kv = _put(store, _key(1))
+    old = store.index.get_entry(_key(1))
+    _put(store, _key(1))
+    assert old is not None and store._read(old, "disk", store.blobs) is None
+    new = store.index.get_entry(_key(1))
+    assert new is not None and new.on_disk and new.blob_name != old.blob_name
+    got = store.get(_key(1), model_fp=FP, layout=LAYOUT)
+    assert got is not None and torch.equal(got["k.0"], kv["k.0"])
 
 
 def test_put_rejects_unsafe_key(store: KVStore) -> None:

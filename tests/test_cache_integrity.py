@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,12 +49,12 @@ def test_verify_finds_and_repairs_everything(tmp_path):
     _flip(disk_path(store, 0))
     _truncate(disk_path(store, 1))
     disk_path(store, 2).unlink()
-    orphan = disk_path(store, 99)
+    orphan = Path(store.blobs.root) / f"{key(99)[:2]}/{key(99)}.safetensors"  # no row
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"left by a writer killed between blob and row")
     temp = disk_path(store, 3).parent / ".tmp-half-written"
     temp.write_bytes(b"x")
-    young = disk_path(store, 98)
+    young = Path(store.blobs.root) / f"{key(98)[:2]}/{key(98)}.0a1b2c3d4e5f.safetensors"
     young.parent.mkdir(parents=True, exist_ok=True)
     young.write_bytes(b"a put in flight")
     old = time.time() - 3600

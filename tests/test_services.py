@@ -258,7 +258,9 @@ def test_s3_endpoint_from_blob_options_only(pg_url: str) -> None:
         cfg_blobs = BlobStore(blobs.url, blob_options(blobs.url))
         store = KVStore(CacheIndex(pg_url), cfg_blobs)
         assert store.put("f" * 64, _kv(), model_fp=FP, layout="L", n_tokens=4)
-        assert blobs.names() == [f"ff/{'f' * 64}.safetensors"]
+        entry = store.index.get_entry("f" * 64)
+        assert entry is not None and blobs.names() == [entry.blob_name]
+        assert entry.blob_name.startswith(f"ff/{'f' * 64}.")
 
 
 @needs_redis

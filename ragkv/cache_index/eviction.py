@@ -38,8 +38,9 @@ def enforce_budget(index: CacheIndex, blobs: BlobStore, tier: residency.Tier,
         for entry in residency.eviction_candidates(index, tier, batch):
             if total <= budget:
                 break
-            # Conditional on the checksum we ranked: an entry rewritten meanwhile stays.
-            if residency.drop_resident(index, entry.key, tier, checksum=entry.checksum,
+            # Conditional on the blob we ranked: an entry rewritten meanwhile (under a new
+            # blob name) stays, and so does its blob.
+            if residency.drop_resident(index, entry.key, tier, blob=entry.blob_name,
                                        evicted_priority=entry.priority):
                 blobs.delete(entry.blob_name)
                 total -= entry.nbytes

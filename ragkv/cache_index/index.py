@@ -171,10 +171,11 @@ class CacheIndex(IndexDatabase):
         checksum: str,
         dtype: str,
         on_remote: bool = False,
-    ) -> None:
+    ) -> EntryInfo | None:
         """Insert or overwrite an entry; an overwrite keeps its hit count (same key, same KV).
 
-        Called once the blob is on disk; ``on_remote`` once it is in the remote tier too."""
+        Called once the blob is on disk; ``on_remote`` once it is in the remote tier too.
+        Returns the row it replaced (whose blob, if named differently, no row names now)."""
         fields = dict(
             model_fp=model_fp,
             layout=layout,
@@ -186,32 +187,40 @@ class CacheIndex(IndexDatabase):
             on_disk=True,
             on_remote=on_remote,
         )
-        for attempt in range(2):
+        # Compare-and-swap on the blob name: two writers of one key must not both replace
+        # the same row, or the blob of the one that lost would be named by no row and never
+        # deleted. Whoever finds the row changed under it goes round.
+        attempts = 8
+        for attempt in range(attempts):
             try:
                 with self.transaction() as s:
                     now = utcnow()
-                    row = s.get(KVEntry, key)
+                    row = s.get(KVEntry, key, populate_existing=True)
                     if row is None:
                         s.add(
                             KVEntry(key=key, created_at=now, last_access_at=now, hits=0, **fields)
                         )
-                    else:
-                        for name, value in fields.items():
-                            setattr(row, name, value)
-                        row.created_at = now
-                return
+                        return None
+                    old = to_info(EntryInfo, row)
+                    res = s.execute(update(KVEntry)
+                                    .where(KVEntry.key == key, KVEntry.blob_name == old.blob_name)
+                                    .values(created_at=now, **fields)
+                                    .execution_options(synchronize_session=False))
+                    if res.rowcount:
+                        return old
             except IntegrityError:
                 # A concurrent writer inserted the same key first: go round and update it.
-                if attempt:
+                if attempt == attempts - 1:
                     raise
+        raise RuntimeError(f"cache entry {key} kept changing under a write")
 
-    def delete_entry(self, key: str, *, checksum: str | None = None) -> bool:
-        """Delete an entry; with ``checksum``, only if the row still has it (so a reader that
-        found a bad entry cannot delete a good one a concurrent writer just stored).
+    def delete_entry(self, key: str, *, blob: str | None = None) -> bool:
+        """Delete an entry; with ``blob``, only if the row still names that blob (so a reader
+        that found a bad entry cannot delete a good one a concurrent writer just stored).
         Returns whether a row was deleted."""
         with self.transaction() as s:
             row = s.get(KVEntry, key)
-            if row is None or (checksum is not None and row.checksum != checksum):
+            if row is None or (blob is not None and row.blob_name != blob):
                 return False
             s.delete(row)
             return True

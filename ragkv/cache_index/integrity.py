@@ -76,7 +76,7 @@ def verify(store: VerifiedStore, *, repair: bool = True,
                 if repair:
                     store.memory_discard(entry.key)
                     if residency.drop_resident(store.index, entry.key, tier,  # type: ignore[arg-type]
-                                               checksum=entry.checksum):
+                                               blob=entry.blob_name):
                         blobs.delete(entry.blob_name)
     now = time.time()
     for tier, blobs in store.persistent_tiers():

@@ -85,23 +85,25 @@ def touch(index: CacheIndex, keys: list[str], policy: EvictionPolicy, *, hit: bo
                           .values(hits=hits, last_access_at=now, priority=prio))
 
 
-def set_resident(index: CacheIndex, key: str, tier: Tier, checksum: str) -> bool:
-    """Record that ``tier`` holds the blob with ``checksum`` (after it was written there)."""
+def set_resident(index: CacheIndex, key: str, tier: Tier, blob: str) -> bool:
+    """Record that ``tier`` holds the blob named ``blob`` (after it was written there); only
+    if the row still names that blob. Returns whether it did."""
     with index.transaction() as s:
-        res = s.execute(update(KVEntry).where(KVEntry.key == key, KVEntry.checksum == checksum)
+        res = s.execute(update(KVEntry).where(KVEntry.key == key, KVEntry.blob_name == blob)
                         .values({tier_flag(tier).key: True}))
         return bool(res.rowcount)
 
 
-def drop_resident(index: CacheIndex, key: str, tier: Tier, *, checksum: str | None = None,
+def drop_resident(index: CacheIndex, key: str, tier: Tier, *, blob: str | None = None,
                   evicted_priority: float | None = None) -> bool:
-    """``tier`` no longer holds the blob; the row goes once no tier does. With ``checksum``,
-    only if the row still describes that blob (a concurrent writer's new entry survives).
-    ``evicted_priority`` advances the eviction clock. Returns whether the row changed."""
+    """``tier`` no longer holds the blob; the row goes once no tier does. With ``blob``,
+    only if the row still names that blob (a concurrent writer's new entry, written under a
+    name of its own, survives). ``evicted_priority`` advances the eviction clock. Returns
+    whether the row changed."""
     flag = tier_flag(tier)
     cond = [KVEntry.key == key, flag.is_(True)]
-    if checksum is not None:
-        cond.append(KVEntry.checksum == checksum)
+    if blob is not None:
+        cond.append(KVEntry.blob_name == blob)
     with index.transaction() as s:
         res = s.execute(update(KVEntry).where(*cond).values({flag.key: False}))
         if not res.rowcount:

@@ -135,7 +135,7 @@ class KVStore:
                 continue
             tensors, data = read
             for upper, upper_blobs in tiers[:depth]:  # promote to the faster persistent tiers
-                self._write(entry.key, upper, upper_blobs, data, entry.checksum)
+                self._write(entry.key, entry.blob_name, upper, upper_blobs, data)
             if self.memory is not None:
                 self.memory.put(key, tensors, model_fp=model_fp, layout=layout,
                                 tokens=entry.n_tokens)
@@ -179,9 +179,9 @@ class KVStore:
         self._count("corrupt", tier, "corrupt")
         self._count("", tier, "misses")
         try:
-            # Conditional on the checksum we judged, so a good entry stored concurrently by
-            # another writer survives; its blob then is not ours to delete either.
-            if residency.drop_resident(self.index, entry.key, tier, checksum=entry.checksum):
+            # Conditional on the blob we judged, so a good entry stored concurrently by
+            # another writer (under a blob name of its own) survives, and its blob too.
+            if residency.drop_resident(self.index, entry.key, tier, blob=entry.blob_name):
                 blobs.delete(entry.blob_name)
         except Exception as exc:
             log.warning("could not remove bad cache entry %s: %s", entry.key, exc)
@@ -193,7 +193,7 @@ class KVStore:
         self._count("corrupt")
         self.memory_discard(entry.key)
         try:
-            if self.index.delete_entry(entry.key, checksum=entry.checksum):
+            if self.index.delete_entry(entry.key, blob=entry.blob_name):
                 for _, blobs in self.persistent_tiers():
                     blobs.delete(entry.blob_name)
         except Exception as exc:
@@ -225,7 +225,9 @@ class KVStore:
 
         Bad arguments raise (they are bugs); storage failures are logged and return False,
         since the caller already has the KV it computed and can answer without the cache.
-        The blob is written before the row, so a row never points at a half-written blob.
+        The blob is written before the row, so a row never points at a half-written blob;
+        under a name of its own (:func:`.tiers.blob_name`), so no concurrent eviction or
+        repair of the row it replaces can delete it. The replaced row's blob goes after.
         """
         if not _KEY_RE.fullmatch(key):
             raise ValueError(f"cache key must be 1-64 chars of [0-9A-Za-z_-], got {key!r}")
@@ -242,16 +244,18 @@ class KVStore:
         name = blob_name(key)
         try:
             self.blobs.put(name, data)
-            self.index.upsert_entry(key, model_fp=model_fp, layout=layout, n_tokens=n_tokens,
-                                    nbytes=len(data), blob_name=name, checksum=checksum,
-                                    dtype=dtype)
+            replaced = self.index.upsert_entry(key, model_fp=model_fp, layout=layout,
+                                               n_tokens=n_tokens, nbytes=len(data),
+                                               blob_name=name, checksum=checksum, dtype=dtype)
         except Exception as exc:
             log.warning("could not store KV for %s: %s", key, exc)
             self._count("put_errors")
             return False
         self._count("puts", "disk", "bytes_written", len(data))
+        if replaced is not None and replaced.blob_name != name:
+            self._delete_blob(replaced)
         if self.remote is not None:
-            self._write(key, "remote", self.remote, data, checksum)
+            self._write(key, name, "remote", self.remote, data)
         try:
             residency.touch(self.index, [key], self.policy, hit=False)
         except Exception as exc:
@@ -263,15 +267,29 @@ class KVStore:
         self.apply_budgets()
         return True
 
-    def _write(self, key: str, tier: residency.Tier, blobs: BlobStore, data: bytes,
-               checksum: str) -> None:
-        """Copy a blob into one more tier (write-through or promotion); best effort."""
+    def _write(self, key: str, name: str, tier: residency.Tier, blobs: BlobStore,
+               data: bytes) -> None:
+        """Copy blob ``name`` into one more tier (write-through or promotion); best effort.
+        A copy whose row was replaced or dropped meanwhile is nobody's: it is deleted."""
         try:
-            blobs.put(blob_name(key), data)
-            if residency.set_resident(self.index, key, tier, checksum):
+            blobs.put(name, data)
+            if residency.set_resident(self.index, key, tier, name):
                 self._count("", tier, "bytes_written", len(data))
+            else:
+                blobs.delete(name)
         except Exception as exc:
             log.warning("could not write %s to the %s tier: %s", key, tier, exc)
+
+    def _delete_blob(self, entry: EntryInfo) -> None:
+        """Delete a blob no row names any more from the tiers that held it; best effort (what
+        is left is an orphan, which ``verify`` removes)."""
+        for tier, blobs in self.persistent_tiers():
+            if getattr(entry, f"on_{tier}"):
+                try:
+                    blobs.delete(entry.blob_name)
+                except Exception as exc:
+                    log.warning("could not delete %s from the %s tier: %s", entry.blob_name,
+                                tier, exc)
 
     def apply_budgets(self) -> list[EvictionReport]:
         """Evict from every persistent tier over its byte budget; never raises."""
@@ -295,6 +313,6 @@ class KVStore:
         entry = self.index.get_entry(key)
         if entry is None:
             return
-        self.index.delete_entry(key)
-        for _, blobs in self.persistent_tiers():
-            blobs.delete(entry.blob_name)
+        if self.index.delete_entry(key, blob=entry.blob_name):  # not a re-put meanwhile
+            for _, blobs in self.persistent_tiers():
+                blobs.delete(entry.blob_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,8 +14,11 @@ TIERS: tuple[TierName, ...] = ("memory", "disk", "remote")
 
 
 def blob_name(key: str) -> str:
-    """Two-character fan-out keeps any one folder from holding every blob."""
-    return f"{key[:2]}/{key}.safetensors"
+    """A fresh name for one write of ``key``'s blob. The two-character fan-out keeps any one
+    folder from holding every blob; the per-write suffix keeps a re-put of the key off the
+    name that an evictor, or a reader of the old row, may be deleting at that moment (rows
+    name their blob, and every conditional change to a row is conditional on that name)."""
+    return f"{key[:2]}/{key}.{secrets.token_hex(6)}.safetensors"
 
 
 @dataclass
