@@ -119,8 +119,11 @@ def summarize(arms: dict[str, dict], meta: dict) -> dict:
     out["ragkv_misses"] = sum(r["misses"] or 0 for r in fused)
     out["ragkv_recomputed_share"] = statistics.fmean((r["recomputed"] or 0) / r["tokens"]
                                                      for r in fused)
+    out["ragkv_load_median_s"] = statistics.median(r.get("load_s") or 0.0 for r in fused)
     out["queries"] = [{"case": a["case"], "tokens": a["tokens"], "plain_ttft_s": a["ttft_s"],
-                       "ragkv_ttft_s": b["ttft_s"]} for a, b in zip(plain, fused, strict=True)]
+                       "ragkv_ttft_s": b["ttft_s"], "ragkv_load_s": b.get("load_s"),
+                       "ragkv_tiers": b.get("tiers")}
+                      for a, b in zip(plain, fused, strict=True)]
     return out
 
 
