@@ -84,7 +84,7 @@ def variants(spec: BenchSpec) -> list[tuple[str, str | None, float | None, str]]
 def warm_config(spec: BenchSpec) -> BlendConfig:
     """The untimed read's blend: a ratio no timed run uses, so it shares no fused prefix cache
     entry (vLLM's cache salt digests the blend settings) with any of them."""
-    ratio = next(r for r in (0.0, 0.01, 0.02, 0.03) if r not in spec.ratios)
+    ratio = next(r / 1000 for r in range(1001) if r / 1000 not in spec.ratios)
     return BlendConfig(ratio=ratio, policy="hkvd", check_layers=spec.check_layers,
                        correction="none")
 

@@ -195,7 +195,7 @@ class CacheIndex(IndexDatabase):
             try:
                 with self.transaction() as s:
                     now = utcnow()
-                    row = s.get(KVEntry, key, populate_existing=True)
+                    row = s.get(KVEntry, key)
                     if row is None:
                         s.add(
                             KVEntry(key=key, created_at=now, last_access_at=now, hits=0, **fields)
