@@ -15,7 +15,9 @@ Before timing, each arm serves ``--warm`` queries of the same shape over the chu
 cases (seen the same way as the corpus, never in the stream): a fresh engine's first few
 multi-thousand-token requests ran 20-50 % slower in both arms, which a one-chunk warm-up did
 not cover. TTFT is the wall time of a one-token request. Each arm runs in a subprocess of its
-own (one vLLM engine per process), then the summary is written as JSON. Both arms run with
+own (one vLLM engine per process), ``--rounds`` times (2), the arms' order alternating from
+round to round so that the machine's drift between runs does not fall on one arm; the summary
+pools the rounds (and gives the ratio of each) and is written as JSON. Both arms run with
 ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``: by default vLLM's CPU build keeps one core for its
 scheduler unless a KV connector is configured, which on a 2-core machine binds plain vLLM's
 worker to a single core and would flatter the connector arm::
@@ -119,8 +121,14 @@ def summarize(arms: dict[str, dict], meta: dict) -> dict:
     out["ragkv_misses"] = sum(r["misses"] or 0 for r in fused)
     out["ragkv_recomputed_share"] = statistics.fmean((r["recomputed"] or 0) / r["tokens"]
                                                      for r in fused)
+    rounds = sorted({r.get("round", 0) for r in fused})
+    out["ragkv_over_plain_mean_by_round"] = [
+        statistics.fmean(r["ttft_s"] for r in fused if r.get("round", 0) == n)
+        / statistics.fmean(r["ttft_s"] for r in plain if r.get("round", 0) == n)
+        for n in rounds]
     out["ragkv_load_median_s"] = statistics.median(r.get("load_s") or 0.0 for r in fused)
-    out["queries"] = [{"case": a["case"], "tokens": a["tokens"], "plain_ttft_s": a["ttft_s"],
+    out["queries"] = [{"round": a.get("round", 0), "case": a["case"], "tokens": a["tokens"],
+                       "plain_ttft_s": a["ttft_s"],
                        "ragkv_ttft_s": b["ttft_s"], "ragkv_load_s": b.get("load_s"),
                        "ragkv_tiers": b.get("tiers")}
                       for a, b in zip(plain, fused, strict=True)]
@@ -134,6 +142,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
     ap.add_argument("--warm", type=int, default=3, help="untimed queries over other cases first")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of each arm, their order alternating from round to round")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_workload.json"))
     ap.add_argument("--arm", choices=("plain", "ragkv"), help=argparse.SUPPRESS)
     ap.add_argument("--arm-out", type=Path, help=argparse.SUPPRESS)
@@ -147,18 +157,29 @@ def main() -> None:
         result = run_arm(args.arm, stream, args.ratio, args.home, warm)
         args.arm_out.write_text(json.dumps(result))
         return
-    arms = {}
+    arms: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="ragkv-workload-") as tmp:
-        for arm in ("plain", "ragkv"):
-            part = Path(tmp) / f"{arm}.json"
-            subprocess.run([sys.executable, __file__, "--cases", str(args.cases), "--n-cases",
-                            str(args.n_cases), "--queries", str(args.queries), "--ratio",
-                            str(args.ratio), "--warm", str(args.warm), "--arm", arm,
-                            "--arm-out", str(part), "--home", str(Path(tmp) / "home")], check=True,
-                           env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
-            arms[arm] = json.loads(part.read_text())
+        # Rounds alternate the arms' order (plain first, then ragkv first, ...): the machine's
+        # speed drifts between runs, and a fixed order would hand the drift to one arm.
+        for r in range(args.rounds):
+            for arm in ("plain", "ragkv") if r % 2 == 0 else ("ragkv", "plain"):
+                part = Path(tmp) / f"{arm}-{r}.json"
+                subprocess.run([sys.executable, __file__, "--cases", str(args.cases),
+                                "--n-cases", str(args.n_cases), "--queries", str(args.queries),
+                                "--ratio", str(args.ratio), "--warm", str(args.warm), "--arm",
+                                arm, "--arm-out", str(part), "--home",
+                                str(Path(tmp) / f"home-{r}")], check=True,
+                               env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+                run = json.loads(part.read_text())
+                for rec in run["records"]:
+                    rec["round"] = r
+                if arm in arms:
+                    arms[arm]["records"] += run["records"]
+                else:
+                    arms[arm] = run
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": args.n_cases,
-            "queries": args.queries, "warm_queries": args.warm, "chunks_per_query": 6,
+            "queries": args.queries, "rounds": args.rounds, "warm_queries": args.warm,
+            "chunks_per_query": 6,
             "ratio": args.ratio,
             "engine": "vllm (CPU build), SmolLM2, fp32, eager, prefix caching on"}
     result = summarize(arms, meta)
