@@ -41,7 +41,7 @@ import torch
 
 from ragkv import metrics
 from ragkv.api import RagKV
-from ragkv.bench import BenchSpec, load_cases, warm_config
+from ragkv.bench import BenchSpec, load_cases, read_into_memory, warm_config
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, RagkvConfig
 from ragkv.engine.hf import HFEngine
@@ -254,8 +254,7 @@ def main() -> None:
         for i, (chunks, question) in enumerate(prompts[n]):
             # the prompt's chunks into the memory tier, as ``ragkv bench`` does: the blend
             # reads the tier it would on a chunk seen before, not whatever the last prompt left
-            rag.generate(chunks, question, mode="blend", blend=warm, max_new_tokens=1,
-                         log_query=False)
+            read_into_memory(rag, chunks, question, warm)
             order = modes if i % 2 == 0 else modes[::-1]
             res = {m: run(chunks, question, m) for m in order}
             row = {"length": n, "prompt": i, "chunks": len(chunks),

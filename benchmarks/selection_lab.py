@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ragkv.api import RagKV
-from ragkv.bench import BenchSpec, _record, _scores, load_cases, warm_config
+from ragkv.bench import BenchSpec, _record, _scores, load_cases, read_into_memory, warm_config
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import BlendConfig, RagkvConfig, default_home
 
@@ -97,7 +97,7 @@ def main() -> None:
     for case, chunk_ids in zip(cases, ids, strict=True):
         q = case["question"]
         # every variant reads the case's chunks from the memory tier (as in ``ragkv bench``)
-        rag.generate(chunk_ids, q, mode="blend", blend=warm, max_new_tokens=1, log_query=False)
+        read_into_memory(rag, chunk_ids, q, warm)
         full = rag.generate(chunk_ids, q, mode="full", keep_kv=True, log_query=False,
                             max_new_tokens=args.max_new_tokens)
         scores = _scores(full, full.tokens)

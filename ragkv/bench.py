@@ -89,6 +89,13 @@ def warm_config(spec: BenchSpec) -> BlendConfig:
                        correction="none")
 
 
+def read_into_memory(rag: RagKV, chunks: list[list[int]], question: str,
+                     blend: BlendConfig) -> None:
+    """One untimed read of ``chunks`` (a one-token blend with ``blend``, from
+    :func:`warm_config`) that leaves them in ``rag``'s memory tier."""
+    rag.generate(chunks, question, mode="blend", blend=blend, max_new_tokens=1, log_query=False)
+
+
 def _scores(answer: Answer, target: list[int]) -> list[NextToken] | None:
     """Teacher-forced rows of ``answer``'s prefill, or None where the engine has none."""
     try:
@@ -155,9 +162,8 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
     warm_blend = warm_config(spec)
     for i, (case, ids) in enumerate(zip(cases, chunk_ids, strict=True)):
         q = case["question"]
-        for r in rags.values():  # the case's chunks into the memory tier: see the docstring
-            r.generate(ids, q, mode="blend", blend=warm_blend, max_new_tokens=1,
-                       log_query=False)
+        for r in rags.values():  # see the docstring
+            read_into_memory(r, ids, q, warm_blend)
         full = first.generate(ids, q, mode="full", keep_kv=True, log_query=False,
                               max_new_tokens=spec.max_new_tokens)
         full_scores = _scores(full, full.tokens)
