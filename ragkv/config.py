@@ -42,6 +42,11 @@ def default_home() -> Path:
     return Path(os.environ.get("RAGKV_HOME", Path.home() / ".cache" / "ragkv")).expanduser()
 
 
+def _is_number(value: object) -> bool:
+    """An int or float, not a bool (``True`` is an int to Python, never a ratio here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass
 class BlendConfig:
     """How ``blend`` picks the tokens it recomputes.
@@ -106,32 +111,25 @@ class BlendConfig:
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got "
                              f"{self.correction!r}")
-        if (isinstance(self.correction_strength, bool)
-                or not isinstance(self.correction_strength, int | float)
-                or not 0.0 <= self.correction_strength <= 2.0):
+        if not (_is_number(self.correction_strength) and 0.0 <= self.correction_strength <= 2.0):
             raise ValueError(f"correction_strength must be a number within [0, 2], got "
                              f"{self.correction_strength!r}")
         if (isinstance(self.correction_window, bool) or not isinstance(self.correction_window, int)
                 or self.correction_window < 0):
             raise ValueError(f"correction_window must be a whole number of tokens >= 0, got "
                              f"{self.correction_window!r}")
-        if (isinstance(self.correction_mix, bool)
-                or not isinstance(self.correction_mix, int | float)
-                or not 0.0 <= self.correction_mix <= 1.0):
+        if not (_is_number(self.correction_mix) and 0.0 <= self.correction_mix <= 1.0):
             raise ValueError(f"correction_mix must be a number within [0, 1], got "
                              f"{self.correction_mix!r}")
-        if self.coverage is not None and (isinstance(self.coverage, bool) or not isinstance(
-                self.coverage, int | float) or not 0.0 < self.coverage <= 1.0):
+        if self.coverage is not None and not (_is_number(self.coverage)
+                                              and 0.0 < self.coverage <= 1.0):
             raise ValueError(f"coverage must be within (0, 1] or None, got {self.coverage!r}")
-        if (isinstance(self.max_ratio, bool) or not isinstance(self.max_ratio, int | float)
-                or not 0.0 <= self.max_ratio <= 1.0):
+        if not (_is_number(self.max_ratio) and 0.0 <= self.max_ratio <= 1.0):
             raise ValueError(f"max_ratio must be within [0, 1], got {self.max_ratio!r}")
-        if (isinstance(self.start_factor, bool) or not isinstance(self.start_factor, int | float)
-                or self.start_factor < 1.0):
+        if not _is_number(self.start_factor) or self.start_factor < 1.0:
             raise ValueError(f"start_factor must be a number >= 1, got {self.start_factor!r}")
-        if self.floor_ratio is not None and (
-                isinstance(self.floor_ratio, bool) or not isinstance(self.floor_ratio, int | float)
-                or not 0.0 <= self.floor_ratio <= 1.0):
+        if self.floor_ratio is not None and not (_is_number(self.floor_ratio)
+                                                 and 0.0 <= self.floor_ratio <= 1.0):
             raise ValueError(f"floor_ratio must be within [0, 1] or None, got "
                              f"{self.floor_ratio!r}")
 
