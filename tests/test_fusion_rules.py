@@ -285,6 +285,40 @@ def test_fuse_deviation_defaults_to_keys_and_names_each_layer(llama, monkeypatch
 
 
 @torch.inference_mode()
+def test_fuse_runs_the_last_layer_for_the_last_position_only(llama, monkeypatch):
+    """After the last layer only the last position's hidden state is read (the logits): that
+    layer attends and runs its MLP for one row, the other computed rows' K/V still written.
+    ``logits=False`` (vLLM, which computes the last position itself) skips that layer's
+    attention and MLP and leaves the same K/V."""
+    case = make_case(llama, seed=5, lengths=[20, 20])
+    ids = torch.tensor(case.prompt.ids)
+    plan = _plan(llama, case, "blend", BlendConfig(ratio=0.3, policy="hkvd"))
+    L, T = llama.runner.n_layers, len(case.prompt)
+    rows: list[tuple[int, int]] = []
+    attend = llama.runner.attend
+
+    def spy(q, k, v, q_pos, layer=None):
+        rows.append((layer, q.shape[1]))
+        return attend(q, k, v, q_pos, layer=layer)
+
+    monkeypatch.setattr(llama.runner, "attend", spy)
+    out = fuse(llama.runner, ids, case.cached, plan.ctx, plan.policy, record=True)
+    assert rows[-1] == (L - 1, 1) and rows[-2][1] == out.recomputed_per_layer[-2] > 1
+    assert out.recomputed_per_layer[-1] == out.layer_sets[-1].numel() > 1
+    # ratio 1.0: every row's K/V and the logits are full prefill's
+    full = _plan(llama, case, "blend", BlendConfig(ratio=1.0))
+    every = fuse(llama.runner, ids, case.cached, full.ctx, full.policy)
+    assert every.recomputed_per_layer == [T - case.prompt.prefix_len] * L  # after the prefix
+    for ours, theirs in zip(every.k + every.v, case.full.k + case.full.v, strict=True):
+        assert max_diff(ours, theirs) < TOL
+    assert max_diff(every.logits, case.full.logits) < TOL
+    rows.clear()
+    bare = fuse(llama.runner, ids, case.cached, plan.ctx, plan.policy, logits=False)
+    assert bare.logits is None and [layer for layer, _ in rows] == list(range(L - 1))
+    assert all(torch.equal(a, b) for a, b in zip(bare.k + bare.v, out.k + out.v, strict=True))
+
+
+@torch.inference_mode()
 def test_fuse_reports_per_layer_timings_and_reuses_a_workspace(llama):
     """The loading controller (``ratio="auto"``) reads one placement and one compute time per
     layer; with a workspace the result's K/V are views into its buffers, reused by the next

@@ -132,5 +132,6 @@ def test_kernel_precompute_after_a_prefix_equals_reference(launches,
         ref = engine.precompute(case.chunks[0], past)
     with kernels(engine, make_ops("triton", engine.runner.device)):
         got = engine.precompute(case.chunks[0], past)
-    assert launches["attention"].calls == engine.runner.n_layers
+    # every layer but the last, whose output nothing reads (its K/V is all precompute keeps)
+    assert launches["attention"].calls == engine.runner.n_layers - 1
     assert max_diff(got.k, ref.k) < 1e-5 and max_diff(got.v, ref.v) < 1e-5

@@ -34,7 +34,7 @@ class FusedPrefill:
     """Result of one prefill.
 
     k, v: per layer ``[kv_heads, T, head_dim]``, keys rotated to their positions (ready for
-    decoding). logits: ``[vocab]`` at the last position. recomputed_per_layer: how many
+    decoding). logits: ``[vocab]`` at the last position (None when not asked for). recomputed_per_layer: how many
     positions were computed at each layer. layer_sets: the computed positions per layer when
     recording was asked for (for inspection). layer_s / place_s: seconds each layer took to
     compute and to place its cached KV (the loading controller's measurements).
@@ -42,7 +42,7 @@ class FusedPrefill:
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     recomputed_per_layer: list[int]
     final_positions: torch.Tensor
     layer_sets: list[torch.Tensor] = field(default_factory=list)
@@ -67,12 +67,17 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
          ctx: SelectionContext, policy: SelectionPolicy, *, deviation_on: str = "k",
          record: bool = False, pipelined: bool | None = None,
          workspace: Workspace | None = None,
-         correction: Correction | None = None) -> FusedPrefill:
+         correction: Correction | None = None, logits: bool = True) -> FusedPrefill:
     """Prefill ``ids [T]`` reusing ``cached`` spans ``(start, ChunkKV)``.
 
     Positions covered by no span must be among the policy's initial positions; the last
     position (end of the question suffix) always is, since it carries the first-token logits.
     With a ``workspace`` the result's K/V are views into it, valid until its next use.
+
+    After the last layer only the last position's hidden state is read (for the logits), so
+    that layer attends and runs its MLP for that position alone; every computed position's
+    K/V is still written. ``logits=False`` (an engine that computes the last position itself)
+    skips the last layer's attention and MLP altogether and returns no logits.
     """
     T = ids.shape[0]
     runner.check_length(T)
@@ -132,17 +137,19 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
             if not bool(keep.all()):
                 active, q, h = active[keep], q[:, keep], h[keep]
                 anchors = None
-        plain_causal = active.numel() == T
-        out = runner.attend(q, k_buf[layer], v_buf[layer], None if plain_causal else active,
-                           layer=layer)
-        h = runner.finish(layer, h, out)
+        q_pos = None if active.numel() == T else active  # None: plain causal
+        if layer == L - 1:  # the rows after the last layer feed nothing but the logits
+            q, h, q_pos = q[:, -1:], h[-1:], active[-1:]
+        if logits or layer < L - 1:
+            h = runner.finish(layer, h, runner.attend(q, k_buf[layer], v_buf[layer], q_pos,
+                                                      layer=layer))
         counts.append(int(active.numel()))
         clock.lap()
         if record:
             sets.append(active.cpu())
-    logits = runner.logits(h[-1:])[0]
+    last = runner.logits(h)[0] if logits else None
     place_s = feed.close()
-    return FusedPrefill(list(k_buf.unbind(0)), list(v_buf.unbind(0)), logits, counts,
+    return FusedPrefill(list(k_buf.unbind(0)), list(v_buf.unbind(0)), last, counts,
                         active.cpu(), sets, layer_s=clock.seconds(), place_s=place_s,
                         guard_tokens=policy.raised)
 
@@ -167,6 +174,8 @@ def compute_span(runner: LlamaFamilyRunner, ids: torch.Tensor,
     for layer in range(L):
         q, k, v = runner.qkv(layer, h)
         ks[layer], vs[layer] = k, v
+        if layer == L - 1:  # nothing reads the last layer's output
+            break
         q, k = runner.rotate(q, cos[P:], sin[P:]), runner.rotate(k, cos[P:], sin[P:])
         if past is not None:
             k = torch.cat([past_k[layer], k], dim=1)

@@ -46,6 +46,8 @@ def _batch(runner, chunks: Sequence[Sequence[int]], past: ChunkKV | None) -> lis
         k = k.reshape(H, B, n, D).transpose(0, 1)
         v = v.reshape(H, B, n, D).transpose(0, 1)
         ks[layer], vs[layer] = k, v
+        if layer == L - 1:  # nothing reads the last layer's output
+            break
         q, k = runner.rotate(q, cos[P:], sin[P:]), runner.rotate(k, cos[P:], sin[P:])
         if past is not None:
             k = torch.cat([past_k[layer].expand(B, -1, -1, -1), k], dim=2)

@@ -125,7 +125,8 @@ class WorkerFusion:
         with torch.inference_mode(), r.on_paged_cache(paged):
             out = fuse(r, torch.tensor(ids, device=r.device), cached, plan.ctx, plan.policy,
                        deviation_on=p.blend.deviation_on, workspace=self.workspace,
-                       record=p.record, correction=plan.correction)
+                       record=p.record, correction=plan.correction,
+                       logits=False)  # vLLM computes the last position itself
         trace["fuse_s"] = time.perf_counter() - t1
         trace["attention"] = "vllm" if paged is not None else "ragkv"
         final = out.final_positions.cpu()
