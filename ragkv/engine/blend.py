@@ -34,10 +34,11 @@ class FusedPrefill:
     """Result of one prefill.
 
     k, v: per layer ``[kv_heads, T, head_dim]``, keys rotated to their positions (ready for
-    decoding). logits: ``[vocab]`` at the last position (None when not asked for). recomputed_per_layer: how many
-    positions were computed at each layer. layer_sets: the computed positions per layer when
-    recording was asked for (for inspection). layer_s / place_s: seconds each layer took to
-    compute and to place its cached KV (the loading controller's measurements).
+    decoding). logits: ``[vocab]`` at the last position (None when not asked for).
+    recomputed_per_layer: how many positions' K/V were computed at each layer. layer_sets: the
+    computed positions per layer when recording was asked for (for inspection). layer_s /
+    place_s: seconds each layer took to compute and to place its cached KV (the loading
+    controller's measurements).
     """
 
     k: list[torch.Tensor]
