@@ -82,6 +82,27 @@ def test_pgdsf_keeps_frequent_and_costly_lru_keeps_recent():
         lru.priority(hits=0, tokens=1, nbytes=1, now=2.0, clock=0)
 
 
+def test_a_promoted_entry_ranks_by_its_hits_in_the_index(tmp_path):
+    """PGDSF ranks by frequency: a chunk read up from disk brings the hits the index counted
+    for it. Counted from zero, a frequent chunk ranked below every resident entry and the next
+    promotion evicted it again, so it was read from disk on every query."""
+    store = make_store(tmp_path, memory=2 * 2560)  # two entries of kv(5): 2 x 1280 bytes
+    for i in range(3):
+        put(store, i)
+    store.memory.clear()
+    for _ in range(10):  # entry 2 is the frequent one (one disk read, then memory hits)
+        get(store, 2)
+    store.memory.clear()
+    for _ in range(3):
+        get(store, 0)
+    get(store, 1)  # memory: 0 (3 hits) and 1 (1 hit)
+    evicted = store.memory.evictions
+    assert get(store, 2).tier == "disk"  # promoted with its 11 hits: 1 leaves
+    assert get(store, 1).tier == "disk"  # promoted: 0, the least frequent, leaves, not 2
+    assert get(store, 2).tier == "memory" and key(0) not in store.memory
+    assert store.memory.evictions - evicted == 2
+
+
 @pytest.mark.parametrize("policy", ["pgdsf", "lru"])
 def test_disk_budget_evicts_by_policy_and_stays_consistent(tmp_path, policy):
     store = make_store(tmp_path, policy=policy)

@@ -76,8 +76,12 @@ class MemoryTier:
         return tensors if shared else _copy(tensors)
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], *, model_fp: str, layout: str,
-            tokens: int) -> bool:
-        """Hold a copy; returns False when the entry alone exceeds the budget."""
+            tokens: int, hits: int = 0) -> bool:
+        """Hold a copy; returns False when the entry alone exceeds the budget. ``hits``: the
+        entry's hits so far in the tiers below (a promoted chunk is as frequent as the index
+        says, not new: counted from zero, it ranked below every resident entry and the next
+        promotion evicted it again, so a chunk of a working set larger than the tier could be
+        read from disk on every query)."""
         nbytes = tensors_nbytes(tensors)
         if self.budget is not None and nbytes > self.budget:
             self.discard(key)
@@ -88,7 +92,7 @@ class MemoryTier:
             if old is not None:
                 self.nbytes -= old.nbytes
             slot = _Slot(own, model_fp, layout, tokens, max(nbytes, 1),
-                         old.hits if old else 0, 0.0)
+                         max(hits, old.hits if old else 0), 0.0)
             slot.priority = self._score(slot)
             self._slots[key] = slot
             self.nbytes += nbytes

@@ -138,7 +138,7 @@ class KVStore:
                 self._write(entry.key, entry.blob_name, upper, upper_blobs, data)
             if self.memory is not None:
                 self.memory.put(key, tensors, model_fp=model_fp, layout=layout,
-                                tokens=entry.n_tokens)
+                                tokens=entry.n_tokens, hits=entry.hits + 1)  # this read too
             return self._hit(key, Fetched(tensors, tier), len(data))
         return self._miss()
 
