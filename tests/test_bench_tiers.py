@@ -33,6 +33,8 @@ def test_every_run_reads_the_memory_tier(tmp_path, engine):
     timed = [r for r in out["cases"] if r["mode"] != "full"]
     assert len(timed) == len(_cases()) * len(variants(spec))
     assert all(r["tiers"] == ["memory"] and r["hits"] == 3 for r in timed)
+    # each record splits its TTFT: the fusion's own time beside the lookup and the loading
+    assert all(0 < r["fuse_s"] < r["ttft_s"] for r in timed)
 
 
 def test_the_warm_read_shares_no_blend_setting_with_a_timed_run():
