@@ -138,12 +138,14 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
             if not bool(keep.all()):
                 active, q, h = active[keep], q[:, keep], h[keep]
                 anchors = None
-        q_pos = None if active.numel() == T else active  # None: plain causal
-        if layer == L - 1:  # the rows after the last layer feed nothing but the logits
-            q, h, q_pos = q[:, -1:], h[-1:], active[-1:]
-        if logits or layer < L - 1:
+        if layer < L - 1:
+            q_pos = None if active.numel() == T else active  # None: plain causal
             h = runner.finish(layer, h, runner.attend(q, k_buf[layer], v_buf[layer], q_pos,
                                                       layer=layer))
+        elif logits:  # after the last layer only the last position's row is read
+            h = runner.finish(layer, h[-1:], runner.attend(q[:, -1:], k_buf[layer],
+                                                           v_buf[layer], active[-1:],
+                                                           layer=layer))
         counts.append(int(active.numel()))
         clock.lap()
         if record:
