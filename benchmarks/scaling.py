@@ -82,7 +82,7 @@ def _time(rag: RagKV, chunks, question: str, mode: str) -> dict:
     return {"ttft_s": t.ttft_s, "cpu_s": cpu, "context_tokens": t.context_tokens,
             "recomputed_tokens": t.recomputed_tokens, "load_s": t.load_s,
             "lookup_s": t.lookup_s, "hits": t.hits, "misses": t.misses,
-            "tiers": sorted({c.tier for c in t.chunks if c.tier}), "first": ans.first}
+            "tiers": t.tiers, "first": ans.first}
 
 
 def _slope(xs: list[float], ys: list[float]) -> float | None:

@@ -95,7 +95,7 @@ def run_arm(arm: str, stream: list[dict], ratio: float, home: Path,
         records.append({"case": q["case"], "ttft_s": t.ttft_s, "tokens": t.context_tokens,
                         "engine_ttft_s": t.engine_ttft_s, "first_token": a.tokens[:1],
                         "hits": t.hits, "misses": t.misses, "load_s": t.load_s,
-                        "tiers": sorted({c.tier for c in t.chunks if c.tier}),
+                        "tiers": t.tiers,
                         "recomputed": t.recomputed_tokens, "error": t.error})
         print(arm, q["case"], f"{t.ttft_s:.3f}s", file=sys.stderr, flush=True)
     rag.close()

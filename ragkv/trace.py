@@ -61,6 +61,11 @@ class QueryTrace:
         return sum(c.hit is False for c in self.chunks)
 
     @property
+    def tiers(self) -> list[str]:
+        """The cache tiers that served this answer's chunks, sorted (none: all computed)."""
+        return sorted({c.tier for c in self.chunks if c.tier})
+
+    @property
     def recomputed_tokens(self) -> int:
         """Tokens computed at the deepest layer (the figure that sets the cost)."""
         return self.recomputed_per_layer[-1] if self.recomputed_per_layer else 0

@@ -65,7 +65,7 @@ def _answer(rag: Any) -> dict[str, Any]:
         "n_chunks": len(chunks),
         "hits": answer.trace.hits,
         "misses": answer.trace.misses,
-        "tiers": sorted({c.tier for c in answer.trace.chunks if c.tier}),
+        "tiers": answer.trace.tiers,
         "tokens": answer.tokens,
     }
 
