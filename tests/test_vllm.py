@@ -173,6 +173,32 @@ def test_facade_ingests_through_vllm_and_answers_every_mode_with_a_trace(vllm_ra
     assert "".join(pieces).strip() == rag.generate(chunks, QUESTION, max_new_tokens=8).text
 
 
+def test_auto_ratio_follows_the_connectors_timings_and_a_set_ratio_wins(vllm_rag):
+    """``ratio="auto"`` on vLLM: the client's loading controller reads the placement and
+    compute times the connector reports, and the request carries the ratio it chose."""
+    from ragkv.engine.loading import LoadingController
+
+    rag = vllm_rag
+    chunks = [rag.tokenizer(c, add_special_tokens=False).input_ids for c in CHUNKS]
+    backend = rag.backend
+    saved, backend.controller = backend.controller, LoadingController(smoothing=1.0)
+    try:
+        first = rag.generate(chunks, QUESTION, max_new_tokens=4,
+                             blend=BlendConfig(ratio="auto", min_ratio=0.2))
+        assert first.trace.error is None and first.trace.ratio == 0.2  # nothing measured yet
+        c = backend.controller
+        assert c.load_s_per_token is not None and c.compute_s_per_token > 0
+        c.load_s_per_token = 10 * c.compute_s_per_token  # loading slow: recompute is free
+        auto = rag.generate(chunks, QUESTION, max_new_tokens=8, blend=BlendConfig(ratio="auto"))
+        assert auto.trace.ratio == 1.0 and auto.trace.error is None
+        full = rag.generate(chunks, QUESTION, mode="full", max_new_tokens=8)
+        assert auto.tokens == full.tokens  # ratio 1.0 is full prefill
+        fixed = rag.generate(chunks, QUESTION, max_new_tokens=4, blend=BlendConfig(ratio=0.15))
+        assert fixed.trace.ratio == 0.15
+    finally:
+        backend.controller = saved
+
+
 def test_full_prefill_scores_its_own_greedy_answer(vllm_rag):
     """Teacher forcing on vLLM (prompt log-probabilities): the greedy answer is each row's
     top token, so the bench's teacher-forced agreement of full with itself is 1."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -73,9 +72,7 @@ class HFEngine:
 
     def resolve(self, blend: BlendConfig) -> BlendConfig:
         """``blend`` with ``ratio="auto"`` replaced by the loading controller's choice."""
-        if blend.ratio != "auto":
-            return blend
-        return replace(blend, ratio=self.controller.choose_ratio(blend.min_ratio))
+        return self.controller.resolve(blend)
 
     @torch.inference_mode()
     def prefill(self, prompt: AssembledPrompt, cached: list[tuple[int, ChunkKV]], mode: str,

@@ -15,10 +15,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ragkv.config import BlendConfig
 from ragkv.engine.kernels import interpreting
 from ragkv.engine.kv import ChunkKV
 
@@ -287,3 +288,10 @@ class LoadingController:
         if not self.load_s_per_token or not self.compute_s_per_token:
             return floor
         return float(min(1.0, max(floor, self.load_s_per_token / self.compute_s_per_token)))
+
+    def resolve(self, blend: BlendConfig) -> BlendConfig:
+        """``blend`` with ``ratio="auto"`` replaced by this controller's choice (a set ratio
+        wins): what an engine fuses with, and what the trace and the request carry."""
+        if blend.ratio != "auto":
+            return blend
+        return replace(blend, ratio=self.choose_ratio(blend.min_ratio))

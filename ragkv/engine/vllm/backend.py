@@ -28,6 +28,7 @@ from ragkv.engine.base import (
     request_trace,
     to_precompute,
 )
+from ragkv.engine.loading import LoadingController
 from ragkv.engine.vllm.client import RequestBuilder, VLLMRequest
 from ragkv.engine.vllm.transport import HTTP, Completion, InProcess
 from ragkv.keys import KeySpace
@@ -86,6 +87,8 @@ class VLLMBackend:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_ids = set() if eos is None else {int(eos)}
         self._probe = list(template.prefix_ids[:1]) or [0]
+        #: answers ``ratio="auto"`` from the placement and compute times the connector reports
+        self.controller = LoadingController()
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -165,14 +168,19 @@ class VLLMBackend:
         import time
 
         prompt, mode = req.prompt, req.mode
-        if req.blend.ratio == "auto" and mode == "blend":
-            raise ValueError("ratio 'auto' is not available on vLLM; give a number")
+        # resolved here, so the request (and its cache salt) names the ratio fused with
+        req = replace(req, blend=self.controller.resolve(req.blend))
         vreq = self.builder.prompt(prompt, req.keys, mode, req.blend, req.context, req.record)
         first = self.transport.complete([vreq], 1, req.top_logprobs)[0]
         ttft = time.perf_counter() - req.started
         if not first.tokens:
             raise EngineError("vLLM returned no token for the prompt")
         trace = self._trace(req, first)
+        note = first.note
+        if mode == "blend" and not trace.error and note.get("place_s"):
+            self.controller.observe(chunk_tokens=int(note.get("chunk_tokens") or 0),
+                                    place_s=note["place_s"], layer_s=note["layer_s"],
+                                    computed=trace.recomputed_per_layer)
         trace.ttft_s = ttft
         return VLLMGeneration(self, vreq, trace, first.tokens[0], NextToken(first.first_top),
                               req.max_new_tokens, list(prompt.ids))

@@ -134,6 +134,9 @@ class WorkerFusion:
             entry[2] = int(((final >= s) & (final < e)).sum())
         trace["chunks"] = per_chunk
         trace["recomputed_per_layer"] = list(out.recomputed_per_layer)
+        # what the client's loading controller reads to answer ``ratio="auto"``
+        trace["chunk_tokens"] = plan.ctx.chunk_tokens
+        trace["place_s"], trace["layer_s"] = list(out.place_s), list(out.layer_s)
         trace["guard_tokens"] = out.guard_tokens
         trace["recomputed"] = sum(c[2] for c in per_chunk)
         trace["hits"] = sum(1 for c in per_chunk if c[0])

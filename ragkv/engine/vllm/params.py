@@ -180,7 +180,8 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     except (TypeError, ValueError) as exc:
         raise ParamsError(f"bad blend settings: {exc}") from None
     if blend.ratio == "auto":
-        raise ParamsError("ratio 'auto' is not supported inside vLLM; give a number")
+        raise ParamsError("ratio must be a number in a request ('auto' is resolved by ragkv's "
+                          "client before it sends one)")
     try:
         policy_class(blend.policy)
     except ValueError as exc:
