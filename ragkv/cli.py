@@ -24,6 +24,7 @@ from ragkv.cli_shared import (
     answers_table,
     console,
     fail,
+    index_failure,
     open_rag,
     print_summary,
     progress_bar,
@@ -264,7 +265,13 @@ def main() -> None:  # pragma: no cover
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    app()
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        app()
+    except SQLAlchemyError as exc:  # an index server that went away mid-command
+        console.print(f"[red]error:[/red] {index_failure(exc)}")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ragkv.cli_shared import BlobUrl, Home, IndexUrl, console, fail
+from ragkv.cli_shared import BlobUrl, Home, IndexUrl, cache_errors, console, fail
 from ragkv.config import RagkvConfig, default_home
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the KV cache.")
@@ -22,11 +22,12 @@ def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
     from ragkv.anchor import ANCHOR_SETTING
     from ragkv.cache_index import BlobStore, CacheIndex
 
-    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url)
-    index = CacheIndex(cfg.resolved_index_url)
-    s = index.stats()
-    s["blob_bytes"] = BlobStore(cfg.resolved_blob_url, cfg.blob_options).total_bytes()
-    anchor = index.setting(ANCHOR_SETTING)
+    with cache_errors():
+        cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url)
+        index = CacheIndex(cfg.resolved_index_url)
+        s = index.stats()
+        s["blob_bytes"] = BlobStore(cfg.resolved_blob_url, cfg.blob_options).total_bytes()
+        anchor = index.setting(ANCHOR_SETTING)
     s["anchor_passage"] = ("neutral (none recorded)" if anchor is None
                            else f"corpus, {len(anchor):,} chars: {anchor[:60]!r}...")
     t = Table("what", "value")
@@ -63,8 +64,9 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
     """Read every stored blob: checksum, framing, metadata; remove bad entries and orphans."""
     from ragkv.cache_index import verify
 
-    report = verify(_store(home, remote_url=remote, index_url=index_url, blob_url=blob_url),
-                    repair=repair, orphan_grace_s=grace_s)
+    with cache_errors():
+        report = verify(_store(home, remote_url=remote, index_url=index_url,
+                               blob_url=blob_url), repair=repair, orphan_grace_s=grace_s)
     for key, tier, reason in report.bad[:50]:
         console.print(f"[red]bad[/red] {tier} {key[:16]}: {reason}")
     for tier, name in report.orphans[:50]:
@@ -83,11 +85,13 @@ def cache_gc(home: Home = default_home(), remote: Remote = None,
              remote_budget_mb: Annotated[float | None, typer.Option(help="remote budget")] = None,
              ) -> None:
     """Evict lowest-priority entries until each tier fits its budget."""
-    store = _store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
     if disk_budget_mb is None and remote_budget_mb is None:
         fail("give --disk-budget-mb and/or --remote-budget-mb")
+    with cache_errors():
+        store = _store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
+        reports = store.apply_budgets()
     t = Table("tier", "budget MiB", "before MiB", "after MiB", "evicted")
-    for r in store.apply_budgets():
+    for r in reports:
         t.add_row(r.tier, f"{(r.budget or 0) / 2**20:.1f}", f"{r.bytes_before / 2**20:.1f}",
                   f"{r.bytes_after / 2**20:.1f}", str(r.evicted))
     console.print(t)

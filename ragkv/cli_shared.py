@@ -3,7 +3,8 @@ on the engine a user names, and the tables answers print as."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
@@ -52,6 +53,27 @@ def run_engine(work: Callable[[], T]) -> T:
         fail(str(exc), code=1)
     except (ValueError, LookupError) as exc:
         fail(str(exc))
+
+
+def index_failure(exc: Exception) -> str:
+    """One line for a cache index that could not be reached or read."""
+    from ragkv.cache_index.database import brief
+
+    return f"the cache index could not be read: {brief(exc)}"
+
+
+@contextmanager
+def cache_errors() -> Iterator[None]:
+    """A cache URL or setting that is wrong is one line and exit 2; an index that does not
+    answer one line and exit 1; never a traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except ValueError as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        fail(index_failure(exc), code=1)
 
 
 def open_rag(home: Path, model: Path | None, context: str = "anchor",

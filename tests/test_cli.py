@@ -109,3 +109,40 @@ def test_demo_on_smollm(tmp_path: Path, smol_path: Path) -> None:
     assert out.count("speed-up") == 3 and "ragkv blend" in out
     again = run("demo", "--max-new-tokens", "4", *home)
     assert "nothing precomputed" in again
+
+
+def test_a_bad_cache_url_is_one_clear_error(tmp_path: Path) -> None:
+    """Cache URLs a user mistyped name the URL and the fix, exit 2, with no traceback."""
+    cases = [(["cache", "stats", "--index-url", "notaurl"], "not a database URL"),
+             (["cache", "verify", "--index-url", "foo://x"], "knows no database 'foo'"),
+             (["cache", "stats", "--blob-url", "nope://x"], "unknown storage nope://"),
+             (["cache", "gc", "--disk-budget-mb", "1", "--blob-url", "nope://y"],
+              "unknown storage nope://")]
+    for args, says in cases:
+        result = runner.invoke(app, [*args, "--home", str(tmp_path)])
+        assert result.exit_code == 2, (args, result.output)
+        assert says in " ".join(result.output.split()), (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_an_index_server_that_does_not_answer_is_one_line_exit_1(tmp_path: Path,
+                                                                  tiny_model: Path) -> None:
+    """``cache stats`` and a command that opens the facade (through ``main``, which catches
+    what a command left) on a PostgreSQL URL where nothing listens."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("psycopg")
+    url = "postgresql://ragkv:secret@127.0.0.1:9/ragkv"
+    result = runner.invoke(app, ["cache", "stats", "--index-url", url, "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "could not be read" in result.output, result.output
+    doc = tmp_path / "doc.md"
+    doc.write_text("Some text to ingest.")
+    argv = ["ragkv", "ingest", str(doc), "--home", str(tmp_path), "--model", str(tiny_model),
+            "--index-url", url]
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ragkv.cli import main; "
+                           f"sys.argv = {argv!r}; main()"], capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "could not be read" in out and "Traceback" not in out and "secret" not in out, out

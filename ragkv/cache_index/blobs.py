@@ -85,6 +85,9 @@ class BlobStore:
         self.url = url
         if "://" in url:
             scheme = url.split("://", 1)[0]
+            if scheme not in fsspec.available_protocols():
+                raise ValueError(f"blob URL {url!r}: unknown storage {scheme}:// (give a "
+                                 f"folder, or a file://, s3:// or redis:// URL)")
             try:
                 self.fs, root = fsspec.core.url_to_fs(
                     url, **{**_DEFAULT_OPTIONS.get(scheme, {}), **(options or {})}

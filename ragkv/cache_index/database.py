@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -41,15 +41,32 @@ def in_batches(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield items[start : start + IN_BATCH]
 
 
+def brief(exc: BaseException) -> str:
+    """The first line of a database error's own text (SQLAlchemy's wraps the driver's over
+    several lines and ends in a link): fit for a log line or a one-line error."""
+    cause = getattr(exc, "orig", None) or exc
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url`` with the pragmas (SQLite) or timeouts (servers) described above."""
-    parsed = make_url(url)
+    """An engine for ``url`` with the pragmas (SQLite) or timeouts (servers) described above.
+    A URL that names no database SQLAlchemy knows is a ``ValueError`` saying so."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"index URL {url!r} is not a database URL (e.g. sqlite:///path/"
+                         f"index.sqlite or postgresql://user@host/db)") from None
     if parsed.get_backend_name() != "sqlite":
         connect_args: dict[str, Any] = {}
         if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
             connect_args["connect_timeout"] = REMOTE_CONNECT_TIMEOUT_S
         try:
             return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        except NoSuchModuleError:
+            raise ValueError(f"index URL {parsed.render_as_string(hide_password=True)!r}: "
+                             f"SQLAlchemy knows no database {parsed.drivername!r} (use "
+                             f"sqlite:// or postgresql://)") from None
         except ImportError as exc:  # the driver is an optional extra
             extra = "postgres" if parsed.get_backend_name() == "postgresql" else None
             hint = f"pip install 'ragkv[{extra}]'" if extra else "install its database driver"
@@ -102,7 +119,7 @@ class IndexDatabase:
                 raise  # a local file that cannot be opened is a configuration error
             # A server that is down now may be back later: until then every use fails (a
             # miss for KVStore), and the first use after that migrates.
-            log.warning("cache index %s unreachable at start: %s", self.safe_url, exc)
+            log.warning("cache index %s unreachable at start: %s", self.safe_url, brief(exc))
 
     @property
     def safe_url(self) -> str:
