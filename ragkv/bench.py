@@ -25,7 +25,13 @@ import torch
 from ragkv import metrics
 from ragkv.api import Answer, RagKV
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import DEFAULT_CHECK_LAYERS, DEFAULT_RATIO, BlendConfig
+from ragkv.config import (
+    DEFAULT_CHECK_LAYERS,
+    DEFAULT_RATIO,
+    MODES,
+    PRECOMPUTE_CONTEXTS,
+    BlendConfig,
+)
 from ragkv.engine.base import EngineError, NextToken
 
 Progress = Callable[[str, int, int], None]
@@ -45,6 +51,32 @@ class BenchSpec:
     floor_ratio: float | None = None
     max_new_tokens: int = 32
     limit: int | None = None
+
+    def __post_init__(self) -> None:
+        """Every setting checked before anything is precomputed: a typo in the last mode of
+        a grid is an error now, not after the corpus's KV."""
+        from ragkv.engine.policies import policy_class
+
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        for context in self.contexts:
+            if context not in PRECOMPUTE_CONTEXTS:
+                raise ValueError(f"unknown context {context!r}; choose from "
+                                 f"{', '.join(PRECOMPUTE_CONTEXTS)}")
+        for policy in self.policies:
+            policy_class(policy)
+        for ratio in self.ratios:
+            for correction in self.corrections:
+                BlendConfig(ratio=ratio, check_layers=self.check_layers,
+                            deviation_on=self.deviation_on, correction=correction,
+                            correction_strength=self.correction_strength,
+                            coverage=self.coverage, floor_ratio=self.floor_ratio)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be at least 1 (or none for every case), got "
+                             f"{self.limit}")
 
 
 def load_cases(path: Path) -> list[dict]:
@@ -135,7 +167,7 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
                                  blend=BlendConfig(check_layers=spec.check_layers,
                                                    deviation_on=spec.deviation_on))
             for ctx in spec.contexts}
-    cases = cases[: spec.limit] if spec.limit else cases
+    cases = cases[: spec.limit] if spec.limit is not None else cases
     corpus_anchor = None  # from every case's chunks, as ingestion would see them; a passage
     if "anchor" in rags:  # the cache recorded for another corpus is not this corpus's
         corpus_anchor = rags["anchor"].choose_anchor(

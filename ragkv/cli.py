@@ -139,6 +139,8 @@ def ask(question: str,
         fail("the question is empty")
     if k < 1:
         fail(f"-k must be at least 1, got {k}")
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rag = open_rag(home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
                    ratio=ratio, policy=policy)
 
@@ -159,6 +161,8 @@ def demo(home: Home = default_home(), model: Model = None,
     """Ingest Python's documentation topics, then answer three questions with full and blend."""
     from ragkv.ingest import pydoc_topics
 
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rag = open_rag(home, model, engine=engine)
     docs = pydoc_topics(None if all_topics else DEMO_TOPICS)
     computed = run_engine(lambda: _ingest_docs(rag, docs))
@@ -173,6 +177,15 @@ def demo(home: Home = default_home(), model: Model = None,
                                                    max_new_tokens, True))
         console.rule(q)
         console.print(answers_table(answers))
+
+
+def _numbers(option: str, text: str, kind: type) -> list:
+    """A comma-separated option's values as ``kind``, or a ValueError naming the option."""
+    try:
+        return [kind(part) for part in text.split(",")]
+    except ValueError:
+        what = "whole numbers" if kind is int else "numbers"
+        raise ValueError(f"{option} takes {what} separated by commas, got {text!r}") from None
 
 
 @app.command()
@@ -204,16 +217,13 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
     from ragkv.bench import BenchSpec, load_cases, run_bench
 
     try:
-        spec = BenchSpec(modes=modes.split(","), ratios=[float(r) for r in ratios.split(",")],
+        spec = BenchSpec(modes=modes.split(","), ratios=_numbers("--ratios", ratios, float),
                          policies=policies.split(","), contexts=contexts.split(","),
-                         check_layers=tuple(int(c) for c in check_layers.split(",")),
+                         check_layers=tuple(_numbers("--check-layers", check_layers, int)),
                          deviation_on=deviation_on, corrections=corrections.split(","),
                          correction_strength=correction_strength, coverage=coverage,
                          floor_ratio=floor_ratio,
                          max_new_tokens=max_new_tokens, limit=limit)
-        for c in spec.corrections:
-            BlendConfig(correction=c, correction_strength=correction_strength, coverage=coverage,
-                        floor_ratio=floor_ratio)
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         fail(str(exc))

@@ -14,6 +14,7 @@ from typing import Any, Literal
 Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
 PrecomputeContext = Literal["cold", "prefix", "anchor"]
+PRECOMPUTE_CONTEXTS: tuple[str, ...] = ("cold", "prefix", "anchor")
 #: corrections of the KV the blend keeps from the cache (``ragkv.engine.correction``)
 CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean", "local_mean")
 #: in-process engines by name; any http(s):// URL names a served vLLM
@@ -210,7 +211,7 @@ class RagkvConfig:
         if self.engine not in ENGINES and not self.engine.startswith(("http://", "https://")):
             raise ValueError(f"engine must be 'hf', 'vllm' or the http(s):// URL of a vLLM "
                              f"server with ragkv's connector, got {self.engine!r}")
-        if self.precompute_context not in ("cold", "prefix", "anchor"):
+        if self.precompute_context not in PRECOMPUTE_CONTEXTS:
             raise ValueError(f"precompute_context must be 'cold', 'prefix' or 'anchor', "
                              f"got {self.precompute_context!r}")
         if self.anchor_text is not None and not str(self.anchor_text).strip():

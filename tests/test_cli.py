@@ -146,3 +146,31 @@ def test_an_index_server_that_does_not_answer_is_one_line_exit_1(tmp_path: Path,
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     assert "could not be read" in out and "Traceback" not in out and "secret" not in out, out
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--modes", "full,xyz"], "unknown mode 'xyz'"),
+    (["--contexts", "warm"], "unknown context 'warm'"),
+    (["--policies", "nope"], "unknown selection policy 'nope'"),
+    (["--ratios", "0.1,abc"], "--ratios takes numbers"),
+    (["--ratios", "0.1,1.5"], "within [0, 1]"),
+    (["--check-layers", "x"], "--check-layers takes whole numbers"),
+    (["--corrections", "nope"], "correction must be one of"),
+    (["--limit", "0"], "limit must be at least 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+])
+def test_bench_settings_are_checked_before_anything_is_computed(
+        tmp_path: Path, tiny_model: Path, args: list[str], says: str) -> None:
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps({"id": "a", "chunks": ["One chunk of text."],
+                                 "question": "What?"}) + "\n")
+    result = runner.invoke(app, ["bench", "--cases", str(cases), "--home", str(tmp_path),
+                                 "--model", str(tiny_model), *args])
+    assert result.exit_code == 2 and says in result.output, result.output
+    assert "precompute" not in result.output  # refused before the corpus's KV, not after
+
+
+def test_ask_and_demo_refuse_a_zero_answer_length(tmp_path: Path) -> None:
+    for cmd in (["ask", "q"], ["demo"]):
+        result = runner.invoke(app, [*cmd, "--max-new-tokens", "0", "--home", str(tmp_path)])
+        assert result.exit_code == 2 and "at least 1" in result.output, result.output
