@@ -221,16 +221,27 @@ class RagKV:
     def key_for(self, token_ids: Sequence[int]) -> str:
         return self.backend.keys.chunk(token_ids, self.config.precompute_context)
 
-    def precompute(self, token_ids: Sequence[int]) -> bool:
-        """Make sure a chunk's KV is stored; returns True if it had to be computed."""
+    def precompute(self, token_ids: str | Sequence[int]) -> bool:
+        """Make sure a chunk's KV is stored (its token ids, or its text); returns True if it
+        had to be computed."""
         return self.precompute_many([token_ids])[0]
 
-    def precompute_many(self, chunks: Sequence[Sequence[int]]) -> list[bool]:
-        """Store every chunk's KV through the engine; True where it was computed now."""
+    def precompute_many(self, chunks: Sequence[str | Sequence[int]]) -> list[bool]:
+        """Store every chunk's KV (its token ids, or its text) through the engine; True
+        where it was computed now."""
         if not chunks:
             return []
+        ids = [self.template.chunk_ids(c, i) for i, c in enumerate(chunks)]
         self._adopt_recorded_anchor()
-        return self.backend.precompute([list(c) for c in chunks], self.config.precompute_context)
+        return self.backend.precompute(ids, self.config.precompute_context)
+
+    def _retrieved(self, chunk: RetrievedChunk | str | Sequence[int], i: int) -> RetrievedChunk:
+        """A chunk as handed to :meth:`generate`: a retriever's, its text, or its ids."""
+        if isinstance(chunk, RetrievedChunk):
+            self.template.chunk_ids(chunk.token_ids, i)
+            return chunk
+        text = chunk if isinstance(chunk, str) else ""
+        return RetrievedChunk(self.template.chunk_ids(chunk, i), "", text=text)
 
     # ---- ingestion and retrieval --------------------------------------------------------
     def ingest_text(self, name: str, text: str, source: str = "", progress=None):
@@ -244,7 +255,7 @@ class RagKV:
         return retrieve(self, question, k)
 
     # ---- generation ---------------------------------------------------------------------
-    def generate(self, chunks: Sequence[RetrievedChunk | Sequence[int]], question: str, *,
+    def generate(self, chunks: Sequence[RetrievedChunk | str | Sequence[int]], question: str, *,
                  mode: str = "blend", blend: BlendConfig | None = None,
                  max_new_tokens: int = 64, keep_kv: bool = False, record: bool = False,
                  log_query: bool = True, full_ttft_s: float | None = None) -> Answer:
@@ -253,7 +264,7 @@ class RagKV:
             chunks, question, mode=mode, blend=blend, max_new_tokens=max_new_tokens,
             keep_kv=keep_kv, record=record, log_query=log_query, full_ttft_s=full_ttft_s))
 
-    def stream(self, chunks: Sequence[RetrievedChunk | Sequence[int]], question: str, *,
+    def stream(self, chunks: Sequence[RetrievedChunk | str | Sequence[int]], question: str, *,
                mode: str = "blend", blend: BlendConfig | None = None, max_new_tokens: int = 64,
                keep_kv: bool = False, record: bool = False, log_query: bool = True,
                retrieval_s: float | None = None,
@@ -264,8 +275,7 @@ class RagKV:
         answer budget fit the engine's window; the rest are left out and named in
         ``trace.left_out``. ``full_ttft_s``: full prefill's TTFT measured on this same prompt
         (logged beside this answer's, for the dashboard)."""
-        items = [c if isinstance(c, RetrievedChunk) else RetrievedChunk(list(c), "")
-                 for c in chunks]
+        items = [self._retrieved(c, i) for i, c in enumerate(chunks)]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         t0 = time.perf_counter()

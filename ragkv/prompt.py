@@ -8,6 +8,7 @@ re-tokenized, so BPE never merges across a seam and cached KV always matches its
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -85,16 +86,36 @@ class PromptTemplate:
             raise ValueError("the question is empty")
         return _encode(self.tokenizer, self.suffix_head + question.strip() + self.suffix_tail)
 
+    def chunk_ids(self, chunk: str | Sequence[int], i: int = 0) -> list[int]:
+        """Chunk ``i``'s token ids: its text tokenized on its own (as ingestion does), or the
+        ids given, checked to be whole numbers within the tokenizer's vocabulary. A chunk
+        that is neither, or has no tokens, is a ``ValueError`` that names it."""
+        if isinstance(chunk, str):
+            ids = _encode(self.tokenizer, chunk)
+        else:
+            try:
+                ids = [operator.index(t) for t in chunk]
+            except TypeError:
+                raise ValueError(f"chunk {i} must be its text, its token ids or a "
+                                 f"RetrievedChunk; got {_shown(chunk)}") from None
+        if not ids:
+            raise ValueError(f"chunk {i} has no tokens")
+        vocab = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
+        bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
+        if bad is not None:
+            raise ValueError(f"chunk {i} holds token id {bad}, outside the tokenizer's "
+                             f"vocabulary (0..{'?' if vocab is None else vocab - 1})")
+        return ids
+
     def assemble(self, chunks: Sequence[Sequence[int]], question: str) -> AssembledPrompt:
         ids = list(self.prefix_ids)
         spans: list[tuple[int, int]] = []
         for i, chunk in enumerate(chunks):
-            if len(chunk) == 0:
-                raise ValueError(f"chunk {i} has no tokens")
+            chunk = self.chunk_ids(chunk, i)
             if i:
                 ids.extend(self.sep_ids)
             spans.append((len(ids), len(ids) + len(chunk)))
-            ids.extend(int(t) for t in chunk)
+            ids.extend(chunk)
         suffix_start = len(ids)
         ids.extend(self.suffix_ids(question))
         return AssembledPrompt(ids, len(self.prefix_ids), spans, suffix_start)
@@ -102,3 +123,9 @@ class PromptTemplate:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _shown(value: object) -> str:
+    """A short description of a value a user handed in by mistake."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"

@@ -139,6 +139,33 @@ def test_generate_with_plain_token_lists(rag):
     assert [c.key for c in ans.trace.chunks] == [rag.key_for(i) for i in ids]
 
 
+def test_chunks_given_as_text_read_the_ingested_kv(rag):
+    """A chunk's text is tokenized as ingestion tokenized it, so it names the same KV."""
+    chunks = three_chunks(rag)
+    by_ids = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+    by_text = rag.generate([c.text for c in chunks], QUESTION, mode="blend",
+                           max_new_tokens=MAX_NEW)
+    assert by_text.trace.hits == 3 and by_text.trace.misses == 0
+    assert [c.key for c in by_text.trace.chunks] == [c.key for c in by_ids.trace.chunks]
+    assert by_text.tokens == by_ids.tokens
+    assert rag.precompute(chunks[0].text) is False  # stored already
+
+
+@pytest.mark.parametrize(("chunk", "says"), [
+    ([10**9], "token id 1000000000, outside the tokenizer's vocabulary"),
+    ([5, -1], "token id -1, outside"),
+    ([1.5, 2.0], "must be its text, its token ids or a RetrievedChunk"),
+    ([], "has no tokens"),
+    (42, "must be its text"),
+])
+def test_a_chunk_that_is_not_token_ids_is_a_clear_error(rag, chunk, says):
+    with pytest.raises(ValueError, match="chunk 0 ") as err:
+        rag.generate([chunk], QUESTION, max_new_tokens=1)
+    assert says in str(err.value)
+    with pytest.raises(ValueError, match=says.replace("(", r"\(")):
+        rag.precompute_many([chunk])
+
+
 def test_unknown_chunks_are_computed_and_stored(rag, tokenizer):
     ids = list(tokenizer("A chunk nobody ingested, about caching.", add_special_tokens=False)
                .input_ids)
