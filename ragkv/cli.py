@@ -21,6 +21,7 @@ from ragkv.cli_shared import (
     Home,
     IndexUrl,
     Model,
+    Port,
     answers_table,
     console,
     fail,
@@ -250,7 +251,7 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
 
 
 @app.command()
-def ui(home: Home = default_home(), model: Model = None, port: int = 8501,
+def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
        headless: bool = True, engine: Engine = "hf",
        docs_root: Annotated[list[Path] | None, typer.Option(
            "--docs-root", file_okay=False,

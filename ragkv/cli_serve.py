@@ -11,8 +11,11 @@ from typing import Annotated
 
 import typer
 
-from ragkv.cli_shared import Home, Model, console, fail
+from ragkv.cli_shared import Home, Model, Port, console, fail
 from ragkv.config import RagkvConfig, default_home
+
+#: compute dtypes vLLM takes for the model (``--dtype``)
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def serve(home: Home = default_home(), model: Model = None,
@@ -21,21 +24,29 @@ def serve(home: Home = default_home(), model: Model = None,
                    "in --home)")] = None,
           blob_url: Annotated[str | None, typer.Option(
               help="fsspec URL of the shared KV blobs (default: --home/blobs)")] = None,
-          host: str = "127.0.0.1", port: int = 8000,
+          host: str = "127.0.0.1", port: Port = 8000,
           kv_dtype: Annotated[str, typer.Option(help="stored KV dtype")] = "float32",
-          dtype: Annotated[str, typer.Option(help="the model's compute dtype")] = "float32",
+          dtype: Annotated[str, typer.Option(
+              help=f"the model's compute dtype: {', '.join(DTYPES)}")] = "float32",
           max_model_len: Annotated[int | None, typer.Option(
-              help="positions per request (default: the model's own window)")] = None,
-          kv_cache_mb: Annotated[int, typer.Option(help="vLLM's paged KV cache")] = 1024,
+              min=1, help="positions per request (default: the model's own window)")] = None,
+          kv_cache_mb: Annotated[int, typer.Option(min=1, help="vLLM's paged KV cache")] = 1024,
           print_only: Annotated[bool, typer.Option(
               "--print", help="print the vLLM command instead of running it")] = False) -> None:
     """Serve the model with vLLM and ragkv's KV connector (the served deployment)."""
+    from ragkv.cache_index import BlobStore
+    from ragkv.cache_index.database import make_engine
     from ragkv.engine.vllm.engine import MISSING, serve_command
     from ragkv.model_fetch import resolve_model
 
+    if dtype not in DTYPES:
+        fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     try:
         cfg = RagkvConfig(home=home, model=model, kv_dtype=kv_dtype,  # type: ignore[arg-type]
                           index_url=index_url, blob_url=blob_url)
+        # a mistyped cache URL is refused here, not in the server's worker after start-up
+        make_engine(cfg.resolved_index_url).dispose()
+        BlobStore(cfg.resolved_blob_url, cfg.blob_options)
         path = resolve_model(cfg.model, cfg.home)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))

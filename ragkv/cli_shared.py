@@ -33,6 +33,8 @@ IndexUrl = Annotated[str | None, typer.Option(
 BlobUrl = Annotated[str | None, typer.Option(
     help="fsspec URL of shared KV blobs, e.g. redis:// or s3:// (default: --home/blobs)")]
 
+Port = Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on")]
+
 T = TypeVar("T")
 
 

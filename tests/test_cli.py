@@ -182,3 +182,21 @@ def test_ask_and_demo_refuse_a_zero_answer_length(tmp_path: Path) -> None:
     for cmd in (["ask", "q"], ["demo"]):
         result = runner.invoke(app, [*cmd, "--max-new-tokens", "0", "--home", str(tmp_path)])
         assert result.exit_code == 2 and "at least 1" in result.output, result.output
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["serve", "--port", "99999"], "--port"),
+    (["ui", "--port", "0"], "--port"),
+    (["serve", "--dtype", "bogus"], "--dtype must be one of"),
+    (["serve", "--kv-cache-mb", "0"], "--kv-cache-mb"),
+    (["serve", "--index-url", "notaurl"], "not a database URL"),
+    (["serve", "--blob-url", "nope://x"], "unknown storage nope://"),
+])
+def test_serve_and_ui_refuse_bad_settings_before_starting(tmp_path: Path, args: list[str],
+                                                          says: str) -> None:
+    """Refused here with exit 2, before a server process starts (vLLM took tens of seconds
+    to report a port out of range, with a traceback)."""
+    result = runner.invoke(app, [*args, "--home", str(tmp_path), "--print"]
+                           if args[0] == "serve" else [*args, "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert says in " ".join(result.output.split()), result.output
