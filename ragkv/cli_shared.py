@@ -76,6 +76,8 @@ def cache_errors() -> Iterator[None]:
         fail(str(exc))
     except SQLAlchemyError as exc:
         fail(index_failure(exc), code=1)
+    except OSError as exc:  # a home or blob folder that cannot be created or read
+        fail(f"cannot use {exc.filename or 'the cache'}: {exc.strerror or exc}")
 
 
 def open_rag(home: Path, model: Path | None, context: str = "anchor",

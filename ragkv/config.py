@@ -204,6 +204,8 @@ class RagkvConfig:
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser()
+        if self.home.exists() and not self.home.is_dir():
+            raise ValueError(f"home {self.home} is a file; give a folder (created if missing)")
         if self.chunk_tokens < 16:
             raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
         if self.kernels not in ("auto", "torch", "triton"):

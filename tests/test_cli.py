@@ -200,3 +200,12 @@ def test_serve_and_ui_refuse_bad_settings_before_starting(tmp_path: Path, args: 
                            if args[0] == "serve" else [*args, "--home", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert says in " ".join(result.output.split()), result.output
+
+
+def test_a_home_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
+    home = tmp_path / "not-a-folder"
+    home.write_text("")
+    for cmd in (["cache", "stats"], ["ask", "q"], ["cache", "verify"]):
+        result = runner.invoke(app, [*cmd, "--home", str(home)])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "is a file" in said, (cmd, result.output)
