@@ -33,6 +33,7 @@ from ragkv.config import (
     BlendConfig,
 )
 from ragkv.engine.base import EngineError, NextToken
+from ragkv.engine.policies import policy_class
 
 Progress = Callable[[str, int, int], None]
 
@@ -55,8 +56,6 @@ class BenchSpec:
     def __post_init__(self) -> None:
         """Every setting checked before anything is precomputed: a typo in the last mode of
         a grid is an error now, not after the corpus's KV."""
-        from ragkv.engine.policies import policy_class
-
         for mode in self.modes:
             if mode not in MODES:
                 raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
