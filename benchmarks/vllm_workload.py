@@ -60,14 +60,14 @@ def percentile(xs: list[float], q: int) -> float:
 
 
 def run_arm(arm: str, stream: list[dict], ratio: float, home: Path,
-            warm_stream: list[dict] | None = None) -> dict:
+            warm_stream: list[dict] | None = None, kv_dtype: str = "float32") -> dict:
     from ragkv.api import RagKV
     from ragkv.chunking import tokenize_chunk
     from ragkv.config import BlendConfig, RagkvConfig
     from ragkv.engine.vllm.backend import VLLMBackend
     from ragkv.engine.vllm.client import VLLMRequest
 
-    cfg = RagkvConfig(home=home, kv_dtype="float32", engine="vllm")
+    cfg = RagkvConfig(home=home, kv_dtype=kv_dtype, engine="vllm")
     t0 = time.perf_counter()
     backend = VLLMBackend.in_process(cfg, kv_cache_bytes=2 << 30, connector=arm == "ragkv")
     rag = RagKV(cfg, backend=backend)
@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
     ap.add_argument("--warm", type=int, default=3, help="untimed queries over other cases first")
+    ap.add_argument("--kv-dtype", default="float32",
+                    help="ragkv's stored chunk KV (the library's default is float16; float32 "
+                         "is what the published runs used)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="runs of each arm, their order alternating from round to round")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_workload.json"))
@@ -154,7 +157,7 @@ def main() -> None:
     stream = make_stream(cases, args.queries)
     warm = make_stream(others, min(args.warm, len(others)), seed=1) if others else []
     if args.arm:  # one arm, in this process
-        result = run_arm(args.arm, stream, args.ratio, args.home, warm)
+        result = run_arm(args.arm, stream, args.ratio, args.home, warm, args.kv_dtype)
         args.arm_out.write_text(json.dumps(result))
         return
     arms: dict[str, dict] = {}
@@ -166,7 +169,8 @@ def main() -> None:
                 part = Path(tmp) / f"{arm}-{r}.json"
                 subprocess.run([sys.executable, __file__, "--cases", str(args.cases),
                                 "--n-cases", str(args.n_cases), "--queries", str(args.queries),
-                                "--ratio", str(args.ratio), "--warm", str(args.warm), "--arm",
+                                "--ratio", str(args.ratio), "--warm", str(args.warm),
+                                "--kv-dtype", args.kv_dtype, "--arm",
                                 arm, "--arm-out", str(part), "--home",
                                 str(Path(tmp) / f"home-{r}")], check=True,
                                env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
@@ -180,7 +184,7 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": args.n_cases,
             "queries": args.queries, "rounds": args.rounds, "warm_queries": args.warm,
             "chunks_per_query": 6,
-            "ratio": args.ratio,
+            "ratio": args.ratio, "kv_dtype": args.kv_dtype,
             "engine": "vllm (CPU build), SmolLM2, fp32, eager, prefix caching on"}
     result = summarize(arms, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
