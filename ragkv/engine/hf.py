@@ -70,14 +70,10 @@ class HFEngine:
     def precompute(self, ids: list[int], past: ChunkKV | None = None) -> ChunkKV:
         return compute_span(self.runner, torch.tensor(ids, device=self.runner.device), past)
 
-    def resolve(self, blend: BlendConfig) -> BlendConfig:
-        """``blend`` with ``ratio="auto"`` replaced by the loading controller's choice."""
-        return self.controller.resolve(blend)
-
     @torch.inference_mode()
     def prefill(self, prompt: AssembledPrompt, cached: list[tuple[int, ChunkKV]], mode: str,
                 blend: BlendConfig, exact_until: int, record: bool = False) -> FusedPrefill:
-        blend = self.resolve(blend)
+        blend = self.controller.resolve(blend)  # a no-op when the caller resolved it
         ids = torch.tensor(prompt.ids, device=self.runner.device)
         if mode == "full":
             return self._full(ids)

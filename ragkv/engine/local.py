@@ -136,7 +136,7 @@ class HFBackend:
     # ---- generation ----------------------------------------------------------------------
     def generate(self, req: GenerationRequest) -> HFGeneration:
         prompt, mode = req.prompt, req.mode
-        blend = self.engine.resolve(req.blend)
+        blend = self.engine.controller.resolve(req.blend)
         trace = request_trace(replace(req, blend=blend), self.description)
         cached: list[tuple[int, ChunkKV]] = []
         exact = 0
