@@ -37,6 +37,8 @@ class QueryTrace:
     lookup_s: float = 0.0
     load_s: float = 0.0
     precompute_s: float = 0.0  # time spent computing chunks that missed, inside ttft
+    #: the engine computing the prompt: the fusion (reuse, blend) or the whole prefill (full,
+    #: prefix; on vLLM its own figure, from scheduling to the first token), inside ttft
     fuse_s: float = 0.0
     retrieval_s: float | None = None
     full_ttft_s: float | None = None

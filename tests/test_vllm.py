@@ -169,6 +169,9 @@ def test_facade_ingests_through_vllm_and_answers_every_mode_with_a_trace(vllm_ra
             assert ans.first.top.keys() == full.first.top.keys(), mode
             assert max(abs(ans.first.top[t] - lp) for t, lp in full.first.top.items()) < 1e-3
     assert full.trace.recomputed_tokens == full.trace.context_tokens
+    # fuse_s is the engine computing the prompt in every mode, as on the transformers engine
+    for t in (full.trace, ans.trace):
+        assert 0 < t.fuse_s and t.lookup_s + t.load_s + t.precompute_s + t.fuse_s <= t.ttft_s
     pieces = list(rag.stream(chunks, QUESTION, max_new_tokens=8))
     assert "".join(pieces).strip() == rag.generate(chunks, QUESTION, max_new_tokens=8).text
 

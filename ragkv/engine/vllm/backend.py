@@ -175,20 +175,20 @@ class VLLMBackend:
         ttft = time.perf_counter() - req.started
         if not first.tokens:
             raise EngineError("vLLM returned no token for the prompt")
-        trace = self._trace(req, first)
+        trace = self._trace(req, first, ttft)
         note = first.note
         if mode == "blend" and not trace.error and note.get("place_s"):
             self.controller.observe(chunk_tokens=int(note.get("chunk_tokens") or 0),
                                     place_s=note["place_s"], layer_s=note["layer_s"],
                                     computed=trace.recomputed_per_layer)
-        trace.ttft_s = ttft
         return VLLMGeneration(self, vreq, trace, first.tokens[0], NextToken(first.first_top),
                               req.max_new_tokens, list(prompt.ids))
 
-    def _trace(self, req: GenerationRequest, done: Completion) -> QueryTrace:
+    def _trace(self, req: GenerationRequest, done: Completion, ttft: float) -> QueryTrace:
         prompt, mode, note = req.prompt, req.mode, done.note
         fused = mode in ("reuse", "blend")
         trace = request_trace(req, self.description)
+        trace.ttft_s = ttft
         trace.engine_ttft_s = done.engine_ttft_s
         if note.get("error"):
             trace.error = f"{note['error']} ({note.get('fallback', 'recomputed')})"
@@ -198,6 +198,11 @@ class VLLMBackend:
                 ct.hit, ct.tier, ct.recomputed = bool(hit), tier, int(recomputed)
         for name in ("lookup_s", "load_s", "precompute_s", "fuse_s"):
             setattr(trace, name, float(note.get(name) or 0.0))
+        if not fused or trace.error:
+            # vLLM prefilled the prompt itself: its own figure where it gives one (a server
+            # does), else all of TTFT that the cache steps did not take
+            trace.fuse_s = float(done.engine_ttft_s or max(
+                ttft - trace.lookup_s - trace.load_s - trace.precompute_s, 0.0))
         T = len(prompt)
         if fused and note.get("recomputed_per_layer") and not trace.error:
             trace.recomputed_per_layer = [int(n) for n in note["recomputed_per_layer"]]
