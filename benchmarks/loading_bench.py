@@ -10,7 +10,9 @@ Variants run interleaved on every case (same engine, same prompts); figures are 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/loading_cpu.json"))
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ragkv-loading-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)  # each run holds GBs of KV
     base = RagkvConfig(home=home)
     engine = HFEngine.load(resolve_model(None, RagkvConfig().home), base.device, base.dtype)
     rags = {"memory+disk": RagKV(base, engine=engine),

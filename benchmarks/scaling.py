@@ -27,10 +27,12 @@ log(median prompt tokens) (least squares over the lengths), and between neighbou
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import platform
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -223,6 +225,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     home = Path(tempfile.mkdtemp(prefix="ragkv-scaling-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)  # each run holds GBs of KV
     cfg = RagkvConfig(home=home)
     engine = HFEngine.load(resolve_model(args.model, RagkvConfig().home), cfg.device, cfg.dtype)
     rag = RagKV(cfg, engine=engine)

@@ -16,7 +16,9 @@ and every case's record.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -85,6 +87,7 @@ def main() -> None:
     every = load_cases(ROOT / "benchmarks" / "cases" / f"{args.set}.jsonl")
     cases = every[1::2] if args.odd else every[::2]
     home = Path(tempfile.mkdtemp(prefix="ragkv-selection-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)  # each run holds GBs of KV
     (home / "models").symlink_to(default_home() / "models")
     rag = RagKV(RagkvConfig(home=home))
     rag.choose_anchor([c for case in every for c in case["chunks"]], record=False)
