@@ -2,7 +2,8 @@
 at ~1k, 2k, 4k and 8k tokens, several prompts each, with the fitted growth of each mode.
 
     python benchmarks/scaling.py [--lengths 1024,2048,4096,8192] [--prompts 3] \\
-        [--out benchmarks/results/scaling_cpu.json] [--plot docs/scaling_cpu.png]
+        [--also-ratios 0.08,0.06] [--out benchmarks/results/scaling_cpu.json] \\
+        [--plot docs/scaling_cpu.png]
 
 Prompts are built from the pydoc case set's chunks (``benchmarks/cases/pydoc.jsonl``): prompt
 i of every length takes the chunks in its own shuffled order until the length is reached (the
@@ -12,6 +13,10 @@ read puts its chunks in the memory tier, and full and blend run back to back (th
 alternating from prompt to prompt), through the public facade (``RagKV.generate``, the
 transformers engine, SmolLM2 fp32 by default), and TTFT is the trace's (request to first
 token, cache lookup and loading included).
+
+``--also-ratios 0.08,0.06`` also times the blend at those ratios, interleaved with the default
+on the same prompts (modes ``blend@0.08``...), each with its first-token KL against full
+prefill: the speed/fidelity trade at long prompts.
 
 ``--attention masked,split`` also times the blend with the old masked-SDPA selected-query
 attention (``TorchOps.attend_selected_masked``) interleaved with the default, on the same
@@ -45,12 +50,20 @@ from ragkv import metrics
 from ragkv.api import RagKV
 from ragkv.bench import BenchSpec, load_cases, read_into_memory, warm_config
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import DEFAULT_RATIO, RagkvConfig
+from ragkv.config import DEFAULT_RATIO, BlendConfig, RagkvConfig
 from ragkv.engine.hf import HFEngine
 from ragkv.model_fetch import resolve_model
 
 ATTENTION = ("split", "masked")
 BLEND = f"blend {DEFAULT_RATIO}"
+
+
+def label(mode: str) -> str:
+    """What a mode is called in the table and the plot."""
+    if mode.startswith("blend@"):
+        return f"blend {mode[6:]}"
+    return {"full": "full prefill", "blend": BLEND,
+            "blend_masked": f"{BLEND}, masked attention"}[mode]
 
 
 def build_prompts(rag: RagKV, cases: list[dict], length: int, count: int,
@@ -76,9 +89,11 @@ def build_prompts(rag: RagKV, cases: list[dict], length: int, count: int,
     return out
 
 
-def _time(rag: RagKV, chunks, question: str, mode: str) -> dict:
+def _time(rag: RagKV, chunks, question: str, mode: str, blend: BlendConfig | None = None
+          ) -> dict:
     cpu = time.process_time()
-    ans = rag.generate(chunks, question, mode=mode, max_new_tokens=1, log_query=False)
+    ans = rag.generate(chunks, question, mode=mode, blend=blend, max_new_tokens=1,
+                       log_query=False)
     cpu = time.process_time() - cpu
     t = ans.trace
     return {"ttft_s": t.ttft_s, "cpu_s": cpu, "context_tokens": t.context_tokens,
@@ -113,6 +128,8 @@ def summarize(rows: list[dict], modes: list[str]) -> dict:
                     r[m]["recomputed_tokens"] / r[m]["context_tokens"] for r in rs)
                 entry[f"{m}_first_token_agree"] = statistics.fmean(
                     r[m]["first_token_agree"] for r in rs)
+                entry[f"{m}_first_token_kl_median"] = statistics.median(
+                    r[m]["first_token_kl"] for r in rs)
                 entry[f"{m}_cpu_ratio_median"] = statistics.median(
                     r["full"]["cpu_s"] / r[m]["cpu_s"] for r in rs)
         if "blend" in modes and "blend_masked" in modes:
@@ -133,17 +150,17 @@ def summarize(rows: list[dict], modes: list[str]) -> dict:
 def markdown(summary: dict, modes: list[str]) -> str:
     head = ["tokens (median)", "prompts", "full TTFT"]
     for m in modes[1:]:
-        label = BLEND if m == "blend" else f"{BLEND}, masked attention"
-        head += [f"{label} TTFT", f"x full/{'blend' if m == 'blend' else 'masked'}"]
-    head += ["recomputed", "1st-token agree"]
+        head += [f"{label(m)} TTFT", f"x full/{m}"]
+    head += ["recomputed", "1st-token agree", "1st-token KL (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for e in summary["table"]:
         cells = [f"{e['tokens_median']:,.0f}", str(e["prompts"]),
                  f"{e['full_ttft_median_s']:.2f} s"]
         for m in modes[1:]:
             cells += [f"{e[f'{m}_ttft_median_s']:.2f} s", f"x{e[f'{m}_speedup_median']:.2f}"]
-        cells += [f"{100 * e['blend_recomputed_share']:.1f}%",
-                  f"{e['blend_first_token_agree']:.2f}"]
+        cells += [" / ".join(f"{100 * e[f'{m}_recomputed_share']:.1f}%" for m in modes[1:]),
+                  " / ".join(f"{e[f'{m}_first_token_agree']:.2f}" for m in modes[1:]),
+                  " / ".join(f"{e[f'{m}_first_token_kl_median']:.4f}" for m in modes[1:])]
         lines.append("| " + " | ".join(cells) + " |")
     g = summary["growth"]
     lines.append("")
@@ -176,15 +193,14 @@ def plot(rows: list[dict], summary: dict, modes: list[str], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = {"full": "full prefill", "blend": BLEND,
-              "blend_masked": f"{BLEND}, masked attention"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     xs = [e["tokens_median"] for e in summary["table"]]
-    for m, color in zip(modes, ("tab:red", "tab:blue", "tab:gray"), strict=False):
+    colors = ("tab:red", "tab:blue", "tab:gray", "tab:green", "tab:orange", "tab:purple")
+    for m, color in zip(modes, colors, strict=False):
         ys = [e[f"{m}_ttft_median_s"] for e in summary["table"]]
         k = summary["growth"][m]["exponent"]
         ax.plot(xs, ys, "-o", color=color,
-                label=f"{labels[m]} (median; growth ~ n^{k:.2f})" if k else labels[m])
+                label=f"{label(m)} (median; growth ~ n^{k:.2f})" if k else label(m))
         ax.scatter([r["context_tokens"] for r in rows], [r[m]["ttft_s"] for r in rows],
                    s=10, color=color, alpha=0.4)
     ax.set_xscale("log", base=2)
@@ -212,6 +228,8 @@ def main() -> None:
     ap.add_argument("--attention", default="split",
                     help="blend's selected-query attention: split (default), or masked,split "
                          "to time both interleaved")
+    ap.add_argument("--also-ratios", default="",
+                    help="comma-separated blend ratios to time beside the default's")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, one per core)")
@@ -222,6 +240,11 @@ def main() -> None:
     if not attention or any(a not in ATTENTION for a in attention):
         ap.error(f"--attention: comma-separated among {', '.join(ATTENTION)}")
     modes = ["full", "blend"] + (["blend_masked"] if "masked" in attention else [])
+    try:
+        extra = [BlendConfig(ratio=float(r)) for r in args.also_ratios.split(",") if r.strip()]
+    except ValueError as exc:
+        ap.error(f"--also-ratios: {exc}")
+    modes += [f"blend@{b.ratio:g}" for b in extra]
     if args.threads:
         torch.set_num_threads(args.threads)
     home = Path(tempfile.mkdtemp(prefix="ragkv-scaling-"))
@@ -246,6 +269,8 @@ def main() -> None:
                 return _time(rag, chunks, question, "blend")
             finally:
                 del ops.attend_selected
+        if mode.startswith("blend@"):
+            return _time(rag, chunks, question, "blend", BlendConfig(ratio=float(mode[6:])))
         return _time(rag, chunks, question, mode)
 
     rows = []
