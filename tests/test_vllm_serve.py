@@ -138,6 +138,10 @@ def test_ingest_and_answer_through_the_server_from_langchain_and_llamaindex(cach
     trace = lc["trace"]
     assert trace["hits"] == 2 and trace["misses"] == 0 and trace["error"] is None, trace
     assert trace["engine_ttft_s"] is not None and 0 < trace["engine_ttft_s"] <= trace["ttft_s"]
+    # full prefill on a server: the prompt's compute time is the server's own figure
+    full = rag.generate(rag.retrieve(QUESTION, k=2), QUESTION, mode="full",
+                        max_new_tokens=1).trace
+    assert full.engine_ttft_s and 0 < full.fuse_s == full.engine_ttft_s <= full.ttft_s, full
     li = RagkvQueryEngine(rag=rag, similarity_top_k=2, max_new_tokens=MAX_TOKENS).query(QUESTION)
     assert li.metadata["ragkv_tokens"] == lc["tokens"]
 
