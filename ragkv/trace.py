@@ -37,8 +37,9 @@ class QueryTrace:
     lookup_s: float = 0.0
     load_s: float = 0.0
     precompute_s: float = 0.0  # time spent computing chunks that missed, inside ttft
-    #: the engine computing the prompt: the fusion (reuse, blend) or the whole prefill (full,
-    #: prefix; on vLLM its own figure, from scheduling to the first token), inside ttft
+    #: the engine computing the prompt, inside ttft: the fusion (reuse, blend) or the whole
+    #: prefill (full, prefix; on vLLM its own figure where it reports one, as a server does,
+    #: else the part of ttft not spent on lookup, loading or precompute)
     fuse_s: float = 0.0
     retrieval_s: float | None = None
     full_ttft_s: float | None = None
