@@ -199,8 +199,11 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
                               max_new_tokens=spec.max_new_tokens)
         full_scores = _scores(full, full.tokens)
         records.append(_record(case, "-", full, full, full_scores))
+        # the variants' order rotates from case to case, so whatever running right after
+        # full prefill does to a run's time falls on every variant alike
+        turn = i % len(todo) if todo else 0
         for ctx, r in rags.items():
-            for mode, policy, ratio, correction in todo:
+            for mode, policy, ratio, correction in todo[turn:] + todo[:turn]:
                 blend = BlendConfig(ratio=ratio or 0.0, policy=policy or "hkvd",
                                     check_layers=spec.check_layers,
                                     deviation_on=spec.deviation_on,  # type: ignore[arg-type]

@@ -35,6 +35,9 @@ def test_every_run_reads_the_memory_tier(tmp_path, engine):
     assert all(r["tiers"] == ["memory"] and r["hits"] == 3 for r in timed)
     # each record splits its TTFT: the fusion's own time beside the lookup and the loading
     assert all(0 < r["fuse_s"] < r["ttft_s"] for r in timed)
+    # the variants' order rotates: a different one runs right after each case's full prefill
+    after_full = [out["cases"][i + 1] for i, r in enumerate(out["cases"]) if r["mode"] == "full"]
+    assert len({(r["mode"], r["ratio"]) for r in after_full}) == len(_cases())
 
 
 def test_the_warm_read_shares_no_blend_setting_with_a_timed_run():
