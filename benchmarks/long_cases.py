@@ -1,0 +1,69 @@
+"""Write long RAG cases (~7.4k chunk tokens each) from a public case set, for `ragkv bench`.
+
+    python benchmarks/long_cases.py [--cases benchmarks/cases/pydoc.jsonl] [--count 6] \\
+        [--tokens 7400] [--out benchmarks/cases/pydoc_long.jsonl]
+    ragkv bench --cases benchmarks/cases/pydoc_long.jsonl --modes full,blend --ratios 0.12,0.1
+
+Case i keeps the question, expected answer and chunks of source case i, and adds chunks of the
+other cases (in an order shuffled with seed i, each chunk once) until the chunks hold about
+``--tokens`` tokens of the default model's tokenizer; then all of them are shuffled with the
+same seed, so the chunks that answer sit anywhere in the prompt. Deterministic: the same
+source gives the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from ragkv.bench import load_cases
+from ragkv.config import default_home
+from ragkv.model_fetch import ensure_default_model
+
+
+def long_cases(cases: list[dict], count: int, tokens: int, length) -> list[dict]:
+    """``count`` cases of about ``tokens`` chunk tokens (``length(text)`` counts a chunk's)."""
+    pool = [c for case in cases for c in case["chunks"]]
+    out = []
+    for i, case in enumerate(cases[:count]):
+        rng = random.Random(i)
+        chunks = list(case["chunks"])
+        used = sum(length(c) for c in chunks)
+        others = [c for c in pool if c not in chunks]
+        rng.shuffle(others)
+        for c in others:
+            n = length(c)
+            if used + n > tokens:
+                continue
+            chunks.append(c)
+            used += n
+        rng.shuffle(chunks)
+        out.append({**case, "id": f"{case['id']}-long", "chunks": chunks,
+                    "chunk_tokens": used})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
+    ap.add_argument("--count", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=7400)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/cases/pydoc_long.jsonl"))
+    args = ap.parse_args()
+    if args.count < 1 or args.tokens < 1:
+        ap.error("--count and --tokens must be at least 1")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ensure_default_model(default_home()))
+    cases = long_cases(load_cases(args.cases), args.count, args.tokens,
+                       lambda text: len(tok(text, add_special_tokens=False).input_ids))
+    args.out.write_text("".join(json.dumps(c) + "\n" for c in cases))
+    print(f"wrote {len(cases)} cases to {args.out} "
+          f"({min(c['chunk_tokens'] for c in cases)}-{max(c['chunk_tokens'] for c in cases)} "
+          "chunk tokens)")
+
+
+if __name__ == "__main__":
+    main()
