@@ -25,11 +25,11 @@ from ragkv.model_fetch import ensure_default_model
 
 def long_cases(cases: list[dict], count: int, tokens: int, length) -> list[dict]:
     """``count`` cases of about ``tokens`` chunk tokens (``length(text)`` counts a chunk's)."""
-    pool = [c for case in cases for c in case["chunks"]]
+    pool = list(dict.fromkeys(c for case in cases for c in case["chunks"]))  # cases share some
     out = []
     for i, case in enumerate(cases[:count]):
         rng = random.Random(i)
-        chunks = list(case["chunks"])
+        chunks = list(dict.fromkeys(case["chunks"]))
         used = sum(length(c) for c in chunks)
         others = [c for c in pool if c not in chunks]
         rng.shuffle(others)
