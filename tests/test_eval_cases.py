@@ -109,3 +109,23 @@ def test_prose_build_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyP
     out = tmp_path / "prose.jsonl"
     _load_builder(monkeypatch).main(["--out", str(out)])
     assert out.read_bytes() == (CASES_DIR / "prose.jsonl").read_bytes()
+
+
+def test_long_cases_hold_their_own_chunks_once_within_the_budget() -> None:
+    path = CASES_DIR.parent / "long_cases.py"
+    spec = importlib.util.spec_from_file_location("long_cases", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cases = load_cases(CASES_DIR / "pydoc.jsonl")
+    words = lambda text: len(text.split())  # noqa: E731 - a stand-in for a tokenizer
+    budget = 5000
+    out = module.long_cases(cases, len(cases), budget, words)
+    assert out == module.long_cases(cases, len(cases), budget, words)  # deterministic
+    for source, case in zip(cases, out, strict=False):
+        assert case["question"] == source["question"] and case["id"] == f"{source['id']}-long"
+        assert len(set(case["chunks"])) == len(case["chunks"])  # each chunk once
+        assert set(source["chunks"]) <= set(case["chunks"])
+        assert case["chunk_tokens"] == sum(map(words, case["chunks"])) <= budget
+        assert len(case["chunks"]) > len(set(source["chunks"]))  # others were added
+    assert len(out) == len(cases)
