@@ -240,11 +240,12 @@ def main() -> None:
     if not attention or any(a not in ATTENTION for a in attention):
         ap.error(f"--attention: comma-separated among {', '.join(ATTENTION)}")
     modes = ["full", "blend"] + (["blend_masked"] if "masked" in attention else [])
-    try:
-        extra = [BlendConfig(ratio=float(r)) for r in args.also_ratios.split(",") if r.strip()]
+    try:  # mode name -> its blend, e.g. "blend@0.08"
+        extra = {f"blend@{float(r):g}": BlendConfig(ratio=float(r))
+                 for r in args.also_ratios.split(",") if r.strip()}
     except ValueError as exc:
         ap.error(f"--also-ratios: {exc}")
-    modes += [f"blend@{b.ratio:g}" for b in extra]
+    modes += list(extra)
     if args.threads:
         torch.set_num_threads(args.threads)
     home = Path(tempfile.mkdtemp(prefix="ragkv-scaling-"))
@@ -269,8 +270,8 @@ def main() -> None:
                 return _time(rag, chunks, question, "blend")
             finally:
                 del ops.attend_selected
-        if mode.startswith("blend@"):
-            return _time(rag, chunks, question, "blend", BlendConfig(ratio=float(mode[6:])))
+        if mode in extra:
+            return _time(rag, chunks, question, "blend", extra[mode])
         return _time(rag, chunks, question, mode)
 
     rows = []

