@@ -18,6 +18,10 @@ token, cache lookup and loading included).
 on the same prompts (modes ``blend@0.08``...), each with its first-token KL against full
 prefill: the speed/fidelity trade at long prompts.
 
+``--also-preselect 3`` also times the default ratio with a preselection at layer 1
+(``check_layers=(1, 2)``, ``start_factor=3``: layer 1 computes three times the ratio's tokens
+instead of all of them), mode ``blend+pre3``, with its first-token KL the same way.
+
 ``--attention masked,split`` also times the blend with the old masked-SDPA selected-query
 attention (``TorchOps.attend_selected_masked``) interleaved with the default, on the same
 prompts: the A/B of the split kernel (below ``split_attention.MIN_KEYS`` keys both arms run
@@ -62,6 +66,8 @@ def label(mode: str) -> str:
     """What a mode is called in the table and the plot."""
     if mode.startswith("blend@"):
         return f"blend {mode[6:]}"
+    if mode.startswith("blend+pre"):
+        return f"{BLEND}, layer-1 preselection x{mode[9:]}"
     return {"full": "full prefill", "blend": BLEND,
             "blend_masked": f"{BLEND}, masked attention"}[mode]
 
@@ -230,6 +236,9 @@ def main() -> None:
                          "to time both interleaved")
     ap.add_argument("--also-ratios", default="",
                     help="comma-separated blend ratios to time beside the default's")
+    ap.add_argument("--also-preselect", default="",
+                    help="comma-separated start factors of a layer-1 preselection to time at "
+                         "the default ratio (check layers 1 and 2)")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, one per core)")
@@ -245,6 +254,12 @@ def main() -> None:
                  for r in args.also_ratios.split(",") if r.strip()}
     except ValueError as exc:
         ap.error(f"--also-ratios: {exc}")
+    try:
+        extra |= {f"blend+pre{float(f):g}": BlendConfig(check_layers=(1, 2),
+                                                        start_factor=float(f))
+                  for f in args.also_preselect.split(",") if f.strip()}
+    except ValueError as exc:
+        ap.error(f"--also-preselect: {exc}")
     modes += list(extra)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,8 +6,10 @@ full prefill on every other case of a public set.
 
 Each variant changes settings of the default of its time (``qhkvd``, check layer 1, deviation
 on K, ``chunk_mean`` 0.75); the ``r12_*`` variants compare corrections at the check-layer-2
-default. The cases are the set's even-numbered ones (``--odd``: the odd ones, left to confirm
-a choice); the anchor passage is picked from the whole set's chunks, as ``ragkv bench`` does.
+default, the ``narrow_*`` and ``pre_L12_*`` variants narrowing after it and a layer-1
+preselection before it, with the local correction. The cases are the set's even-numbered
+ones (``--odd``: the odd ones, left to confirm a choice); the anchor passage is picked from
+the whole set's chunks, as ``ragkv bench`` does.
 Writes ``benchmarks/results/selection_lab_<set>.json`` (or ``--out``): per variant the median
 first-token KL, mean teacher-forced agreement and median teacher-forced KL, median TTFT ratio,
 and every case's record.
@@ -55,6 +57,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     **{f"r12_local{w}": ("blend", {"check_layers": (2,), "ratio": 0.12,
                                    "correction": "local_mean", "correction_window": w,
                                    "correction_mix": 0.5}) for w in (8, 16, 32)},
+    # narrowing after the check: 1.5x the ratio from layer 2 to the second check layer, the
+    # ratio after it; about the default's work (layers x tokens) or less
+    **{f"narrow_L2_{second}_r{round(r * 100)}": (
+        "blend", {"check_layers": (2, second), "ratio": r, "start_factor": 1.5,
+                  "correction": "local_mean", "correction_window": 16, "correction_mix": 0.5})
+       for second, r in ((6, 0.11), (8, 0.10), (12, 0.10))},
+    # the prefilter at layer 1 with the local correction
+    **{f"pre_L12_r{round(r * 100)}_s{f:g}": (
+        "blend", {"check_layers": (1, 2), "ratio": r, "start_factor": f,
+                  "correction": "local_mean", "correction_window": 16, "correction_mix": 0.5})
+       for r, f in ((0.15, 2.0), (0.13, 3.0), (0.12, 3.0))},
 }
 
 

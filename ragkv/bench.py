@@ -45,6 +45,8 @@ class BenchSpec:
     policies: list[str] = field(default_factory=lambda: ["qhkvd"])
     contexts: list[str] = field(default_factory=lambda: ["anchor"])
     check_layers: tuple[int, ...] = DEFAULT_CHECK_LAYERS
+    #: with several check layers, the share the first keeps (times the ratio)
+    start_factor: float = BlendConfig.start_factor
     deviation_on: str = "k"
     corrections: list[str] = field(default_factory=lambda: [BlendConfig.correction])
     correction_strength: float = BlendConfig.correction_strength
@@ -68,6 +70,7 @@ class BenchSpec:
         for ratio in self.ratios:
             for correction in self.corrections:
                 BlendConfig(ratio=ratio, check_layers=self.check_layers,
+                            start_factor=self.start_factor,
                             deviation_on=self.deviation_on, correction=correction,
                             correction_strength=self.correction_strength,
                             coverage=self.coverage, floor_ratio=self.floor_ratio)
@@ -148,6 +151,7 @@ def _record(case: dict, ctx: str, answer: Answer, full: Answer,
         "full_ttft_s": full.trace.ttft_s,
         "speedup": full.trace.ttft_s / tr.ttft_s, "engine_ttft_s": tr.engine_ttft_s,
         "context_tokens": tr.context_tokens, "recomputed_tokens": tr.recomputed_tokens,
+        "recomputed_per_layer": list(tr.recomputed_per_layer),
         "guard_tokens": tr.guard_tokens, "hits": tr.hits, "misses": tr.misses,
         "load_s": tr.load_s, "lookup_s": tr.lookup_s, "fuse_s": tr.fuse_s,
         "tiers": tr.tiers,
@@ -164,6 +168,7 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
     """Every variant of ``spec`` against full prefill on each case, on ``rag``'s engine."""
     rags = {ctx: rag.with_config(precompute_context=ctx,
                                  blend=BlendConfig(check_layers=spec.check_layers,
+                                                   start_factor=spec.start_factor,
                                                    deviation_on=spec.deviation_on))
             for ctx in spec.contexts}
     cases = cases[: spec.limit] if spec.limit is not None else cases
@@ -206,6 +211,7 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
             for mode, policy, ratio, correction in todo[turn:] + todo[:turn]:
                 blend = BlendConfig(ratio=ratio or 0.0, policy=policy or "hkvd",
                                     check_layers=spec.check_layers,
+                                    start_factor=spec.start_factor,
                                     deviation_on=spec.deviation_on,  # type: ignore[arg-type]
                                     correction=correction,
                                     correction_strength=spec.correction_strength,

@@ -194,6 +194,9 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
           modes: str = "full,prefix,reuse,blend", ratios: str = f"0.05,{DEFAULT_RATIO},0.3",
           policies: str = "qhkvd", contexts: str = "anchor",
           check_layers: str = ",".join(map(str, DEFAULT_CHECK_LAYERS)),
+          start_factor: Annotated[float, typer.Option(
+              help="with several check layers: the share of tokens the first keeps, as a "
+                   "multiple of the ratio")] = BlendConfig.start_factor,
           deviation_on: str = "k",
           corrections: Annotated[str, typer.Option(
               help=f"blend KV corrections to compare: {', '.join(CORRECTIONS)}")
@@ -221,7 +224,8 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
         spec = BenchSpec(modes=modes.split(","), ratios=_numbers("--ratios", ratios, float),
                          policies=policies.split(","), contexts=contexts.split(","),
                          check_layers=tuple(_numbers("--check-layers", check_layers, int)),
-                         deviation_on=deviation_on, corrections=corrections.split(","),
+                         start_factor=start_factor, deviation_on=deviation_on,
+                         corrections=corrections.split(","),
                          correction_strength=correction_strength, coverage=coverage,
                          floor_ratio=floor_ratio,
                          max_new_tokens=max_new_tokens, limit=limit)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 from api_cases import (  # noqa: F401 - fixtures are used by name
     _one_thread,
     engine,
@@ -43,3 +44,23 @@ def test_every_run_reads_the_memory_tier(tmp_path, engine):
 def test_the_warm_read_shares_no_blend_setting_with_a_timed_run():
     for ratios in ([0.05, 0.12], [0.0, 0.001, 0.002], [0.0], [r / 1000 for r in range(1000)]):
         assert warm_config(BenchSpec(ratios=ratios)).ratio not in ratios
+
+
+def test_the_start_factor_reaches_the_blend_of_every_run(tmp_path, engine):
+    """``--start-factor`` with check layers 1 and 2: layer 1 computes that multiple of the
+    ratio's tokens, layer 2 on the ratio's (as the recorded per-layer counts show)."""
+    layer1 = {}
+    for factor in (2.0, 4.0):
+        spec = BenchSpec(modes=["full", "blend"], ratios=[0.1], contexts=["prefix"],
+                         check_layers=(1, 2), start_factor=factor, max_new_tokens=1)
+        rag = RagKV(make_config(tmp_path / f"home{factor:g}"), engine=engine)
+        try:
+            out = run_bench(rag, _cases()[:1], spec)
+        finally:
+            rag.index.close()
+        assert out["meta"]["spec"]["start_factor"] == factor
+        (blend,) = [r for r in out["cases"] if r["mode"] == "blend"]
+        counts = blend["recomputed_per_layer"]
+        assert counts[0] > counts[1] > counts[2]
+        layer1[factor] = counts[1] - counts[2]  # beyond the ratio's tokens
+    assert layer1[4.0] == pytest.approx(3 * layer1[2.0], abs=2)
