@@ -61,7 +61,7 @@ DEMO_QUESTIONS = (
 
 
 @app.command()
-def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
+def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), model: Model = None,
            context: Context = "anchor", anchor_source: AnchorSource = "corpus",
            engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None,
            strict: Annotated[bool, typer.Option(help="stop at the first unreadable file")] = False,
@@ -79,7 +79,7 @@ def ingest(paths: list[Path], home: Home = default_home(), model: Model = None,
         console.print(f"[yellow]skipped[/yellow] {s.path}: {s.reason}")
     if not report.documents:
         fail(f"no readable {'/'.join(SUPPORTED_SUFFIXES)} files found")
-    rag = open_rag(home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
+    rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
                    anchor_source=anchor_source)
     run_engine(lambda: _ingest_docs(rag, [(d.name, d.text) for d in report.documents],
                                     len(report.skipped)))
@@ -126,7 +126,7 @@ def _ask_both(rag, question: str, chunks, mode: str, max_new_tokens: int, compar
 
 
 @app.command()
-def ask(question: str,
+def ask(ctx: typer.Context, question: str,
         k: Annotated[int, typer.Option("--k", "-k", help="chunks to retrieve")] = 4,
         mode: str = "blend", ratio: float = DEFAULT_RATIO,
         policy: str = "qhkvd", max_new_tokens: int = 64,
@@ -142,7 +142,7 @@ def ask(question: str,
         fail(f"-k must be at least 1, got {k}")
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    rag = open_rag(home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
+    rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
                    ratio=ratio, policy=policy)
 
     def run():
@@ -156,7 +156,7 @@ def ask(question: str,
 
 
 @app.command()
-def demo(home: Home = default_home(), model: Model = None,
+def demo(ctx: typer.Context, home: Home = default_home(), model: Model = None,
          all_topics: Annotated[bool, typer.Option(help="ingest every pydoc topic")] = False,
          max_new_tokens: int = 48, engine: Engine = "hf") -> None:
     """Ingest Python's documentation topics, then answer three questions with full and blend."""
@@ -164,7 +164,7 @@ def demo(home: Home = default_home(), model: Model = None,
 
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    rag = open_rag(home, model, engine=engine)
+    rag = open_rag(ctx, home, model, engine=engine)
     docs = pydoc_topics(None if all_topics else DEMO_TOPICS)
     computed = run_engine(lambda: _ingest_docs(rag, docs))
     if not computed:
@@ -190,7 +190,7 @@ def _numbers(option: str, text: str, kind: type) -> list:
 
 
 @app.command()
-def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
+def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL case file")],
           modes: str = "full,prefix,reuse,blend", ratios: str = f"0.05,{DEFAULT_RATIO},0.3",
           policies: str = "qhkvd", contexts: str = "anchor",
           check_layers: str = ",".join(map(str, DEFAULT_CHECK_LAYERS)),
@@ -232,7 +232,7 @@ def bench(cases: Annotated[Path, typer.Option(help="JSONL case file")],
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         fail(str(exc))
-    rag = open_rag(home, model, kv_dtype=kv_dtype, engine=engine, anchor_source=anchor_source)
+    rag = open_rag(ctx, home, model, kv_dtype=kv_dtype, engine=engine, anchor_source=anchor_source)
     with progress_bar() as bar:
         tasks: dict[str, int] = {}
 

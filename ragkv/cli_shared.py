@@ -80,10 +80,11 @@ def cache_errors() -> Iterator[None]:
         fail(f"cannot use {exc.filename or 'the cache'}: {exc.strerror or exc}")
 
 
-def open_rag(home: Path, model: Path | None, context: str = "anchor",
+def open_rag(ctx: typer.Context, home: Path, model: Path | None, context: str = "anchor",
              kv_dtype: str = "float16", engine: str = "hf", index_url: str | None = None,
              blob_url: str | None = None, anchor_source: str = "corpus", **blend):
-    """The facade on the engine the user named, or a one-line error."""
+    """The facade on the engine the user named, or a one-line error; closed when the
+    command of ``ctx`` ends."""
     from ragkv.api import RagKV
     from ragkv.config import BlendConfig, RagkvConfig
     from ragkv.engine.base import EngineError
@@ -100,11 +101,15 @@ def open_rag(home: Path, model: Path | None, context: str = "anchor",
         fail(str(exc))
     try:
         with console.status("loading model and cache index"):
-            return RagKV(cfg)
+            rag = RagKV(cfg)
     except EngineError as exc:
         fail(str(exc), code=1)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad model dir, no vLLM
         fail(str(exc))
+    # closed when the command ends, however it ends: vLLM in process keeps its engine core in
+    # a child process, and an interpreter exit with the facade open waited on it for good
+    ctx.call_on_close(rag.close)
+    return rag
 
 
 def progress_bar(*extra: ProgressColumn) -> Progress:

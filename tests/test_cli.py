@@ -95,6 +95,29 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_model: Path) -> None:
     assert result.exit_code == 2 and "Llama" in result.output
 
 
+def test_every_command_closes_the_facade_it_opened(tmp_path: Path, tiny_model: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM in process keeps its engine core in a child process: a command that leaves the
+    facade open never exits (the interpreter waits on that child), so each command closes it
+    when it ends, also when it ends in an error."""
+    from ragkv.api import RagKV
+
+    closed: list[RagKV] = []
+    real = RagKV.close
+
+    def close(self: RagKV) -> None:
+        closed.append(self)
+        real(self)
+
+    monkeypatch.setattr(RagKV, "close", close)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    run("demo", "--max-new-tokens", "2", *home)
+    assert len(closed) == 1
+    result = runner.invoke(app, ["ask", "q", "--home", str(tmp_path / "empty"),
+                                 "--model", str(tiny_model)])
+    assert result.exit_code == 2 and len(closed) == 2  # "ingest first": closed all the same
+
+
 def test_ask_before_ingest_says_what_to_do(tmp_path: Path, tiny_model: Path) -> None:
     result = runner.invoke(app, ["ask", "anything?", "--home", str(tmp_path),
                                  "--model", str(tiny_model)])

@@ -293,6 +293,31 @@ def test_a_precompute_batch_that_vllm_splits_over_steps_stores_every_chunk(vllm_
     assert missing == []
 
 
+def test_a_cli_command_on_vllm_in_process_exits_when_it_is_done(tmp_path):
+    """`ragkv bench --engine vllm` wrote its results and then never exited: the interpreter
+    waited at exit on vLLM's engine core, a child process the command left open."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ragkv.config import default_home
+    from ragkv.model_fetch import ensure_default_model
+
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps({"id": "a", "chunks": list(CHUNKS[:2]),
+                                 "question": QUESTION}) + "\n")
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "ragkv.cli", "bench", "--cases", str(cases), "--modes",
+           "full,blend", "--ratios", "0.12", "--max-new-tokens", "2", "--engine", "vllm",
+           "--home", str(tmp_path / "home"), "--out", str(out),
+           "--model", str(ensure_default_model(default_home()))]
+    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert {s["mode"] for s in json.loads(out.read_text())["summary"]} == {"full", "blend"}
+
+
 def test_closing_the_facade_stops_the_engine_processes(vllm_rag):
     # last in the module: it closes the shared engine. Left to interpreter exit, the engine
     # core outlived its parent and the exit waited on it for good.
