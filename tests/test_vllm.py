@@ -318,6 +318,31 @@ def test_a_cli_command_on_vllm_in_process_exits_when_it_is_done(tmp_path):
     assert {s["mode"] for s in json.loads(out.read_text())["summary"]} == {"full", "blend"}
 
 
+def test_a_program_that_never_closes_the_facade_still_exits(tmp_path):
+    """A script (or the LangChain and LlamaIndex examples) that opens ragkv on vLLM in
+    process and ends without ``close()`` exits all the same."""
+    import os
+    import subprocess
+    import sys
+
+    from ragkv.config import default_home
+    from ragkv.model_fetch import ensure_default_model
+
+    script = ("import sys\n"
+              "from ragkv.api import RagKV\n"
+              "from ragkv.config import RagkvConfig\n"
+              "rag = RagKV(RagkvConfig(home=sys.argv[1], model=sys.argv[2], engine='vllm'))\n"
+              "ans = rag.generate(['Zumbat is the capital.'], 'Capital?', mode='full',\n"
+              "                   max_new_tokens=2)\n"
+              "print('answered in mode', ans.trace.mode)\n")
+    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "home"),
+                           str(ensure_default_model(default_home()))],
+                          env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "answered in mode full" in proc.stdout
+
+
 def test_closing_the_facade_stops_the_engine_processes(vllm_rag):
     # last in the module: it closes the shared engine. Left to interpreter exit, the engine
     # core outlived its parent and the exit waited on it for good.

@@ -7,6 +7,7 @@ connector's ``kv_transfer_params``, the cache salt) and hand back the same
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import json
 import logging
@@ -49,6 +50,11 @@ class InProcess:
 
     def __init__(self, llm: Any, model: str) -> None:
         self.llm, self.model = llm, model
+        # A program that never closes the facade must still exit: at interpreter exit,
+        # multiprocessing waits on every child, the engine core included, and that one
+        # stops only when told to. Handlers run last-registered first, so this one runs
+        # before that wait.
+        atexit.register(self.close)
 
     def _params(self, req: VLLMRequest, max_tokens: int, logprobs: int | None,
                 prompt_logprobs: int | None = None):
