@@ -63,7 +63,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "blend", {"check_layers": (2, second), "ratio": r, "start_factor": 1.5,
                   "correction": "local_mean", "correction_window": 16, "correction_mix": 0.5})
        for second, r in ((6, 0.11), (8, 0.10), (12, 0.10))},
-    # the prefilter at layer 1 with the local correction
+    # the preselection at layer 1 with the local correction
     **{f"pre_L12_r{round(r * 100)}_s{f:g}": (
         "blend", {"check_layers": (1, 2), "ratio": r, "start_factor": f,
                   "correction": "local_mean", "correction_window": 16, "correction_mix": 0.5})
