@@ -69,16 +69,21 @@ class BenchSpec:
             policy_class(policy)
         for ratio in self.ratios:
             for correction in self.corrections:
-                BlendConfig(ratio=ratio, check_layers=self.check_layers,
-                            start_factor=self.start_factor,
-                            deviation_on=self.deviation_on, correction=correction,
-                            correction_strength=self.correction_strength,
-                            coverage=self.coverage, floor_ratio=self.floor_ratio)
+                self.blend(ratio, BlendConfig.policy, correction)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1 (or none for every case), got "
                              f"{self.limit}")
+
+    def blend(self, ratio: float, policy: str, correction: str) -> BlendConfig:
+        """One variant's blend: its ratio, policy and correction, and the spec's other
+        settings (checked as any BlendConfig is)."""
+        return BlendConfig(ratio=ratio, policy=policy, check_layers=self.check_layers,
+                           start_factor=self.start_factor,
+                           deviation_on=self.deviation_on,  # type: ignore[arg-type]
+                           correction=correction, correction_strength=self.correction_strength,
+                           coverage=self.coverage, floor_ratio=self.floor_ratio)
 
 
 def load_cases(path: Path) -> list[dict]:
@@ -209,13 +214,7 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
         turn = i % len(todo) if todo else 0
         for ctx, r in rags.items():
             for mode, policy, ratio, correction in todo[turn:] + todo[:turn]:
-                blend = BlendConfig(ratio=ratio or 0.0, policy=policy or "hkvd",
-                                    check_layers=spec.check_layers,
-                                    start_factor=spec.start_factor,
-                                    deviation_on=spec.deviation_on,  # type: ignore[arg-type]
-                                    correction=correction,
-                                    correction_strength=spec.correction_strength,
-                                    coverage=spec.coverage, floor_ratio=spec.floor_ratio)
+                blend = spec.blend(ratio or 0.0, policy or "hkvd", correction)
                 ans = r.generate(ids, q, mode=mode, blend=blend, keep_kv=True,
                                  log_query=False, max_new_tokens=spec.max_new_tokens)
                 records.append(_record(case, ctx, ans, full, full_scores, correction))
