@@ -7,7 +7,8 @@ full prefill on every other case of a public set.
 Each variant changes settings of the default of its time (``qhkvd``, check layer 1, deviation
 on K, ``chunk_mean`` 0.75); the ``r12_*`` variants compare corrections at the check-layer-2
 default, the ``narrow_*`` and ``pre_L12_*`` variants narrowing after it and a layer-1
-preselection before it, with the local correction. The cases are the set's even-numbered
+preselection before it, with the local correction, and the ``ctx_*`` variants the preselection
+by stored context scores (``BlendConfig.preselect``). The cases are the set's even-numbered
 ones (``--odd``: the odd ones, left to confirm a choice); the anchor passage is picked from
 the whole set's chunks, as ``ragkv bench`` does.
 Writes ``benchmarks/results/selection_lab_<set>.json`` (or ``--out``): per variant the median
@@ -68,6 +69,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "blend", {"check_layers": (1, 2), "ratio": r, "start_factor": f,
                   "correction": "local_mean", "correction_window": 16, "correction_mix": 0.5})
        for r, f in ((0.15, 2.0), (0.13, 3.0), (0.12, 3.0))},
+    # the preselection by stored context scores (BlendConfig.preselect) before the layer-2
+    # check: no layer computed for every token
+    **{f"ctx_r{round(r * 100)}_s{f:g}": (
+        "blend", {"check_layers": (2,), "ratio": r, "preselect": f,
+                  "correction": "local_mean", "correction_window": 16, "correction_mix": 0.5})
+       for r, f in ((0.12, 3.0), (0.12, 4.0), (0.12, 6.0), (0.15, 4.0))},
 }
 
 

@@ -47,6 +47,8 @@ class BenchSpec:
     check_layers: tuple[int, ...] = DEFAULT_CHECK_LAYERS
     #: with several check layers, the share the first keeps (times the ratio)
     start_factor: float = BlendConfig.start_factor
+    #: the preselection by stored context scores (times the ratio; None: off)
+    preselect: float | None = None
     deviation_on: str = "k"
     corrections: list[str] = field(default_factory=lambda: [BlendConfig.correction])
     correction_strength: float = BlendConfig.correction_strength
@@ -80,7 +82,7 @@ class BenchSpec:
         """One variant's blend: its ratio, policy and correction, and the spec's other
         settings (checked as any BlendConfig is)."""
         return BlendConfig(ratio=ratio, policy=policy, check_layers=self.check_layers,
-                           start_factor=self.start_factor,
+                           start_factor=self.start_factor, preselect=self.preselect,
                            deviation_on=self.deviation_on,  # type: ignore[arg-type]
                            correction=correction, correction_strength=self.correction_strength,
                            coverage=self.coverage, floor_ratio=self.floor_ratio)

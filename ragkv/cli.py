@@ -197,6 +197,9 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
           start_factor: Annotated[float, typer.Option(
               help="with several check layers: the share of tokens the first keeps, as a "
                    "multiple of the ratio")] = BlendConfig.start_factor,
+          preselect: Annotated[float | None, typer.Option(
+              help="compute only this multiple of the ratio of chunk tokens before the check "
+                   "layer, those with the highest stored context scores")] = None,
           deviation_on: str = "k",
           corrections: Annotated[str, typer.Option(
               help=f"blend KV corrections to compare: {', '.join(CORRECTIONS)}")
@@ -224,7 +227,8 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
         spec = BenchSpec(modes=modes.split(","), ratios=_numbers("--ratios", ratios, float),
                          policies=policies.split(","), contexts=contexts.split(","),
                          check_layers=tuple(_numbers("--check-layers", check_layers, int)),
-                         start_factor=start_factor, deviation_on=deviation_on,
+                         start_factor=start_factor, preselect=preselect,
+                         deviation_on=deviation_on,
                          corrections=corrections.split(","),
                          correction_strength=correction_strength, coverage=coverage,
                          floor_ratio=floor_ratio,

@@ -65,6 +65,13 @@ class BlendConfig:
         ``start_factor`` times ``ratio``, the last ``ratio`` (``gradual`` widens one given
         layer to four). A model with fewer layers checks at its last one.
     start_factor: see ``check_layers``.
+    preselect: which chunk tokens are computed before the first check layer. None: all of
+        them. A number F: only the F x ``ratio`` share whose stored context score is highest,
+        so no layer is computed for every token (:mod:`ragkv.engine.context_score`; the score
+        is how far a token's keys move between its prefix- and anchor-context entries, stored
+        with the anchor entry at ingestion). Chunks whose entry holds no score (another
+        precompute context, an entry computed on a query's miss) are computed whole. Faster,
+        slightly less faithful; see the README.
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
     correction: how the KV of tokens not recomputed is corrected at each layer: ``chunk_mean``
@@ -96,6 +103,7 @@ class BlendConfig:
     max_ratio: float = 0.5
     floor_ratio: float | None = None
     start_factor: float = 2.0
+    preselect: float | None = None
 
     def __post_init__(self) -> None:
         if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
@@ -129,6 +137,9 @@ class BlendConfig:
             raise ValueError(f"max_ratio must be within [0, 1], got {self.max_ratio!r}")
         if not _is_number(self.start_factor) or self.start_factor < 1.0:
             raise ValueError(f"start_factor must be a number >= 1, got {self.start_factor!r}")
+        if self.preselect is not None and not (_is_number(self.preselect)
+                                               and self.preselect >= 1.0):
+            raise ValueError(f"preselect must be a number >= 1 or None, got {self.preselect!r}")
         if self.floor_ratio is not None and not (_is_number(self.floor_ratio)
                                                  and 0.0 <= self.floor_ratio <= 1.0):
             raise ValueError(f"floor_ratio must be within [0, 1] or None, got "

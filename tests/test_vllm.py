@@ -270,6 +270,44 @@ def test_anchor_context_through_vllm_matches_what_the_worker_computes(vllm_rag):
     assert hit.trace.error is None and hit.trace.hits == 3
 
 
+def test_anchor_entries_stored_through_vllm_carry_their_context_score(vllm_rag):
+    """vLLM's prefill stores each anchor entry with its score against the prefix entry, and a
+    preselecting blend then computes only its share of those chunks before the check layer."""
+    import torch
+
+    from ragkv.cache_index import KVStore
+    from ragkv.engine.context_score import context_score
+    from ragkv.engine.kv import ChunkKV
+    from ragkv.keys import KV_LAYOUT
+
+    rag = vllm_rag.with_config(precompute_context="anchor")
+    keys, cfg = rag.backend.keys, rag.config
+    chunks = [rag.tokenizer(c + " (scored)", add_special_tokens=False).input_ids
+              for c in CHUNKS]
+    assert rag.precompute_many(chunks) == [True] * 3
+
+    def entry(ids, ctx):
+        found = KVStore.from_config(cfg).fetch(keys.chunk(ids, ctx), model_fp=keys.fingerprint,
+                                               layout=KV_LAYOUT)
+        assert found is not None
+        t = found.tensors
+        return ChunkKV(t["k"], t["v"]), t.get("score")
+
+    for ids in chunks:
+        prefix, none = entry(ids, "prefix")
+        anchor, score = entry(ids, "anchor")
+        assert none is None and score is not None
+        torch.testing.assert_close(score.reshape(-1), context_score(prefix, anchor))
+    plain = rag.generate(chunks, QUESTION, mode="blend", blend=BlendConfig(ratio=0.1),
+                         max_new_tokens=1)
+    pre = rag.generate(chunks, QUESTION, mode="blend",
+                       blend=BlendConfig(ratio=0.1, preselect=3.0), max_new_tokens=1)
+    assert plain.trace.error is None and pre.trace.error is None
+    a, b = plain.trace.recomputed_per_layer, pre.trace.recomputed_per_layer
+    scored = len(chunks[1]) + len(chunks[2])  # the first chunk is exact there
+    assert a[0] - b[0] == scored - round(0.3 * scored) and a[2] == b[2]
+
+
 def test_a_precompute_batch_that_vllm_splits_over_steps_stores_every_chunk(vllm_rag):
     # vLLM prefills at most max_num_batched_tokens per step: a batch of precompute requests
     # larger than that has some prompts split over two steps, whose spans complete only in

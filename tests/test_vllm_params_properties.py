@@ -29,7 +29,7 @@ VOCAB = 49152  # SmolLM2's vocabulary
 keys64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
 NAMES = ["mode", "prefix_end", "chunks", "suffix_start", "context", "blend", "save", "record",
          "describe", "contains", "ratio", "min_ratio", "policy", "check_layers",
-         "deviation_on", "head_tokens"]
+         "deviation_on", "head_tokens", "reference_end", "preselect"]
 WORDS = ["blend", "reuse", "prefix", "cold", "auto", "k", "v", "kv", *REGISTRY]
 json_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-3, 40),
                         st.floats(), st.text(max_size=70), keys64, st.sampled_from(WORDS))
@@ -62,7 +62,11 @@ def valid_bodies(draw) -> tuple[dict, int]:
         return {"ragkv": {"contains": draw(st.lists(keys64, min_size=1, max_size=4)),
                           "context": context}}, n
     if kind == "save":
-        return {"ragkv": {"save": _span_list(draw, 0, n, 3), "context": context}}, n
+        save = _span_list(draw, 0, n, 3)
+        body = {"save": save, "context": context}
+        if save[0][0] and draw(st.booleans()):
+            body["reference_end"] = draw(st.integers(1, save[0][0]))
+        return {"ragkv": body}, n
     prefix_end = draw(st.integers(1, n - 3))
     suffix_start = draw(st.integers(prefix_end + 1, n - 1))
     chunks = _span_list(draw, prefix_end, suffix_start, 5)
@@ -272,3 +276,23 @@ def test_an_anchor_context_fusion_carries_the_anchor_ids() -> None:
     # the keys name the anchor; the salt need not (same keys, same fusion)
     assert fusion_salt(p, list(range(8))) == fusion_salt(
         parse({"ragkv": {**body, "anchor": [7]}}, 8), list(range(8)))
+
+
+def test_a_save_names_the_entry_its_spans_are_scored_against() -> None:
+    body = {"save": [[3, 6, "a" * 64]], "context": "anchor"}
+    for bad in (-1, 4, True, "2", 1.5):
+        with pytest.raises(ParamsError, match="'reference_end' must be an integer"):
+            parse({"ragkv": {**body, "reference_end": bad}}, 8)
+    p = parse({"ragkv": {**body, "reference_end": 2}}, 8)
+    assert p is not None and p.reference_end == 2 and parse(p.to_json(), 8) == p
+    assert parse({"ragkv": body}, 8).reference_end == 0
+
+
+def test_the_salt_names_the_preselection() -> None:
+    body = {"mode": "blend", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]], "suffix_start": 6}
+    salts = {fusion_salt(parse({"ragkv": {**body, "blend": blend}}, 8), list(range(8)))
+             for blend in ({}, {"preselect": 3.0}, {"preselect": 4.0})}
+    assert len(salts) == 3
+    for bad in (0.5, "3", True):
+        with pytest.raises(ParamsError, match="preselect must be a number >= 1"):
+            parse({"ragkv": {**body, "blend": {"preselect": bad}}}, 8)

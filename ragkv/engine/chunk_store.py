@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ragkv.cache_index import KVStore
 from ragkv.cache_index.codec import Int8Codec
+from ragkv.engine.context_score import context_score
 from ragkv.engine.kv import ChunkKV
 from ragkv.keys import KV_LAYOUT
 
@@ -58,22 +59,37 @@ class ChunkStore:
             return None
         return kv, found.tier
 
-    def save(self, key: str, kv: ChunkKV) -> None:
-        """Store ``kv`` under ``key``; a failed write is logged by the store, never raised."""
+    def save(self, key: str, kv: ChunkKV, reference: str | None = None) -> None:
+        """Store ``kv`` under ``key``; a failed write is logged by the store, never raised.
+
+        ``reference``: the key of the same tokens' entry in another context (an anchor entry's
+        prefix-context twin); when it is stored, ``kv`` is saved with its context score against
+        it (:mod:`ragkv.engine.context_score`), else without one."""
+        if reference is not None and kv.score is None:
+            kv = self.scored(kv, reference)
         dtype = "float32" if self.codec is not None else self.kv_dtype
         self.store.put(key, kv.to_tensors(dtype), model_fp=self.fingerprint, layout=KV_LAYOUT,
                        n_tokens=kv.n_tokens, codec=self.codec)
 
+    def scored(self, kv: ChunkKV, reference: str) -> ChunkKV:
+        """``kv`` with its context score against the entry ``reference`` (unchanged when that
+        entry is missing or does not match)."""
+        found = self.load(reference, kv.n_tokens, shared=True)
+        return kv if found is None else kv.with_score(context_score(found[0], kv))
+
     def get_or_compute(self, key: str, n_tokens: int, compute: Callable[[], ChunkKV], *,
-                       indexed: bool = True,
-                       shared: bool = False) -> tuple[ChunkKV, str | None]:
-        """The chunk's KV and the tier that served it (None: computed now and stored back).
+                       indexed: bool = True, shared: bool = False,
+                       reference: str | None = None) -> tuple[ChunkKV, str | None]:
+        """The chunk's KV and the tier that served it (None: computed now and stored back,
+        scored against ``reference`` as :meth:`save` says).
 
         ``indexed=False`` (the index already said the key is absent) skips the read."""
         loaded = self.load(key, n_tokens, shared=shared) if indexed else None
         if loaded is not None:
             return loaded
         kv = compute()
+        if reference is not None:
+            kv = self.scored(kv, reference)
         self.save(key, kv)
         return kv, None
 

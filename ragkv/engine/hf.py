@@ -13,7 +13,7 @@ from ragkv.engine.blend import FusedPrefill, compute_span, fuse
 from ragkv.engine.kernels import make_ops
 from ragkv.engine.kv import ChunkKV, torch_dtype
 from ragkv.engine.loading import LoadingController, WorkspacePool
-from ragkv.engine.plan import plan_prefill
+from ragkv.engine.plan import plan_prefill, scores_of
 from ragkv.engine.runner import SUPPORTED, LlamaFamilyRunner
 from ragkv.keys import model_fingerprint
 from ragkv.prompt import AssembledPrompt
@@ -79,7 +79,7 @@ class HFEngine:
             return self._full(ids)
         plan = plan_prefill(len(prompt.ids), prompt.chunk_spans, prompt.suffix_start,
                             [(s, kv.n_tokens) for s, kv in cached], exact_until, mode, blend,
-                            self.runner.n_layers)
+                            self.runner.n_layers, scores_of(cached))
         ctx, policy = plan.ctx, plan.policy
         with self.workspaces.lease(self.runner.device) as ws:
             out = fuse(self.runner, ids, cached, ctx, policy, deviation_on=blend.deviation_on,

@@ -121,16 +121,21 @@ class HFBackend:
         2k-token blend about 13 ms in fp32)."""
         return self.chunks.get_or_compute(
             key, len(ids), lambda: self.engine.precompute(list(ids), self.past(context)),
-            indexed=indexed, shared=True)
+            indexed=indexed, shared=True, reference=self._reference(ids, context))
+
+    def _reference(self, ids: Sequence[int], context: str) -> str | None:
+        """The entry an anchor-context entry is scored against: its prefix-context twin."""
+        return self.keys.chunk(ids, "prefix") if context == "anchor" else None
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
-        """Missing chunks are prefilled several per forward pass (``engine/precompute.py``)."""
+        """Missing chunks are prefilled several per forward pass (``engine/precompute.py``);
+        prefix-context entries first, so anchor entries are stored with their context score."""
         plan, computed = to_precompute(self.keys, chunks, context, self.stored)
         for ctx, todo in plan:
             if todo:
                 kvs = compute_spans(self.engine.runner, list(todo.values()), self.past(ctx))
-                for key, kv in zip(todo, kvs, strict=True):
-                    self.chunks.save(key, kv)
+                for (key, ids), kv in zip(todo.items(), kvs, strict=True):
+                    self.chunks.save(key, kv, self._reference(ids, ctx))
         return computed
 
     # ---- generation ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 from ragkv.config import BlendConfig
 from ragkv.engine.correction import Correction, make_correction
+from ragkv.engine.kv import ChunkKV
 from ragkv.engine.policies import ComputeAll, SelectionContext, SelectionPolicy, make_policy
 from ragkv.keys import position_context
 
@@ -73,13 +74,20 @@ class PrefillPlan:
         return self.ctx.exact_until
 
 
+def scores_of(cached: Sequence[tuple[int, ChunkKV]]) -> dict[int, torch.Tensor]:
+    """Span start -> context score, for the placed spans whose entry holds one."""
+    return {s: kv.score for s, kv in cached if kv.score is not None}
+
+
 def plan_prefill(n_tokens: int, chunk_spans: Sequence[tuple[int, int]], suffix_start: int,
                  cached: Sequence[tuple[int, int]], exact_until: int, mode: str,
-                 blend: BlendConfig, n_layers: int) -> PrefillPlan:
+                 blend: BlendConfig, n_layers: int,
+                 scores: dict[int, torch.Tensor] | None = None) -> PrefillPlan:
     """Plan a fused prefill of ``n_tokens`` positions.
 
     cached: ``(start, n_tokens)`` of every span whose KV is placed (prefix and chunks).
     exact_until: positions before it hold exact KV (see :func:`exact_end`).
+    scores: the placed chunks' context scores by span start (:func:`scores_of`).
     """
     if mode not in FUSED_MODES:
         raise ValueError(f"unknown mode {mode!r}; a fused prefill is one of "
@@ -90,7 +98,9 @@ def plan_prefill(n_tokens: int, chunk_spans: Sequence[tuple[int, int]], suffix_s
     forced[:exact_until] = False
     spans = [(s, e) for s, e in chunk_spans if s >= exact_until]
     ratio = float(blend.ratio) if mode == "blend" else 0.0
-    ctx = SelectionContext(n_tokens, exact_until, spans, forced, ratio, suffix_start)
+    starts = {s for s, _ in spans}
+    ctx = SelectionContext(n_tokens, exact_until, spans, forced, ratio, suffix_start,
+                           {s: sc for s, sc in (scores or {}).items() if s in starts})
     policy: SelectionPolicy
     correction = Correction()
     if mode == "prefix":

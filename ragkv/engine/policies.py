@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ragkv.config import DEFAULT_CHECK_LAYERS, BlendConfig
+from ragkv.engine.context_score import preselected
 from ragkv.engine.kernels import TorchOps
 
 
@@ -23,8 +24,10 @@ class SelectionContext:
 
     n_tokens: prompt length T. exact_until: positions ``[0, exact_until)`` hold exact KV (a true
     prefix) and are never recomputed. chunk_spans: ``[start, end)`` per chunk. forced: bool
-    ``[T]``, positions without cached KV (always computed). ``select`` receives positions and
-    deviations on the engine's device; what the context returns lives on the CPU.
+    ``[T]``, positions without cached KV (always computed). scores: span start -> the context
+    score ``[span length]`` its entry holds (:mod:`ragkv.engine.context_score`), for the chunks
+    that have one. ``select`` receives positions and deviations on the engine's device; what
+    the context returns lives on the CPU.
     """
 
     n_tokens: int
@@ -33,6 +36,7 @@ class SelectionContext:
     forced: torch.Tensor
     ratio: float
     suffix_start: int | None = None
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
     #: the kernel set that runs deviation top-k (the engine's; the reference by default)
     ops: TorchOps = field(default_factory=TorchOps, repr=False)
 
@@ -143,18 +147,27 @@ class HKVD(SelectionPolicy):
     @classmethod
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return cls(layers=cfg.check_layers, coverage=cfg.coverage, max_ratio=cfg.max_ratio,
-                   floor_ratio=cfg.floor_ratio, start_factor=cfg.start_factor)
+                   floor_ratio=cfg.floor_ratio, start_factor=cfg.start_factor,
+                   preselect=cfg.preselect)
 
     #: with several check layers, the first keeps this multiple of ``ratio``, narrowed
     #: linearly to ``ratio`` at the last (the paper's gradual filtering)
     start_factor: float = 2.0
+    #: compute only this multiple of ``ratio`` of the scored chunks' tokens before the first
+    #: check layer, the highest context scores (None: every token; ``BlendConfig.preselect``)
+    preselect: float | None = None
 
     @property
     def check_layers(self) -> tuple[int, ...]:
         return self.layers
 
     def initial(self, ctx: SelectionContext) -> torch.Tensor:
-        return ctx.all_uncached_and_chunks()
+        if self.preselect is None or not ctx.scores:
+            return ctx.all_uncached_and_chunks()
+        scored = sum(e - s for s, e in ctx.chunk_spans if s in ctx.scores)
+        budget = int(round(min(1.0, self.preselect * ctx.ratio) * scored))
+        picked = preselected(ctx.scores, ctx.chunk_spans, budget)
+        return torch.unique(torch.cat([ctx.forced_positions(), picked]))
 
     def final(self, layer: int) -> bool:
         """Whether ``layer`` makes the final selection (where the guard judges it)."""
@@ -207,7 +220,7 @@ class GradualFilter(HKVD):
         layers = cfg.check_layers
         c = layers[0]
         return cls(layers=layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers))),
-                   start_factor=cfg.start_factor)
+                   start_factor=cfg.start_factor, preselect=cfg.preselect)
 
 
 @register
@@ -236,7 +249,7 @@ class HKVDWithHeads(HKVD):
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return cls(layers=cfg.check_layers, head_tokens=cfg.head_tokens,
                    coverage=cfg.coverage, max_ratio=cfg.max_ratio, floor_ratio=cfg.floor_ratio,
-                   start_factor=cfg.start_factor)
+                   start_factor=cfg.start_factor, preselect=cfg.preselect)
 
     def select(self, layer, ctx, active, deviation):
         heads = ctx.heads(self.head_tokens)

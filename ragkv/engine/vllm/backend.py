@@ -152,15 +152,18 @@ class VLLMBackend:
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
         plan, computed = to_precompute(self.keys, chunks, context, self.stored)
-        items = [(key, ids, ctx) for ctx, todo in plan for key, ids in todo.items()]
-        for start in range(0, len(items), PRECOMPUTE_BATCH):
-            batch = items[start:start + PRECOMPUTE_BATCH]
-            done = self.transport.complete([self.builder.precompute(ids, ctx)
-                                            for _, ids, ctx in batch], 1)
-            for (key, _, _), comp in zip(batch, done, strict=True):
-                if comp.note.get("save_error") or not comp.note.get("saved"):
-                    log.warning("chunk %s not stored by the server: %s", key[:12],
-                                comp.note.get("save_error") or comp.note)
+        # one context at a time: prefix-context entries are stored before the anchor entries
+        # that are scored against them
+        for ctx, todo in plan:
+            items = list(todo.items())
+            for start in range(0, len(items), PRECOMPUTE_BATCH):
+                batch = items[start:start + PRECOMPUTE_BATCH]
+                done = self.transport.complete([self.builder.precompute(ids, ctx)
+                                                for _, ids in batch], 1)
+                for (key, _), comp in zip(batch, done, strict=True):
+                    if comp.note.get("save_error") or not comp.note.get("saved"):
+                        log.warning("chunk %s not stored by the server: %s", key[:12],
+                                    comp.note.get("save_error") or comp.note)
         return computed
 
     # ---- generation ----------------------------------------------------------------------

@@ -67,8 +67,11 @@ class RequestBuilder:
         ctx = context or self.keys.context
         prefix = list(self.keys.before(ctx))
         ids = prefix + [int(t) for t in chunk]
+        # an anchor entry is scored against its prefix-context twin (context_score.py)
+        ref = len(self.keys.prefix_ids) if ctx == "anchor" else 0
         p = FusionParams(context=ctx, save=(Span(len(prefix), len(ids),
-                                                 self.keys.chunk(chunk, ctx)),))
+                                                 self.keys.chunk(chunk, ctx)),),
+                         reference_end=ref)
         return VLLMRequest(ids, p.to_json(), None)
 
     @staticmethod

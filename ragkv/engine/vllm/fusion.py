@@ -19,7 +19,7 @@ from ragkv.engine.blend import FusedPrefill, compute_span, fuse
 from ragkv.engine.chunk_store import ChunkStore, KVShape
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.loading import Workspace
-from ragkv.engine.plan import chunks_to_load, exact_end, plan_prefill
+from ragkv.engine.plan import chunks_to_load, exact_end, plan_prefill, scores_of
 from ragkv.engine.vllm.paged import PagedAttention
 from ragkv.engine.vllm.params import FusionParams, Span
 from ragkv.engine.vllm.runner import VLLMRunner
@@ -62,16 +62,17 @@ class WorkerFusion:
         return KeySpace(self.fingerprint, self.cfg.kv_storage, tuple(prefix),
                         anchor_ids=anchor)
 
-    def _get(self, ids: list[int], key: str, past: Callable[[], ChunkKV | None] = lambda: None
-             ) -> tuple[ChunkKV, str | None]:
-        """``past``: what a miss is prefilled after (asked only on a miss)."""
+    def _get(self, ids: list[int], key: str, past: Callable[[], ChunkKV | None] = lambda: None,
+             reference: str | None = None) -> tuple[ChunkKV, str | None]:
+        """``past``: what a miss is prefilled after (asked only on a miss); ``reference``: the
+        entry a miss is scored against (``ChunkStore.save``)."""
         r = self.runner
         # read only: placed into the fused buffers, or read as the past of a missing chunk;
         # both convert to the model's dtype as they copy (a conversion here cost a fresh copy
         # of every chunk on every request with fp16 storage)
         kv, tier = self.chunks.get_or_compute(
             key, len(ids), lambda: compute_span(r, torch.tensor(ids, device=r.device), past()),
-            shared=True)
+            shared=True, reference=reference)
         if kv.k.device != r.device:
             kv = kv.to(r.device, kv.k.dtype)
         return kv, tier
@@ -107,7 +108,8 @@ class WorkerFusion:
                 raise ValueError(f"chunk key {span.key[:12]} does not name the tokens at "
                                  f"[{span.start}, {span.end}) for this model and settings")
             t = time.perf_counter()
-            kv, tier = self._get(chunk, span.key, lambda ctx=ctx: past(ctx))
+            ref = keys.chunk(chunk, "prefix") if ctx == "anchor" else None
+            kv, tier = self._get(chunk, span.key, lambda ctx=ctx: past(ctx), ref)
             if tier is None:
                 precompute_s += time.perf_counter() - t
             else:
@@ -120,7 +122,7 @@ class WorkerFusion:
         exact = exact_end(p.prefix_end, spans, p.context, wanted)
         plan = plan_prefill(len(ids), spans, p.suffix_start,
                             [(s, kv.n_tokens) for s, kv in cached], exact, p.mode, p.blend,
-                            r.n_layers)
+                            r.n_layers, scores_of(cached))
         t1 = time.perf_counter()
         with torch.inference_mode(), r.on_paged_cache(paged):
             out = fuse(r, torch.tensor(ids, device=r.device), cached, plan.ctx, plan.policy,
@@ -153,13 +155,21 @@ class WorkerFusion:
         return r.rotate(k.to(r.dtype), cos, -sin)
 
     def store_captured(self, ids: list[int], span: Span,
-                       got: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+                       got: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                       reference_end: int = 0) -> None:
         """Store a precompute span from per-layer K/V read from vLLM's cache (post-RoPE keys),
-        once its key is proven to name those tokens after the ones before them."""
-        before = ids[:span.start]
-        if self.keys(before).after(before, ids[span.start:span.end]) != span.key:
+        once its key is proven to name those tokens after the ones before them; with
+        ``reference_end``, scored against the same tokens' entry after ``ids[:reference_end]``
+        (whose key is derived here from the tokens, so a request cannot name a foreign one)."""
+        before, chunk = ids[:span.start], ids[span.start:span.end]
+        if self.keys(before).after(before, chunk) != span.key:
             raise ValueError(f"key {span.key[:12]} does not name [{span.start}, {span.end}) "
                              "after the tokens before it")
         k = torch.stack([got[i][0] for i in range(len(got))])
         v = torch.stack([got[i][1] for i in range(len(got))])
-        self.chunks.save(span.key, ChunkKV(self.unrotate(k, span.start), v.to(self.runner.dtype)))
+        ref = None
+        if 0 < reference_end < span.start:
+            ref_ids = ids[:reference_end]
+            ref = self.keys(ref_ids).after(ref_ids, chunk)
+        self.chunks.save(span.key, ChunkKV(self.unrotate(k, span.start), v.to(self.runner.dtype)),
+                         ref)

@@ -29,6 +29,7 @@ class SaveReq:
     block_ids: list[int]
     spans: tuple[Span, ...]
     computed_until: int  # positions [0, computed_until) hold KV after this step
+    reference_end: int = 0  # FusionParams.reference_end
 
 
 @dataclass

@@ -70,6 +70,9 @@ class FusionParams:
     describe: bool = False
     contains: tuple[str, ...] = ()
     anchor: tuple[int, ...] = ()
+    #: a save's spans are stored with their context score against the same tokens' entry
+    #: after ``ids[:reference_end]`` (0: none; an anchor-context save names the prefix's end)
+    reference_end: int = 0
 
     @property
     def fused(self) -> bool:
@@ -93,6 +96,8 @@ class FusionParams:
                         chunks=[[s.start, s.end, s.key] for s in self.chunks], blend=b)
         if self.save:
             body["save"] = [[s.start, s.end, s.key] for s in self.save]
+            if self.reference_end:
+                body["reference_end"] = self.reference_end
         return {PARAMS_KEY: body}
 
 
@@ -138,10 +143,14 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
             raise ParamsError(f"'contains' must be a list of at most {MAX_CONTAINS} keys")
         return FusionParams(context=context, contains=tuple(keys))
     save = _spans(body.get("save", []), "save", n_prompt)
+    ref = body.get("reference_end", 0)
+    if not _is_int(ref) or not 0 <= ref <= (save[0].start if save else 0):
+        raise ParamsError("'reference_end' must be an integer within the tokens before the "
+                          "first saved span")
     if "chunks" not in body:
         if not save:
             raise ParamsError("ragkv parameters name neither 'chunks' nor 'save'")
-        return FusionParams(context=context, save=save)
+        return FusionParams(context=context, save=save, reference_end=ref)
     anchor = body.get("anchor", [])
     if (not isinstance(anchor, list) or len(anchor) > MAX_ANCHOR
             or not all(_is_int(t) and t >= 0 for t in anchor)):
@@ -190,7 +199,7 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     if not isinstance(record, bool):
         raise ParamsError("'record' must be true or false")
     return FusionParams(mode, prefix_end, chunks, suffix_start, context, blend, save, record,
-                        anchor=tuple(anchor))
+                        anchor=tuple(anchor), reference_end=ref)
 
 
 def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
@@ -206,7 +215,7 @@ def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
         payload["blend"] = [b.ratio, b.policy, list(b.check_layers), b.deviation_on,
                             b.head_tokens, b.correction, b.correction_strength, b.coverage,
                             b.max_ratio, b.floor_ratio, b.start_factor, b.correction_window,
-                            b.correction_mix]
+                            b.correction_mix, b.preselect]
         if reads_question(b):
             payload["question"] = [int(t) for t in prompt_ids[params.suffix_start:]]
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

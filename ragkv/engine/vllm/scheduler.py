@@ -126,7 +126,7 @@ class ConnectorScheduler:
         request waits in ``_saving`` (its earlier positions stay in its blocks)."""
         if done >= max(span.end for span in p.save):
             self._saving.pop(rid, None)
-            meta.saves.append(SaveReq(rid, ids, blocks, p.save, done))
+            meta.saves.append(SaveReq(rid, ids, blocks, p.save, done, p.reference_end))
         else:
             self._saving[rid] = (ids, blocks, p)
 

@@ -118,7 +118,7 @@ class ConnectorWorker:
                 if got is None or len(got) != len(self._layers):
                     continue
                 try:
-                    self.fusion.store_captured(req.ids, span, got)
+                    self.fusion.store_captured(req.ids, span, got, req.reference_end)
                     trace["saved"] = trace.get("saved", 0) + 1
                 except Exception as exc:  # noqa: BLE001 - a failed save is a later miss
                     log.warning("request %s: span not saved (%s)", req.req_id, exc)
