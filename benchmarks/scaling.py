@@ -22,6 +22,10 @@ prefill: the speed/fidelity trade at long prompts.
 (``check_layers=(1, 2)``, ``start_factor=3``: layer 1 computes three times the ratio's tokens
 instead of all of them), mode ``blend+pre3``, with its first-token KL the same way.
 
+``--also-context 4`` also times the default ratio with the preselection by stored context
+scores (``BlendConfig(preselect=4)``: only four times the ratio's tokens, the highest-scored,
+are computed before the check layer), mode ``blend+ctx4``.
+
 ``--attention masked,split`` also times the blend with the old masked-SDPA selected-query
 attention (``TorchOps.attend_selected_masked``) interleaved with the default, on the same
 prompts: the A/B of the split kernel (below ``split_attention.MIN_KEYS`` keys both arms run
@@ -68,6 +72,8 @@ def label(mode: str) -> str:
         return f"blend {mode[6:]}"
     if mode.startswith("blend+pre"):
         return f"{BLEND}, layer-1 preselection x{mode[9:]}"
+    if mode.startswith("blend+ctx"):
+        return f"{BLEND}, context-score preselection x{mode[9:]}"
     return {"full": "full prefill", "blend": BLEND,
             "blend_masked": f"{BLEND}, masked attention"}[mode]
 
@@ -239,6 +245,9 @@ def main() -> None:
     ap.add_argument("--also-preselect", default="",
                     help="comma-separated start factors of a layer-1 preselection to time at "
                          "the default ratio (check layers 1 and 2)")
+    ap.add_argument("--also-context", default="",
+                    help="comma-separated factors of the preselection by stored context scores "
+                         "(BlendConfig.preselect) to time at the default ratio")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, one per core)")
@@ -260,6 +269,11 @@ def main() -> None:
                   for f in args.also_preselect.split(",") if f.strip()}
     except ValueError as exc:
         ap.error(f"--also-preselect: {exc}")
+    try:
+        extra |= {f"blend+ctx{float(f):g}": BlendConfig(preselect=float(f))
+                  for f in args.also_context.split(",") if f.strip()}
+    except ValueError as exc:
+        ap.error(f"--also-context: {exc}")
     modes += list(extra)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -123,6 +123,24 @@ def test_an_entry_is_saved_with_its_score_against_its_twin(store, codec, memory)
     torch.testing.assert_close(loaded.score, want, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("memory", [False, True])
+def test_reading_the_twin_is_not_a_use_of_it(store, memory):
+    """The twin is read for bookkeeping: no hit counted, its eviction priority unchanged."""
+    chunks = store(memory=memory)
+    chunks.save("1" * 64, _kv(seed=1))
+    index = chunks.store.index
+    before = index.get_entry("1" * 64).hits
+    chunks.save("2" * 64, _kv(seed=2), reference="1" * 64)
+    chunks.save("3" * 64, _kv(seed=3), reference="9" * 64)  # a missing twin: no miss either
+    assert chunks.load("2" * 64, 6, record=False)[0].score is not None
+    assert chunks.store.counters["hits"] == chunks.store.counters["misses"] == 0
+    assert index.get_entry("1" * 64).hits == before
+    if memory:
+        assert chunks.store.memory._slots["1" * 64].hits == 0
+    chunks.load("1" * 64, 6)  # a use
+    assert chunks.store.counters["hits"] == 1
+
+
 def test_a_damaged_score_makes_the_entry_a_miss(store):
     chunks = store()
     kv = _kv()
@@ -161,6 +179,12 @@ def test_ingestion_scores_every_anchor_entry_against_its_prefix_entry(anchored, 
         anchor, _ = store.load(keys.chunk(ids, "anchor"), len(ids))
         assert prefix.score is None
         torch.testing.assert_close(anchor.score, context_score(prefix, anchor))
+    # an anchor entry computed again later is scored against the stored prefix entry
+    store.store.delete(keys.chunk(chunks[1], "anchor"))
+    assert anchored.precompute_many(chunks) == [False, True, False]
+    again, _ = store.load(keys.chunk(chunks[1], "anchor"), len(chunks[1]))
+    prefix, _ = store.load(keys.chunk(chunks[1], "prefix"), len(chunks[1]))
+    torch.testing.assert_close(again.score, context_score(prefix, again))
     # a lost anchor entry computed again on a query's miss is scored too
     store.store.delete(keys.chunk(chunks[2], "anchor"))
     anchored.generate(chunks, QUESTION, mode="blend", max_new_tokens=1)

@@ -58,10 +58,11 @@ class MemoryTier:
         return float(self.policy.priority(hits=slot.hits, tokens=slot.tokens, nbytes=slot.nbytes,
                                           now=time.time(), clock=self.clock))
 
-    def get(self, key: str, *, model_fp: str, layout: str,
-            shared: bool = False) -> dict[str, torch.Tensor] | None:
+    def get(self, key: str, *, model_fp: str, layout: str, shared: bool = False,
+            touch: bool = True) -> dict[str, torch.Tensor] | None:
         """A copy of the entry's tensors, or with ``shared`` the tier's own (the caller only
-        reads them: a chunk's KV is tens of MB, and copying it cost a fused request ~1 %)."""
+        reads them: a chunk's KV is tens of MB, and copying it cost a fused request ~1 %).
+        ``touch=False``: the read does not count as a hit for eviction."""
         with self._lock:
             slot = self._slots.get(key)
             if slot is None:
@@ -70,8 +71,9 @@ class MemoryTier:
                 # Keys name model and layout, so this is a caller mixing them up; never serve it.
                 self._drop(key)
                 return None
-            slot.hits += 1
-            slot.priority = self._score(slot)
+            if touch:
+                slot.hits += 1
+                slot.priority = self._score(slot)
             tensors = slot.tensors
         return tensors if shared else _copy(tensors)
 

@@ -40,6 +40,10 @@ log = logging.getLogger("ragkv.cache")
 _KEY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
+def _uncounted(*_: object) -> None:
+    """What :meth:`KVStore.fetch` counts with when asked not to record the read."""
+
+
 class KVStore:
     """The cache facade: nothing it holds can fail a query. Every problem on read is a miss."""
 
@@ -105,22 +109,27 @@ class KVStore:
         found = self.fetch(key, model_fp=model_fp, layout=layout)
         return found.tensors if found else None
 
-    def fetch(self, key: str, *, model_fp: str, layout: str,
-              shared: bool = False) -> Fetched | None:
+    def fetch(self, key: str, *, model_fp: str, layout: str, shared: bool = False,
+              record: bool = True) -> Fetched | None:
         """Like :meth:`get`, also naming the tier that served the entry. ``shared``: a memory
-        hit hands out the tier's own tensors, which the caller must not modify."""
+        hit hands out the tier's own tensors, which the caller must not modify. ``record=False``
+        (a read for ragkv's own bookkeeping, not a use of the entry): neither the hit nor the
+        miss is counted, and the entry's eviction priority does not rise."""
+        count = self._count if record else _uncounted
         if self.memory is not None:
-            tensors = self.memory.get(key, model_fp=model_fp, layout=layout, shared=shared)
+            tensors = self.memory.get(key, model_fp=model_fp, layout=layout, shared=shared,
+                                      touch=record)
             if tensors is not None:
-                return self._hit(key, Fetched(tensors, "memory"), 0)
-            self._count("", "memory", "misses")
+                found = Fetched(tensors, "memory")
+                return self._hit(key, found, 0) if record else found
+            count("", "memory", "misses")
         try:
             entry = self.index.get_entry(key)
         except Exception as exc:
             log.warning("cache index unavailable for %s, treating as miss: %s", key, exc)
-            return self._miss()
+            return self._miss() if record else None
         if entry is None:
-            return self._miss()
+            return self._miss() if record else None
         if entry.model_fp != model_fp or entry.layout != layout:
             return self._discard(
                 entry, f"foreign entry (model_fp={entry.model_fp!r}, layout={entry.layout!r})"
@@ -128,7 +137,7 @@ class KVStore:
         tiers = self.persistent_tiers()
         for depth, (tier, blobs) in enumerate(tiers):
             if not (entry.on_disk if tier == "disk" else entry.on_remote):
-                self._count("", tier, "misses")
+                count("", tier, "misses")
                 continue
             read = self._read(entry, tier, blobs)
             if read is None:
@@ -138,9 +147,11 @@ class KVStore:
                 self._write(entry.key, entry.blob_name, upper, upper_blobs, data)
             if self.memory is not None:
                 self.memory.put(key, tensors, model_fp=model_fp, layout=layout,
-                                tokens=entry.n_tokens, hits=entry.hits + 1)  # this read too
-            return self._hit(key, Fetched(tensors, tier), len(data))
-        return self._miss()
+                                tokens=entry.n_tokens,
+                                hits=entry.hits + (1 if record else 0))  # this read
+            found = Fetched(tensors, tier)
+            return self._hit(key, found, len(data)) if record else found
+        return self._miss() if record else None
 
     def _read(self, entry: EntryInfo, tier: residency.Tier,
               blobs: BlobStore) -> tuple[dict[str, torch.Tensor], bytes] | None:

@@ -41,12 +41,14 @@ class ChunkStore:
         self.store, self.fingerprint, self.shape = store, fingerprint, shape
         self.kv_dtype, self.codec = kv_dtype, codec
 
-    def load(self, key: str, n_tokens: int, *, shared: bool = False) -> tuple[ChunkKV, str] | None:
+    def load(self, key: str, n_tokens: int, *, shared: bool = False,
+             record: bool = True) -> tuple[ChunkKV, str] | None:
         """The stored KV of ``key`` and the tier that served it, or None (a miss).
 
-        ``shared``: a memory-tier hit hands out the tier's own tensors (read-only use)."""
+        ``shared``: a memory-tier hit hands out the tier's own tensors (read-only use).
+        ``record=False``: not a use of the entry (``KVStore.fetch``)."""
         found = self.store.fetch(key, model_fp=self.fingerprint, layout=KV_LAYOUT,
-                                 shared=shared)
+                                 shared=shared, record=record)
         if found is None:
             return None
         s = self.shape
@@ -74,7 +76,7 @@ class ChunkStore:
     def scored(self, kv: ChunkKV, reference: str) -> ChunkKV:
         """``kv`` with its context score against the entry ``reference`` (unchanged when that
         entry is missing or does not match)."""
-        found = self.load(reference, kv.n_tokens, shared=True)
+        found = self.load(reference, kv.n_tokens, shared=True, record=False)
         return kv if found is None else kv.with_score(context_score(found[0], kv))
 
     def get_or_compute(self, key: str, n_tokens: int, compute: Callable[[], ChunkKV], *,

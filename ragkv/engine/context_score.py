@@ -25,10 +25,12 @@ def context_score(reference: ChunkKV, kv: ChunkKV) -> torch.Tensor | None:
     """Per-token score ``[tokens]`` (float32, CPU) of ``kv`` against ``reference``, the same
     tokens' entry in another context: the squared distance of pre-RoPE keys summed over heads,
     divided by its mean over the chunk, averaged over :data:`SCORE_LAYERS`. None when the two
-    do not describe the same tokens of one model."""
-    if reference.k.shape != kv.k.shape:
+    do not describe the same tokens of one model (either may hold only its first layers,
+    :func:`scoring_part`)."""
+    if reference.k.shape[1:] != kv.k.shape[1:]:
         return None
-    layers = [layer for layer in SCORE_LAYERS if layer < kv.k.shape[0]]
+    layers = [layer for layer in SCORE_LAYERS if layer < min(kv.k.shape[0],
+                                                             reference.k.shape[0])]
     if not layers or kv.n_tokens == 0:
         return None
     idx = torch.tensor(layers, device=kv.k.device)
@@ -38,6 +40,12 @@ def context_score(reference: ChunkKV, kv: ChunkKV) -> torch.Tensor | None:
     d = d / d.mean(dim=1, keepdim=True).clamp_min(1e-12)
     score = d.mean(dim=0).cpu()
     return score if bool(torch.isfinite(score).all()) else None
+
+
+def scoring_part(kv: ChunkKV) -> ChunkKV:
+    """The layers of ``kv`` that :func:`context_score` reads (views, no copy)."""
+    n = max(SCORE_LAYERS) + 1
+    return ChunkKV(kv.k[:n], kv.v[:n])
 
 
 def preselected(starts_scores: dict[int, torch.Tensor], spans: list[tuple[int, int]],

@@ -18,6 +18,7 @@ from ragkv.config import RagkvConfig
 from ragkv.engine.base import GenerationRequest, NextToken, request_trace, to_precompute
 from ragkv.engine.blend import FusedPrefill
 from ragkv.engine.chunk_store import ChunkStore, KVShape
+from ragkv.engine.context_score import context_score, scoring_part
 from ragkv.engine.hf import HFEngine
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.plan import chunks_to_load, exact_end
@@ -131,11 +132,17 @@ class HFBackend:
         """Missing chunks are prefilled several per forward pass (``engine/precompute.py``);
         prefix-context entries first, so anchor entries are stored with their context score."""
         plan, computed = to_precompute(self.keys, chunks, context, self.stored)
+        twins: dict[tuple[int, ...], ChunkKV] = {}  # prefix entries computed now (scored part)
         for ctx, todo in plan:
             if todo:
                 kvs = compute_spans(self.engine.runner, list(todo.values()), self.past(ctx))
                 for (key, ids), kv in zip(todo.items(), kvs, strict=True):
+                    twin = twins.get(tuple(ids)) if ctx == "anchor" else None
+                    if twin is not None:  # spares reading back the entry just stored
+                        kv = kv.with_score(context_score(twin, kv))
                     self.chunks.save(key, kv, self._reference(ids, ctx))
+                    if ctx == "prefix":
+                        twins[tuple(ids)] = scoring_part(kv)
         return computed
 
     # ---- generation ----------------------------------------------------------------------
