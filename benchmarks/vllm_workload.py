@@ -60,7 +60,8 @@ def percentile(xs: list[float], q: int) -> float:
 
 
 def run_arm(arm: str, stream: list[dict], ratio: float, home: Path,
-            warm_stream: list[dict] | None = None, kv_dtype: str = "float32") -> dict:
+            warm_stream: list[dict] | None = None, kv_dtype: str = "float32",
+            preselect: float | None = None) -> dict:
     from ragkv.api import RagKV
     from ragkv.chunking import tokenize_chunk
     from ragkv.config import BlendConfig, RagkvConfig
@@ -78,7 +79,7 @@ def run_arm(arm: str, stream: list[dict], ratio: float, home: Path,
     t0 = time.perf_counter()
     if arm == "ragkv":
         rag.precompute_many(list(corpus.values()))
-        mode, blend = "blend", BlendConfig(ratio=ratio)
+        mode, blend = "blend", BlendConfig(ratio=ratio, preselect=preselect)
     else:  # the corpus seen once: each chunk after the prefix, the prompt ragkv's arm prefills
         seen = [backend.builder.precompute(ids) for ids in corpus.values()]
         backend.transport.complete([VLLMRequest(r.ids, None, None) for r in seen], 1)
@@ -142,6 +143,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--ratio", type=float, default=DEFAULT_RATIO)
     ap.add_argument("--warm", type=int, default=3, help="untimed queries over other cases first")
+    ap.add_argument("--preselect", type=float, default=None,
+                    help="the ragkv arm's preselection by stored context scores "
+                         "(BlendConfig.preselect; default: off)")
     ap.add_argument("--kv-dtype", default="float32",
                     help="ragkv's stored chunk KV (the library's default is float16; float32 "
                          "is what the published runs used)")
@@ -157,7 +161,8 @@ def main() -> None:
     stream = make_stream(cases, args.queries)
     warm = make_stream(others, min(args.warm, len(others)), seed=1) if others else []
     if args.arm:  # one arm, in this process
-        result = run_arm(args.arm, stream, args.ratio, args.home, warm, args.kv_dtype)
+        result = run_arm(args.arm, stream, args.ratio, args.home, warm, args.kv_dtype,
+                         args.preselect)
         args.arm_out.write_text(json.dumps(result))
         return
     arms: dict[str, dict] = {}
@@ -170,7 +175,9 @@ def main() -> None:
                 subprocess.run([sys.executable, __file__, "--cases", str(args.cases),
                                 "--n-cases", str(args.n_cases), "--queries", str(args.queries),
                                 "--ratio", str(args.ratio), "--warm", str(args.warm),
-                                "--kv-dtype", args.kv_dtype, "--arm",
+                                "--kv-dtype", args.kv_dtype,
+                                *(["--preselect", str(args.preselect)] if args.preselect else []),
+                                "--arm",
                                 arm, "--arm-out", str(part), "--home",
                                 str(Path(tmp) / f"home-{r}")], check=True,
                                env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
@@ -184,7 +191,7 @@ def main() -> None:
     meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": args.n_cases,
             "queries": args.queries, "rounds": args.rounds, "warm_queries": args.warm,
             "chunks_per_query": 6,
-            "ratio": args.ratio, "kv_dtype": args.kv_dtype,
+            "ratio": args.ratio, "preselect": args.preselect, "kv_dtype": args.kv_dtype,
             "engine": "vllm (CPU build), SmolLM2, fp32, eager, prefix caching on"}
     result = summarize(arms, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
