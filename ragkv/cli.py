@@ -129,7 +129,12 @@ def _ask_both(rag, question: str, chunks, mode: str, max_new_tokens: int, compar
 def ask(ctx: typer.Context, question: str,
         k: Annotated[int, typer.Option("--k", "-k", help="chunks to retrieve")] = 4,
         mode: str = "blend", ratio: float = DEFAULT_RATIO,
-        policy: str = "qhkvd", max_new_tokens: int = 64,
+        policy: str = "qhkvd",
+        preselect: Annotated[float | None, typer.Option(
+            help="blend: compute only this multiple of the ratio of chunk tokens before the "
+                 "check layer, those with the highest stored context scores (faster, a "
+                 "little less faithful; default: off)")] = None,
+        max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
         home: Home = default_home(), model: Model = None, context: Context = "anchor",
         engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None) -> None:
@@ -143,7 +148,7 @@ def ask(ctx: typer.Context, question: str,
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
-                   ratio=ratio, policy=policy)
+                   ratio=ratio, policy=policy, preselect=preselect)
 
     def run():
         chunks = rag.retrieve(question, k)

@@ -34,6 +34,8 @@ def test_ingest_ask_and_stats(tmp_path: Path, tiny_model: Path) -> None:
     assert "tokens/s" not in run("ingest", str(docs), *home), "nothing computed: no rate"
     out = run("ask", "What does assert do?", "-k", "2", "--compare", *home)
     assert "blend" in out and "full" in out and "TTFT" in out
+    out = run("ask", "What does assert do?", "-k", "2", "--preselect", "4", *home)
+    assert "blend" in out and "TTFT" in out
     stats = run("cache", "stats", "--home", str(tmp_path / "home"))
     assert "kv_entries" in stats and "anchor_passage" in stats and "corpus" in stats
 
@@ -207,6 +209,12 @@ def test_ask_and_demo_refuse_a_zero_answer_length(tmp_path: Path) -> None:
     for cmd in (["ask", "q"], ["demo"]):
         result = runner.invoke(app, [*cmd, "--max-new-tokens", "0", "--home", str(tmp_path)])
         assert result.exit_code == 2 and "at least 1" in result.output, result.output
+
+
+def test_ask_refuses_a_preselection_below_the_ratio(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["ask", "q", "--preselect", "0.5", "--home", str(tmp_path)])
+    assert result.exit_code == 2 and "preselect must be a number >= 1" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 @pytest.mark.parametrize(("args", "says"), [
