@@ -117,6 +117,12 @@ class KeySpace:
         return chunk_key(self.fingerprint, token_ids, context=self.context_name(context),
                          kv_dtype=self.kv_storage)
 
+    def twin(self, token_ids: Sequence[int], context: str) -> str | None:
+        """Key of the entry an entry of ``context`` is scored against
+        (:mod:`ragkv.engine.context_score`): an anchor entry's prefix-context twin; None for
+        the other contexts, which are not scored."""
+        return self.chunk(token_ids, "prefix") if context == "anchor" else None
+
     def at(self, token_ids: Sequence[int], index: int, context: str | None = None) -> str:
         """Key of the entry the chunk at prompt position ``index`` is read from."""
         ctx = self.context if context is None else context

@@ -174,6 +174,8 @@ def test_ingestion_scores_every_anchor_entry_against_its_prefix_entry(anchored, 
     chunks = [c.token_ids for c in three_chunks(rag)]
     anchored.precompute_many(chunks)
     keys, store = anchored.backend.keys, anchored.backend.chunks
+    assert keys.twin(chunks[0], "anchor") == keys.chunk(chunks[0], "prefix")
+    assert keys.twin(chunks[0], "prefix") is None and keys.twin(chunks[0], "cold") is None
     for ids in chunks:
         prefix, _ = store.load(keys.chunk(ids, "prefix"), len(ids))
         anchor, _ = store.load(keys.chunk(ids, "anchor"), len(ids))

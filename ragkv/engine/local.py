@@ -122,11 +122,7 @@ class HFBackend:
         2k-token blend about 13 ms in fp32)."""
         return self.chunks.get_or_compute(
             key, len(ids), lambda: self.engine.precompute(list(ids), self.past(context)),
-            indexed=indexed, shared=True, reference=self._reference(ids, context))
-
-    def _reference(self, ids: Sequence[int], context: str) -> str | None:
-        """The entry an anchor-context entry is scored against: its prefix-context twin."""
-        return self.keys.chunk(ids, "prefix") if context == "anchor" else None
+            indexed=indexed, shared=True, reference=self.keys.twin(ids, context))
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
         """Missing chunks are prefilled several per forward pass (``engine/precompute.py``);
@@ -140,7 +136,7 @@ class HFBackend:
                     twin = twins.get(tuple(ids)) if ctx == "anchor" else None
                     if twin is not None:  # spares reading back the entry just stored
                         kv = kv.with_score(context_score(twin, kv))
-                    self.chunks.save(key, kv, self._reference(ids, ctx))
+                    self.chunks.save(key, kv, self.keys.twin(ids, ctx))
                     if ctx == "prefix":
                         twins[tuple(ids)] = scoring_part(kv)
         return computed

@@ -108,8 +108,8 @@ class WorkerFusion:
                 raise ValueError(f"chunk key {span.key[:12]} does not name the tokens at "
                                  f"[{span.start}, {span.end}) for this model and settings")
             t = time.perf_counter()
-            ref = keys.chunk(chunk, "prefix") if ctx == "anchor" else None
-            kv, tier = self._get(chunk, span.key, lambda ctx=ctx: past(ctx), ref)
+            kv, tier = self._get(chunk, span.key, lambda ctx=ctx: past(ctx),
+                                 keys.twin(chunk, ctx))
             if tier is None:
                 precompute_s += time.perf_counter() - t
             else:
