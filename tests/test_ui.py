@@ -122,6 +122,18 @@ def test_ask_streams_answer_with_metrics(ingested: Path, tiny_model: Path) -> No
     assert "last figure measured for this exact prompt" in texts(at.caption)
 
 
+def test_ask_offers_the_faster_preselecting_blend(ingested: Path, tiny_model: Path) -> None:
+    at = page("ask", ingested, tiny_model).run()
+    at.text_input(key="ask_question").input("What does assert do?")
+    at.number_input(key="ask_max_new").set_value(4)
+    at.checkbox(key="ask_preselect").check()
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert "Answer" in texts(at.subheader)
+    at.run()  # the page again without asking: the last answer and its settings
+    assert "preselected by context scores" in texts(at.caption)
+
+
 def test_dashboard_after_queries(ingested: Path, tiny_model: Path) -> None:
     at = page("ask", ingested, tiny_model).run()
     at.text_input(key="ask_question").input("What is a with statement?")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import streamlit as st
 
-from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
+from ragkv.config import DEFAULT_RATIO, FAST_PRESELECT, MODES, BlendConfig
 from ragkv.engine.policies import POLICIES
 from ragkv.trace import QueryTrace
 from ragkv.ui import frames, state
@@ -26,6 +26,7 @@ class AskParams:
     policy: str
     max_new_tokens: int
     measure_full: bool
+    preselect: bool = False
 
 
 def ms(seconds: float) -> str:
@@ -45,17 +46,22 @@ def controls() -> AskParams | None:
         policy = c3.selectbox("Policy", POLICIES, key="ask_policy", help="blend only",
                           index=POLICIES.index(BlendConfig().policy))
         k = c4.number_input("Chunks (k)", 1, 32, 4, key="ask_k")
-        c5, c6 = st.columns(2)
+        c5, c6, c7 = st.columns(3)
         max_new = c5.number_input("Max new tokens", 1, 1024, 64, key="ask_max_new")
         measure = c6.checkbox("Measure full prefill on the same prompt (runs it first)",
                               key="ask_measure_full")
+        preselect = c7.checkbox(
+            "Faster blend: preselect by context scores", key="ask_preselect",
+            help=f"blend only: before the check layer, compute only {FAST_PRESELECT:g}x the "
+                 "ratio's tokens, those whose KV depends most on context (scores stored with "
+                 "anchor entries); about a fifth less TTFT, a little less faithful")
         if not st.form_submit_button("Ask", type="primary"):
             return None
     if not question.strip():
         st.warning("Type a question first.")
         return None
     return AskParams(question.strip(), int(k), mode, float(ratio), policy, int(max_new),
-                     bool(measure))
+                     bool(measure), bool(preselect))
 
 
 def full_caption(trace: QueryTrace, full: FullTTFT | None) -> str:
@@ -120,7 +126,9 @@ def answer(rag, p: AskParams) -> None:
                                     log_query=False)
             full = FullTTFT(base.trace.ttft_s, time.time(), "now")
         stream = rag.stream(chunks, p.question, mode=p.mode,
-                            blend=replace(rag.config.blend, ratio=p.ratio, policy=p.policy),
+                            blend=replace(rag.config.blend, ratio=p.ratio, policy=p.policy,
+                                          preselect=FAST_PRESELECT if p.preselect
+                                          else rag.config.blend.preselect),
                             max_new_tokens=p.max_new_tokens, keep_kv=False, record=False,
                             retrieval_s=retrieval_s)
         if p.mode == "full":
@@ -152,7 +160,9 @@ def answer(rag, p: AskParams) -> None:
 def show_last(rag, last: dict) -> None:
     p: AskParams = last["params"]
     st.caption(f"Last question: *{p.question}* ({p.mode}"
-               + (f", ratio {p.ratio:.2f}, {p.policy}" if p.mode == "blend" else "") + ")")
+               + (f", ratio {p.ratio:.2f}, {p.policy}" if p.mode == "blend" else "")
+               + (", preselected by context scores" if p.mode == "blend" and p.preselect
+                  else "") + ")")
     show_metrics(last["trace"], last["full"])
     left, right = st.columns([3, 2], gap="large")
     with right:
