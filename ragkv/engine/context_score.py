@@ -43,9 +43,10 @@ def context_score(reference: ChunkKV, kv: ChunkKV) -> torch.Tensor | None:
 
 
 def scoring_part(kv: ChunkKV) -> ChunkKV:
-    """The layers of ``kv`` that :func:`context_score` reads (views, no copy)."""
+    """A copy of the layers of ``kv`` that :func:`context_score` reads: kept while the rest
+    of the entry is freed (a view would hold every layer's storage)."""
     n = max(SCORE_LAYERS) + 1
-    return ChunkKV(kv.k[:n], kv.v[:n])
+    return ChunkKV(kv.k[:n].clone(), kv.v[:n].clone())
 
 
 def preselected(starts_scores: dict[int, torch.Tensor], spans: list[tuple[int, int]],

@@ -128,7 +128,9 @@ class HFBackend:
         """Missing chunks are prefilled several per forward pass (``engine/precompute.py``);
         prefix-context entries first, so anchor entries are stored with their context score."""
         plan, computed = to_precompute(self.keys, chunks, context, self.stored)
-        twins: dict[tuple[int, ...], ChunkKV] = {}  # prefix entries computed now (scored part)
+        # the scored layers of prefix entries computed now, for anchor entries computed now
+        scored = {tuple(ids) for ctx, todo in plan if ctx == "anchor" for ids in todo.values()}
+        twins: dict[tuple[int, ...], ChunkKV] = {}
         for ctx, todo in plan:
             if todo:
                 kvs = compute_spans(self.engine.runner, list(todo.values()), self.past(ctx))
@@ -137,7 +139,7 @@ class HFBackend:
                     if twin is not None:  # spares reading back the entry just stored
                         kv = kv.with_score(context_score(twin, kv))
                     self.chunks.save(key, kv, self.keys.twin(ids, ctx))
-                    if ctx == "prefix":
+                    if ctx == "prefix" and tuple(ids) in scored:
                         twins[tuple(ids)] = scoring_part(kv)
         return computed
 
