@@ -3,8 +3,9 @@
 
 A chunk prefilled right after the template prefix has KV unlike the KV it has deep inside a
 prompt: its first tokens attend almost only to the prefix. Prefilled after a few hundred tokens
-of any text, its KV comes much closer (README, *Precomputing chunks after context*: a random
-document as context did as well as the chunk's own neighbours), so the blend has less to repair.
+of any text, its KV comes much closer (docs/benchmarks.md, *Precomputing chunks after
+context*: a random document as context did as well as the chunk's own neighbours), so the blend
+has less to repair.
 The passage is written for ragkv, states no facts a question could ask about, and is the same
 for every corpus, so one entry per chunk serves every prompt. Changing it changes every
 anchor key (the key digests its token ids).

@@ -233,5 +233,5 @@ def test_anchor_context_brings_cached_kv_closer_to_the_prompts(engine, template,
               f"{mean['prefix']:.4g}, anchor context {mean['anchor']:.4g}")
     # measured 0.0243 vs 0.0260 here: these chunks are short (~150 tokens) and the second one
     # starts only ~170 tokens in; on the public sets' 400-700-token chunks the gap is a third
-    # or more (README, *Precomputing chunks after context*)
+    # or more (docs/benchmarks.md, *Precomputing chunks after context*)
     assert mean["anchor"] < 0.97 * mean["prefix"]
