@@ -11,10 +11,14 @@ best last), ``rand:N`` (N tokens of a random other document: the control) or ``a
 (ragkv's fixed neutral passage, the same before every chunk of every set). The chunk's own KV
 (fp16 round trip) is fused with policy qhkvd as in correction_lab.py. One JSON line per case and
 variant ``context/qhkvd/strength`` (resumable): first-token KL and agreement against full
-prefill; ``dev``: per layer, the mean over chunk tokens not computed at that layer of
-||K_fused - K_full||^2 / ||K_full||^2 (rotated keys; None where all were computed); ``cdev``:
-the same for the cached keys alone, over chunks 2..k. A ``+exact`` suffix (``doc:512+exact``)
-keeps the first chunk's prefix-only KV, exact there, as prefix mode does (same budget too).
+prefill, and over full prefill's 32-token greedy answer the teacher-forced agreement (``tf``)
+and mean KL (``tf_kl``); ``dev``: per layer, the mean over chunk tokens not computed at that
+layer of ||K_fused - K_full||^2 / ||K_full||^2 (rotated keys; None where all were computed);
+``cdev``: the same for the cached keys alone, over chunks 2..k. A ``+exact`` suffix
+(``doc:512+exact``) keeps the first chunk's prefix-only KV, exact there, as prefix mode does
+(same budget too). A ``meanN:`` prefix (``mean2:rand:512``) stores the mean of the chunk's KV
+after N draws of the context (for ``rand``, N different random windows): an ensemble over
+contexts.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from ragkv.prompt import PromptTemplate
 
 SETS = {"pydoc": "benchmarks/cases/pydoc.jsonl", "prose": "benchmarks/cases/prose.jsonl"}
 PASSAGE_CHARS, SIM_TOKENS = 2500, 512
+TF_TOKENS = 32  # teacher-forced answer length, as ragkv bench's default
 WORD = re.compile(r"[a-z0-9_]+")
 
 
@@ -128,10 +133,11 @@ class Corpus:
         return best[::-1]
 
 
-def context_ids(spec, eng, tpl, corpus, case, locs, i) -> list[int]:
+def context_ids(spec, eng, tpl, corpus, case, locs, i, draw: int = 0) -> list[int]:
     """Token ids a chunk is precomputed after (between the template prefix and the chunk).
     No context holds text of the prompt: not the case's chunks' places in their documents,
-    nor any 80-character run of a chunk found elsewhere."""
+    nor any 80-character run of a chunk found elsewhere. ``draw`` picks another random
+    window for ``rand`` (draw 0 is the window every earlier run used)."""
     kind, _, arg = spec.partition(":")
     tok, (doc, start, _) = eng.tokenizer, locs[i]
     probes = [c[o:o + 80] for c in case["chunks"] for o in range(0, len(c) - 80, 80)]
@@ -148,7 +154,7 @@ def context_ids(spec, eng, tpl, corpus, case, locs, i) -> list[int]:
         texts = corpus.similar(case["chunks"][i], int(arg), locs, probes)
         return [t for x in texts for t in tokenize_chunk(x, tok)[:SIM_TOKENS] + list(tpl.sep_ids)]
     if kind == "rand":  # a random window of a document no chunk of this case comes from
-        rng = random.Random(f"{case['id']}/{i}")
+        rng = random.Random(f"{case['id']}/{i}" + (f"/{draw}" if draw else ""))
         others = sorted(d for d in corpus.docs if d not in {d for d, _, _ in locs})
         long = [d for d in others if len(corpus.docs[d]) >= 6 * int(arg)] or others
         ids = tokenize_chunk(corpus.docs[rng.choice(long)], tok)
@@ -201,21 +207,34 @@ def run_case(eng, tpl, prefix_kv, corpus, name, case, locs, todo, ratio, layers,
     p = tpl.assemble(chunks, case["question"])
     ids = torch.tensor(p.ids)
     full = eng._full(ids)  # the reference forward: its logits and its (rotated) cached keys
+    target = eng.decode(full, int(full.logits.argmax()), TF_TOKENS)
+    full_rows = eng.score(full, target)
     cos, sin = r.cos_sin(torch.arange(len(p.ids)))
     in_chunk = torch.cat([torch.arange(s, e) for s, e in p.chunk_spans])
     rest = torch.cat([torch.arange(s, e) for s, e in p.chunk_spans[1:]])
     for ctx in dict.fromkeys(v.split("/")[0] for v in todo):
         kvs, n_ctx, first = [], [], ctx.endswith("+exact")  # first chunk: prefix-only KV
+        spec, draws = ctx.removesuffix("+exact"), 1
+        if spec.startswith("mean"):
+            head, spec = spec.split(":", 1)
+            draws = int(head.removeprefix("mean"))
         for i, c in enumerate(chunks):
-            cids = [] if first and i == 0 else context_ids(
-                ctx.removesuffix("+exact"), eng, tpl, corpus, case, locs, i)
-            past = prefix_kv
-            if cids:
-                ckv = compute_span(r, torch.tensor(cids), prefix_kv)
-                past = ChunkKV(torch.cat([prefix_kv.k, ckv.k], 2),
-                               torch.cat([prefix_kv.v, ckv.v], 2))
-            kv = compute_span(r, torch.tensor(c), past)
-            kvs.append(ChunkKV(kv.k.half().float(), kv.v.half().float()))
+            ks, vs = [], []
+            for draw in range(draws):
+                cids = [] if first and i == 0 else context_ids(
+                    spec, eng, tpl, corpus, case, locs, i, draw)
+                past = prefix_kv
+                if cids:
+                    ckv = compute_span(r, torch.tensor(cids), prefix_kv)
+                    past = ChunkKV(torch.cat([prefix_kv.k, ckv.k], 2),
+                                   torch.cat([prefix_kv.v, ckv.v], 2))
+                kv = compute_span(r, torch.tensor(c), past)
+                ks.append(kv.k)
+                vs.append(kv.v)
+                if not cids:  # no context: every draw is the same
+                    break
+            k, v = torch.stack(ks).mean(0), torch.stack(vs).mean(0)
+            kvs.append(ChunkKV(k.half().float(), v.half().float()))
             n_ctx.append(len(cids))
         # Cached keys alone, rotated to their prompt positions, against full prefill.
         cached_k = torch.zeros(r.n_layers, r.kv_heads, len(p.ids), r.head_dim)
@@ -241,8 +260,12 @@ def run_case(eng, tpl, prefix_kv, corpus, name, case, locs, todo, ratio, layers,
             dev = {ly: rel_dev(fused.k[ly], full.k[ly],
                                in_chunk[~torch.isin(in_chunk, fused.layer_sets[ly - 1])])
                    for ly in layers}
+            rows = eng.score(fused, target)
             rec = {"set": name, "case": case["id"], "var": var, "ratio": ratio,
                    "kl": kl(full.logits, fused.logits), "T": len(p.ids),
+                   "tf": float((rows.argmax(-1) == torch.tensor(target)).float().mean()),
+                   "tf_kl": statistics.fmean(kl(full_rows[j], rows[j])
+                                             for j in range(len(target))),
                    "agree": int(full.logits.argmax() == fused.logits.argmax()), "dev": dev,
                    "cdev": cdev, "ctx_tokens": sum(n_ctx) / len(n_ctx),
                    "recomputed": fused.recomputed_per_layer[-1]}
