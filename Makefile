@@ -123,9 +123,11 @@ bench-concurrency: $(VENV)/.installed model vllm-install
 bench-ingest: $(VENV)/.installed model
 	$(PY) benchmarks/ingest_bench.py
 
-# Triton kernels and TTFT on an 8B-shaped Llama: needs a CUDA device.
+# Triton kernels and TTFT on an 8B-shaped Llama: needs a CUDA device. The second run is the
+# 32k-token prompt (64 chunks of 512) of the end-to-end blend alone.
 bench-gpu: $(VENV)/.installed
 	$(PY) benchmarks/kernels_gpu.py --out benchmarks/results/kernels_gpu.json
+	$(PY) benchmarks/kernels_gpu.py --chunks 64 --skip rope,attn --out benchmarks/results/kernels_gpu_32k.json
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check ragkv tests benchmarks examples
