@@ -26,6 +26,11 @@ instead of all of them), mode ``blend+pre3``, with its first-token KL the same w
 scores (``BlendConfig(preselect=4)``: only four times the ratio's tokens, the highest-scored,
 are computed before the check layer), mode ``blend+ctx4``.
 
+``--also-whole`` also times the default without its long-prompt preselection
+(``BlendConfig(preselect_from=None)``: every token computed before the check layer at any
+length; the default preselects from 4,096 prompt tokens), mode ``blend_whole``: what
+``preselect_from`` buys at each length.
+
 ``--attention masked,split`` also times the blend with the old masked-SDPA selected-query
 attention (``TorchOps.attend_selected_masked``) interleaved with the default, on the same
 prompts: the A/B of the split kernel (below ``split_attention.MIN_KEYS`` keys both arms run
@@ -72,6 +77,8 @@ def label(mode: str) -> str:
         return f"blend {mode[6:]}"
     if mode.startswith("blend+pre"):
         return f"{BLEND}, layer-1 preselection x{mode[9:]}"
+    if mode == "blend_whole":
+        return f"{BLEND}, every token before the check"
     if mode.startswith("blend+ctx"):
         return f"{BLEND}, context-score preselection x{mode[9:]}"
     return {"full": "full prefill", "blend": BLEND,
@@ -248,6 +255,9 @@ def main() -> None:
     ap.add_argument("--also-context", default="",
                     help="comma-separated factors of the preselection by stored context scores "
                          "(BlendConfig.preselect) to time at the default ratio")
+    ap.add_argument("--also-whole", action="store_true",
+                    help="also time the default with no long-prompt preselection "
+                         "(preselect_from=None)")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, one per core)")
@@ -274,6 +284,8 @@ def main() -> None:
                   for f in args.also_context.split(",") if f.strip()}
     except ValueError as exc:
         ap.error(f"--also-context: {exc}")
+    if args.also_whole:
+        extra["blend_whole"] = BlendConfig(preselect_from=None)
     modes += list(extra)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -3,17 +3,20 @@
 full prefill on every other case of a public set.
 
     python benchmarks/selection_lab.py pydoc [--variants reuse,q_L1_k,...] [--threads 1] [--odd]
+    python benchmarks/selection_lab.py --cases benchmarks/cases/pydoc_long.jsonl [--variants ...]
 
-Each variant changes settings of the default of its time (``qhkvd``, check layer 1, deviation
-on K, ``chunk_mean`` 0.75); the ``r12_*`` variants compare corrections at the check-layer-2
-default, the ``narrow_*`` and ``pre_L12_*`` variants narrowing after it and a layer-1
-preselection before it, with the local correction, and the ``ctx_*`` variants the preselection
-by stored context scores (``BlendConfig.preselect``). The cases are the set's even-numbered
-ones (``--odd``: the odd ones, left to confirm a choice); the anchor passage is picked from
-the whole set's chunks, as ``ragkv bench`` does.
-Writes ``benchmarks/results/selection_lab_<set>.json`` (or ``--out``): per variant the median
-first-token KL, mean teacher-forced agreement and median teacher-forced KL, median TTFT ratio,
-and every case's record.
+Each variant changes settings of the default of its time (``qhkvd``, check layer 1, deviation on
+K, ``chunk_mean`` 0.75, every token computed before the check layer at any length); the
+``r12_*`` variants compare corrections at the check-layer-2 default, the ``narrow_*`` and
+``pre_L12_*`` variants narrowing after it and a layer-1 preselection before it, with the local
+correction, and the ``ctx_*`` variants the preselection by stored context scores
+(``BlendConfig.preselect``). The cases are the set's even-numbered ones (``--odd``: the odd
+ones, left to confirm a choice); the anchor passage is picked from the whole set's chunks, as
+``ragkv bench`` does. ``--cases FILE`` runs every case of another case file instead (e.g. the
+long cases of ``benchmarks/long_cases.py``). Writes
+``benchmarks/results/selection_lab_<set>.json`` (``<set>``: the file's name with ``--cases``; or
+``--out``): per variant the median first-token KL, mean teacher-forced agreement and median
+teacher-forced KL, median TTFT ratio, and every case's record.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ragkv.config import BlendConfig, RagkvConfig, default_home
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = dict(ratio=0.15, policy="qhkvd", check_layers=(1,), deviation_on="k",
-               correction="chunk_mean", correction_strength=0.75)
+               correction="chunk_mean", correction_strength=0.75, preselect_from=None)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "reuse": ("reuse", {}),
     "q_L1_k": ("blend", {}),  # the default
@@ -90,7 +93,9 @@ def summarize(rows: dict[str, list[dict]]) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("set", choices=("pydoc", "prose"))
+    ap.add_argument("set", nargs="?", choices=("pydoc", "prose"))
+    ap.add_argument("--cases", type=Path, default=None,
+                    help="every case of this JSONL file instead of half a public set")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--odd", action="store_true",
@@ -104,8 +109,14 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    every = load_cases(ROOT / "benchmarks" / "cases" / f"{args.set}.jsonl")
-    cases = every[1::2] if args.odd else every[::2]
+    if (args.set is None) == (args.cases is None):
+        raise SystemExit("name a public set (pydoc or prose) or give --cases FILE, not both")
+    if args.cases is not None:
+        args.set, every = args.cases.stem, load_cases(args.cases)
+        cases = every
+    else:
+        every = load_cases(ROOT / "benchmarks" / "cases" / f"{args.set}.jsonl")
+        cases = every[1::2] if args.odd else every[::2]
     home = Path(tempfile.mkdtemp(prefix="ragkv-selection-"))
     atexit.register(shutil.rmtree, home, ignore_errors=True)  # each run holds GBs of KV
     (home / "models").symlink_to(default_home() / "models")
@@ -141,7 +152,8 @@ def main() -> None:
               f"TF {s['tf_agree_mean']:.3f} TF KL {s['tf_kl_median']:.4f} "
               f"x{s['speedup_median']:.2f}")
     out = args.out or ROOT / "benchmarks" / "results" / f"selection_lab_{args.set}.json"
-    out.write_text(json.dumps({"set": args.set, "half": "odd" if args.odd else "even",
+    half = "all" if args.cases else "odd" if args.odd else "even"
+    out.write_text(json.dumps({"set": args.set, "half": half,
                                "cases": [c["id"] for c in cases],
                                "default": {k: list(v) if isinstance(v, tuple) else v
                                            for k, v in DEFAULT.items()},

@@ -49,6 +49,8 @@ class BenchSpec:
     start_factor: float = BlendConfig.start_factor
     #: the preselection by stored context scores (times the ratio; None: off)
     preselect: float | None = None
+    #: prompts of at least this many tokens preselect anyway (None: never)
+    preselect_from: int | None = BlendConfig.preselect_from
     deviation_on: str = "k"
     corrections: list[str] = field(default_factory=lambda: [BlendConfig.correction])
     correction_strength: float = BlendConfig.correction_strength
@@ -83,6 +85,7 @@ class BenchSpec:
         settings (checked as any BlendConfig is)."""
         return BlendConfig(ratio=ratio, policy=policy, check_layers=self.check_layers,
                            start_factor=self.start_factor, preselect=self.preselect,
+                           preselect_from=self.preselect_from,
                            deviation_on=self.deviation_on,  # type: ignore[arg-type]
                            correction=correction, correction_strength=self.correction_strength,
                            coverage=self.coverage, floor_ratio=self.floor_ratio)

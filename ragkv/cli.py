@@ -36,6 +36,7 @@ from ragkv.config import (
     DEFAULT_CHECK_LAYERS,
     DEFAULT_RATIO,
     MODES,
+    PRESELECT_FROM,
     BlendConfig,
     default_home,
 )
@@ -205,6 +206,9 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
           preselect: Annotated[float | None, typer.Option(
               help="compute only this multiple of the ratio of chunk tokens before the check "
                    "layer, those with the highest stored context scores")] = None,
+          preselect_from: Annotated[int, typer.Option(
+              help="prompts of at least this many tokens preselect four times the ratio "
+                   "anyway (0: never)")] = PRESELECT_FROM,
           deviation_on: str = "k",
           corrections: Annotated[str, typer.Option(
               help=f"blend KV corrections to compare: {', '.join(CORRECTIONS)}")
@@ -233,7 +237,7 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
                          policies=policies.split(","), contexts=contexts.split(","),
                          check_layers=tuple(_numbers("--check-layers", check_layers, int)),
                          start_factor=start_factor, preselect=preselect,
-                         deviation_on=deviation_on,
+                         preselect_from=preselect_from or None, deviation_on=deviation_on,
                          corrections=corrections.split(","),
                          correction_strength=correction_strength, coverage=coverage,
                          floor_ratio=floor_ratio,

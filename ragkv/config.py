@@ -28,6 +28,12 @@ DEFAULT_CHECK_LAYERS: tuple[int, ...] = (2,)
 #: (``BlendConfig.preselect``; off by default): four times the ratio read about a fifth less
 #: TTFT than none on both public sets, for a little fidelity on pydoc (README)
 FAST_PRESELECT = 4.0
+#: prompts of at least this many tokens get that preselection by default
+#: (``BlendConfig.preselect_from``): the layers before the check are computed for every token,
+#: and their share of a blend's work grows with the prompt; just past the public sets' longest
+#: prompts (3.8k), where it was measured on both sets' long cases (docs/benchmarks.md, *Long
+#: prompts: the preselection by default*)
+PRESELECT_FROM = 4096
 
 
 def masked_url(url: str) -> str:
@@ -76,6 +82,11 @@ class BlendConfig:
         with the anchor entry at ingestion). Chunks whose entry holds no score (another
         precompute context, an entry computed on a query's miss) are computed whole. Faster,
         slightly less faithful; see the README.
+    preselect_from: with ``preselect`` None, a prompt of at least this many tokens
+        preselects ``FAST_PRESELECT`` times the ratio anyway: the layers before the check cost
+        a growing share of a long prompt's blend (x5.4-5.5 instead of x4.4 at 7.3k tokens,
+        first-token KL within 0.013 on both sets' long cases). None: only ``preselect``
+        decides.
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
     correction: how the KV of tokens not recomputed is corrected at each layer: ``chunk_mean``
@@ -108,6 +119,7 @@ class BlendConfig:
     floor_ratio: float | None = None
     start_factor: float = 2.0
     preselect: float | None = None
+    preselect_from: int | None = PRESELECT_FROM
 
     def __post_init__(self) -> None:
         if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
@@ -144,6 +156,11 @@ class BlendConfig:
         if self.preselect is not None and not (_is_number(self.preselect)
                                                and self.preselect >= 1.0):
             raise ValueError(f"preselect must be a number >= 1 or None, got {self.preselect!r}")
+        if self.preselect_from is not None and (isinstance(self.preselect_from, bool)
+                                                or not isinstance(self.preselect_from, int)
+                                                or self.preselect_from < 1):
+            raise ValueError(f"preselect_from must be a whole number of tokens >= 1 or None, "
+                             f"got {self.preselect_from!r}")
         if self.floor_ratio is not None and not (_is_number(self.floor_ratio)
                                                  and 0.0 <= self.floor_ratio <= 1.0):
             raise ValueError(f"floor_ratio must be within [0, 1] or None, got "

@@ -25,7 +25,7 @@ from policy_cases import make_ctx
 
 from ragkv.api import RagKV
 from ragkv.cache_index import BlobStore, CacheIndex, Int8Codec, KVStore, MemoryTier
-from ragkv.config import BlendConfig
+from ragkv.config import FAST_PRESELECT, BlendConfig
 from ragkv.engine.chunk_store import ChunkStore, KVShape
 from ragkv.engine.context_score import SCORE_LAYERS, context_score, preselected
 from ragkv.engine.kv import ChunkKV
@@ -94,8 +94,30 @@ def test_a_deviation_policy_computes_only_the_preselected_tokens_from_layer_0():
 def test_the_preselection_reaches_every_deviation_policy_from_the_config():
     for name in ("hkvd", "qhkvd", "gradual", "hkvd+head"):
         assert make_policy(BlendConfig(policy=name, preselect=3.0), 30).preselect == 3.0
+        policy = make_policy(BlendConfig(policy=name, preselect_from=500), 30)
+        assert policy.preselect_from == 500
     with pytest.raises(ValueError, match="preselect must be a number >= 1"):
         BlendConfig(preselect=0.5)
+    for bad in (0, -5, 2.5, True, "6144"):
+        with pytest.raises(ValueError, match="preselect_from must be a whole number"):
+            BlendConfig(preselect_from=bad)
+
+
+def test_a_long_prompt_gets_the_fast_preselection_unless_one_is_named():
+    spans = ((5, 55), (55, 105))
+    ctx = make_ctx(0.1, spans)
+    ctx.scores = {5: torch.rand(50), 55: torch.rand(50)}
+    every, n = ctx.all_uncached_and_chunks(), ctx.n_tokens
+    fast = QueryAwareHKVD(layers=(2,), preselect=FAST_PRESELECT).initial(ctx)
+    assert fast.numel() < every.numel()
+    for at in (1, n):  # the prompt holds at least that many tokens: preselected
+        assert torch.equal(QueryAwareHKVD(layers=(2,), preselect_from=at).initial(ctx), fast)
+    assert torch.equal(QueryAwareHKVD(layers=(2,), preselect_from=n + 1).initial(ctx), every)
+    assert torch.equal(QueryAwareHKVD(layers=(2,), preselect_from=None).initial(ctx), every)
+    # a preselection named by the user wins over the long-prompt one
+    named = QueryAwareHKVD(layers=(2,), preselect=2.0, preselect_from=1).initial(ctx)
+    assert torch.equal(named, QueryAwareHKVD(layers=(2,), preselect=2.0).initial(ctx))
+    assert named.numel() < fast.numel()
 
 
 # ---- storage -----------------------------------------------------------------------------
@@ -211,6 +233,27 @@ def test_a_preselecting_blend_computes_fewer_tokens_before_its_check_layer(ancho
                              blend=BlendConfig(ratio=0.1, preselect=10.0))
     assert same.trace.recomputed_per_layer == a
     assert torch.equal(same.first.logits, plain.first.logits)
+
+
+def test_a_long_prompt_preselects_by_default(anchored, rag):
+    chunks = [c.token_ids for c in three_chunks(rag)]
+    anchored.precompute_many(chunks)
+
+    def blend(**kw):
+        return anchored.generate(chunks, QUESTION, mode="blend", max_new_tokens=1,
+                                 blend=BlendConfig(ratio=0.1, **kw))
+
+    fast = blend(preselect=FAST_PRESELECT, preselect_from=None)
+    whole = blend(preselect_from=None)
+    assert fast.trace.recomputed_per_layer[0] < whole.trace.recomputed_per_layer[0]
+    # from the threshold on, the default is the fast preselection, to the last logit
+    n = whole.trace.context_tokens
+    long = blend(preselect_from=n)
+    assert long.trace.recomputed_per_layer == fast.trace.recomputed_per_layer
+    assert torch.equal(long.first.logits, fast.first.logits)
+    short = blend(preselect_from=n + 1)
+    assert short.trace.recomputed_per_layer == whole.trace.recomputed_per_layer
+    assert torch.equal(short.first.logits, whole.first.logits)
 
 
 def test_without_scores_a_preselecting_blend_computes_every_token(rag):

@@ -306,6 +306,14 @@ def test_anchor_entries_stored_through_vllm_carry_their_context_score(vllm_rag):
     a, b = plain.trace.recomputed_per_layer, pre.trace.recomputed_per_layer
     scored = len(chunks[1]) + len(chunks[2])  # the first chunk is exact there
     assert a[0] - b[0] == scored - round(0.3 * scored) and a[2] == b[2]
+    # from ``preselect_from`` prompt tokens on, the default preselects (FAST_PRESELECT)
+    n = plain.trace.context_tokens
+    fast, long = (rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=1,
+                               blend=BlendConfig(ratio=0.1, **kw))
+                  for kw in ({"preselect": 4.0}, {"preselect_from": n}))
+    assert long.trace.error is None
+    assert long.trace.recomputed_per_layer == fast.trace.recomputed_per_layer
+    assert long.trace.recomputed_per_layer[0] < a[0]
 
 
 def test_a_precompute_batch_that_vllm_splits_over_steps_stores_every_chunk(vllm_rag):

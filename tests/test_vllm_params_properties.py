@@ -29,7 +29,7 @@ VOCAB = 49152  # SmolLM2's vocabulary
 keys64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
 NAMES = ["mode", "prefix_end", "chunks", "suffix_start", "context", "blend", "save", "record",
          "describe", "contains", "ratio", "min_ratio", "policy", "check_layers",
-         "deviation_on", "head_tokens", "reference_end", "preselect"]
+         "deviation_on", "head_tokens", "reference_end", "preselect", "preselect_from"]
 WORDS = ["blend", "reuse", "prefix", "cold", "auto", "k", "v", "kv", *REGISTRY]
 json_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-3, 40),
                         st.floats(), st.text(max_size=70), keys64, st.sampled_from(WORDS))
@@ -291,8 +291,12 @@ def test_a_save_names_the_entry_its_spans_are_scored_against() -> None:
 def test_the_salt_names_the_preselection() -> None:
     body = {"mode": "blend", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]], "suffix_start": 6}
     salts = {fusion_salt(parse({"ragkv": {**body, "blend": blend}}, 8), list(range(8)))
-             for blend in ({}, {"preselect": 3.0}, {"preselect": 4.0})}
-    assert len(salts) == 3
+             for blend in ({}, {"preselect": 3.0}, {"preselect": 4.0}, {"preselect_from": 9},
+                           {"preselect_from": None})}
+    assert len(salts) == 5
     for bad in (0.5, "3", True):
         with pytest.raises(ParamsError, match="preselect must be a number >= 1"):
             parse({"ragkv": {**body, "blend": {"preselect": bad}}}, 8)
+    for bad in (0, 2.5, "9", True):
+        with pytest.raises(ParamsError, match="preselect_from must be a whole number"):
+            parse({"ragkv": {**body, "blend": {"preselect_from": bad}}}, 8)

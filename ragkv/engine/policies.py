@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ragkv.config import DEFAULT_CHECK_LAYERS, BlendConfig
+from ragkv.config import DEFAULT_CHECK_LAYERS, FAST_PRESELECT, BlendConfig
 from ragkv.engine.context_score import preselected
 from ragkv.engine.kernels import TorchOps
 
@@ -148,7 +148,7 @@ class HKVD(SelectionPolicy):
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return cls(layers=cfg.check_layers, coverage=cfg.coverage, max_ratio=cfg.max_ratio,
                    floor_ratio=cfg.floor_ratio, start_factor=cfg.start_factor,
-                   preselect=cfg.preselect)
+                   preselect=cfg.preselect, preselect_from=cfg.preselect_from)
 
     #: with several check layers, the first keeps this multiple of ``ratio``, narrowed
     #: linearly to ``ratio`` at the last (the paper's gradual filtering)
@@ -156,16 +156,28 @@ class HKVD(SelectionPolicy):
     #: compute only this multiple of ``ratio`` of the scored chunks' tokens before the first
     #: check layer, the highest context scores (None: every token; ``BlendConfig.preselect``)
     preselect: float | None = None
+    #: with ``preselect`` unset: prompts of at least this many tokens preselect
+    #: ``FAST_PRESELECT`` times the ratio (None: never; ``BlendConfig.preselect_from``)
+    preselect_from: int | None = None
 
     @property
     def check_layers(self) -> tuple[int, ...]:
         return self.layers
 
+    def preselect_factor(self, ctx: SelectionContext) -> float | None:
+        """The preselection this prompt gets: ``preselect``, else the long-prompt one."""
+        if self.preselect is not None:
+            return self.preselect
+        if self.preselect_from is not None and ctx.n_tokens >= self.preselect_from:
+            return FAST_PRESELECT
+        return None
+
     def initial(self, ctx: SelectionContext) -> torch.Tensor:
-        if self.preselect is None or not ctx.scores:
+        factor = self.preselect_factor(ctx)
+        if factor is None or not ctx.scores:
             return ctx.all_uncached_and_chunks()
         scored = sum(e - s for s, e in ctx.chunk_spans if s in ctx.scores)
-        budget = int(round(min(1.0, self.preselect * ctx.ratio) * scored))
+        budget = int(round(min(1.0, factor * ctx.ratio) * scored))
         picked = preselected(ctx.scores, ctx.chunk_spans, budget)
         return torch.unique(torch.cat([ctx.forced_positions(), picked]))
 
@@ -220,7 +232,8 @@ class GradualFilter(HKVD):
         layers = cfg.check_layers
         c = layers[0]
         return cls(layers=layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers))),
-                   start_factor=cfg.start_factor, preselect=cfg.preselect)
+                   start_factor=cfg.start_factor, preselect=cfg.preselect,
+                   preselect_from=cfg.preselect_from)
 
 
 @register
@@ -249,7 +262,8 @@ class HKVDWithHeads(HKVD):
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return cls(layers=cfg.check_layers, head_tokens=cfg.head_tokens,
                    coverage=cfg.coverage, max_ratio=cfg.max_ratio, floor_ratio=cfg.floor_ratio,
-                   start_factor=cfg.start_factor, preselect=cfg.preselect)
+                   start_factor=cfg.start_factor, preselect=cfg.preselect,
+                   preselect_from=cfg.preselect_from)
 
     def select(self, layer, ctx, active, deviation):
         heads = ctx.heads(self.head_tokens)
