@@ -1,16 +1,17 @@
 """Where a default blend's time goes inside vLLM's worker, by kind of layer (in process).
 
     python benchmarks/vllm_breakdown.py [--cases 8] [--rounds 3] \
-        [--out benchmarks/results/vllm_breakdown.json]
+        [--case-file benchmarks/cases/pydoc.jsonl] [--out benchmarks/results/vllm_breakdown.json]
 
-Precomputes the chunks of the first ``--cases`` pydoc cases through vLLM, then blends each
-case ``--rounds`` times after one untimed round, timing the runner's calls in vLLM's worker
-(the engine core runs in this process): q/k/v projections, attention (vLLM's kernel over the
-paged cache), output projection + MLP, RoPE of the fresh rows, and the correction's drift and
-its application. Layers that compute more than ``--big`` tokens (the layers every chunk token
-goes through before the check) are reported apart from the later layers. A case whose prompt
-vLLM's own prefix cache serves whole (no fusion) is left out. Prints per-blend milliseconds
-(means) beside the medians of TTFT and fusion time, and writes them as JSON.
+Precomputes the chunks of the first ``--cases`` cases (of pydoc, or ``--case-file``) through
+vLLM, then blends each case ``--rounds`` times after one untimed round, timing the runner's
+calls in vLLM's worker (the engine core runs in this process): q/k/v projections, attention
+(vLLM's kernel over the paged cache), output projection + MLP, RoPE of the fresh rows, and the
+correction's drift and its application. Layers that compute more than ``--big`` tokens (the
+layers every chunk token goes through before the check) are reported apart from the later
+layers. A case whose prompt vLLM's own prefix cache serves whole (no fusion) is left out. Prints
+per-blend milliseconds (means) beside the medians of TTFT and fusion time, and writes them as
+JSON.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--case-file", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
     ap.add_argument("--big", type=int, default=800,
                     help="a layer computing more tokens than this counts as a full layer")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_breakdown.json"))
@@ -79,7 +81,7 @@ def main() -> None:
         cfg = RagkvConfig(home=home, model=ensure_default_model(default_home()),
                           kv_dtype="float32", engine="vllm")
         rag = RagKV(cfg, backend=VLLMBackend.in_process(cfg, kv_cache_bytes=2 << 30))
-        cases = load_cases(Path("benchmarks/cases/pydoc.jsonl"))[: a.cases]
+        cases = load_cases(a.case_file)[: a.cases]
         ids = {c: tokenize_chunk(c, rag.tokenizer) for case in cases for c in case["chunks"]}
         rag.precompute_many(list(ids.values()))
 
@@ -95,7 +97,8 @@ def main() -> None:
         fused = [t for t in traces if t.fuse_s > 0]
         n = len(fused)
         per_blend = {f"{name}/{kind}": 1e3 * s / n for (name, kind), s in sorted(totals.items())}
-        res = {"command": "python benchmarks/vllm_breakdown.py", "cases": a.cases,
+        res = {"command": "python benchmarks/vllm_breakdown.py", "case_file": str(a.case_file),
+               "cases": a.cases,
                "rounds": a.rounds, "blends": n, "left_out": len(traces) - n,
                "ttft_median_s": statistics.median(t.ttft_s for t in fused),
                "fuse_median_s": statistics.median(t.fuse_s for t in fused),
