@@ -25,8 +25,9 @@ ENGINES: tuple[str, ...] = ("hf", "vllm")
 DEFAULT_RATIO = 0.12
 DEFAULT_CHECK_LAYERS: tuple[int, ...] = (2,)
 #: the preselection factor the front ends offer when asked for a faster blend
-#: (``BlendConfig.preselect``; off by default): four times the ratio read about a fifth less
-#: TTFT than none on both public sets, for a little fidelity on pydoc (README)
+#: (``BlendConfig.preselect``; by default only from ``PRESELECT_FROM`` tokens): four times the
+#: ratio read about a fifth less TTFT than none on both public sets, for a little fidelity on
+#: pydoc (README)
 FAST_PRESELECT = 4.0
 #: prompts of at least this many tokens get that preselection by default
 #: (``BlendConfig.preselect_from``): the layers before the check are computed for every token,
@@ -84,9 +85,9 @@ class BlendConfig:
         slightly less faithful; see the README.
     preselect_from: with ``preselect`` None, a prompt of at least this many tokens
         preselects ``FAST_PRESELECT`` times the ratio anyway: the layers before the check cost
-        a growing share of a long prompt's blend (x5.4-5.5 instead of x4.4 at 7.3k tokens,
-        first-token KL within 0.013 on both sets' long cases). None: only ``preselect``
-        decides.
+        a growing share of a long prompt's blend, and on both public sets' long cases the
+        preselection kept the fidelity goals at about a fifth less TTFT (docs/benchmarks.md).
+        None: only ``preselect`` decides.
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
     correction: how the KV of tokens not recomputed is corrected at each layer: ``chunk_mean``
