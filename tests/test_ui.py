@@ -7,6 +7,7 @@ gets its home and model through session state, the mechanism the page scripts re
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -123,13 +124,23 @@ def test_ask_streams_answer_with_metrics(ingested: Path, tiny_model: Path) -> No
 
 
 def test_ask_offers_the_faster_preselecting_blend(ingested: Path, tiny_model: Path) -> None:
-    at = page("ask", ingested, tiny_model).run()
+    def layer_0() -> int:  # what the last answer computed at layer 0, from the metric's help
+        (recomputed,) = [m for m in at.metric if m.label == "Tokens recomputed"]
+        found = re.search(r"(\d+) at layer 0", recomputed.help)
+        assert found, recomputed.help
+        return int(found.group(1))
+
+    # anchor precompute: the first answer stores the anchor entries and their scores
+    at = page("ask", ingested, tiny_model, context="anchor").run()
     at.text_input(key="ask_question").input("What does assert do?")
     at.number_input(key="ask_max_new").set_value(4)
+    at.button[0].click().run()
+    whole = layer_0()
     at.checkbox(key="ask_preselect").check()
     at.button[0].click().run()
     assert not at.exception, at.exception
     assert "Answer" in texts(at.subheader)
+    assert 0 < layer_0() < whole  # the preselection spared layer 0 some tokens
     at.run()  # the page again without asking: the last answer and its settings
     assert "preselected by context scores" in texts(at.caption)
 

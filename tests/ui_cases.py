@@ -17,12 +17,13 @@ TIMEOUT = 300  # seconds per script run: model load and first embedding happen i
 
 
 def page(name: str, home: Path, model: Path | None,
-         docs_roots: list[Path] | None = None) -> AppTest:
+         docs_roots: list[Path] | None = None, context: str = "prefix") -> AppTest:
     """The page's AppTest; ``docs_roots=None`` leaves the key out of the settings (as older
-    session state would), so no server path is readable."""
+    session state would), so no server path is readable. ``context``: the precompute context
+    (``anchor`` stores the context scores a preselection reads)."""
     path = APP_PATH if name == "app" else VIEWS / f"{name}.py"
     at = AppTest.from_file(str(path), default_timeout=TIMEOUT)
-    raw = {"home": str(home), "model": str(model) if model else None, "context": "prefix"}
+    raw = {"home": str(home), "model": str(model) if model else None, "context": context}
     if docs_roots is not None:
         raw["docs_roots"] = [str(r) for r in docs_roots]
     at.session_state[SETTINGS_KEY] = raw

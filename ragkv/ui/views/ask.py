@@ -93,8 +93,11 @@ def show_metrics(trace: QueryTrace, full: FullTTFT | None) -> None:
         c3.metric("Speed-up", "-")
     chunk_tokens = sum(c.n_tokens for c in trace.chunks)
     c4.metric("Chunk hits", f"{trace.hits}/{len(trace.chunks)}")
+    first = trace.recomputed_per_layer[0] if trace.recomputed_per_layer else 0
     c5.metric("Tokens recomputed", f"{trace.recomputed_tokens}/{trace.context_tokens}",
-              help=f"At the last layer, of the whole prompt ({chunk_tokens} chunk tokens)")
+              help=f"At the last layer, of the whole prompt ({chunk_tokens} chunk tokens); "
+                   f"{first} at layer 0 (fewer than every uncached token when the blend "
+                   "preselected by context scores, as it does on long prompts)")
     c6.metric("Retrieval", ms(trace.retrieval_s) if trace.retrieval_s is not None else "-")
     st.caption(full_caption(trace, full))
 
