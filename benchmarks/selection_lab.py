@@ -110,10 +110,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if (args.set is None) == (args.cases is None):
-        raise SystemExit("name a public set (pydoc or prose) or give --cases FILE, not both")
+        raise SystemExit("give one of: a public set (pydoc or prose), --cases FILE")
     if args.cases is not None:
-        args.set, every = args.cases.stem, load_cases(args.cases)
-        cases = every
+        args.set = args.cases.stem
+        every = cases = load_cases(args.cases)
     else:
         every = load_cases(ROOT / "benchmarks" / "cases" / f"{args.set}.jsonl")
         cases = every[1::2] if args.odd else every[::2]

@@ -98,8 +98,7 @@ def main() -> None:
         n = len(fused)
         per_blend = {f"{name}/{kind}": 1e3 * s / n for (name, kind), s in sorted(totals.items())}
         res = {"command": "python benchmarks/vllm_breakdown.py", "case_file": str(a.case_file),
-               "cases": a.cases,
-               "rounds": a.rounds, "blends": n, "left_out": len(traces) - n,
+               "cases": a.cases, "rounds": a.rounds, "blends": n, "left_out": len(traces) - n,
                "ttft_median_s": statistics.median(t.ttft_s for t in fused),
                "fuse_median_s": statistics.median(t.fuse_s for t in fused),
                "recomputed_per_layer_first": fused[0].recomputed_per_layer,
