@@ -133,9 +133,9 @@ def ask(ctx: typer.Context, question: str,
         policy: str = "qhkvd",
         preselect: Annotated[float | None, typer.Option(
             help="blend: compute only this multiple of the ratio of chunk tokens before the "
-                 "check layer, those with the highest stored context scores (faster, a "
-                 "little less faithful; default: four times the ratio on prompts of 4,096 "
-                 "tokens or more, else off)")] = None,
+                 "check layer, those with the highest stored context scores (times the "
+                 "question's attention, with qhkvd; faster; default: four times the ratio on "
+                 "prompts of 4,096 tokens or more, else off)")] = None,
         max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
         home: Home = default_home(), model: Model = None, context: Context = "anchor",

@@ -80,9 +80,10 @@ class BlendConfig:
         them. A number F: only the F x ``ratio`` share whose stored context score is highest,
         so no layer is computed for every token (:mod:`ragkv.engine.context_score`; the score
         is how far a token's keys move between its prefix- and anchor-context entries, stored
-        with the anchor entry at ingestion). Chunks whose entry holds no score (another
-        precompute context, an entry computed on a query's miss) are computed whole. Faster,
-        slightly less faithful; see the README.
+        with the anchor entry at ingestion). With ``qhkvd`` each score is weighted by the
+        attention the question pays the token, probed over the cached KV before layer 0.
+        Chunks whose entry holds no score (another precompute context, an entry computed on a
+        query's miss) are computed whole. Faster; see the README for what it costs.
     preselect_from: with ``preselect`` None, a prompt of at least this many tokens
         preselects ``FAST_PRESELECT`` times the ratio anyway: the layers before the check cost
         a growing share of a long prompt's blend, and on both public sets' long cases the

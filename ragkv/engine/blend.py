@@ -91,6 +91,9 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     k_pre, k_buf, v_buf = feed.k_pre, feed.k_buf, feed.v_buf
     ctx = replace(ctx, ops=ops)
 
+    if policy.probes_question(ctx):
+        w = probe_question(runner, ids, ctx, feed, cos, sin, policy.check_layers[0])
+        ctx = replace(ctx, question_weight=w)
     active = torch.unique(policy.initial(ctx)).to(dev)  # sorted, as attention expects
     if active.numel() == 0 or int(active[-1]) != T - 1:
         raise AssertionError("the last prompt position must be computed")
@@ -155,6 +158,36 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
     return FusedPrefill(list(k_buf.unbind(0)), list(v_buf.unbind(0)), last, counts,
                         active.cpu(), sets, layer_s=clock.seconds(), place_s=place_s,
                         guard_tokens=policy.raised)
+
+
+def probe_question(runner: LlamaFamilyRunner, ids: torch.Tensor, ctx: SelectionContext,
+                   feed: LayerFeed, cos: torch.Tensor, sin: torch.Tensor,
+                   upto: int) -> torch.Tensor:
+    """The attention ``[T]`` the question suffix pays each position at layer ``upto`` (mean
+    over heads and question tokens), with every chunk token on its cached KV.
+
+    Only the positions no cache covers (separators, the question) are computed, through
+    layers ``0..upto``, their K/V written into the fused buffers (the blend computes them again
+    from layer 0 and overwrites them). Chunk keys are exact at layer 0 and close to the fused
+    ones up to the check layer, so this is the question weighting of ``qhkvd``'s check, known
+    before any chunk token is computed: a preselection can then favour the tokens the question
+    reads (about 25 tokens through three layers: a few ms).
+    """
+    pos = ctx.forced_positions().to(runner.device)
+    h = runner.embed(ids[pos])
+    tail = pos >= ctx.suffix_start
+    for layer in range(upto + 1):
+        q, k, v = runner.qkv(layer, h)
+        feed.wait(layer)
+        q, k = runner.rotate_qk(q, k, pos, cos, sin)
+        feed.k_buf[layer].index_copy_(1, pos, k)
+        feed.v_buf[layer].index_copy_(1, pos, v)
+        if layer == upto:
+            w = runner.attention_probs(q[:, tail], feed.k_buf[layer], pos[tail])
+            return w.mean(dim=(0, 1))
+        # layer=None: ragkv's own attention over the buffers, never an engine's cache
+        h = runner.finish(layer, h, runner.attend(q, feed.k_buf[layer], feed.v_buf[layer], pos))
+    raise ValueError(f"check layer {upto} is not a layer of the model")
 
 
 def compute_span(runner: LlamaFamilyRunner, ids: torch.Tensor,

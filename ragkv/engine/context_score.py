@@ -5,7 +5,10 @@ and after the prefix and the anchor passage. A token whose pre-RoPE keys move fa
 two is one whose KV depends on its context, so its cached KV is the likeliest to be stale in a
 new prompt. The score is computed once, when the anchor entry is stored, and kept with it;
 ``BlendConfig.preselect`` then computes only the highest-scored tokens before the first check
-layer instead of every token (the check layer still picks the final set among them).
+layer instead of every token (the check layer still picks the final set among them). With the
+question-aware policy (``qhkvd``) each score is first weighted by the attention the question
+pays the token, probed over the cached KV (:func:`ragkv.engine.blend.probe_question`): what
+drifts and what the question reads, the two factors of ``qhkvd``'s check.
 
 Layer 0 sees no context (its KV is the same in both entries), so the score reads layers 1 and
 2: those before and at the default check layer.

@@ -37,6 +37,9 @@ class SelectionContext:
     ratio: float
     suffix_start: int | None = None
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    #: ``[T]`` the question's attention to each position, probed over the cached KV before
+    #: layer 0 for a question-aware preselection (:func:`ragkv.engine.blend.probe_question`)
+    question_weight: torch.Tensor | None = None
     #: the kernel set that runs deviation top-k (the engine's; the reference by default)
     ops: TorchOps = field(default_factory=TorchOps, repr=False)
 
@@ -96,6 +99,10 @@ class SelectionPolicy:
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         """The policy fitted to ``cfg`` and a model of ``n_layers`` layers."""
         return cls()
+
+    def probes_question(self, ctx: SelectionContext) -> bool:
+        """Whether ``initial`` wants ``ctx.question_weight`` (the blend probes it first)."""
+        return False
 
     @property
     def check_layers(self) -> tuple[int, ...]:
@@ -164,6 +171,11 @@ class HKVD(SelectionPolicy):
     def check_layers(self) -> tuple[int, ...]:
         return self.layers
 
+    def probes_question(self, ctx: SelectionContext) -> bool:
+        # a question-aware policy preselects what the question reads, not only what drifts
+        return (self.reads_question and bool(ctx.scores)
+                and self.preselect_factor(ctx) is not None)
+
     def preselect_factor(self, ctx: SelectionContext) -> float | None:
         """The preselection this prompt gets: ``preselect``, else the long-prompt one."""
         if self.preselect is not None:
@@ -178,7 +190,11 @@ class HKVD(SelectionPolicy):
             return ctx.all_uncached_and_chunks()
         scored = sum(e - s for s, e in ctx.chunk_spans if s in ctx.scores)
         budget = int(round(min(1.0, factor * ctx.ratio) * scored))
-        picked = preselected(ctx.scores, ctx.chunk_spans, budget)
+        scores = ctx.scores
+        if ctx.question_weight is not None:  # what drifts, times what the question reads
+            w = ctx.question_weight.float().cpu()
+            scores = {s: sc.float() * w[s:s + sc.numel()] for s, sc in scores.items()}
+        picked = preselected(scores, ctx.chunk_spans, budget)
         return torch.unique(torch.cat([ctx.forced_positions(), picked]))
 
     def final(self, layer: int) -> bool:
