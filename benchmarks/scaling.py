@@ -26,10 +26,10 @@ instead of all of them), mode ``blend+pre3``, with its first-token KL the same w
 scores (``BlendConfig(preselect=4)``: only four times the ratio's tokens, the highest-scored,
 are computed before the check layer), mode ``blend+ctx4``.
 
-``--also-whole`` also times the default without its long-prompt preselection
+``--also-whole`` also times the default without its preselection
 (``BlendConfig(preselect_from=None)``: every token computed before the check layer at any
-length; the default preselects from 4,096 prompt tokens), mode ``blend_whole``: what
-``preselect_from`` buys at each length.
+length; the default preselects from ``PRESELECT_FROM``, 1,024 prompt tokens), mode
+``blend_whole``: what ``preselect_from`` buys at each length.
 
 ``--attention masked,split`` also times the blend with the old masked-SDPA selected-query
 attention (``TorchOps.attend_selected_masked``) interleaved with the default, on the same
@@ -256,7 +256,7 @@ def main() -> None:
                     help="comma-separated factors of the preselection by stored context scores "
                          "(BlendConfig.preselect) to time at the default ratio")
     ap.add_argument("--also-whole", action="store_true",
-                    help="also time the default with no long-prompt preselection "
+                    help="also time the default with no preselection "
                          "(preselect_from=None)")
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None,

@@ -51,6 +51,8 @@ class BenchSpec:
     preselect: float | None = None
     #: prompts of at least this many tokens preselect anyway (None: never)
     preselect_from: int | None = BlendConfig.preselect_from
+    #: what the preselection ranks by (``BlendConfig.preselect_by``)
+    preselect_by: str = BlendConfig.preselect_by
     deviation_on: str = "k"
     corrections: list[str] = field(default_factory=lambda: [BlendConfig.correction])
     correction_strength: float = BlendConfig.correction_strength
@@ -86,6 +88,7 @@ class BenchSpec:
         return BlendConfig(ratio=ratio, policy=policy, check_layers=self.check_layers,
                            start_factor=self.start_factor, preselect=self.preselect,
                            preselect_from=self.preselect_from,
+                           preselect_by=self.preselect_by,  # type: ignore[arg-type]
                            deviation_on=self.deviation_on,  # type: ignore[arg-type]
                            correction=correction, correction_strength=self.correction_strength,
                            coverage=self.coverage, floor_ratio=self.floor_ratio)

@@ -135,7 +135,7 @@ def ask(ctx: typer.Context, question: str,
             help="blend: compute only this multiple of the ratio of chunk tokens before the "
                  "check layer, those with the highest stored context scores (times the "
                  "question's attention, with qhkvd; faster; default: four times the ratio on "
-                 "prompts of 4,096 tokens or more, else off)")] = None,
+                 "prompts of 1,024 tokens or more, else off)")] = None,
         max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
         home: Home = default_home(), model: Model = None, context: Context = "anchor",
@@ -206,10 +206,15 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
                    "multiple of the ratio")] = BlendConfig.start_factor,
           preselect: Annotated[float | None, typer.Option(
               help="compute only this multiple of the ratio of chunk tokens before the check "
-                   "layer, those with the highest stored context scores")] = None,
+                   "layer, those with the highest stored context scores (times the question's "
+                   "attention, with qhkvd)")] = None,
           preselect_from: Annotated[int, typer.Option(
               help="prompts of at least this many tokens preselect four times the ratio "
                    "anyway (0: never)")] = PRESELECT_FROM,
+          preselect_by: Annotated[str, typer.Option(
+              help="what a qhkvd preselection ranks by: question (context scores times the "
+                   "question's attention), context (the scores alone), auto (question below "
+                   "4,096 prompt tokens)")] = BlendConfig.preselect_by,
           deviation_on: str = "k",
           corrections: Annotated[str, typer.Option(
               help=f"blend KV corrections to compare: {', '.join(CORRECTIONS)}")
@@ -238,7 +243,8 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
                          policies=policies.split(","), contexts=contexts.split(","),
                          check_layers=tuple(_numbers("--check-layers", check_layers, int)),
                          start_factor=start_factor, preselect=preselect,
-                         preselect_from=preselect_from or None, deviation_on=deviation_on,
+                         preselect_from=preselect_from or None, preselect_by=preselect_by,
+                         deviation_on=deviation_on,
                          corrections=corrections.split(","),
                          correction_strength=correction_strength, coverage=coverage,
                          floor_ratio=floor_ratio,

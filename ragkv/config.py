@@ -24,17 +24,21 @@ ENGINES: tuple[str, ...] = ("hf", "vllm")
 #: better than at layer 1, and 12% from there costs no more than 15% from layer 1
 DEFAULT_RATIO = 0.12
 DEFAULT_CHECK_LAYERS: tuple[int, ...] = (2,)
-#: the preselection factor the front ends offer when asked for a faster blend
-#: (``BlendConfig.preselect``; by default only from ``PRESELECT_FROM`` tokens): four times the
-#: ratio read about a fifth less TTFT than none on both public sets, for a little fidelity on
-#: pydoc (README)
+#: the preselection factor (``BlendConfig.preselect``) of the default from ``PRESELECT_FROM``
+#: tokens, and of the front ends' faster blend: four times the ratio, weighted by the question
+#: with ``qhkvd``, kept both public sets' figures at about a sixth less TTFT (README)
 FAST_PRESELECT = 4.0
 #: prompts of at least this many tokens get that preselection by default
-#: (``BlendConfig.preselect_from``): the layers before the check are computed for every token,
-#: and their share of a blend's work grows with the prompt; just past the public sets' longest
-#: prompts (3.8k), where it was measured on both sets' long cases (docs/benchmarks.md, *Long
-#: prompts: the preselection by default*)
-PRESELECT_FROM = 4096
+#: (``BlendConfig.preselect_from``): below it the layers before the check cost little, and no
+#: public case is that short (the sets hold 1.5k-3.8k tokens, their long cases 4.2k-7.4k; all
+#: measured with it, docs/benchmarks.md, *The question-weighted preselection by default*)
+PRESELECT_FROM = 1024
+#: with ``preselect_by="auto"``, prompts of at least this many tokens preselect by context
+#: scores alone: the question's weighting keeps late tokens, whose attention over a long prompt
+#: costs most (at 8k tokens x4.84 against x5.45 for the context scores alone, which gave a
+#: higher but in-goal KL on pydoc's long cases; docs/benchmarks.md)
+CONTEXT_PRESELECT_FROM = 4096
+PRESELECT_BY = ("auto", "question", "context")
 
 
 def masked_url(url: str) -> str:
@@ -85,10 +89,10 @@ class BlendConfig:
         Chunks whose entry holds no score (another precompute context, an entry computed on a
         query's miss) are computed whole. Faster; see the README for what it costs.
     preselect_from: with ``preselect`` None, a prompt of at least this many tokens
-        preselects ``FAST_PRESELECT`` times the ratio anyway: the layers before the check cost
-        a growing share of a long prompt's blend, and on both public sets' long cases the
-        preselection kept the fidelity goals at about a fifth less TTFT (docs/benchmarks.md).
-        None: only ``preselect`` decides.
+        preselects ``FAST_PRESELECT`` times the ratio anyway (``PRESELECT_FROM``: every public
+        case): with the question weighting it kept both public sets' fidelity at about a sixth
+        less TTFT (docs/benchmarks.md). None: only ``preselect`` decides (every token is
+        computed before the check).
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.
     correction: how the KV of tokens not recomputed is corrected at each layer: ``chunk_mean``
@@ -122,6 +126,7 @@ class BlendConfig:
     start_factor: float = 2.0
     preselect: float | None = None
     preselect_from: int | None = PRESELECT_FROM
+    preselect_by: Literal["auto", "question", "context"] = "auto"
 
     def __post_init__(self) -> None:
         if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
@@ -163,6 +168,9 @@ class BlendConfig:
                                                 or self.preselect_from < 1):
             raise ValueError(f"preselect_from must be a whole number of tokens >= 1 or None, "
                              f"got {self.preselect_from!r}")
+        if self.preselect_by not in PRESELECT_BY:
+            raise ValueError(f"preselect_by must be one of {', '.join(PRESELECT_BY)}, got "
+                             f"{self.preselect_by!r}")
         if self.floor_ratio is not None and not (_is_number(self.floor_ratio)
                                                  and 0.0 <= self.floor_ratio <= 1.0):
             raise ValueError(f"floor_ratio must be within [0, 1] or None, got "

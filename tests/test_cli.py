@@ -191,6 +191,7 @@ def test_an_index_server_that_does_not_answer_is_one_line_exit_1(tmp_path: Path)
     (["--start-factor", "0.5"], "start_factor must be a number >= 1"),
     (["--preselect", "0.5"], "preselect must be a number >= 1"),
     (["--preselect-from", "-3"], "preselect_from must be a whole number"),
+    (["--preselect-by", "answer"], "preselect_by must be one of auto, question, context"),
     (["--corrections", "nope"], "correction must be one of"),
     (["--limit", "0"], "limit must be at least 1"),
     (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),

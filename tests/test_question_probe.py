@@ -19,13 +19,13 @@ from engine_cases import (  # noqa: F401 - fixtures are used by name
 )
 from policy_cases import make_ctx
 
-from ragkv.config import BlendConfig
+from ragkv.config import CONTEXT_PRESELECT_FROM, BlendConfig
 from ragkv.engine.blend import compute_span, fuse, probe_question
 from ragkv.engine.context_score import preselected
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.loading import LayerFeed
 from ragkv.engine.plan import plan_prefill, scores_of
-from ragkv.engine.policies import HKVD, QueryAwareHKVD
+from ragkv.engine.policies import HKVD, QueryAwareHKVD, make_policy
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,31 @@ def test_only_a_question_aware_preselection_asks_for_the_probe():
     assert not QueryAwareHKVD(layers=(2,), preselect_from=31).probes_question(ctx)
     assert not QueryAwareHKVD(layers=(2,)).probes_question(ctx)  # no preselection
     assert not HKVD(layers=(2,), preselect=4.0).probes_question(ctx)  # reads no question
+    assert not HKVD(layers=(2,), preselect=4.0, preselect_by="question").probes_question(ctx)
+    assert not QueryAwareHKVD(layers=(2,), preselect=4.0,
+                              preselect_by="context").probes_question(ctx)
+
+
+def test_auto_weights_by_the_question_below_the_long_prompt_threshold():
+    def probes(n: int, by: str = "auto") -> bool:
+        ctx = make_ctx(0.1, spans=((5, n - 5),), n_tokens=n)
+        ctx.scores = {5: torch.ones(n - 10)}
+        return QueryAwareHKVD(layers=(2,), preselect_from=1, preselect_by=by).probes_question(ctx)
+
+    n = CONTEXT_PRESELECT_FROM
+    assert probes(n - 1) and not probes(n)  # from the threshold on: the scores alone
+    assert probes(n, "question") and not probes(n - 1, "context")
+
+
+def test_the_config_names_what_the_preselection_ranks_by():
+    assert BlendConfig().preselect_by == "auto"
+    for by in ("question", "context"):
+        assert make_policy(BlendConfig(preselect_by=by), 30).preselect_by == by
+        assert make_policy(BlendConfig(policy="gradual", preselect_by=by), 30).preselect_by == by
+        assert make_policy(BlendConfig(policy="hkvd+head", preselect_by=by),
+                           30).preselect_by == by
+    with pytest.raises(ValueError, match="preselect_by must be one of auto, question, context"):
+        BlendConfig(preselect_by="answer")  # type: ignore[arg-type]
 
 
 @torch.inference_mode()

@@ -29,8 +29,10 @@ VOCAB = 49152  # SmolLM2's vocabulary
 keys64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
 NAMES = ["mode", "prefix_end", "chunks", "suffix_start", "context", "blend", "save", "record",
          "describe", "contains", "ratio", "min_ratio", "policy", "check_layers",
-         "deviation_on", "head_tokens", "reference_end", "preselect", "preselect_from"]
-WORDS = ["blend", "reuse", "prefix", "cold", "auto", "k", "v", "kv", *REGISTRY]
+         "deviation_on", "head_tokens", "reference_end", "preselect", "preselect_from",
+         "preselect_by"]
+WORDS = ["blend", "reuse", "prefix", "cold", "auto", "k", "v", "kv", "question", "context",
+         *REGISTRY]
 json_leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-3, 40),
                         st.floats(), st.text(max_size=70), keys64, st.sampled_from(WORDS))
 json_values = st.recursive(
@@ -292,11 +294,15 @@ def test_the_salt_names_the_preselection() -> None:
     body = {"mode": "blend", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]], "suffix_start": 6}
     salts = {fusion_salt(parse({"ragkv": {**body, "blend": blend}}, 8), list(range(8)))
              for blend in ({}, {"preselect": 3.0}, {"preselect": 4.0}, {"preselect_from": 9},
-                           {"preselect_from": None})}
-    assert len(salts) == 5
+                           {"preselect_from": None}, {"preselect_by": "question"},
+                           {"preselect_by": "context"})}
+    assert len(salts) == 7
     for bad in (0.5, "3", True):
         with pytest.raises(ParamsError, match="preselect must be a number >= 1"):
             parse({"ragkv": {**body, "blend": {"preselect": bad}}}, 8)
     for bad in (0, 2.5, "9", True):
         with pytest.raises(ParamsError, match="preselect_from must be a whole number"):
             parse({"ragkv": {**body, "blend": {"preselect_from": bad}}}, 8)
+    for bad in ("answer", 1, None):
+        with pytest.raises(ParamsError, match="preselect_by must be one of"):
+            parse({"ragkv": {**body, "blend": {"preselect_by": bad}}}, 8)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ragkv.config import DEFAULT_CHECK_LAYERS, FAST_PRESELECT, BlendConfig
+from ragkv.config import CONTEXT_PRESELECT_FROM, DEFAULT_CHECK_LAYERS, FAST_PRESELECT, BlendConfig
 from ragkv.engine.context_score import preselected
 from ragkv.engine.kernels import TorchOps
 
@@ -155,7 +155,8 @@ class HKVD(SelectionPolicy):
     def from_config(cls, cfg: BlendConfig, n_layers: int) -> SelectionPolicy:
         return cls(layers=cfg.check_layers, coverage=cfg.coverage, max_ratio=cfg.max_ratio,
                    floor_ratio=cfg.floor_ratio, start_factor=cfg.start_factor,
-                   preselect=cfg.preselect, preselect_from=cfg.preselect_from)
+                   preselect=cfg.preselect, preselect_from=cfg.preselect_from,
+                   preselect_by=cfg.preselect_by)
 
     #: with several check layers, the first keeps this multiple of ``ratio``, narrowed
     #: linearly to ``ratio`` at the last (the paper's gradual filtering)
@@ -166,6 +167,8 @@ class HKVD(SelectionPolicy):
     #: with ``preselect`` unset: prompts of at least this many tokens preselect
     #: ``FAST_PRESELECT`` times the ratio (None: never; ``BlendConfig.preselect_from``)
     preselect_from: int | None = None
+    #: what a preselection ranks by (``BlendConfig.preselect_by``)
+    preselect_by: str = "auto"
 
     @property
     def check_layers(self) -> tuple[int, ...]:
@@ -173,11 +176,15 @@ class HKVD(SelectionPolicy):
 
     def probes_question(self, ctx: SelectionContext) -> bool:
         # a question-aware policy preselects what the question reads, not only what drifts
-        return (self.reads_question and bool(ctx.scores)
+        by = self.preselect_by
+        if by == "auto":
+            by = "question" if ctx.n_tokens < CONTEXT_PRESELECT_FROM else "context"
+        return (by == "question" and self.reads_question and bool(ctx.scores)
                 and self.preselect_factor(ctx) is not None)
 
     def preselect_factor(self, ctx: SelectionContext) -> float | None:
-        """The preselection this prompt gets: ``preselect``, else the long-prompt one."""
+        """The preselection this prompt gets: ``preselect``, else the default one from
+        ``preselect_from`` tokens."""
         if self.preselect is not None:
             return self.preselect
         if self.preselect_from is not None and ctx.n_tokens >= self.preselect_from:
@@ -249,7 +256,7 @@ class GradualFilter(HKVD):
         c = layers[0]
         return cls(layers=layers if len(layers) > 1 else tuple(range(c, min(c + 4, n_layers))),
                    start_factor=cfg.start_factor, preselect=cfg.preselect,
-                   preselect_from=cfg.preselect_from)
+                   preselect_from=cfg.preselect_from, preselect_by=cfg.preselect_by)
 
 
 @register
@@ -279,7 +286,7 @@ class HKVDWithHeads(HKVD):
         return cls(layers=cfg.check_layers, head_tokens=cfg.head_tokens,
                    coverage=cfg.coverage, max_ratio=cfg.max_ratio, floor_ratio=cfg.floor_ratio,
                    start_factor=cfg.start_factor, preselect=cfg.preselect,
-                   preselect_from=cfg.preselect_from)
+                   preselect_from=cfg.preselect_from, preselect_by=cfg.preselect_by)
 
     def select(self, layer, ctx, active, deviation):
         heads = ctx.heads(self.head_tokens)

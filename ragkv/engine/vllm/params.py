@@ -215,7 +215,7 @@ def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
         payload["blend"] = [b.ratio, b.policy, list(b.check_layers), b.deviation_on,
                             b.head_tokens, b.correction, b.correction_strength, b.coverage,
                             b.max_ratio, b.floor_ratio, b.start_factor, b.correction_window,
-                            b.correction_mix, b.preselect, b.preselect_from]
+                            b.correction_mix, b.preselect, b.preselect_from, b.preselect_by]
         if reads_question(b):
             payload["question"] = [int(t) for t in prompt_ids[params.suffix_start:]]
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

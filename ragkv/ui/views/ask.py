@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import streamlit as st
 
-from ragkv.config import DEFAULT_RATIO, FAST_PRESELECT, MODES, BlendConfig
+from ragkv.config import DEFAULT_RATIO, FAST_PRESELECT, MODES, PRESELECT_FROM, BlendConfig
 from ragkv.engine.policies import POLICIES
 from ragkv.trace import QueryTrace
 from ragkv.ui import frames, state
@@ -54,7 +54,8 @@ def controls() -> AskParams | None:
             "Faster blend: preselect by context scores", key="ask_preselect",
             help=f"blend only: before the check layer, compute only {FAST_PRESELECT:g}x the "
                  "ratio's tokens, those whose KV depends most on context (scores stored with "
-                 "anchor entries); about a fifth less TTFT, a little less faithful")
+                 "anchor entries) and that the question reads; the default does this from "
+                 f"{PRESELECT_FROM:,} prompt tokens, the box on shorter prompts too")
         if not st.form_submit_button("Ask", type="primary"):
             return None
     if not question.strip():
@@ -97,7 +98,8 @@ def show_metrics(trace: QueryTrace, full: FullTTFT | None) -> None:
     c5.metric("Tokens recomputed", f"{trace.recomputed_tokens}/{trace.context_tokens}",
               help=f"At the last layer, of the whole prompt ({chunk_tokens} chunk tokens); "
                    f"{first} at layer 0 (fewer than every uncached token when the blend "
-                   "preselected by context scores, as it does on long prompts)")
+                   "preselected by context scores, as it does from "
+                   f"{PRESELECT_FROM:,} prompt tokens)")
     c6.metric("Retrieval", ms(trace.retrieval_s) if trace.retrieval_s is not None else "-")
     st.caption(full_caption(trace, full))
 
