@@ -9,9 +9,10 @@ Each variant changes settings of the default of its time (``qhkvd``, check layer
 K, ``chunk_mean`` 0.75, every token computed before the check layer at any length); the
 ``r12_*`` variants compare corrections at the check-layer-2 default, the ``narrow_*`` and
 ``pre_L12_*`` variants narrowing after it and a layer-1 preselection before it, with the local
-correction, and the ``ctx_*`` variants the preselection by stored context scores
-(``BlendConfig.preselect``). The cases are the set's even-numbered ones (``--odd``: the odd
-ones, left to confirm a choice); the anchor passage is picked from the whole set's chunks, as
+correction, and the ``ctx_*`` and ``question_*`` variants the preselection by stored context
+scores, alone or times the question's attention (``BlendConfig.preselect``, ``preselect_by``).
+The cases are the set's even-numbered ones (``--odd``: the odd ones, left to confirm a
+choice); the anchor passage is picked from the whole set's chunks, as
 ``ragkv bench`` does. ``--cases FILE`` runs every case of another case file instead (e.g. the
 long cases of ``benchmarks/long_cases.py``). Writes
 ``benchmarks/results/selection_lab_<set>.json`` (``<set>``: the file's name with ``--cases``; or
@@ -73,10 +74,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                   "correction": "local_mean", "correction_window": 16, "correction_mix": 0.5})
        for r, f in ((0.15, 2.0), (0.13, 3.0), (0.12, 3.0))},
     # the preselection by stored context scores (BlendConfig.preselect) before the layer-2
-    # check: no layer computed for every token
-    **{f"ctx_r{round(r * 100)}_s{f:g}": (
-        "blend", {"check_layers": (2,), "ratio": r, "preselect": f,
+    # check: no layer computed for every token; ranked by the scores alone (ctx_*) or by the
+    # scores times the question's probed attention (question_*)
+    **{f"{name}_r{round(r * 100)}_s{f:g}": (
+        "blend", {"check_layers": (2,), "ratio": r, "preselect": f, "preselect_by": by,
                   "correction": "local_mean", "correction_window": 16, "correction_mix": 0.5})
+       for name, by in (("ctx", "context"), ("question", "question"))
        for r, f in ((0.12, 3.0), (0.12, 4.0), (0.12, 6.0), (0.15, 4.0))},
 }
 
