@@ -32,6 +32,7 @@ from ragkv.cli_shared import (
     run_engine,
 )
 from ragkv.config import (
+    CONTEXT_PRESELECT_FROM,
     CORRECTIONS,
     DEFAULT_CHECK_LAYERS,
     DEFAULT_RATIO,
@@ -214,7 +215,7 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
           preselect_by: Annotated[str, typer.Option(
               help="what a qhkvd preselection ranks by: question (context scores times the "
                    "question's attention), context (the scores alone), auto (question below "
-                   "4,096 prompt tokens)")] = BlendConfig.preselect_by,
+                   f"{CONTEXT_PRESELECT_FROM:,} prompt tokens)")] = BlendConfig.preselect_by,
           deviation_on: str = "k",
           corrections: Annotated[str, typer.Option(
               help=f"blend KV corrections to compare: {', '.join(CORRECTIONS)}")

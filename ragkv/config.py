@@ -26,7 +26,7 @@ DEFAULT_RATIO = 0.12
 DEFAULT_CHECK_LAYERS: tuple[int, ...] = (2,)
 #: the preselection factor (``BlendConfig.preselect``) of the default from ``PRESELECT_FROM``
 #: tokens, and of the front ends' faster blend: four times the ratio, weighted by the question
-#: with ``qhkvd``, kept both public sets' figures at about a sixth less TTFT (README)
+#: with ``qhkvd``, kept both public sets' figures at about an eighth less TTFT (README)
 FAST_PRESELECT = 4.0
 #: prompts of at least this many tokens get that preselection by default
 #: (``BlendConfig.preselect_from``): below it the layers before the check cost little, and no
@@ -35,9 +35,10 @@ FAST_PRESELECT = 4.0
 PRESELECT_FROM = 1024
 #: with ``preselect_by="auto"``, prompts of at least this many tokens preselect by context
 #: scores alone: the question's weighting keeps late tokens, whose attention over a long prompt
-#: costs most (at 8k tokens x4.84 against x5.45 for the context scores alone, which gave a
-#: higher but in-goal KL on pydoc's long cases; docs/benchmarks.md)
+#: costs most, so there it gave up the x5 at 8k tokens the scores alone keep, for a lower KL on
+#: pydoc's long cases (docs/benchmarks.md, *The question-weighted preselection by default*)
 CONTEXT_PRESELECT_FROM = 4096
+#: what ``BlendConfig.preselect_by`` may name
 PRESELECT_BY = ("auto", "question", "context")
 
 
@@ -90,8 +91,8 @@ class BlendConfig:
         query's miss) are computed whole. Faster; see the README for what it costs.
     preselect_from: with ``preselect`` None, a prompt of at least this many tokens
         preselects ``FAST_PRESELECT`` times the ratio anyway (``PRESELECT_FROM``: every public
-        case): with the question weighting it kept both public sets' fidelity at about a sixth
-        less TTFT (docs/benchmarks.md). None: only ``preselect`` decides (every token is
+        case): with the question weighting it kept both public sets' fidelity at about an
+        eighth less TTFT (docs/benchmarks.md). None: only ``preselect`` decides (every token is
         computed before the check).
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.

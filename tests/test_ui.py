@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("streamlit")
 from ui_cases import _outside_setup, page, texts, write_docs  # noqa: E402
 
+from ragkv.config import PRESELECT_FROM  # noqa: E402
 from ragkv.ui.views.ingest import ENABLE_HINT, OUTSIDE_ROOTS  # noqa: E402
 
 
@@ -130,12 +131,16 @@ def test_ask_offers_the_faster_preselecting_blend(ingested: Path, tiny_model: Pa
         assert found, recomputed.help
         return int(found.group(1))
 
-    # anchor precompute: the first answer stores the anchor entries and their scores
+    # anchor precompute: the first answer stores the anchor entries and their scores; two
+    # chunks keep the prompt under the length from which the default preselects anyway
     at = page("ask", ingested, tiny_model, context="anchor").run()
     at.text_input(key="ask_question").input("What does assert do?")
     at.number_input(key="ask_max_new").set_value(4)
+    at.number_input(key="ask_k").set_value(2)
     at.button[0].click().run()
     whole = layer_0()
+    (recomputed,) = [m for m in at.metric if m.label == "Tokens recomputed"]
+    assert int(recomputed.value.split("/")[1]) < PRESELECT_FROM
     at.checkbox(key="ask_preselect").check()
     at.button[0].click().run()
     assert not at.exception, at.exception
