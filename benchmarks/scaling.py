@@ -23,8 +23,8 @@ prefill: the speed/fidelity trade at long prompts.
 instead of all of them), mode ``blend+pre3``, with its first-token KL the same way.
 
 ``--also-context 4`` also times the default ratio with the preselection by stored context
-scores (``BlendConfig(preselect=4)``: only four times the ratio's tokens, the highest-scored,
-are computed before the check layer), mode ``blend+ctx4``.
+scores (``BlendConfig(preselect=4)``: only four times the ratio's tokens, the highest-ranked as
+``preselect_by`` says, are computed before the check layer), mode ``blend+ctx4``.
 
 ``--also-whole`` also times the default without its preselection
 (``BlendConfig(preselect_from=None)``: every token computed before the check layer at any
