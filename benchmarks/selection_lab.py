@@ -12,12 +12,12 @@ K, ``chunk_mean`` 0.75, every token computed before the check layer at any lengt
 correction, and the ``ctx_*`` and ``question_*`` variants the preselection by stored context
 scores, alone or times the question's attention (``BlendConfig.preselect``, ``preselect_by``).
 The cases are the set's even-numbered ones (``--odd``: the odd ones, left to confirm a
-choice); the anchor passage is picked from the whole set's chunks, as
-``ragkv bench`` does. ``--cases FILE`` runs every case of another case file instead (e.g. the
-long cases of ``benchmarks/long_cases.py``). Writes
-``benchmarks/results/selection_lab_<set>.json`` (``<set>``: the file's name with ``--cases``; or
-``--out``): per variant the median first-token KL, mean teacher-forced agreement and median
-teacher-forced KL, median TTFT ratio, and every case's record.
+choice); the anchor passage is picked from the whole set's chunks, as ``ragkv bench`` does.
+``--cases FILE`` runs every case of another case file instead (e.g. the long cases of
+``benchmarks/long_cases.py``). Writes ``benchmarks/results/selection_lab_<set>.json``
+(``<set>``: the file's name with ``--cases``; or ``--out``): per variant the median first-token
+KL, mean teacher-forced agreement and median teacher-forced KL, median TTFT ratio, and every
+case's record.
 """
 
 from __future__ import annotations
