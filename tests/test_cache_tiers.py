@@ -211,3 +211,59 @@ def test_queries_fuse_from_the_memory_tiers_own_tensors_without_changing_them(tm
         for h, b in zip(held, before, strict=True):
             assert all(torch.equal(h[n], b[n]) for n in b)
     rag.index.close()
+
+
+def test_batched_hits_record_every_read_in_one_transaction_when_the_block_ends(tmp_path,
+                                                                              monkeypatch):
+    """A fused request reads an entry per chunk; its hits reach the index together, with the
+    counts that one transaction per read gave, also when the block raises."""
+    store = make_store(tmp_path)
+    for i in range(3):
+        put(store, i)
+    calls = []
+    real = residency.touch
+
+    def touch(index, keys, policy, *, hit):
+        calls.append((list(keys), hit))
+        real(index, keys, policy, hit=hit)
+
+    monkeypatch.setattr(residency, "touch", touch)
+    hits = lambda i: store.index.get_entry(key(i)).hits  # noqa: E731
+    before = [hits(i) for i in range(3)]
+    with store.batched_hits():
+        get(store, 0)
+        get(store, 0)
+        get(store, 2)
+        with store.batched_hits():  # nested: the outer block records it
+            get(store, 1)
+        assert calls == [] and hits(0) == before[0]
+    assert calls == [([key(0), key(0), key(2), key(1)], True)]
+    assert [hits(i) - b for i, b in enumerate(before)] == [2, 1, 1]
+    get(store, 1)  # outside a block: at once
+    assert len(calls) == 2 and hits(1) == before[1] + 2
+    with pytest.raises(RuntimeError), store.batched_hits():
+        get(store, 2)
+        raise RuntimeError("the fusion failed")
+    assert calls[-1] == ([key(2)], True) and hits(2) == before[2] + 2
+
+
+def test_a_fused_query_records_its_chunks_hits_in_one_transaction(tmp_path, seed, engine,
+                                                                  monkeypatch):
+    import shutil
+
+    shutil.copytree(seed[0], tmp_path / "home")
+    rag = RagKV(make_config(tmp_path / "home"), engine=engine)
+    chunks = [RetrievedChunk(c.token_ids, c.cache_key) for c in rag.index.chunks()][:3]
+    rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=1)  # the template prefix
+    calls = []
+    real = residency.touch
+
+    def touch(index, keys, policy, *, hit):
+        calls.append(list(keys))
+        real(index, keys, policy, hit=hit)
+
+    monkeypatch.setattr(residency, "touch", touch)
+    trace = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=1).trace
+    assert all(c.hit for c in trace.chunks)
+    assert calls == [[c.key for c in trace.chunks]]
+    rag.index.close()

@@ -122,15 +122,12 @@ class LocalMeanDrift(ChunkMeanDrift):
             return None
         h, n, d = dk.shape
         c, slot, lo, hi, w_local, w_chunk = self._windows(anchors, chunk_of, n_chunks)
-        out = []
-        for x in (dk, dv):
-            x = x.float()
-            cum = torch.cat([x.new_zeros(h, 1, d), x.cumsum(1)], dim=1)  # [H, n + 1, D]
-            sums = x.new_zeros(h, n_chunks, d).index_add_(1, slot, x)
-            drift = cum.index_select(1, hi).sub_(cum.index_select(1, lo)).mul_(w_local)
-            drift.addcmul_(sums.index_select(1, c), w_chunk)
-            out.append(drift.to(dk.dtype))
-        return PositionDrift(out[0], out[1])
+        x = torch.cat([dk, dv]).float()  # [2H, n, D]: K and V in one pass (half the calls)
+        cum = torch.cat([x.new_zeros(2 * h, 1, d), x.cumsum(1)], dim=1)  # [2H, n + 1, D]
+        sums = x.new_zeros(2 * h, n_chunks, d).index_add_(1, slot, x)
+        drift = cum.index_select(1, hi).sub_(cum.index_select(1, lo)).mul_(w_local)
+        drift = drift.addcmul_(sums.index_select(1, c), w_chunk).to(dk.dtype)
+        return PositionDrift(drift[:h], drift[h:])
 
 
 def apply_drift(k: torch.Tensor, v: torch.Tensor,

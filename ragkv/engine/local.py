@@ -156,19 +156,23 @@ class HFBackend:
             present = self.stored(req.keys)
             trace.lookup_s = time.perf_counter() - t
             cached.append((0, self.prefix_kv()))
-            for i in wanted:
-                ct, (s, e) = trace.chunks[i], prompt.chunk_spans[i]
+            with self.chunks.store.batched_hits():  # the hits in one index transaction
+                for i in wanted:
+                    ct, (s, e) = trace.chunks[i], prompt.chunk_spans[i]
+                    t = time.perf_counter()
+                    kv, ct.tier = self.chunk_kv(prompt.ids[s:e], ct.key,
+                                                position_context(req.context, i),
+                                                present.get(ct.key, False))
+                    dt = time.perf_counter() - t
+                    ct.hit = ct.tier is not None
+                    if ct.hit:
+                        trace.load_s += dt
+                    else:
+                        trace.precompute_s += dt
+                    cached.append((s, kv))
                 t = time.perf_counter()
-                kv, ct.tier = self.chunk_kv(prompt.ids[s:e], ct.key,
-                                            position_context(req.context, i),
-                                            present.get(ct.key, False))
-                dt = time.perf_counter() - t
-                ct.hit = ct.tier is not None
-                if ct.hit:
-                    trace.load_s += dt
-                else:
-                    trace.precompute_s += dt
-                cached.append((s, kv))
+            if trace.load_s:  # recording the hits
+                trace.load_s += time.perf_counter() - t
             exact = exact_end(prompt.prefix_len, prompt.chunk_spans, req.context, wanted)
         t = time.perf_counter()
         fused = self.engine.prefill(prompt, cached, mode, blend, exact, record=req.record)

@@ -77,14 +77,10 @@ class WorkerFusion:
             kv = kv.to(r.device, kv.k.dtype)
         return kv, tier
 
-    # ---- the fused prefill ------------------------------------------------------------
-    def fuse(self, ids: list[int], p: FusionParams, trace: dict[str, Any],
-             paged: PagedAttention | None = None) -> FusedPrefill:
-        """Fused K/V of the whole prompt ``ids`` (keys rotated to their positions); with
-        ``paged``, attention runs on vLLM's kernel and writes each layer's KV as it goes.
-        ``trace`` gets what the client's :class:`~ragkv.trace.QueryTrace` shows."""
-        r = self.runner
-        t0 = time.perf_counter()
+    def _load(self, ids: list[int], p: FusionParams, trace: dict[str, Any],
+              ) -> tuple[list[tuple[int, ChunkKV]], list[list[Any]], float, float]:
+        """The prompt's cached spans ``(start, KV)`` (the template prefix first), each
+        chunk's ``[hit, tier, recomputed]``, and seconds spent loading and precomputing."""
         prefix = ids[:p.prefix_end]
         keys = self.keys(prefix, p.anchor)
         prefix_kv, tier = self._get(prefix, keys.exact(prefix))
@@ -97,10 +93,9 @@ class WorkerFusion:
                 pasts[ctx] = self._get(before, keys.exact(before))[0]
             return pasts[ctx]
         cached: list[tuple[int, ChunkKV]] = [(0, prefix_kv)]
-        wanted = chunks_to_load(p.mode, p.context, len(p.chunks))
         per_chunk: list[list[Any]] = []
         load_s = precompute_s = 0.0
-        for i in wanted:
+        for i in chunks_to_load(p.mode, p.context, len(p.chunks)):
             span = p.chunks[i]
             chunk = ids[span.start:span.end]
             ctx = position_context(p.context, i)
@@ -116,8 +111,23 @@ class WorkerFusion:
                 load_s += time.perf_counter() - t
             per_chunk.append([tier is not None, tier, 0])
             cached.append((span.start, kv))
-        trace["load_s"], trace["precompute_s"] = load_s, precompute_s
-        trace["lookup_s"] = time.perf_counter() - t0 - load_s - precompute_s
+        return cached, per_chunk, load_s, precompute_s
+
+    # ---- the fused prefill ------------------------------------------------------------
+    def fuse(self, ids: list[int], p: FusionParams, trace: dict[str, Any],
+             paged: PagedAttention | None = None) -> FusedPrefill:
+        """Fused K/V of the whole prompt ``ids`` (keys rotated to their positions); with
+        ``paged``, attention runs on vLLM's kernel and writes each layer's KV as it goes.
+        ``trace`` gets what the client's :class:`~ragkv.trace.QueryTrace` shows."""
+        r = self.runner
+        t0 = time.perf_counter()
+        with self.chunks.store.batched_hits():  # the hits in one index transaction
+            cached, per_chunk, load_s, precompute_s = self._load(ids, p, trace)
+            t1 = time.perf_counter()
+        trace["lookup_s"] = t1 - t0 - load_s - precompute_s
+        trace["load_s"] = load_s + (time.perf_counter() - t1 if load_s else 0.0)  # the hits
+        trace["precompute_s"] = precompute_s
+        wanted = chunks_to_load(p.mode, p.context, len(p.chunks))
         spans = [(s.start, s.end) for s in p.chunks]
         exact = exact_end(p.prefix_end, spans, p.context, wanted)
         plan = plan_prefill(len(ids), spans, p.suffix_start,
