@@ -9,9 +9,10 @@ calls in vLLM's worker (the engine core runs in this process): q/k/v projections
 (vLLM's kernel over the paged cache), output projection + MLP, RoPE of the fresh rows, and the
 correction's drift and its application. Layers that compute more than ``--big`` tokens (the
 layers every chunk token goes through before the check) are reported apart from the later
-layers. A case whose prompt vLLM's own prefix cache serves whole (no fusion) is left out. Prints
-per-blend milliseconds (means) beside the medians of TTFT and fusion time, and writes them as
-JSON.
+layers. vLLM's prefix cache is emptied before each blend, so every timed blend is a new prompt
+to vLLM (its chunks come from ragkv's memory tier); a case it still served whole (no fusion)
+would be left out. Prints per-blend milliseconds (means) beside the medians of TTFT and fusion
+time, and writes them as JSON.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def main() -> None:
 
         def blends():
             for case in cases:
+                # every blend a new prompt to vLLM: its prefix cache would otherwise serve
+                # part of a repeated prompt from the fused KV of the round before
+                rag.backend.transport.llm.reset_prefix_cache()
                 yield rag.generate([ids[c] for c in case["chunks"]], case["question"],
                                    mode="blend", max_new_tokens=1, log_query=False).trace
 
