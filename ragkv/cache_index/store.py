@@ -175,8 +175,9 @@ class KVStore:
     @contextmanager
     def batched_hits(self) -> Iterator[None]:
         """Record the hits of this thread's reads inside the block in one index transaction
-        when it ends, not one per read: a fused request reads an entry per chunk, and six
-        transactions took some 12 ms of its TTFT. Nested blocks record with the outermost."""
+        when it ends, not one per read: a fused request reads an entry per chunk, and one
+        transaction per read cost a 2k-token blend about 5 ms more of its TTFT
+        (``docs/benchmarks.md``). Nested blocks record with the outermost."""
         if getattr(self._local, "hits", None) is not None:
             yield
             return
