@@ -136,7 +136,7 @@ def ask(ctx: typer.Context, question: str,
             help="blend: compute only this multiple of the ratio of chunk tokens before the "
                  "check layer, those with the highest stored context scores (times the "
                  "question's attention, with qhkvd; faster; default: four times the ratio on "
-                 "prompts of 1,024 tokens or more, else off)")] = None,
+                 f"prompts of {PRESELECT_FROM:,} tokens or more, else off)")] = None,
         max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
         home: Home = default_home(), model: Model = None, context: Context = "anchor",

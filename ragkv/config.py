@@ -29,10 +29,12 @@ DEFAULT_CHECK_LAYERS: tuple[int, ...] = (2,)
 #: with ``qhkvd``, kept both public sets' figures at about an eighth less TTFT (README)
 FAST_PRESELECT = 4.0
 #: prompts of at least this many tokens get that preselection by default
-#: (``BlendConfig.preselect_from``): below it the layers before the check cost little, and no
-#: public case is that short (the sets hold 1.5k-3.8k tokens, their long cases 4.2k-7.4k; all
-#: measured with it, docs/benchmarks.md, *The question-weighted preselection by default*)
-PRESELECT_FROM = 1024
+#: (``BlendConfig.preselect_from``). Measured with it from about 400 tokens on both public sets
+#: (two-chunk cases of 400-1,130 tokens, the sets themselves 1.5k-3.8k, their long cases
+#: 4.2k-7.4k): the same fidelity and a lower TTFT at every length (docs/benchmarks.md, *Short
+#: prompts*); below it the layers before the check cost little and the question's probe is a
+#: larger share of the blend
+PRESELECT_FROM = 512
 #: with ``preselect_by="auto"``, prompts of at least this many tokens preselect by context
 #: scores alone: the question's weighting keeps late tokens, whose attention over a long prompt
 #: costs most, so there it gave up the x5 at 8k tokens the scores alone keep, for a lower KL on
@@ -90,9 +92,9 @@ class BlendConfig:
         Chunks whose entry holds no score (another precompute context, an entry computed on a
         query's miss) are computed whole. Faster; see the README for what it costs.
     preselect_from: with ``preselect`` None, a prompt of at least this many tokens
-        preselects ``FAST_PRESELECT`` times the ratio anyway (``PRESELECT_FROM``: every public
-        case): with the question weighting it kept both public sets' fidelity at about an
-        eighth less TTFT (docs/benchmarks.md). None: only ``preselect`` decides (every token is
+        preselects ``FAST_PRESELECT`` times the ratio anyway (``PRESELECT_FROM``, 512): with the
+        question weighting it kept both public sets' fidelity at less TTFT from about 400
+        tokens up (docs/benchmarks.md). None: only ``preselect`` decides (every token is
         computed before the check).
     deviation_on: compare cached vs recomputed ``k`` or ``v`` (or ``kv``: both, summed).
     head_tokens: for chunk-head policies, tokens recomputed at the start of every chunk.

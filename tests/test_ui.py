@@ -19,11 +19,8 @@ from ragkv.config import PRESELECT_FROM  # noqa: E402
 from ragkv.ui.views.ingest import ENABLE_HINT, OUTSIDE_ROOTS  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ingested(tmp_path_factory, tiny_model: Path) -> Path:
-    """A home with two documents, ingested through the Ingest page itself."""
-    root = tmp_path_factory.mktemp("ui")
-    docs = write_docs(root / "docs")
+def ingest(root: Path, tiny_model: Path, scale: float = 1.0) -> Path:
+    docs = write_docs(root / "docs", scale)
     at = page("ingest", root / "home", tiny_model, docs_roots=[root]).run()
     at.text_input(key="ingest_path").input(str(docs))
     at.button(key="ingest_go").click().run()
@@ -31,6 +28,12 @@ def ingested(tmp_path_factory, tiny_model: Path) -> Path:
     assert "Ingested 2 document(s)" in texts(at.success)
     assert len(at.dataframe) == 1  # the documents table
     return root / "home"
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, tiny_model: Path) -> Path:
+    """A home with two documents, ingested through the Ingest page itself."""
+    return ingest(tmp_path_factory.mktemp("ui"), tiny_model)
 
 
 # ---- pages ------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ def test_ask_streams_answer_with_metrics(ingested: Path, tiny_model: Path) -> No
     assert "last figure measured for this exact prompt" in texts(at.caption)
 
 
-def test_ask_offers_the_faster_preselecting_blend(ingested: Path, tiny_model: Path) -> None:
+def test_ask_offers_the_faster_preselecting_blend(tmp_path: Path, tiny_model: Path) -> None:
     def layer_0() -> int:  # what the last answer computed at layer 0, from the metric's help
         (recomputed,) = [m for m in at.metric if m.label == "Tokens recomputed"]
         found = re.search(r"(\d+) at layer 0", recomputed.help)
@@ -132,8 +135,9 @@ def test_ask_offers_the_faster_preselecting_blend(ingested: Path, tiny_model: Pa
         return int(found.group(1))
 
     # anchor precompute: the first answer stores the anchor entries and their scores; two
-    # chunks keep the prompt under the length from which the default preselects anyway
-    at = page("ask", ingested, tiny_model, context="anchor").run()
+    # short chunks keep the prompt under the length from which the default preselects anyway
+    at = page("ask", ingest(tmp_path, tiny_model, scale=0.4), tiny_model,
+              context="anchor").run()
     at.text_input(key="ask_question").input("What does assert do?")
     at.number_input(key="ask_max_new").set_value(4)
     at.number_input(key="ask_k").set_value(2)

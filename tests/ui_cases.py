@@ -34,12 +34,13 @@ def texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
 
 
-def write_docs(folder: Path) -> Path:
+def write_docs(folder: Path, scale: float = 1.0) -> Path:
+    """Two documents; ``scale`` shortens them (their chunks, so the prompts)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "assert.md").write_text("The assert statement checks a condition and raises "
-                                      "AssertionError when it is false.\n\n" * 25)
+                                      "AssertionError when it is false.\n\n" * round(25 * scale))
     (folder / "with.txt").write_text("A with statement wraps a block in a context manager "
-                                     "that exits even when the block raises.\n" * 30)
+                                     "that exits even when the block raises.\n" * round(30 * scale))
     return folder
 
 
