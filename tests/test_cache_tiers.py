@@ -213,13 +213,8 @@ def test_queries_fuse_from_the_memory_tiers_own_tensors_without_changing_them(tm
     rag.index.close()
 
 
-def test_batched_hits_record_every_read_in_one_transaction_when_the_block_ends(tmp_path,
-                                                                              monkeypatch):
-    """A fused request reads an entry per chunk; its hits reach the index together, with the
-    counts that one transaction per read gave, also when the block raises."""
-    store = make_store(tmp_path)
-    for i in range(3):
-        put(store, i)
+def spy_on_touch(monkeypatch) -> list[tuple[list[str], bool]]:
+    """The keys and hit flag of every index transaction that records reads (still made)."""
     calls = []
     real = residency.touch
 
@@ -228,6 +223,17 @@ def test_batched_hits_record_every_read_in_one_transaction_when_the_block_ends(t
         real(index, keys, policy, hit=hit)
 
     monkeypatch.setattr(residency, "touch", touch)
+    return calls
+
+
+def test_batched_hits_record_every_read_in_one_transaction_when_the_block_ends(tmp_path,
+                                                                              monkeypatch):
+    """A fused request reads an entry per chunk; its hits reach the index together, with the
+    counts that one transaction per read gave, also when the block raises."""
+    store = make_store(tmp_path)
+    for i in range(3):
+        put(store, i)
+    calls = spy_on_touch(monkeypatch)
     hits = lambda i: store.index.get_entry(key(i)).hits  # noqa: E731
     before = [hits(i) for i in range(3)]
     with store.batched_hits():
@@ -255,15 +261,8 @@ def test_a_fused_query_records_its_chunks_hits_in_one_transaction(tmp_path, seed
     rag = RagKV(make_config(tmp_path / "home"), engine=engine)
     chunks = [RetrievedChunk(c.token_ids, c.cache_key) for c in rag.index.chunks()][:3]
     rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=1)  # the template prefix
-    calls = []
-    real = residency.touch
-
-    def touch(index, keys, policy, *, hit):
-        calls.append(list(keys))
-        real(index, keys, policy, hit=hit)
-
-    monkeypatch.setattr(residency, "touch", touch)
+    calls = spy_on_touch(monkeypatch)
     trace = rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=1).trace
     assert all(c.hit for c in trace.chunks)
-    assert calls == [[c.key for c in trace.chunks]]
+    assert calls == [([c.key for c in trace.chunks], True)]
     rag.index.close()
