@@ -28,7 +28,7 @@ scores (``BlendConfig(preselect=4)``: only four times the ratio's tokens, the hi
 
 ``--also-whole`` also times the default without its preselection
 (``BlendConfig(preselect_from=None)``: every token computed before the check layer at any
-length; the default preselects from ``PRESELECT_FROM``, 1,024 prompt tokens), mode
+length; the default preselects from ``PRESELECT_FROM``, 512 prompt tokens), mode
 ``blend_whole``: what ``preselect_from`` buys at each length.
 
 ``--attention masked,split`` also times the blend with the old masked-SDPA selected-query
