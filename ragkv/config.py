@@ -30,10 +30,9 @@ DEFAULT_CHECK_LAYERS: tuple[int, ...] = (2,)
 FAST_PRESELECT = 4.0
 #: prompts of at least this many tokens get that preselection by default
 #: (``BlendConfig.preselect_from``). Measured with it from about 400 tokens on both public sets
-#: (two-chunk cases of 400-1,130 tokens, the sets themselves 1.5k-3.8k, their long cases
+#: (two-chunk cases of 395-1,133 tokens, the sets themselves 1.5k-3.8k, their long cases
 #: 4.2k-7.4k): the same fidelity and a lower TTFT at every length (docs/benchmarks.md, *Short
-#: prompts*); below it the layers before the check cost little and the question's probe is a
-#: larger share of the blend
+#: prompts*); shorter prompts were not measured, so they compute every token before the check
 PRESELECT_FROM = 512
 #: with ``preselect_by="auto"``, prompts of at least this many tokens preselect by context
 #: scores alone: the question's weighting keeps late tokens, whose attention over a long prompt
