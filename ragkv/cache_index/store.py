@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,6 +45,13 @@ _KEY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 def _uncounted(*_: object) -> None:
     """What :meth:`KVStore.fetch` counts with when asked not to record the read."""
+
+
+@dataclass
+class HitBatch:
+    """What :meth:`KVStore.batched_hits` yields: seconds its index transaction took."""
+
+    seconds: float = 0.0
 
 
 class KVStore:
@@ -173,29 +181,35 @@ class KVStore:
             return self._drop_copy(entry, tier, blobs, str(exc))
 
     @contextmanager
-    def batched_hits(self) -> Iterator[None]:
+    def batched_hits(self) -> Iterator[HitBatch]:
         """Record the hits of this thread's reads inside the block in one index transaction
         when it ends, not one per read: a fused request reads an entry per chunk, and one
         transaction per read cost a 2k-token blend about 5 ms more of its TTFT
-        (``docs/benchmarks.md``). Nested blocks record with the outermost."""
+        (``docs/benchmarks.md``). Nested blocks record with the outermost. The yielded
+        :class:`HitBatch` holds, after the block, how long recording took (0 without hits)."""
+        batch = HitBatch()
         if getattr(self._local, "hits", None) is not None:
-            yield
+            yield batch
             return
         self._local.hits = []
         try:
-            yield
+            yield batch
         finally:
             keys, self._local.hits = self._local.hits, None
-            self._record_hits(keys)
+            t = time.perf_counter()
+            if self._record_hits(keys):
+                batch.seconds = time.perf_counter() - t
 
-    def _record_hits(self, keys: list[str]) -> None:
+    def _record_hits(self, keys: list[str]) -> bool:
+        """Whether there were hits to record."""
         if not keys:
-            return
+            return False
         try:
             residency.touch(self.index, keys, self.policy, hit=True)
         except Exception as exc:
             log.warning("could not record hits for %s: %s", ", ".join(k[:12] for k in keys),
                         exc)
+        return True
 
     def _hit(self, key: str, found: Fetched, nbytes: int) -> Fetched:
         pending = getattr(self._local, "hits", None)

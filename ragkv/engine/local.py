@@ -156,7 +156,7 @@ class HFBackend:
             present = self.stored(req.keys)
             trace.lookup_s = time.perf_counter() - t
             cached.append((0, self.prefix_kv()))
-            with self.chunks.store.batched_hits():  # the hits in one index transaction
+            with self.chunks.store.batched_hits() as hits:  # in one index transaction
                 for i in wanted:
                     ct, (s, e) = trace.chunks[i], prompt.chunk_spans[i]
                     t = time.perf_counter()
@@ -170,9 +170,7 @@ class HFBackend:
                     else:
                         trace.precompute_s += dt
                     cached.append((s, kv))
-                t = time.perf_counter()
-            if trace.load_s:  # recording the hits
-                trace.load_s += time.perf_counter() - t
+            trace.load_s += hits.seconds
             exact = exact_end(prompt.prefix_len, prompt.chunk_spans, req.context, wanted)
         t = time.perf_counter()
         fused = self.engine.prefill(prompt, cached, mode, blend, exact, record=req.record)

@@ -77,10 +77,11 @@ class WorkerFusion:
             kv = kv.to(r.device, kv.k.dtype)
         return kv, tier
 
-    def _load(self, ids: list[int], p: FusionParams, trace: dict[str, Any],
+    def _load(self, ids: list[int], p: FusionParams, wanted: range, trace: dict[str, Any],
               ) -> tuple[list[tuple[int, ChunkKV]], list[list[Any]], float, float]:
-        """The prompt's cached spans ``(start, KV)`` (the template prefix first), each
-        chunk's ``[hit, tier, recomputed]``, and seconds spent loading and precomputing."""
+        """The prompt's cached spans ``(start, KV)`` (the template prefix first, then the
+        ``wanted`` chunks), each chunk's ``[hit, tier, recomputed]``, and seconds spent loading
+        and precomputing."""
         prefix = ids[:p.prefix_end]
         keys = self.keys(prefix, p.anchor)
         prefix_kv, tier = self._get(prefix, keys.exact(prefix))
@@ -95,7 +96,7 @@ class WorkerFusion:
         cached: list[tuple[int, ChunkKV]] = [(0, prefix_kv)]
         per_chunk: list[list[Any]] = []
         load_s = precompute_s = 0.0
-        for i in chunks_to_load(p.mode, p.context, len(p.chunks)):
+        for i in wanted:
             span = p.chunks[i]
             chunk = ids[span.start:span.end]
             ctx = position_context(p.context, i)
@@ -120,14 +121,14 @@ class WorkerFusion:
         ``paged``, attention runs on vLLM's kernel and writes each layer's KV as it goes.
         ``trace`` gets what the client's :class:`~ragkv.trace.QueryTrace` shows."""
         r = self.runner
+        wanted = chunks_to_load(p.mode, p.context, len(p.chunks))
         t0 = time.perf_counter()
-        with self.chunks.store.batched_hits():  # the hits in one index transaction
-            cached, per_chunk, load_s, precompute_s = self._load(ids, p, trace)
+        with self.chunks.store.batched_hits() as hits:  # in one index transaction
+            cached, per_chunk, load_s, precompute_s = self._load(ids, p, wanted, trace)
             t1 = time.perf_counter()
         trace["lookup_s"] = t1 - t0 - load_s - precompute_s
-        trace["load_s"] = load_s + (time.perf_counter() - t1 if load_s else 0.0)  # the hits
+        trace["load_s"] = load_s + hits.seconds
         trace["precompute_s"] = precompute_s
-        wanted = chunks_to_load(p.mode, p.context, len(p.chunks))
         spans = [(s.start, s.end) for s in p.chunks]
         exact = exact_end(p.prefix_end, spans, p.context, wanted)
         plan = plan_prefill(len(ids), spans, p.suffix_start,
