@@ -32,7 +32,8 @@ FAST_PRESELECT = 4.0
 #: (``BlendConfig.preselect_from``). Measured with it from about 400 tokens on both public sets
 #: (two-chunk cases of 395-1,133 tokens, the sets themselves 1.5k-3.8k, their long cases
 #: 4.2k-7.4k): the same fidelity and a lower TTFT at every length (docs/benchmarks.md, *Short
-#: prompts*); shorter prompts were not measured, so they compute every token before the check
+#: prompts*); under about 400 tokens it gained nothing, so shorter prompts compute every token
+#: before the check
 PRESELECT_FROM = 512
 #: with ``preselect_by="auto"``, prompts of at least this many tokens preselect by context
 #: scores alone: the question's weighting keeps late tokens, whose attention over a long prompt
