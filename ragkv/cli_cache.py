@@ -81,8 +81,10 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
 @cache_app.command("gc")
 def cache_gc(home: Home = default_home(), remote: Remote = None,
              index_url: IndexUrl = None, blob_url: BlobUrl = None,
-             disk_budget_mb: Annotated[float | None, typer.Option(help="local disk budget")] = None,
-             remote_budget_mb: Annotated[float | None, typer.Option(help="remote budget")] = None,
+             disk_budget_mb: Annotated[float | None, typer.Option(
+                 help="local disk budget", min=0)] = None,
+             remote_budget_mb: Annotated[float | None, typer.Option(
+                 help="remote budget", min=0)] = None,
              ) -> None:
     """Evict lowest-priority entries until each tier fits its budget."""
     if disk_budget_mb is None and remote_budget_mb is None:

@@ -142,7 +142,8 @@ def test_a_bad_cache_url_is_one_clear_error(tmp_path: Path) -> None:
              (["cache", "verify", "--index-url", "foo://x"], "knows no database 'foo'"),
              (["cache", "stats", "--blob-url", "nope://x"], "unknown storage nope://"),
              (["cache", "gc", "--disk-budget-mb", "1", "--blob-url", "nope://y"],
-              "unknown storage nope://")]
+              "unknown storage nope://"),
+             (["cache", "gc", "--disk-budget-mb", "-5"], "'--disk-budget-mb'")]
     for args, says in cases:
         result = runner.invoke(app, [*args, "--home", str(tmp_path)])
         assert result.exit_code == 2, (args, result.output)
