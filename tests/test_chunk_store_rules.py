@@ -179,3 +179,13 @@ def test_shared_memory_hits_hand_out_the_tiers_tensors(with_memory):
     assert tier == "memory" and d.k.data_ptr() == a.k.data_ptr()
     e, _ = chunks.get_or_compute(KEY, 3, Compute(_kv(seed=1)))
     assert e.k.data_ptr() != a.k.data_ptr()
+
+
+def test_a_score_already_given_is_stored_as_given(kvstore):
+    """Ingestion scores an anchor entry from the twin it just computed and hands the score in,
+    so ``save`` neither reads the twin back nor scores again."""
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    chunks.save("b" * 64, _kv(seed=1))  # the twin: stored, and scoring against it is possible
+    given = torch.tensor([3.0, 2.0, 1.0])
+    chunks.save(KEY, _kv().with_score(given), reference="b" * 64)
+    assert torch.equal(chunks.load(KEY, 3)[0].score, given)

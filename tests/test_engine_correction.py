@@ -187,6 +187,16 @@ def test_correction_changes_the_prefill_and_never_a_compute_all_one(engine, case
     assert (one.logits - case.full.logits).abs().max() < TOL
 
 
+def test_one_recomputed_chunk_token_is_enough_to_correct(engine, case):
+    spans = case.prompt.chunk_spans
+    cfg = dict(ratio=1.0 / sum(e - s for s, e in spans), policy="hkvd")
+    plain = blend(engine, case, BlendConfig(**cfg, correction="none"))
+    fixed = blend(engine, case, BlendConfig(**cfg, correction="chunk_mean"))
+    final = fixed.final_positions
+    assert sum(int(((final >= s) & (final < e)).sum()) for s, e in spans) == 1
+    assert (plain.logits - fixed.logits).abs().max() > 10 * TOL
+
+
 def test_chunk_mean_drift_by_hand():
     chunk_of = torch.tensor([-1, 0, 0, 0, -1, 1, 1, 2, 2])
     anchors = torch.tensor([1, 5])  # chunk 0 and chunk 1 each have one recomputed token

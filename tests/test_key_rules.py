@@ -182,3 +182,12 @@ def test_anchor_keys_name_the_prefix_and_the_anchor():
     assert position_context("anchor", 1) == "anchor"
     with pytest.raises(ValueError, match="anchor's token ids"):
         KeySpace(FP, "float16", PREFIX, context="anchor").chunk(IDS)
+
+
+def test_a_chunk_is_read_in_the_context_asked_for():
+    space = KeySpace(FP, "float16", PREFIX, context="anchor", anchor_ids=(7, 8))
+    for ctx in ("cold", "prefix", "anchor"):
+        assert space.at(IDS, 1, ctx) == space.chunk(IDS, position_context(ctx, 1))
+    assert space.at(IDS, 1, "cold") != space.at(IDS, 1)
+    with pytest.raises(ValueError, match="^anchor-context keys need the anchor's token ids$"):
+        KeySpace(FP, "float16", PREFIX, context="anchor").before()

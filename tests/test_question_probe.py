@@ -162,3 +162,10 @@ def test_the_probed_weights_are_what_the_blends_first_layer_computes(llama):
     alone = fuse(llama.runner, ids, scored, hplan.ctx, hplan.policy, record=True)
     assert alone.layer_sets[0].numel() == want.numel()
     assert alone.layer_sets[0].tolist() != want.tolist()
+
+
+def test_a_check_layer_before_layer_0_is_refused_by_name(llama):
+    case = make_case(llama, seed=3, lengths=[8, 8])
+    ids = torch.tensor(case.prompt.ids)
+    with pytest.raises(ValueError, match="^check layer -1 is not a layer of the model$"):
+        _probe(llama, ids, case.cached, make_ctx(0.1, n_tokens=ids.numel()), -1)

@@ -4,6 +4,7 @@ and no other piece carries special tokens (docs/design.md §3.1)."""
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -90,3 +91,40 @@ def test_empty_question_is_refused_by_name():
     tpl = PromptTemplate.from_tokenizer(CharTokenizer(), SYSTEM)
     with pytest.raises(ValueError, match="^the question is empty$"):
         tpl.suffix_ids(" \n")
+
+
+class SizedTokenizer(CharTokenizer):
+    """A vocabulary of 300 ids, as ``len(tokenizer)`` tells in transformers."""
+
+    def __len__(self) -> int:
+        return 300
+
+
+def test_chunk_ids_take_text_or_ids_within_the_vocabulary():
+    tpl = PromptTemplate.from_tokenizer(SizedTokenizer(), SYSTEM)
+    assert tpl.chunk_ids("ab") == _ords("ab")  # tokenized on its own: no BOS
+    assert tpl.chunk_ids([0, 299], 3) == [0, 299]
+    for bad, says in (([300], "chunk 2 holds token id 300, outside the tokenizer's vocabulary "
+                               "(0..299)"),
+                      ([5, -1], "chunk 2 holds token id -1, outside")):
+        with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
+            tpl.chunk_ids(bad, 2)
+    # a tokenizer that does not tell its size: only negative ids are known to be wrong
+    plain = PromptTemplate.from_tokenizer(CharTokenizer(), SYSTEM)
+    assert plain.chunk_ids([10**6]) == [10**6]
+    with pytest.raises(ValueError, match=r"^chunk 0 holds token id -3, .* \(0\.\.\?\)$"):
+        plain.chunk_ids([-3])
+
+
+@pytest.mark.parametrize(("chunk", "shown"), [
+    (42, "int 42"),
+    ([0.5] * 8, f"list {[0.5] * 8!r}"),  # a repr of exactly 40 characters, whole
+    ([0.5] * 7 + [10.5], f"list {repr([0.5] * 7 + [10.5])[:40]}..."),  # 41: cut
+    ([0.5] * 9, f"list {repr([0.5] * 9)[:40]}..."),
+])
+def test_a_chunk_of_the_wrong_kind_is_named_in_short(chunk, shown):
+    tpl = PromptTemplate.from_tokenizer(SizedTokenizer(), SYSTEM)
+    with pytest.raises(ValueError) as err:
+        tpl.chunk_ids(chunk)
+    assert str(err.value) == ("chunk 0 must be its text, its token ids or a RetrievedChunk; "
+                              f"got {shown}")
