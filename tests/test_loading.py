@@ -114,6 +114,36 @@ def test_controller_hides_recompute_under_loading():
     assert c.choose_ratio(0.15) == 1.0  # loading is slow: recomputing everything is free
 
 
+def test_controller_averages_its_measurements():
+    """Per chunk token: the mean layer's placement, and the median layer's compute over the
+    layers that computed something; each a running average (weight ``smoothing`` on the new)."""
+    c = LoadingController(smoothing=0.5)
+    c.observe(chunk_tokens=0, place_s=[1.0], layer_s=[1.0], computed=[1])  # nothing to learn
+    c.observe(chunk_tokens=10, place_s=[], layer_s=[], computed=[])
+    assert c.load_s_per_token is None and c.compute_s_per_token is None
+    # compute rates 1/2, 2/2, 9/2 per token and a layer that computed nothing (left out);
+    # then 4, 2, 1, 3: the median is the upper middle one
+    c.observe(chunk_tokens=1, place_s=[1.0, 3.0, 5.0, 7.0], layer_s=[1.0, 2.0, 9.0, 4.0],
+              computed=[2, 2, 2, 0])
+    assert c.load_s_per_token == 4.0 and c.compute_s_per_token == 1.0
+    c.observe(chunk_tokens=2, place_s=[4.0], layer_s=[4.0, 2.0, 1.0, 9.0], computed=[1, 1, 1, 3])
+    assert c.load_s_per_token == 3.0 and c.compute_s_per_token == 2.0
+    with pytest.raises(ValueError):  # a time for every layer, or the measurement is wrong
+        c.observe(chunk_tokens=2, place_s=[4.0], layer_s=[3.0], computed=[1, 1])
+    assert LoadingController(load_s_per_token=1.0).choose_ratio(0.2) == 0.2
+
+
+def test_a_workspace_buffer_is_reused_only_for_its_dtype_and_a_size_it_holds():
+    ws = Workspace()
+    a = ws.take("k", (2, 4), torch.float32, torch.device("cpu"))
+    b = ws.take("k", (4,), torch.float32, torch.device("cpu"))
+    assert b.data_ptr() == a.data_ptr()  # smaller: the same memory
+    c = ws.take("k", (4,), torch.bfloat16, torch.device("cpu"))
+    assert c.dtype == torch.bfloat16 and c.shape == (4,)
+    d = ws.take("k", (3, 4), torch.bfloat16, torch.device("cpu"))
+    assert d.dtype == torch.bfloat16 and d.shape == (3, 4) and d.data_ptr() != c.data_ptr()
+
+
 def test_auto_ratio_in_a_query_and_a_set_ratio_wins(rag):
     chunks = three_chunks(rag)
     eng = rag.backend.engine
