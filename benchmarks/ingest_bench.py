@@ -11,6 +11,7 @@ passage), their context scores and their storage.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -74,7 +75,7 @@ def main() -> None:
                 eng.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
 
         texts = [rag.tokenizer.decode(c) for c in chunks]
-        fresh = iter(range(10**6))
+        fresh = itertools.count()
 
         def ragkv_default() -> None:  # a new cache each time, on the same loaded model
             home = Path(tmp) / f"cache{next(fresh)}"
