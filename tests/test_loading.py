@@ -3,6 +3,7 @@ same prefill as placing everything first, and ``ratio="auto"`` must follow the m
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -89,6 +90,25 @@ def test_feed_places_every_layer_and_zeroes_gaps():
     gaps = torch.cat([torch.arange(0, 3), torch.arange(8, T)])
     assert not feed.k_pre[:, :, gaps].any() and not feed.v_buf[:, :, gaps].any()
     assert torch.allclose(feed.k_buf, runner.rotate(feed.k_pre, cos, sin), atol=1e-6)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_placement_times_are_measured_per_layer(pipelined):
+    """What the loading controller learns from (``ratio="auto"``): each layer's share of the
+    placement, within the time the placement really took."""
+    runner = _engine("llama").runner
+    L, H, D = runner.n_layers, runner.kv_heads, runner.head_dim
+    kv = ChunkKV(torch.randn(L, H, 64, D), torch.randn(L, H, 64, D))
+    cos, sin = runner.cos_sin(torch.arange(70))
+    with torch.inference_mode():
+        t = time.perf_counter()
+        feed = LayerFeed(runner, [(3, kv)], 70, cos, sin, pipelined=pipelined)
+        for layer in range(L):
+            feed.wait(layer)
+        place_s = feed.close()
+        elapsed = time.perf_counter() - t
+    assert len(place_s) == L and all(s > 0 for s in place_s)
+    assert sum(place_s) <= elapsed
 
 
 def test_a_failing_placement_is_raised_on_the_waiting_thread():
