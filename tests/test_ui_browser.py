@@ -34,6 +34,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
                 allow_module_level=True)
 pytest.importorskip("streamlit")
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -116,14 +117,25 @@ def metric_values(driver) -> dict[str, str]:
     return out
 
 
+def click_when_ready(driver, xpath: str, timeout: float = 180) -> None:
+    try:
+        WebDriverWait(driver, timeout).until(
+            ec.element_to_be_clickable((By.XPATH, xpath))).click()
+    except TimeoutException:
+        body = driver.find_element(By.TAG_NAME, "body").text
+        pytest.fail(f"{xpath} never became clickable; the page shows:\n{body}")
+
+
 def test_ask_in_browser_shows_answer_and_metrics(server: str, browser) -> None:
     wait = WebDriverWait(browser, 180)
     browser.get(server)
     box = wait.until(ec.element_to_be_clickable(
         (By.CSS_SELECTOR, 'input[aria-label="Question"]')))
     box.send_keys("What does the assert statement do?")
-    browser.find_element(By.XPATH, "//label[contains(., 'Measure full prefill')]").click()
-    browser.find_element(By.XPATH, "//button[.//p[text()='Ask']]").click()
+    # Streamlit sends a form's widgets one by one: the question box can be ready before the
+    # rest of the form is in the page, so wait for each control before clicking it.
+    click_when_ready(browser, "//label[contains(., 'Measure full prefill')]")
+    click_when_ready(browser, "//button[.//p[text()='Ask']]")
     wait.until(lambda d: "Speed-up" in metric_values(d)
                and metric_values(d)["Speed-up"].startswith("x"))
     # The page writes this caption once the answer has streamed to the end.
