@@ -96,19 +96,30 @@ class BenchSpec:
 
 def load_cases(path: Path) -> list[dict]:
     """Read a JSONL case file; each line needs ``id``, ``chunks`` (list of str), ``question``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; a case file is JSON lines") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read the case file {path}: {exc.strerror or exc}") from None
     cases = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             case = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(case, dict):
+            raise ValueError(f"{path}:{n}: each line must be a JSON object with 'chunks' and "
+                             f"'question', got {type(case).__name__}")
         if not isinstance(case.get("chunks"), list) or not case["chunks"] or not all(
                 isinstance(c, str) and c.strip() for c in case["chunks"]):
             raise ValueError(f"{path}:{n}: 'chunks' must be a non-empty list of strings")
-        if not str(case.get("question", "")).strip():
-            raise ValueError(f"{path}:{n}: 'question' is missing")
+        if not isinstance(case.get("question"), str) or not case["question"].strip():
+            raise ValueError(f"{path}:{n}: 'question' must be a non-empty string")
+        if case.get("answer") is not None and not isinstance(case["answer"], str):
+            raise ValueError(f"{path}:{n}: 'answer' must be a string when given")
         case.setdefault("id", f"case-{n}")
         cases.append(case)
     if not cases:

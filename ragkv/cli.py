@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import TextColumn
 
 from ragkv.cli_cache import cache_app
@@ -27,6 +28,7 @@ from ragkv.cli_shared import (
     fail,
     index_failure,
     open_rag,
+    print_error,
     print_summary,
     progress_bar,
     run_engine,
@@ -78,7 +80,8 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
     except (FileNotFoundError, DocumentError) as exc:
         fail(str(exc))
     for s in report.skipped:
-        console.print(f"[yellow]skipped[/yellow] {s.path}: {s.reason}")
+        console.print(f"[yellow]skipped[/yellow] {escape(str(s.path))}: {escape(s.reason)}",
+                      soft_wrap=True)
     if not report.documents:
         fail(f"no readable {'/'.join(SUPPORTED_SUFFIXES)} files found")
     rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
@@ -306,7 +309,7 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except SQLAlchemyError as exc:  # an index server that went away mid-command
-        console.print(f"[red]error:[/red] {index_failure(exc)}")
+        print_error(index_failure(exc))
         raise SystemExit(1) from None
 
 

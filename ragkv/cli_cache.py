@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ragkv.cli_shared import BlobUrl, Home, IndexUrl, cache_errors, console, fail
 from ragkv.config import RagkvConfig, default_home
@@ -32,7 +34,7 @@ def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
                            else f"corpus, {len(anchor):,} chars: {anchor[:60]!r}...")
     t = Table("what", "value")
     for key, value in s.items():
-        t.add_row(key, str(value))
+        t.add_row(key, Text(str(value)))
     console.print(t)
 
 
@@ -68,9 +70,9 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
         report = verify(_store(home, remote_url=remote, index_url=index_url,
                                blob_url=blob_url), repair=repair, orphan_grace_s=grace_s)
     for key, tier, reason in report.bad[:50]:
-        console.print(f"[red]bad[/red] {tier} {key[:16]}: {reason}")
+        console.print(f"[red]bad[/red] {tier} {key[:16]}: {escape(reason)}", soft_wrap=True)
     for tier, name in report.orphans[:50]:
-        console.print(f"[yellow]orphan[/yellow] {tier} {name}")
+        console.print(f"[yellow]orphan[/yellow] {tier} {escape(name)}", soft_wrap=True)
     verb = "removed" if repair else "found"
     console.print(f"{report.entries} entries, {report.blobs_checked} blobs read; {verb} "
                   f"{len(report.bad)} bad, {len(report.orphans)} orphan blobs")

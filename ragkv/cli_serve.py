@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ragkv.cli_shared import Home, Model, Port, console, fail
 from ragkv.config import RagkvConfig, default_home
@@ -59,9 +60,9 @@ def serve(home: Home = default_home(), model: Model = None,
     if importlib.util.find_spec("vllm") is None:
         fail(MISSING)
     cache = f"--index-url {shlex.quote(index_url)}" if index_url else f"--home {home}"
-    console.print(f"[bold]serving[/bold] {path.name} on http://{host}:{port}/v1 over the cache "
-                  f"at {cfg.resolved_index_url}\napp side: ragkv ask QUESTION --engine "
-                  f"http://{host}:{port}/v1 {cache}")
-    console.print(f"[dim]{line}[/dim]")
+    console.print(f"[bold]serving[/bold] {escape(path.name)} on http://{host}:{port}/v1 over "
+                  f"the cache at {escape(cfg.resolved_index_url)}\napp side: ragkv ask "
+                  f"QUESTION --engine http://{host}:{port}/v1 {escape(cache)}")
+    console.print(f"[dim]{escape(line)}[/dim]")
     Path(cfg.home).mkdir(parents=True, exist_ok=True)
     raise typer.Exit(subprocess.call(cmd))

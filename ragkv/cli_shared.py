@@ -10,6 +10,7 @@ from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,6 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 
@@ -38,9 +40,17 @@ Port = Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on
 T = TypeVar("T")
 
 
+def print_error(msg: str) -> None:
+    """``error: msg`` on one line."""
+    # soft_wrap: a long message (a path, an exception's text) stays one line when the output
+    # is a file or a pipe, where rich would otherwise break it at 80 columns; Text: brackets
+    # in the message are text, not rich markup.
+    console.print(Text.assemble(("error:", "red"), " ", msg), soft_wrap=True)
+
+
 def fail(msg: str, code: int = 2) -> NoReturn:
     """One line on the console and the exit code (2: the user's input; 1: the engine)."""
-    console.print(f"[red]error:[/red] {msg}")
+    print_error(msg)
     raise typer.Exit(code)
 
 
@@ -130,20 +140,21 @@ def answers_table(answers: Sequence) -> Group:
     titles = {"full": "full prefill"}
     side = Table(*[titles.get(a.trace.mode, f"ragkv {a.trace.mode}") for a in answers],
                  show_lines=True)
-    side.add_row(*[a.text or "(empty answer)" for a in answers])
+    # Text, not markup: a model writes brackets (``list[int]``) that rich would eat or choke on
+    side.add_row(*[Text(a.text or "(empty answer)") for a in answers])
     src = Table("#", "source", "tokens", "cache", caption=answers[-1].trace.engine)
     for i, c in enumerate(answers[-1].trace.chunks, 1):
         cache = "hit" if c.hit else "miss" if c.hit is False else "-"
         doc = c.document or c.key[:12]
-        src.add_row(str(i), doc if len(doc) <= 40 else "..." + doc[-37:], str(c.n_tokens),
+        src.add_row(str(i), Text(doc if len(doc) <= 40 else "..." + doc[-37:]), str(c.n_tokens),
                     f"{cache} ({c.tier})" if c.tier else cache)
-    notes = [f"[yellow]{a.trace.mode}: {a.trace.error}[/yellow]" for a in answers
+    notes = [f"[yellow]{a.trace.mode}: {escape(str(a.trace.error))}[/yellow]" for a in answers
              if a.trace.error]
     left = answers[-1].trace.left_out
     if left:
         names = ", ".join(c.document or c.key[:12] for c in left)
         notes.append(f"[yellow]left out {len(left)} retrieved chunk(s) that did not fit the "
-                     f"model's window: {names}[/yellow]")
+                     f"model's window: {escape(names)}[/yellow]")
     return Group(t, side, src, *notes)
 
 

@@ -34,8 +34,9 @@ class UnsupportedModelError(ValueError):
 def _say(progress: bool, message: str) -> None:
     if progress:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold cyan]ragkv[/] {message}")
+        Console(stderr=True).print(f"[bold cyan]ragkv[/] {escape(message)}")
 
 
 def _is_complete(path: Path) -> bool:

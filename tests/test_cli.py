@@ -76,6 +76,26 @@ def test_bench_writes_json(tmp_path: Path, tiny_model: Path) -> None:
     assert all(s["contains"] is not None for s in data["summary"])
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"[1, 2]\n", "must be a JSON object"),
+    (b'{"chunks": ["a"], "question": 5}\n', "'question' must be a non-empty string"),
+    (b'{"chunks": ["a"], "question": "q", "answer": [1]}\n', "'answer' must be a string"),
+    (b'{"chunks": ["a"]\n', "not JSON"),
+    (b"\xff\xfe\x00binary", "not UTF-8 text"),
+    (None, "cannot read the case file"),
+])
+def test_bad_case_file_is_one_line(tmp_path: Path, content: bytes | None, message: str) -> None:
+    cases = tmp_path / "cases.jsonl"
+    if content is None:
+        cases.mkdir()  # a folder where the file should be
+    else:
+        cases.write_bytes(content)
+    result = runner.invoke(app, ["bench", "--cases", str(cases), "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_model: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "x", "chunks": [], "question": "q"}\n')
@@ -245,3 +265,41 @@ def test_a_home_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
         result = runner.invoke(app, [*cmd, "--home", str(home)])
         said = " ".join(result.output.split())
         assert result.exit_code == 2 and "is a file" in said, (cmd, result.output)
+
+
+def test_error_text_is_never_markup(tmp_path: Path) -> None:
+    """Brackets in a user's path are shown as typed (rich would read ``[/b]`` as a closing tag
+    and raise), and a long message stays one line in a pipe."""
+    missing = tmp_path / ("[/b] not [red]here[/red] " + "x" * 120)
+    result = runner.invoke(app, ["ingest", str(missing), "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: no such file or folder: {missing}"
+
+
+def test_answers_and_names_are_shown_verbatim() -> None:
+    """A model's answer and a document's name are text: ``list[int]`` keeps its brackets and
+    ``[/b]`` cannot stop the table from printing."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from ragkv.cli_shared import answers_table
+    from ragkv.trace import ChunkTrace, QueryTrace
+
+    chunk = ChunkTrace(key="ab" * 32, n_tokens=12, hit=True, start=5, document="notes[/b].md")
+    trace = QueryTrace(mode="blend", ratio=0.12, policy="qhkvd", context_tokens=40,
+                       chunks=[chunk], ttft_s=0.1, error="fell back [bold]x")
+    answer = SimpleNamespace(text="Use list[int] or [/b] here.", trace=trace)
+    out = Console(record=True, width=200)
+    out.print(answers_table([answer]))
+    shown = out.export_text()
+    assert "Use list[int] or [/b] here." in shown
+    assert "notes[/b].md" in shown and "fell back [bold]x" in shown
+
+
+def test_skipped_file_with_brackets_in_its_name(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "empty [red] v[2].md").write_text("   \n")
+    result = runner.invoke(app, ["ingest", str(tmp_path / "docs"), "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "skipped" in result.output and "empty [red] v[2].md" in result.output
