@@ -116,6 +116,17 @@ class TokenStream:
                              self._gen if self._keep else None)
 
 
+def _require_str(value: object, what: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+
+
+def _require_question(question: object) -> None:
+    _require_str(question, "the question")
+    if not question.strip():
+        raise ValueError("the question is empty")
+
+
 class RagKV:
     """ingest → precompute → store → retrieve → fuse → answer, on one engine and one cache.
 
@@ -247,11 +258,16 @@ class RagKV:
     def ingest_text(self, name: str, text: str, source: str = "", progress=None):
         from ragkv.ingest import ingest_text
 
+        _require_str(name, "the document's name")
+        _require_str(text, f"document {name!r}")
         return ingest_text(self, name, text, source, progress)
 
     def retrieve(self, question: str, k: int = 4) -> list[RetrievedChunk]:
         from ragkv.ingest import retrieve
 
+        _require_question(question)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be a whole number of chunks, got {k!r}")
         return retrieve(self, question, k)
 
     # ---- generation ---------------------------------------------------------------------
@@ -275,6 +291,10 @@ class RagKV:
         answer budget fit the engine's window; the rest are left out and named in
         ``trace.left_out``. ``full_ttft_s``: full prefill's TTFT measured on this same prompt
         (logged beside this answer's, for the dashboard)."""
+        if isinstance(chunks, str | bytes | RetrievedChunk):
+            raise TypeError(f"chunks must be a list (of retrieved chunks, texts or token ids), "
+                            f"got one {type(chunks).__name__}; wrap it in a list")
+        _require_question(question)
         items = [self._retrieved(c, i) for i, c in enumerate(chunks)]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

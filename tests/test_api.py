@@ -64,6 +64,29 @@ def test_empty_document_rejected(rag):
         rag.ingest_text("blank", "  \n ")
 
 
+def test_wrong_types_are_clear_errors(rag):
+    """What a caller gets wrong is named before any work: never an AttributeError from inside,
+    never a string iterated as one chunk per character."""
+    documents = rag.index.stats()["documents"]
+    with pytest.raises(TypeError, match="document 'doc' must be a str, got bytes"):
+        rag.ingest_text("doc", b"some bytes")
+    with pytest.raises(TypeError, match="document 'doc' must be a str, got NoneType"):
+        rag.ingest_text("doc", None)
+    with pytest.raises(TypeError, match="the document's name must be a str"):
+        rag.ingest_text(7, "text")
+    with pytest.raises(TypeError, match="the question must be a str, got NoneType"):
+        rag.retrieve(None)
+    with pytest.raises(ValueError, match="the question is empty"):
+        rag.retrieve("  ")
+    with pytest.raises(TypeError, match="k must be a whole number"):
+        rag.retrieve(QUESTION, k=2.5)
+    with pytest.raises(TypeError, match="got one str; wrap it in a list"):
+        rag.generate("one chunk's text", QUESTION, max_new_tokens=1)
+    with pytest.raises(TypeError, match="the question must be a str, got int"):
+        rag.generate([], 42, max_new_tokens=1)
+    assert rag.index.stats()["documents"] == documents
+
+
 # ---- generation ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)
