@@ -187,3 +187,24 @@ def test_blend_through_the_split_kernel_equals_the_masked_blend(monkeypatch, nam
     assert_same_prefill(got, want)
     if ratio == 1.0:
         assert_same_prefill(got, case.full)
+
+
+def test_nothing_holds_the_keys_once_it_returns():
+    """The fused K/V passed in are views of a pooled workspace, lent again only once nothing
+    references them: the kernel must leave no reference cycle behind for the garbage
+    collector to break later (its recursion once was a closure calling itself)."""
+    import gc
+
+    from ragkv.engine.loading import _storage_refs
+
+    q, k, v = _qkv(6, 2, 40, 300, 16, torch.float32, seed=3)
+    q_pos = _positions(300, "scattered", seed=3)[:40]
+    fused_k, fused_v = k[None], v[None]  # [layers, Hkv, T, D], as the workspace holds them
+    before = _storage_refs(k), _storage_refs(v)
+    gc.disable()
+    try:
+        out = split_attention(q, fused_k[0], fused_v[0], q_pos, 0.25)  # one layer's views
+        del out
+        assert (_storage_refs(k), _storage_refs(v)) == before
+    finally:
+        gc.enable()

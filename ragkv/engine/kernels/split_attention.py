@@ -80,6 +80,28 @@ def _diagonal(acc: _Acc, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     acc.merge(i0, i1, out[0].float(), lse[0, :, :, None].float())
 
 
+def _cover(acc: _Acc, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+           pos: list[int], blocks: tuple[int, ...], scale: float, i0: int, i1: int, lo: int,
+           level: int) -> None:
+    """Queries ``i0:i1`` have seen keys ``[0, lo)`` already; give them ``[lo, their
+    position]``: unmasked up to each block's first position, then the next level's blocks
+    (or, at the last level, the masked diagonal).
+
+    A module function, not a closure: a nested function that calls itself is a reference
+    cycle holding ``k`` and ``v``, views of a pooled workspace, until the garbage collector
+    runs, and the pool lends only a workspace nothing references."""
+    size = blocks[level]
+    for j0 in range(i0, i1, size):
+        j1 = min(j0 + size, i1)
+        a = pos[j0]
+        if a > lo:
+            _unmasked(acc, q, k, v, j0, j1, lo, a, scale)
+        if level + 1 < len(blocks):
+            _cover(acc, q, k, v, q_pos, pos, blocks, scale, j0, j1, a, level + 1)
+        else:
+            _diagonal(acc, q, k, v, q_pos, j0, j1, a, pos[j1 - 1], scale)
+
+
 def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                     scale: float, blocks: tuple[int, ...] = BLOCKS) -> torch.Tensor:
     """Attention of ``q [Hq, n, D]`` at strictly increasing positions ``q_pos [n]`` over
@@ -93,20 +115,5 @@ def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: to
     if n == 0:
         return q.new_empty(0, hq, d)
     acc = _Acc(hq, n, d, q.device)
-    pos = q_pos.tolist()
-
-    def cover(i0: int, i1: int, lo: int, level: int) -> None:
-        # Queries i0:i1 have seen keys [0, lo) already; give them [lo, their position].
-        size = blocks[level]
-        for j0 in range(i0, i1, size):
-            j1 = min(j0 + size, i1)
-            a = pos[j0]
-            if a > lo:
-                _unmasked(acc, q, k, v, j0, j1, lo, a, scale)
-            if level + 1 < len(blocks):
-                cover(j0, j1, a, level + 1)
-            else:
-                _diagonal(acc, q, k, v, q_pos, j0, j1, a, pos[j1 - 1], scale)
-
-    cover(0, n, 0, 0)
+    _cover(acc, q, k, v, q_pos, q_pos.tolist(), blocks, scale, 0, n, 0, 0)
     return acc.out.transpose(0, 1).to(q.dtype)
