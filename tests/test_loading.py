@@ -119,7 +119,7 @@ def test_a_failing_placement_is_raised_on_the_waiting_thread():
     cos, sin = runner.cos_sin(torch.arange(10))
     with torch.inference_mode():
         feed = LayerFeed(runner, [(2, wrong)], 10, cos, sin, pipelined=True)
-        with pytest.raises(RuntimeError, match="placing cached KV failed"):
+        with pytest.raises(RuntimeError, match=r"^placing cached KV failed$"):
             feed.wait(0)
 
 
