@@ -134,7 +134,10 @@ def test_ask_in_browser_shows_answer_and_metrics(server: str, browser) -> None:
     box.send_keys("What does the assert statement do?")
     # Streamlit sends a form's widgets one by one: the question box can be ready before the
     # rest of the form is in the page, so wait for each control before clicking it.
-    click_when_ready(browser, "//label[contains(., 'Measure full prefill')]")
+    measure = "//label[contains(., 'Measure full prefill')]"
+    click_when_ready(browser, measure)
+    WebDriverWait(browser, 30).until(  # the click reached the widget, not a page still loading
+        lambda d: d.find_element(By.XPATH, f"{measure}//input[@type='checkbox']").is_selected())
     click_when_ready(browser, "//button[.//p[text()='Ask']]")
     wait.until(lambda d: "Speed-up" in metric_values(d)
                and metric_values(d)["Speed-up"].startswith("x"))
