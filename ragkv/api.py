@@ -23,7 +23,7 @@ from ragkv.cache_index import CacheIndex
 from ragkv.chunking import RetrievedChunk
 from ragkv.config import BlendConfig, RagkvConfig
 from ragkv.engine.base import Backend, Generation, GenerationRequest, NextToken
-from ragkv.prompt import AssembledPrompt, PromptTemplate
+from ragkv.prompt import AssembledPrompt, PromptTemplate, check_question
 from ragkv.trace import ChunkTrace, QueryTrace
 
 log = logging.getLogger("ragkv")
@@ -119,12 +119,6 @@ class TokenStream:
 def _require_str(value: object, what: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, got {type(value).__name__}")
-
-
-def _require_question(question: object) -> None:
-    _require_str(question, "the question")
-    if not question.strip():
-        raise ValueError("the question is empty")
 
 
 class RagKV:
@@ -265,7 +259,7 @@ class RagKV:
     def retrieve(self, question: str, k: int = 4) -> list[RetrievedChunk]:
         from ragkv.ingest import retrieve
 
-        _require_question(question)
+        check_question(question)
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k must be a whole number of chunks, got {k!r}")
         return retrieve(self, question, k)
@@ -294,7 +288,6 @@ class RagKV:
         if isinstance(chunks, str | bytes | RetrievedChunk):
             raise TypeError(f"chunks must be a list (of retrieved chunks, texts or token ids), "
                             f"got one {type(chunks).__name__}; wrap it in a list")
-        _require_question(question)
         items = [self._retrieved(c, i) for i, c in enumerate(chunks)]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

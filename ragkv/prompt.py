@@ -48,6 +48,14 @@ class AssembledPrompt:
         return [i for i, c in enumerate(covered) if not c]
 
 
+def check_question(question: object) -> None:
+    """A question is a string with some text: a ``TypeError`` or a ``ValueError`` otherwise."""
+    if not isinstance(question, str):
+        raise TypeError(f"the question must be a str, got {type(question).__name__}")
+    if not question.strip():
+        raise ValueError("the question is empty")
+
+
 @dataclass(frozen=True)
 class PromptTemplate:
     """The model's chat template cut into token-id pieces around context and question."""
@@ -82,8 +90,7 @@ class PromptTemplate:
         return (*_encode(self.tokenizer, text.strip()), *self.sep_ids)
 
     def suffix_ids(self, question: str) -> list[int]:
-        if not question.strip():
-            raise ValueError("the question is empty")
+        check_question(question)
         return _encode(self.tokenizer, self.suffix_head + question.strip() + self.suffix_tail)
 
     def chunk_ids(self, chunk: str | Sequence[int], i: int = 0) -> list[int]:

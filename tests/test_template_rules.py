@@ -91,6 +91,8 @@ def test_empty_question_is_refused_by_name():
     tpl = PromptTemplate.from_tokenizer(CharTokenizer(), SYSTEM)
     with pytest.raises(ValueError, match="^the question is empty$"):
         tpl.suffix_ids(" \n")
+    with pytest.raises(TypeError, match="^the question must be a str, got bytes$"):
+        tpl.suffix_ids(b"why?")
 
 
 class SizedTokenizer(CharTokenizer):
