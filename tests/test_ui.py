@@ -16,7 +16,9 @@ pytest.importorskip("streamlit")
 from ui_cases import _outside_setup, page, texts, write_docs  # noqa: E402
 
 from ragkv.config import PRESELECT_FROM  # noqa: E402
+from ragkv.ui.frames import answer_md, literal_md  # noqa: E402
 from ragkv.ui.views.ingest import ENABLE_HINT, OUTSIDE_ROOTS  # noqa: E402
+from ragkv.ui.views.inspect_query import RESULT_KEY  # noqa: E402
 
 
 def ingest(root: Path, tiny_model: Path, scale: float = 1.0) -> Path:
@@ -178,11 +180,18 @@ def test_dashboard_after_queries(ingested: Path, tiny_model: Path) -> None:
 def test_inspect_runs_three_modes_with_heatmap(ingested: Path, tiny_model: Path) -> None:
     at = page("inspect_query", ingested, tiny_model).run()
     assert "press **Run**" in texts(at.info)
-    at.text_input(key="inspect_question").input("What does assert do?")
+    question = "What does assert do to *args and __init__?"
+    at.text_input(key="inspect_question").input(question)
     at.number_input(key="inspect_k").set_value(2)
     at.number_input(key="inspect_max_new").set_value(4)
     at.button[0].click().run()
     assert not at.exception, at.exception
+    # the question is shown as typed, not read as Markdown (italic "args and ", bold "init")
+    assert f"Question: *{literal_md(question)}*" in [c.value for c in at.caption]
+    answers = at.session_state[RESULT_KEY]["answers"]
+    shown_md = [m.value for m in at.markdown]
+    for mode in ("full", "reuse", "blend"):
+        assert (answer_md(answers[mode]["text"]) or "_(empty answer)_") in shown_md
     labels = [m.label for m in at.metric]
     assert labels == ["TTFT full", "TTFT reuse", "TTFT blend"]
     assert len(at.get("vega_lite_chart")) == 2  # whole prompt + one chunk

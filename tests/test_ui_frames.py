@@ -62,3 +62,32 @@ def test_cache_size_frames_shape_the_index_summaries() -> None:
         assert top["text"][0] == "" and top["text"][1] == ("line 1 " + "x" * 200)[:120]
     finally:
         index.close()
+
+
+USER_TEXTS = ["What does f(*args, **kwargs) do?", "Why is __init__ called?",
+              "Is $x$ a variable in `sh`?", "# not a heading", "1. not a list",
+              "[a link](http://x)", r"C:\docs\my_file_.txt", "<b>bold?</b>", "x > y | z ~ w!",
+              ":smile: and :red[red]", "plain words"]
+
+
+@pytest.mark.parametrize("text", USER_TEXTS)
+def test_user_text_shows_as_it_is_in_markdown(text: str) -> None:
+    """A CommonMark renderer (rich's) shows the escaped text character for character: no
+    emphasis, heading, list, link or code span, and every backslash of the text kept."""
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark").render(frames.literal_md(text))
+    assert html.startswith("<p>") and html.count("<") == 2, html  # <p> and </p> only
+    plain = MarkdownIt("commonmark").render(text)
+    visible = html[3:-5].replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    assert visible == text, (visible, plain)
+
+
+def test_answers_keep_their_markdown_but_not_math() -> None:
+    from markdown_it import MarkdownIt
+
+    md = frames.answer_md("It costs $5 or $x$.\n\n1. **first**\n2. `code`")
+    html = MarkdownIt("commonmark").render(md)
+    assert "<strong>first</strong>" in html and "<ol>" in html and "<code>code</code>" in html
+    assert "It costs $5 or $x$." in html  # shown as dollars, not read as math
+    assert md.count("\\$") == 3

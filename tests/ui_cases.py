@@ -5,6 +5,7 @@ and a docs root with a secret file beside it. Test modules call
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
@@ -31,7 +32,12 @@ def page(name: str, home: Path, model: Path | None,
 
 
 def texts(elements) -> str:
-    return "\n".join(str(e.value) for e in elements)
+    """The elements' Markdown as the page shows it: a backslash escape shows its character."""
+    return "\n".join(shown(str(e.value)) for e in elements)
+
+
+def shown(markdown: str) -> str:
+    return re.sub(r"\\(.)", r"\1", markdown)
 
 
 def write_docs(folder: Path, scale: float = 1.0) -> Path:

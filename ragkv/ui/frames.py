@@ -5,6 +5,7 @@ No Streamlit here, so the figures the pages chart can be tested on their own.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,25 @@ if TYPE_CHECKING:
 
 #: The persistent tier an entry is reported under when it is on local disk.
 DEFAULT_TIER = "disk"
+
+
+#: ASCII punctuation that Markdown (or Streamlit's additions to it: ``$`` math, ``:emoji:``
+#: and ``:color[...]``) may read as syntax; a backslash before any of them shows it as is
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~$:])")
+
+
+def literal_md(text: str) -> str:
+    """``text`` (a question, a document name, an error) as Markdown that shows it character
+    for character inside a page's formatted line: a question about ``*args`` or
+    ``__init__`` would otherwise turn partly italic or bold, one about ``$x$`` into math."""
+    return _MARKDOWN_SYNTAX.sub(r"\\\1", text)
+
+
+def answer_md(text: str) -> str:
+    """A model's answer as Markdown: its lists, emphasis and code shown formatted, as chat
+    interfaces show them, but ``$`` as itself, since Streamlit reads ``$...$`` as math and an
+    answer quoting amounts or shell variables means dollars."""
+    return text.replace("$", "\\$")
 
 
 def tier_of(entry: Any) -> str:

@@ -25,6 +25,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
     raise ModuleNotFoundError(MISSING_STREAMLIT) from exc
 
 from ragkv.config import RagkvConfig, default_home
+from ragkv.ui.frames import literal_md
 
 if TYPE_CHECKING:
     from ragkv.api import RagKV
@@ -112,7 +113,8 @@ def get_rag() -> RagKV:
         return _load_rag(s.home, s.model, s.context, s.engine)
     except (ValueError, OSError, RuntimeError) as exc:  # bad/missing model, unusable home
         where = f"`{s.model}`" if s.model else "the default model (fetched into the home folder)"
-        st.error(f"Could not load {where}: {exc}\n\nStart the UI with `ragkv ui --model DIR` "
+        st.error(f"Could not load {where}: {literal_md(str(exc))}\n\n"
+                 "Start the UI with `ragkv ui --model DIR` "
                  "pointing at a local Llama-family transformers model folder, or run "
                  "`make model` to fetch the default one.")
         st.stop()

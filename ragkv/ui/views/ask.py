@@ -150,7 +150,7 @@ def answer(rag, p: AskParams) -> None:
             show_chunks(rag, stream.trace)
         with left:
             st.subheader("Answer")
-            text = st.write_stream(iter(stream))
+            text = st.write_stream(frames.answer_md(piece) for piece in stream)
             if not str(text or "").strip():
                 st.markdown(EMPTY_ANSWER)
             if stream.answer is not None:
@@ -164,7 +164,7 @@ def answer(rag, p: AskParams) -> None:
 
 def show_last(rag, last: dict) -> None:
     p: AskParams = last["params"]
-    st.caption(f"Last question: *{p.question}* ({p.mode}"
+    st.caption(f"Last question: *{frames.literal_md(p.question)}* ({p.mode}"
                + (f", ratio {p.ratio:.2f}, {p.policy}" if p.mode == "blend" else "")
                + (", preselected by context scores" if p.mode == "blend" and p.preselect
                   else "") + ")")
@@ -174,7 +174,7 @@ def show_last(rag, last: dict) -> None:
         show_chunks(rag, last["trace"])
     with left:
         st.subheader("Answer")
-        st.markdown(last["text"] or EMPTY_ANSWER)
+        st.markdown(frames.answer_md(last["text"]) or EMPTY_ANSWER)
 
 
 def main() -> None:
@@ -189,7 +189,7 @@ def main() -> None:
         try:
             answer(rag, params)
         except (ValueError, LookupError) as exc:
-            st.error(f"Could not answer: {exc}")
+            st.error(f"Could not answer: {frames.literal_md(str(exc))}")
     elif (last := st.session_state.get(state.LAST_ASK_KEY)) is not None:
         show_last(rag, last)
 

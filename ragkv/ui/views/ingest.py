@@ -25,6 +25,7 @@ from ragkv.documents import (
     load_documents,
 )
 from ragkv.ui import state
+from ragkv.ui.frames import literal_md
 
 #: Largest upload or server file read (bytes): the documents loader's default, 20 MiB.
 MAX_UPLOAD_BYTES = DEFAULT_MAX_BYTES
@@ -135,7 +136,8 @@ def run_ingest(rag, docs: list[tuple[str, str]]) -> None:
     overall = st.progress(0.0, text=f"0/{len(docs)} documents")
     computed = chunks = 0
     done_docs = 0
-    for i, (name, text) in enumerate(docs):
+    for i, (raw_name, text) in enumerate(docs):
+        name = literal_md(raw_name)  # shown in Markdown lines; ingested as it is
         bar = st.progress(0.0, text=f"{name}: chunking and embedding...")
 
         def progress(done: int, total: int, bar=bar, name=name) -> None:
@@ -143,10 +145,10 @@ def run_ingest(rag, docs: list[tuple[str, str]]) -> None:
 
         try:
             with state.engine_lock():
-                res = rag.ingest_text(name, text, progress=progress)
+                res = rag.ingest_text(raw_name, text, progress=progress)
         except ValueError as exc:  # an empty document, text that does not tokenize
             bar.empty()
-            st.error(f"{name}: {exc}")
+            st.error(f"{name}: {literal_md(str(exc))}")
             continue
         bar.progress(1.0, text=f"{name}: {res.n_chunks} chunks, {res.precomputed} KV computed"
                                + ("" if res.new_document else " (already ingested)"))
@@ -192,7 +194,7 @@ def main() -> None:
     if st.button("Ingest", type="primary", key="ingest_go"):
         docs, errors = collect(uploads or [], path, roots)
         for e in errors:
-            st.error(e)
+            st.error(literal_md(e))
         if docs:
             run_ingest(rag, docs)
         elif not errors:

@@ -148,7 +148,7 @@ def show_answers(res: dict) -> None:
                 same = a["text"] == res["answers"]["full"]["text"]
                 note += f"; same text as full: {'yes' if same else 'no'}"
             st.caption(note)
-            st.write(a["text"] or "_(empty answer)_")
+            st.markdown(frames.answer_md(a["text"]) or "_(empty answer)_")
 
 
 def main() -> None:
@@ -163,7 +163,7 @@ def main() -> None:
             try:
                 res = run_modes(rag, **params)
             except (ValueError, LookupError) as exc:
-                st.error(f"Could not answer: {exc}")
+                st.error(f"Could not answer: {frames.literal_md(str(exc))}")
                 return
         if res is None:
             st.info("No chunks to retrieve: ingest documents first.")
@@ -175,7 +175,7 @@ def main() -> None:
                 "same retrieved chunks, and a heatmap shows which prompt tokens blend "
                 "recomputed at which layers.")
         return
-    st.caption(f"Question: *{res['question']}*")
+    st.caption(f"Question: *{frames.literal_md(res['question'])}*")
     show_answers(res)
     show_recompute(res)
 
