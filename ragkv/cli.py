@@ -24,6 +24,7 @@ from ragkv.cli_shared import (
     Model,
     Port,
     answers_table,
+    check_port,
     console,
     fail,
     index_failure,
@@ -286,8 +287,9 @@ def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
            help="a folder the Ingest page may read on the server (repeatable; none: uploads "
                 "only)")] = None) -> None:
     """Start the web UI (Ask, Dashboard, Inspect, Ingest) on localhost."""
-    from ragkv.ui.launch import launch
+    from ragkv.ui.launch import ADDRESS, launch
 
+    check_port(ADDRESS, port)
     try:
         code = launch(home, model, port=port, headless=headless, engine=engine,
                       docs_roots=docs_root or [])

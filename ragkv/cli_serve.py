@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ragkv.cli_shared import Home, Model, Port, console, fail
+from ragkv.cli_shared import Home, Model, Port, check_port, console, fail
 from ragkv.config import RagkvConfig, default_home
 
 #: compute dtypes vLLM takes for the model (``--dtype``)
@@ -42,6 +42,8 @@ def serve(home: Home = default_home(), model: Model = None,
 
     if dtype not in DTYPES:
         fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not print_only:  # before the model loads, not after
+        check_port(host, port)
     try:
         cfg = RagkvConfig(home=home, model=model, kv_dtype=kv_dtype,  # type: ignore[arg-type]
                           index_url=index_url, blob_url=blob_url)

@@ -3,6 +3,8 @@ on the engine a user names, and the tables answers print as."""
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +54,31 @@ def fail(msg: str, code: int = 2) -> NoReturn:
     """One line on the console and the exit code (2: the user's input; 1: the engine)."""
     print_error(msg)
     raise typer.Exit(code)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail (one line, exit 2) unless a server could listen on ``host:port`` now: a port in
+    use was a traceback from vLLM after loading the model, and Streamlit's own line with
+    exit 1. Each address ``host`` names is bound and released at once, with ``SO_REUSEADDR``
+    as servers bind, so a port only lingering after a closed connection counts as free."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    problems = []
+    addresses = list(dict.fromkeys((i[0], i[1], i[2], i[4]) for i in infos))
+    for family, kind, proto, addr in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    fail(f"port {port} on {host} is in use: stop what listens there or pick "
+                         "another with --port")
+                problems.append(exc.strerror or str(exc))
+    if len(problems) == len(addresses):  # not one address of host can be listened on
+        fail(f"cannot listen on {host}:{port}: {problems[0] if problems else 'no address'}")
 
 
 def run_engine(work: Callable[[], T]) -> T:

@@ -258,6 +258,31 @@ def test_serve_and_ui_refuse_bad_settings_before_starting(tmp_path: Path, args: 
     assert says in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize("command", ["serve", "ui"])
+def test_a_port_in_use_is_one_line_before_starting(tmp_path: Path, command: str) -> None:
+    """vLLM said so in a traceback after loading the model, Streamlit in its own words with
+    exit 1; now one line and exit 2 before anything starts."""
+    import socket
+
+    host = "127.0.0.1" if command == "serve" else "localhost"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, [command, "--port", str(port), "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (f"error: port {port} on {host} is in use: stop what "
+                                     "listens there or pick another with --port")
+
+
+def test_serve_on_an_address_of_no_interface_is_one_line(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["serve", "--host", "192.0.2.1", "--port", "8000",
+                                 "--home", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: cannot listen on 192.0.2.1:8000: "), result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def test_a_home_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
     home = tmp_path / "not-a-folder"
     home.write_text("")

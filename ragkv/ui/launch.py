@@ -15,6 +15,9 @@ from ragkv.ui import APP_PATH, MISSING_STREAMLIT
 #: same limit again on the bytes it gets.
 MAX_UPLOAD_MB = max(1, DEFAULT_MAX_BYTES // 2**20)
 
+#: Where the server listens: the UI runs models and writes the cache, so localhost only.
+ADDRESS = "localhost"
+
 
 class MissingUIDependency(RuntimeError):
     """Streamlit is not installed (the ``ui`` extra)."""
@@ -29,7 +32,7 @@ def _root(path: Path) -> str:
 
 
 def build_command(home: Path, model: Path | None, port: int = 8501, headless: bool = True,
-                  address: str = "localhost", engine: str = "hf",
+                  address: str = ADDRESS, engine: str = "hf",
                   docs_roots: Sequence[Path] = ()) -> list[str]:
     """The ``python -m streamlit run`` command line; app options go after ``--``.
 
@@ -38,7 +41,6 @@ def build_command(home: Path, model: Path | None, port: int = 8501, headless: bo
     """
     cmd = [sys.executable, "-m", "streamlit", "run", str(APP_PATH),
            "--server.port", str(port),
-           # Bound to localhost by default: the UI runs models and writes the cache.
            "--server.address", address,
            "--server.headless", "true" if headless else "false",
            "--server.maxUploadSize", str(MAX_UPLOAD_MB),
@@ -56,7 +58,7 @@ def build_command(home: Path, model: Path | None, port: int = 8501, headless: bo
 
 
 def launch(home: Path, model: Path | None, port: int = 8501, headless: bool = True,
-           address: str = "localhost", engine: str = "hf",
+           address: str = ADDRESS, engine: str = "hf",
            docs_roots: Sequence[Path] = ()) -> int:
     """Run the UI server until it exits or Ctrl-C; returns its exit status.
 
