@@ -5,6 +5,8 @@ applied to recomputed tokens fails."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from engine_cases import (  # noqa: F401 - fixtures are used by name
@@ -27,6 +29,7 @@ from ragkv.engine.correction import (
     chunk_index,
     make_correction,
 )
+from ragkv.engine.kv import ChunkKV
 from ragkv.engine.vllm.params import PARAMS_KEY, FusionParams, ParamsError, Span, fusion_salt, parse
 
 
@@ -173,6 +176,33 @@ def test_without_correction_stale_tokens_keep_cached_kv(engine, case):
         assert (out.v[layer][:, stale].float() - v_pre[layer][:, stale]).abs().max() < TOL
         want_k = r.rotate(k_pre[layer][:, stale], cos[stale], sin[stale])
         assert (out.k[layer][:, stale].float() - want_k).abs().max() < TOL
+
+
+@pytest.mark.parametrize("correction", ["chunk_mean", "local_mean"])
+def test_layer_zero_keeps_the_cached_kv_of_stale_tokens(engine, case, correction):
+    """Layer 0's K/V are projections of each token alone, so a cached entry there is exact
+    (up to the stored dtype) and a drift could only spread rounding noise: the stale tokens
+    keep it as cached there, and move from layer 1 on. ``chunk_head`` checks no layer, so
+    its stale tokens are stale from layer 0. The cached layer 0 is rounded as fp16 storage
+    rounds it, so a drift there would not be zero."""
+    g = torch.Generator().manual_seed(5)
+    rounded = []
+    for start, kv in case.cached:
+        k, v = kv.k.clone(), kv.v.clone()
+        k[0] += 1e-3 * torch.randn(k[0].shape, generator=g)
+        v[0] += 1e-3 * torch.randn(v[0].shape, generator=g)
+        rounded.append((start, ChunkKV(k, v)))
+    case = replace(case, cached=rounded)
+    cfg = BlendConfig(ratio=0.3, policy="chunk_head", correction=correction)
+    out, r, cos, sin, k_pre, v_pre = _blend_beside_cache(engine, case, cfg)
+    T = len(case.prompt)
+    chunk = chunk_index(T, case.prompt.chunk_spans, torch.device("cpu")) >= 0
+    stale = (chunk & ~torch.isin(torch.arange(T), out.final_positions)).nonzero().flatten()
+    assert stale.numel()
+    assert (out.v[0][:, stale].float() - v_pre[0][:, stale]).abs().max() < TOL
+    want_k = r.rotate(k_pre[0][:, stale], cos[stale], sin[stale])
+    assert (out.k[0][:, stale].float() - want_k).abs().max() < TOL
+    assert (out.v[1][:, stale].float() - v_pre[1][:, stale]).abs().max() > 10 * TOL
 
 
 def test_correction_changes_the_prefill_and_never_a_compute_all_one(engine, case):

@@ -28,6 +28,11 @@ from ragkv.engine.loading import LayerClock, LayerFeed, Workspace
 from ragkv.engine.policies import SelectionContext, SelectionPolicy
 from ragkv.engine.runner import LlamaFamilyRunner
 
+#: the first layer whose cached KV can depend on what preceded the chunk: layer 0's K/V are
+#: projections of each token's own embedding, so a cached entry there differs from fresh KV
+#: only by the stored dtype's rounding, and a correction would only spread that noise
+CORRECT_FROM_LAYER = 1
+
 
 @dataclass
 class FusedPrefill:
@@ -117,7 +122,7 @@ def fuse(runner: LlamaFamilyRunner, ids: torch.Tensor, cached: list[tuple[int, C
         if layer in checks:  # before the buffers are overwritten below
             d = deviation(ops, k, v, k_pre[layer], v_buf[layer], active, deviation_on)
         drift = None
-        if chunk_of is not None:
+        if chunk_of is not None and layer >= CORRECT_FROM_LAYER:
             if anchors is None:
                 anchors = (chunk_of[active] >= 0).nonzero().flatten()
                 anchor_pos = active[anchors]  # one tensor until the active set changes
