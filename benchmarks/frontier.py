@@ -52,7 +52,7 @@ def plot(rows: list[dict], out: Path) -> None:
     methods = sorted({r["method"] for r in rows})
     marks = dict(zip(sets, "os^D", strict=False))
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
     for ax, key, label in ((axes[0], "first_token_kl_median", "median first-token KL (lower "
                             "is better)"), (axes[1], "tf_agree", "teacher-forced agreement")):
         for m in methods:
@@ -70,7 +70,8 @@ def plot(rows: list[dict], out: Path) -> None:
     axes[0].set_yscale("log")
     axes[0].axhline(0.02, color="grey", linewidth=0.8)
     axes[1].axhline(0.95, color="grey", linewidth=0.8)
-    axes[1].legend(fontsize=6, loc="lower left")
+    # beside the plots: inside, it hid the points it names
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
