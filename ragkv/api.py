@@ -23,7 +23,7 @@ from ragkv.cache_index import CacheIndex
 from ragkv.chunking import RetrievedChunk
 from ragkv.config import BlendConfig, RagkvConfig
 from ragkv.engine.base import Backend, Generation, GenerationRequest, NextToken
-from ragkv.prompt import AssembledPrompt, PromptTemplate, check_question
+from ragkv.prompt import AssembledPrompt, PromptTemplate, check_question, require_str
 from ragkv.trace import ChunkTrace, QueryTrace
 
 log = logging.getLogger("ragkv")
@@ -114,11 +114,6 @@ class TokenStream:
             self._rag._log(self.question, self.trace, text)
         self.answer = Answer(text.strip(), tokens, self.trace, self.prompt, self._gen.first,
                              self._gen if self._keep else None)
-
-
-def _require_str(value: object, what: str) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
 
 
 class RagKV:
@@ -252,8 +247,8 @@ class RagKV:
     def ingest_text(self, name: str, text: str, source: str = "", progress=None):
         from ragkv.ingest import ingest_text
 
-        _require_str(name, "the document's name")
-        _require_str(text, f"document {name!r}")
+        require_str(name, "the document's name")
+        require_str(text, f"document {name!r}")
         return ingest_text(self, name, text, source, progress)
 
     def retrieve(self, question: str, k: int = 4) -> list[RetrievedChunk]:

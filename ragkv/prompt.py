@@ -48,10 +48,15 @@ class AssembledPrompt:
         return [i for i, c in enumerate(covered) if not c]
 
 
+def require_str(value: object, what: str) -> None:
+    """A ``TypeError`` naming ``what`` unless ``value`` is a str (text the user hands in)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+
+
 def check_question(question: object) -> None:
     """A question is a string with some text: a ``TypeError`` or a ``ValueError`` otherwise."""
-    if not isinstance(question, str):
-        raise TypeError(f"the question must be a str, got {type(question).__name__}")
+    require_str(question, "the question")
     if not question.strip():
         raise ValueError("the question is empty")
 
