@@ -50,6 +50,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 app.add_typer(cache_app, name="cache")
 app.command()(serve)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ragkv import __version__
+
+        console.print(f"ragkv {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print ragkv's version and exit.")] = False) -> None:
+    """Precomputed chunk KV + CacheBlend fusion for RAG."""
+
 Context = Annotated[str, typer.Option(
     help="precompute chunks 'cold', after the 'prefix', or after it and the 'anchor' passage")]
 AnchorSource = Annotated[str, typer.Option(

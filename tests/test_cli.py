@@ -328,3 +328,14 @@ def test_skipped_file_with_brackets_in_its_name(tmp_path: Path) -> None:
     result = runner.invoke(app, ["ingest", str(tmp_path / "docs"), "--home", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert "skipped" in result.output and "empty [red] v[2].md" in result.output
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    import ragkv
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"ragkv {version('ragkv')}"
+    assert ragkv.__version__ == version("ragkv")
