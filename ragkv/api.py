@@ -251,6 +251,12 @@ class RagKV:
         require_str(text, f"document {name!r}")
         return ingest_text(self, name, text, source, progress)
 
+    def remove_document(self, name: str) -> bool:
+        """Remove the document called ``name`` (every version) from retrieval and the index;
+        False when there is none. Its chunks' KV stays in the cache until eviction."""
+        require_str(name, "the document's name")
+        return self.index.remove_documents(name) > 0
+
     def retrieve(self, question: str, k: int = 4) -> list[RetrievedChunk]:
         from ragkv.ingest import retrieve
 

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import TextColumn
 
 from ragkv.cli_cache import cache_app
+from ragkv.cli_docs import documents, remove
 from ragkv.cli_serve import serve
 from ragkv.cli_shared import (
     BlobUrl,
@@ -49,6 +50,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Precomputed chunk KV + CacheBlend fusion for RAG.")
 app.add_typer(cache_app, name="cache")
 app.command()(serve)
+app.command()(documents)
+app.command()(remove)
 
 
 def _print_version(value: bool) -> None:
@@ -107,7 +110,7 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
 
 
 def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0) -> int:
-    computed = tokens = 0
+    computed = tokens = replaced = 0
     busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
     rag.choose_anchor([text for _, text in docs])  # from all of them, not the first alone
     with progress_bar(TextColumn("{task.fields[rate]}")) as bar:
@@ -119,12 +122,14 @@ def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0) -> int:
             if res.precomputed_tokens:
                 busy += time.perf_counter() - t0
             computed += res.precomputed
+            replaced += res.replaced
             tokens += res.precomputed_tokens
             bar.update(task, advance=1, rate=_rate(tokens, busy))
     s = rag.index.stats()
     console.print(f"{s['documents']} documents, {s['chunks']} chunks, {s['kv_entries']} KV "
                   f"entries ({s['kv_bytes'] / 2**20:.0f} MiB); computed now: {computed}"
                   + (f" ({tokens:,} tokens, {_rate(tokens, busy)})" if tokens else "")
+                  + (f"; earlier versions replaced: {replaced}" if replaced else "")
                   + (f"; files skipped: {skipped}" if skipped else ""))
     return computed
 

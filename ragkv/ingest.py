@@ -48,11 +48,15 @@ class IngestResult:
     new_document: bool
     #: tokens of the chunks computed now (their sum is what precompute throughput divides)
     precomputed_tokens: int = 0
+    #: earlier versions of the document (same name, other text) removed by this ingestion
+    replaced: int = 0
 
 
 def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
                 progress: Progress | None = None) -> IngestResult:
-    """Chunk, embed, record and precompute one document. Idempotent on (name, text).
+    """Chunk, embed, record and precompute one document. Idempotent on (name, text); a new
+    text under a known name replaces the earlier version (its chunks leave retrieval), and of
+    two processes ingesting versions at once the later-recorded one stays.
 
     Chunk KV goes to the engine in batches (it may prefill several chunks per forward pass);
     ``progress`` is called after each batch with (chunks done, chunks total)."""
@@ -72,11 +76,12 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
                    for i, (c, vec) in enumerate(zip(chunks, vectors, strict=True))]
         ids = index.add_chunks(doc_id, records)
         index.set_document_chunk_count(doc_id, len(records))
-        if rag._retrieval is not None:
-            rag._retrieval.add(ids, vectors)
         infos = index.chunks(ids)
     else:
         infos = [c for c in index.chunks() if c.document_id == doc_id]
+    # after the new version's chunks are in, so the name is never without one; a rerun after
+    # a crash between the two removes what is left
+    replaced = index.remove_documents(name, before_id=doc_id)
     done = tokens = 0
     for start in range(0, len(infos), PRECOMPUTE_BATCH):
         batch = infos[start:start + PRECOMPUTE_BATCH]
@@ -85,7 +90,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         tokens += sum(len(c.token_ids) for c, new in zip(batch, computed, strict=True) if new)
         if progress:
             progress(start + len(batch), len(infos))
-    return IngestResult(doc_id, name, len(infos), done, created, tokens)
+    return IngestResult(doc_id, name, len(infos), done, created, tokens, replaced)
 
 
 def iter_text_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -117,16 +122,14 @@ def pydoc_topics(names: Iterable[str] | None = None) -> list[tuple[str, str]]:
 
 
 class _Retrieval:
-    """Embedder + FAISS index over every chunk in the cache index."""
+    """FAISS index over every chunk's stored embedding, as of one corpus version."""
 
     def __init__(self, rag: Ingesting) -> None:
         from ragkv.connectors.retrieval import build_retriever
 
-        infos = [c for c in rag.index.chunks() if c.embedding is not None]
-        self.faiss = build_retriever([c.id for c in infos], [c.embedding for c in infos])
-
-    def add(self, ids, vectors) -> None:
-        self.faiss.add(ids, vectors)
+        # read before the rows: a change while they are read leaves a version this lacks
+        self.version = rag.index.corpus_version()
+        self.faiss = build_retriever(*rag.index.chunk_embeddings())
 
 
 def _embedder(rag: Ingesting):
@@ -141,12 +144,14 @@ def _embedder(rag: Ingesting):
 def retrieve(rag: Ingesting, question: str, k: int) -> list[RetrievedChunk]:
     if k < 1:
         raise ValueError("k must be >= 1")
-    if rag._retrieval is None:
+    # any process's ingestion or removal gives the corpus a new version: rebuild then
+    if rag._retrieval is None or rag._retrieval.version != rag.index.corpus_version():
         rag._retrieval = _Retrieval(rag)
     if len(rag._retrieval.faiss) == 0:
         return []
     hits = rag._retrieval.faiss.search(_embedder(rag).embed([question])[0], k)
-    infos = rag.index.chunks([i for i, _ in hits])
+    # a chunk removed since the check is left out, not an error
+    infos = {c.id: c for c in rag.index.chunks([i for i, _ in hits])}
     return [RetrievedChunk(c.token_ids, rag.key_for(c.token_ids), c.text, c.id,
                            c.document_name, score)
-            for c, (_, score) in zip(infos, hits, strict=True)]
+            for i, score in hits if (c := infos.get(i)) is not None]

@@ -58,6 +58,26 @@ def test_rechunk_updates_in_place_and_trims(index: CacheIndex) -> None:
     assert [c.text for c in index.chunks()] == ["chunk 0!", "chunk 1!"]
 
 
+def test_versions_of_a_document_and_the_corpus_version(index: CacheIndex) -> None:
+    assert index.corpus_version() is None
+    versions, kept = [], []
+    for sha in ("1", "2"):
+        doc_id, _ = index.add_document("d", "d", sha * 64)
+        index.add_chunks(doc_id, _records(2))
+        versions.append(index.corpus_version())  # inserted, then updated in place
+        kept.append(index.remove_documents("d", before_id=doc_id))
+    assert kept == [0, 1]
+    assert [d.id for d in index.documents()] == [doc_id]
+    assert {c.document_id for c in index.chunks()} == {doc_id}
+    assert index.chunk_embeddings()[0] == [c.id for c in index.chunks()]
+    index.set_document_chunk_count(doc_id, 1)  # a re-chunk that drops a chunk
+    versions.append(index.corpus_version())
+    assert index.remove_documents("d") == 1 and index.remove_documents("d") == 0
+    versions.append(index.corpus_version())
+    assert index.documents() == [] and index.chunks() == []
+    assert None not in versions and len(set(versions)) == 4
+
+
 def test_has_entries(store: KVStore) -> None:
     _put(store, _key(1))
     _put(store, _key(3))

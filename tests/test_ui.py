@@ -91,6 +91,19 @@ def test_ingest_page_refuses_paths_outside_docs_roots(tmp_path: Path, tiny_model
     assert list(at.dataframe[0].value["document"]) == [str(root.resolve() / "sub" / "good.md")]
 
 
+def test_ingesting_an_edited_file_again_replaces_it(tmp_path: Path, tiny_model: Path) -> None:
+    root = tmp_path / "docs"
+    root.mkdir()
+    note = root / "note.md"
+    at = page("ingest", tmp_path / "home", tiny_model, docs_roots=[root]).run()
+    for text in ("The ferry leaves at nine. " * 20, "The ferry now leaves at ten. " * 20):
+        note.write_text(text)
+        at.text_input(key="ingest_path").input(str(note))
+        at.button(key="ingest_go").click().run()
+        assert not at.exception and not at.error and "Ingested 1 document(s)" in texts(at.success)
+    assert list(at.dataframe[0].value["document"]) == [str(note.resolve())]
+
+
 def test_ingest_page_without_docs_roots_reads_no_path(tmp_path: Path, tiny_model: Path) -> None:
     at = page("ingest", tmp_path / "home", tiny_model).run()  # settings without docs_roots
     box = at.text_input(key="ingest_path")

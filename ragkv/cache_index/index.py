@@ -7,11 +7,14 @@ are built in :mod:`.reports`. Every method here is its own short transaction.
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from ragkv.cache_index import reports
 from ragkv.cache_index.database import IndexDatabase, in_batches
@@ -30,6 +33,20 @@ from ragkv.cache_index.models import (
     utcnow,
 )
 from ragkv.cache_index.reports import DocumentSize, TierSize, TopEntry
+
+#: The setting that names the corpus's current version: a new value whenever chunks are added
+#: or removed, so a process holding a retrieval index knows to rebuild it.
+CORPUS_VERSION = "corpus_version"
+
+
+def _new_corpus_version(s: Session) -> None:
+    """Give the corpus a new version in the transaction that changes its chunks (an upsert:
+    two processes changing chunks at once both leave a version their retrievers lack)."""
+    value = uuid.uuid4().hex
+    dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
+    s.execute(dialect.insert(Setting).values(name=CORPUS_VERSION, value=value,
+                                             created_at=utcnow())
+              .on_conflict_do_update(index_elements=[Setting.name], set_={"value": value}))
 
 
 def _chunk_info(row: Chunk, document_name: str) -> ChunkInfo:
@@ -109,6 +126,7 @@ class CacheIndex(IndexDatabase):
                 row.embedding = rec.embedding
                 rows.append(row)
             s.flush()
+            _new_corpus_version(s)
             return [row.id for row in rows]
 
     def set_document_chunk_count(self, document_id: int, n: int) -> None:
@@ -118,10 +136,42 @@ class CacheIndex(IndexDatabase):
             if doc is None:
                 raise KeyError(f"no document with id {document_id}")
             doc.n_chunks = n
-            for row in s.scalars(
-                select(Chunk).where(Chunk.document_id == document_id, Chunk.ordinal >= n)
-            ):
+            stale = list(s.scalars(
+                select(Chunk).where(Chunk.document_id == document_id, Chunk.ordinal >= n)))
+            for row in stale:
                 s.delete(row)
+            if stale:
+                _new_corpus_version(s)
+
+    def remove_documents(self, name: str, *, before_id: int | None = None) -> int:
+        """Remove the documents called ``name`` with their chunks (with ``before_id``, only
+        those of a lower id: the versions ingested before it); returns how many went.
+
+        Their KV entries stay: a key names content that other documents may share, and the
+        budgets' eviction reclaims what nothing reads any more."""
+        with self.transaction() as s:
+            query = select(Document.id).where(Document.name == name)
+            if before_id is not None:
+                query = query.where(Document.id < before_id)
+            doc_ids = list(s.scalars(query))
+            if not doc_ids:
+                return 0
+            s.execute(delete(Chunk).where(Chunk.document_id.in_(doc_ids)))
+            s.execute(delete(Document).where(Document.id.in_(doc_ids)))
+            _new_corpus_version(s)
+            return len(doc_ids)
+
+    def corpus_version(self) -> str | None:
+        """The corpus's current version (None before any chunk): it changes whenever chunks
+        are added or removed, by any process on this index."""
+        return self.setting(CORPUS_VERSION)
+
+    def chunk_embeddings(self) -> tuple[list[int], list[bytes]]:
+        """Every chunk's id and stored embedding, by id; chunks without one are left out."""
+        with self.transaction() as s:
+            rows = s.execute(select(Chunk.id, Chunk.embedding)
+                             .where(Chunk.embedding.is_not(None)).order_by(Chunk.id)).all()
+        return [r[0] for r in rows], [r[1] for r in rows]
 
     def documents(self) -> list[DocumentInfo]:
         with self.transaction() as s:

@@ -151,7 +151,8 @@ def run_ingest(rag, docs: list[tuple[str, str]]) -> None:
             st.error(f"{name}: {literal_md(str(exc))}")
             continue
         bar.progress(1.0, text=f"{name}: {res.n_chunks} chunks, {res.precomputed} KV computed"
-                               + ("" if res.new_document else " (already ingested)"))
+                               + ("" if res.new_document else " (already ingested)")
+                               + (" (replaces the earlier version)" if res.replaced else ""))
         computed += res.precomputed
         chunks += res.n_chunks
         done_docs += 1

@@ -1,0 +1,59 @@
+"""``ragkv documents`` and ``ragkv remove``: what the index holds, and taking documents out of
+retrieval. Both read the index alone, so neither loads a model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ragkv.cli_shared import BlobUrl, Home, IndexUrl, cache_errors, console, fail
+from ragkv.config import RagkvConfig, default_home
+
+
+def _index(home, index_url, blob_url):
+    from ragkv.cache_index import CacheIndex
+
+    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url)
+    return CacheIndex(cfg.resolved_index_url)
+
+
+def documents(home: Home = default_home(), index_url: IndexUrl = None,
+              blob_url: BlobUrl = None) -> None:
+    """List the ingested documents: name, chunks, stored KV."""
+    with cache_errors():
+        index = _index(home, index_url, blob_url)
+        sizes = {d["document_id"]: d for d in index.document_sizes()}
+        docs = index.documents()
+    t = Table("document", "chunks", "KV MiB", "ingested")
+    for d in docs:
+        size = sizes.get(d.id)
+        t.add_row(Text(d.name), str(d.n_chunks),
+                  f"{(size['kv_bytes'] if size else 0) / 2**20:.1f}",
+                  d.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(t)
+    console.print(f"{len(docs)} documents")
+
+
+def remove(names: Annotated[list[str], typer.Argument(
+               help="document names as `ragkv documents` lists them")],
+           home: Home = default_home(), index_url: IndexUrl = None,
+           blob_url: BlobUrl = None) -> None:
+    """Remove documents from the index and from retrieval.
+
+    All or nothing: an unknown name removes none. Their KV stays in the cache until its
+    budgets evict it."""
+    with cache_errors():
+        index = _index(home, index_url, blob_url)
+        known = {d.name for d in index.documents()}
+        unknown = [n for n in dict.fromkeys(names) if n not in known]
+        if unknown:
+            fail(f"no document named {', '.join(map(repr, unknown))}; `ragkv documents` "
+                 "lists them (nothing was removed)")
+        for name in dict.fromkeys(names):
+            index.remove_documents(name)
+            console.print(Text(f"removed {name}"))
+        left = len(index.documents())
+    console.print(f"{left} documents left")

@@ -1,0 +1,136 @@
+"""Documents change: a new text under a known name replaces the old version, a removed
+document leaves retrieval, and every facade on the index retrieves what the index holds now,
+whichever process changed it."""
+
+from __future__ import annotations
+
+import pytest
+from api_cases import (  # noqa: F401 - fixtures are used by name
+    _docs,
+    _one_thread,
+    engine,
+    make_config,
+    rag,
+    seed,
+)
+from typer.testing import CliRunner
+
+from ragkv.api import RagKV
+from ragkv.cache_index import CacheIndex
+from ragkv.cli import app
+
+EDITED = ("The pass statement has been renamed. Write skip where a statement is required "
+          "syntactically but no code needs to be executed.")
+
+
+def _texts(rag: RagKV, question: str = "pass statement", k: int = 50) -> set[str]:
+    return {c.text for c in rag.retrieve(question, k=k)}
+
+
+def _names(rag: RagKV) -> list[str]:
+    return sorted(d.name for d in rag.index.documents())
+
+
+def test_an_edited_document_replaces_its_earlier_version(rag):
+    old = _texts(rag)
+    assert any("pass" in t for t in old)
+    res = rag.ingest_text("doc:pass", EDITED)
+    assert res.new_document and res.replaced == 1
+    assert _names(rag) == ["doc:assert", "doc:pass"]
+    now = _texts(rag)
+    assert EDITED in now
+    passes = {c.text for c in rag.index.chunks() if c.document_name == "doc:pass"}
+    assert passes == {EDITED}
+    assert not now & (old - {c.text for c in rag.index.chunks()})  # nothing of the old version
+    # the other document is untouched
+    assert any(c.document == "doc:assert" for c in rag.retrieve("assert", k=50))
+
+
+def test_the_same_text_again_replaces_nothing(rag):
+    res = rag.ingest_text("doc:pass", _docs()["doc:pass"])
+    assert not res.new_document and res.replaced == 0
+    assert _names(rag) == ["doc:assert", "doc:pass"]
+
+
+def test_a_rerun_after_a_crash_between_adding_and_removing_cleans_up(rag, monkeypatch):
+    def crash(*args, **kwargs):
+        raise OSError("killed")
+
+    monkeypatch.setattr(rag.index, "remove_documents", crash)
+    with pytest.raises(OSError):
+        rag.ingest_text("doc:pass", EDITED)
+    assert _names(rag) == ["doc:assert", "doc:pass", "doc:pass"]  # both versions, never none
+    monkeypatch.undo()
+    res = rag.ingest_text("doc:pass", EDITED)
+    assert not res.new_document and res.replaced == 1
+    assert {c.text for c in rag.index.chunks() if c.document_name == "doc:pass"} == {EDITED}
+
+
+def test_remove_document(rag):
+    assert rag.remove_document("doc:pass") is True
+    assert _names(rag) == ["doc:assert"]
+    assert all(c.document == "doc:assert" for c in rag.retrieve("pass statement", k=50))
+    assert rag.remove_document("doc:pass") is False
+    with pytest.raises(TypeError):
+        rag.remove_document(None)  # type: ignore[arg-type]
+
+
+def test_another_facades_changes_reach_retrieval(tmp_path, seed, engine, rag):
+    other = RagKV(make_config(rag.config.home), engine=engine)
+    try:
+        assert _texts(rag)  # the first facade has built its retrieval index
+        other.ingest_text("doc:new", EDITED)
+        assert EDITED in _texts(rag)
+        other.remove_document("doc:pass")
+        assert {c.document for c in rag.retrieve("pass statement", k=50)} == {
+            "doc:assert", "doc:new"}
+    finally:
+        other.index.close()
+
+
+def test_a_chunk_removed_after_the_version_check_is_left_out(rag, monkeypatch):
+    _texts(rag)
+    stale = rag.index.corpus_version()
+    rag.remove_document("doc:pass")
+    monkeypatch.setattr(rag.index, "corpus_version", lambda: stale)  # the race, made certain
+    got = rag.retrieve("pass statement", k=50)
+    assert got and all(c.document == "doc:assert" for c in got)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_of_two_versions_ingested_at_once_the_later_recorded_stays(tmp_path, order):
+    index = CacheIndex(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    index.add_document("d", "d", "sha-1")
+    ids = [index.add_document("d", "d", sha)[0] for sha in ("sha-2", "sha-3")]
+    for i in order:  # each ingestion removes what was recorded before its own version
+        index.remove_documents("d", before_id=ids[i])
+    assert [d.id for d in index.documents()] == [ids[1]]
+    index.close()
+
+
+def test_every_change_to_the_chunks_gives_a_new_corpus_version(rag):
+    seen = [rag.index.corpus_version()]
+    rag.ingest_text("doc:new", EDITED)
+    seen.append(rag.index.corpus_version())
+    rag.ingest_text("doc:new", EDITED)  # no change
+    assert rag.index.corpus_version() == seen[-1]
+    rag.remove_document("doc:new")
+    seen.append(rag.index.corpus_version())
+    assert None not in seen and len(set(seen)) == 3
+
+
+runner = CliRunner()
+
+
+def test_documents_and_remove_on_the_command_line(rag):
+    home = str(rag.config.home)
+    listed = runner.invoke(app, ["documents", "--home", home])
+    assert listed.exit_code == 0
+    assert "doc:assert" in listed.output and "2 documents" in listed.output
+    bad = runner.invoke(app, ["remove", "doc:pass", "doc:nope", "--home", home])
+    assert bad.exit_code == 2
+    assert len(bad.output.strip().splitlines()) == 1 and "'doc:nope'" in bad.output
+    assert _names(rag) == ["doc:assert", "doc:pass"]  # all or nothing
+    ok = runner.invoke(app, ["remove", "doc:pass", "--home", home])
+    assert ok.exit_code == 0 and "removed doc:pass" in ok.output
+    assert _names(rag) == ["doc:assert"]
