@@ -102,6 +102,11 @@ def test_ingesting_an_edited_file_again_replaces_it(tmp_path: Path, tiny_model: 
         at.button(key="ingest_go").click().run()
         assert not at.exception and not at.error and "Ingested 1 document(s)" in texts(at.success)
     assert list(at.dataframe[0].value["document"]) == [str(note.resolve())]
+    assert at.button(key="remove_go").disabled
+    at.multiselect(key="remove_names").select(str(note.resolve())).run()  # as a browser does
+    at.button(key="remove_go").click().run()
+    assert not at.exception and f"Removed {note.resolve()}" in texts(at.success)
+    assert "No documents yet" in texts(at.info) and not at.dataframe
 
 
 def test_ingest_page_without_docs_roots_reads_no_path(tmp_path: Path, tiny_model: Path) -> None:

@@ -162,8 +162,18 @@ def run_ingest(rag, docs: list[tuple[str, str]]) -> None:
                    f"{computed} (the rest were already stored).")
 
 
+def _remove_selected(rag) -> None:
+    """The Remove button's callback: it runs before the page, so the page lists what is left."""
+    names = st.session_state.get("remove_names") or []
+    st.session_state["removed_names"] = [n for n in names if rag.remove_document(n)]
+    st.session_state["remove_names"] = []
+
+
 def documents(rag, can_read_paths: bool = True) -> None:
     st.subheader("Documents")
+    if removed := st.session_state.pop("removed_names", None):
+        st.success("Removed " + ", ".join(literal_md(n) for n in removed) + ". Their KV stays "
+                   "in the cache until its budgets evict it.")
     docs = rag.index.documents()
     if not docs:
         where = "upload files or give a path above" if can_read_paths else "upload files above"
@@ -172,6 +182,10 @@ def documents(rag, can_read_paths: bool = True) -> None:
     st.dataframe(pd.DataFrame([{"document": d.name, "chunks": d.n_chunks,
                                 "added (UTC)": d.created_at} for d in docs]),
                  hide_index=True, width="stretch")
+    picked = st.multiselect("Remove documents from the index and retrieval",
+                            [d.name for d in docs], key="remove_names")
+    st.button("Remove", key="remove_go", disabled=not picked, on_click=_remove_selected,
+              args=(rag,))
 
 
 def main() -> None:
