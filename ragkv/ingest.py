@@ -78,7 +78,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         index.set_document_chunk_count(doc_id, len(records))
         infos = index.chunks(ids)
     else:
-        infos = [c for c in index.chunks() if c.document_id == doc_id]
+        infos = index.chunks(document_id=doc_id)  # not every chunk: a rerun over a corpus
     # after the new version's chunks are in, so the name is never without one; a rerun after
     # a crash between the two removes what is left
     replaced = index.remove_documents(name, before_id=doc_id)

@@ -134,3 +134,19 @@ def test_documents_and_remove_on_the_command_line(rag):
     ok = runner.invoke(app, ["remove", "doc:pass", "--home", home])
     assert ok.exit_code == 0 and "removed doc:pass" in ok.output
     assert _names(rag) == ["doc:assert"]
+
+
+def test_ingesting_a_known_document_again_reads_its_own_chunks_only(rag, monkeypatch):
+    # a rerun over a corpus read every chunk once per document: quadratic in the corpus
+    rows = []
+    chunks = rag.index.chunks
+
+    def counting(*args, **kwargs):
+        out = chunks(*args, **kwargs)
+        rows.extend(out)
+        return out
+
+    monkeypatch.setattr(rag.index, "chunks", counting)
+    res = rag.ingest_text("doc:pass", _docs()["doc:pass"])
+    assert not res.new_document and res.n_chunks >= 1
+    assert {c.document_name for c in rows} == {"doc:pass"} and len(rows) == res.n_chunks

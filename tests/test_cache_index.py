@@ -70,6 +70,8 @@ def test_versions_of_a_document_and_the_corpus_version(index: CacheIndex) -> Non
     assert [d.id for d in index.documents()] == [doc_id]
     assert {c.document_id for c in index.chunks()} == {doc_id}
     assert index.chunk_embeddings()[0] == [c.id for c in index.chunks()]
+    assert index.chunks(document_id=doc_id) == index.chunks()
+    assert index.chunks(document_id=doc_id - 1) == []  # the removed version's
     index.set_document_chunk_count(doc_id, 1)  # a re-chunk that drops a chunk
     versions.append(index.corpus_version())
     assert index.remove_documents("d") == 1 and index.remove_documents("d") == 0

@@ -178,12 +178,15 @@ class CacheIndex(IndexDatabase):
             docs = s.scalars(select(Document).order_by(Document.id))
             return [to_info(DocumentInfo, d) for d in docs]
 
-    def chunks(self, ids: list[int] | None = None) -> list[ChunkInfo]:
-        """All chunks (by document, ordinal), or those in ``ids`` in that order; unknown ids
-        are skipped."""
+    def chunks(self, ids: list[int] | None = None, *,
+               document_id: int | None = None) -> list[ChunkInfo]:
+        """All chunks (by document, ordinal), one document's (``document_id``), or those in
+        ``ids`` in that order; unknown ids are skipped."""
         base = select(Chunk, Document.name).join(Document, Chunk.document_id == Document.id)
         with self.transaction() as s:
             if ids is None:
+                if document_id is not None:
+                    base = base.where(Chunk.document_id == document_id)
                 pairs = s.execute(base.order_by(Chunk.document_id, Chunk.ordinal)).all()
                 return [_chunk_info(c, n) for c, n in pairs]
             wanted = list(dict.fromkeys(ids))
