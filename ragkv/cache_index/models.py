@@ -153,7 +153,7 @@ class EvictionClock(Base):
 class Setting(Base):
     """A value the cache was built with that every process on it must share (e.g. the corpus
     anchor passage chunks are precomputed after); written once, never changed. One row alone
-    changes: the corpus version (``index.CORPUS_VERSION``), new whenever chunks change."""
+    changes: the corpus version (``corpus.CORPUS_VERSION``), new whenever chunks change."""
 
     __tablename__ = "settings"
 

@@ -1,0 +1,182 @@
+"""The corpus rows of the index: documents, their chunks, and the corpus version that tells
+every process when the chunks changed. :class:`~.index.CacheIndex` inherits them."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ragkv.cache_index.database import IndexDatabase, in_batches
+from ragkv.cache_index.models import (
+    Chunk,
+    ChunkInfo,
+    ChunkRecord,
+    Document,
+    DocumentInfo,
+    Setting,
+    to_info,
+    utcnow,
+)
+
+#: The setting that names the corpus's current version: a new value whenever chunks are added
+#: or removed, so a process holding a retrieval index knows to rebuild it.
+CORPUS_VERSION = "corpus_version"
+
+
+def _new_corpus_version(s: Session) -> None:
+    """Give the corpus a new version in the transaction that changes its chunks (an upsert:
+    two processes changing chunks at once both leave a version their retrievers lack)."""
+    value = uuid.uuid4().hex
+    dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
+    s.execute(dialect.insert(Setting).values(name=CORPUS_VERSION, value=value,
+                                             created_at=utcnow())
+              .on_conflict_do_update(index_elements=[Setting.name], set_={"value": value}))
+
+
+def _chunk_info(row: Chunk, document_name: str) -> ChunkInfo:
+    # JSON columns may hand back the very list the session holds; callers get their own.
+    return to_info(ChunkInfo, row, document_name=document_name, token_ids=list(row.token_ids))
+
+
+class CorpusRows(IndexDatabase):
+    """Documents and chunks; every method is its own short transaction."""
+
+    def add_document(self, name: str, source: str, text_sha256: str) -> tuple[int, bool]:
+        """Return ``(id, created)``; re-ingesting the same text under the same name is a no-op."""
+        query = select(Document.id).where(
+            Document.name == name, Document.text_sha256 == text_sha256
+        )
+        with self.transaction() as s:
+            existing = s.scalar(query)
+            if existing is not None:
+                return existing, False
+        try:
+            with self.transaction() as s:
+                doc = Document(
+                    name=name,
+                    source=source,
+                    text_sha256=text_sha256,
+                    n_chunks=0,
+                    created_at=utcnow(),
+                )
+                s.add(doc)
+                s.flush()
+                return doc.id, True
+        except IntegrityError:
+            # Another process inserted it between our select and insert.
+            with self.transaction() as s:
+                found = s.scalar(query)
+            if found is None:
+                raise
+            return found, False
+
+    def add_chunks(self, document_id: int, chunks: list[ChunkRecord]) -> list[int]:
+        """Insert or refresh chunks by ``(document_id, ordinal)``; ids in the order given.
+
+        An existing ordinal is updated rather than skipped: re-chunking a document with other
+        settings must not leave stale text or cache keys under the old ids.
+        """
+        if not chunks:
+            return []
+        try:
+            return self._add_chunks_once(document_id, chunks)
+        except IntegrityError:
+            # Another process inserted the same ordinals first: this time they are found and
+            # updated.
+            return self._add_chunks_once(document_id, chunks)
+
+    def _add_chunks_once(self, document_id: int, chunks: list[ChunkRecord]) -> list[int]:
+        with self.transaction() as s:
+            existing = {
+                c.ordinal: c
+                for c in s.scalars(select(Chunk).where(Chunk.document_id == document_id))
+            }
+            rows: list[Chunk] = []
+            for rec in chunks:
+                row = existing.get(rec.ordinal)
+                if row is None:
+                    row = Chunk(document_id=document_id, ordinal=rec.ordinal)
+                    s.add(row)
+                    existing[rec.ordinal] = row
+                row.text = rec.text
+                row.token_ids = [int(t) for t in rec.token_ids]
+                row.n_tokens = len(rec.token_ids)
+                row.cache_key = rec.cache_key
+                row.embedding = rec.embedding
+                rows.append(row)
+            s.flush()
+            _new_corpus_version(s)
+            return [row.id for row in rows]
+
+    def set_document_chunk_count(self, document_id: int, n: int) -> None:
+        """Record the final chunk count and drop chunks past it (left over from a re-chunk)."""
+        with self.transaction() as s:
+            doc = s.get(Document, document_id)
+            if doc is None:
+                raise KeyError(f"no document with id {document_id}")
+            doc.n_chunks = n
+            stale = list(s.scalars(
+                select(Chunk).where(Chunk.document_id == document_id, Chunk.ordinal >= n)))
+            for row in stale:
+                s.delete(row)
+            if stale:
+                _new_corpus_version(s)
+
+    def remove_documents(self, name: str, *, before_id: int | None = None) -> int:
+        """Remove the documents called ``name`` with their chunks (with ``before_id``, only
+        those of a lower id: the versions ingested before it); returns how many went.
+
+        Their KV entries stay: a key names content that other documents may share, and the
+        budgets' eviction reclaims what nothing reads any more."""
+        with self.transaction() as s:
+            query = select(Document.id).where(Document.name == name)
+            if before_id is not None:
+                query = query.where(Document.id < before_id)
+            doc_ids = list(s.scalars(query))
+            if not doc_ids:
+                return 0
+            s.execute(delete(Chunk).where(Chunk.document_id.in_(doc_ids)))
+            s.execute(delete(Document).where(Document.id.in_(doc_ids)))
+            _new_corpus_version(s)
+            return len(doc_ids)
+
+    def corpus_version(self) -> str | None:
+        """The corpus's current version (None before any chunk): it changes whenever chunks
+        are added or removed, by any process on this index."""
+        with self.transaction() as s:
+            row = s.get(Setting, CORPUS_VERSION)
+            return None if row is None else row.value
+
+    def chunk_embeddings(self) -> tuple[list[int], list[bytes]]:
+        """Every chunk's id and stored embedding, by id; chunks without one are left out."""
+        with self.transaction() as s:
+            rows = s.execute(select(Chunk.id, Chunk.embedding)
+                             .where(Chunk.embedding.is_not(None)).order_by(Chunk.id)).all()
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    def documents(self) -> list[DocumentInfo]:
+        with self.transaction() as s:
+            docs = s.scalars(select(Document).order_by(Document.id))
+            return [to_info(DocumentInfo, d) for d in docs]
+
+    def chunks(self, ids: list[int] | None = None, *,
+               document_id: int | None = None) -> list[ChunkInfo]:
+        """All chunks (by document, ordinal), one document's (``document_id``), or those in
+        ``ids`` in that order; unknown ids are skipped."""
+        base = select(Chunk, Document.name).join(Document, Chunk.document_id == Document.id)
+        with self.transaction() as s:
+            if ids is None:
+                if document_id is not None:
+                    base = base.where(Chunk.document_id == document_id)
+                pairs = s.execute(base.order_by(Chunk.document_id, Chunk.ordinal)).all()
+                return [_chunk_info(c, n) for c, n in pairs]
+            wanted = list(dict.fromkeys(ids))
+            found: dict[int, ChunkInfo] = {}
+            for batch in in_batches(wanted):
+                for c, n in s.execute(base.where(Chunk.id.in_(batch))).all():
+                    found[c.id] = _chunk_info(c, n)
+            return [found[i] for i in ids if i in found]
