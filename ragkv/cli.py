@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 from rich.progress import TextColumn
+from rich.text import Text
 
 from ragkv.cli_cache import cache_app
 from ragkv.cli_docs import documents, remove
@@ -25,6 +26,7 @@ from ragkv.cli_shared import (
     Model,
     Port,
     answers_table,
+    cache_errors,
     check_port,
     console,
     fail,
@@ -89,9 +91,13 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
            engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None,
            strict: Annotated[bool, typer.Option(help="stop at the first unreadable file")] = False,
            max_mb: Annotated[float, typer.Option(help="skip files larger than this")] = 20.0,
+           prune: Annotated[bool, typer.Option(
+               help="remove the documents under the given folders that this run did not "
+                    "ingest (files deleted or unreadable since)")] = False,
            ) -> None:
     """Ingest files or folders (.txt .md .rst .html .pdf): chunk, embed, precompute, store KV.
     Files that cannot be read are skipped with the reason; the good ones go in."""
+    from ragkv.cli_docs import prune as prune_under
     from ragkv.documents import SUPPORTED_SUFFIXES, DocumentError, load_documents
 
     try:
@@ -101,12 +107,20 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
     for s in report.skipped:
         console.print(f"[yellow]skipped[/yellow] {escape(str(s.path))}: {escape(s.reason)}",
                       soft_wrap=True)
-    if not report.documents:
+    if not report.documents and not prune:
         fail(f"no readable {'/'.join(SUPPORTED_SUFFIXES)} files found")
     rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
                    anchor_source=anchor_source)
-    run_engine(lambda: _ingest_docs(rag, [(d.name, d.text) for d in report.documents],
-                                    len(report.skipped)))
+    if report.documents:
+        run_engine(lambda: _ingest_docs(rag, [(d.name, d.text) for d in report.documents],
+                                        len(report.skipped)))
+    if prune:
+        with cache_errors():
+            gone = prune_under(rag.index, paths, {d.name for d in report.documents})
+        for name in gone:
+            console.print(Text(f"pruned {name}"), soft_wrap=True)
+        console.print(Text(f"pruned {len(gone)} documents this run did not ingest under "
+                           + ", ".join(str(p) for p in paths if p.is_dir())), soft_wrap=True)
 
 
 def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0) -> int:

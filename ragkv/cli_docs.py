@@ -3,6 +3,8 @@ retrieval. Both read the index alone, so neither loads a model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path, PurePath
 from typing import Annotated
 
 import typer
@@ -20,6 +22,23 @@ def _index(home, index_url, blob_url):
     return CacheIndex(cfg.resolved_index_url)
 
 
+def _under(name: str, folder: Path) -> bool:
+    path = PurePath(name)
+    return path.is_relative_to(folder) and ".." not in path.relative_to(folder).parts
+
+
+def prune(index, folders: Iterable[Path], ingested: set[str]) -> list[str]:
+    """Remove the documents named under ``folders`` (as ``ingest`` names the files it finds
+    there) that are not in ``ingested``: files deleted, or unreadable now. Returns their
+    names."""
+    folders = [f for f in folders if f.is_dir()]
+    gone = sorted({d.name for d in index.documents()
+                   if d.name not in ingested and any(_under(d.name, f) for f in folders)})
+    for name in gone:
+        index.remove_documents(name)
+    return gone
+
+
 def documents(home: Home = default_home(), index_url: IndexUrl = None,
               blob_url: BlobUrl = None) -> None:
     """List the ingested documents: name, chunks, stored KV."""
@@ -27,12 +46,12 @@ def documents(home: Home = default_home(), index_url: IndexUrl = None,
         index = _index(home, index_url, blob_url)
         sizes = {d["document_id"]: d for d in index.document_sizes()}
         docs = index.documents()
-    t = Table("document", "chunks", "KV MiB", "ingested")
+    t = Table("chunks", "KV MiB", "ingested")
+    t.add_column("document", overflow="fold")  # a long path wraps, never cut with an ellipsis
     for d in docs:
         size = sizes.get(d.id)
-        t.add_row(Text(d.name), str(d.n_chunks),
-                  f"{(size['kv_bytes'] if size else 0) / 2**20:.1f}",
-                  d.created_at.strftime("%Y-%m-%d %H:%M"))
+        t.add_row(str(d.n_chunks), f"{(size['kv_bytes'] if size else 0) / 2**20:.1f}",
+                  d.created_at.strftime("%Y-%m-%d %H:%M"), Text(d.name))
     console.print(t)
     console.print(f"{len(docs)} documents")
 
@@ -54,6 +73,6 @@ def remove(names: Annotated[list[str], typer.Argument(
                  "lists them (nothing was removed)")
         for name in dict.fromkeys(names):
             index.remove_documents(name)
-            console.print(Text(f"removed {name}"))
+            console.print(Text(f"removed {name}"), soft_wrap=True)
         left = len(index.documents())
     console.print(f"{left} documents left")

@@ -339,3 +339,28 @@ def test_version_is_the_installed_distributions() -> None:
     assert result.exit_code == 0
     assert result.output.strip() == f"ragkv {version('ragkv')}"
     assert ragkv.__version__ == version("ragkv")
+
+
+def test_ingest_replaces_edited_files_and_prunes_deleted_ones(tmp_path: Path,
+                                                              tiny_model: Path) -> None:
+    docs, other = tmp_path / "docs", tmp_path / "other.md"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
+    (docs / "sub" / "b.md").write_text("A with statement wraps a block.\n" * 20)
+    other.write_text("The pass statement does nothing.\n" * 20)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    run("ingest", str(docs), str(other), *home)
+    (docs / "a.md").write_text("The assert statement was edited.\n" * 20)
+    out = run("ingest", str(docs), *home)
+    assert "earlier versions replaced: 1" in out and "3 documents" in out
+    (docs / "sub" / "b.md").unlink()
+    out = run("ingest", str(docs), "--prune", *home)
+    assert f"pruned {docs / 'sub' / 'b.md'}" in out and "pruned 1 documents" in out
+    listed = run("documents", "--home", str(tmp_path / "home"))
+    assert "2 documents" in listed and "other.md" in listed  # outside the folder: kept
+    (docs / "a.md").unlink()
+    out = run("ingest", str(docs), "--prune", *home)  # nothing left to read is no error here
+    assert "pruned 1 documents" in out
+    assert "1 documents" in run("documents", "--home", str(tmp_path / "home"))
+    result = runner.invoke(app, ["ingest", str(docs), *home])
+    assert result.exit_code == 2 and "no readable" in result.output
