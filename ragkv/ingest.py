@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ragkv.cache_index.corpus import DocumentGone
 from ragkv.cache_index.models import ChunkRecord
 from ragkv.chunking import RetrievedChunk, chunk_text
 
@@ -50,6 +51,8 @@ class IngestResult:
     precomputed_tokens: int = 0
     #: earlier versions of the document (same name, other text) removed by this ingestion
     replaced: int = 0
+    #: a later version, ingested by another process at the same time, replaced this one
+    superseded: bool = False
 
 
 def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
@@ -74,8 +77,11 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         records = [ChunkRecord(i, c.text, c.token_ids, rag.key_for(c.token_ids),
                                vector_to_bytes(vec))
                    for i, (c, vec) in enumerate(zip(chunks, vectors, strict=True))]
-        ids = index.add_chunks(doc_id, records)
-        index.set_document_chunk_count(doc_id, len(records))
+        try:
+            ids = index.add_chunks(doc_id, records)
+            index.set_document_chunk_count(doc_id, len(records))
+        except DocumentGone:  # another process recorded a later version meanwhile: it stays
+            return IngestResult(doc_id, name, 0, 0, created, 0, superseded=True)
         infos = index.chunks(ids)
     else:
         infos = index.chunks(document_id=doc_id)  # not every chunk: a rerun over a corpus

@@ -66,6 +66,25 @@ def test_a_rerun_after_a_crash_between_adding_and_removing_cleans_up(rag, monkey
     assert {c.text for c in rag.index.chunks() if c.document_name == "doc:pass"} == {EDITED}
 
 
+def test_a_version_replaced_while_it_is_written_gives_way(rag, engine, monkeypatch):
+    other = RagKV(make_config(rag.config.home), engine=engine)
+    add_chunks = rag.index.add_chunks
+
+    def later_version_first(*args, **kwargs):
+        other.ingest_text("doc:pass", EDITED)  # another process, recorded after this one
+        return add_chunks(*args, **kwargs)
+
+    try:
+        monkeypatch.setattr(rag.index, "add_chunks", later_version_first)
+        res = rag.ingest_text("doc:pass", "An older edit of the pass statement's page. " * 9)
+        assert res.superseded and res.n_chunks == 0 and res.replaced == 0
+        monkeypatch.undo()
+        assert _names(rag) == ["doc:assert", "doc:pass"]
+        assert {c.text for c in rag.index.chunks() if c.document_name == "doc:pass"} == {EDITED}
+    finally:
+        other.index.close()
+
+
 def test_remove_document(rag):
     assert rag.remove_document("doc:pass") is True
     assert _names(rag) == ["doc:assert"]

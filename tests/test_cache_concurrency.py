@@ -62,6 +62,55 @@ def test_four_processes_ingesting_at_once(tmp_path):
     consistent(store)
 
 
+ROUNDS = 5  # versions of one document each worker ingests
+
+
+def _version_worker(root: str, worker: int, start, errors) -> None:
+    from ragkv.cache_index import CacheIndex
+    from ragkv.cache_index.corpus import DocumentGone
+    from ragkv.cache_index.models import ChunkRecord
+
+    index = CacheIndex(f"sqlite:///{Path(root) / 'index.sqlite'}")
+    start.wait()
+    try:
+        for r in range(ROUNDS):  # ingestion's order: the version and its chunks, then older ones
+            tag = f"{worker}-{r}"
+            doc_id, created = index.add_document("doc.md", "", tag.ljust(64, "0"))
+            assert created
+            try:
+                index.add_chunks(doc_id, [ChunkRecord(i, f"{tag}/{i}", [i], key(i))
+                                          for i in range(3)])
+                index.set_document_chunk_count(doc_id, 3)
+            except DocumentGone:  # a later version went in meanwhile: ingestion stops here
+                continue
+            index.remove_documents("doc.md", before_id=doc_id)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        errors.put(f"worker {worker}: {exc!r}")
+        raise
+
+
+def test_processes_ingesting_versions_of_one_document_leave_the_latest(tmp_path):
+    ctx = mp.get_context("spawn")
+    make_store(tmp_path).index.close()
+    start, errors = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_version_worker, args=(str(tmp_path), w, start, errors))
+             for w in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+    failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert [p.exitcode for p in procs] == [0] * 4, failures
+    index = make_store(tmp_path).index
+    [doc] = index.documents()  # one version: never two, never none
+    with index.transaction() as s:
+        tag = s.scalar(select(Document.text_sha256).where(Document.id == doc.id)).rstrip("0")
+    chunks = index.chunks()  # the survivor's own three, nothing of a removed version
+    assert [c.text for c in chunks] == [f"{tag}/{i}" for i in range(3)]
+    assert index.corpus_version() is not None
+
+
 def _writer_forever(root: str, ready) -> None:
     import torch
 

@@ -80,6 +80,18 @@ def test_versions_of_a_document_and_the_corpus_version(index: CacheIndex) -> Non
     assert None not in versions and len(set(versions)) == 4
 
 
+def test_writing_a_removed_document_says_it_is_gone(index: CacheIndex) -> None:
+    from ragkv.cache_index.corpus import DocumentGone
+
+    doc_id, _ = index.add_document("d", "d", "1" * 64)
+    index.remove_documents("d")  # a later version's ingestion, in another process
+    with pytest.raises(DocumentGone):
+        index.add_chunks(doc_id, _records(2))
+    with pytest.raises(DocumentGone):
+        index.set_document_chunk_count(doc_id, 2)
+    assert index.chunks() == [] and index.documents() == []
+
+
 def test_has_entries(store: KVStore) -> None:
     _put(store, _key(1))
     _put(store, _key(3))

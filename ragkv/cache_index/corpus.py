@@ -9,6 +9,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from ragkv.cache_index.database import IndexDatabase, in_batches
 from ragkv.cache_index.models import (
@@ -40,6 +41,11 @@ def _new_corpus_version(s: Session) -> None:
 def _chunk_info(row: Chunk, document_name: str) -> ChunkInfo:
     # JSON columns may hand back the very list the session holds; callers get their own.
     return to_info(ChunkInfo, row, document_name=document_name, token_ids=list(row.token_ids))
+
+
+class DocumentGone(KeyError):
+    """The document was removed while it was being written: a later version of it replaced
+    it (or it was removed outright), so this version's ingestion has nothing left to do."""
 
 
 class CorpusRows(IndexDatabase):
@@ -82,12 +88,22 @@ class CorpusRows(IndexDatabase):
         """
         if not chunks:
             return []
-        try:
-            return self._add_chunks_once(document_id, chunks)
-        except IntegrityError:
-            # Another process inserted the same ordinals first: this time they are found and
-            # updated.
-            return self._add_chunks_once(document_id, chunks)
+        for attempt in range(2):
+            try:
+                return self._add_chunks_once(document_id, chunks)
+            except IntegrityError:
+                # Either the document was removed (a later version of it replaced it), or
+                # another process inserted the same ordinals first: then, the second time,
+                # they are found and updated.
+                if not self._has_document(document_id):
+                    raise DocumentGone(document_id) from None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _has_document(self, document_id: int) -> bool:
+        with self.transaction() as s:
+            return s.get(Document, document_id) is not None
 
     def _add_chunks_once(self, document_id: int, chunks: list[ChunkRecord]) -> list[int]:
         with self.transaction() as s:
@@ -114,17 +130,20 @@ class CorpusRows(IndexDatabase):
 
     def set_document_chunk_count(self, document_id: int, n: int) -> None:
         """Record the final chunk count and drop chunks past it (left over from a re-chunk)."""
-        with self.transaction() as s:
-            doc = s.get(Document, document_id)
-            if doc is None:
-                raise KeyError(f"no document with id {document_id}")
-            doc.n_chunks = n
-            stale = list(s.scalars(
-                select(Chunk).where(Chunk.document_id == document_id, Chunk.ordinal >= n)))
-            for row in stale:
-                s.delete(row)
-            if stale:
-                _new_corpus_version(s)
+        try:
+            with self.transaction() as s:
+                doc = s.get(Document, document_id)
+                if doc is None:
+                    raise DocumentGone(document_id)
+                doc.n_chunks = n
+                stale = list(s.scalars(
+                    select(Chunk).where(Chunk.document_id == document_id, Chunk.ordinal >= n)))
+                for row in stale:
+                    s.delete(row)
+                if stale:
+                    _new_corpus_version(s)
+        except StaleDataError:  # removed by another process between the read and the write
+            raise DocumentGone(document_id) from None
 
     def remove_documents(self, name: str, *, before_id: int | None = None) -> int:
         """Remove the documents called ``name`` with their chunks (with ``before_id``, only

@@ -152,7 +152,9 @@ def run_ingest(rag, docs: list[tuple[str, str]]) -> None:
             continue
         bar.progress(1.0, text=f"{name}: {res.n_chunks} chunks, {res.precomputed} KV computed"
                                + ("" if res.new_document else " (already ingested)")
-                               + (" (replaces the earlier version)" if res.replaced else ""))
+                               + (" (replaces the earlier version)" if res.replaced else "")
+                               + (" (a later version, ingested meanwhile, replaced it)"
+                                  if res.superseded else ""))
         computed += res.precomputed
         chunks += res.n_chunks
         done_docs += 1
