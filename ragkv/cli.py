@@ -98,10 +98,13 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
     """Ingest files or folders (.txt .md .rst .html .pdf): chunk, embed, precompute, store KV.
     Files that cannot be read are skipped with the reason; the good ones go in."""
     from ragkv.cli_docs import prune as prune_under
+    from ragkv.cli_docs import resolve_paths, typed_names
     from ragkv.documents import SUPPORTED_SUFFIXES, DocumentError, load_documents
 
+    resolved = resolve_paths(paths)  # documents are named by their resolved paths
     try:
-        report = load_documents(paths, max_bytes=int(max_mb * 2**20), strict=strict)
+        report = load_documents(list(resolved.values()), max_bytes=int(max_mb * 2**20),
+                                strict=strict)
     except (FileNotFoundError, DocumentError) as exc:
         fail(str(exc))
     for s in report.skipped:
@@ -112,18 +115,23 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
     rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
                    anchor_source=anchor_source)
     if report.documents:
+        earlier = typed_names(resolved, [d.name for d in report.documents])
         run_engine(lambda: _ingest_docs(rag, [(d.name, d.text) for d in report.documents],
-                                        len(report.skipped)))
+                                        len(report.skipped), earlier))
     if prune:
+        folders = [p for p in resolved.values() if p.is_dir()]
         with cache_errors():
-            gone = prune_under(rag.index, paths, {d.name for d in report.documents})
+            gone = prune_under(rag.index, folders, {d.name for d in report.documents})
         for name in gone:
             console.print(Text(f"pruned {name}"), soft_wrap=True)
         console.print(Text(f"pruned {len(gone)} documents this run did not ingest under "
-                           + ", ".join(str(p) for p in paths if p.is_dir())), soft_wrap=True)
+                           + ", ".join(map(str, folders))), soft_wrap=True)
 
 
-def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0) -> int:
+def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
+                 earlier: dict[str, str] | None = None) -> int:
+    """Ingest ``(name, text)`` pairs with a progress bar; ``earlier`` maps a name to the one
+    the same file had before (an earlier version, removed once the new one is in)."""
     computed = tokens = replaced = 0
     busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
     rag.choose_anchor([text for _, text in docs])  # from all of them, not the first alone
@@ -137,6 +145,8 @@ def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0) -> int:
                 busy += time.perf_counter() - t0
             computed += res.precomputed
             replaced += res.replaced
+            if earlier and name in earlier:
+                replaced += rag.index.remove_documents(earlier[name])
             tokens += res.precomputed_tokens
             bar.update(task, advance=1, rate=_rate(tokens, busy))
     s = rag.index.stats()

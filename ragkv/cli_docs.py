@@ -22,6 +22,42 @@ def _index(home, index_url, blob_url):
     return CacheIndex(cfg.resolved_index_url)
 
 
+def resolve_paths(paths: Iterable[Path]) -> dict[Path, Path]:
+    """Each path as typed → resolved (symlinks followed, as the UI names files), so a file is
+    one document whatever the working directory, the same one the UI ingests, and two
+    projects' ``README.md`` on one cache stay two documents."""
+    out: dict[Path, Path] = {}
+    for typed in paths:
+        path = typed.expanduser()
+        if not path.exists():
+            fail(f"no such file or folder: {typed}")
+        try:
+            out[typed] = path.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            fail(f"cannot resolve {typed}: {exc}")
+    return out
+
+
+def typed_names(resolved: dict[Path, Path], names: Iterable[str]) -> dict[str, str]:
+    """For each document name (a resolved path), the name an ingestion before names were
+    resolved gave the same file from this working directory, where it differs: an earlier
+    version to replace."""
+    out: dict[str, str] = {}
+    for name in names:
+        path = Path(name)
+        for typed, real in resolved.items():
+            if path == real:
+                old = typed
+            elif path.is_relative_to(real):
+                old = typed / path.relative_to(real)
+            else:
+                continue
+            if str(old) != name:
+                out[name] = str(old)
+            break
+    return out
+
+
 def _under(name: str, folder: Path) -> bool:
     path = PurePath(name)
     return path.is_relative_to(folder) and ".." not in path.relative_to(folder).parts
@@ -56,8 +92,19 @@ def documents(home: Home = default_home(), index_url: IndexUrl = None,
     console.print(f"{len(docs)} documents")
 
 
+def _known_as(name: str, known: set[str]) -> str | None:
+    """``name`` itself, or the resolved path of a file path typed as ``ingest`` got it."""
+    if name in known:
+        return name
+    try:
+        real = str(Path(name).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return real if real in known else None
+
+
 def remove(names: Annotated[list[str], typer.Argument(
-               help="document names as `ragkv documents` lists them")],
+               help="document names as `ragkv documents` lists them, or the files' paths")],
            home: Home = default_home(), index_url: IndexUrl = None,
            blob_url: BlobUrl = None) -> None:
     """Remove documents from the index and from retrieval.
@@ -67,11 +114,12 @@ def remove(names: Annotated[list[str], typer.Argument(
     with cache_errors():
         index = _index(home, index_url, blob_url)
         known = {d.name for d in index.documents()}
-        unknown = [n for n in dict.fromkeys(names) if n not in known]
+        found = {n: _known_as(n, known) for n in dict.fromkeys(names)}
+        unknown = [n for n, k in found.items() if k is None]
         if unknown:
             fail(f"no document named {', '.join(map(repr, unknown))}; `ragkv documents` "
                  "lists them (nothing was removed)")
-        for name in dict.fromkeys(names):
+        for name in dict.fromkeys(found.values()):
             index.remove_documents(name)
             console.print(Text(f"removed {name}"), soft_wrap=True)
         left = len(index.documents())
