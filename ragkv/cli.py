@@ -352,11 +352,35 @@ def main() -> None:  # pragma: no cover
         pass
     from sqlalchemy.exc import SQLAlchemyError
 
-    try:
-        app()
+    try:  # not standalone: a mistyped command line is one line too, not a framed box
+        code = app(standalone_mode=False)
+    except _command_line_errors() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ragkv`: its help is printed
+            raise SystemExit(2) from None
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print_error(exc.format_message() + hint)
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    except typer.Abort:  # end of input at a prompt (typer turns Ctrl-C into exit 130 itself)
+        print_error("aborted")
+        raise SystemExit(1) from None
     except SQLAlchemyError as exc:  # an index server that went away mid-command
         print_error(index_failure(exc))
         raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _command_line_errors() -> tuple[type[Exception], ...]:
+    """Click's usage errors: typer's own copy of click (typer >= 0.20), and click itself."""
+    kinds: list[type[Exception]] = [typer.TyperException] if hasattr(
+        typer, "TyperException") else []
+    try:
+        import click
+
+        kinds.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 if __name__ == "__main__":  # pragma: no cover

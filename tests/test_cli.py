@@ -7,6 +7,7 @@ keeps these fast; the same commands on the real SmolLM2 run in the slow suite.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,6 @@ def test_an_index_that_cannot_be_opened_is_one_line_exit_1(tmp_path: Path,
     """``cache stats`` and a command that opens the facade (through ``main``, which catches
     what a command left) on an index URL that names a folder."""
     import subprocess
-    import sys
 
     (tmp_path / "folder.sqlite").mkdir()
     url = f"sqlite:///{tmp_path / 'folder.sqlite'}"
@@ -396,3 +396,21 @@ def test_documents_are_named_by_resolved_path(tmp_path: Path, tiny_model: Path,
     assert f"removed {real / 'beta' / 'notes' / 'b.md'}" in out
     assert len(index.documents()) == 3
     index.close()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["ask"], "Missing argument 'question'. (see `ragkv ask --help`)"),
+    (["nosuch"], "No such command 'nosuch'."),
+    (["ask", "q", "--ratio", "x"], "Invalid value for '--ratio'"),
+    (["cache", "stats", "--bogus"], "No such option: --bogus (see `ragkv cache stats --help`)"),
+])
+def test_a_mistyped_command_line_is_one_line_exit_2(args: list[str], says: str) -> None:
+    import subprocess
+
+    # the installed entry point, not CliRunner: what a user's shell runs
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ragkv.cli import main; "
+                           "sys.argv[0] = 'ragkv'; main()", *args],
+                          capture_output=True, text=True, timeout=120)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2 and len(out.splitlines()) == 1, out
+    assert out.startswith("error: ") and says in out
