@@ -68,7 +68,8 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
     sha = hashlib.sha256(text.encode()).hexdigest()
     index = rag.index
     doc_id, created = index.add_document(name, source or name, sha)
-    if created:
+    infos = [] if created else index.chunks(document_id=doc_id)  # not every chunk: a rerun
+    if not infos:  # new, or recorded by a run that stopped before its chunks were
         rag.choose_anchor([text])  # the cache's first document picks it; chunk keys name it
         chunks = chunk_text(text, rag.tokenizer, rag.config.chunk_tokens)
         vectors = _embedder(rag).embed([c.text for c in chunks])
@@ -83,8 +84,6 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         except DocumentGone:  # another process recorded a later version meanwhile: it stays
             return IngestResult(doc_id, name, 0, 0, created, 0, superseded=True)
         infos = index.chunks(ids)
-    else:
-        infos = index.chunks(document_id=doc_id)  # not every chunk: a rerun over a corpus
     # after the new version's chunks are in, so the name is never without one; a rerun after
     # a crash between the two removes what is left
     replaced = index.remove_documents(name, before_id=doc_id)

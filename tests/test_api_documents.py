@@ -85,6 +85,21 @@ def test_a_version_replaced_while_it_is_written_gives_way(rag, engine, monkeypat
         other.index.close()
 
 
+def test_a_rerun_fills_a_document_whose_chunks_a_crash_left_out(rag, monkeypatch):
+    def crash(*args, **kwargs):
+        raise OSError("killed")
+
+    monkeypatch.setattr(rag.index, "add_chunks", crash)
+    with pytest.raises(OSError):
+        rag.ingest_text("doc:new", EDITED)
+    assert "doc:new" in _names(rag) and not rag.index.chunks(document_id=max(
+        d.id for d in rag.index.documents()))
+    monkeypatch.undo()
+    res = rag.ingest_text("doc:new", EDITED)
+    assert not res.new_document and res.n_chunks == 1
+    assert EDITED in _texts(rag)
+
+
 def test_remove_document(rag):
     assert rag.remove_document("doc:pass") is True
     assert _names(rag) == ["doc:assert"]
