@@ -6,27 +6,24 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
-from rich.progress import TextColumn
-from rich.text import Text
 
 from ragkv.cli_cache import cache_app
-from ragkv.cli_docs import documents, remove
+from ragkv.cli_docs import documents, ingest, ingest_docs, remove
 from ragkv.cli_serve import serve
 from ragkv.cli_shared import (
+    AnchorSource,
     BlobUrl,
+    Context,
     Engine,
     Home,
     IndexUrl,
     Model,
     Port,
     answers_table,
-    cache_errors,
     check_port,
     console,
     fail,
@@ -52,6 +49,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Precomputed chunk KV + CacheBlend fusion for RAG.")
 app.add_typer(cache_app, name="cache")
 app.command()(serve)
+app.command()(ingest)
 app.command()(documents)
 app.command()(remove)
 
@@ -70,12 +68,6 @@ def _options(version: Annotated[bool, typer.Option(
         help="Print ragkv's version and exit.")] = False) -> None:
     """Precomputed chunk KV + CacheBlend fusion for RAG."""
 
-Context = Annotated[str, typer.Option(
-    help="precompute chunks 'cold', after the 'prefix', or after it and the 'anchor' passage")]
-AnchorSource = Annotated[str, typer.Option(
-    help="the anchor passage: 'corpus' (picked from the documents at the cache's first "
-         "ingestion; for bench, from the cases) or 'builtin' (ragkv's neutral passage)")]
-
 DEMO_TOPICS = ("try", "exceptions", "raise", "with", "context-managers", "assert", "for",
                "while", "yield", "lambda", "import", "del", "global", "nonlocal", "if", "pass")
 DEMO_QUESTIONS = (
@@ -83,84 +75,6 @@ DEMO_QUESTIONS = (
     "What does the with statement do when the body of the block raises an exception?",
     "What does a yield expression do when it is used inside a function?",
 )
-
-
-@app.command()
-def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), model: Model = None,
-           context: Context = "anchor", anchor_source: AnchorSource = "corpus",
-           engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None,
-           strict: Annotated[bool, typer.Option(help="stop at the first unreadable file")] = False,
-           max_mb: Annotated[float, typer.Option(help="skip files larger than this")] = 20.0,
-           prune: Annotated[bool, typer.Option(
-               help="remove the documents under the given folders that this run did not "
-                    "ingest (files deleted or unreadable since)")] = False,
-           ) -> None:
-    """Ingest files or folders (.txt .md .rst .html .pdf): chunk, embed, precompute, store KV.
-    Files that cannot be read are skipped with the reason; the good ones go in."""
-    from ragkv.cli_docs import prune as prune_under
-    from ragkv.cli_docs import resolve_paths, typed_names
-    from ragkv.documents import SUPPORTED_SUFFIXES, DocumentError, load_documents
-
-    resolved = resolve_paths(paths)  # documents are named by their resolved paths
-    try:
-        report = load_documents(list(resolved.values()), max_bytes=int(max_mb * 2**20),
-                                strict=strict)
-    except (FileNotFoundError, DocumentError) as exc:
-        fail(str(exc))
-    for s in report.skipped:
-        console.print(f"[yellow]skipped[/yellow] {escape(str(s.path))}: {escape(s.reason)}",
-                      soft_wrap=True)
-    if not report.documents and not prune:
-        fail(f"no readable {'/'.join(SUPPORTED_SUFFIXES)} files found")
-    rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
-                   anchor_source=anchor_source)
-    if report.documents:
-        earlier = typed_names(resolved, [d.name for d in report.documents])
-        run_engine(lambda: _ingest_docs(rag, [(d.name, d.text) for d in report.documents],
-                                        len(report.skipped), earlier))
-    if prune:
-        folders = [p for p in resolved.values() if p.is_dir()]
-        with cache_errors():
-            gone = prune_under(rag.index, folders, {d.name for d in report.documents})
-        for name in gone:
-            console.print(Text(f"pruned {name}"), soft_wrap=True)
-        console.print(Text(f"pruned {len(gone)} documents this run did not ingest under "
-                           + ", ".join(map(str, folders))), soft_wrap=True)
-
-
-def _ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
-                 earlier: dict[str, str] | None = None) -> int:
-    """Ingest ``(name, text)`` pairs with a progress bar; ``earlier`` maps a name to the one
-    the same file had before (an earlier version, removed once the new one is in)."""
-    computed = tokens = replaced = 0
-    busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
-    rag.choose_anchor([text for _, text in docs])  # from all of them, not the first alone
-    with progress_bar(TextColumn("{task.fields[rate]}")) as bar:
-        task = bar.add_task("ingesting", total=len(docs), rate="")
-        for name, text in docs:
-            bar.update(task, description=f"ingesting {name[-40:]}")
-            t0 = time.perf_counter()
-            res = rag.ingest_text(name, text)
-            if res.precomputed_tokens:
-                busy += time.perf_counter() - t0
-            computed += res.precomputed
-            replaced += res.replaced
-            if earlier and name in earlier:
-                replaced += rag.index.remove_documents(earlier[name])
-            tokens += res.precomputed_tokens
-            bar.update(task, advance=1, rate=_rate(tokens, busy))
-    s = rag.index.stats()
-    console.print(f"{s['documents']} documents, {s['chunks']} chunks, {s['kv_entries']} KV "
-                  f"entries ({s['kv_bytes'] / 2**20:.0f} MiB); computed now: {computed}"
-                  + (f" ({tokens:,} tokens, {_rate(tokens, busy)})" if tokens else "")
-                  + (f"; earlier versions replaced: {replaced}" if replaced else "")
-                  + (f"; files skipped: {skipped}" if skipped else ""))
-    return computed
-
-
-def _rate(tokens: int, seconds: float) -> str:
-    """Precompute throughput as shown: chunking and embedding time included."""
-    return f"{tokens / seconds:,.0f} tokens/s" if tokens and seconds > 0 else ""
 
 
 def _ask_both(rag, question: str, chunks, mode: str, max_new_tokens: int, compare: bool):
@@ -222,7 +136,7 @@ def demo(ctx: typer.Context, home: Home = default_home(), model: Model = None,
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rag = open_rag(ctx, home, model, engine=engine)
     docs = pydoc_topics(None if all_topics else DEMO_TOPICS)
-    computed = run_engine(lambda: _ingest_docs(rag, docs))
+    computed = run_engine(lambda: ingest_docs(rag, docs))
     if not computed:
         console.print("[green]all chunk KV already stored: nothing precomputed[/green]")
     # One untimed answer first: an engine's first request pays one-off costs (allocations,

@@ -1,17 +1,35 @@
-"""``ragkv documents`` and ``ragkv remove``: what the index holds, and taking documents out of
-retrieval. Both read the index alone, so neither loads a model."""
+"""``ragkv ingest``, ``ragkv documents`` and ``ragkv remove``: documents into the index (named
+by their resolved paths, an edited file replacing its earlier version), what it holds, and
+taking them out of retrieval (the last two read the index alone and load no model)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path, PurePath
 from typing import Annotated
 
 import typer
+from rich.markup import escape
+from rich.progress import TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from ragkv.cli_shared import BlobUrl, Home, IndexUrl, cache_errors, console, fail
+from ragkv.cli_shared import (
+    AnchorSource,
+    BlobUrl,
+    Context,
+    Engine,
+    Home,
+    IndexUrl,
+    Model,
+    cache_errors,
+    console,
+    fail,
+    open_rag,
+    progress_bar,
+    run_engine,
+)
 from ragkv.config import RagkvConfig, default_home
 
 
@@ -63,7 +81,7 @@ def _under(name: str, folder: Path) -> bool:
     return path.is_relative_to(folder) and ".." not in path.relative_to(folder).parts
 
 
-def prune(index, folders: Iterable[Path], ingested: set[str]) -> list[str]:
+def prune_docs(index, folders: Iterable[Path], ingested: set[str]) -> list[str]:
     """Remove the documents named under ``folders`` (as ``ingest`` names the files it finds
     there) that are not in ``ingested``: files deleted, or unreadable now. Returns their
     names."""
@@ -124,3 +142,78 @@ def remove(names: Annotated[list[str], typer.Argument(
             console.print(Text(f"removed {name}"), soft_wrap=True)
         left = len(index.documents())
     console.print(f"{left} documents left")
+
+
+def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), model: Model = None,
+           context: Context = "anchor", anchor_source: AnchorSource = "corpus",
+           engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None,
+           strict: Annotated[bool, typer.Option(help="stop at the first unreadable file")] = False,
+           max_mb: Annotated[float, typer.Option(help="skip files larger than this")] = 20.0,
+           prune: Annotated[bool, typer.Option(
+               help="remove the documents under the given folders that this run did not "
+                    "ingest (files deleted or unreadable since)")] = False,
+           ) -> None:
+    """Ingest files or folders (.txt .md .rst .html .pdf): chunk, embed, precompute, store KV.
+    Files that cannot be read are skipped with the reason; the good ones go in."""
+    from ragkv.documents import SUPPORTED_SUFFIXES, DocumentError, load_documents
+
+    resolved = resolve_paths(paths)  # documents are named by their resolved paths
+    try:
+        report = load_documents(list(resolved.values()), max_bytes=int(max_mb * 2**20),
+                                strict=strict)
+    except (FileNotFoundError, DocumentError) as exc:
+        fail(str(exc))
+    for s in report.skipped:
+        console.print(f"[yellow]skipped[/yellow] {escape(str(s.path))}: {escape(s.reason)}",
+                      soft_wrap=True)
+    if not report.documents and not prune:
+        fail(f"no readable {'/'.join(SUPPORTED_SUFFIXES)} files found")
+    rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
+                   anchor_source=anchor_source)
+    if report.documents:
+        earlier = typed_names(resolved, [d.name for d in report.documents])
+        run_engine(lambda: ingest_docs(rag, [(d.name, d.text) for d in report.documents],
+                                        len(report.skipped), earlier))
+    if prune:
+        folders = [p for p in resolved.values() if p.is_dir()]
+        with cache_errors():
+            gone = prune_docs(rag.index, folders, {d.name for d in report.documents})
+        for name in gone:
+            console.print(Text(f"pruned {name}"), soft_wrap=True)
+        console.print(Text(f"pruned {len(gone)} documents this run did not ingest under "
+                           + ", ".join(map(str, folders))), soft_wrap=True)
+
+
+def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
+                 earlier: dict[str, str] | None = None) -> int:
+    """Ingest ``(name, text)`` pairs with a progress bar; ``earlier`` maps a name to the one
+    the same file had before (an earlier version, removed once the new one is in)."""
+    computed = tokens = replaced = 0
+    busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
+    rag.choose_anchor([text for _, text in docs])  # from all of them, not the first alone
+    with progress_bar(TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("ingesting", total=len(docs), rate="")
+        for name, text in docs:
+            bar.update(task, description=f"ingesting {name[-40:]}")
+            t0 = time.perf_counter()
+            res = rag.ingest_text(name, text)
+            if res.precomputed_tokens:
+                busy += time.perf_counter() - t0
+            computed += res.precomputed
+            replaced += res.replaced
+            if earlier and name in earlier:
+                replaced += rag.index.remove_documents(earlier[name])
+            tokens += res.precomputed_tokens
+            bar.update(task, advance=1, rate=_rate(tokens, busy))
+    s = rag.index.stats()
+    console.print(f"{s['documents']} documents, {s['chunks']} chunks, {s['kv_entries']} KV "
+                  f"entries ({s['kv_bytes'] / 2**20:.0f} MiB); computed now: {computed}"
+                  + (f" ({tokens:,} tokens, {_rate(tokens, busy)})" if tokens else "")
+                  + (f"; earlier versions replaced: {replaced}" if replaced else "")
+                  + (f"; files skipped: {skipped}" if skipped else ""))
+    return computed
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    """Precompute throughput as shown: chunking and embedding time included."""
+    return f"{tokens / seconds:,.0f} tokens/s" if tokens and seconds > 0 else ""

@@ -41,6 +41,12 @@ Port = Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on
 
 T = TypeVar("T")
 
+Context = Annotated[str, typer.Option(
+    help="precompute chunks 'cold', after the 'prefix', or after it and the 'anchor' passage")]
+AnchorSource = Annotated[str, typer.Option(
+    help="the anchor passage: 'corpus' (picked from the documents at the cache's first "
+         "ingestion; for bench, from the cases) or 'builtin' (ragkv's neutral passage)")]
+
 
 def print_error(msg: str) -> None:
     """``error: msg`` on one line."""
