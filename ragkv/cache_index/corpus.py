@@ -88,22 +88,22 @@ class CorpusRows(IndexDatabase):
         """
         if not chunks:
             return []
-        for attempt in range(2):
-            try:
-                return self._add_chunks_once(document_id, chunks)
-            except IntegrityError:
-                # Either the document was removed (a later version of it replaced it), or
-                # another process inserted the same ordinals first: then, the second time,
-                # they are found and updated.
-                if not self._has_document(document_id):
-                    raise DocumentGone(document_id) from None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return self._add_chunks_once(document_id, chunks)
+        except IntegrityError:
+            # Either the document was removed (a later version of it replaced it), or another
+            # process inserted the same ordinals first: then, this time, they are updated.
+            self._require_document(document_id)
+        try:
+            return self._add_chunks_once(document_id, chunks)
+        except IntegrityError:
+            self._require_document(document_id)
+            raise
 
-    def _has_document(self, document_id: int) -> bool:
+    def _require_document(self, document_id: int) -> None:
         with self.transaction() as s:
-            return s.get(Document, document_id) is not None
+            if s.get(Document, document_id) is None:
+                raise DocumentGone(document_id) from None
 
     def _add_chunks_once(self, document_id: int, chunks: list[ChunkRecord]) -> list[int]:
         with self.transaction() as s:
