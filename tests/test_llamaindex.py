@@ -129,6 +129,26 @@ def test_query_engine_matches_api(rag: RagKV, mode: str, ratio: float) -> None:
         assert trace["recomputed_tokens"] == expected.trace.recomputed_tokens
 
 
+@pytest.mark.parametrize(("query", "error", "says"), [
+    (None, TypeError, "the question"), (42, TypeError, "the question"),
+    ("  ", ValueError, "the question is empty"),
+])
+def test_a_bad_question_is_the_facades_one_line_error(rag: RagKV, query: Any,
+                                                      error: type, says: str) -> None:
+    import asyncio
+
+    from llama_index.core import QueryBundle
+
+    engine = RagkvQueryEngine(rag=rag, max_new_tokens=NEW)
+    for call in (lambda q: engine.query(q), lambda q: asyncio.run(engine.aquery(q))):
+        with pytest.raises(error, match=says) as info:
+            call(query)
+        assert len(str(info.value).splitlines()) == 1
+    if isinstance(query, str):
+        with pytest.raises(error, match=says):
+            engine.query(QueryBundle(query))
+
+
 def test_streaming_and_async_match_api(rag: RagKV) -> None:
     expected = api_answer(rag)
     engine = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW, streaming=True)

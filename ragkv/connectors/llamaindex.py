@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
+from ragkv.prompt import check_question
 
 if TYPE_CHECKING:
     from ragkv.trace import QueryTrace
@@ -276,6 +277,14 @@ class RagkvQueryEngine(CustomQueryEngine):
         emit_trace_events(stream.trace)
         return stream, [n for n, _ in pairs]
 
+    # LlamaIndex validates the question only inside its own start event, a several-line
+    # pydantic error for ``query(None)``; checked first it is the facade's one-line error.
+    def query(self, str_or_query_bundle: Any) -> Any:
+        return super().query(_checked(str_or_query_bundle))
+
+    async def aquery(self, str_or_query_bundle: Any) -> Any:
+        return await super().aquery(_checked(str_or_query_bundle))
+
     @dispatcher.span
     def custom_query(self, query_str: str) -> Response | StreamingResponse:
         t = time.perf_counter()
@@ -293,6 +302,12 @@ class RagkvQueryEngine(CustomQueryEngine):
         # The model runs on blocking torch calls; a worker thread keeps the loop responsive
         # (and to_thread carries the context, so spans and events still nest correctly).
         return await asyncio.to_thread(self.custom_query, query_str)
+
+
+def _checked(query: Any) -> Any:
+    """``query`` (a question or a ``QueryBundle``) once its question is a string with text."""
+    check_question(query.query_str if isinstance(query, QueryBundle) else query)
+    return query
 
 
 def _pieces(stream: TokenStream, meta: dict[str, Any]) -> Iterator[str]:
