@@ -79,12 +79,26 @@ def _offsets(text: str, tokenizer: Any, enc: Any) -> list[tuple[int, int]]:
         if any(ch not in table for ch in token):  # not a byte string (an added token)
             return reported
         piece = bytes(table[ch] for ch in token)
-        found = data.find(piece, at)
-        if found < 0:  # not the text's bytes in order: keep what the tokenizer said
+        span = _walk(data, piece, at)
+        if span is None:  # not the text's bytes in order: keep what the tokenizer said
             return reported
-        at = found + len(piece)
+        found, at = span
         fixed.append((char_of[found], char_of[at - 1] + 1 if piece else char_of[found]))
     return fixed
+
+
+def _walk(data: bytes, piece: bytes, at: int) -> tuple[int, int] | None:
+    """Where ``piece`` lies in ``data`` from ``at``: ``(first byte, one past the last)``, its
+    bytes in order with dropped bytes allowed between them (one token can span a control byte
+    the vocabulary lacks, as " ." does in " \x06."); None if they are not there."""
+    first = at
+    for i, byte in enumerate(piece):
+        at = data.find(byte, at)
+        if at < 0:
+            return None
+        first = at if i == 0 else first
+        at += 1
+    return first, at
 
 
 def _boundary_ranks(text: str) -> list[int]:

@@ -141,14 +141,21 @@ def test_chunk_text_raises_only_documented_errors(tokenizer, source: str,
     ("abc def\n\n\x16\x04", 1),  # a trailing one joins the chunk before
     ("ab\x04\x06cd.e " * 20, 3),  # shifted offsets inside words, cut often
     ("\U00040000" * 30 + " tail", 2),  # pieces of one character: never cut between them
+    # " ." is one token across the dropped "\x06": the offsets' repair gave up, every token
+    # then looked like a piece of one character, and the emoji run became one 13-token chunk
+    ("\x06\U0001f468\u200d\U0001f469\u200d\U0001f467 \x06.", 8),
 ])
 def test_chunk_text_with_bytes_the_tokenizer_drops(tokenizer, source: str,
                                                    chunk_tokens: int) -> None:
-    _check_chunks(source, chunk_text(source, tokenizer, chunk_tokens), tokenizer)
+    chunks = chunk_text(source, tokenizer, chunk_tokens)
+    _check_chunks(source, chunks, tokenizer)
+    if chunk_tokens >= 8:  # the size promise (test_chunk_size_bound)
+        assert all(len(c.token_ids) <= 1.25 * chunk_tokens for c in chunks)
 
 
 @fast()
 @given(source=texts_with_dropped, chunk_tokens=st.integers(1, 64))
+@example(source="\x06\U0001f468\u200d\U0001f469\u200d\U0001f467 \x06.", chunk_tokens=8)
 def test_chunk_text_with_dropped_bytes_anywhere(tokenizer, source: str,
                                                chunk_tokens: int) -> None:
     """The same invariants with bytes the tokenizer drops mixed into arbitrary text."""
