@@ -27,6 +27,10 @@ def _texts(rag: RagKV, question: str = "pass statement", k: int = 50) -> set[str
     return {c.text for c in rag.retrieve(question, k=k)}
 
 
+def _crash(*args, **kwargs):
+    raise OSError("killed")  # the process dies here
+
+
 def _names(rag: RagKV) -> list[str]:
     return sorted(d.name for d in rag.index.documents())
 
@@ -53,10 +57,7 @@ def test_the_same_text_again_replaces_nothing(rag):
 
 
 def test_a_rerun_after_a_crash_between_adding_and_removing_cleans_up(rag, monkeypatch):
-    def crash(*args, **kwargs):
-        raise OSError("killed")
-
-    monkeypatch.setattr(rag.index, "remove_documents", crash)
+    monkeypatch.setattr(rag.index, "remove_documents", _crash)
     with pytest.raises(OSError):
         rag.ingest_text("doc:pass", EDITED)
     assert _names(rag) == ["doc:assert", "doc:pass", "doc:pass"]  # both versions, never none
@@ -86,10 +87,7 @@ def test_a_version_replaced_while_it_is_written_gives_way(rag, engine, monkeypat
 
 
 def test_a_rerun_fills_a_document_whose_chunks_a_crash_left_out(rag, monkeypatch):
-    def crash(*args, **kwargs):
-        raise OSError("killed")
-
-    monkeypatch.setattr(rag.index, "add_chunks", crash)
+    monkeypatch.setattr(rag.index, "add_chunks", _crash)
     with pytest.raises(OSError):
         rag.ingest_text("doc:new", EDITED)
     assert "doc:new" in _names(rag) and not rag.index.chunks(document_id=max(

@@ -39,19 +39,24 @@ def _ingest_worker(root: str, worker: int, start, errors) -> None:
         raise
 
 
-def test_four_processes_ingesting_at_once(tmp_path):
+def _run_at_once(worker, root: Path, n: int = 4) -> None:
+    """``n`` spawned processes run ``worker(root, i, start, errors)`` from one start signal;
+    every one must exit cleanly."""
     ctx = mp.get_context("spawn")
-    make_store(tmp_path).index.close()  # schema first, as ingestion's first open would
+    make_store(root).index.close()  # schema first, as ingestion's first open would
     start, errors = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_ingest_worker, args=(str(tmp_path), w, start, errors))
-             for w in range(4)]
+    procs = [ctx.Process(target=worker, args=(str(root), w, start, errors)) for w in range(n)]
     for p in procs:
         p.start()
     start.set()
     for p in procs:
         p.join(120)
     failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
-    assert [p.exitcode for p in procs] == [0] * 4, failures
+    assert [p.exitcode for p in procs] == [0] * n, failures
+
+
+def test_four_processes_ingesting_at_once(tmp_path):
+    _run_at_once(_ingest_worker, tmp_path)
     store = make_store(tmp_path)
     with store.index.transaction() as s:
         assert s.scalar(select(func.count(KVEntry.key))) == SHARED + 4 * OWN
@@ -90,18 +95,7 @@ def _version_worker(root: str, worker: int, start, errors) -> None:
 
 
 def test_processes_ingesting_versions_of_one_document_leave_the_latest(tmp_path):
-    ctx = mp.get_context("spawn")
-    make_store(tmp_path).index.close()
-    start, errors = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_version_worker, args=(str(tmp_path), w, start, errors))
-             for w in range(4)]
-    for p in procs:
-        p.start()
-    start.set()
-    for p in procs:
-        p.join(120)
-    failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
-    assert [p.exitcode for p in procs] == [0] * 4, failures
+    _run_at_once(_version_worker, tmp_path)
     index = make_store(tmp_path).index
     [doc] = index.documents()  # one version: never two, never none
     with index.transaction() as s:

@@ -341,63 +341,6 @@ def test_version_is_the_installed_distributions() -> None:
     assert ragkv.__version__ == version("ragkv")
 
 
-def test_ingest_replaces_edited_files_and_prunes_deleted_ones(tmp_path: Path,
-                                                              tiny_model: Path) -> None:
-    docs, other = tmp_path / "docs", tmp_path / "other.md"
-    (docs / "sub").mkdir(parents=True)
-    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
-    (docs / "sub" / "b.md").write_text("A with statement wraps a block.\n" * 20)
-    other.write_text("The pass statement does nothing.\n" * 20)
-    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
-    run("ingest", str(docs), str(other), *home)
-    (docs / "a.md").write_text("The assert statement was edited.\n" * 20)
-    out = run("ingest", str(docs), *home)
-    assert "earlier versions replaced: 1" in out and "3 documents" in out
-    (docs / "sub" / "b.md").unlink()
-    out = run("ingest", str(docs), "--prune", *home)
-    assert f"pruned {docs / 'sub' / 'b.md'}" in out and "pruned 1 documents" in out
-    listed = run("documents", "--home", str(tmp_path / "home"))
-    assert "2 documents" in listed and "other.md" in listed  # outside the folder: kept
-    (docs / "a.md").unlink()
-    out = run("ingest", str(docs), "--prune", *home)  # nothing left to read is no error here
-    assert "pruned 1 documents" in out
-    assert "1 documents" in run("documents", "--home", str(tmp_path / "home"))
-    result = runner.invoke(app, ["ingest", str(docs), *home])
-    assert result.exit_code == 2 and "no readable" in result.output
-
-
-def test_documents_are_named_by_resolved_path(tmp_path: Path, tiny_model: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from ragkv.cache_index import CacheIndex
-
-    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
-    for project in ("alpha", "beta"):  # two projects, one cache, both with a README.md
-        (tmp_path / project / "docs").mkdir(parents=True)
-        (tmp_path / project / "README.md").write_text(f"The {project} project.\n" * 20)
-        (tmp_path / project / "docs" / "a.md").write_text(f"Alpha {project} page.\n" * 20)
-    monkeypatch.chdir(tmp_path / "alpha")
-    run("ingest", "README.md", "docs", *home)
-    monkeypatch.chdir(tmp_path / "beta")
-    run("ingest", "README.md", *home)
-    index = CacheIndex(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}")
-    real = tmp_path.resolve()
-    assert sorted(d.name for d in index.documents()) == [
-        str(real / "alpha" / "README.md"), str(real / "alpha" / "docs" / "a.md"),
-        str(real / "beta" / "README.md")]
-    # a document named as typed, by an ingestion before names were resolved, is an earlier
-    # version of the same file when ingested from the same folder
-    (tmp_path / "beta" / "notes").mkdir()
-    (tmp_path / "beta" / "notes" / "b.md").write_text("Beta page, edited.\n" * 20)
-    index.add_document(str(Path("notes") / "b.md"), "", "0" * 64)
-    out = run("ingest", "notes", *home)
-    assert "earlier versions replaced: 1" in out
-    assert str(Path("notes") / "b.md") not in {d.name for d in index.documents()}
-    out = run("remove", "notes/b.md", "--home", str(tmp_path / "home"))  # a path works too
-    assert f"removed {real / 'beta' / 'notes' / 'b.md'}" in out
-    assert len(index.documents()) == 3
-    index.close()
-
-
 @pytest.mark.parametrize(("args", "says"), [
     (["ask"], "Missing argument 'question'. (see `ragkv ask --help`)"),
     (["nosuch"], "No such command 'nosuch'."),
