@@ -15,16 +15,21 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from ragkv.anchor import ANCHOR_SETTING, corpus_anchor
 from ragkv.cache_index import CacheIndex
+from ragkv.cache_index.corpus import Removal
 from ragkv.chunking import RetrievedChunk
 from ragkv.config import BlendConfig, RagkvConfig
 from ragkv.engine.base import Backend, Generation, GenerationRequest, NextToken
 from ragkv.prompt import AssembledPrompt, PromptTemplate, check_question, require_str
 from ragkv.trace import ChunkTrace, QueryTrace
+
+if TYPE_CHECKING:
+    from ragkv.cache_index import KVStore
 
 log = logging.getLogger("ragkv")
 
@@ -132,6 +137,7 @@ class RagKV:
         self.backend: Backend = backend or open_backend(self.config, self.index, engine)
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
         self._embedder = None
+        self._kv_store: KVStore | None = None  # for removals (built lazily)
         # False until this facade holds the cache's corpus passage (or picked its own): until
         # then each query and precompute asks the index again, so a process opened before
         # the cache's first ingestion adopts the passage another process records
@@ -252,10 +258,20 @@ class RagKV:
         return ingest_text(self, name, text, source, progress)
 
     def remove_document(self, name: str) -> bool:
-        """Remove the document called ``name`` (every version) from retrieval and the index;
-        False when there is none. Its chunks' KV stays in the cache until eviction."""
+        """Remove the document called ``name`` (every version) from retrieval and the index,
+        with the KV of its chunks that no other chunk shares; False when there is none."""
         require_str(name, "the document's name")
-        return self.index.remove_documents(name) > 0
+        return self._remove_documents(name).documents > 0
+
+    def _remove_documents(self, name: str, before_id: int | None = None) -> Removal:
+        """``KVStore.remove_documents`` on this facade's cache, whatever the engine: the
+        index and the blob tiers its config names (no memory tier of its own)."""
+        if self._kv_store is None:
+            from ragkv.cache_index import KVStore
+
+            self._kv_store = KVStore.from_config(replace(self.config, memory_budget_bytes=0),
+                                                 index=self.index)
+        return self._kv_store.remove_documents(name, before_id=before_id)
 
     def retrieve(self, question: str, k: int = 4) -> list[RetrievedChunk]:
         from ragkv.ingest import retrieve

@@ -81,15 +81,15 @@ def _under(name: str, folder: Path) -> bool:
     return path.is_relative_to(folder) and ".." not in path.relative_to(folder).parts
 
 
-def prune_docs(index, folders: Iterable[Path], ingested: set[str]) -> list[str]:
+def prune_docs(rag, folders: Iterable[Path], ingested: set[str]) -> list[str]:
     """Remove the documents named under ``folders`` (as ``ingest`` names the files it finds
     there) that are not in ``ingested``: files deleted, or unreadable now. Returns their
     names."""
     folders = [f for f in folders if f.is_dir()]
-    gone = sorted({d.name for d in index.documents()
+    gone = sorted({d.name for d in rag.index.documents()
                    if d.name not in ingested and any(_under(d.name, f) for f in folders)})
     for name in gone:
-        index.remove_documents(name)
+        rag.remove_document(name)
     return gone
 
 
@@ -125,12 +125,17 @@ def remove(names: Annotated[list[str], typer.Argument(
                help="document names as `ragkv documents` lists them, or the files' paths")],
            home: Home = default_home(), index_url: IndexUrl = None,
            blob_url: BlobUrl = None) -> None:
-    """Remove documents from the index and from retrieval.
+    """Remove documents from the index and from retrieval, with their chunks' KV.
 
-    All or nothing: an unknown name removes none. Their KV stays in the cache until its
-    budgets evict it."""
+    All or nothing: an unknown name removes none. KV that a chunk of another document shares
+    stays."""
+    from ragkv.cache_index import KVStore
+
     with cache_errors():
-        index = _index(home, index_url, blob_url)
+        cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url,
+                          memory_budget_bytes=0)
+        store = KVStore.from_config(cfg)
+        index = store.index
         known = {d.name for d in index.documents()}
         found = {n: _known_as(n, known) for n in dict.fromkeys(names)}
         unknown = [n for n, k in found.items() if k is None]
@@ -138,8 +143,9 @@ def remove(names: Annotated[list[str], typer.Argument(
             fail(f"no document named {', '.join(map(repr, unknown))}; `ragkv documents` "
                  "lists them (nothing was removed)")
         for name in dict.fromkeys(found.values()):
-            index.remove_documents(name)
-            console.print(Text(f"removed {name}"), soft_wrap=True)
+            freed = sum(e.nbytes for e in store.remove_documents(name).entries)
+            console.print(Text(f"removed {name} (KV freed: {freed / 2**20:.1f} MiB)"),
+                          soft_wrap=True)
         left = len(index.documents())
     console.print(f"{left} documents left")
 
@@ -177,7 +183,7 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
     if prune:
         folders = [p for p in resolved.values() if p.is_dir()]
         with cache_errors():
-            gone = prune_docs(rag.index, folders, {d.name for d in report.documents})
+            gone = prune_docs(rag, folders, {d.name for d in report.documents})
         for name in gone:
             console.print(Text(f"pruned {name}"), soft_wrap=True)
         console.print(Text(f"pruned {len(gone)} documents this run did not ingest under "
@@ -202,7 +208,7 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
             computed += res.precomputed
             replaced += res.replaced
             if earlier and name in earlier:
-                replaced += rag.index.remove_documents(earlier[name])
+                replaced += rag._remove_documents(earlier[name]).documents
             tokens += res.precomputed_tokens
             bar.update(task, advance=1, rate=_rate(tokens, busy))
     s = rag.index.stats()

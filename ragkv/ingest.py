@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ragkv.cache_index.corpus import DocumentGone
+from ragkv.cache_index.corpus import DocumentGone, Removal
 from ragkv.cache_index.models import ChunkRecord
 from ragkv.chunking import RetrievedChunk, chunk_text
 
@@ -31,6 +31,8 @@ class Ingesting(Protocol):
     def precompute_many(self, chunks: Sequence[Sequence[int]]) -> list[bool]: ...
 
     def choose_anchor(self, texts: Sequence[str]) -> str | None: ...
+
+    def _remove_documents(self, name: str, before_id: int | None = None) -> Removal: ...
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 
@@ -86,7 +88,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         infos = index.chunks(ids)
     # after the new version's chunks are in, so the name is never without one; a rerun after
     # a crash between the two removes what is left
-    replaced = index.remove_documents(name, before_id=doc_id)
+    replaced = rag._remove_documents(name, before_id=doc_id).documents
     done = tokens = 0
     for start in range(0, len(infos), PRECOMPUTE_BATCH):
         batch = infos[start:start + PRECOMPUTE_BATCH]

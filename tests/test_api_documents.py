@@ -13,10 +13,12 @@ from api_cases import (  # noqa: F401 - fixtures are used by name
     rag,
     seed,
 )
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from ragkv.api import RagKV
 from ragkv.cache_index import CacheIndex
+from ragkv.cache_index.models import KVEntry, ids_sha256
 from ragkv.cli import app
 
 EDITED = ("The pass statement has been renamed. Write skip where a statement is required "
@@ -98,6 +100,62 @@ def test_a_rerun_fills_a_document_whose_chunks_a_crash_left_out(rag, monkeypatch
     assert EDITED in _texts(rag)
 
 
+def _entries(rag: RagKV, document: str) -> dict[str, str]:
+    """The KV entries (key → blob name) holding the KV of ``document``'s chunks."""
+    digests = {ids_sha256(c.token_ids) for c in rag.index.chunks() if c.document_name == document}
+    with rag.index.transaction() as s:
+        rows = s.execute(select(KVEntry.key, KVEntry.blob_name)
+                         .where(KVEntry.ids_sha256.in_(digests))).all()
+    return dict(rows)
+
+
+def _blob_files(rag: RagKV) -> set[str]:
+    root = rag.config.home / "blobs"
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("context", ["prefix", "anchor"])
+def test_the_kv_of_a_replaced_or_removed_document_leaves_the_cache(tmp_path, engine, context):
+    rag = RagKV(make_config(tmp_path / "home", precompute_context=context), engine=engine)
+    try:
+        for name, text in _docs().items():
+            rag.ingest_text(name, text)
+        rag.ingest_text("doc:copy", _docs()["doc:assert"])  # the same chunks, shared KV
+        n_pass = len([c for c in rag.index.chunks() if c.document_name == "doc:pass"])
+        old, kept = _entries(rag, "doc:pass"), _entries(rag, "doc:assert")
+        assert len(old) == n_pass * (2 if context == "anchor" else 1)
+        assert set(old.values()) <= _blob_files(rag)
+        rag.ingest_text("doc:pass", EDITED)  # replaces the earlier version
+        assert not any(rag.index.has_entries(list(old)).values())
+        assert not set(old.values()) & _blob_files(rag)
+        new = _entries(rag, "doc:pass")
+        assert new and not set(new) & set(old)
+        assert rag.remove_document("doc:assert")  # doc:copy holds the same chunks
+        assert all(rag.index.has_entries(list(kept)).values())
+        assert set(kept.values()) <= _blob_files(rag)
+        assert rag.remove_document("doc:copy")
+        assert not any(rag.index.has_entries(list(kept)).values())
+        assert not set(kept.values()) & _blob_files(rag)
+        assert rag.generate([EDITED], "What was renamed?", max_new_tokens=2).tokens
+    finally:
+        rag.index.close()
+
+
+def test_a_document_removed_and_ingested_again_is_stored_again(tmp_path, engine):
+    # the facade's memory tier still holds the removed KV; the index must have it back
+    rag = RagKV(make_config(tmp_path / "home", memory_budget_bytes=2**28), engine=engine)
+    try:
+        rag.ingest_text("doc:pass", _docs()["doc:pass"])
+        held = _entries(rag, "doc:pass")
+        assert rag.remove_document("doc:pass")
+        assert not any(rag.index.has_entries(list(held)).values())
+        res = rag.ingest_text("doc:pass", _docs()["doc:pass"])
+        assert res.precomputed == res.n_chunks
+        assert set(_entries(rag, "doc:pass")) == set(held)
+    finally:
+        rag.index.close()
+
+
 def test_remove_document(rag):
     assert rag.remove_document("doc:pass") is True
     assert _names(rag) == ["doc:assert"]
@@ -163,9 +221,12 @@ def test_documents_and_remove_on_the_command_line(rag):
     assert bad.exit_code == 2
     assert len(bad.output.strip().splitlines()) == 1 and "'doc:nope'" in bad.output
     assert _names(rag) == ["doc:assert", "doc:pass"]  # all or nothing
+    held = _entries(rag, "doc:pass")
+    assert held
     ok = runner.invoke(app, ["remove", "doc:pass", "--home", home])
-    assert ok.exit_code == 0 and "removed doc:pass" in ok.output
+    assert ok.exit_code == 0 and "removed doc:pass (KV freed: " in ok.output
     assert _names(rag) == ["doc:assert"]
+    assert not any(rag.index.has_entries(list(held)).values())
 
 
 def test_ingesting_a_known_document_again_reads_its_own_chunks_only(rag, monkeypatch):

@@ -11,7 +11,9 @@ import torch
 from cache_cases import (  # noqa: F401 - fixtures are used by name
     FP,
     LAYOUT,
+    _blob_path,
     _key,
+    _kv,
     _put,
     _records,
     blobs,
@@ -65,7 +67,7 @@ def test_versions_of_a_document_and_the_corpus_version(index: CacheIndex) -> Non
         doc_id, _ = index.add_document("d", "d", sha * 64)
         index.add_chunks(doc_id, _records(2))
         versions.append(index.corpus_version())  # inserted, then updated in place
-        kept.append(index.remove_documents("d", before_id=doc_id))
+        kept.append(index.remove_documents("d", before_id=doc_id).documents)
     assert kept == [0, 1]
     assert [d.id for d in index.documents()] == [doc_id]
     assert {c.document_id for c in index.chunks()} == {doc_id}
@@ -74,7 +76,8 @@ def test_versions_of_a_document_and_the_corpus_version(index: CacheIndex) -> Non
     assert index.chunks(document_id=doc_id - 1) == []  # the removed version's
     index.set_document_chunk_count(doc_id, 1)  # a re-chunk that drops a chunk
     versions.append(index.corpus_version())
-    assert index.remove_documents("d") == 1 and index.remove_documents("d") == 0
+    assert index.remove_documents("d").documents == 1
+    assert index.remove_documents("d").documents == 0
     versions.append(index.corpus_version())
     assert index.documents() == [] and index.chunks() == []
     assert None not in versions and len(set(versions)) == 4
@@ -90,6 +93,32 @@ def test_writing_a_removed_document_says_it_is_gone(index: CacheIndex) -> None:
     with pytest.raises(DocumentGone):
         index.set_document_chunk_count(doc_id, 2)
     assert index.chunks() == [] and index.documents() == []
+
+
+def test_removed_chunks_take_the_kv_no_other_chunk_holds(store: KVStore) -> None:
+    from ragkv.cache_index.models import ids_sha256
+
+    index = store.index
+    for name, n in (("a", 2), ("b", 1)):  # b's one chunk has a's first chunk's ids
+        doc_id, _ = index.add_document(name, name, name * 64)
+        index.add_chunks(doc_id, _records(n))
+    digests = [ids_sha256(r.token_ids) for r in _records(2)]
+    held = {_key(1): digests[0], _key(2): digests[0], _key(3): digests[1],  # two contexts
+            _key(4): None, _key(5): ids_sha256([9, 9])}  # no digest; not a chunk's
+    for key, digest in held.items():
+        assert store.put(key, _kv(), model_fp=FP, layout=LAYOUT, n_tokens=5, ids_sha256=digest)
+    blobs = {key: _blob_path(store, key) for key in held}
+    assert index.get_entry(_key(3)).ids_sha256 == digests[1]
+
+    removal = store.remove_documents("a")
+    assert removal.documents == 1 and [e.key for e in removal.entries] == [_key(3)]
+    assert index.has_entries(list(held)) == {k: k != _key(3) for k in held}
+    assert [store.blobs.fs.exists(p) for p in blobs.values()] == [True, True, False, True, True]
+    removal = store.remove_documents("b")
+    assert sorted(e.key for e in removal.entries) == [_key(1), _key(2)]
+    assert index.has_entries(list(held)) == {k: k in (_key(4), _key(5)) for k in held}
+    assert [store.blobs.fs.exists(p) for p in blobs.values()] == [False, False, False, True, True]
+    assert store.remove_documents("b").entries == []
 
 
 def test_has_entries(store: KVStore) -> None:

@@ -16,6 +16,7 @@ from cache_cases import (  # noqa: F401 - fixtures are used by name
 )
 
 from ragkv.cache_index import CacheIndex, KVStore, blob_name
+from ragkv.cache_index.models import ids_sha256
 from ragkv.cache_index.residency import drop_resident
 
 # -- index: stats, query log, sizes, most reused ---------------------------------------------
@@ -75,10 +76,11 @@ def test_log_query_and_recent_queries(index: CacheIndex) -> None:
         index.log_query(question="q", mode="full", bogus=1)
 
 
-def _entry(index: CacheIndex, i: int, nbytes: int, *, on_remote: bool = False) -> None:
+def _entry(index: CacheIndex, i: int, nbytes: int, *, on_remote: bool = False,
+           ids: list[int] | None = None) -> None:
     index.upsert_entry(_key(i), model_fp=FP, layout=LAYOUT, n_tokens=i, nbytes=nbytes,
                        blob_name=blob_name(_key(i)), checksum="0" * 64, dtype="float16",
-                       on_remote=on_remote)
+                       on_remote=on_remote, ids_sha256=None if ids is None else ids_sha256(ids))
 
 
 def test_tier_sizes(index: CacheIndex) -> None:
@@ -101,11 +103,12 @@ def test_document_sizes(index: CacheIndex) -> None:
     index.add_document("no-chunks.md", "", "3" * 64)
     index.add_chunks(a, _records(3))  # keys 100..102
     index.add_chunks(b, _records(2))  # keys 100..101, shared with a.md
-    _entry(index, 100, 10)
+    _entry(index, 100, 10, ids=[0, 1, 2])
     _entry(index, 102, 1000)
+    _entry(index, 7, 5, ids=[0, 1, 2])  # chunk 0's KV in another context: found by its ids
     assert index.document_sizes() == [
-        {"document_id": a, "document": "a.md", "chunks": 3, "kv_bytes": 1010},
-        {"document_id": b, "document": "b.md", "chunks": 2, "kv_bytes": 10},
+        {"document_id": a, "document": "a.md", "chunks": 3, "kv_bytes": 1015},
+        {"document_id": b, "document": "b.md", "chunks": 2, "kv_bytes": 15},
     ]
 
 
@@ -114,14 +117,18 @@ def test_top_entries(index: CacheIndex) -> None:
     b, _ = index.add_document("b.md", "", "2" * 64)
     index.add_chunks(a, _records(2))  # keys 100, 101
     index.add_chunks(b, _records(1, tag="b"))  # key 100 again: a.md's chunk was stored first
-    for i in (100, 101, 7, 8):
+    for i in (100, 101, 7):
         _entry(index, i, 10)
+    _entry(index, 8, 10, ids=[0, 1, 2, 3])  # chunk 1's KV in another context
     assert index.top_entries() == []  # nothing reused yet
-    index.record_hits([_key(101), _key(7), _key(7), _key(100), _key(100)])
+    index.record_hits([_key(101), _key(7), _key(7), _key(100), _key(100)] + [_key(8)] * 3)
     top = index.top_entries(10)
-    assert [(e["key"], e["hits"]) for e in top] == [(_key(7), 2), (_key(100), 2), (_key(101), 1)]
+    assert [(e["key"], e["hits"]) for e in top] == [
+        (_key(8), 3), (_key(7), 2), (_key(100), 2), (_key(101), 1)]
+    assert (top[0]["document"], top[0]["ordinal"]) == ("a.md", 1)
+    top = top[1:]
     assert top[1] == {"key": _key(100), "hits": 2, "n_tokens": 100, "document": "a.md",
                       "ordinal": 0, "text": "chunk 0"}
     assert (top[0]["document"], top[0]["ordinal"], top[0]["text"]) == (None, None, None)
-    assert [e["key"] for e in index.top_entries(1)] == [_key(7)]
+    assert [e["key"] for e in index.top_entries(1)] == [_key(8)]
 

@@ -138,15 +138,16 @@ def test_pre_migration_schema_1_database_is_upgraded_without_loss(db_url: str) -
         index.close()
 
 
-def test_pre_migration_current_schema_database_is_stamped(tmp_path: Path) -> None:
-    # What the release just before migrations made: create_all of today's models.
-    url = f"sqlite:///{tmp_path / 'v2.sqlite'}"
+def test_pre_migration_schema_3_database_is_stamped_and_upgraded(tmp_path: Path) -> None:
+    # What the release just before migrations made: schema-3 tables, no alembic_version.
+    url = f"sqlite:///{tmp_path / 'v3.sqlite'}"
+    _run(url, "upgrade", "0003")
     engine = create_engine(url)
-    Base.metadata.create_all(engine)
     with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
         conn.execute(
-            text("INSERT INTO schema_version (id, version, created_at) VALUES (1, :v, :t)"),
-            {"v": SCHEMA_VERSION, "t": "2026-01-01 00:00:00"},
+            text("INSERT INTO schema_version (id, version, created_at) VALUES (1, 3, :t)"),
+            {"t": "2026-01-01 00:00:00"},
         )
         conn.execute(
             text(
@@ -159,9 +160,44 @@ def test_pre_migration_current_schema_database_is_stamped(tmp_path: Path) -> Non
     engine.dispose()
     index = CacheIndex(url)
     assert [q["question"] for q in index.recent_queries()] == ["q"]
+    assert index.schema_version == SCHEMA_VERSION
     index.close()
     assert _revision(url) == head_revision()
     assert _diffs(url) == []
+
+
+def test_schema_4_digests_existing_chunks_and_the_entries_they_name(db_url: str) -> None:
+    from ragkv.cache_index.models import ids_sha256
+
+    _run(db_url, "upgrade", "0003")
+    t = {"t": "2026-01-01 00:00:00"}
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO documents (id, name, source, text_sha256, n_chunks,"
+                          " created_at) VALUES (1, 'a.md', '', 's', 2, :t)"), t)
+        for i, key in enumerate(("k1", "k2")):
+            conn.execute(text(
+                "INSERT INTO chunks (id, document_id, ordinal, text, token_ids, n_tokens,"
+                " cache_key) VALUES (:i, 1, :i, 'x', :ids, 2, :key)"),
+                {"i": i + 1, "ids": f"[{i}, 7]", "key": key})
+        for key in ("k1", "k9"):  # k9: a twin no chunk names by its cache key
+            conn.execute(text(
+                "INSERT INTO kv_entries (key, model_fp, layout, n_tokens, nbytes, blob_name,"
+                " checksum, dtype, created_at, last_access_at, hits, priority, on_disk,"
+                f" on_remote) VALUES ('{key}', 'fp', 'L', 2, 10, 'b', 'c', 'float16', :t, :t,"
+                " 0, 0, true, false)"), t)
+    engine.dispose()
+    index = CacheIndex(db_url)
+    try:
+        assert _revision(db_url) == head_revision() and _diffs(db_url) == []
+        got = {c.id: c for c in index.chunks()}
+        assert [c.token_ids for c in got.values()] == [[0, 7], [1, 7]]
+        assert index.get_entry("k1").ids_sha256 == ids_sha256([0, 7])
+        assert index.get_entry("k9").ids_sha256 is None
+        removal = index.remove_documents("a.md")
+        assert [e.key for e in removal.entries] == ["k1"]
+    finally:
+        index.close()
 
 
 def test_racing_openers_of_a_fresh_file_all_succeed(tmp_path: Path) -> None:

@@ -333,6 +333,30 @@ def test_a_precompute_batch_that_vllm_splits_over_steps_stores_every_chunk(vllm_
     assert missing == []
 
 
+def test_the_kv_vllm_stores_leaves_with_its_document(vllm_rag):
+    """Entries vLLM's prefill saves and misses the worker computes carry their ids' digest,
+    so removing the document removes them."""
+    from sqlalchemy import select
+
+    from ragkv.cache_index.models import KVEntry, ids_sha256
+
+    rag = vllm_rag.with_config(precompute_context="anchor")
+    rag.ingest_text("removed-soon", "\n\n".join(c + " (to be removed)" for c in CHUNKS))
+    mine = [c.token_ids for c in rag.index.chunks() if c.document_name == "removed-soon"]
+    keys = rag.backend.keys
+    extra = rag.tokenizer(CHUNKS[0] + " (a miss)", add_special_tokens=False).input_ids
+    ans = rag.generate([mine[0], extra], QUESTION, mode="blend", max_new_tokens=1)
+    assert ans.trace.error is None and ans.trace.misses == 1  # computed by the worker
+    (start, end), key = ans.prompt.chunk_spans[1], ans.trace.chunks[1].key
+    assert rag.index.get_entry(key).ids_sha256 == ids_sha256(ans.prompt.ids[start:end])
+    with rag.index.transaction() as s:
+        held = list(s.scalars(select(KVEntry.key).where(
+            KVEntry.ids_sha256.in_([ids_sha256(ids) for ids in mine]))))
+    assert set(held) == {keys.chunk(ids, ctx) for ids in mine for ctx in ("prefix", "anchor")}
+    assert rag.remove_document("removed-soon")
+    assert not any(rag.index.has_entries(held).values())
+
+
 def test_closing_the_facade_stops_the_engine_processes(vllm_rag):
     # last in the module: it closes the shared engine. Left to interpreter exit, the engine
     # core outlived its parent and the exit waited on it for good.

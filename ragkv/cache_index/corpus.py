@@ -4,6 +4,7 @@ every process when the chunks changed. :class:`~.index.CacheIndex` inherits them
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -18,7 +19,10 @@ from ragkv.cache_index.models import (
     ChunkRecord,
     Document,
     DocumentInfo,
+    EntryInfo,
+    KVEntry,
     Setting,
+    ids_sha256,
     to_info,
     utcnow,
 )
@@ -41,6 +45,16 @@ def _new_corpus_version(s: Session) -> None:
 def _chunk_info(row: Chunk, document_name: str) -> ChunkInfo:
     # JSON columns may hand back the very list the session holds; callers get their own.
     return to_info(ChunkInfo, row, document_name=document_name, token_ids=list(row.token_ids))
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What :meth:`CorpusRows.remove_documents` removed: how many documents, and the KV
+    entries whose rows went with their chunks (their blobs are the caller's to delete:
+    :meth:`~.store.KVStore.remove_documents`)."""
+
+    documents: int = 0
+    entries: list[EntryInfo] = field(default_factory=list)
 
 
 class DocumentGone(KeyError):
@@ -123,6 +137,7 @@ class CorpusRows(IndexDatabase):
                 row.n_tokens = len(rec.token_ids)
                 row.cache_key = rec.cache_key
                 row.embedding = rec.embedding
+                row.ids_sha256 = ids_sha256(row.token_ids)
                 rows.append(row)
             s.flush()
             _new_corpus_version(s)
@@ -145,23 +160,36 @@ class CorpusRows(IndexDatabase):
         except StaleDataError:  # removed by another process between the read and the write
             raise DocumentGone(document_id) from None
 
-    def remove_documents(self, name: str, *, before_id: int | None = None) -> int:
+    def remove_documents(self, name: str, *, before_id: int | None = None) -> Removal:
         """Remove the documents called ``name`` with their chunks (with ``before_id``, only
-        those of a lower id: the versions ingested before it); returns how many went.
+        those of a lower id: the versions ingested before it).
 
-        Their KV entries stay: a key names content that other documents may share, and the
-        budgets' eviction reclaims what nothing reads any more."""
+        The KV entries of their chunks go in the same transaction, unless a chunk left (of any
+        document) has the same token ids: entries are content-addressed and shared. Entries
+        stored by another process after this are left to the budgets' eviction."""
         with self.transaction() as s:
             query = select(Document.id).where(Document.name == name)
             if before_id is not None:
                 query = query.where(Document.id < before_id)
             doc_ids = list(s.scalars(query))
             if not doc_ids:
-                return 0
+                return Removal()
+            digests = set(s.scalars(select(Chunk.ids_sha256).where(
+                Chunk.document_id.in_(doc_ids), Chunk.ids_sha256.is_not(None))))
             s.execute(delete(Chunk).where(Chunk.document_id.in_(doc_ids)))
             s.execute(delete(Document).where(Document.id.in_(doc_ids)))
             _new_corpus_version(s)
-            return len(doc_ids)
+            entries: list[EntryInfo] = []
+            for batch in in_batches(sorted(digests)):
+                kept = set(s.scalars(select(Chunk.ids_sha256)
+                                     .where(Chunk.ids_sha256.in_(batch))))
+                gone = [d for d in batch if d not in kept]
+                if gone:
+                    rows = s.scalars(select(KVEntry).where(KVEntry.ids_sha256.in_(gone)))
+                    entries.extend(to_info(EntryInfo, row) for row in rows)
+            for batch in in_batches([e.key for e in entries]):
+                s.execute(delete(KVEntry).where(KVEntry.key.in_(batch)))
+            return Removal(len(doc_ids), entries)
 
     def corpus_version(self) -> str | None:
         """The corpus's current version (None before any chunk): it changes whenever chunks

@@ -64,10 +64,12 @@ class CacheIndex(CorpusRows):
         checksum: str,
         dtype: str,
         on_remote: bool = False,
+        ids_sha256: str | None = None,
     ) -> EntryInfo | None:
         """Insert or overwrite an entry; an overwrite keeps its hit count (same key, same KV).
 
         Called once the blob is on disk; ``on_remote`` once it is in the remote tier too.
+        ``ids_sha256``: the digest of the token ids the KV is of (kept when not given).
         Returns the row it replaced (whose blob, if named differently, no row names now)."""
         fields = dict(
             model_fp=model_fp,
@@ -80,6 +82,8 @@ class CacheIndex(CorpusRows):
             on_disk=True,
             on_remote=on_remote,
         )
+        if ids_sha256 is not None:
+            fields["ids_sha256"] = ids_sha256
         # Compare-and-swap on the blob name: two writers of one key must not both replace
         # the same row, or the blob of the one that lost would be named by no row and never
         # deleted. Whoever finds the row changed under it goes round.

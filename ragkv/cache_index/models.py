@@ -10,6 +10,9 @@ back naive anyway and mixing the two would break comparisons.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -38,7 +41,15 @@ from sqlalchemy.orm import (
 #: ``migrations/versions/`` (``tests/test_migrations.py`` fails until the two agree).
 #: 2: kv_entries.priority / on_disk / on_remote and the eviction_clock table (tiers, budgets).
 #: 3: the settings table (the corpus anchor passage).
-SCHEMA_VERSION = 3
+#: 4: chunks.ids_sha256 and kv_entries.ids_sha256 (a removed chunk's KV leaves with it).
+SCHEMA_VERSION = 4
+
+
+def ids_sha256(token_ids: Sequence[int]) -> str:
+    """Digest of a span's token ids alone: one value for a chunk and for every entry that
+    holds its KV, whatever the model, context or dtype (which the entry's key also names)."""
+    blob = json.dumps([int(t) for t in token_ids], separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def utcnow() -> datetime:
@@ -92,6 +103,9 @@ class Chunk(Base):
     # Not unique: identical chunks in two documents share one KV entry.
     cache_key: Mapped[str] = mapped_column(String(64), index=True)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # ids_sha256(token_ids): which KV entries hold this chunk's KV (null only in rows written
+    # by code before schema 4 after the migration ran)
+    ids_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
     document: Mapped[Document] = relationship(back_populates="chunks")
 
@@ -119,6 +133,10 @@ class KVEntry(Base):
     # evicted from local disk but still remote is found (and promoted) instead of recomputed.
     on_disk: Mapped[bool] = mapped_column(Boolean, default=True)
     on_remote: Mapped[bool] = mapped_column(Boolean, default=False)
+    # ids_sha256 of the span this entry holds the KV of: when the last chunk with those ids
+    # is removed, the entry goes with it. Null for entries stored before schema 4 that the
+    # migration could not match to a chunk; the budgets' eviction reclaims those.
+    ids_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 #: The column saying whether each persistent tier holds an entry's blob, fastest tier first.
@@ -236,6 +254,7 @@ class EntryInfo:
     priority: float
     on_disk: bool
     on_remote: bool
+    ids_sha256: str | None = None
 
 
 _Info = TypeVar("_Info", DocumentInfo, ChunkInfo, EntryInfo)

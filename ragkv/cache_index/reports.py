@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from ragkv.cache_index.database import in_batches
@@ -69,31 +69,43 @@ def tier_sizes(s: Session) -> list[TierSize]:
 
 
 def document_sizes(s: Session) -> list[DocumentSize]:
+    # Every entry holding a chunk's KV (any context, model or dtype: by the ids' digest; by
+    # the chunk's key for entries stored before the digest), once per document.
+    held = (select(Chunk.document_id.label("doc"), KVEntry.key, KVEntry.nbytes)
+            .join(KVEntry, or_(KVEntry.key == Chunk.cache_key,
+                               KVEntry.ids_sha256 == Chunk.ids_sha256))
+            .distinct().subquery())
+    kv = dict(s.execute(select(held.c.doc, func.sum(held.c.nbytes)).group_by(held.c.doc)).all())
     # Inner join on chunks: a document with no chunks (yet) has no KV to show.
-    q = (select(Document.id, Document.name, func.count(Chunk.id),
-                func.coalesce(func.sum(KVEntry.nbytes), 0))
+    q = (select(Document.id, Document.name, func.count(Chunk.id))
          .join(Chunk, Chunk.document_id == Document.id)
-         .join(KVEntry, KVEntry.key == Chunk.cache_key, isouter=True)
          .group_by(Document.id, Document.name)
          .order_by(Document.id))
-    return [{"document_id": int(doc_id), "document": name, "chunks": int(n), "kv_bytes": int(b)}
-            for doc_id, name, n, b in s.execute(q).all()]
+    return [{"document_id": int(doc_id), "document": name, "chunks": int(n),
+             "kv_bytes": int(kv.get(doc_id) or 0)}
+            for doc_id, name, n in s.execute(q).all()]
 
 
 def top_entries(s: Session, limit: int) -> list[TopEntry]:
-    entries = s.execute(select(KVEntry.key, KVEntry.hits, KVEntry.n_tokens)
+    entries = s.execute(select(KVEntry.key, KVEntry.hits, KVEntry.n_tokens, KVEntry.ids_sha256)
                         .where(KVEntry.hits > 0)
                         .order_by(KVEntry.hits.desc(), KVEntry.key).limit(limit)).all()
-    owners: dict[str, tuple[str, int, str]] = {}
-    q = (select(Chunk.cache_key, Document.name, Chunk.ordinal, Chunk.text)
+    by_key: dict[str, tuple[str, int, str]] = {}
+    by_ids: dict[str, tuple[str, int, str]] = {}
+    q = (select(Chunk.cache_key, Chunk.ids_sha256, Document.name, Chunk.ordinal, Chunk.text)
          .join(Document, Chunk.document_id == Document.id)
          .order_by(Chunk.id))  # a shared entry is shown under its first-stored chunk
-    for batch in in_batches([e.key for e in entries]):
-        for key, name, ordinal, text in s.execute(q.where(Chunk.cache_key.in_(batch))).all():
-            owners.setdefault(key, (name, int(ordinal), text))
+    digests = [e.ids_sha256 for e in entries if e.ids_sha256 is not None]
+    for column, values in ((Chunk.cache_key, [e.key for e in entries]),
+                           (Chunk.ids_sha256, digests)):
+        for batch in in_batches(values):
+            for key, digest, name, ordinal, text in s.execute(q.where(column.in_(batch))).all():
+                by_key.setdefault(key, (name, int(ordinal), text))
+                if digest is not None:
+                    by_ids.setdefault(digest, (name, int(ordinal), text))
     out: list[TopEntry] = []
-    for key, hits, n_tokens in entries:
-        name, ordinal, text = owners.get(key, (None, None, None))
+    for key, hits, n_tokens, digest in entries:
+        name, ordinal, text = by_key.get(key) or by_ids.get(digest) or (None, None, None)
         out.append({"key": key, "hits": int(hits), "n_tokens": int(n_tokens),
                     "document": name, "ordinal": ordinal, "text": text})
     return out

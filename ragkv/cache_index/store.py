@@ -27,6 +27,7 @@ from ragkv.cache_index import residency
 from ragkv.cache_index.blobcheck import open_blob
 from ragkv.cache_index.blobs import BlobStore, encode_kv
 from ragkv.cache_index.codec import Int8Codec
+from ragkv.cache_index.corpus import Removal
 from ragkv.cache_index.eviction import EvictionReport, enforce_budget
 from ragkv.cache_index.index import CacheIndex
 from ragkv.cache_index.memory import MemoryTier
@@ -258,10 +259,11 @@ class KVStore:
         if self.memory is not None:
             self.memory.discard(key)
 
-    def contains(self, keys: list[str]) -> dict[str, bool]:
+    def contains(self, keys: list[str], *, memory: bool = True) -> dict[str, bool]:
         """Presence in memory or the index, for showing hits before loading; a later ``get``
-        may still miss if the blob turns out bad."""
-        in_memory = {k: self.memory is not None and k in self.memory for k in keys}
+        may still miss if the blob turns out bad. ``memory=False``: in the index alone (what
+        every process finds; this process's memory tier may hold KV whose row is gone)."""
+        in_memory = {k: memory and self.memory is not None and k in self.memory for k in keys}
         try:
             indexed = self.index.has_entries(keys)
         except Exception as exc:
@@ -273,9 +275,10 @@ class KVStore:
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], *, model_fp: str, layout: str,
             n_tokens: int, extra_meta: dict[str, str] | None = None,
-            codec: Int8Codec | None = None) -> bool:
+            codec: Int8Codec | None = None, ids_sha256: str | None = None) -> bool:
         """Store KV for ``key`` in every tier (int8-encoded with ``codec``); returns whether the
-        disk tier took it.
+        disk tier took it. ``ids_sha256``: the digest of the span's token ids
+        (:func:`.models.ids_sha256`), by which the entry leaves with the last chunk of them.
 
         Bad arguments raise (they are bugs); storage failures are logged and return False,
         since the caller already has the KV it computed and can answer without the cache.
@@ -300,7 +303,8 @@ class KVStore:
             self.blobs.put(name, data)
             replaced = self.index.upsert_entry(key, model_fp=model_fp, layout=layout,
                                                n_tokens=n_tokens, nbytes=len(data),
-                                               blob_name=name, checksum=checksum, dtype=dtype)
+                                               blob_name=name, checksum=checksum, dtype=dtype,
+                                               ids_sha256=ids_sha256)
         except Exception as exc:
             log.warning("could not store KV for %s: %s", key, exc)
             self._count("put_errors")
@@ -360,6 +364,16 @@ class KVStore:
             self._count("", tier, "evicted_bytes", report.evicted_bytes)
             reports.append(report)
         return reports
+
+    def remove_documents(self, name: str, *, before_id: int | None = None) -> Removal:
+        """Remove the documents called ``name`` from the index (``CacheIndex.
+        remove_documents``), then the blobs of the KV entries that went with their chunks,
+        from every tier; a blob that cannot be deleted is an orphan ``verify`` removes."""
+        removal = self.index.remove_documents(name, before_id=before_id)
+        for entry in removal.entries:
+            self.memory_discard(entry.key)
+            self._delete_blob(entry)
+        return removal
 
     def delete(self, key: str) -> None:
         """Forget one entry everywhere (row first, so no reader finds a row without its blob)."""

@@ -8,11 +8,12 @@ vLLM's process): both hand in how to compute a span, everything else is here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ragkv.cache_index import KVStore
 from ragkv.cache_index.codec import Int8Codec
+from ragkv.cache_index.models import ids_sha256
 from ragkv.engine.context_score import context_score
 from ragkv.engine.kv import ChunkKV
 from ragkv.keys import KV_LAYOUT
@@ -61,8 +62,12 @@ class ChunkStore:
             return None
         return kv, found.tier
 
-    def save(self, key: str, kv: ChunkKV, reference: str | None = None) -> None:
+    def save(self, key: str, kv: ChunkKV, reference: str | None = None, *,
+             ids: Sequence[int] | None = None) -> None:
         """Store ``kv`` under ``key``; a failed write is logged by the store, never raised.
+
+        ``ids``: the token ids ``kv`` is of, recorded as their digest so the entry leaves the
+        cache with the last chunk of them (``CacheIndex.remove_documents``).
 
         ``reference``: the key of the same tokens' entry in another context (an anchor entry's
         prefix-context twin); when it is stored, ``kv`` is saved with its context score against
@@ -71,7 +76,8 @@ class ChunkStore:
             kv = self.scored(kv, reference)
         dtype = "float32" if self.codec is not None else self.kv_dtype
         self.store.put(key, kv.to_tensors(dtype), model_fp=self.fingerprint, layout=KV_LAYOUT,
-                       n_tokens=kv.n_tokens, codec=self.codec)
+                       n_tokens=kv.n_tokens, codec=self.codec,
+                       ids_sha256=None if ids is None else ids_sha256(ids))
 
     def scored(self, kv: ChunkKV, reference: str) -> ChunkKV:
         """``kv`` with its context score against the entry ``reference`` (unchanged when that
@@ -81,9 +87,10 @@ class ChunkStore:
 
     def get_or_compute(self, key: str, n_tokens: int, compute: Callable[[], ChunkKV], *,
                        indexed: bool = True, shared: bool = False,
-                       reference: str | None = None) -> tuple[ChunkKV, str | None]:
+                       reference: str | None = None,
+                       ids: Sequence[int] | None = None) -> tuple[ChunkKV, str | None]:
         """The chunk's KV and the tier that served it (None: computed now and stored back,
-        scored against ``reference`` as :meth:`save` says).
+        scored against ``reference`` and recorded by ``ids`` as :meth:`save` says).
 
         ``indexed=False`` (the index already said the key is absent) skips the read."""
         loaded = self.load(key, n_tokens, shared=shared) if indexed else None
@@ -92,8 +99,8 @@ class ChunkStore:
         kv = compute()
         if reference is not None:
             kv = self.scored(kv, reference)
-        self.save(key, kv)
+        self.save(key, kv, ids=ids)
         return kv, None
 
-    def stored(self, keys: list[str]) -> dict[str, bool]:
-        return self.store.contains(keys)
+    def stored(self, keys: list[str], *, memory: bool = True) -> dict[str, bool]:
+        return self.store.contains(keys, memory=memory)

@@ -109,7 +109,7 @@ class HFBackend:
         if context not in self._pasts:
             ids = list(self.keys.before(context))
             kv, _ = self.chunks.get_or_compute(self.keys.exact(ids), len(ids),
-                                               lambda: self.engine.precompute(ids))
+                                               lambda: self.engine.precompute(ids), ids=ids)
             r = self.engine.runner
             self._pasts[context] = kv.to(r.device, r.dtype)
         return self._pasts[context]
@@ -122,12 +122,15 @@ class HFBackend:
         2k-token blend about 13 ms in fp32)."""
         return self.chunks.get_or_compute(
             key, len(ids), lambda: self.engine.precompute(list(ids), self.past(context)),
-            indexed=indexed, shared=True, reference=self.keys.twin(ids, context))
+            indexed=indexed, shared=True, reference=self.keys.twin(ids, context), ids=ids)
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
         """Missing chunks are prefilled several per forward pass (``engine/precompute.py``);
         prefix-context entries first, so anchor entries are stored with their context score."""
-        plan, computed = to_precompute(self.keys, chunks, context, self.stored)
+        # the index alone: KV this process still holds in memory after its document was
+        # removed has no row, and a precompute must leave one every process finds
+        plan, computed = to_precompute(self.keys, chunks, context,
+                                       lambda keys: self.chunks.stored(keys, memory=False))
         # the scored layers of prefix entries computed now, for anchor entries computed now
         scored = {tuple(ids) for ctx, todo in plan if ctx == "anchor" for ids in todo.values()}
         twins: dict[tuple[int, ...], ChunkKV] = {}
@@ -138,7 +141,7 @@ class HFBackend:
                     twin = twins.get(tuple(ids)) if ctx == "anchor" else None
                     if twin is not None:  # spares reading back the entry just stored
                         kv = kv.with_score(context_score(twin, kv))
-                    self.chunks.save(key, kv, self.keys.twin(ids, ctx))
+                    self.chunks.save(key, kv, self.keys.twin(ids, ctx), ids=ids)
                     if ctx == "prefix" and tuple(ids) in scored:
                         twins[tuple(ids)] = scoring_part(kv)
         return computed

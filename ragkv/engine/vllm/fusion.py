@@ -72,7 +72,7 @@ class WorkerFusion:
         # of every chunk on every request with fp16 storage)
         kv, tier = self.chunks.get_or_compute(
             key, len(ids), lambda: compute_span(r, torch.tensor(ids, device=r.device), past()),
-            shared=True, reference=reference)
+            shared=True, reference=reference, ids=ids)
         if kv.k.device != r.device:
             kv = kv.to(r.device, kv.k.dtype)
         return kv, tier
@@ -183,4 +183,4 @@ class WorkerFusion:
             ref_ids = ids[:reference_end]
             ref = self.keys(ref_ids).after(ref_ids, chunk)
         self.chunks.save(span.key, ChunkKV(self.unrotate(k, span.start), v.to(self.runner.dtype)),
-                         ref)
+                         ref, ids=chunk)

@@ -174,8 +174,8 @@ def _remove_selected(rag) -> None:
 def documents(rag, can_read_paths: bool = True) -> None:
     st.subheader("Documents")
     if removed := st.session_state.pop("removed_names", None):
-        st.success("Removed " + ", ".join(literal_md(n) for n in removed) + ". Their KV stays "
-                   "in the cache until its budgets evict it.")
+        st.success("Removed " + ", ".join(literal_md(n) for n in removed) + ", with the KV "
+                   "of their chunks that no other document shares.")
     docs = rag.index.documents()
     if not docs:
         where = "upload files or give a path above" if can_read_paths else "upload files above"
