@@ -142,8 +142,14 @@ class RagKV:
         # then each query and precompute asks the index again, so a process opened before
         # the cache's first ingestion adopts the passage another process records
         self._anchor_settled = False
-        if self._corpus_anchor and (recorded := self._recorded_anchor()):
-            self._use_anchor(recorded)
+        # the corpus version the held passage was read at: when the corpus changes, the
+        # recorded passage is read again (never for a passage of its own, the benchmark's)
+        self._anchor_version: str | None = None
+        self._anchor_own = False
+        if self._corpus_anchor:
+            version = self._corpus_version()
+            if recorded := self._recorded_anchor():
+                self._use_anchor(recorded, version)
 
     def with_config(self, **changes) -> RagKV:
         """Another facade on the same engine with some settings changed (e.g. the precompute
@@ -168,6 +174,7 @@ class RagKV:
         ``anchor_text``, the neutral one, or a corpus too short)."""
         if not self._corpus_anchor or self.config.precompute_context != "anchor":
             return None
+        version = self._corpus_version() if record else None
         chosen = self._recorded_anchor() if record else None
         if chosen is None:
             chosen = corpus_anchor(texts, self.tokenizer)
@@ -179,25 +186,44 @@ class RagKV:
                 except SQLAlchemyError as exc:  # unrecorded, another process could not find it
                     log.warning("could not record the corpus anchor: %s", exc)
                     return None
-        self._use_anchor(chosen)
+        self._use_anchor(chosen, version, own=not record)
         return chosen
 
-    def _use_anchor(self, text: str) -> None:
+    def _use_anchor(self, text: str, version: str | None, own: bool = False) -> None:
         """Hand the engine ``text`` unless it has it already: ingestion asks once per
-        document, and a new passage drops the engine's cached KV of the old one."""
-        self._anchor_settled = True
+        document, and a new passage drops the engine's cached KV of the old one.
+        ``version``: the corpus version it was read at; ``own``: not the cache's passage."""
+        self._anchor_settled, self._anchor_version, self._anchor_own = True, version, own
         if self.template.anchor_ids(text) != self.backend.keys.anchor_ids:
             self.backend.use_anchor(text)
 
     def _adopt_recorded_anchor(self) -> None:
         """Before a query or a precompute: adopt the passage another process recorded since
-        this facade opened; its chunks would otherwise be keyed, missed and computed again
-        after the neutral passage. One indexed read per call until a passage is held."""
-        if (self._anchor_settled or not self._corpus_anchor
-                or self.config.precompute_context != "anchor"):
+        this facade read it (its chunks would otherwise be keyed, missed and computed again
+        after another passage). One indexed read per call (two when the corpus changed, or
+        until a passage is recorded): a cache emptied of documents forgets its passage, and
+        its next ingestion records a new one."""
+        if (not self._corpus_anchor or self.config.precompute_context != "anchor"
+                or self._anchor_own):
             return
-        if (recorded := self._recorded_anchor(quiet=True)) is not None:
-            self._use_anchor(recorded)
+        try:
+            version = self.index.corpus_version()
+        except SQLAlchemyError:  # answered as without a cache; the passage held stays
+            return
+        if self._anchor_settled and version == self._anchor_version:
+            return
+        recorded = self._recorded_anchor(quiet=True)
+        if recorded is not None:
+            self._use_anchor(recorded, version)
+        else:  # none recorded now: keep the passage held, read again at the next call
+            self._anchor_settled = False
+
+    def _corpus_version(self) -> str | None:
+        try:
+            return self.index.corpus_version()
+        except SQLAlchemyError as exc:
+            log.debug("cache index unreachable, corpus version not read: %s", exc)
+            return None
 
     def _recorded_anchor(self, quiet: bool = False) -> str | None:
         """The cache's corpus anchor; None (the engine's passage) when the index cannot say:

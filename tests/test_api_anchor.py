@@ -218,6 +218,40 @@ def test_a_facade_opened_before_the_first_ingestion_adopts_the_recorded_passage(
         writer.index.close()
 
 
+def test_a_cache_emptied_of_documents_picks_its_next_corpus_passage(tmp_path, engine):
+    home, docs = tmp_path / "replaced", _corpus()
+    old, new = dict(list(docs.items())[:2]), dict(list(docs.items())[2:])
+    writer = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    reader = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    try:
+        writer.choose_anchor(list(old.values()))
+        for name, text in old.items():
+            writer.ingest_text(name, text)
+        first = writer.index.setting(ANCHOR_SETTING)
+        chunks = [c.token_ids for c in writer.index.chunks()[:2]]
+        assert reader.generate(chunks, QUESTION, mode="blend", max_new_tokens=1).trace.hits == 2
+        writer.remove_document(next(iter(old)))
+        assert writer.index.setting(ANCHOR_SETTING) == first  # chunks are left
+        for name in old:
+            writer.remove_document(name)
+        assert writer.index.setting(ANCHOR_SETTING) is None  # none left: forgotten
+        writer.choose_anchor(list(new.values()))
+        for name, text in new.items():
+            writer.ingest_text(name, text)
+        second = writer.index.setting(ANCHOR_SETTING)
+        assert second is not None and second != first
+        assert second == corpus_anchor(list(new.values()), writer.tokenizer)
+        assert writer.backend.keys.anchor_ids == writer.template.anchor_ids(second)
+        # the other process, which held the first passage, reads the new one at its next query
+        chunks = [c.token_ids for c in writer.index.chunks()[:3]]
+        ans = reader.generate(chunks, QUESTION, mode="blend", max_new_tokens=1)
+        assert reader.backend.keys.anchor_ids == reader.template.anchor_ids(second)
+        assert ans.trace.hits == 3 and ans.trace.misses == 0
+    finally:
+        writer.index.close()
+        reader.index.close()
+
+
 def test_the_prefix_context_records_no_anchor(rag):
     assert rag.index.setting(ANCHOR_SETTING) is None  # ingested with precompute "prefix"
     assert rag.choose_anchor(list(_corpus().values())) is None

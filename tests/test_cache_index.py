@@ -83,6 +83,20 @@ def test_versions_of_a_document_and_the_corpus_version(index: CacheIndex) -> Non
     assert None not in versions and len(set(versions)) == 4
 
 
+def test_the_last_removal_forgets_the_corpus_passage(index: CacheIndex) -> None:
+    from ragkv.anchor import ANCHOR_SETTING
+
+    for name in ("a", "b"):
+        doc_id, _ = index.add_document(name, name, name * 64)
+        index.add_chunks(doc_id, _records(1))
+    index.record_setting(ANCHOR_SETTING, "passage")
+    index.record_setting("other", "kept")
+    index.remove_documents("a")
+    assert index.setting(ANCHOR_SETTING) == "passage"
+    index.remove_documents("b")
+    assert index.setting(ANCHOR_SETTING) is None and index.setting("other") == "kept"
+
+
 def test_writing_a_removed_document_says_it_is_gone(index: CacheIndex) -> None:
     from ragkv.cache_index.corpus import DocumentGone
 

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from ragkv.anchor import ANCHOR_SETTING
 from ragkv.cache_index.database import IndexDatabase, in_batches
 from ragkv.cache_index.models import (
     Chunk,
@@ -166,7 +167,9 @@ class CorpusRows(IndexDatabase):
 
         The KV entries of their chunks go in the same transaction, unless a chunk left (of any
         document) has the same token ids: entries are content-addressed and shared. Entries
-        stored by another process after this are left to the budgets' eviction."""
+        stored by another process after this are left to the budgets' eviction. A removal
+        that leaves no chunk also forgets the corpus anchor passage, so the next ingestion
+        picks one from the new corpus, as into a new cache."""
         with self.transaction() as s:
             query = select(Document.id).where(Document.name == name)
             if before_id is not None:
@@ -179,6 +182,8 @@ class CorpusRows(IndexDatabase):
             s.execute(delete(Chunk).where(Chunk.document_id.in_(doc_ids)))
             s.execute(delete(Document).where(Document.id.in_(doc_ids)))
             _new_corpus_version(s)
+            if s.scalar(select(Chunk.id).limit(1)) is None:
+                s.execute(delete(Setting).where(Setting.name == ANCHOR_SETTING))
             entries: list[EntryInfo] = []
             for batch in in_batches(sorted(digests)):
                 kept = set(s.scalars(select(Chunk.ids_sha256)
