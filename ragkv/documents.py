@@ -20,8 +20,10 @@ Rules:
 * Bad files never stop the others. ``strict=True`` raises :class:`DocumentError` at the first
   bad file instead; duplicates are not bad files (still only skipped, even when strict).
 * Folders are walked recursively in sorted order, taking only supported suffixes and ignoring
-  hidden files and folders (names starting with "."). A path that does not exist raises
-  FileNotFoundError before anything is read.
+  hidden files and folders (names starting with "."); a link whose target is gone is skipped
+  as a broken link, a named pipe or device as not a regular file (never read: it could block).
+  A path that does not exist raises FileNotFoundError before anything is read.
+* pypdf's own log lines about a malformed PDF are silenced: the skip reason says it once.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -126,7 +131,7 @@ def _iter_files(paths: list[Path]) -> Iterator[Path]:
         if p.is_dir():
             yield from sorted(
                 f for f in p.rglob("*")
-                if f.suffix.lower() in SUPPORTED_SUFFIXES and f.is_file()
+                if f.suffix.lower() in SUPPORTED_SUFFIXES and (f.is_file() or f.is_symlink())
                 and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             yield p  # named explicitly: an unsupported suffix is reported, not ignored
@@ -137,6 +142,10 @@ def _load_file(path: Path, max_bytes: int) -> LoadedDocument:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DocumentError(name, f"unsupported format {suffix or '(no suffix)'}")
+    if path.is_symlink() and not path.exists():
+        raise DocumentError(name, f"broken link (to {os.readlink(path)}, which does not exist)")
+    if not path.is_file():
+        raise DocumentError(name, "not a regular file")
     try:
         # Checked before reading so that a huge file is never loaded into memory.
         _check_size(name, path.stat().st_size, max_bytes)
@@ -239,13 +248,30 @@ def _html_to_text(name: str, data: bytes) -> str:
 def _pdf_to_text(name: str, data: bytes) -> str:
     pypdf = _optional(name, "pypdf", "pypdf", "PDF")
     try:
-        reader = pypdf.PdfReader(io.BytesIO(data))
-        if reader.is_encrypted and not reader.decrypt(""):
-            raise DocumentError(name, "encrypted PDF (needs a password)")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        with _quiet("pypdf"):
+            return _pdf_pages(name, pypdf, data)
     except DocumentError:
         raise
     except Exception as exc:  # pypdf raises many types on malformed files; all mean "bad PDF"
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DocumentError(name, f"unreadable PDF: {reason}") from exc
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """``logger``'s warnings (and below) off while a file is read."""
+    log = logging.getLogger(logger)
+    saved = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(saved)
+
+
+def _pdf_pages(name: str, pypdf: ModuleType, data: bytes) -> str:
+    reader = pypdf.PdfReader(io.BytesIO(data))
+    if reader.is_encrypted and not reader.decrypt(""):
+        raise DocumentError(name, "encrypted PDF (needs a password)")
+    pages = [page.extract_text() or "" for page in reader.pages]
     return "\n\n".join(p.strip() for p in pages if p.strip())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import pickle
 import random
 import sys
@@ -115,6 +117,28 @@ def test_malformed_pdf_is_skipped(tmp_path):
     report = load_documents([write(tmp_path / "bad.pdf", b"%PDF-1.4\nnot really a pdf")])
     assert report.documents == []
     assert reasons(report)["bad.pdf"].startswith("unreadable PDF")
+
+
+def test_pypdfs_own_warnings_are_silenced(tmp_path, caplog):
+    pytest.importorskip("pypdf")
+    with caplog.at_level(logging.DEBUG):
+        report = load_documents([write(tmp_path / "junk.pdf", b"$}E\xaa<" * 100)])
+    assert reasons(report)["junk.pdf"].startswith("unreadable PDF")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("pypdf")] == []
+    assert logging.getLogger("pypdf").level == logging.NOTSET  # as it was
+
+
+def test_broken_links_and_pipes_are_skipped_not_read(tmp_path):
+    docs = tmp_path / "docs"
+    write(docs / "good.md", "fine")
+    (docs / "gone.md").symlink_to(tmp_path / "nowhere.md")
+    os.mkfifo(docs / "pipe.txt")  # reading it would wait for a writer forever
+    report = load_documents([docs])
+    assert [Path(d.name).name for d in report.documents] == ["good.md"]
+    assert reasons(report) == {
+        "gone.md": f"broken link (to {tmp_path / 'nowhere.md'}, which does not exist)"}
+    report = load_documents([docs / "pipe.txt"])  # named: reported
+    assert reasons(report) == {"pipe.txt": "not a regular file"}
 
 
 @pytest.mark.parametrize(("module", "suffix", "data"), [
