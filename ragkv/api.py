@@ -17,9 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from ragkv.anchor import ANCHOR_SETTING, corpus_anchor
+from ragkv.anchor_keeper import AnchorKeeper
 from ragkv.cache_index import CacheIndex
 from ragkv.cache_index.corpus import Removal
 from ragkv.chunking import RetrievedChunk
@@ -138,18 +136,7 @@ class RagKV:
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
         self._embedder = None
         self._kv_store: KVStore | None = None  # for removals (built lazily)
-        # False until this facade holds the cache's corpus passage (or picked its own): until
-        # then each query and precompute asks the index again, so a process opened before
-        # the cache's first ingestion adopts the passage another process records
-        self._anchor_settled = False
-        # the corpus version the held passage was read at: when the corpus changes, the
-        # recorded passage is read again (never for a passage of its own, the benchmark's)
-        self._anchor_version: str | None = None
-        self._anchor_own = False
-        if self._corpus_anchor:
-            version = self._corpus_version()
-            if recorded := self._recorded_anchor():
-                self._use_anchor(recorded, version)
+        self._anchor = AnchorKeeper(self.config, self.index, self.backend)
 
     def with_config(self, **changes) -> RagKV:
         """Another facade on the same engine with some settings changed (e.g. the precompute
@@ -160,10 +147,6 @@ class RagKV:
                                  f"a new RagKV with the other {name}")
         return RagKV(replace(self.config, **changes), backend=self.backend)
 
-    @property
-    def _corpus_anchor(self) -> bool:
-        return self.config.anchor_text is None and self.config.anchor_source == "corpus"
-
     def choose_anchor(self, texts: Sequence[str], record: bool = True) -> str | None:
         """With ``anchor`` precompute and ``anchor_source="corpus"``: the passage the cache's
         chunks are precomputed after, picked from ``texts`` (:func:`ragkv.anchor.
@@ -172,69 +155,7 @@ class RagKV:
         have it. ``record=False`` (the benchmark) picks from ``texts`` whatever the index
         holds and records nothing. None: the engine keeps its passage (a fixed
         ``anchor_text``, the neutral one, or a corpus too short)."""
-        if not self._corpus_anchor or self.config.precompute_context != "anchor":
-            return None
-        version = self._corpus_version() if record else None
-        chosen = self._recorded_anchor() if record else None
-        if chosen is None:
-            chosen = corpus_anchor(texts, self.tokenizer)
-            if chosen is None:
-                return None
-            if record:
-                try:
-                    chosen = self.index.record_setting(ANCHOR_SETTING, chosen)
-                except SQLAlchemyError as exc:  # unrecorded, another process could not find it
-                    log.warning("could not record the corpus anchor: %s", exc)
-                    return None
-        self._use_anchor(chosen, version, own=not record)
-        return chosen
-
-    def _use_anchor(self, text: str, version: str | None, own: bool = False) -> None:
-        """Hand the engine ``text`` unless it has it already: ingestion asks once per
-        document, and a new passage drops the engine's cached KV of the old one.
-        ``version``: the corpus version it was read at; ``own``: not the cache's passage."""
-        self._anchor_settled, self._anchor_version, self._anchor_own = True, version, own
-        if self.template.anchor_ids(text) != self.backend.keys.anchor_ids:
-            self.backend.use_anchor(text)
-
-    def _adopt_recorded_anchor(self) -> None:
-        """Before a query or a precompute: adopt the passage another process recorded since
-        this facade read it (its chunks would otherwise be keyed, missed and computed again
-        after another passage). One indexed read per call (two when the corpus changed, or
-        until a passage is recorded): a cache emptied of documents forgets its passage, and
-        its next ingestion records a new one."""
-        if (not self._corpus_anchor or self.config.precompute_context != "anchor"
-                or self._anchor_own):
-            return
-        try:
-            version = self.index.corpus_version()
-        except SQLAlchemyError:  # answered as without a cache; the passage held stays
-            return
-        if self._anchor_settled and version == self._anchor_version:
-            return
-        recorded = self._recorded_anchor(quiet=True)
-        if recorded is not None:
-            self._use_anchor(recorded, version)
-        else:  # none recorded now: keep the passage held, read again at the next call
-            self._anchor_settled = False
-
-    def _corpus_version(self) -> str | None:
-        try:
-            return self.index.corpus_version()
-        except SQLAlchemyError as exc:
-            log.debug("cache index unreachable, corpus version not read: %s", exc)
-            return None
-
-    def _recorded_anchor(self, quiet: bool = False) -> str | None:
-        """The cache's corpus anchor; None (the engine's passage) when the index cannot say:
-        an unreachable index must not stop a query (it is answered as without a cache).
-        ``quiet``: the per-query re-read, already warned about at open."""
-        try:
-            return self.index.setting(ANCHOR_SETTING)
-        except SQLAlchemyError as exc:
-            (log.debug if quiet else log.warning)(
-                "cache index unreachable, anchor passage not read: %s", exc)
-            return None
+        return self._anchor.choose(texts, record)
 
     # ---- keys and KV --------------------------------------------------------------------
     @property
@@ -264,7 +185,7 @@ class RagKV:
         if not chunks:
             return []
         ids = [self.template.chunk_ids(c, i) for i, c in enumerate(chunks)]
-        self._adopt_recorded_anchor()
+        self._anchor.adopt()
         return self.backend.precompute(ids, self.config.precompute_context)
 
     def _retrieved(self, chunk: RetrievedChunk | str | Sequence[int], i: int) -> RetrievedChunk:
@@ -335,7 +256,7 @@ class RagKV:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         t0 = time.perf_counter()
-        self._adopt_recorded_anchor()
+        self._anchor.adopt()
         items, left_out = pack(self.template, items, question,
                                self.backend.max_model_len - max_new_tokens)
         prompt = self.template.assemble([c.token_ids for c in items], question)
