@@ -189,3 +189,25 @@ def test_a_score_already_given_is_stored_as_given(kvstore):
     given = torch.tensor([3.0, 2.0, 1.0])
     chunks.save(KEY, _kv().with_score(given), reference="b" * 64)
     assert torch.equal(chunks.load(KEY, 3)[0].score, given)
+
+
+def test_entries_record_the_digest_of_their_token_ids(kvstore):
+    """By it, an entry leaves the cache with the last chunk of those ids
+    (``CacheIndex.remove_documents``); an entry saved without ids records none."""
+    from ragkv.cache_index.models import ids_sha256
+
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    chunks.save(KEY, _kv(), ids=[5, 6, 7])
+    chunks.get_or_compute("b" * 64, 3, Compute(_kv(seed=1)), ids=[8, 9, 10])
+    chunks.save("c" * 64, _kv(seed=2))
+    assert [kvstore.index.get_entry(k).ids_sha256 for k in (KEY, "b" * 64, "c" * 64)] == [
+        ids_sha256([5, 6, 7]), ids_sha256([8, 9, 10]), None]
+    assert ids_sha256([5, 6, 7]) != ids_sha256([5, 6]) and len(ids_sha256([])) == 64
+
+
+def test_stored_asks_the_memory_tier_unless_told_not_to(with_memory):
+    chunks = ChunkStore(with_memory, FP, SHAPE, "float32")
+    chunks.save(KEY, _kv())
+    with_memory.index.delete_entry(KEY)  # the row gone, as a removal leaves it: memory holds it
+    assert chunks.stored([KEY]) == {KEY: True}
+    assert chunks.stored([KEY], memory=False) == {KEY: False}
