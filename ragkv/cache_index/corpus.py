@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -192,8 +192,11 @@ class CorpusRows(IndexDatabase):
                 if gone:
                     rows = s.scalars(select(KVEntry).where(KVEntry.ids_sha256.in_(gone)))
                     entries.extend(to_info(EntryInfo, row) for row in rows)
-            for batch in in_batches([e.key for e in entries]):
-                s.execute(delete(KVEntry).where(KVEntry.key.in_(batch)))
+            # by key and blob: a row another process re-put meanwhile names a new blob it
+            # keeps (the blob read here is then an orphan, which the re-put deletes)
+            for batch in in_batches([(e.key, e.blob_name) for e in entries]):
+                s.execute(delete(KVEntry).where(tuple_(KVEntry.key, KVEntry.blob_name).in_(batch))
+                          .execution_options(synchronize_session=False))
             return Removal(len(doc_ids), entries)
 
     def corpus_version(self) -> str | None:
