@@ -98,6 +98,26 @@ def test_bad_entry_is_a_miss_and_is_stored_back(rag, fault, mode):
     assert healed.tokens == clean.tokens
 
 
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("context", ["prefix", "anchor"])
+def test_a_miss_answers_exactly_as_a_hit_with_lossy_storage(tmp_path, engine, kv_dtype, context):
+    """Chunks computed now are used as a later hit reads them back: with fp16 storage a miss
+    used at full precision moved the logits, and a near tie could change the answer."""
+    from api_cases import _docs
+
+    rag = RagKV(make_config(tmp_path / "home", kv_dtype=kv_dtype, precompute_context=context),
+                engine=engine)
+    try:
+        texts = [t[:400] for t in _docs().values()] + ["Assertions can be disabled with -O."]
+        missed = rag.generate(texts, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+        hit = rag.generate(texts, QUESTION, mode="blend", max_new_tokens=MAX_NEW)
+        assert missed.trace.hits == 0 and hit.trace.misses == 0
+        assert torch.equal(missed.first.logits, hit.first.logits)
+        assert missed.tokens == hit.tokens
+    finally:
+        rag.index.close()
+
+
 def test_missing_prefix_entry_is_recomputed(tmp_path, seed, engine):
     """A fresh RagKV whose stored template-prefix KV is corrupt still answers, the same."""
     home = tmp_path / "home"

@@ -211,3 +211,18 @@ def test_stored_asks_the_memory_tier_unless_told_not_to(with_memory):
     with_memory.index.delete_entry(KEY)  # the row gone, as a removal leaves it: memory holds it
     assert chunks.stored([KEY]) == {KEY: True}
     assert chunks.stored([KEY], memory=False) == {KEY: False}
+
+
+@pytest.mark.parametrize(("kv_dtype", "codec"), [("float16", None), ("bfloat16", None),
+                                                 ("float32", Int8Codec())])
+def test_a_computed_miss_is_used_as_a_later_hit_will_read_it(kvstore, kv_dtype, codec):
+    """A miss hands out the KV as stored (rounded to the storage dtype, or through the codec),
+    not as computed: else an answer would depend on whether its chunks hit."""
+    chunks = ChunkStore(kvstore, FP, SHAPE, kv_dtype, codec)
+    computed = _kv().with_score(torch.tensor([0.5, 0.25, 0.125]))
+    missed, tier = chunks.get_or_compute(KEY, 3, Compute(computed))
+    hit, tier2 = chunks.get_or_compute(KEY, 3, Compute(_kv(seed=1)))
+    assert tier is None and tier2 == "disk"
+    assert not torch.equal(missed.k.float(), computed.k)  # rounded: the test can tell
+    for a, b in ((missed.k, hit.k), (missed.v, hit.v), (missed.score, hit.score)):
+        assert torch.equal(a.float(), b.float())

@@ -11,11 +11,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from ragkv.cache_index import KVStore
 from ragkv.cache_index.codec import Int8Codec
 from ragkv.cache_index.models import ids_sha256
 from ragkv.engine.context_score import context_score
-from ragkv.engine.kv import ChunkKV
+from ragkv.engine.kv import ChunkKV, torch_dtype
 from ragkv.keys import KV_LAYOUT
 
 log = logging.getLogger("ragkv")
@@ -100,7 +102,24 @@ class ChunkStore:
         if reference is not None:
             kv = self.scored(kv, reference)
         self.save(key, kv, ids=ids)
-        return kv, None
+        return self.as_stored(kv), None
+
+    def as_stored(self, kv: ChunkKV) -> ChunkKV:
+        """``kv`` as a later read of its entry hands it out: rounded to the storage dtype, or
+        through the codec. A miss is used so, or an answer would depend on whether its chunks
+        were cache hits (with fp16 storage, a near tie could fall the other way)."""
+        if self.codec is None:
+            dt = torch_dtype(self.kv_dtype)
+            if kv.k.dtype == dt and kv.v.dtype == dt and (
+                    kv.score is None or kv.score.dtype == torch.float32):
+                return kv  # stored as it is
+            score = None if kv.score is None else kv.score.float()
+            return ChunkKV(kv.k.to(dt), kv.v.to(dt), score)
+        s = self.shape
+        out = ChunkKV.from_tensors(self.codec.roundtrip(kv.to_tensors("float32")),
+                                   layers=s.layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
+                                   n_tokens=kv.n_tokens)
+        return out.to(kv.k.device, out.k.dtype)
 
     def stored(self, keys: list[str], *, memory: bool = True) -> dict[str, bool]:
         return self.store.contains(keys, memory=memory)
