@@ -12,7 +12,8 @@ each process's memory tier is small, so eviction runs throughout. Then, at once:
   chunks in random orders (seeded per client): blend at ratio 0.15, 8 greedy new tokens;
   every query's chunk keys, question, token ids, TTFT, hits and error (caught) are recorded;
 * one process ingests the rest of the corpus, each new document followed by one ingested
-  before again (its evicted chunks are computed back), then all of it again, in a loop.
+  before again (its evicted chunks are computed back), then all of it again, in a loop,
+  removing every third document first (its KV leaves the cache while clients read it).
 
 Afterwards one quiet process (one thread, nothing else running) asks every distinct prompt
 again (a seeded sample of ``--rerun`` when there are more): the cache may miss, but an answer
@@ -200,6 +201,7 @@ def run(a: argparse.Namespace, spec: dict, docs: list[tuple[str, str]]) -> int:
         "ingest_documents": len(events), "ingest_failed": len(ingest_failed),
         "ingest_rounds": 1 + max((e["round"] for e in events), default=-1),
         "ingest_precomputed": sum(e.get("precomputed") or 0 for e in events),
+        "ingest_removed": sum(1 for e in events if e.get("removed")),
         "disk_evictions": sum(s.get("disk_evictions", 0) for s in stores.values()),
         "memory_evictions": sum(s.get("memory_evictions", 0) for s in stores.values()),
         "puts": sum(s.get("puts", 0) for s in stores.values()),

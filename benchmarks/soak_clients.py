@@ -135,7 +135,8 @@ def _client_loop(rag: Any, ids: dict, cases: list[dict], rng: random.Random,
 def _ingest_loop(rag: Any, spec: dict, deadline: float) -> list[dict]:
     """Until the deadline: the documents not ingested yet, each followed by one already
     ingested again (its evicted chunks are computed and stored back), then every document
-    again, round after round."""
+    again, round after round; in those rounds every third document is removed first (its KV
+    leaves the cache while clients read it) and then ingested again."""
     docs = corpus(load_cases(spec["cases"]))
     done, new = docs[:spec["initial"]], docs[spec["initial"]:]
     rng = random.Random(f"{spec['seed']}:ingest")
@@ -147,13 +148,16 @@ def _ingest_loop(rag: Any, spec: dict, deadline: float) -> list[dict]:
             todo += [doc, rng.choice(done)] if done else [doc]
             done.append(doc)
         new = []
+        again = not todo
         todo = todo or rng.sample(docs, len(docs))
-        for name, text in todo:
+        for i, (name, text) in enumerate(todo):
             if time.time() >= deadline:
                 break
             t = time.perf_counter()
-            ev: dict[str, Any] = {"round": rounds, "name": name}
+            ev: dict[str, Any] = {"round": rounds, "name": name, "removed": False}
             try:
+                if again and i % 3 == 0:
+                    ev["removed"] = rag.remove_document(name)
                 r = rag.ingest_text(name, text)
                 ev.update(chunks=r.n_chunks, precomputed=r.precomputed, new=r.new_document,
                           error=None)
