@@ -149,7 +149,7 @@ def test_get_or_compute_miss_computes_once_and_stores_back(kvstore):
     kv = _kv()
     compute = Compute(kv)
     got, tier = chunks.get_or_compute(KEY, 3, compute)
-    assert compute.calls == 1 and tier is None and got is kv
+    assert compute.calls == 1 and tier is None and got.k.data_ptr() == kv.k.data_ptr()
     again, tier = chunks.get_or_compute(KEY, 3, compute)
     assert compute.calls == 1 and tier == "disk"
     assert torch.equal(again.k, kv.k) and torch.equal(again.v, kv.v)
@@ -162,7 +162,7 @@ def test_get_or_compute_not_indexed_skips_the_read(kvstore):
     kv = _kv(seed=1)
     compute = Compute(kv)
     got, tier = chunks.get_or_compute(KEY, 3, compute, indexed=False)
-    assert compute.calls == 1 and tier is None and got is kv
+    assert compute.calls == 1 and tier is None and got.k.data_ptr() == kv.k.data_ptr()
     assert torch.equal(chunks.load(KEY, 3)[0].k, kv.k), "the computed KV is what is stored"
 
 
@@ -213,16 +213,23 @@ def test_stored_asks_the_memory_tier_unless_told_not_to(with_memory):
     assert chunks.stored([KEY], memory=False) == {KEY: False}
 
 
+@pytest.mark.parametrize("scored", [True, False])
 @pytest.mark.parametrize(("kv_dtype", "codec"), [("float16", None), ("bfloat16", None),
                                                  ("float32", Int8Codec())])
-def test_a_computed_miss_is_used_as_a_later_hit_will_read_it(kvstore, kv_dtype, codec):
+def test_a_computed_miss_is_used_as_a_later_hit_will_read_it(kvstore, kv_dtype, codec, scored):
     """A miss hands out the KV as stored (rounded to the storage dtype, or through the codec),
     not as computed: else an answer would depend on whether its chunks hit."""
     chunks = ChunkStore(kvstore, FP, SHAPE, kv_dtype, codec)
-    computed = _kv().with_score(torch.tensor([0.5, 0.25, 0.125]))
+    computed = _kv().with_score(torch.tensor([0.5, 0.25, 0.125])) if scored else _kv()
     missed, tier = chunks.get_or_compute(KEY, 3, Compute(computed))
     hit, tier2 = chunks.get_or_compute(KEY, 3, Compute(_kv(seed=1)))
     assert tier is None and tier2 == "disk"
     assert not torch.equal(missed.k.float(), computed.k)  # rounded: the test can tell
-    for a, b in ((missed.k, hit.k), (missed.v, hit.v), (missed.score, hit.score)):
-        assert torch.equal(a.float(), b.float())
+    assert (missed.k.dtype, missed.v.dtype) == (hit.k.dtype, hit.v.dtype)
+    for a, b in ((missed.k, hit.k), (missed.v, hit.v)):
+        assert torch.equal(a, b)
+    if scored:
+        assert missed.score.dtype == hit.score.dtype == torch.float32
+        assert torch.equal(missed.score, hit.score)
+    else:
+        assert missed.score is None and hit.score is None

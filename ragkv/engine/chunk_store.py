@@ -11,8 +11,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from ragkv.cache_index import KVStore
 from ragkv.cache_index.codec import Int8Codec
 from ragkv.cache_index.models import ids_sha256
@@ -105,21 +103,18 @@ class ChunkStore:
         return self.as_stored(kv), None
 
     def as_stored(self, kv: ChunkKV) -> ChunkKV:
-        """``kv`` as a later read of its entry hands it out: rounded to the storage dtype, or
-        through the codec. A miss is used so, or an answer would depend on whether its chunks
-        were cache hits (with fp16 storage, a near tie could fall the other way)."""
+        """``kv`` as a later read of its entry hands it out: rounded to the storage dtype (no
+        copy where that changes nothing), or through the codec (on the CPU, as a disk hit
+        is). A miss is used so, or an answer would depend on whether its chunks were cache
+        hits (with fp16 storage, a near tie could fall the other way)."""
         if self.codec is None:
             dt = torch_dtype(self.kv_dtype)
-            if kv.k.dtype == dt and kv.v.dtype == dt and (
-                    kv.score is None or kv.score.dtype == torch.float32):
-                return kv  # stored as it is
             score = None if kv.score is None else kv.score.float()
             return ChunkKV(kv.k.to(dt), kv.v.to(dt), score)
         s = self.shape
-        out = ChunkKV.from_tensors(self.codec.roundtrip(kv.to_tensors("float32")),
-                                   layers=s.layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
-                                   n_tokens=kv.n_tokens)
-        return out.to(kv.k.device, out.k.dtype)
+        return ChunkKV.from_tensors(self.codec.roundtrip(kv.to_tensors("float32")),
+                                    layers=s.layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
+                                    n_tokens=kv.n_tokens)
 
     def stored(self, keys: list[str], *, memory: bool = True) -> dict[str, bool]:
         return self.store.contains(keys, memory=memory)
