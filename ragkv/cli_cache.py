@@ -3,7 +3,6 @@ shared (``--index-url`` / ``--blob-url``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ragkv.cli_shared import BlobUrl, Home, IndexUrl, cache_errors, console, fail
+from ragkv.cli_shared import BlobUrl, Home, IndexUrl, cache_errors, console, fail, open_store
 from ragkv.config import RagkvConfig, default_home
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the KV cache.")
@@ -38,21 +37,6 @@ def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
     console.print(t)
 
 
-def _store(home: Path, disk_budget_mb: float | None = None,
-           remote_budget_mb: float | None = None, remote_url: str | None = None,
-           index_url: str | None = None, blob_url: str | None = None):
-    from ragkv.cache_index import KVStore
-
-    def _bytes(mb: float | None) -> int | None:
-        return None if mb is None else int(mb * 2**20)
-
-    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url,
-                      remote_blob_url=remote_url, memory_budget_bytes=0,
-                      disk_budget_bytes=_bytes(disk_budget_mb),
-                      remote_budget_bytes=_bytes(remote_budget_mb))
-    return KVStore.from_config(cfg)
-
-
 Remote = Annotated[str | None, typer.Option(help="fsspec URL of the remote blob tier, if any")]
 
 
@@ -67,7 +51,7 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
     from ragkv.cache_index import verify
 
     with cache_errors():
-        report = verify(_store(home, remote_url=remote, index_url=index_url,
+        report = verify(open_store(home, remote_url=remote, index_url=index_url,
                                blob_url=blob_url), repair=repair, orphan_grace_s=grace_s)
     for key, tier, reason in report.bad[:50]:
         console.print(f"[red]bad[/red] {tier} {key[:16]}: {escape(reason)}", soft_wrap=True)
@@ -92,7 +76,7 @@ def cache_gc(home: Home = default_home(), remote: Remote = None,
     if disk_budget_mb is None and remote_budget_mb is None:
         fail("give --disk-budget-mb and/or --remote-budget-mb")
     with cache_errors():
-        store = _store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
+        store = open_store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
         reports = store.apply_budgets()
     t = Table("tier", "budget MiB", "before MiB", "after MiB", "evicted")
     for r in reports:

@@ -27,6 +27,7 @@ from ragkv.cli_shared import (
     console,
     fail,
     open_rag,
+    open_store,
     progress_bar,
     run_engine,
 )
@@ -129,12 +130,8 @@ def remove(names: Annotated[list[str], typer.Argument(
 
     All or nothing: an unknown name removes none. KV that a chunk of another document shares
     stays."""
-    from ragkv.cache_index import KVStore
-
     with cache_errors():
-        cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url,
-                          memory_budget_bytes=0)
-        store = KVStore.from_config(cfg)
+        store = open_store(home, index_url=index_url, blob_url=blob_url)
         index = store.index
         known = {d.name for d in index.documents()}
         found = {n: _known_as(n, known) for n in dict.fromkeys(names)}

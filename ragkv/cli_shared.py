@@ -123,6 +123,23 @@ def cache_errors() -> Iterator[None]:
         fail(f"cannot use {exc.filename or 'the cache'}: {exc.strerror or exc}")
 
 
+def open_store(home: Path, disk_budget_mb: float | None = None,
+               remote_budget_mb: float | None = None, remote_url: str | None = None,
+               index_url: str | None = None, blob_url: str | None = None):
+    """The cache's ``KVStore`` for a command that loads no model (no memory tier)."""
+    from ragkv.cache_index import KVStore
+    from ragkv.config import RagkvConfig
+
+    def _bytes(mb: float | None) -> int | None:
+        return None if mb is None else int(mb * 2**20)
+
+    cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url,
+                      remote_blob_url=remote_url, memory_budget_bytes=0,
+                      disk_budget_bytes=_bytes(disk_budget_mb),
+                      remote_budget_bytes=_bytes(remote_budget_mb))
+    return KVStore.from_config(cfg)
+
+
 def open_rag(ctx: typer.Context, home: Path, model: Path | None, context: str = "anchor",
              kv_dtype: str = "float16", engine: str = "hf", index_url: str | None = None,
              blob_url: str | None = None, anchor_source: str = "corpus", **blend):
