@@ -10,7 +10,16 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ragkv.cli_shared import BlobUrl, Home, IndexUrl, cache_errors, console, fail, open_store
+from ragkv.cli_shared import (
+    BlobUrl,
+    Home,
+    IndexUrl,
+    cache_errors,
+    console,
+    fail,
+    open_store,
+    progress_bar,
+)
 from ragkv.config import RagkvConfig, default_home
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the KV cache.")
@@ -50,9 +59,15 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
     """Read every stored blob: checksum, framing, metadata; remove bad entries and orphans."""
     from ragkv.cache_index import verify
 
-    with cache_errors():
+    with cache_errors(), progress_bar() as bar:
+        task = bar.add_task("reading blobs", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
         report = verify(open_store(home, remote_url=remote, index_url=index_url,
-                               blob_url=blob_url), repair=repair, orphan_grace_s=grace_s)
+                                   blob_url=blob_url), repair=repair, orphan_grace_s=grace_s,
+                        progress=progress)
     for key, tier, reason in report.bad[:50]:
         console.print(f"[red]bad[/red] {tier} {key[:16]}: {escape(reason)}", soft_wrap=True)
     for tier, name in report.orphans[:50]:

@@ -80,6 +80,17 @@ def test_verify_finds_and_repairs_everything(tmp_path):
         assert get(store, i) is not None
 
 
+def test_verify_reports_progress_over_every_tier(tmp_path):
+    store = make_store(tmp_path, remote=True)
+    for i in range(4):
+        put(store, i)
+    _flip(disk_path(store, 1))  # a bad blob is read too, and counts
+    seen: list[tuple[int, int]] = []
+    report = verify(store, repair=False, progress=lambda done, total: seen.append((done, total)))
+    assert report.blobs_checked == 8
+    assert seen == [(i, 8) for i in range(1, 9)]
+
+
 def test_cli_verify_and_gc(tmp_path):
     cfg = RagkvConfig(home=tmp_path)
     from ragkv.cache_index import KVStore
@@ -93,6 +104,7 @@ def test_cli_verify_and_gc(tmp_path):
     res = runner.invoke(app, ["cache", "verify", "--home", str(cfg.home), "--grace-s", "0"])
     assert res.exit_code == 0, res.output
     assert "1 bad" in res.output and store.index.get_entry(key(4)) is None
+    assert "reading blobs" in res.output and "5/5" in res.output  # the bar, at its end
     budget_mb = 2.5 * size / 2**20
     res = runner.invoke(app, ["cache", "gc", "--home", str(cfg.home),
                               "--disk-budget-mb", str(budget_mb)])

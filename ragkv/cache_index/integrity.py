@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,10 +18,14 @@ from ragkv.cache_index import residency
 from ragkv.cache_index.blobcheck import open_blob
 from ragkv.cache_index.blobs import BlobStore
 from ragkv.cache_index.index import CacheIndex
+from ragkv.cache_index.models import EntryInfo
 
 __all__ = ["VerifiedStore", "VerifyReport", "open_blob", "verify"]
 
 log = logging.getLogger("ragkv.cache")
+
+#: Called after each blob read with (blobs read, blobs to read); a large cache takes minutes.
+Progress = Callable[[int, int], None]
 
 
 class VerifiedStore(Protocol):
@@ -47,37 +52,42 @@ class VerifyReport:
         return not self.bad and not self.orphans
 
 
-def verify(store: VerifiedStore, *, repair: bool = True,
-           orphan_grace_s: float = 300.0) -> VerifyReport:
+def verify(store: VerifiedStore, *, repair: bool = True, orphan_grace_s: float = 300.0,
+           progress: Progress | None = None) -> VerifyReport:
     """Read every blob every row points at, and every blob no row points at.
 
     Bad blobs lose their tier (the row goes with its last tier); orphan blobs and leftover
     temp files are deleted once older than ``orphan_grace_s``, since a younger one may be a
-    put in flight whose row is about to be written.
+    put in flight whose row is about to be written. ``progress`` follows the blob reads; the
+    count to read is the index's at the start (rows other processes add meanwhile raise it).
     """
     report = VerifyReport(repaired=repair)
-    referenced: dict[str, set[str]] = {tier: set() for tier, _ in store.persistent_tiers()}
+    tiers = store.persistent_tiers()
+    referenced: dict[str, set[str]] = {tier: set() for tier, _ in tiers}
+    to_read = 0
+    if progress is not None:
+        held = {t["tier"]: t["entries"] for t in store.index.tier_sizes()}
+        to_read = sum(held.get(tier, 0) for tier, _ in tiers)
     for batch in residency.iter_entries(store.index):
         for entry in batch:
             report.entries += 1
-            for tier, blobs in store.persistent_tiers():
+            for tier, blobs in tiers:
                 if not getattr(entry, f"on_{tier}"):
                     continue
                 report.blobs_checked += 1
-                try:
-                    open_blob(blobs.get(entry.blob_name), entry)
+                reason = _check(blobs, entry)
+                if reason is None:
                     referenced[tier].add(entry.blob_name)
-                    continue
-                except FileNotFoundError:
-                    reason = "blob missing"
-                except ValueError as exc:
-                    reason = str(exc)
-                report.bad.append((entry.key, tier, reason))
-                if repair:
-                    store.memory_discard(entry.key)
-                    if residency.drop_resident(store.index, entry.key, tier,  # type: ignore[arg-type]
-                                               blob=entry.blob_name):
-                        blobs.delete(entry.blob_name)
+                else:
+                    report.bad.append((entry.key, tier, reason))
+                    if repair:
+                        store.memory_discard(entry.key)
+                        if residency.drop_resident(store.index, entry.key,
+                                                   tier,  # type: ignore[arg-type]
+                                                   blob=entry.blob_name):
+                            blobs.delete(entry.blob_name)
+                if progress is not None:
+                    progress(report.blobs_checked, max(to_read, report.blobs_checked))
     now = time.time()
     for tier, blobs in store.persistent_tiers():
         for name in _all_names(blobs):
@@ -97,6 +107,17 @@ def verify(store: VerifiedStore, *, repair: bool = True,
         log.warning("cache verify: %d bad blobs, %d orphans%s", len(report.bad),
                     len(report.orphans), " (repaired)" if repair else "")
     return report
+
+
+def _check(blobs: BlobStore, entry: EntryInfo) -> str | None:
+    """Why the entry's blob on this tier is bad, or None when it reads back whole."""
+    try:
+        open_blob(blobs.get(entry.blob_name), entry)
+    except FileNotFoundError:
+        return "blob missing"
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _all_names(blobs: BlobStore) -> list[str]:
