@@ -24,7 +24,7 @@ __all__ = ["VerifiedStore", "VerifyReport", "open_blob", "verify"]
 
 log = logging.getLogger("ragkv.cache")
 
-#: Called after each blob read with (blobs read, blobs to read); a large cache takes minutes.
+#: Called after each blob read with (blobs read, blobs to read).
 Progress = Callable[[int, int], None]
 
 
@@ -89,7 +89,7 @@ def verify(store: VerifiedStore, *, repair: bool = True, orphan_grace_s: float =
                 if progress is not None:
                     progress(report.blobs_checked, max(to_read, report.blobs_checked))
     now = time.time()
-    for tier, blobs in store.persistent_tiers():
+    for tier, blobs in tiers:
         for name in _all_names(blobs):
             if name in referenced[tier]:
                 continue
