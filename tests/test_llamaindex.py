@@ -113,6 +113,31 @@ def test_ingestion_pipeline_precomputes_and_annotates(rag: RagKV, collector: Any
     assert again.computed == 0
 
 
+def test_the_transform_hands_the_engine_batches_and_shows_progress(rag: RagKV, monkeypatch,
+                                                                   capsys) -> None:
+    from ragkv.ingest import PRECOMPUTE_BATCH
+
+    batches: list[int] = []
+    real = rag.precompute_many
+
+    def counted(chunks):  # the real precompute, with the batch sizes it was handed
+        batches.append(len(chunks))
+        return real(chunks)
+
+    monkeypatch.setattr(rag, "precompute_many", counted)
+    nodes = [TextNode(text=f"{topics['for'][:200]} ({i})") for i in range(PRECOMPUTE_BATCH + 3)]
+    transform = RagkvKVTransform(rag, show_progress=True)
+    IngestionPipeline(transformations=[transform]).run(nodes=nodes)
+    assert batches == [PRECOMPUTE_BATCH, 3] and transform.computed == len(nodes)
+    assert all(rag.backend.store.contains([n.metadata[KEY] for n in nodes]).values())
+    err = capsys.readouterr().err
+    assert "Precomputing KV" in err and f"{len(nodes)}/{len(nodes)}" in err
+    quiet = RagkvKVTransform(rag)
+    assert quiet.to_dict() == RagkvKVTransform(rag, show_progress=True).to_dict()  # cache hash
+    quiet(nodes)
+    assert "Precomputing KV" not in capsys.readouterr().err and quiet.computed == 0
+
+
 @pytest.mark.parametrize("mode,ratio", [("blend", 0.15), ("full", 0.15), ("blend", 1.0)])
 def test_query_engine_matches_api(rag: RagKV, mode: str, ratio: float) -> None:
     engine = RagkvQueryEngine(rag=rag, similarity_top_k=3, mode=mode, ratio=ratio,

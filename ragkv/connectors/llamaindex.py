@@ -32,6 +32,7 @@ try:
         TextNode,
         TransformComponent,
     )
+    from tqdm.auto import tqdm
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"the LlamaIndex connector needs llama-index-core ({exc}); "
@@ -41,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
+from ragkv.ingest import PRECOMPUTE_BATCH
 from ragkv.prompt import check_question
 
 if TYPE_CHECKING:
@@ -199,13 +201,18 @@ class RagkvKVTransform(TransformComponent):
     """Precomputes and stores each node's KV and annotates the node with its cache key.
 
     Use it last in an ``IngestionPipeline`` (after splitting and metadata extraction): the KV is
-    computed over the node's final LLM text.
+    computed over the node's final LLM text. Nodes go to the engine ``PRECOMPUTE_BATCH`` at a
+    time, as ``RagKV.ingest_text`` sends chunks (an engine may prefill them in one pass);
+    ``show_progress`` (or the keyword of that name when called) shows a bar over the nodes.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     rag: Any = Field(exclude=True, description="the RagKV instance that stores the KV")
     # Part of the pipeline's cache hash, so a different model never reuses cached nodes.
     fingerprint: str = ""
+    # not in the pipeline's cache hash: a bar changes no node
+    show_progress: bool = Field(default=False, exclude=True,
+                                description="a progress bar over the nodes")
     _computed: int = PrivateAttr(default=0)
 
     def __init__(self, rag: RagKV, **kwargs: Any) -> None:
@@ -222,16 +229,20 @@ class RagkvKVTransform(TransformComponent):
 
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         self.rag.choose_anchor([n.get_content(metadata_mode=MetadataMode.LLM) for n in nodes])
-        for node in nodes:
-            chunk = node_chunk(self.rag, node)
-            if chunk is None:
-                continue
-            computed = self.rag.precompute(chunk.token_ids)
-            self._computed += computed
-            cls = RagkvCacheMissEvent if computed else RagkvCacheHitEvent
-            dispatcher.event(cls(key=chunk.key, n_tokens=len(chunk.token_ids),
-                                 document=chunk.document, stage="ingest"))
-            annotate(node, chunk, copy=False)  # transforms hand on the nodes they were given
+        todo = [(node, chunk) for node in nodes
+                if (chunk := node_chunk(self.rag, node)) is not None]
+        show = bool(kwargs.get("show_progress", self.show_progress))
+        with tqdm(total=len(todo), desc="Precomputing KV", unit="node", disable=not show) as bar:
+            for start in range(0, len(todo), PRECOMPUTE_BATCH):
+                batch = todo[start:start + PRECOMPUTE_BATCH]
+                computed = self.rag.precompute_many([c.token_ids for _, c in batch])
+                for (node, chunk), new in zip(batch, computed, strict=True):
+                    self._computed += new
+                    cls = RagkvCacheMissEvent if new else RagkvCacheHitEvent
+                    dispatcher.event(cls(key=chunk.key, n_tokens=len(chunk.token_ids),
+                                         document=chunk.document, stage="ingest"))
+                    annotate(node, chunk, copy=False)  # transforms hand on the nodes given
+                bar.update(len(batch))
         return nodes
 
 
