@@ -61,7 +61,7 @@ import torch
 
 from ragkv import metrics
 from ragkv.api import RagKV
-from ragkv.bench import BenchSpec, load_cases, read_into_memory, warm_config
+from ragkv.bench import BenchSpec, cpu_model, load_cases, read_into_memory, warm_config
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, BlendConfig, RagkvConfig
 from ragkv.engine.hf import HFEngine
@@ -342,7 +342,8 @@ def main() -> None:
             "blend": asdict(cfg.blend),
             "kv_dtype": cfg.kv_dtype, "precompute_context": cfg.precompute_context,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "python": platform.python_version(),
+            "machine": platform.machine(), "cpu": cpu_model(),
+            "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "lengths": lengths, "prompts": args.prompts, "attention": attention}
     args.out.parent.mkdir(parents=True, exist_ok=True)

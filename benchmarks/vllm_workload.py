@@ -38,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ragkv.bench import cpu_model
 from ragkv.config import DEFAULT_RATIO
 
 CASES = Path(__file__).resolve().parent / "cases" / "pydoc.jsonl"
@@ -192,7 +193,8 @@ def main() -> None:
             "queries": args.queries, "rounds": args.rounds, "warm_queries": args.warm,
             "chunks_per_query": 6,
             "ratio": args.ratio, "preselect": args.preselect, "kv_dtype": args.kv_dtype,
-            "engine": "vllm (CPU build), SmolLM2, fp32, eager, prefix caching on"}
+            "engine": "vllm (CPU build), SmolLM2, fp32, eager, prefix caching on",
+            "cpu": cpu_model()}
     result = summarize(arms, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

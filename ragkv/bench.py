@@ -305,11 +305,22 @@ def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dic
             **metrics.first_token(full.first, blend.first)}
 
 
+def cpu_model() -> str:
+    """The processor's model name: TTFT ratios follow the machine, so results name theirs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _meta(rag: RagKV, spec: BenchSpec, n_cases: int) -> dict:
     return {
         "engine": rag.backend.description, "model_fingerprint": rag.fingerprint[:16],
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "python": platform.python_version(),
+        "machine": platform.machine(), "cpu": cpu_model(), "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": n_cases,
         "spec": asdict(spec),
     }

@@ -66,6 +66,7 @@ def test_bench_writes_json(tmp_path: Path, tiny_model: Path) -> None:
     # bench does not record as the cache's anchor
     anchor = data["meta"]["anchor"]
     assert anchor["source"] == "corpus" and anchor["opening"].startswith("Chunk ")
+    assert data["meta"]["cpu"].strip()  # figures from two machines can be told apart
     from ragkv.cache_index import CacheIndex
 
     index = CacheIndex(f"sqlite:///{tmp_path / 'h' / 'index.sqlite'}")
