@@ -146,7 +146,8 @@ def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", default="1,2,4,8")
-    ap.add_argument("--per-client", type=int, default=3)
+    ap.add_argument("--per-client", type=int, default=2,
+                    help="requests each client sends (2: the published runs)")
     ap.add_argument("--cases", type=int, default=8)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/concurrency.json")
     a = ap.parse_args()
