@@ -95,6 +95,24 @@ def test_a_codec_quantizes_the_float32_kv(kvstore):
     assert torch.equal(loaded.k, want["k"]) and torch.equal(loaded.v, want["v"])
 
 
+def test_an_int8_miss_is_encoded_once_and_used_as_a_disk_hit_reads_it(with_memory,
+                                                                       monkeypatch):
+    """The write keeps its own decoded encoding in the memory tier, and the miss hands that
+    out: the KV is quantized once, yet the answer is the one a later disk hit gives."""
+    codec, encoded = Int8Codec(), []
+    encode = Int8Codec.encode
+    monkeypatch.setattr(Int8Codec, "encode", lambda self, t: encoded.append(1) or encode(self, t))
+    chunks = ChunkStore(with_memory, FP, SHAPE, "float16", codec=codec)
+    kv = _kv()
+    got, tier = chunks.get_or_compute(KEY, 3, Compute(kv))
+    assert tier is None and len(encoded) == 1
+    with_memory.memory.discard(KEY)
+    disk, tier = chunks.load(KEY, 3)
+    assert tier == "disk"
+    assert torch.equal(got.k, disk.k) and torch.equal(got.v, disk.v)
+    assert not torch.equal(got.k, kv.k), "quantized, not the computed KV"
+
+
 def test_another_models_entry_is_a_miss(kvstore):
     ChunkStore(kvstore, FP, SHAPE, "float32").save(KEY, _kv())
     assert ChunkStore(kvstore, "b" * 64, SHAPE, "float32").load(KEY, 3) is None

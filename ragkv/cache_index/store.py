@@ -26,7 +26,7 @@ import torch
 from ragkv.cache_index import residency
 from ragkv.cache_index.blobcheck import open_blob
 from ragkv.cache_index.blobs import BlobStore, encode_kv
-from ragkv.cache_index.codec import Int8Codec
+from ragkv.cache_index.codec import Int8Codec, decode_tensors
 from ragkv.cache_index.corpus import Removal
 from ragkv.cache_index.eviction import EvictionReport, enforce_budget
 from ragkv.cache_index.index import CacheIndex
@@ -293,6 +293,7 @@ class KVStore:
         meta = dict(extra_meta or {})
         meta.update(key=key, model_fp=model_fp, layout=layout, n_tokens=str(n_tokens))
         stored, dtype = tensors, str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        codec_meta: dict[str, str] = {}
         if codec is not None:
             stored, codec_meta = codec.encode(tensors)
             meta.update(codec_meta)
@@ -319,8 +320,8 @@ class KVStore:
         except Exception as exc:
             log.warning("could not score %s for eviction: %s", key, exc)
         if self.memory is not None:
-            # What a later read would decode, so a memory hit equals a disk hit bit for bit.
-            held = codec.roundtrip(tensors) if codec is not None else tensors
+            # What a later read decodes, so a memory hit equals a disk hit bit for bit.
+            held = decode_tensors(stored, codec_meta) if codec is not None else tensors
             self.memory.put(key, held, model_fp=model_fp, layout=layout, tokens=n_tokens)
         self.apply_budgets()
         return True

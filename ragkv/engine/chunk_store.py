@@ -100,6 +100,11 @@ class ChunkStore:
         if reference is not None:
             kv = self.scored(kv, reference)
         self.save(key, kv, ids=ids)
+        if self.codec is not None and self.store.memory is not None and key in self.store.memory:
+            # the tier holds what the write just decoded: no second encode of the KV
+            held = self.load(key, kv.n_tokens, shared=shared, record=False)
+            if held is not None:  # (evicted meanwhile: read from disk, the same numbers)
+                return held[0], None
         return self.as_stored(kv), None
 
     def as_stored(self, kv: ChunkKV) -> ChunkKV:
