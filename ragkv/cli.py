@@ -113,7 +113,7 @@ def ask(ctx: typer.Context, question: str,
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
-                   ratio=ratio, policy=policy, preselect=preselect)
+                   need_cache=True, ratio=ratio, policy=policy, preselect=preselect)
 
     def run():
         chunks = rag.retrieve(question, k)

@@ -19,6 +19,7 @@ from ragkv.cli_shared import (
     fail,
     open_store,
     progress_bar,
+    require_cache,
 )
 from ragkv.config import RagkvConfig, default_home
 
@@ -32,6 +33,7 @@ def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
     from ragkv.anchor import ANCHOR_SETTING
     from ragkv.cache_index import BlobStore, CacheIndex
 
+    require_cache(home, index_url, blob_url)
     with cache_errors():
         cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url)
         index = CacheIndex(cfg.resolved_index_url)
@@ -59,6 +61,7 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
     """Read every stored blob: checksum, framing, metadata; remove bad entries and orphans."""
     from ragkv.cache_index import verify
 
+    require_cache(home, index_url, blob_url)
     with cache_errors(), progress_bar() as bar:
         task = bar.add_task("reading blobs", total=None)
 
@@ -90,6 +93,7 @@ def cache_gc(home: Home = default_home(), remote: Remote = None,
     """Evict lowest-priority entries until each tier fits its budget."""
     if disk_budget_mb is None and remote_budget_mb is None:
         fail("give --disk-budget-mb and/or --remote-budget-mb")
+    require_cache(home, index_url, blob_url)
     with cache_errors():
         store = open_store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
         reports = store.apply_budgets()

@@ -29,6 +29,7 @@ from ragkv.cli_shared import (
     open_rag,
     open_store,
     progress_bar,
+    require_cache,
     run_engine,
 )
 from ragkv.config import RagkvConfig, default_home
@@ -97,6 +98,7 @@ def prune_docs(rag, folders: Iterable[Path], ingested: set[str]) -> list[str]:
 def documents(home: Home = default_home(), index_url: IndexUrl = None,
               blob_url: BlobUrl = None) -> None:
     """List the ingested documents: name, chunks, stored KV."""
+    require_cache(home, index_url, blob_url)
     with cache_errors():
         index = _index(home, index_url, blob_url)
         sizes = {d["document_id"]: d for d in index.document_sizes()}
@@ -130,6 +132,7 @@ def remove(names: Annotated[list[str], typer.Argument(
 
     All or nothing: an unknown name removes none. KV that a chunk of another document shares
     stays."""
+    require_cache(home, index_url, blob_url)
     with cache_errors():
         store = open_store(home, index_url=index_url, blob_url=blob_url)
         index = store.index

@@ -123,6 +123,21 @@ def cache_errors() -> Iterator[None]:
         fail(f"cannot use {exc.filename or 'the cache'}: {exc.strerror or exc}")
 
 
+def require_cache(home: Path, index_url: str | None = None, blob_url: str | None = None) -> None:
+    """Commands that read a cache fail in one line on a home holding none (a mistyped
+    ``--home`` would otherwise get a new, empty cache made there), before loading a model.
+    A cache named by URL (``--index-url`` / ``--blob-url``) is taken as given."""
+    from ragkv.config import INDEX_FILE, RagkvConfig
+
+    try:
+        home = RagkvConfig(home=home).home  # a home that is a file says so first
+    except ValueError as exc:
+        fail(str(exc))
+    if index_url is None and blob_url is None and not (home / INDEX_FILE).is_file():
+        fail(f"no ragkv cache at {home}: nothing was ingested there "
+             f"(`ragkv ingest PATH --home {home}` makes one)")
+
+
 def open_store(home: Path, disk_budget_mb: float | None = None,
                remote_budget_mb: float | None = None, remote_url: str | None = None,
                index_url: str | None = None, blob_url: str | None = None):
@@ -142,9 +157,11 @@ def open_store(home: Path, disk_budget_mb: float | None = None,
 
 def open_rag(ctx: typer.Context, home: Path, model: Path | None, context: str = "anchor",
              kv_dtype: str = "float16", engine: str = "hf", index_url: str | None = None,
-             blob_url: str | None = None, anchor_source: str = "corpus", **blend):
+             blob_url: str | None = None, anchor_source: str = "corpus",
+             need_cache: bool = False, **blend):
     """The facade on the engine the user named, or a one-line error; closed when the
-    command of ``ctx`` ends."""
+    command of ``ctx`` ends. ``need_cache``: the command reads an existing cache
+    (:func:`require_cache`, checked before the model loads)."""
     from ragkv.api import RagKV
     from ragkv.config import BlendConfig, RagkvConfig
     from ragkv.engine.base import EngineError
@@ -159,6 +176,8 @@ def open_rag(ctx: typer.Context, home: Path, model: Path | None, context: str = 
         policy_class(cfg.blend.policy)
     except ValueError as exc:
         fail(str(exc))
+    if need_cache:
+        require_cache(home, index_url, blob_url)
     try:
         with console.status("loading model and cache index"):
             rag = RagKV(cfg)

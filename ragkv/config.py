@@ -15,6 +15,8 @@ Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
 PrecomputeContext = Literal["cold", "prefix", "anchor"]
 PRECOMPUTE_CONTEXTS: tuple[str, ...] = ("cold", "prefix", "anchor")
+#: the SQLite index in a home, unless ``index_url`` names another
+INDEX_FILE = "index.sqlite"
 #: corrections of the KV the blend keeps from the cache (``ragkv.engine.correction``)
 CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean", "local_mean")
 #: in-process engines by name; any http(s):// URL names a served vLLM
@@ -300,7 +302,7 @@ class RagkvConfig:
 
     @property
     def resolved_index_url(self) -> str:
-        return self.index_url or f"sqlite:///{self.home / 'index.sqlite'}"
+        return self.index_url or f"sqlite:///{self.home / INDEX_FILE}"
 
     @property
     def resolved_blob_url(self) -> str:

@@ -115,7 +115,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, tiny_model: Path) -> None:
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
-    result = runner.invoke(app, ["ask", "q", "--home", str(tmp_path), "--model", str(gpt2)])
+    result = runner.invoke(app, ["ingest", str(tmp_path / "doc.md"), "--home", str(tmp_path),
+                                 "--model", str(gpt2)])
     assert result.exit_code == 2 and "Llama" in result.output
 
 
@@ -137,8 +138,12 @@ def test_every_command_closes_the_facade_it_opened(tmp_path: Path, tiny_model: P
     home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
     run("demo", "--max-new-tokens", "2", *home)
     assert len(closed) == 1
-    result = runner.invoke(app, ["ask", "q", "--home", str(tmp_path / "empty"),
-                                 "--model", str(tiny_model)])
+    from ragkv.cache_index import CacheIndex
+
+    empty = tmp_path / "empty"  # a cache whose documents were all removed
+    empty.mkdir()
+    CacheIndex(f"sqlite:///{empty / 'index.sqlite'}").close()
+    result = runner.invoke(app, ["ask", "q", "--home", str(empty), "--model", str(tiny_model)])
     assert result.exit_code == 2 and len(closed) == 2  # "ingest first": closed all the same
 
 
@@ -146,6 +151,24 @@ def test_ask_before_ingest_says_what_to_do(tmp_path: Path, tiny_model: Path) -> 
     result = runner.invoke(app, ["ask", "anything?", "--home", str(tmp_path),
                                  "--model", str(tiny_model)])
     assert result.exit_code == 2 and "ragkv ingest" in result.output
+
+
+@pytest.mark.parametrize("cmd", [["ask", "q"], ["documents"], ["remove", "doc.md"],
+                                 ["cache", "stats"], ["cache", "verify"],
+                                 ["cache", "gc", "--disk-budget-mb", "1"]])
+def test_a_home_with_no_cache_is_one_line_and_left_alone(tmp_path: Path, cmd: list[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped ``--home`` is said so, before any model loads, and no empty cache is made
+    there for the next command to read as the real one."""
+    from ragkv.api import RagKV
+
+    monkeypatch.setattr(RagKV, "__init__", lambda *a, **k: pytest.fail("loaded a model"))
+    typo = tmp_path / "hmoe"
+    result = runner.invoke(app, [*cmd, "--home", str(typo)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert said.startswith(f"error: no ragkv cache at {typo}: nothing was ingested there"), said
+    assert not typo.exists()
 
 
 @pytest.mark.slow
