@@ -154,6 +154,21 @@ def test_bad_input_and_mode_are_rejected(rag: RagKV) -> None:
         chain.invoke({"query": QUESTION})
     with pytest.raises(ValueError):
         chain.invoke(QUESTION, config={"configurable": {"ragkv_mode": "fastest"}})
+    with pytest.raises(ValueError, match="unknown selection policy 'nope'"):
+        chain.invoke(QUESTION, config={"configurable": {"ragkv_policy": "nope"}})
+
+
+@pytest.mark.parametrize(("setting", "says"), [
+    ({"mode": "fastest"}, "mode must be one of"), ({"policy": "nope"}, "unknown selection policy"),
+    ({"k": 0}, "greater than or equal to 1"), ({"max_new_tokens": 0}, "greater than or equal"),
+    ({"ratio": 2.0}, "less than or equal to 1"),
+])
+def test_a_bad_setting_fails_at_construction(rag: RagKV, setting: dict, says: str) -> None:
+    """Not at the first call, possibly deep inside a served chain."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=says):
+        RagkvRunnable(rag=rag, **setting)
 
 
 def test_runnable_keeps_the_configured_blend_settings(rag: RagKV, monkeypatch) -> None:

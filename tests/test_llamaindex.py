@@ -174,6 +174,19 @@ def test_a_bad_question_is_the_facades_one_line_error(rag: RagKV, query: Any,
             engine.query(QueryBundle(query))
 
 
+@pytest.mark.parametrize(("setting", "says"), [
+    ({"mode": "fastest"}, "mode must be one of"), ({"policy": "nope"}, "unknown selection policy"),
+    ({"similarity_top_k": 0}, "similarity_top_k must be >= 1"),
+    ({"max_new_tokens": 0}, "greater than or equal to 1"), ({"ratio": -1.0}, "recompute ratio"),
+])
+def test_a_bad_setting_fails_at_construction(rag: RagKV, setting: dict, says: str) -> None:
+    """Not at the first query."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=says):
+        RagkvQueryEngine(rag=rag, **setting)
+
+
 def test_streaming_and_async_match_api(rag: RagKV) -> None:
     expected = api_answer(rag)
     engine = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW, streaming=True)

@@ -39,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
+from ragkv.engine.policies import policy_class
 
 RunnableInput = str | dict[str, Any]
 
@@ -121,6 +122,11 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
     policy: str | None = None  # None: the RagKV config's blend policy
     max_new_tokens: int = Field(default=64, ge=1)
 
+    def model_post_init(self, context: Any) -> None:
+        # a bad mode or policy fails at construction, as a bad k or ratio does, not at the
+        # first call; per-call settings are checked per call
+        self._options(None)
+
     @property
     def config_specs(self) -> list[ConfigurableFieldSpec]:
         # Declared so tooling (and RunnableSequence) knows these per-call settings exist.
@@ -143,6 +149,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         base = self.rag.config.blend  # every other setting (correction, guard) as configured
         blend = replace(base, ratio=float(conf.get("ragkv_ratio", self.ratio)),
                         policy=conf.get("ragkv_policy") or self.policy or base.policy)
+        policy_class(blend.policy)
         return mode, blend, int(conf.get("ragkv_k", self.k))
 
     def _start(self, value: RunnableInput,

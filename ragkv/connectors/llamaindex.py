@@ -42,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
+from ragkv.engine.policies import policy_class
 from ragkv.ingest import PRECOMPUTE_BATCH
 from ragkv.prompt import check_question
 
@@ -262,13 +263,14 @@ class RagkvQueryEngine(CustomQueryEngine):
     mode: str = "blend"
     ratio: float = DEFAULT_RATIO
     policy: str | None = None  # None: the RagKV config's blend policy
-    max_new_tokens: int = 64
+    max_new_tokens: int = Field(default=64, ge=1)
     streaming: bool = False
 
     def model_post_init(self, context: Any) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        self._blend()  # a bad ratio fails at construction, not at the first query
+        # a bad ratio or policy fails at construction, not at the first query
+        policy_class(self._blend().policy)
         if self.retriever is None:
             self.retriever = RagkvRetriever(self.rag, self.similarity_top_k)
 
