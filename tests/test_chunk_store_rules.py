@@ -106,11 +106,24 @@ def test_an_int8_miss_is_encoded_once_and_used_as_a_disk_hit_reads_it(with_memor
     kv = _kv()
     got, tier = chunks.get_or_compute(KEY, 3, Compute(kv))
     assert tier is None and len(encoded) == 1
+    assert with_memory.counters["hits"] == 0, "reading its own write back is not a hit"
+    mine = chunks.load(KEY, 3, shared=True)[0]
+    assert got.k.data_ptr() != mine.k.data_ptr(), "not shared: a copy the caller may modify"
     with_memory.memory.discard(KEY)
     disk, tier = chunks.load(KEY, 3)
     assert tier == "disk"
     assert torch.equal(got.k, disk.k) and torch.equal(got.v, disk.v)
     assert not torch.equal(got.k, kv.k), "quantized, not the computed KV"
+    shared, _ = chunks.get_or_compute("c" * 64, 3, Compute(_kv(seed=2)), shared=True)
+    tiers = chunks.load("c" * 64, 3, shared=True)[0]
+    assert shared.k.data_ptr() == tiers.k.data_ptr(), "shared: the memory tier's own tensors"
+
+
+def test_an_unquantized_miss_hands_out_the_computed_kv_even_with_a_memory_tier(with_memory):
+    """Only a codec's miss is read back; in the stored dtype the computed KV is the entry."""
+    kv = _kv()
+    got, tier = ChunkStore(with_memory, FP, SHAPE, "float32").get_or_compute(KEY, 3, Compute(kv))
+    assert tier is None and got.k.data_ptr() == kv.k.data_ptr()
 
 
 def test_another_models_entry_is_a_miss(kvstore):
