@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console, Group
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -231,10 +233,11 @@ def print_summary(result: dict) -> None:
     def f(v, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    t = Table("context", "mode", "policy", "ratio", "n", "TTFT s", "engine s", "TTFT x (med)",
-              "1st agree",
-              "1st KL (med)", "TF agree", "TF KL (med)", "ROUGE-L", "recomp %",
-              caption=f"{result['meta']['engine']}; KL over {result['summary'][0]['kl_basis']}")
+    t = Table(caption=f"{result['meta']['engine']}; KL over {result['summary'][0]['kl_basis']}",
+              box=box.SIMPLE_HEAD)  # no column rules: 14 columns, little width to spare
+    for name in ("context", "mode", "policy", "ratio", "n", "TTFT s", "engine s", "TTFT x (med)",
+                 "1st agree", "1st KL (med)", "TF agree", "TF KL (med)", "ROUGE-L", "recomp %"):
+        t.add_column(name, overflow="fold")  # a narrow terminal wraps a figure, never cuts it
     for s in result["summary"]:
         t.add_row(s["context"], s["mode"], s["policy"] or "-", f(s["ratio"], ".2f"),
                   str(s["n"]), f(s["ttft_median_s"], ".3f"), f(s["engine_ttft_median_s"], ".3f"),
@@ -242,7 +245,11 @@ def print_summary(result: dict) -> None:
                   f(s["first_token_kl_median"], ".4f"), f(s["tf_agree"], ".3f"),
                   f(s["tf_kl_median"], ".4f"), f(s["rouge_l"], ".3f"),
                   f(100 * s["recomputed_share"], ".1f"))
-    console.print(t)
+    out = console
+    if not console.is_terminal:  # a log or `tee`: the table's own width, no terminal wraps it
+        wide = Measurement.get(console, console.options.update_width(10_000), t).maximum
+        out = Console(file=console.file, width=max(console.width, wide))
+    out.print(t)
     if "long_context" in result:
         lc = result["long_context"]
         console.print(f"long prompt: {lc['context_tokens']} tokens, full {lc['full_ttft_s']:.2f}s,"

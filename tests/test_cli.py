@@ -56,10 +56,14 @@ def test_bench_writes_json(tmp_path: Path, tiny_model: Path) -> None:
               "question": f"What is topic {i}?", "answer": "topic"} for i in range(2)]
     cases.write_text("\n".join(json.dumps(x) for x in lines))
     out_file = tmp_path / "res.json"
-    run("bench", "--cases", str(cases), "--ratios", "0.15,1.0", "--contexts",
-        "cold,prefix,anchor", "--max-new-tokens", "4", "--out", str(out_file),
-        "--home", str(tmp_path / "h"), "--model", str(tiny_model))
+    said = run("bench", "--cases", str(cases), "--ratios", "0.15,1.0", "--contexts",
+               "cold,prefix,anchor", "--max-new-tokens", "4", "--out", str(out_file),
+               "--home", str(tmp_path / "h"), "--model", str(tiny_model))
     data = json.loads(out_file.read_text())
+    # Printed into a pipe (a log), the table keeps its width: every row whole on one line.
+    row = next(s for s in data["summary"] if s["context"] == "anchor" and s["ratio"] == 0.15)
+    assert any(line.split()[:4] == ["anchor", "blend", row["policy"], "0.15"]
+               and f"{row['first_token_kl_median']:.4f}" in line for line in said.splitlines())
     groups = {(s["context"], s["mode"], s["ratio"]) for s in data["summary"]}
     assert ("prefix", "blend", 0.15) in groups and ("cold", "reuse", None) in groups
     # anchor entries were precomputed after a passage of the cases' own chunks, which the
