@@ -16,6 +16,7 @@ from ragkv.cli_shared import (
     IndexUrl,
     cache_errors,
     console,
+    count,
     fail,
     open_store,
     progress_bar,
@@ -76,8 +77,9 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
     for tier, name in report.orphans[:50]:
         console.print(f"[yellow]orphan[/yellow] {tier} {escape(name)}", soft_wrap=True)
     verb = "removed" if repair else "found"
-    console.print(f"{report.entries} entries, {report.blobs_checked} blobs read; {verb} "
-                  f"{len(report.bad)} bad, {len(report.orphans)} orphan blobs")
+    console.print(f"{count(report.entries, 'entry', 'entries')}, "
+                  f"{count(report.blobs_checked, 'blob')} read; {verb} {len(report.bad)} bad, "
+                  f"{count(len(report.orphans), 'orphan blob')}")
     if report.bad or report.orphans:
         raise typer.Exit(0 if repair else 1)
 

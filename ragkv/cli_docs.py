@@ -25,6 +25,7 @@ from ragkv.cli_shared import (
     Model,
     cache_errors,
     console,
+    count,
     fail,
     open_rag,
     open_store,
@@ -110,7 +111,7 @@ def documents(home: Home = default_home(), index_url: IndexUrl = None,
         t.add_row(str(d.n_chunks), f"{(size['kv_bytes'] if size else 0) / 2**20:.1f}",
                   d.created_at.strftime("%Y-%m-%d %H:%M"), Text(d.name))
     console.print(t)
-    console.print(f"{len(docs)} documents")
+    console.print(count(len(docs), "document"))
 
 
 def _known_as(name: str, known: set[str]) -> str | None:
@@ -186,7 +187,7 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
             gone = prune_docs(rag, folders, {d.name for d in report.documents})
         for name in gone:
             console.print(Text(f"pruned {name}"), soft_wrap=True)
-        console.print(Text(f"pruned {len(gone)} documents this run did not ingest under "
+        console.print(Text(f"pruned {count(len(gone), 'document')} this run did not ingest under "
                            + ", ".join(map(str, folders))), soft_wrap=True)
 
 
@@ -212,8 +213,9 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
             tokens += res.precomputed_tokens
             bar.update(task, advance=1, rate=_rate(tokens, busy))
     s = rag.index.stats()
-    console.print(f"{s['documents']} documents, {s['chunks']} chunks, {s['kv_entries']} KV "
-                  f"entries ({s['kv_bytes'] / 2**20:.0f} MiB); computed now: {computed}"
+    console.print(f"{count(s['documents'], 'document')}, {count(s['chunks'], 'chunk')}, "
+                  f"{count(s['kv_entries'], 'KV entry', 'KV entries')} "
+                  f"({s['kv_bytes'] / 2**20:.0f} MiB); computed now: {computed}"
                   + (f" ({tokens:,} tokens, {_rate(tokens, busy)})" if tokens else "")
                   + (f"; earlier versions replaced: {replaced}" if replaced else "")
                   + (f"; files skipped: {skipped}" if skipped else ""))

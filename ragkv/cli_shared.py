@@ -125,6 +125,11 @@ def cache_errors() -> Iterator[None]:
         fail(f"cannot use {exc.filename or 'the cache'}: {exc.strerror or exc}")
 
 
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``1 document``, ``2 documents``: how the commands count what they did."""
+    return f"{n:,} {one if n == 1 else many or one + 's'}"
+
+
 def require_cache(home: Path, index_url: str | None = None, blob_url: str | None = None) -> None:
     """Commands that read a cache fail in one line on a home holding none (a mistyped
     ``--home`` would otherwise get a new, empty cache made there), before loading a model.

@@ -26,13 +26,13 @@ def test_ingest_replaces_edited_files_and_prunes_deleted_ones(tmp_path: Path,
     assert "earlier versions replaced: 1" in out and "3 documents" in out
     (docs / "sub" / "b.md").unlink()
     out = run("ingest", str(docs), "--prune", *home)
-    assert f"pruned {docs / 'sub' / 'b.md'}" in out and "pruned 1 documents" in out
+    assert f"pruned {docs / 'sub' / 'b.md'}" in out and "pruned 1 document this" in out
     listed = run("documents", "--home", str(tmp_path / "home"))
     assert "2 documents" in listed and "other.md" in listed  # outside the folder: kept
     (docs / "a.md").unlink()
     out = run("ingest", str(docs), "--prune", *home)  # nothing left to read is no error here
-    assert "pruned 1 documents" in out
-    assert "1 documents" in run("documents", "--home", str(tmp_path / "home"))
+    assert "pruned 1 document this" in out
+    assert "1 document\n" in run("documents", "--home", str(tmp_path / "home"))
     result = runner.invoke(app, ["ingest", str(docs), *home])
     assert result.exit_code == 2 and "no readable" in result.output
 
