@@ -45,6 +45,8 @@ def cache_stats(home: Home = default_home(), index_url: IndexUrl = None,
                            else f"corpus, {len(anchor):,} chars: {anchor[:60]!r}...")
     t = Table("what", "value")
     for key, value in s.items():
+        if key.endswith("_bytes") and isinstance(value, int):  # exact, then for a reader
+            value = f"{value:,} ({value / 2**20:,.1f} MiB)"
         t.add_row(key, Text(str(value)))
     console.print(t)
 

@@ -7,6 +7,7 @@ keeps these fast; the same commands on the real SmolLM2 run in the slow suite.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def test_ingest_ask_and_stats(tmp_path: Path, tiny_model: Path) -> None:
     assert "blend" in out and "TTFT" in out
     stats = run("cache", "stats", "--home", str(tmp_path / "home"))
     assert "kv_entries" in stats and "anchor_passage" in stats and "corpus" in stats
+    assert re.search(r"kv_bytes\s+│\s+[\d,]+ \([\d,.]+ MiB\)", stats), stats  # bytes, and MiB
 
 
 def test_demo_twice_reuses_stored_kv(tmp_path: Path, tiny_model: Path) -> None:
