@@ -255,10 +255,13 @@ class RagKV:
         items = [self._retrieved(c, i) for i, c in enumerate(chunks)]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        window = self.backend.max_model_len
+        if max_new_tokens >= window:
+            raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in "
+                             f"the model's window of {window} tokens; ask for fewer")
         t0 = time.perf_counter()
         self._anchor.adopt()
-        items, left_out = pack(self.template, items, question,
-                               self.backend.max_model_len - max_new_tokens)
+        items, left_out = pack(self.template, items, question, window - max_new_tokens)
         prompt = self.template.assemble([c.token_ids for c in items], question)
         # Keys are derived from the ids, never taken on trust: a stale or mistaken key handed in
         # with a chunk must not load another chunk's KV (hashing costs microseconds).

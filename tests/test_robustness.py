@@ -42,6 +42,16 @@ def test_chunks_are_packed_by_rank_into_the_window(rag):
         pack(tpl, chunks, QUESTION, fixed)
 
 
+def test_an_answer_budget_as_long_as_the_window_names_itself(rag):
+    """Not "the question takes 36 tokens: no room" for what is a max_new_tokens too large."""
+    window = rag.backend.max_model_len
+    with pytest.raises(ValueError, match=f"max_new_tokens {window} leaves no room .* {window} "):
+        rag.generate(rag.retrieve(QUESTION, 2), QUESTION, max_new_tokens=window)
+    out = runner.invoke(app, ["ask", QUESTION, "--max-new-tokens", "100000",
+                              "--home", str(rag.config.home), "--model", str(rag.config.model)])
+    assert out.exit_code == 2 and "max_new_tokens 100000 leaves no room" in out.output
+
+
 def test_no_prompt_exceeds_the_engines_window(rag, monkeypatch):
     chunks = rag.retrieve(QUESTION, 4)
     tpl = rag.template
