@@ -162,8 +162,8 @@ def test_ask_before_ingest_says_what_to_do(tmp_path: Path, tiny_model: Path) -> 
 @pytest.mark.parametrize("cmd", [["ask", "q"], ["documents"], ["remove", "doc.md"],
                                  ["cache", "stats"], ["cache", "verify"],
                                  ["cache", "gc", "--disk-budget-mb", "1"]])
-def test_a_home_with_no_cache_is_one_line_and_left_alone(tmp_path: Path, cmd: list[str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_home_with_no_cache_is_refused_and_left_alone(tmp_path: Path, cmd: list[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A mistyped ``--home`` is said so, before any model loads, and no empty cache is made
     there for the next command to read as the real one."""
     from ragkv.api import RagKV
