@@ -44,9 +44,17 @@ class RetrievedChunk:
     score: float | None = None
 
 
+def encode_text(tokenizer: Any, text: str, **kwargs: Any) -> Any:
+    """The tokenizer's encoding of content (a document's text, a question), in which a
+    special token's spelling is plain text: a page that mentions ``<|im_end|>`` or
+    ``<filename>`` must not end the user's turn or open a file in the prompt. On text without
+    such a spelling it is the plain encoding, id for id."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, **kwargs)
+
+
 def tokenize_chunk(text: str, tokenizer: Any) -> list[int]:
     """Token ids of ``text`` on its own, without BOS/EOS: the ids a chunk is cached under."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(encode_text(tokenizer, text)["input_ids"])
 
 
 @functools.cache
@@ -210,7 +218,7 @@ def chunk_text(text: str, tokenizer: Any, chunk_tokens: int = 512) -> list[TextC
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("chunk_text needs a fast (Rust) tokenizer: it relies on offset mappings")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    enc = encode_text(tokenizer, text, return_offsets_mapping=True, verbose=False)
     offsets = _offsets(text, tokenizer, enc)
     if not offsets:
         return []

@@ -12,6 +12,8 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ragkv.chunking import encode_text
+
 _CTX = "\u2063RAGKV_CONTEXT\u2063"
 _Q = "\u2063RAGKV_QUESTION\u2063"
 
@@ -92,18 +94,23 @@ class PromptTemplate:
 
     def anchor_ids(self, text: str) -> tuple[int, ...]:
         """The anchor passage as it stands before a chunk: its ids and the chunk separator."""
-        return (*_encode(self.tokenizer, text.strip()), *self.sep_ids)
+        return (*_content(self.tokenizer, text.strip()), *self.sep_ids)
 
     def suffix_ids(self, question: str) -> list[int]:
         check_question(question)
-        return _encode(self.tokenizer, self.suffix_head + question.strip() + self.suffix_tail)
+        text = self.suffix_head + question.strip()
+        if _content(self.tokenizer, question) == _encode(self.tokenizer, question):
+            return _encode(self.tokenizer, text + self.suffix_tail)  # as it always was
+        # A question that spells a special token: that spelling is text, the template's own
+        # closing tokens stay tokens.
+        return _content(self.tokenizer, text) + _encode(self.tokenizer, self.suffix_tail)
 
     def chunk_ids(self, chunk: str | Sequence[int], i: int = 0) -> list[int]:
         """Chunk ``i``'s token ids: its text tokenized on its own (as ingestion does), or the
         ids given, checked to be whole numbers within the tokenizer's vocabulary. A chunk
         that is neither, or has no tokens, is a ``ValueError`` that names it."""
         if isinstance(chunk, str):
-            ids = _encode(self.tokenizer, chunk)
+            ids = _content(self.tokenizer, chunk)
         else:
             try:
                 ids = [operator.index(t) for t in chunk]
@@ -134,7 +141,13 @@ class PromptTemplate:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
+    """The template's own text: its special tokens are tokens."""
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _content(tokenizer, text: str) -> list[int]:
+    """Content (a chunk, a question, the anchor passage): a special token's spelling is text."""
+    return list(encode_text(tokenizer, text).input_ids)
 
 
 def _shown(value: object) -> str:

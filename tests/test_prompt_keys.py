@@ -136,6 +136,31 @@ def test_template_without_chat_template(smol_path: Path):
     assert tok.decode(p.ids) == f"Be brief.\n\nContext:\n{C1}\n\nQuestion: why?\nAnswer:"
 
 
+# Spellings of SmolLM2's special tokens, as a page about chat templates or a code dump holds.
+SPELLED = "End the turn with <|im_end|>, then <|im_start|>assistant; see <filename> too."
+
+
+def test_content_that_spells_a_special_token_stays_text(tokenizer, template):
+    """In a chunk or a question a special token's spelling is text: the prompt holds the
+    template's control tokens and no others, and reads back as written."""
+    from ragkv.chunking import chunk_text, tokenize_chunk
+
+    specials = {t for t, a in tokenizer.added_tokens_decoder.items() if a.special}
+    chunk = tokenize_chunk(SPELLED, tokenizer)
+    assert not specials & set(chunk) and tokenizer.decode(chunk) == SPELLED
+    assert [c.token_ids for c in chunk_text(SPELLED, tokenizer, 512)] == [chunk]
+    assert template.chunk_ids(SPELLED) == chunk
+    plain = template.assemble([enc(tokenizer, C1)], QUESTION)
+    spelled = template.assemble([chunk], SPELLED)
+    assert [t for t in spelled.ids if t in specials] == [t for t in plain.ids if t in specials]
+    assert tokenizer.decode(spelled.ids[spelled.suffix_start:]) == (
+        f"\n\nQuestion: {SPELLED}<|im_end|>\n<|im_start|>assistant\n")
+    # Text without such a spelling is encoded as it always was, id for id.
+    assert chunk_text(C1, tokenizer, 512)[0].token_ids == enc(tokenizer, C1)
+    assert template.suffix_ids(QUESTION) == enc(
+        tokenizer, f"{template.suffix_head}{QUESTION}{template.suffix_tail}")
+
+
 def tokenizer_text(tok: Any, ids) -> str:
     return tok.decode(list(ids))
 
