@@ -150,6 +150,7 @@ def test_content_that_spells_a_special_token_stays_text(tokenizer, template):
     assert not specials & set(chunk) and tokenizer.decode(chunk) == SPELLED
     assert [c.token_ids for c in chunk_text(SPELLED, tokenizer, 512)] == [chunk]
     assert template.chunk_ids(SPELLED) == chunk
+    assert template.anchor_ids(SPELLED) == (*chunk, *template.sep_ids)  # a corpus passage too
     plain = template.assemble([enc(tokenizer, C1)], QUESTION)
     spelled = template.assemble([chunk], SPELLED)
     assert [t for t in spelled.ids if t in specials] == [t for t in plain.ids if t in specials]
