@@ -49,7 +49,10 @@ def encode_text(tokenizer: Any, text: str, **kwargs: Any) -> Any:
     special token's spelling is plain text: a page that mentions ``<|im_end|>`` or
     ``<filename>`` must not end the user's turn or open a file in the prompt. On text without
     such a spelling it is the plain encoding, id for id."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, **kwargs)
+    try:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True, **kwargs)
+    except TypeError:  # a tokenizer of the app's own, with no special-token parsing to turn off
+        return tokenizer(text, add_special_tokens=False, **kwargs)
 
 
 def tokenize_chunk(text: str, tokenizer: Any) -> list[int]:
