@@ -321,7 +321,7 @@ class KVStore:
             log.warning("could not score %s for eviction: %s", key, exc)
         if self.memory is not None:
             # What a later read decodes, so a memory hit equals a disk hit bit for bit.
-            held = decode_tensors(stored, codec_meta) if codec is not None else tensors
+            held = decode_tensors(stored, codec_meta)  # without a codec: the tensors as given
             self.memory.put(key, held, model_fp=model_fp, layout=layout, tokens=n_tokens)
         self.apply_budgets()
         return True
