@@ -33,7 +33,6 @@ from ragkv.config import (
     BlendConfig,
 )
 from ragkv.engine.base import EngineError, NextToken
-from ragkv.engine.policies import policy_class
 
 Progress = Callable[[str, int, int], None]
 
@@ -72,10 +71,9 @@ class BenchSpec:
                 raise ValueError(f"unknown context {context!r}; choose from "
                                  f"{', '.join(PRECOMPUTE_CONTEXTS)}")
         for policy in self.policies:
-            policy_class(policy)
-        for ratio in self.ratios:
-            for correction in self.corrections:
-                self.blend(ratio, BlendConfig.policy, correction)
+            for ratio in self.ratios:
+                for correction in self.corrections:
+                    self.blend(ratio, policy, correction)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:

@@ -178,9 +178,6 @@ def open_rag(ctx: typer.Context, home: Path, model: Path | None, context: str = 
                           kv_dtype=kv_dtype, engine=engine,  # type: ignore[arg-type]
                           index_url=index_url, blob_url=blob_url, blend=BlendConfig(**blend),
                           anchor_source=anchor_source)  # type: ignore[arg-type]
-        from ragkv.engine.policies import policy_class
-
-        policy_class(cfg.blend.policy)
     except ValueError as exc:
         fail(str(exc))
     if need_cache:

@@ -19,6 +19,9 @@ PRECOMPUTE_CONTEXTS: tuple[str, ...] = ("cold", "prefix", "anchor")
 INDEX_FILE = "index.sqlite"
 #: corrections of the KV the blend keeps from the cache (``ragkv.engine.correction``)
 CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean", "local_mean")
+#: selection policies a BlendConfig may name, in ragkv.engine.policies's order (it registers one
+#: class under each; named here so a config is checked without importing torch)
+POLICIES: tuple[str, ...] = ("hkvd", "gradual", "chunk_head", "hkvd+head", "qhkvd")
 #: in-process engines by name; any http(s):// URL names a served vLLM
 ENGINES: tuple[str, ...] = ("hf", "vllm")
 #: the blend's default budget and check layer, chosen on the even cases of both public sets
@@ -140,6 +143,9 @@ class BlendConfig:
                              f"{self.ratio!r}")
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be within [0, 1], got {self.min_ratio}")
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
+            raise ValueError(f"unknown selection policy {self.policy!r}; choose from "
+                             f"{', '.join(POLICIES)}")
         if not self.check_layers or min(self.check_layers) < 1:
             raise ValueError("check_layers must name layers >= 1 (layer 0 sees no context)")
         self.check_layers = tuple(sorted(set(self.check_layers)))

@@ -6,6 +6,7 @@ one-token past and across dtypes (docs/design.md §3)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from engine_cases import (  # noqa: F401 - fixtures are used by name
 )
 from policy_cases import kept_chunk_tokens, make_ctx
 
-from ragkv.config import BlendConfig
+from ragkv.config import POLICIES, BlendConfig
 from ragkv.engine.blend import fuse
 from ragkv.engine.hf import HFEngine
 from ragkv.engine.kv import ChunkKV
@@ -29,7 +30,7 @@ from ragkv.engine.loading import Workspace
 from ragkv.engine.plan import plan_prefill
 from ragkv.engine.policies import (
     HKVD,
-    POLICIES,
+    REGISTRY,
     ChunkHead,
     ComputeAll,
     GradualFilter,
@@ -40,6 +41,7 @@ from ragkv.engine.policies import (
     make_policy,
     policy_class,
     reads_question,
+    register,
 )
 
 # ---- selection context ---------------------------------------------------------------------
@@ -191,11 +193,30 @@ def test_reads_question_only_for_a_query_aware_partial_blend():
 
 def test_policies_by_name():
     assert POLICIES == ("hkvd", "gradual", "chunk_head", "hkvd+head", "qhkvd")
+    assert tuple(REGISTRY) == POLICIES  # the config's list and the classes agree
     for name in POLICIES:
         assert policy_class(name).name == name
-    with pytest.raises(ValueError, match="^unknown selection policy 'fast'; choose from "
-                                         "hkvd, gradual, chunk_head, hkvd\\+head, qhkvd$"):
+        assert BlendConfig(policy=name).policy == name
+    message = ("^unknown selection policy 'fast'; choose from "
+               "hkvd, gradual, chunk_head, hkvd\\+head, qhkvd$")
+    with pytest.raises(ValueError, match=message):
         policy_class("fast")
+    # a config names a known policy when it is made, not at its first prefill
+    for bad in ("fast", "all", "reuse", None, 3):
+        with pytest.raises(ValueError, match="^unknown selection policy"):
+            BlendConfig(policy=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        replace(BlendConfig(), policy="fast")
+
+
+def test_a_policy_unlisted_in_the_config_is_not_registered():
+    @dataclass
+    class Unlisted(HKVD):
+        name: str = "unlisted"
+
+    with pytest.raises(ValueError, match="'unlisted' is not listed in ragkv.config.POLICIES"):
+        register(Unlisted)
+    assert "unlisted" not in REGISTRY
 
 
 def test_make_policy_at_ratio_one_computes_everything_whatever_the_check_layers():

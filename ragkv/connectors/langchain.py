@@ -39,7 +39,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
-from ragkv.engine.policies import policy_class
 
 RunnableInput = str | dict[str, Any]
 
@@ -149,7 +148,6 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         base = self.rag.config.blend  # every other setting (correction, guard) as configured
         blend = replace(base, ratio=float(conf.get("ragkv_ratio", self.ratio)),
                         policy=conf.get("ragkv_policy") or self.policy or base.policy)
-        policy_class(blend.policy)
         return mode, blend, int(conf.get("ragkv_k", self.k))
 
     def _start(self, value: RunnableInput,

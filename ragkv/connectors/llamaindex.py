@@ -42,7 +42,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
-from ragkv.engine.policies import policy_class
 from ragkv.ingest import PRECOMPUTE_BATCH
 from ragkv.prompt import check_question
 
@@ -270,7 +269,7 @@ class RagkvQueryEngine(CustomQueryEngine):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         # a bad ratio or policy fails at construction, not at the first query
-        policy_class(self._blend().policy)
+        self._blend()
         if self.retriever is None:
             self.retriever = RagkvRetriever(self.rag, self.similarity_top_k)
 

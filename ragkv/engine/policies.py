@@ -13,7 +13,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ragkv.config import CONTEXT_PRESELECT_FROM, DEFAULT_CHECK_LAYERS, FAST_PRESELECT, BlendConfig
+from ragkv.config import (
+    CONTEXT_PRESELECT_FROM,
+    DEFAULT_CHECK_LAYERS,
+    FAST_PRESELECT,
+    POLICIES,
+    BlendConfig,
+)
 from ragkv.engine.context_score import preselected
 from ragkv.engine.kernels import TorchOps
 
@@ -116,11 +122,13 @@ class SelectionPolicy:
         return torch.ones_like(active, dtype=torch.bool)
 
 
-#: every selection policy a BlendConfig may name, by name: the one place they are listed
+#: every selection policy class by the name a BlendConfig gives (``ragkv.config.POLICIES``)
 REGISTRY: dict[str, type[SelectionPolicy]] = {}
 
 
 def register(cls: type[SelectionPolicy]) -> type[SelectionPolicy]:
+    if cls.name not in POLICIES:  # BlendConfig checks names against that list
+        raise ValueError(f"selection policy {cls.name!r} is not listed in ragkv.config.POLICIES")
     REGISTRY[cls.name] = cls
     return cls
 
@@ -305,10 +313,6 @@ class QueryAwareHKVD(HKVD):
 
     name: str = "qhkvd"
     reads_question = True
-
-
-#: names a BlendConfig may give as ``policy``, in registration order
-POLICIES: tuple[str, ...] = tuple(REGISTRY)
 
 
 def policy_class(name: str) -> type[SelectionPolicy]:

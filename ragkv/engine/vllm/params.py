@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ragkv.config import DEFAULT_CHECK_LAYERS, BlendConfig
-from ragkv.engine.policies import policy_class, reads_question
+from ragkv.engine.policies import reads_question
 
 PARAMS_KEY = "ragkv"
 FUSED_MODES = ("reuse", "blend")
@@ -191,10 +191,6 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     if blend.ratio == "auto":
         raise ParamsError("ratio must be a number in a request ('auto' is resolved by ragkv's "
                           "client before it sends one)")
-    try:
-        policy_class(blend.policy)
-    except ValueError as exc:
-        raise ParamsError(str(exc)) from None
     record = body.get("record", False)
     if not isinstance(record, bool):
         raise ParamsError("'record' must be true or false")

@@ -7,8 +7,14 @@ from dataclasses import dataclass, replace
 
 import streamlit as st
 
-from ragkv.config import DEFAULT_RATIO, FAST_PRESELECT, MODES, PRESELECT_FROM, BlendConfig
-from ragkv.engine.policies import POLICIES
+from ragkv.config import (
+    DEFAULT_RATIO,
+    FAST_PRESELECT,
+    MODES,
+    POLICIES,
+    PRESELECT_FROM,
+    BlendConfig,
+)
 from ragkv.trace import QueryTrace
 from ragkv.ui import frames, state
 from ragkv.ui.state import FullTTFT

@@ -9,8 +9,7 @@ from dataclasses import replace
 import numpy as np
 import streamlit as st
 
-from ragkv.config import DEFAULT_RATIO
-from ragkv.engine.policies import POLICIES
+from ragkv.config import DEFAULT_RATIO, POLICIES
 from ragkv.ui import frames, state
 
 RESULT_KEY = "ragkv_inspect"
