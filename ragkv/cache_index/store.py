@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,10 +26,11 @@ from ragkv.cache_index.codec import Int8Codec, decode_tensors
 from ragkv.cache_index.corpus import Removal
 from ragkv.cache_index.eviction import EvictionReport, enforce_budget
 from ragkv.cache_index.index import CacheIndex
+from ragkv.cache_index.ledger import HitBatch, Ledger, uncounted
 from ragkv.cache_index.memory import MemoryTier
 from ragkv.cache_index.models import EntryInfo
 from ragkv.cache_index.policy import PGDSF, EvictionPolicy, make_policy
-from ragkv.cache_index.tiers import TIERS, Fetched, TierStats, blob_name
+from ragkv.cache_index.tiers import Fetched, blob_name
 
 if TYPE_CHECKING:
     from ragkv.config import RagkvConfig
@@ -42,17 +39,6 @@ log = logging.getLogger("ragkv.cache")
 
 # Keys become file names, so keep them to characters every filesystem and object store accepts.
 _KEY_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
-
-
-def _uncounted(*_: object) -> None:
-    """What :meth:`KVStore.fetch` counts with when asked not to record the read."""
-
-
-@dataclass
-class HitBatch:
-    """What :meth:`KVStore.batched_hits` yields: seconds its index transaction took."""
-
-    seconds: float = 0.0
 
 
 class KVStore:
@@ -67,11 +53,9 @@ class KVStore:
         self.memory = memory
         self.policy = policy or PGDSF()
         self.budgets: dict[str, int | None] = {"disk": disk_budget, "remote": remote_budget}
-        self.counters = dict.fromkeys(("hits", "misses", "corrupt", "puts", "put_errors"), 0)
-        self.tiers = {t: TierStats() for t in TIERS}
-        # The UI may serve queries from several threads; lost increments would make it lie.
-        self._lock = threading.Lock()
-        self._local = threading.local()  # hits awaiting one transaction (batched_hits)
+        self.ledger = Ledger(index, self.policy)
+        self.counters = self.ledger.counters  # store-wide counts of this process
+        self.tiers = self.ledger.tiers  # per-tier counts of this process
         residency.ensure_clock(index)
 
     @classmethod
@@ -93,17 +77,9 @@ class KVStore:
             tiers.append(("remote", self.remote))
         return tiers
 
-    def _count(self, name: str, tier: str | None = None, field: str = "", n: int = 1) -> None:
-        with self._lock:
-            if name:
-                self.counters[name] += 1
-            if tier:
-                setattr(self.tiers[tier], field, getattr(self.tiers[tier], field) + n)
-
     def stats(self) -> dict[str, dict[str, int]]:
         """Per-tier counters of this process plus what each tier holds now."""
-        with self._lock:
-            out = {t: asdict(s) for t, s in self.tiers.items()}
+        out = self.ledger.tier_counts()
         if self.memory is not None:
             out["memory"].update(entries=len(self.memory), resident_bytes=self.memory.nbytes)
         for tier, _ in self.persistent_tiers():
@@ -127,21 +103,21 @@ class KVStore:
         hit hands out the tier's own tensors, which the caller must not modify. ``record=False``
         (a read for ragkv's own bookkeeping, not a use of the entry): neither the hit nor the
         miss is counted, and the entry's eviction priority does not rise."""
-        count = self._count if record else _uncounted
+        count = self.ledger.count if record else uncounted
         if self.memory is not None:
             tensors = self.memory.get(key, model_fp=model_fp, layout=layout, shared=shared,
                                       touch=record)
             if tensors is not None:
                 found = Fetched(tensors, "memory")
-                return self._hit(key, found, 0) if record else found
+                return self.ledger.hit(key, found, 0) if record else found
             count("", "memory", "misses")
         try:
             entry = self.index.get_entry(key)
         except Exception as exc:
             log.warning("cache index unavailable for %s, treating as miss: %s", key, exc)
-            return self._miss() if record else None
+            return self.ledger.miss() if record else None
         if entry is None:
-            return self._miss() if record else None
+            return self.ledger.miss() if record else None
         if entry.model_fp != model_fp or entry.layout != layout:
             return self._discard(
                 entry, f"foreign entry (model_fp={entry.model_fp!r}, layout={entry.layout!r})"
@@ -162,8 +138,8 @@ class KVStore:
                                 tokens=entry.n_tokens,
                                 hits=entry.hits + (1 if record else 0))  # this read
             found = Fetched(tensors, tier)
-            return self._hit(key, found, len(data)) if record else found
-        return self._miss() if record else None
+            return self.ledger.hit(key, found, len(data)) if record else found
+        return self.ledger.miss() if record else None
 
     def _read(self, entry: EntryInfo, tier: residency.Tier,
               blobs: BlobStore) -> tuple[dict[str, torch.Tensor], bytes] | None:
@@ -174,65 +150,24 @@ class KVStore:
         except Exception as exc:
             # Possibly transient (network store, permissions): miss, but keep the entry.
             log.warning("cannot read %s blob %s, treating as miss: %s", tier, entry.blob_name, exc)
-            self._count("", tier, "misses")
+            self.ledger.count("", tier, "misses")
             return None
         try:
             return open_blob(data, entry), data
         except ValueError as exc:
             return self._drop_copy(entry, tier, blobs, str(exc))
 
-    @contextmanager
-    def batched_hits(self) -> Iterator[HitBatch]:
+    def batched_hits(self) -> AbstractContextManager[HitBatch]:
         """Record the hits of this thread's reads inside the block in one index transaction
-        when it ends, not one per read: a fused request reads an entry per chunk, and one
-        transaction per read cost a 2k-token blend about 5 ms more of its TTFT
-        (``docs/benchmarks.md``). Nested blocks record with the outermost. The yielded
-        :class:`HitBatch` holds, after the block, how long recording took (0 without hits)."""
-        batch = HitBatch()
-        if getattr(self._local, "hits", None) is not None:
-            yield batch
-            return
-        self._local.hits = []
-        try:
-            yield batch
-        finally:
-            keys, self._local.hits = self._local.hits, None
-            t = time.perf_counter()
-            if self._record_hits(keys):
-                batch.seconds = time.perf_counter() - t
-
-    def _record_hits(self, keys: list[str]) -> bool:
-        """Whether there were hits to record."""
-        if not keys:
-            return False
-        try:
-            residency.touch(self.index, keys, self.policy, hit=True)
-        except Exception as exc:
-            log.warning("could not record hits for %s: %s", ", ".join(k[:12] for k in keys),
-                        exc)
-        return True
-
-    def _hit(self, key: str, found: Fetched, nbytes: int) -> Fetched:
-        pending = getattr(self._local, "hits", None)
-        if pending is not None:
-            pending.append(key)
-        else:
-            self._record_hits([key])
-        self._count("hits", found.tier, "hits")
-        if nbytes:
-            self._count("", found.tier, "bytes_read", nbytes)
-        return found
-
-    def _miss(self) -> None:
-        self._count("misses")
-        return None
+        (:meth:`.ledger.Ledger.batched`)."""
+        return self.ledger.batched()
 
     def _drop_copy(self, entry: EntryInfo, tier: residency.Tier, blobs: BlobStore,
                    reason: str) -> None:
         """One tier's copy is bad: that tier forgets it (the row goes with its last tier)."""
         log.warning("discarding %s copy of cache entry %s: %s", tier, entry.key, reason)
-        self._count("corrupt", tier, "corrupt")
-        self._count("", tier, "misses")
+        self.ledger.count("corrupt", tier, "corrupt")
+        self.ledger.count("", tier, "misses")
         try:
             # Conditional on the blob we judged, so a good entry stored concurrently by
             # another writer (under a blob name of its own) survives, and its blob too.
@@ -245,7 +180,7 @@ class KVStore:
     def _discard(self, entry: EntryInfo, reason: str) -> None:
         """Remove a foreign entry from every tier; always a miss."""
         log.warning("discarding cache entry %s: %s", entry.key, reason)
-        self._count("corrupt")
+        self.ledger.count("corrupt")
         self.memory_discard(entry.key)
         try:
             if self.index.delete_entry(entry.key, blob=entry.blob_name):
@@ -253,7 +188,7 @@ class KVStore:
                     blobs.delete(entry.blob_name)
         except Exception as exc:
             log.warning("could not remove bad cache entry %s: %s", entry.key, exc)
-        return self._miss()
+        return self.ledger.miss()
 
     def memory_discard(self, key: str) -> None:
         if self.memory is not None:
@@ -308,9 +243,9 @@ class KVStore:
                                                ids_sha256=ids_sha256)
         except Exception as exc:
             log.warning("could not store KV for %s: %s", key, exc)
-            self._count("put_errors")
+            self.ledger.count("put_errors")
             return False
-        self._count("puts", "disk", "bytes_written", len(data))
+        self.ledger.count("puts", "disk", "bytes_written", len(data))
         if replaced is not None and replaced.blob_name != name:
             self._delete_blob(replaced)
         if self.remote is not None:
@@ -333,7 +268,7 @@ class KVStore:
         try:
             blobs.put(name, data)
             if residency.set_resident(self.index, key, tier, name):
-                self._count("", tier, "bytes_written", len(data))
+                self.ledger.count("", tier, "bytes_written", len(data))
             else:
                 blobs.delete(name)
         except Exception as exc:
@@ -361,8 +296,8 @@ class KVStore:
             except Exception as exc:
                 log.warning("could not apply the %s budget: %s", tier, exc)
                 continue
-            self._count("", tier, "evictions", report.evicted)
-            self._count("", tier, "evicted_bytes", report.evicted_bytes)
+            self.ledger.count("", tier, "evictions", report.evicted)
+            self.ledger.count("", tier, "evicted_bytes", report.evicted_bytes)
             reports.append(report)
         return reports
 
