@@ -21,7 +21,7 @@ from engine_cases import _case, _engine, blend
 from transformers import DynamicCache
 
 from ragkv.config import BlendConfig
-from ragkv.engine.hf import HFEngine
+from ragkv.engine.hf import HFEngine, cache_kwarg
 
 
 @dataclass
@@ -45,7 +45,8 @@ def _model_layer(name: str, layer: int) -> _Layer:
     cache = DynamicCache(config=cfg)
     try:
         with torch.inference_mode():
-            model(input_ids=torch.tensor([c.prompt.ids]), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([c.prompt.ids]), use_cache=True,
+                  **{cache_kwarg(model): cache})
     finally:
         for h in hooks:
             h.remove()

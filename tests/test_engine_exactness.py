@@ -24,9 +24,10 @@ from transformers import (
     DynamicCache,
 )
 
-from ragkv.config import BlendConfig
+from ragkv.config import POLICIES, BlendConfig
+from ragkv.engine.hf import cache_kwarg
 from ragkv.engine.kv import ChunkKV
-from ragkv.engine.policies import POLICIES, ComputeAll, make_policy
+from ragkv.engine.policies import ComputeAll, make_policy
 from ragkv.engine.runner import LlamaFamilyRunner
 
 # ---- ratio 1.0, prefix, reuse == full ------------------------------------------------------
@@ -184,8 +185,8 @@ def test_reencoded_keys_match_model_cache_at_shifted_positions(engine, offset):
 
     def model_layer0(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache = DynamicCache(config=engine.model.config)
-        engine.model(input_ids=ids[None], position_ids=pos[None], past_key_values=cache,
-                     use_cache=True)
+        engine.model(input_ids=ids[None], position_ids=pos[None], use_cache=True,
+                     **{cache_kwarg(engine.model): cache})
         return cache.layers[0].keys[0], cache.layers[0].values[0]
 
     with torch.inference_mode():
@@ -211,7 +212,7 @@ def test_cached_chunk_at_offset_matches_model_layer0(engine):
         cache = DynamicCache(config=engine.model.config)
         with torch.inference_mode():
             engine.model(input_ids=torch.tensor([ids]), position_ids=pos[None],
-                         past_key_values=cache, use_cache=True)
+                         **{cache_kwarg(engine.model): cache}, use_cache=True)
             ours = engine.runner.rotate(kv.k[0], *engine.runner.cos_sin(pos))
         assert max_diff(ours, cache.layers[0].keys[0]) < 1e-5
         assert max_diff(kv.v[0], cache.layers[0].values[0]) < 1e-5

@@ -18,10 +18,9 @@ from engine_cases import (  # noqa: F401 - fixtures are used by name
 )
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
-from ragkv.config import BlendConfig
+from ragkv.config import POLICIES, BlendConfig
 from ragkv.engine.hf import HFEngine
 from ragkv.engine.kv import ChunkKV
-from ragkv.engine.policies import POLICIES
 from ragkv.engine.runner import SUPPORTED, LlamaFamilyRunner
 from ragkv.prompt import PromptTemplate
 

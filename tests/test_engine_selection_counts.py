@@ -16,8 +16,7 @@ from engine_cases import (  # noqa: F401 - fixtures are used by name
     engine,
 )
 
-from ragkv.config import BlendConfig
-from ragkv.engine.policies import POLICIES
+from ragkv.config import POLICIES, BlendConfig
 
 # ---- selection invariants ------------------------------------------------------------------
 

@@ -20,12 +20,12 @@ from api_cases import (  # noqa: F401 - fixtures are used by name
 from engine_cases import MODELS, _case, _engine, _Tok, make_case, make_model
 
 from ragkv.api import RagKV
-from ragkv.config import BlendConfig
+from ragkv.config import POLICIES, BlendConfig
 from ragkv.engine.blend import fuse
 from ragkv.engine.hf import HFEngine
 from ragkv.engine.kv import ChunkKV
 from ragkv.engine.loading import LayerFeed, LoadingController, Workspace, WorkspacePool
-from ragkv.engine.policies import POLICIES, SelectionContext, make_policy
+from ragkv.engine.policies import SelectionContext, make_policy
 
 
 def _blend_inputs(name: str, policy: str):

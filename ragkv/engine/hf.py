@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +26,24 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cache_kwarg(model) -> str:
+    """The name the model's forward takes its KV cache under: ``cache`` from transformers
+    5.2x on, ``past_key_values`` before (the old name warns there and goes in 5.40)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name (:func:`cache_kwarg`)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 class HFEngine:
     """Runs a Llama-family transformers model; ``full`` is the model's own forward pass."""
 
     def __init__(self, model, tokenizer, kernels: str = "auto") -> None:
         self.model = model.eval()
+        self._cache_kw = cache_kwarg(model)
         self.tokenizer = tokenizer
         device = next(model.parameters()).device
         self.runner = LlamaFamilyRunner(model, make_ops(kernels, device))
@@ -96,7 +110,7 @@ class HFEngine:
         # vocabulary projection of every prompt token made full prefill at 2k tokens 20-35%
         # slower (SmolLM2, one CPU thread) and every blend-vs-full ratio look better.
         out = self.model(input_ids=ids[None], use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         ks = [layer.keys[0] for layer in cache.layers]
         vs = [layer.values[0] for layer in cache.layers]
         T = ids.shape[0]
@@ -124,9 +138,9 @@ class HFEngine:
         cache = self._cache(fused)
         dev = self.runner.device
         while n < max_new_tokens and last not in self.eos_token_ids:
-            out = self.model(input_ids=torch.tensor([[last]], device=dev),
-                             past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = self.model(input_ids=torch.tensor([[last]], device=dev), use_cache=True,
+                             **{self._cache_kw: cache})
+            cache = returned_cache(out)
             last, n = int(out.logits[0, -1].argmax()), n + 1
             yield last
 
@@ -137,6 +151,6 @@ class HFEngine:
         rows = [fused.logits[None]]
         if len(target) > 1:
             ids = torch.tensor([target[:-1]], device=self.runner.device)
-            out = self.model(input_ids=ids, past_key_values=self._cache(fused), use_cache=True)
+            out = self.model(input_ids=ids, use_cache=True, **{self._cache_kw: self._cache(fused)})
             rows.append(out.logits[0].float())
         return torch.cat(rows)
