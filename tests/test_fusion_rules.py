@@ -214,7 +214,8 @@ def test_a_policy_unlisted_in_the_config_is_not_registered():
     class Unlisted(HKVD):
         name: str = "unlisted"
 
-    with pytest.raises(ValueError, match="'unlisted' is not listed in ragkv.config.POLICIES"):
+    with pytest.raises(ValueError, match="^selection policy 'unlisted' is not listed in "
+                                         "ragkv.config.POLICIES$"):
         register(Unlisted)
     assert "unlisted" not in REGISTRY
 
