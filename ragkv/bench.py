@@ -13,17 +13,13 @@ of methods within one run; what storage reads cost is measured by ``benchmarks/l
 from __future__ import annotations
 
 import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from ragkv import metrics
 from ragkv.api import Answer, RagKV
+from ragkv.bench_report import anchor_meta, run_meta, summarize
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import (
     DEFAULT_CHECK_LAYERS,
@@ -241,40 +237,9 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
             full.generation.close()
         if progress:
             progress("cases", i + 1, len(cases))
-    meta = {**_meta(rag, spec, len(cases)), "anchor": _anchor_meta(rag, corpus_anchor)}
+    meta = {**run_meta(rag, asdict(spec), len(cases)), "anchor": anchor_meta(rag, corpus_anchor)}
     return {"meta": meta, "summary": summarize(records),
             "cases": records}
-
-
-def summarize(records: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        key = (r["context"], r["mode"], r["policy"], r["ratio"], r.get("correction", "none"))
-        groups.setdefault(key, []).append(r)
-    out = []
-    for (ctx, mode, policy, ratio, correction), rs in groups.items():
-        def mean(k, rs=rs):
-            vals = [r[k] for r in rs if r[k] is not None]
-            return statistics.fmean(vals) if vals else None
-
-        def med(k, rs=rs):
-            vals = [r[k] for r in rs if r[k] is not None]
-            return statistics.median(vals) if vals else None
-
-        out.append({
-            "context": ctx, "mode": mode, "policy": policy, "ratio": ratio,
-            "correction": correction, "n": len(rs),
-            "kl_basis": rs[0]["kl_basis"], "engine_ttft_median_s": med("engine_ttft_s"),
-            "speedup_median": med("speedup"), "ttft_median_s": med("ttft_s"),
-            "first_token_agree": mean("first_token_agree"),
-            "first_token_kl_median": med("first_token_kl"),
-            "tf_agree": mean("tf_agree"), "tf_kl_median": med("tf_kl"),
-            "rouge_l": mean("rouge_l"), "contains": mean("contains"),
-            "storage_share_median": med("storage_share"),
-            "recomputed_share": statistics.fmean(
-                r["recomputed_tokens"] / r["context_tokens"] for r in rs),
-        })
-    return out
 
 
 def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dict:
@@ -301,34 +266,3 @@ def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dic
             "full_ttft_s": full.trace.ttft_s, "blend_ttft_s": blend.trace.ttft_s,
             "speedup": full.trace.ttft_s / blend.trace.ttft_s,
             **metrics.first_token(full.first, blend.first)}
-
-
-def cpu_model() -> str:
-    """The processor's model name: TTFT ratios follow the machine, so results name theirs."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _meta(rag: RagKV, spec: BenchSpec, n_cases: int) -> dict:
-    return {
-        "engine": rag.backend.description, "model_fingerprint": rag.fingerprint[:16],
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "cpu": cpu_model(), "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": n_cases,
-        "spec": asdict(spec),
-    }
-
-
-def _anchor_meta(rag: RagKV, corpus: str | None) -> dict:
-    """Which passage anchor-context chunks were precomputed after: where it came from, its
-    length in tokens and its opening words."""
-    ids = list(rag.backend.keys.anchor_ids)
-    source = ("corpus" if corpus is not None
-              else "anchor_text" if rag.config.anchor_text is not None else "builtin")
-    text = rag.tokenizer.decode(ids, skip_special_tokens=True).strip()
-    return {"source": source, "tokens": len(ids), "opening": text[:80]}

@@ -73,6 +73,12 @@ def test_bench_writes_json(tmp_path: Path, tiny_model: Path) -> None:
     anchor = data["meta"]["anchor"]
     assert anchor["source"] == "corpus" and anchor["opening"].startswith("Chunk ")
     assert data["meta"]["cpu"].strip()  # figures from two machines can be told apart
+    import torch
+    import transformers
+
+    # and from two library versions (a fresh install and vLLM's pin differ)
+    assert data["meta"]["transformers"] == transformers.__version__
+    assert data["meta"]["torch"] == torch.__version__
     from ragkv.cache_index import CacheIndex
 
     index = CacheIndex(f"sqlite:///{tmp_path / 'h' / 'index.sqlite'}")
