@@ -218,6 +218,7 @@ def test_a_policy_unlisted_in_the_config_is_not_registered():
                                          "ragkv.config.POLICIES$"):
         register(Unlisted)
     assert "unlisted" not in REGISTRY
+    assert register(HKVD) is HKVD and REGISTRY["hkvd"] is HKVD  # a listed one is (again)
 
 
 def test_make_policy_at_ratio_one_computes_everything_whatever_the_check_layers():
