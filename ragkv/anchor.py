@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from ragkv.chunking import encode_text
+from ragkv.chunking import tokenize_chunk
 
 #: the index setting that records a cache's corpus anchor
 ANCHOR_SETTING = "anchor_text"
@@ -100,7 +100,7 @@ def corpus_anchor(texts: Sequence[str], tokenizer: Any,
     left = tokens
     for i in order:
         head = docs[i][: left * 16]  # a long document is not tokenized whole for 512 tokens
-        ids = list(encode_text(tokenizer, head)["input_ids"])
+        ids = tokenize_chunk(head, tokenizer)
         if len(ids) > left:  # cut at the last whole word inside the budget
             text = tokenizer.decode(ids[:left], skip_special_tokens=True)
             text = text[: text.rfind(" ")] if " " in text else text

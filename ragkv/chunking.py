@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,9 +56,27 @@ def encode_text(tokenizer: Any, text: str, **kwargs: Any) -> Any:
         return tokenizer(text, add_special_tokens=False, **kwargs)
 
 
+def encoded_ids(encoding: Any) -> list[int]:
+    """The token ids in what a tokenizer returned for one text. A Hugging Face tokenizer's
+    encoding gives them both as ``encoding["input_ids"]`` and as ``encoding.input_ids``; a
+    tokenizer of the app's own may give either, or the list of ids itself. Anything else is a
+    ``TypeError`` that says what ragkv reads."""
+    if isinstance(encoding, Mapping):
+        ids = encoding.get("input_ids")
+    elif isinstance(encoding, (list, tuple)):
+        ids = encoding
+    else:
+        ids = getattr(encoding, "input_ids", None)
+    if ids is None:
+        raise TypeError(f"the tokenizer returned a {type(encoding).__name__}; ragkv reads "
+                        "token ids as its 'input_ids' (a key or an attribute) or a list of ints")
+    return list(ids)
+
+
 def tokenize_chunk(text: str, tokenizer: Any) -> list[int]:
-    """Token ids of ``text`` on its own, without BOS/EOS: the ids a chunk is cached under."""
-    return list(encode_text(tokenizer, text)["input_ids"])
+    """Token ids of ``text`` on its own, without BOS/EOS, a special token's spelling read as
+    text: the ids a chunk is cached under (and a question's or the anchor passage's)."""
+    return encoded_ids(encode_text(tokenizer, text))
 
 
 @functools.cache
@@ -79,7 +98,7 @@ def _offsets(text: str, tokenizer: Any, enc: Any) -> list[tuple[int, int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
         return reported
-    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"])
+    tokens = tokenizer.convert_ids_to_tokens(encoded_ids(enc))
     data = text.encode()
     if sum(map(len, tokens)) == len(data):  # nothing dropped: the offsets are right
         return reported

@@ -12,7 +12,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ragkv.chunking import encode_text
+from ragkv.chunking import encoded_ids, tokenize_chunk
 
 _CTX = "\u2063RAGKV_CONTEXT\u2063"
 _Q = "\u2063RAGKV_QUESTION\u2063"
@@ -87,30 +87,30 @@ class PromptTemplate:
         mid, tail = rest.split(_Q)
         prefix = _encode(tokenizer, head)
         bos = getattr(tokenizer, "bos_token_id", None)
-        adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+        adds_bos = bos is not None and encoded_ids(tokenizer("a"))[:1] == [bos]
         if adds_bos and prefix[:1] != [bos]:
             prefix = [bos, *prefix]
         return cls(tuple(prefix), tuple(_encode(tokenizer, "\n\n")), mid, tail, tokenizer)
 
     def anchor_ids(self, text: str) -> tuple[int, ...]:
         """The anchor passage as it stands before a chunk: its ids and the chunk separator."""
-        return (*_content(self.tokenizer, text.strip()), *self.sep_ids)
+        return (*tokenize_chunk(text.strip(), self.tokenizer), *self.sep_ids)
 
     def suffix_ids(self, question: str) -> list[int]:
         check_question(question)
         text = self.suffix_head + question.strip()
-        if _content(self.tokenizer, question) == _encode(self.tokenizer, question):
+        if tokenize_chunk(question, self.tokenizer) == _encode(self.tokenizer, question):
             return _encode(self.tokenizer, text + self.suffix_tail)  # as it always was
         # A question that spells a special token: that spelling is text, the template's own
         # closing tokens stay tokens.
-        return _content(self.tokenizer, text) + _encode(self.tokenizer, self.suffix_tail)
+        return tokenize_chunk(text, self.tokenizer) + _encode(self.tokenizer, self.suffix_tail)
 
     def chunk_ids(self, chunk: str | Sequence[int], i: int = 0) -> list[int]:
         """Chunk ``i``'s token ids: its text tokenized on its own (as ingestion does), or the
         ids given, checked to be whole numbers within the tokenizer's vocabulary. A chunk
         that is neither, or has no tokens, is a ``ValueError`` that names it."""
         if isinstance(chunk, str):
-            ids = _content(self.tokenizer, chunk)
+            ids = tokenize_chunk(chunk, self.tokenizer)
         else:
             try:
                 ids = [operator.index(t) for t in chunk]
@@ -142,12 +142,7 @@ class PromptTemplate:
 
 def _encode(tokenizer, text: str) -> list[int]:
     """The template's own text: its special tokens are tokens."""
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
-
-
-def _content(tokenizer, text: str) -> list[int]:
-    """Content (a chunk, a question, the anchor passage): a special token's spelling is text."""
-    return list(encode_text(tokenizer, text).input_ids)
+    return encoded_ids(tokenizer(text, add_special_tokens=False))
 
 
 def _shown(value: object) -> str:
