@@ -9,6 +9,7 @@ that is exactly what gets prefilled and cached: a cached chunk must not depend o
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,8 +60,8 @@ def encode_text(tokenizer: Any, text: str, **kwargs: Any) -> Any:
 def encoded_ids(encoding: Any) -> list[int]:
     """The token ids in what a tokenizer returned for one text. A Hugging Face tokenizer's
     encoding gives them both as ``encoding["input_ids"]`` and as ``encoding.input_ids``; a
-    tokenizer of the app's own may give either, or the list of ids itself. Anything else is a
-    ``TypeError`` that says what ragkv reads."""
+    tokenizer of the app's own may give either, or the list of ids itself; a list, a 1-D tensor
+    or an array of ints. Anything else is a ``TypeError`` that says what ragkv reads."""
     if isinstance(encoding, Mapping):
         ids = encoding.get("input_ids")
     elif isinstance(encoding, (list, tuple)):
@@ -70,7 +71,17 @@ def encoded_ids(encoding: Any) -> list[int]:
     if ids is None:
         raise TypeError(f"the tokenizer returned a {type(encoding).__name__}; ragkv reads "
                         "token ids as its 'input_ids' (a key or an attribute) or a list of ints")
-    return list(ids)
+    try:  # ints from a list, a 1-D tensor or array alike; a batch of texts' ids is refused
+        return [operator.index(t) for t in ids]
+    except TypeError:
+        raise TypeError("the tokenizer's input_ids must be one text's token ids, a flat "
+                        f"sequence of ints; got {shown(ids)}") from None
+
+
+def shown(value: object) -> str:
+    """A short description of a value handed in by mistake: its type and the start of it."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
 def tokenize_chunk(text: str, tokenizer: Any) -> list[int]:

@@ -12,7 +12,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ragkv.chunking import encoded_ids, tokenize_chunk
+from ragkv.chunking import encoded_ids, shown, tokenize_chunk
 
 _CTX = "\u2063RAGKV_CONTEXT\u2063"
 _Q = "\u2063RAGKV_QUESTION\u2063"
@@ -116,7 +116,7 @@ class PromptTemplate:
                 ids = [operator.index(t) for t in chunk]
             except TypeError:
                 raise ValueError(f"chunk {i} must be its text, its token ids or a "
-                                 f"RetrievedChunk; got {_shown(chunk)}") from None
+                                 f"RetrievedChunk; got {shown(chunk)}") from None
         if not ids:
             raise ValueError(f"chunk {i} has no tokens")
         vocab = len(self.tokenizer) if hasattr(self.tokenizer, "__len__") else None
@@ -143,9 +143,3 @@ class PromptTemplate:
 def _encode(tokenizer, text: str) -> list[int]:
     """The template's own text: its special tokens are tokens."""
     return encoded_ids(tokenizer(text, add_special_tokens=False))
-
-
-def _shown(value: object) -> str:
-    """A short description of a value a user handed in by mistake."""
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"

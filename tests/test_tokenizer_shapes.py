@@ -66,6 +66,25 @@ def test_each_shape_gives_the_same_prompt(tokenizer, shape):
     assert corpus_anchor(docs, shaped, 64) == corpus_anchor(docs, tokenizer, 64)
 
 
+@pytest.mark.parametrize("ids", [[5, 6, 7], (5, 6, 7), range(5, 8)])
+@pytest.mark.parametrize("wrap", ["plain", "tensor", "array"])
+def test_ids_as_a_sequence_tensor_or_array_read_as_ints(ids, wrap):
+    import numpy as np
+    import torch
+
+    value = {"plain": list, "tensor": torch.tensor, "array": np.array}[wrap](list(ids))
+    for encoding in ({"input_ids": value}, _Ids(value)):
+        got = encoded_ids(encoding)
+        assert got == [5, 6, 7] and all(type(t) is int for t in got)
+
+
+@pytest.mark.parametrize("ids", [[[5, 6, 7]], [5, "6"], [5.0, 6.0], 7])
+def test_a_batch_or_ids_that_are_not_ints_are_refused(ids):
+    with pytest.raises(TypeError, match=r"^the tokenizer's input_ids must be one text's token "
+                                        r"ids, a flat sequence of ints; got \w+ "):
+        encoded_ids({"input_ids": ids})
+
+
 @pytest.mark.parametrize("encoding", [None, 7, "ids", object()])
 def test_an_unreadable_encoding_says_what_is_read(encoding):
     with pytest.raises(TypeError, match=r"^the tokenizer returned a .+; ragkv reads token ids "
