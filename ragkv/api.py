@@ -211,14 +211,18 @@ class RagKV:
         return self._remove_documents(name).documents > 0
 
     def _remove_documents(self, name: str, before_id: int | None = None) -> Removal:
-        """``KVStore.remove_documents`` on this facade's cache, whatever the engine: the
-        index and the blob tiers its config names (no memory tier of its own)."""
+        """``KVStore.remove_documents`` on this facade's cache."""
+        return self._removals().remove_documents(name, before_id=before_id)
+
+    def _removals(self) -> KVStore:
+        """The store removals go through, whatever the engine: the index and the blob tiers
+        this facade's config names (no memory tier of its own)."""
         if self._kv_store is None:
             from ragkv.cache_index import KVStore
 
             self._kv_store = KVStore.from_config(replace(self.config, memory_budget_bytes=0),
                                                  index=self.index)
-        return self._kv_store.remove_documents(name, before_id=before_id)
+        return self._kv_store
 
     def retrieve(self, question: str, k: int = 4) -> list[RetrievedChunk]:
         from ragkv.ingest import retrieve

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ragkv.cache_index.corpus import DocumentGone, Removal
-from ragkv.cache_index.models import ChunkRecord
+from ragkv.cache_index.models import ChunkRecord, ids_sha256
 from ragkv.chunking import RetrievedChunk, chunk_text
 
 if TYPE_CHECKING:
-    from ragkv.cache_index import CacheIndex
+    from ragkv.cache_index import CacheIndex, KVStore
     from ragkv.config import RagkvConfig
 
 
@@ -33,6 +33,8 @@ class Ingesting(Protocol):
     def choose_anchor(self, texts: Sequence[str]) -> str | None: ...
 
     def _remove_documents(self, name: str, before_id: int | None = None) -> Removal: ...
+
+    def _removals(self) -> KVStore: ...
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 
@@ -91,12 +93,21 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
     replaced = rag._remove_documents(name, before_id=doc_id).documents
     done = tokens = 0
     for start in range(0, len(infos), PRECOMPUTE_BATCH):
+        if not index.has_document(doc_id):  # a later version replaced this one meanwhile
+            break
         batch = infos[start:start + PRECOMPUTE_BATCH]
         computed = rag.precompute_many([c.token_ids for c in batch])
         done += sum(computed)
         tokens += sum(len(c.token_ids) for c, new in zip(batch, computed, strict=True) if new)
         if progress:
             progress(start + len(batch), len(infos))
+    # Chunks of this run that left meanwhile (a later version replaced them): the KV computed
+    # here after that removal would stay with no chunk to reach it, so it goes now.
+    left = {ids_sha256(c.token_ids) for c in infos} - index.chunk_digests([c.id for c in infos])
+    if left:
+        rag._removals().remove_unreferenced(left)
+    if not index.has_document(doc_id):
+        return IngestResult(doc_id, name, 0, 0, created, 0, replaced, superseded=True)
     return IngestResult(doc_id, name, len(infos), done, created, tokens, replaced)
 
 

@@ -88,6 +88,40 @@ def test_a_version_replaced_while_it_is_written_gives_way(rag, engine, monkeypat
         other.index.close()
 
 
+def test_kv_computed_for_a_version_replaced_meanwhile_leaves_the_cache(tmp_path, engine,
+                                                                      monkeypatch):
+    import ragkv.ingest
+
+    rag = RagKV(make_config(tmp_path / "home"), engine=engine)
+    other = RagKV(make_config(tmp_path / "home"), engine=engine)
+    older = " ".join(f"Step {i} of the old procedure moves crate {i} to shelf {i % 7}."
+                     for i in range(40))
+    precompute_many, calls = rag.precompute_many, []
+
+    def replaced_before_the_second_batch(chunks):
+        calls.append([ids_sha256(ids) for ids in chunks])
+        if len(calls) == 2:  # another process records and stores a later version first
+            other.ingest_text("doc:steps", EDITED)
+        return precompute_many(chunks)
+
+    try:
+        monkeypatch.setattr(ragkv.ingest, "PRECOMPUTE_BATCH", 1)
+        monkeypatch.setattr(rag, "precompute_many", replaced_before_the_second_batch)
+        res = rag.ingest_text("doc:steps", older)
+        assert res.superseded and res.n_chunks == 0
+        assert len(calls) == 2  # the third and later chunks were not computed at all
+        assert [c.text for c in rag.index.chunks()] == [EDITED]
+        with rag.index.transaction() as s:
+            stored = s.execute(select(KVEntry.ids_sha256, KVEntry.blob_name)).all()
+        # the second chunk's KV, stored after the removal took the first's, went too
+        assert not {digest for digest, _ in stored} & {d for batch in calls for d in batch}
+        assert _entries(rag, "doc:steps")
+        assert _blob_files(rag) == {blob for _, blob in stored}
+    finally:
+        other.index.close()
+        rag.index.close()
+
+
 def test_a_rerun_fills_a_document_whose_chunks_a_crash_left_out(rag, monkeypatch):
     monkeypatch.setattr(rag.index, "add_chunks", _crash)
     with pytest.raises(OSError):

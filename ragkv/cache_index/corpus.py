@@ -4,6 +4,7 @@ every process when the chunks changed. :class:`~.index.CacheIndex` inherits them
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sqlalchemy import delete, select, tuple_
@@ -184,20 +185,28 @@ class CorpusRows(IndexDatabase):
             _new_corpus_version(s)
             if s.scalar(select(Chunk.id).limit(1)) is None:
                 s.execute(delete(Setting).where(Setting.name == ANCHOR_SETTING))
-            entries: list[EntryInfo] = []
-            for batch in in_batches(sorted(digests)):
-                kept = set(s.scalars(select(Chunk.ids_sha256)
-                                     .where(Chunk.ids_sha256.in_(batch))))
-                gone = [d for d in batch if d not in kept]
-                if gone:
-                    rows = s.scalars(select(KVEntry).where(KVEntry.ids_sha256.in_(gone)))
-                    entries.extend(to_info(EntryInfo, row) for row in rows)
-            # by key and blob: a row another process re-put meanwhile names a new blob it
-            # keeps (the blob read here is then an orphan, which the re-put deletes)
-            for batch in in_batches([(e.key, e.blob_name) for e in entries]):
-                s.execute(delete(KVEntry).where(tuple_(KVEntry.key, KVEntry.blob_name).in_(batch))
-                          .execution_options(synchronize_session=False))
-            return Removal(len(doc_ids), entries)
+            return Removal(len(doc_ids), _unreferenced_entries(s, digests))
+
+    def chunk_digests(self, ids: list[int]) -> set[str]:
+        """The token ids' digests (``ids_sha256``) of those of the chunks ``ids`` still in the
+        index, as they hold now."""
+        found: set[str] = set()
+        with self.transaction() as s:
+            for batch in in_batches(ids):
+                rows = s.scalars(select(Chunk.token_ids).where(Chunk.id.in_(batch)))
+                found.update(ids_sha256(token_ids) for token_ids in rows)
+        return found
+
+    def has_document(self, document_id: int) -> bool:
+        with self.transaction() as s:
+            return s.get(Document, document_id) is not None
+
+    def remove_unreferenced(self, digests: Iterable[str]) -> list[EntryInfo]:
+        """Remove the KV entries of these chunk digests (``ids_sha256``) that no chunk holds
+        now: the KV an ingestion computed for chunks that left the index meanwhile (a later
+        version of their document, recorded by another process, replaced them)."""
+        with self.transaction() as s:
+            return _unreferenced_entries(s, set(digests))
 
     def corpus_version(self) -> str | None:
         """The corpus's current version (None before any chunk): it changes whenever chunks
@@ -235,3 +244,21 @@ class CorpusRows(IndexDatabase):
                 for c, n in s.execute(base.where(Chunk.id.in_(batch))).all():
                     found[c.id] = _chunk_info(c, n)
             return [found[i] for i in ids if i in found]
+
+
+def _unreferenced_entries(s: Session, digests: set[str]) -> list[EntryInfo]:
+    """Delete, in session ``s``, the KV entry rows of ``digests`` that no chunk has; the
+    rows deleted, whose blobs the caller deletes."""
+    entries: list[EntryInfo] = []
+    for batch in in_batches(sorted(digests)):
+        kept = set(s.scalars(select(Chunk.ids_sha256).where(Chunk.ids_sha256.in_(batch))))
+        gone = [d for d in batch if d not in kept]
+        if gone:
+            rows = s.scalars(select(KVEntry).where(KVEntry.ids_sha256.in_(gone)))
+            entries.extend(to_info(EntryInfo, row) for row in rows)
+    # by key and blob: a row another process re-put meanwhile names a new blob it keeps (the
+    # blob read here is then an orphan, which the re-put deletes)
+    for batch in in_batches([(e.key, e.blob_name) for e in entries]):
+        s.execute(delete(KVEntry).where(tuple_(KVEntry.key, KVEntry.blob_name).in_(batch))
+                  .execution_options(synchronize_session=False))
+    return entries

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -306,10 +307,20 @@ class KVStore:
         remove_documents``), then the blobs of the KV entries that went with their chunks,
         from every tier; a blob that cannot be deleted is an orphan ``verify`` removes."""
         removal = self.index.remove_documents(name, before_id=before_id)
-        for entry in removal.entries:
+        self._forget(removal.entries)
+        return removal
+
+    def remove_unreferenced(self, digests: Iterable[str]) -> int:
+        """``CacheIndex.remove_unreferenced``, then those entries' blobs; how many went."""
+        entries = self.index.remove_unreferenced(digests)
+        self._forget(entries)
+        return len(entries)
+
+    def _forget(self, entries: list[EntryInfo]) -> None:
+        """The blobs (and memory copies) of entries whose rows are gone."""
+        for entry in entries:
             self.memory_discard(entry.key)
             self._delete_blob(entry)
-        return removal
 
     def delete(self, key: str) -> None:
         """Forget one entry everywhere (row first, so no reader finds a row without its blob)."""
