@@ -195,7 +195,7 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
                  earlier: dict[str, str] | None = None) -> int:
     """Ingest ``(name, text)`` pairs with a progress bar; ``earlier`` maps a name to the one
     the same file had before (an earlier version, removed once the new one is in)."""
-    computed = tokens = replaced = 0
+    computed = tokens = replaced = superseded = 0
     busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
     rag.choose_anchor([text for _, text in docs])  # from all of them, not the first alone
     with progress_bar(TextColumn("{task.fields[rate]}")) as bar:
@@ -208,6 +208,7 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
                 busy += time.perf_counter() - t0
             computed += res.precomputed
             replaced += res.replaced
+            superseded += res.superseded
             if earlier and name in earlier:
                 replaced += rag._remove_documents(earlier[name]).documents
             tokens += res.precomputed_tokens
@@ -218,6 +219,8 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
                   f"({s['kv_bytes'] / 2**20:.0f} MiB); computed now: {computed}"
                   + (f" ({tokens:,} tokens, {_rate(tokens, busy)})" if tokens else "")
                   + (f"; earlier versions replaced: {replaced}" if replaced else "")
+                  + (f"; replaced meanwhile by a later version from another process: "
+                     f"{superseded}" if superseded else "")
                   + (f"; files skipped: {skipped}" if skipped else ""))
     return computed
 

@@ -67,3 +67,26 @@ def test_documents_are_named_by_resolved_path(tmp_path: Path, tiny_model: Path,
     assert f"removed {real / 'beta' / 'notes' / 'b.md'}" in out
     assert len(index.documents()) == 3
     index.close()
+
+
+def test_ingest_says_when_another_process_replaced_a_file_meanwhile(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragkv import RagKV, RagkvConfig
+
+    doc = tmp_path / "a.md"
+    doc.write_text("The assert statement checks a condition.\n" * 20)
+    precompute_many, raced = RagKV.precompute_many, []
+
+    def another_process_first(self, chunks):
+        if not raced:  # before this run's first chunk: a later version is recorded and stored
+            raced.append(True)
+            other = RagKV(RagkvConfig(home=tmp_path / "home", model=tiny_model))
+            other.ingest_text(str(doc.resolve()), "The assert statement was edited.\n" * 20)
+            other.close()
+        return precompute_many(self, chunks)
+
+    monkeypatch.setattr(RagKV, "precompute_many", another_process_first)
+    out = run("ingest", str(doc), "--home", str(tmp_path / "home"), "--model", str(tiny_model))
+    said = " ".join(out.split())  # as the console wraps it
+    assert "computed now: 0; replaced meanwhile by a later version from another process: 1" in said
+    assert "1 document, 1 chunk" in said
