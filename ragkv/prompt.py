@@ -75,14 +75,7 @@ class PromptTemplate:
 
     @classmethod
     def from_tokenizer(cls, tokenizer, system_prompt: str) -> PromptTemplate:
-        user = f"Context:\n{_CTX}\n\nQuestion: {_Q}"
-        if getattr(tokenizer, "chat_template", None):
-            messages = [{"role": "system", "content": system_prompt},
-                        {"role": "user", "content": user}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=True)
-        else:
-            text = f"{system_prompt}\n\n{user}\nAnswer:"
+        text = _rendered(tokenizer, system_prompt)
         head, rest = text.split(_CTX)
         mid, tail = rest.split(_Q)
         prefix = _encode(tokenizer, head)
@@ -138,6 +131,32 @@ class PromptTemplate:
         suffix_start = len(ids)
         ids.extend(self.suffix_ids(question))
         return AssembledPrompt(ids, len(self.prefix_ids), spans, suffix_start)
+
+
+def _rendered(tokenizer, system_prompt: str) -> str:
+    """The prompt in the model's chat format around the two sentinels. The system prompt is a
+    system turn; where the template refuses one (Mistral's raise) or leaves it out, it opens
+    the user turn instead. Without a chat template: a plain format. A template that renders
+    no user turn at all is a ``ValueError`` that says why."""
+    user = f"Context:\n{_CTX}\n\nQuestion: {_Q}"
+    if not getattr(tokenizer, "chat_template", None):
+        return f"{system_prompt}\n\n{user}\nAnswer:"
+    folded = f"{system_prompt}\n\n{user}" if system_prompt.strip() else user
+    error = None
+    for messages in ([{"role": "system", "content": system_prompt},
+                      {"role": "user", "content": user}],
+                     [{"role": "user", "content": folded}]):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as exc:  # the template's own raise_exception, or a template bug
+            error = exc
+            continue
+        if (system_prompt.strip() in text and text.count(_CTX) == 1
+                and text.index(_CTX) < text.index(_Q) and text.count(_Q) == 1):
+            return text
+    raise ValueError("the tokenizer's chat template renders no user turn with the context and "
+                     "the question" + (f": {error}" if error else " (it drops or repeats them)"))
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -130,3 +130,46 @@ def test_a_chunk_of_the_wrong_kind_is_named_in_short(chunk, shown):
         tpl.chunk_ids(chunk)
     assert str(err.value) == ("chunk 0 must be its text, its token ids or a RetrievedChunk; "
                               f"got {shown}")
+
+
+# A system turn refused (Mistral's template raises), left out, or no turn rendered at all.
+REFUSES_SYSTEM = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% endif %}{% endfor %}")
+DROPS_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}\n"
+                "{% endif %}{% endfor %}<|assistant|>")
+
+
+@pytest.mark.parametrize("template", [REFUSES_SYSTEM, DROPS_SYSTEM])
+def test_a_template_without_a_system_turn_opens_the_user_turn_with_it(tokenizer, template):
+    import copy
+
+    tok = copy.copy(tokenizer)
+    tok.chat_template = template
+    tpl = PromptTemplate.from_tokenizer(tok, SYSTEM)
+    chunks = ["First chunk text.", "Second one, with a tail"]
+    question = "What is in the chunks?"
+    p = tpl.assemble([_enc(tok, c) for c in chunks], question)
+    context = "\n\n".join(chunks)
+    user = f"{SYSTEM}\n\nContext:\n{context}\n\nQuestion: {question}"
+    want = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert tok.decode(p.ids) == want
+    assert SYSTEM in tok.decode(tpl.prefix_ids)
+
+
+def test_a_template_that_renders_no_user_turn_is_a_clear_error(tokenizer):
+    import copy
+
+    tok = copy.copy(tokenizer)
+    tok.chat_template = "{{ raise_exception('this model takes no chat') }}"
+    with pytest.raises(ValueError, match=r"^the tokenizer's chat template renders no user turn "
+                                         r"with the context and the question: this model takes "
+                                         r"no chat$"):
+        PromptTemplate.from_tokenizer(tok, SYSTEM)
+    tok.chat_template = "<|user|>Hello<|assistant|>"  # renders, but no content of ours
+    with pytest.raises(ValueError, match=r"\(it drops or repeats them\)$"):
+        PromptTemplate.from_tokenizer(tok, SYSTEM)
