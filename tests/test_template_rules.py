@@ -161,6 +161,16 @@ def test_a_template_without_a_system_turn_opens_the_user_turn_with_it(tokenizer,
     assert SYSTEM in tok.decode(tpl.prefix_ids)
 
 
+def test_no_system_prompt_leaves_the_user_turn_as_it_is(tokenizer):
+    import copy
+
+    tok = copy.copy(tokenizer)
+    tok.chat_template = REFUSES_SYSTEM
+    for system in ("", " \n"):
+        tpl = PromptTemplate.from_tokenizer(tok, system)
+        assert tok.decode(tpl.prefix_ids) == tok.bos_token + "[INST] Context:\n"
+
+
 def test_a_template_that_renders_no_user_turn_is_a_clear_error(tokenizer):
     import copy
 
