@@ -91,24 +91,26 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
     # after the new version's chunks are in, so the name is never without one; a rerun after
     # a crash between the two removes what is left
     replaced = rag._remove_documents(name, before_id=doc_id).documents
-    done = tokens = 0
+    stored = []  # the chunks whose KV this run computed and stored
     for start in range(0, len(infos), PRECOMPUTE_BATCH):
         if not index.has_document(doc_id):  # a later version replaced this one meanwhile
             break
         batch = infos[start:start + PRECOMPUTE_BATCH]
         computed = rag.precompute_many([c.token_ids for c in batch])
-        done += sum(computed)
-        tokens += sum(len(c.token_ids) for c, new in zip(batch, computed, strict=True) if new)
+        stored += [c for c, new in zip(batch, computed, strict=True) if new]
         if progress:
             progress(start + len(batch), len(infos))
-    # Chunks of this run that left meanwhile (a later version replaced them): the KV computed
-    # here after that removal would stay with no chunk to reach it, so it goes now.
-    left = {ids_sha256(c.token_ids) for c in infos} - index.chunk_digests([c.id for c in infos])
-    if left:
-        rag._removals().remove_unreferenced(left)
+    # Of those, chunks that left meanwhile (a later version replaced them): their KV, stored
+    # after that removal, would stay with no chunk to reach it, so it goes now.
+    if stored:
+        left = ({ids_sha256(c.token_ids) for c in stored}
+                - index.chunk_digests([c.id for c in stored]))
+        if left:
+            rag._removals().remove_unreferenced(left)
     if not index.has_document(doc_id):
         return IngestResult(doc_id, name, 0, 0, created, 0, replaced, superseded=True)
-    return IngestResult(doc_id, name, len(infos), done, created, tokens, replaced)
+    return IngestResult(doc_id, name, len(infos), len(stored), created,
+                        sum(len(c.token_ids) for c in stored), replaced)
 
 
 def iter_text_files(paths: Iterable[Path]) -> Iterator[Path]:

@@ -4,6 +4,7 @@ and no other piece carries special tokens (docs/design.md §3.1)."""
 
 from __future__ import annotations
 
+import copy
 import re
 from types import SimpleNamespace
 from typing import Any
@@ -145,8 +146,6 @@ DROPS_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m
 
 @pytest.mark.parametrize("template", [REFUSES_SYSTEM, DROPS_SYSTEM])
 def test_a_template_without_a_system_turn_opens_the_user_turn_with_it(tokenizer, template):
-    import copy
-
     tok = copy.copy(tokenizer)
     tok.chat_template = template
     tpl = PromptTemplate.from_tokenizer(tok, SYSTEM)
@@ -162,8 +161,6 @@ def test_a_template_without_a_system_turn_opens_the_user_turn_with_it(tokenizer,
 
 
 def test_no_system_prompt_leaves_the_user_turn_as_it_is(tokenizer):
-    import copy
-
     tok = copy.copy(tokenizer)
     tok.chat_template = REFUSES_SYSTEM
     for system in ("", " \n"):
@@ -172,8 +169,6 @@ def test_no_system_prompt_leaves_the_user_turn_as_it_is(tokenizer):
 
 
 def test_a_template_that_renders_no_user_turn_is_a_clear_error(tokenizer):
-    import copy
-
     tok = copy.copy(tokenizer)
     tok.chat_template = "{{ raise_exception('this model takes no chat') }}"
     with pytest.raises(ValueError, match=r"^the tokenizer's chat template renders no user turn "
