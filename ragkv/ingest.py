@@ -84,7 +84,6 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
                    for i, (c, vec) in enumerate(zip(chunks, vectors, strict=True))]
         try:
             ids = index.add_chunks(doc_id, records)
-            index.set_document_chunk_count(doc_id, len(records))
         except DocumentGone:  # another process recorded a later version meanwhile: it stays
             return IngestResult(doc_id, name, 0, 0, created, 0, superseded=True)
         infos = index.chunks(ids)

@@ -85,7 +85,6 @@ def _version_worker(root: str, worker: int, start, errors) -> None:
             try:
                 index.add_chunks(doc_id, [ChunkRecord(i, f"{tag}/{i}", [i], key(i))
                                           for i in range(3)])
-                index.set_document_chunk_count(doc_id, 3)
             except DocumentGone:  # a later version went in meanwhile: ingestion stops here
                 continue
             index.remove_documents("doc.md", before_id=doc_id)
@@ -103,6 +102,39 @@ def test_processes_ingesting_versions_of_one_document_leave_the_latest(tmp_path)
     chunks = index.chunks()  # the survivor's own three, nothing of a removed version
     assert [c.text for c in chunks] == [f"{tag}/{i}" for i in range(3)]
     assert index.corpus_version() is not None
+
+
+def _rechunk_worker(root: str, worker: int, start, errors) -> None:
+    from ragkv.cache_index import CacheIndex
+    from ragkv.cache_index.models import Chunk, ChunkRecord
+
+    index = CacheIndex(f"sqlite:///{Path(root) / 'index.sqlite'}")
+    n = 2 + worker  # each process chunks the same document into its own number of chunks
+    start.wait()
+    try:
+        for _ in range(ROUNDS * 4):
+            doc_id, _ = index.add_document("doc.md", "", "1" * 64)  # one text: one document
+            index.add_chunks(doc_id, [ChunkRecord(i, f"{worker}/{i}", [worker, i], key(i))
+                                      for i in range(n)])
+            with index.transaction() as s:  # one statement: one snapshot of rows and count
+                rows = s.execute(select(Chunk.text, Document.n_chunks)
+                                 .join(Document, Chunk.document_id == Document.id)
+                                 .where(Document.id == doc_id).order_by(Chunk.ordinal)).all()
+            writer = rows[0].text.split("/")[0]
+            whole = [f"{writer}/{i}" for i in range(2 + int(writer))]
+            assert [t for t, _ in rows] == whole and rows[0].n_chunks == len(whole), rows
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        errors.put(f"worker {worker}: {exc!r}")
+        raise
+
+
+def test_processes_chunking_one_document_differently_leave_one_chunking_whole(tmp_path):
+    _run_at_once(_rechunk_worker, tmp_path)
+    index = make_store(tmp_path).index
+    [doc] = index.documents()
+    texts = [c.text for c in index.chunks()]
+    writer = int(texts[0].split("/")[0])
+    assert texts == [f"{writer}/{i}" for i in range(2 + writer)] and doc.n_chunks == len(texts)
 
 
 def _writer_forever(root: str, ready) -> None:

@@ -36,7 +36,6 @@ def test_add_document_and_chunks_idempotent(index: CacheIndex) -> None:
 
     ids = index.add_chunks(doc_id, _records(3))
     assert index.add_chunks(doc_id, _records(3)) == ids
-    index.set_document_chunk_count(doc_id, 3)
     assert index.stats()["chunks"] == 3
     [doc] = [d for d in index.documents() if d.id == doc_id]
     assert (doc.name, doc.source, doc.n_chunks) == ("a.md", "/src/a.md", 3)
@@ -54,10 +53,11 @@ def test_add_document_and_chunks_idempotent(index: CacheIndex) -> None:
 def test_rechunk_updates_in_place_and_trims(index: CacheIndex) -> None:
     doc_id, _ = index.add_document("b.md", "", "3" * 64)
     ids = index.add_chunks(doc_id, _records(4))
+    assert [d.n_chunks for d in index.documents()] == [4]
     new_ids = index.add_chunks(doc_id, _records(2, tag="!"))
     assert new_ids == ids[:2]
-    index.set_document_chunk_count(doc_id, 2)
     assert [c.text for c in index.chunks()] == ["chunk 0!", "chunk 1!"]
+    assert [d.n_chunks for d in index.documents()] == [2]
 
 
 def test_versions_of_a_document_and_the_corpus_version(index: CacheIndex) -> None:
@@ -74,7 +74,7 @@ def test_versions_of_a_document_and_the_corpus_version(index: CacheIndex) -> Non
     assert index.chunk_embeddings()[0] == [c.id for c in index.chunks()]
     assert index.chunks(document_id=doc_id) == index.chunks()
     assert index.chunks(document_id=doc_id - 1) == []  # the removed version's
-    index.set_document_chunk_count(doc_id, 1)  # a re-chunk that drops a chunk
+    index.add_chunks(doc_id, _records(1))  # a re-chunk that drops a chunk
     versions.append(index.corpus_version())
     assert index.remove_documents("d").documents == 1
     assert index.remove_documents("d").documents == 0
@@ -104,8 +104,6 @@ def test_writing_a_removed_document_says_it_is_gone(index: CacheIndex) -> None:
     index.remove_documents("d")  # a later version's ingestion, in another process
     with pytest.raises(DocumentGone):
         index.add_chunks(doc_id, _records(2))
-    with pytest.raises(DocumentGone):
-        index.set_document_chunk_count(doc_id, 2)
     assert index.chunks() == [] and index.documents() == []
 
 

@@ -7,11 +7,10 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.exc import StaleDataError
 
 from ragkv.anchor import ANCHOR_SETTING
 from ragkv.cache_index.database import IndexDatabase, in_batches
@@ -97,43 +96,33 @@ class CorpusRows(IndexDatabase):
             return found, False
 
     def add_chunks(self, document_id: int, chunks: list[ChunkRecord]) -> list[int]:
-        """Insert or refresh chunks by ``(document_id, ordinal)``; ids in the order given.
+        """Record ``chunks`` as the document's whole chunking; their ids, in the order given.
 
-        An existing ordinal is updated rather than skipped: re-chunking a document with other
-        settings must not leave stale text or cache keys under the old ids.
+        An existing ordinal is updated rather than skipped, ordinals not given go, and the
+        document's chunk count is set, all in one transaction that first locks the document's
+        row: re-chunking with other settings leaves no stale text or cache keys under the old
+        ids, and of two processes chunking one document differently at once, one's chunking
+        stays whole (never a mix of both, never a count that disagrees with the rows).
+        A document removed meanwhile (a later version of it replaced it) is :class:`DocumentGone`.
         """
-        if not chunks:
-            return []
-        try:
-            return self._add_chunks_once(document_id, chunks)
-        except IntegrityError:
-            # Either the document was removed (a later version of it replaced it), or another
-            # process inserted the same ordinals first: then, this time, they are updated.
-            self._require_document(document_id)
-        try:
-            return self._add_chunks_once(document_id, chunks)
-        except IntegrityError:
-            self._require_document(document_id)
-            raise
-
-    def _require_document(self, document_id: int) -> None:
         with self.transaction() as s:
-            if s.get(Document, document_id) is None:
-                raise DocumentGone(document_id) from None
-
-    def _add_chunks_once(self, document_id: int, chunks: list[ChunkRecord]) -> list[int]:
-        with self.transaction() as s:
+            # The write comes first so that it takes the lock (SQLite's writer lock, the row's
+            # on a server) before anything is read: every read below sees the last writer's
+            # rows, and the next writer waits for this one.
+            locked = s.execute(update(Document).where(Document.id == document_id)
+                               .values(n_chunks=len(chunks)))
+            if locked.rowcount == 0:
+                raise DocumentGone(document_id)
             existing = {
                 c.ordinal: c
                 for c in s.scalars(select(Chunk).where(Chunk.document_id == document_id))
             }
             rows: list[Chunk] = []
             for rec in chunks:
-                row = existing.get(rec.ordinal)
+                row = existing.pop(rec.ordinal, None)
                 if row is None:
                     row = Chunk(document_id=document_id, ordinal=rec.ordinal)
                     s.add(row)
-                    existing[rec.ordinal] = row
                 row.text = rec.text
                 row.token_ids = [int(t) for t in rec.token_ids]
                 row.n_tokens = len(rec.token_ids)
@@ -141,26 +130,11 @@ class CorpusRows(IndexDatabase):
                 row.embedding = rec.embedding
                 row.ids_sha256 = ids_sha256(row.token_ids)
                 rows.append(row)
+            for stale in existing.values():  # left over from a chunking into more chunks
+                s.delete(stale)
             s.flush()
             _new_corpus_version(s)
             return [row.id for row in rows]
-
-    def set_document_chunk_count(self, document_id: int, n: int) -> None:
-        """Record the final chunk count and drop chunks past it (left over from a re-chunk)."""
-        try:
-            with self.transaction() as s:
-                doc = s.get(Document, document_id)
-                if doc is None:
-                    raise DocumentGone(document_id)
-                doc.n_chunks = n
-                stale = list(s.scalars(
-                    select(Chunk).where(Chunk.document_id == document_id, Chunk.ordinal >= n)))
-                for row in stale:
-                    s.delete(row)
-                if stale:
-                    _new_corpus_version(s)
-        except StaleDataError:  # removed by another process between the read and the write
-            raise DocumentGone(document_id) from None
 
     def remove_documents(self, name: str, *, before_id: int | None = None) -> Removal:
         """Remove the documents called ``name`` with their chunks (with ``before_id``, only
