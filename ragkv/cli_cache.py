@@ -78,12 +78,17 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
         console.print(f"[red]bad[/red] {tier} {key[:16]}: {escape(reason)}", soft_wrap=True)
     for tier, name in report.orphans[:50]:
         console.print(f"[yellow]orphan[/yellow] {tier} {escape(name)}", soft_wrap=True)
+    for key, tier, error in report.unreadable[:50]:
+        console.print(f"[yellow]unreadable now[/yellow] {tier} {key[:16]}: {escape(error)}",
+                      soft_wrap=True)
     verb = "removed" if repair else "found"
+    unreadable = (f"; {count(len(report.unreadable), 'blob')} could not be read now (left "
+                  f"as they are)") if report.unreadable else ""
     console.print(f"{count(report.entries, 'entry', 'entries')}, "
                   f"{count(report.blobs_checked, 'blob')} read; {verb} {len(report.bad)} bad, "
-                  f"{count(len(report.orphans), 'orphan blob')}")
-    if report.bad or report.orphans:
-        raise typer.Exit(0 if repair else 1)
+                  f"{count(len(report.orphans), 'orphan blob')}{unreadable}")
+    if report.unreadable or ((report.bad or report.orphans) and not repair):
+        raise typer.Exit(1)
 
 
 @cache_app.command("gc")

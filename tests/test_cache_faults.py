@@ -127,6 +127,56 @@ def test_index_row_without_matching_blob_metadata_fp(store: KVStore) -> None:
     assert store.index.get_entry(_key(5)) is None
 
 
+def _header(body: str) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(body)) + body.encode()
+
+
+@pytest.mark.parametrize("data", [
+    # numbers past a float's range, which int() cannot take
+    _header('{"k": {"dtype": "F16", "shape": [2], "data_offsets": [0, 1e400]}}'),
+    _header('{"k": {"dtype": "F16", "shape": [1e400], "data_offsets": [0, 2]}}'),
+    _header("[" * 50_000 + "]" * 50_000),  # nested deeper than the JSON parser goes
+], ids=["offset", "shape", "nesting"])
+def test_a_header_no_parser_takes_is_a_miss(store: KVStore, data: bytes) -> None:
+    # A row whose checksum matches the blob (a foreign writer's): only the header can tell.
+    from ragkv.cache_index.blobs import checksum
+
+    _put(store, _key(6))
+    _overwrite(store, _key(6), data)
+    entry = store.index.get_entry(_key(6))
+    assert entry is not None
+    store.index.upsert_entry(_key(6), model_fp=FP, layout=LAYOUT, n_tokens=5,
+                             nbytes=len(data), blob_name=entry.blob_name,
+                             checksum=checksum(data), dtype=entry.dtype)
+    assert store.get(_key(6), model_fp=FP, layout=LAYOUT) is None
+    assert store.index.get_entry(_key(6)) is None and not _on_store(store.blobs, _key(6))
+
+
+def test_a_put_the_index_refuses_leaves_no_blob(store: KVStore, monkeypatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    def locked(*_args, **_kwargs):
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(store.index, "upsert_entry", locked)
+    assert not store.put(_key(8), _kv(), model_fp=FP, layout=LAYOUT, n_tokens=5)
+    assert store.counters["put_errors"] == 1
+    assert not _on_store(store.blobs, _key(8)), "no row names it, so no budget would count it"
+
+
+def test_a_conditional_delete_spares_a_re_put_entry(store: KVStore) -> None:
+    _put(store, _key(9))
+    old = store.index.get_entry(_key(9))
+    _put(store, _key(9))  # another writer's, under a blob name of its own
+    assert old is not None and not store.index.delete_entry(_key(9), blob=old.blob_name)
+    assert store.get(_key(9), model_fp=FP, layout=LAYOUT) is not None
+    new = store.index.get_entry(_key(9))
+    assert new is not None and store.index.delete_entry(_key(9), blob=new.blob_name)
+    assert store.index.get_entry(_key(9)) is None
+
+
 def test_unreachable_index_is_a_miss_not_an_error(tmp_path: Path) -> None:
     index = CacheIndex(f"sqlite:///{tmp_path / 'gone.sqlite'}")
     store = KVStore(index, BlobStore(str(tmp_path / "b")))

@@ -80,6 +80,33 @@ def test_verify_finds_and_repairs_everything(tmp_path):
         assert get(store, i) is not None
 
 
+def test_verify_leaves_what_it_cannot_read_now_and_goes_on(tmp_path, monkeypatch):
+    store = make_store(tmp_path)
+    for i in range(4):
+        put(store, i)
+    blocked = store.index.get_entry(key(1)).blob_name
+    real_get = store.blobs.get
+
+    def flaky(name):
+        if name == blocked:
+            raise OSError(5, "Input/output error")
+        return real_get(name)
+
+    monkeypatch.setattr(store.blobs, "get", flaky)
+    _flip(disk_path(store, 2))
+    gone = disk_path(store, 3)
+    gone.unlink()
+    gone.mkdir()  # a folder where the blob should be
+    report = verify(store)
+    assert [(k, t) for k, t, _ in report.unreadable] == [(key(1), "disk")]
+    assert "Input/output error" in report.unreadable[0][2] and not report.clean
+    assert {k for k, _, _ in report.bad} == {key(2), key(3)}
+    assert report.blobs_checked == 4 and report.orphans == []
+    assert store.index.get_entry(key(1)) is not None and disk_path(store, 1).is_file()
+    monkeypatch.undo()
+    assert get(store, 1) is not None and get(store, 0) is not None
+
+
 def test_verify_reports_progress_over_every_tier(tmp_path):
     store = make_store(tmp_path, remote=True)
     for i in range(4):

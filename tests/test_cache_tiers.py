@@ -103,6 +103,33 @@ def test_a_promoted_entry_ranks_by_its_hits_in_the_index(tmp_path):
     assert store.memory.evictions - evicted == 2
 
 
+def test_reads_that_promote_keep_the_disk_budget(tmp_path):
+    store = make_store(tmp_path, remote=True)
+    put(store, 0)
+    size = store.index.get_entry(key(0)).nbytes
+    for i in range(1, 8):
+        put(store, i)
+    store.budgets["disk"] = 3 * size
+    store.apply_budgets()  # three on disk, all eight on the remote tier
+    for i in range(8):  # queries only read: each disk miss is copied up from the remote tier
+        assert get(store, i) is not None
+    n, total = residency.tier_bytes(store.index, "disk")
+    assert total <= 3 * size and n == 3
+    consistent(store)
+
+
+def test_the_memory_tier_counts_what_it_drops_again():
+    tier = MemoryTier(budget=None, policy=LRU())
+    empty = {"k": torch.zeros(2, 4, 0, 8), "v": torch.zeros(2, 4, 0, 8)}
+    for i in range(3):
+        tier.put(key(i), empty, model_fp=FP, layout=LAYOUT, tokens=0)
+        tier.put(key(i), kv(seed=i), model_fp=FP, layout=LAYOUT, tokens=5)  # replaces it
+        tier.put(key(i), empty, model_fp=FP, layout=LAYOUT, tokens=0)
+    for i in range(3):
+        tier.discard(key(i))
+    assert len(tier) == 0 and tier.nbytes == 0
+
+
 @pytest.mark.parametrize("policy", ["pgdsf", "lru"])
 def test_disk_budget_evicts_by_policy_and_stays_consistent(tmp_path, policy):
     store = make_store(tmp_path, policy=policy)

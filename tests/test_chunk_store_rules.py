@@ -137,7 +137,7 @@ def test_another_layouts_entry_is_a_miss(kvstore):
     assert ChunkStore(kvstore, FP, SHAPE, "float32").load(KEY, 3) is None
 
 
-@pytest.mark.parametrize("bad", ["length", "shape", "tensors", "non-finite"])
+@pytest.mark.parametrize("bad", ["length", "shape", "tensors", "non-finite", "dtype"])
 def test_an_unusable_entry_is_a_logged_miss_and_removed(kvstore, caplog, bad):
     chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
     n = 3
@@ -148,6 +148,8 @@ def test_an_unusable_entry_is_a_logged_miss_and_removed(kvstore, caplog, bad):
         tensors = ChunkKV(torch.zeros(2, 1, 3, 8), torch.zeros(2, 1, 3, 8)).to_tensors("float32")
     elif bad == "tensors":  # not a K/V pair at all
         tensors = {"x": tensors["k"]}
+    elif bad == "dtype":  # the right shape, but not the KV this store reads (a foreign writer)
+        tensors = {name: t.to(torch.int64) for name, t in tensors.items()}
     else:
         tensors["v"][0, 0, 0, 0] = float("inf")
     kvstore.put(KEY, tensors, model_fp=FP, layout=KV_LAYOUT, n_tokens=3)
@@ -155,7 +157,7 @@ def test_an_unusable_entry_is_a_logged_miss_and_removed(kvstore, caplog, bad):
         assert chunks.load(KEY, n) is None
     # The warning names the entry and why it was unusable.
     reason = {"length": "expected", "shape": "expected", "tensors": "'k'",
-              "non-finite": "non-finite"}[bad]
+              "non-finite": "non-finite", "dtype": "expected torch.float32"}[bad]
     assert any(KEY[:12] in r.getMessage() and reason in r.getMessage() for r in caplog.records)
     assert chunks.stored([KEY]) == {KEY: False}, "a bad entry is removed, so it is recomputed"
     # ... and the next get-or-compute stores a good one in its place.
@@ -163,6 +165,35 @@ def test_an_unusable_entry_is_a_logged_miss_and_removed(kvstore, caplog, bad):
     got, tier = chunks.get_or_compute(KEY, n, Compute(kv))
     assert tier is None and torch.equal(got.k, kv.k)
     assert chunks.load(KEY, n) is not None
+
+
+def test_an_unusable_entry_is_a_miss_even_when_removing_it_fails(kvstore, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    def index_down(*_args, **_kwargs):
+        raise OperationalError("DELETE", {}, Exception("server closed the connection"))
+
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    kvstore.put(KEY, _kv(4).to_tensors("float32"), model_fp=FP, layout=KV_LAYOUT, n_tokens=4)
+    monkeypatch.setattr(kvstore.index, "delete_entry", index_down)
+    assert chunks.load(KEY, 3) is None
+    kv = _kv()
+    got, tier = chunks.get_or_compute(KEY, 3, Compute(kv))
+    assert tier is None and torch.equal(got.k, kv.k)
+
+
+def test_rejecting_an_entry_spares_the_one_stored_after_it_was_read(kvstore):
+    bad = kvstore.fetch(KEY, model_fp=FP, layout=KV_LAYOUT)
+    assert bad is None
+    kvstore.put(KEY, _kv(4).to_tensors("float32"), model_fp=FP, layout=KV_LAYOUT, n_tokens=4)
+    bad = kvstore.fetch(KEY, model_fp=FP, layout=KV_LAYOUT)
+    assert bad is not None and bad.blob is not None
+    good = _kv(3, seed=1)
+    ChunkStore(kvstore, FP, SHAPE, "float32").save(KEY, good)  # another writer, meanwhile
+    kvstore.reject(KEY, bad, "stored for 4 tokens")
+    loaded = ChunkStore(kvstore, FP, SHAPE, "float32").load(KEY, 3)
+    assert loaded is not None and torch.equal(loaded[0].k, good.k)
+    assert not kvstore.blobs.exists(bad.blob)  # the replaced blob went with the re-put
 
 
 def test_get_or_compute_hit_does_not_compute(kvstore):

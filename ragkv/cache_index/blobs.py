@@ -256,7 +256,8 @@ def _validate_header(data: bytes) -> dict[str, str]:
         raise ValueError("safetensors header length out of range")
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # (RecursionError: nesting deeper than the parser goes is no header either)
         raise ValueError(f"safetensors header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise ValueError("safetensors header is not an object")
@@ -272,7 +273,7 @@ def _validate_header(data: bytes) -> dict[str, str]:
             itemsize = _SAFETENSORS_ITEMSIZE[info["dtype"]]
             shape = [int(d) for d in info["shape"]]
             start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # (int(1e400))
             raise ValueError(f"bad safetensors entry for {name!r}") from exc
         numel = 1
         for d in shape:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ragkv.cache_index import reports
@@ -114,13 +114,13 @@ class CacheIndex(CorpusRows):
     def delete_entry(self, key: str, *, blob: str | None = None) -> bool:
         """Delete an entry; with ``blob``, only if the row still names that blob (so a reader
         that found a bad entry cannot delete a good one a concurrent writer just stored).
-        Returns whether a row was deleted."""
+        Returns whether a row was deleted. One statement, so the condition and the delete
+        see the same row."""
+        query = delete(KVEntry).where(KVEntry.key == key)
+        if blob is not None:
+            query = query.where(KVEntry.blob_name == blob)
         with self.transaction() as s:
-            row = s.get(KVEntry, key)
-            if row is None or (blob is not None and row.blob_name != blob):
-                return False
-            s.delete(row)
-            return True
+            return s.execute(query.execution_options(synchronize_session=False)).rowcount > 0
 
     def record_hits(self, keys: list[str]) -> None:
         """``hits += 1`` and ``last_access_at = now`` for each key, in one transaction."""

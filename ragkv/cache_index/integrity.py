@@ -45,11 +45,14 @@ class VerifyReport:
     blobs_checked: int = 0
     bad: list[tuple[str, str, str]] = field(default_factory=list)  # (key, tier, reason)
     orphans: list[tuple[str, str]] = field(default_factory=list)  # (tier, blob name)
+    #: (key, tier, error): blobs that could not be read now (a network store, permissions);
+    #: neither judged nor repaired, since the error may pass
+    unreadable: list[tuple[str, str, str]] = field(default_factory=list)
     repaired: bool = False
 
     @property
     def clean(self) -> bool:
-        return not self.bad and not self.orphans
+        return not self.bad and not self.orphans and not self.unreadable
 
 
 def verify(store: VerifiedStore, *, repair: bool = True, orphan_grace_s: float = 300.0,
@@ -75,7 +78,11 @@ def verify(store: VerifiedStore, *, repair: bool = True, orphan_grace_s: float =
                 if not getattr(entry, f"on_{tier}"):
                     continue
                 report.blobs_checked += 1
-                reason = _check(blobs, entry)
+                try:
+                    reason = _check(blobs, entry)
+                except Exception as exc:  # noqa: BLE001 - maybe transient: not judged
+                    report.unreadable.append((entry.key, tier, f"{type(exc).__name__}: {exc}"))
+                    reason = None
                 if reason is None:
                     referenced[tier].add(entry.blob_name)
                 else:
@@ -85,7 +92,7 @@ def verify(store: VerifiedStore, *, repair: bool = True, orphan_grace_s: float =
                         if residency.drop_resident(store.index, entry.key,
                                                    tier,  # type: ignore[arg-type]
                                                    blob=entry.blob_name):
-                            blobs.delete(entry.blob_name)
+                            _delete(blobs, entry.blob_name)
                 if progress is not None:
                     progress(report.blobs_checked, max(to_read, report.blobs_checked))
     now = time.time()
@@ -102,22 +109,33 @@ def verify(store: VerifiedStore, *, repair: bool = True, orphan_grace_s: float =
                 continue
             report.orphans.append((tier, name))
             if repair:
-                blobs.delete(name)
-    if report.bad or report.orphans:
-        log.warning("cache verify: %d bad blobs, %d orphans%s", len(report.bad),
-                    len(report.orphans), " (repaired)" if repair else "")
+                _delete(blobs, name)
+    if report.bad or report.orphans or report.unreadable:
+        log.warning("cache verify: %d bad blobs, %d orphans%s, %d unreadable now",
+                    len(report.bad), len(report.orphans), " (repaired)" if repair else "",
+                    len(report.unreadable))
     return report
 
 
 def _check(blobs: BlobStore, entry: EntryInfo) -> str | None:
-    """Why the entry's blob on this tier is bad, or None when it reads back whole."""
+    """Why the entry's blob on this tier is bad, or None when it reads back whole; any other
+    error reading it is raised (it may pass)."""
     try:
         open_blob(blobs.get(entry.blob_name), entry)
-    except FileNotFoundError:
-        return "blob missing"
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return "blob missing"  # (a folder where the file should be, or above it)
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def _delete(blobs: BlobStore, name: str) -> None:
+    """Delete a bad or orphan blob; one that cannot go now is left for the next verify,
+    rather than ending this one."""
+    try:
+        blobs.delete(name)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not delete %s: %s", name, exc)
 
 
 def _all_names(blobs: BlobStore) -> list[str]:

@@ -97,7 +97,7 @@ class MemoryTier:
                          max(hits, old.hits if old else 0), 0.0)
             slot.priority = self._score(slot)
             self._slots[key] = slot
-            self.nbytes += nbytes
+            self.nbytes += slot.nbytes  # what _drop takes off again
             self._shrink(keep=key)
         return True
 

@@ -3,7 +3,7 @@
 Tiers, top to bottom: an in-process memory tier (decoded tensors), the local disk blob store
 and an optional remote blob store (any fsspec URL). Reads go down until a tier has the entry
 and promote it to the tiers above; writes go through to every tier. Byte budgets are applied
-after each write (:mod:`.eviction`).
+after each write, promotions included (:mod:`.eviction`).
 
 A cache may only ever make a query faster, never make it fail: whatever is wrong with what it
 holds (a truncated blob, flipped bits, a row from another model, a vanished file, a locked
@@ -134,11 +134,13 @@ class KVStore:
             tensors, data = read
             for upper, upper_blobs in tiers[:depth]:  # promote to the faster persistent tiers
                 self._write(entry.key, entry.blob_name, upper, upper_blobs, data)
+            if depth:  # a promotion is a write: the tiers it filled keep their budgets
+                self.apply_budgets()
             if self.memory is not None:
                 self.memory.put(key, tensors, model_fp=model_fp, layout=layout,
                                 tokens=entry.n_tokens,
                                 hits=entry.hits + (1 if record else 0))  # this read
-            found = Fetched(tensors, tier)
+            found = Fetched(tensors, tier, entry.blob_name)
             return self.ledger.hit(key, found, len(data)) if record else found
         return self.ledger.miss() if record else None
 
@@ -146,7 +148,7 @@ class KVStore:
               blobs: BlobStore) -> tuple[dict[str, torch.Tensor], bytes] | None:
         try:
             data = blobs.get(entry.blob_name)
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
             return self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing")
         except Exception as exc:
             # Possibly transient (network store, permissions): miss, but keep the entry.
@@ -190,6 +192,22 @@ class KVStore:
         except Exception as exc:
             log.warning("could not remove bad cache entry %s: %s", entry.key, exc)
         return self.ledger.miss()
+
+    def reject(self, key: str, found: Fetched, reason: str) -> None:
+        """A hit its reader cannot use (KV of another shape or dtype, non-finite values):
+        forget it so the recomputed KV is stored back; never raises. Only the entry that
+        served ``found`` goes, so a good one another process stored meanwhile stays."""
+        log.warning("cache entry %s unusable, recomputing: %s", key, reason)
+        self.ledger.count("corrupt", found.tier, "corrupt")
+        self.memory_discard(key)
+        if found.blob is None:  # a memory hit: its row may name a good copy; a re-put replaces it
+            return
+        try:
+            if self.index.delete_entry(key, blob=found.blob):
+                for _, blobs in self.persistent_tiers():
+                    blobs.delete(found.blob)
+        except Exception as exc:
+            log.warning("could not remove unusable cache entry %s: %s", key, exc)
 
     def memory_discard(self, key: str) -> None:
         if self.memory is not None:
@@ -245,6 +263,7 @@ class KVStore:
         except Exception as exc:
             log.warning("could not store KV for %s: %s", key, exc)
             self.ledger.count("put_errors")
+            self._delete_quietly(self.blobs, name)  # no row names it: budgets would not see it
             return False
         self.ledger.count("puts", "disk", "bytes_written", len(data))
         if replaced is not None and replaced.blob_name != name:
@@ -270,10 +289,19 @@ class KVStore:
             blobs.put(name, data)
             if residency.set_resident(self.index, key, tier, name):
                 self.ledger.count("", tier, "bytes_written", len(data))
-            else:
-                blobs.delete(name)
+                return
         except Exception as exc:
             log.warning("could not write %s to the %s tier: %s", key, tier, exc)
+        self._delete_quietly(blobs, name)
+
+    @staticmethod
+    def _delete_quietly(blobs: BlobStore, name: str) -> None:
+        """Delete a blob no row names (a write that did not get its row); best effort, since
+        what is left is an orphan that ``verify`` removes."""
+        try:
+            blobs.delete(name)
+        except Exception as exc:
+            log.warning("could not delete %s: %s", name, exc)
 
     def _delete_blob(self, entry: EntryInfo) -> None:
         """Delete a blob no row names any more from the tiers that held it; best effort (what

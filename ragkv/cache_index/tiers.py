@@ -36,7 +36,9 @@ class TierStats:
 
 @dataclass
 class Fetched:
-    """A read that hit: the decoded tensors and the tier that served them."""
+    """A read that hit: the decoded tensors, the tier that served them and, from a persistent
+    tier, the blob they were read from (what a reader that rejects them may delete)."""
 
     tensors: dict[str, torch.Tensor]
     tier: TierName
+    blob: str | None = None

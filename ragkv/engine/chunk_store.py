@@ -7,7 +7,6 @@ vLLM's process): both hand in how to compute a span, everything else is here.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,8 +16,6 @@ from ragkv.cache_index.models import ids_sha256
 from ragkv.engine.context_score import context_score
 from ragkv.engine.kv import ChunkKV, torch_dtype
 from ragkv.keys import KV_LAYOUT
-
-log = logging.getLogger("ragkv")
 
 
 @dataclass(frozen=True)
@@ -55,12 +52,17 @@ class ChunkStore:
         s = self.shape
         try:
             kv = ChunkKV.from_tensors(found.tensors, layers=s.layers, kv_heads=s.kv_heads,
-                                      head_dim=s.head_dim, n_tokens=n_tokens)
+                                      head_dim=s.head_dim, n_tokens=n_tokens,
+                                      dtype=torch_dtype(self.read_dtype))
         except (KeyError, ValueError) as exc:  # a foreign or damaged entry is a miss
-            log.warning("cache entry %s unusable (%s); recomputing", key[:12], exc)
-            self.store.delete(key)
+            self.store.reject(key, found, f"unusable ({exc})")
             return None
         return kv, found.tier
+
+    @property
+    def read_dtype(self) -> str:
+        """The dtype a read hands out: the storage dtype, or float32 through the codec."""
+        return "float32" if self.codec is not None else self.kv_dtype
 
     def save(self, key: str, kv: ChunkKV, reference: str | None = None, *,
              ids: Sequence[int] | None = None) -> None:
@@ -74,9 +76,8 @@ class ChunkStore:
         it (:mod:`ragkv.engine.context_score`), else without one."""
         if reference is not None and kv.score is None:
             kv = self.scored(kv, reference)
-        dtype = "float32" if self.codec is not None else self.kv_dtype
-        self.store.put(key, kv.to_tensors(dtype), model_fp=self.fingerprint, layout=KV_LAYOUT,
-                       n_tokens=kv.n_tokens, codec=self.codec,
+        self.store.put(key, kv.to_tensors(self.read_dtype), model_fp=self.fingerprint,
+                       layout=KV_LAYOUT, n_tokens=kv.n_tokens, codec=self.codec,
                        ids_sha256=None if ids is None else ids_sha256(ids))
 
     def scored(self, kv: ChunkKV, reference: str) -> ChunkKV:

@@ -58,12 +58,15 @@ class ChunkKV:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], *, layers: int, kv_heads: int,
-                     head_dim: int, n_tokens: int) -> ChunkKV:
-        """Rebuild and check the shape; a wrong shape is a foreign entry (ValueError)."""
+                     head_dim: int, n_tokens: int, dtype: torch.dtype | None = None) -> ChunkKV:
+        """Rebuild and check the shape (and with ``dtype``, the dtype of both K and V): any
+        other is a foreign entry (ValueError)."""
         kv = cls(tensors["k"], tensors["v"])
         want = (layers, kv_heads, n_tokens, head_dim)
         if tuple(kv.k.shape) != want:
             raise ValueError(f"stored KV has shape {tuple(kv.k.shape)}, expected {want}")
+        if dtype is not None and not kv.k.dtype == kv.v.dtype == dtype:
+            raise ValueError(f"stored KV has dtype {kv.k.dtype}/{kv.v.dtype}, expected {dtype}")
         score = tensors.get("score")
         if score is not None:
             if tuple(score.shape) != (1, n_tokens) or not bool(torch.isfinite(score).all()):
