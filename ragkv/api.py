@@ -12,6 +12,7 @@ Retrieval is timed separately.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -21,7 +22,7 @@ from ragkv.anchor_keeper import AnchorKeeper
 from ragkv.cache_index import CacheIndex
 from ragkv.cache_index.corpus import Removal
 from ragkv.chunking import RetrievedChunk
-from ragkv.config import BlendConfig, RagkvConfig
+from ragkv.config import ENGINE_SETTINGS, BlendConfig, RagkvConfig
 from ragkv.engine.base import Backend, Generation, GenerationRequest, NextToken
 from ragkv.prompt import AssembledPrompt, PromptTemplate, check_question, require_str
 from ragkv.trace import ChunkTrace, QueryTrace
@@ -48,6 +49,14 @@ class Answer:
         if self.generation is None:
             raise RuntimeError("ask with keep_kv=True to score an answer")
         return self.generation.score(target)
+
+
+def _require_list(chunks: object) -> None:
+    """Chunks come as a list: one text (or one chunk) handed in alone is a mistake that would
+    otherwise read as one chunk per character."""
+    if isinstance(chunks, str | bytes | RetrievedChunk):
+        raise TypeError(f"chunks must be a list (of retrieved chunks, texts or token ids), "
+                        f"got one {type(chunks).__name__}; wrap it in a list")
 
 
 def pack(template: PromptTemplate, chunks: list[RetrievedChunk], question: str,
@@ -139,12 +148,15 @@ class RagKV:
         self._anchor = AnchorKeeper(self.config, self.index, self.backend)
 
     def with_config(self, **changes) -> RagKV:
-        """Another facade on the same engine with some settings changed (e.g. the precompute
-        context); settings the engine was built with (model, storage) stay the engine's."""
-        for name in ("anchor_text", "anchor_source"):
-            if changes.get(name, getattr(self.config, name)) != getattr(self.config, name):
-                raise ValueError(f"the anchor passage is fixed when the engine is built; open "
-                                 f"a new RagKV with the other {name}")
+        """Another facade on the same engine with some settings changed: the precompute
+        context, the blend, the chunk size. Settings the engine was built with (the model,
+        its template and anchor passage, where and how KV is stored) cannot change here; a
+        change to one is a ValueError, since the engine would go on with the old value."""
+        fixed = [name for name in ENGINE_SETTINGS
+                 if name in changes and changes[name] != getattr(self.config, name)]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} is fixed when the engine is built; open a new "
+                             f"RagKV with the other value")
         return RagKV(replace(self.config, **changes), backend=self.backend)
 
     def choose_anchor(self, texts: Sequence[str], record: bool = True) -> str | None:
@@ -179,18 +191,24 @@ class RagKV:
         had to be computed."""
         return self.precompute_many([token_ids])[0]
 
-    def precompute_many(self, chunks: Sequence[str | Sequence[int]]) -> list[bool]:
-        """Store every chunk's KV (its token ids, or its text) through the engine; True
-        where it was computed now."""
+    def precompute_many(self, chunks: Sequence[RetrievedChunk | str | Sequence[int]]
+                        ) -> list[bool]:
+        """Store every chunk's KV (a retrieved chunk, its text or its token ids) through the
+        engine; True where it was computed now."""
+        _require_list(chunks)
         if not chunks:
             return []
-        ids = [self.template.chunk_ids(c, i) for i, c in enumerate(chunks)]
+        ids = [self._retrieved(c, i).token_ids for i, c in enumerate(chunks)]
         self._anchor.adopt()
         return self.backend.precompute(ids, self.config.precompute_context)
 
     def _retrieved(self, chunk: RetrievedChunk | str | Sequence[int], i: int) -> RetrievedChunk:
         """A chunk as handed to :meth:`generate`: a retriever's, its text, or its ids."""
         if isinstance(chunk, RetrievedChunk):
+            if isinstance(chunk.token_ids, str | bytes):
+                raise TypeError(f"chunk {i}: a RetrievedChunk's token_ids are the chunk's ids, "
+                                f"got text; hand in the text itself, or RetrievedChunk(ids, "
+                                f"key, text=...)")
             self.template.chunk_ids(chunk.token_ids, i)
             return chunk
         text = chunk if isinstance(chunk, str) else ""
@@ -253,10 +271,15 @@ class RagKV:
         answer budget fit the engine's window; the rest are left out and named in
         ``trace.left_out``. ``full_ttft_s``: full prefill's TTFT measured on this same prompt
         (logged beside this answer's, for the dashboard)."""
-        if isinstance(chunks, str | bytes | RetrievedChunk):
-            raise TypeError(f"chunks must be a list (of retrieved chunks, texts or token ids), "
-                            f"got one {type(chunks).__name__}; wrap it in a list")
+        _require_list(chunks)
         items = [self._retrieved(c, i) for i, c in enumerate(chunks)]
+        try:  # (numpy's ints too; a float or a bool is a mistake)
+            if isinstance(max_new_tokens, bool):
+                raise TypeError
+            max_new_tokens = operator.index(max_new_tokens)
+        except TypeError:
+            raise TypeError(f"max_new_tokens must be a whole number of tokens, got "
+                            f"{max_new_tokens!r}") from None
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         window = self.backend.max_model_len

@@ -71,6 +71,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_whole(value: object) -> bool:
+    """An int, not a bool (a count of tokens, layers or bytes)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class BlendConfig:
     """How ``blend`` picks the tokens it recomputes.
@@ -141,14 +146,21 @@ class BlendConfig:
                                          and 0.0 <= self.ratio <= 1.0):
             raise ValueError(f"recompute ratio must be within [0, 1] or 'auto', got "
                              f"{self.ratio!r}")
-        if not 0.0 <= self.min_ratio <= 1.0:
-            raise ValueError(f"min_ratio must be within [0, 1], got {self.min_ratio}")
+        if not (_is_number(self.min_ratio) and 0.0 <= self.min_ratio <= 1.0):
+            raise ValueError(f"min_ratio must be within [0, 1], got {self.min_ratio!r}")
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"unknown selection policy {self.policy!r}; choose from "
                              f"{', '.join(POLICIES)}")
-        if not self.check_layers or min(self.check_layers) < 1:
-            raise ValueError("check_layers must name layers >= 1 (layer 0 sees no context)")
+        if _is_whole(self.check_layers):  # check_layers=2 for (2,)
+            self.check_layers = (self.check_layers,)
+        if (not isinstance(self.check_layers, tuple | list) or not self.check_layers
+                or not all(_is_whole(n) and n >= 1 for n in self.check_layers)):
+            raise ValueError(f"check_layers must name layers >= 1 (layer 0 sees no context), "
+                             f"e.g. (2,); got {self.check_layers!r}")
         self.check_layers = tuple(sorted(set(self.check_layers)))
+        if not (_is_whole(self.head_tokens) and self.head_tokens >= 0):
+            raise ValueError(f"head_tokens must be a whole number of tokens >= 0, got "
+                             f"{self.head_tokens!r}")
         if self.deviation_on not in ("k", "v", "kv"):
             raise ValueError(f"deviation_on must be 'k', 'v' or 'kv', got {self.deviation_on!r}")
         if self.correction not in CORRECTIONS:
@@ -186,6 +198,15 @@ class BlendConfig:
                                                  and 0.0 <= self.floor_ratio <= 1.0):
             raise ValueError(f"floor_ratio must be within [0, 1] or None, got "
                              f"{self.floor_ratio!r}")
+
+
+#: RagkvConfig fields an engine is built with: :meth:`ragkv.api.RagKV.with_config` refuses to
+#: change them (the engine would go on with the old value under a config naming the new one).
+ENGINE_SETTINGS = ("model", "engine", "device", "dtype", "kernels", "system_prompt",
+                   "anchor_text", "anchor_source", "kv_dtype", "int8_key_scales",
+                   "int8_value_scales", "home", "index_url", "blob_url", "blob_options",
+                   "remote_blob_url", "remote_blob_options", "memory_budget_bytes",
+                   "disk_budget_bytes", "remote_budget_bytes", "eviction_policy")
 
 
 @dataclass
@@ -259,8 +280,16 @@ class RagkvConfig:
         self.home = Path(self.home).expanduser()
         if self.home.exists() and not self.home.is_dir():
             raise ValueError(f"home {self.home} is a file; give a folder (created if missing)")
-        if self.chunk_tokens < 16:
-            raise ValueError(f"chunk_tokens must be >= 16, got {self.chunk_tokens}")
+        if isinstance(self.blend, dict):  # the knobs as a mapping, e.g. from a settings file
+            self.blend = BlendConfig(**self.blend)
+        if not isinstance(self.blend, BlendConfig):
+            raise ValueError(f"blend must be a BlendConfig, got {type(self.blend).__name__}")
+        for name in ("engine", "system_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not (_is_whole(self.chunk_tokens) and self.chunk_tokens >= 16):
+            raise ValueError(f"chunk_tokens must be a whole number >= 16, got "
+                             f"{self.chunk_tokens!r}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
         if self.engine not in ENGINES and not self.engine.startswith(("http://", "https://")):
@@ -282,8 +311,9 @@ class RagkvConfig:
                              f"got {self.eviction_policy!r}")
         for name in ("memory_budget_bytes", "disk_budget_bytes", "remote_budget_bytes"):
             budget = getattr(self, name)
-            if budget is not None and budget < 0:
-                raise ValueError(f"{name} must be >= 0 or None, got {budget}")
+            if budget is not None and not (_is_whole(budget) and budget >= 0):
+                raise ValueError(f"{name} must be a whole number of bytes >= 0 or None, got "
+                                 f"{budget!r}")
 
     @property
     def int8_codec(self):  # -> Int8Codec | None; untyped to keep torch out of config imports

@@ -51,9 +51,16 @@ class AssembledPrompt:
 
 
 def require_str(value: object, what: str) -> None:
-    """A ``TypeError`` naming ``what`` unless ``value`` is a str (text the user hands in)."""
+    """A ``TypeError`` naming ``what`` unless ``value`` is a str (text the user hands in), and
+    a ``ValueError`` where it holds what no tokenizer reads (a lone surrogate, as a badly
+    decoded file or a JSON escape leaves)."""
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid text: {exc.object[exc.start:exc.end]!r} at "
+                         f"character {exc.start} is half of a surrogate pair") from None
 
 
 def check_question(question: object) -> None:
@@ -102,7 +109,11 @@ class PromptTemplate:
         """Chunk ``i``'s token ids: its text tokenized on its own (as ingestion does), or the
         ids given, checked to be whole numbers within the tokenizer's vocabulary. A chunk
         that is neither, or has no tokens, is a ``ValueError`` that names it."""
+        if isinstance(chunk, bytes | bytearray | memoryview):  # would iterate as byte values
+            raise TypeError(f"chunk {i} is {type(chunk).__name__}; decode it to text first "
+                            f"(e.g. data.decode('utf-8'))")
         if isinstance(chunk, str):
+            require_str(chunk, f"chunk {i}")
             ids = tokenize_chunk(chunk, self.tokenizer)
         else:
             try:

@@ -84,7 +84,62 @@ def test_wrong_types_are_clear_errors(rag):
         rag.generate("one chunk's text", QUESTION, max_new_tokens=1)
     with pytest.raises(TypeError, match="the question must be a str, got int"):
         rag.generate([], 42, max_new_tokens=1)
+    # the same mistakes through precompute, which stored one entry per character of a text
+    entries = rag.index.stats()["kv_entries"]
+    with pytest.raises(TypeError, match="got one str; wrap it in a list"):
+        rag.precompute_many("one chunk's text")
+    with pytest.raises(TypeError, match="chunk 0 is bytes; decode it to text first"):
+        rag.generate([b"text read in binary mode"], QUESTION, max_new_tokens=1)
+    with pytest.raises(TypeError, match="chunk 0 is bytearray"):
+        rag.precompute_many([bytearray(b"text")])
+    with pytest.raises(TypeError, match="token_ids are the chunk's ids, got text"):
+        rag.generate([RetrievedChunk("Some text.", "")], QUESTION, max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"chunk 1 is not valid text: '\\ud800' at character 1"):
+        rag.generate(["fine", "a\ud800b"], QUESTION, max_new_tokens=1)
+    with pytest.raises(ValueError, match="the question is not valid text"):
+        rag.generate(["fine"], "why\udc80?", max_new_tokens=1)
+    with pytest.raises(TypeError, match="max_new_tokens must be a whole number"):
+        rag.generate(["fine"], QUESTION, max_new_tokens=2.5)
+    with pytest.raises(TypeError, match="max_new_tokens must be a whole number"):
+        rag.generate(["fine"], QUESTION, max_new_tokens=None)
+    assert rag.index.stats()["kv_entries"] == entries
     assert rag.index.stats()["documents"] == documents
+
+
+def test_precompute_takes_what_generate_takes(rag):
+    chunks = three_chunks(rag)
+    assert rag.precompute_many(chunks) == [False] * 3  # ingested: stored already
+    assert rag.precompute_many([c.text for c in chunks]) == [False] * 3
+
+
+def test_settings_the_engine_was_built_with_cannot_change_under_it(rag):
+    for change in (dict(system_prompt="Answer in French."), dict(kv_dtype="int8"),
+                   dict(home=rag.config.home / "other")):
+        with pytest.raises(ValueError, match=f"{next(iter(change))} is fixed when the engine"):
+            rag.with_config(**change)
+    other = rag.with_config(precompute_context="prefix", system_prompt=rag.config.system_prompt)
+    assert other.config.precompute_context == "prefix" and other.backend is rag.backend
+
+
+def test_a_chunk_retrieved_twice_is_loaded_or_computed_once(rag, tokenizer, monkeypatch):
+    ids = list(tokenizer("A chunk a retriever returned twice, about caching.",
+                         add_special_tokens=False).input_ids)
+    other = three_chunks(rag)[0]
+    computed = []
+    compute = rag.backend.engine.precompute
+
+    def counting(span, *args, **kwargs):
+        computed.append(list(span))
+        return compute(span, *args, **kwargs)
+
+    monkeypatch.setattr(rag.backend.engine, "precompute", counting)
+    twice = rag.generate([other, ids, ids, ids], QUESTION, max_new_tokens=MAX_NEW, keep_kv=True)
+    assert computed == [ids]
+    assert [c.hit for c in twice.trace.chunks] == [True, False, False, False]
+    full = rag.generate([other, ids, ids, ids], QUESTION, mode="full", max_new_tokens=MAX_NEW)
+    assert twice.tokens == full.tokens
+    assert twice.score([]) == []  # no target: no rows
+    assert len(twice.score(twice.tokens[:2])) == 2
 
 
 # ---- generation ----------------------------------------------------------------------------

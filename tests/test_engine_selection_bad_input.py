@@ -59,15 +59,44 @@ def test_unknown_policy_raises():
         BlendConfig(ratio=0.15, policy="random")
 
 
-@pytest.mark.parametrize("kwargs", [dict(ratio=1.5), dict(ratio=-0.1), dict(check_layers=()),
-                                    dict(check_layers=(0,)), dict(deviation_on="q")])
-def test_bad_blend_config(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("kwargs", "says"), [
+    (dict(ratio=1.5), "ratio"), (dict(ratio=-0.1), "ratio"),
+    (dict(check_layers=()), "check_layers"), (dict(check_layers=(0,)), "check_layers"),
+    (dict(deviation_on="q"), "deviation_on"),
+    # accepted before: no check ran, every token was recomputed under a trace saying 0.1
+    (dict(check_layers=(1.5,)), "check_layers"), (dict(check_layers=(True,)), "check_layers"),
+    (dict(check_layers="2"), "check_layers"), (dict(min_ratio="0.1"), "min_ratio"),
+    (dict(min_ratio=None), "min_ratio"), (dict(head_tokens=2.5), "head_tokens"),
+])
+def test_bad_blend_config(kwargs, says):
+    with pytest.raises(ValueError, match=says):
         BlendConfig(**kwargs)
 
 
 def test_blend_config_normalises_check_layers():
     assert BlendConfig(check_layers=(3, 1, 3)).check_layers == (1, 3)
+    assert BlendConfig(check_layers=2).check_layers == (2,)  # one layer, without the tuple
+
+
+@pytest.mark.parametrize(("kwargs", "says"), [
+    (dict(chunk_tokens=100.5), "chunk_tokens"), (dict(chunk_tokens="512"), "chunk_tokens"),
+    (dict(chunk_tokens=8), "chunk_tokens"), (dict(memory_budget_bytes="1GB"), "memory_budget"),
+    (dict(disk_budget_bytes=1.5), "disk_budget"), (dict(remote_budget_bytes=-1), "remote_budget"),
+    (dict(engine=None), "engine"), (dict(system_prompt=None), "system_prompt"),
+    (dict(blend=0.12), "blend must be a BlendConfig"), (dict(blend={"ratio": 2.0}), "ratio"),
+])
+def test_bad_ragkv_config_is_a_value_error_that_names_the_setting(tmp_path, kwargs, says):
+    from ragkv.config import RagkvConfig
+
+    with pytest.raises(ValueError, match=says):
+        RagkvConfig(home=tmp_path, **kwargs)
+
+
+def test_blend_settings_may_come_as_a_mapping(tmp_path):
+    from ragkv.config import RagkvConfig
+
+    cfg = RagkvConfig(home=tmp_path, blend={"ratio": 0.3, "check_layers": 3})
+    assert cfg.blend == BlendConfig(ratio=0.3, check_layers=(3,))
 
 
 def test_empty_chunk_in_assemble_raises():

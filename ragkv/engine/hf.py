@@ -148,7 +148,7 @@ class HFEngine:
     def score(self, fused: FusedPrefill, target: list[int]) -> torch.Tensor:
         """Teacher-forced logits ``[len(target), vocab]``: row i predicts ``target[i]`` given
         the prompt KV and ``target[:i]``."""
-        rows = [fused.logits[None]]
+        rows = [fused.logits[None][:len(target)]]  # none for no target
         if len(target) > 1:
             ids = torch.tensor([target[:-1]], device=self.runner.device)
             out = self.model(input_ids=ids, use_cache=True, **{self._cache_kw: self._cache(fused)})

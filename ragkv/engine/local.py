@@ -159,13 +159,16 @@ class HFBackend:
             present = self.stored(req.keys)
             trace.lookup_s = time.perf_counter() - t
             cached.append((0, self.prefix_kv()))
+            got: dict[str, tuple[ChunkKV, str | None]] = {}  # a chunk retrieved twice: once
             with self.chunks.store.batched_hits() as hits:  # in one index transaction
                 for i in wanted:
                     ct, (s, e) = trace.chunks[i], prompt.chunk_spans[i]
                     t = time.perf_counter()
-                    kv, ct.tier = self.chunk_kv(prompt.ids[s:e], ct.key,
-                                                position_context(req.context, i),
-                                                present.get(ct.key, False))
+                    if ct.key not in got:
+                        got[ct.key] = self.chunk_kv(prompt.ids[s:e], ct.key,
+                                                    position_context(req.context, i),
+                                                    present.get(ct.key, False))
+                    kv, ct.tier = got[ct.key]
                     dt = time.perf_counter() - t
                     ct.hit = ct.tier is not None
                     if ct.hit:
