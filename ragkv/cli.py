@@ -17,13 +17,13 @@ from ragkv.cli_serve import serve
 from ragkv.cli_shared import (
     AnchorSource,
     BlobUrl,
-    Context,
     Engine,
     Home,
     IndexUrl,
     Model,
     Port,
     answers_table,
+    cache_errors,
     check_port,
     console,
     fail,
@@ -39,7 +39,9 @@ from ragkv.config import (
     CORRECTIONS,
     DEFAULT_CHECK_LAYERS,
     DEFAULT_RATIO,
+    INGESTED_CONTEXT,
     MODES,
+    PRECOMPUTE_CONTEXTS,
     PRESELECT_FROM,
     BlendConfig,
     default_home,
@@ -67,6 +69,9 @@ def _options(version: Annotated[bool, typer.Option(
         "--version", callback=_print_version, is_eager=True,
         help="Print ragkv's version and exit.")] = False) -> None:
     """Precomputed chunk KV + CacheBlend fusion for RAG."""
+
+#: The shortest ``bench --long-context`` prompt: two default chunks, template and question.
+LONG_CONTEXT_MIN = 1_280
 
 DEMO_TOPICS = ("try", "exceptions", "raise", "with", "context-managers", "assert", "for",
                "while", "yield", "lambda", "import", "del", "global", "nonlocal", "if", "pass")
@@ -101,7 +106,11 @@ def ask(ctx: typer.Context, question: str,
                  f"prompts of {PRESELECT_FROM:,} tokens or more, else off)")] = None,
         max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
-        home: Home = default_home(), model: Model = None, context: Context = "anchor",
+        home: Home = default_home(), model: Model = None,
+        context: Annotated[str | None, typer.Option(
+            help="read chunks precomputed 'cold', after the 'prefix', or after it and the "
+                 "'anchor' passage (default: what the cache was last ingested with, else "
+                 "anchor)")] = None,
         engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None) -> None:
     """Answer a question over the ingested documents."""
     if mode not in MODES:
@@ -112,8 +121,14 @@ def ask(ctx: typer.Context, question: str,
         fail(f"-k must be at least 1, got {k}")
     if max_new_tokens < 1:
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
-                   need_cache=True, ratio=ratio, policy=policy, preselect=preselect)
+    rag = open_rag(ctx, home, model, context or "anchor", engine=engine, index_url=index_url,
+                   blob_url=blob_url, need_cache=True, ratio=ratio, policy=policy,
+                   preselect=preselect)
+    if context is None:  # the entries `ingest --context X` stored, not misses in another
+        with cache_errors():
+            ingested = rag.index.setting(INGESTED_CONTEXT)
+        if ingested in PRECOMPUTE_CONTEXTS and ingested != rag.config.precompute_context:
+            rag = rag.with_config(precompute_context=ingested)
 
     def run():
         chunks = rag.retrieve(question, k)
@@ -215,6 +230,9 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         fail(str(exc))
+    if long_context < 0 or 0 < long_context < LONG_CONTEXT_MIN:
+        fail(f"--long-context must be 0 (off) or at least {LONG_CONTEXT_MIN:,} tokens (a few "
+             f"chunks besides the template and question), got {long_context}")
     rag = open_rag(ctx, home, model, kv_dtype=kv_dtype, engine=engine, anchor_source=anchor_source)
     with progress_bar() as bar:
         tasks: dict[str, int] = {}
@@ -245,8 +263,13 @@ def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
            help="a folder the Ingest page may read on the server (repeatable; none: uploads "
                 "only)")] = None) -> None:
     """Start the web UI (Ask, Dashboard, Inspect, Ingest) on localhost."""
+    from ragkv.config import RagkvConfig
     from ragkv.ui.launch import ADDRESS, launch
 
+    try:  # a mistyped engine or a home that is a file, before a server starts
+        RagkvConfig(home=home, model=model, engine=engine)
+    except ValueError as exc:
+        fail(str(exc))
     check_port(ADDRESS, port)
     try:
         code = launch(home, model, port=port, headless=headless, engine=engine,

@@ -27,13 +27,14 @@ from ragkv.cli_shared import (
     console,
     count,
     fail,
+    mebibytes,
     open_rag,
     open_store,
     progress_bar,
     require_cache,
     run_engine,
 )
-from ragkv.config import RagkvConfig, default_home
+from ragkv.config import INGESTED_CONTEXT, RagkvConfig, default_home
 
 
 def _index(home, index_url, blob_url):
@@ -115,14 +116,17 @@ def documents(home: Home = default_home(), index_url: IndexUrl = None,
 
 
 def _known_as(name: str, known: set[str]) -> str | None:
-    """``name`` itself, or the resolved path of a file path typed as ``ingest`` got it."""
+    """``name`` itself, or the path ``ingest`` named the file typed as ``name`` by: its folder
+    resolved (a link found inside an ingested folder keeps its own name), else the file's
+    resolved path (a file or link named itself)."""
     if name in known:
         return name
+    path = Path(name).expanduser()
     try:
-        real = str(Path(name).expanduser().resolve())
+        candidates = (path.parent.resolve() / path.name, path.resolve())
     except (OSError, RuntimeError, ValueError):
         return None
-    return real if real in known else None
+    return next((str(c) for c in candidates if str(c) in known), None)
 
 
 def remove(names: Annotated[list[str], typer.Argument(
@@ -166,8 +170,8 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
 
     resolved = resolve_paths(paths)  # documents are named by their resolved paths
     try:
-        report = load_documents(list(resolved.values()), max_bytes=int(max_mb * 2**20),
-                                strict=strict)
+        report = load_documents(list(resolved.values()),
+                                max_bytes=mebibytes(max_mb, "--max-mb") or 0, strict=strict)
     except (FileNotFoundError, DocumentError) as exc:
         fail(str(exc))
     for s in report.skipped:
@@ -181,6 +185,11 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
         earlier = typed_names(resolved, [d.name for d in report.documents])
         run_engine(lambda: ingest_docs(rag, [(d.name, d.text) for d in report.documents],
                                         len(report.skipped), earlier))
+    with cache_errors():
+        rag.index.set_setting(INGESTED_CONTEXT, context)  # what `ask` reads by default
+        for name, first in drop_duplicates(rag, report.skipped):
+            console.print(Text(f"removed the earlier version of {name}: it now holds the same "
+                               f"text as {first}"), soft_wrap=True)
     if prune:
         folders = [p for p in resolved.values() if p.is_dir()]
         with cache_errors():
@@ -189,6 +198,18 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
             console.print(Text(f"pruned {name}"), soft_wrap=True)
         console.print(Text(f"pruned {count(len(gone), 'document')} this run did not ingest under "
                            + ", ".join(map(str, folders))), soft_wrap=True)
+
+
+def drop_duplicates(rag, skipped: list) -> list[tuple[str, str]]:
+    """Files skipped as duplicates of another file's text, whose earlier version the index
+    holds: that version goes (an edited file replaces its earlier version, and the new text
+    is in under the other file's name). ``(name, other file)`` for each."""
+    known = {d.name for d in rag.index.documents()}
+    gone = [(s.path, s.duplicate_of) for s in skipped
+            if s.duplicate_of is not None and s.path in known]
+    for name, _ in gone:
+        rag.remove_document(name)
+    return gone
 
 
 def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,

@@ -4,6 +4,7 @@ on the engine a user names, and the tables answers print as."""
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ from rich.table import Table
 from rich.text import Text
 
 console = Console()
+#: errors go to stderr, so `ragkv documents > list.txt` still shows one on the terminal
+err_console = Console(stderr=True)
 
 Home = Annotated[Path, typer.Option(help="ragkv home (model, index, blobs)")]
 Model = Annotated[Path | None, typer.Option(help="local Llama-family transformers model dir")]
@@ -55,7 +58,7 @@ def print_error(msg: str) -> None:
     # soft_wrap: a long message (a path, an exception's text) stays one line when the output
     # is a file or a pipe, where rich would otherwise break it at 80 columns; Text: brackets
     # in the message are text, not rich markup.
-    console.print(Text.assemble(("error:", "red"), " ", msg), soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "red"), " ", msg), soft_wrap=True)
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:
@@ -145,6 +148,16 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
              f"(`ragkv ingest PATH --home {home}` makes one)")
 
 
+def mebibytes(mb: float | None, option: str) -> int | None:
+    """A size option in MB as bytes (None stays None), or a one-line error for a negative,
+    infinite or NaN one."""
+    if mb is None:
+        return None
+    if not math.isfinite(mb) or mb < 0:
+        fail(f"{option} must be a number of MB >= 0, got {mb}")
+    return int(mb * 2**20)
+
+
 def open_store(home: Path, disk_budget_mb: float | None = None,
                remote_budget_mb: float | None = None, remote_url: str | None = None,
                index_url: str | None = None, blob_url: str | None = None):
@@ -152,13 +165,10 @@ def open_store(home: Path, disk_budget_mb: float | None = None,
     from ragkv.cache_index import KVStore
     from ragkv.config import RagkvConfig
 
-    def _bytes(mb: float | None) -> int | None:
-        return None if mb is None else int(mb * 2**20)
-
     cfg = RagkvConfig(home=home, index_url=index_url, blob_url=blob_url,
                       remote_blob_url=remote_url, memory_budget_bytes=0,
-                      disk_budget_bytes=_bytes(disk_budget_mb),
-                      remote_budget_bytes=_bytes(remote_budget_mb))
+                      disk_budget_bytes=mebibytes(disk_budget_mb, "--disk-budget-mb"),
+                      remote_budget_bytes=mebibytes(remote_budget_mb, "--remote-budget-mb"))
     return KVStore.from_config(cfg)
 
 
@@ -189,6 +199,8 @@ def open_rag(ctx: typer.Context, home: Path, model: Path | None, context: str = 
         fail(str(exc), code=1)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # bad model dir, no vLLM
         fail(str(exc))
+    except OSError as exc:  # a home (or its blob folder) that cannot be made: under a file...
+        fail(f"cannot use {exc.filename or home}: {exc.strerror or exc}")
     # closed when the command ends, however it ends: vLLM in process keeps its engine core in
     # a child process, and an interpreter exit with the facade open waited on it for good
     ctx.call_on_close(rag.close)

@@ -7,9 +7,10 @@ variables except ``RAGKV_HOME`` as the default home folder (a convenience for th
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
@@ -17,6 +18,9 @@ PrecomputeContext = Literal["cold", "prefix", "anchor"]
 PRECOMPUTE_CONTEXTS: tuple[str, ...] = ("cold", "prefix", "anchor")
 #: the SQLite index in a home, unless ``index_url`` names another
 INDEX_FILE = "index.sqlite"
+#: The index setting naming the precompute context of the cache's last ingestion by the CLI:
+#: what `ragkv ask` reads chunks in unless told (its keys are the ones stored).
+INGESTED_CONTEXT = "ingested_context"
 #: corrections of the KV the blend keeps from the cache (``ragkv.engine.correction``)
 CORRECTIONS: tuple[str, ...] = ("none", "chunk_mean", "local_mean")
 #: selection policies a BlendConfig may name, in ragkv.engine.policies's order (it registers one
@@ -140,6 +144,13 @@ class BlendConfig:
     preselect: float | None = None
     preselect_from: int | None = PRESELECT_FROM
     preselect_by: Literal["auto", "question", "context"] = "auto"
+
+    def choose(self, ratio: float | Literal["auto"] | None = None,
+               policy: str | None = None) -> BlendConfig:
+        """This config with the ratio and policy a front end was given, where given (None:
+        as configured), checked as any BlendConfig is."""
+        return replace(self, ratio=self.ratio if ratio is None else ratio,
+                       policy=policy or self.policy)
 
     def __post_init__(self) -> None:
         if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
@@ -338,7 +349,8 @@ class RagkvConfig:
 
     @property
     def resolved_index_url(self) -> str:
-        return self.index_url or f"sqlite:///{self.home / INDEX_FILE}"
+        # quoted: a home with '?', '#' or '%' in its path is a path, not URL syntax
+        return self.index_url or f"sqlite:///{quote(str(self.home / INDEX_FILE), safe='/')}"
 
     @property
     def resolved_blob_url(self) -> str:

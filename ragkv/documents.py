@@ -83,6 +83,8 @@ class LoadedDocument:
 class Skipped:
     path: str
     reason: str
+    #: for a file with the same text as one loaded before it: that one's name
+    duplicate_of: str | None = None
 
 
 @dataclass
@@ -101,8 +103,12 @@ def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_
             raise FileNotFoundError(f"no such file or folder: {p}")
     report = LoadReport()
     first_with: dict[str, str] = {}  # sha256 → name of the first document with that text
+    seen: set[str] = set()  # a file named and also inside a folder named is read once
     for path in _iter_files(paths):
         name = str(path)
+        if name in seen:
+            continue
+        seen.add(name)
         try:
             doc = _load_file(path, max_bytes)
         except DocumentError as exc:
@@ -111,7 +117,8 @@ def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_
             report.skipped.append(Skipped(name, exc.reason))
             continue
         if doc.sha256 in first_with:
-            report.skipped.append(Skipped(name, f"duplicate of {first_with[doc.sha256]}"))
+            first = first_with[doc.sha256]
+            report.skipped.append(Skipped(name, f"duplicate of {first}", duplicate_of=first))
             continue
         first_with[doc.sha256] = name
         report.documents.append(doc)

@@ -393,3 +393,66 @@ def test_a_mistyped_command_line_is_one_line_exit_2(args: list[str], says: str) 
     out = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 2 and len(out.splitlines()) == 1, out
     assert out.startswith("error: ") and says in out
+
+
+def test_a_home_whose_path_reads_as_url_syntax_keeps_its_index(tmp_path: Path,
+                                                              tiny_model: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
+    for name in ("h?x=1", "h%41", "h#1 2"):
+        home = tmp_path / name
+        run("ingest", str(docs), "--home", str(home), "--model", str(tiny_model))
+        assert (home / "index.sqlite").is_file(), name
+        assert "1 document" in run("documents", "--home", str(home))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "h#1 2", "h%41", "h?x=1"]
+
+
+def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
+    (tmp_path / "file").write_text("")
+    under_a_file = tmp_path / "file" / "home"
+    blobs_a_file = tmp_path / "home2"
+    blobs_a_file.mkdir()
+    (blobs_a_file / "blobs").write_text("")
+    for home in (under_a_file, blobs_a_file):
+        result = runner.invoke(app, ["ingest", str(docs), "--home", str(home), "--model",
+                                     str(tiny_model)])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert result.output.startswith("error: cannot use "), result.output
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["ingest", "DOCS", "--max-mb", "inf"], "--max-mb must be a number of MB >= 0, got inf"),
+    (["ingest", "DOCS", "--max-mb", "nan"], "--max-mb must be a number of MB >= 0, got nan"),
+    (["ingest", "DOCS", "--max-mb", "-1"], "--max-mb must be a number of MB >= 0, got -1"),
+    (["cache", "gc", "--disk-budget-mb", "inf"], "--disk-budget-mb must be a number of MB"),
+    (["cache", "gc", "--remote-budget-mb", "1e400"], "--remote-budget-mb must be a number"),
+    (["bench", "--cases", "CASES", "--long-context", "5"], "--long-context must be 0 (off) or"),
+    (["ui", "--engine", "foo"], "engine must be 'hf', 'vllm' or the http(s):// URL"),
+])
+def test_option_values_no_command_can_use_are_one_line(tmp_path: Path, args: list[str],
+                                                       says: str) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(json.dumps({"id": "c", "chunks": ["x"], "question": "q?"}) + "\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "index.sqlite").write_text("")  # `cache gc` reads a cache
+    args = [{"DOCS": str(docs), "CASES": str(cases)}.get(a, a) for a in args]
+    result = runner.invoke(app, [*args, "--home", str(home)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {says}"), result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_errors_go_to_stderr(tmp_path: Path) -> None:
+    """`ragkv documents > list.txt` on a home with no cache: the error shows, not the file."""
+    result = runner.invoke(app, ["documents", "--home", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: no ragkv cache at ") and result.stdout == ""

@@ -4,6 +4,7 @@ projects' files on one cache stay apart), and ``documents`` / ``remove`` read th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,61 @@ def test_ingest_says_when_another_process_replaced_a_file_meanwhile(
     said = " ".join(out.split())  # as the console wraps it
     assert "computed now: 0; replaced meanwhile by a later version from another process: 1" in said
     assert "1 document, 1 chunk" in said
+
+
+def test_a_file_edited_to_another_files_text_leaves_no_earlier_version(
+        tmp_path: Path, tiny_model: Path) -> None:
+    from ragkv.cache_index import CacheIndex
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
+    (docs / "b.md").write_text("ZEBRA-42 is the old text of b.\n" * 20)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    run("ingest", str(docs), *home)
+    (docs / "b.md").write_text((docs / "a.md").read_text())  # now a copy of a.md
+    out = run("ingest", str(docs), *home)
+    b, a = docs.resolve() / "b.md", docs.resolve() / "a.md"
+    assert f"skipped {b}: duplicate of {a}" in out
+    assert f"removed the earlier version of {b}: it now holds the same text as {a}" in out
+    index = CacheIndex(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}")
+    assert [d.name for d in index.documents()] == [str(a)]
+    assert not any("ZEBRA" in c.text for c in index.chunks())
+    out = run("ingest", str(docs), str(docs / "a.md"), *home)  # a file named twice: read once
+    assert "duplicate" not in out.replace(f"{b}: duplicate of {a}", "")
+
+
+def test_a_link_inside_a_folder_is_removed_by_its_own_name(tmp_path: Path,
+                                                          tiny_model: Path) -> None:
+    from ragkv.cache_index import CacheIndex
+
+    docs, outside = tmp_path / "docs", tmp_path / "outside"
+    docs.mkdir()
+    outside.mkdir()
+    (outside / "target.md").write_text("The target file's own text.\n" * 20)
+    (docs / "alias.md").symlink_to(outside / "target.md")
+    (docs / "page.md").write_text("A page of the docs folder.\n" * 20)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    run("ingest", str(docs), *home)
+    run("ingest", str(outside / "target.md"), *home)
+    index = CacheIndex(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}")
+    alias, target = docs.resolve() / "alias.md", (outside / "target.md").resolve()
+    assert {str(alias), str(target)} <= {d.name for d in index.documents()}
+    out = run("remove", str(docs / "alias.md"), "--home", str(tmp_path / "home"))
+    assert f"removed {alias} " in out
+    assert str(target) in {d.name for d in index.documents()}  # the other document stays
+    assert str(alias) not in {d.name for d in index.documents()}
+
+
+def test_ask_reads_the_entries_ingest_stored(tmp_path: Path, tiny_model: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The assert statement checks a condition.\n\n" * 30)
+    (docs / "b.md").write_text("A with statement wraps a block in a context manager.\n" * 40)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    run("ingest", str(docs), "--context", "prefix", *home)
+    out = run("ask", "What does assert do?", "-k", "2", *home)
+    assert re.search(r"│\s*2/2\s*│", out), out  # every chunk a hit: prefix-context entries
+    out = run("ask", "What does assert do?", "-k", "2", "--context", "anchor", *home)
+    # told otherwise: the second chunk's anchor entry is new (the first reads its prefix one)
+    assert re.search(r"│\s*1/2\s*│", out), out

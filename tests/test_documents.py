@@ -167,9 +167,12 @@ def test_duplicates_by_normalised_content(tmp_path):
     c = write(tmp_path / "c.txt", "other text")
     report = load_documents([a, b, c])
     assert list(texts(report)) == ["a.txt", "c.txt"]
-    assert report.skipped == [Skipped(str(b), f"duplicate of {a}")]
+    dup = Skipped(str(b), f"duplicate of {a}", duplicate_of=str(a))
+    assert report.skipped == [dup]
     # Duplicates are not bad files: strict mode still only skips them.
-    assert load_documents([a, b], strict=True).skipped == [Skipped(str(b), f"duplicate of {a}")]
+    assert load_documents([a, b], strict=True).skipped == [dup]
+    # A file named twice (itself and inside a folder named too) is read once, no duplicate.
+    assert load_documents([a, tmp_path]).skipped == [dup]
 
 
 def test_empty_documents_are_skipped(tmp_path, bs4):

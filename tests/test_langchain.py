@@ -161,7 +161,7 @@ def test_bad_input_and_mode_are_rejected(rag: RagKV) -> None:
 @pytest.mark.parametrize(("setting", "says"), [
     ({"mode": "fastest"}, "mode must be one of"), ({"policy": "nope"}, "unknown selection policy"),
     ({"k": 0}, "greater than or equal to 1"), ({"max_new_tokens": 0}, "greater than or equal"),
-    ({"ratio": 2.0}, "less than or equal to 1"),
+    ({"ratio": 2.0}, "recompute ratio must be within"),
 ])
 def test_a_bad_setting_fails_at_construction(rag: RagKV, setting: dict, says: str) -> None:
     """Not at the first call, possibly deep inside a served chain."""
@@ -179,3 +179,13 @@ def test_runnable_keeps_the_configured_blend_settings(rag: RagKV, monkeypatch) -
         {"configurable": {"ragkv_ratio": 0.3, "ragkv_mode": "reuse"}})
     assert (mode, k, blend.ratio, blend.policy) == ("reuse", 3, 0.3, "hkvd")
     assert blend.correction == "none" and blend.coverage == 0.9
+
+
+def test_runnable_takes_the_configured_ratio_unless_given_one(rag: RagKV, monkeypatch) -> None:
+    """A facade configured for ratio 0.5 ran its chains at the default 0.12."""
+    monkeypatch.setattr(rag.config, "blend", BlendConfig(ratio=0.5, policy="hkvd"))
+    _, blend, _ = RagkvRunnable(rag=rag)._options(None)
+    assert (blend.ratio, blend.policy) == (0.5, "hkvd")
+    _, blend, _ = RagkvRunnable(rag=rag, ratio=0.2)._options(
+        {"configurable": {"ragkv_ratio": "auto"}})
+    assert blend.ratio == "auto"

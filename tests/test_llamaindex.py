@@ -230,3 +230,7 @@ def test_query_engine_keeps_the_configured_blend_settings(rag: RagKV, monkeypatc
     blend = RagkvQueryEngine(rag=rag, similarity_top_k=3, ratio=0.3, policy="hkvd")._blend()
     assert (blend.ratio, blend.policy, blend.correction, blend.coverage) == (
         0.3, "hkvd", "none", 0.9)
+    # a facade configured for ratio 0.5 ran its queries at the default 0.12
+    monkeypatch.setattr(rag.config, "blend", BlendConfig(ratio=0.5))
+    assert RagkvQueryEngine(rag=rag, similarity_top_k=3)._blend().ratio == 0.5
+    assert RagkvQueryEngine(rag=rag, similarity_top_k=3, ratio="auto")._blend().ratio == "auto"

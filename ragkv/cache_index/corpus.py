@@ -33,14 +33,18 @@ from ragkv.cache_index.models import (
 CORPUS_VERSION = "corpus_version"
 
 
-def _new_corpus_version(s: Session) -> None:
-    """Give the corpus a new version in the transaction that changes its chunks (an upsert:
-    two processes changing chunks at once both leave a version their retrievers lack)."""
-    value = uuid.uuid4().hex
+def upsert_setting(s: Session, name: str, value: str) -> None:
+    """Record ``value`` under ``name`` in this transaction, replacing any value there (one
+    statement, so two processes writing at once leave one of their values, never an error)."""
     dialect = postgresql if s.get_bind().dialect.name == "postgresql" else sqlite
-    s.execute(dialect.insert(Setting).values(name=CORPUS_VERSION, value=value,
-                                             created_at=utcnow())
+    s.execute(dialect.insert(Setting).values(name=name, value=value, created_at=utcnow())
               .on_conflict_do_update(index_elements=[Setting.name], set_={"value": value}))
+
+
+def _new_corpus_version(s: Session) -> None:
+    """Give the corpus a new version in the transaction that changes its chunks (two
+    processes changing chunks at once both leave a version their retrievers lack)."""
+    upsert_setting(s, CORPUS_VERSION, uuid.uuid4().hex)
 
 
 def _chunk_info(row: Chunk, document_name: str) -> ChunkInfo:

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ragkv.cache_index import reports
-from ragkv.cache_index.corpus import CorpusRows
+from ragkv.cache_index.corpus import CorpusRows, upsert_setting
 from ragkv.cache_index.database import in_batches
 from ragkv.cache_index.models import (
     QUERY_FIELDS,
@@ -146,6 +146,12 @@ class CacheIndex(CorpusRows):
         with self.transaction() as s:
             row = s.get(Setting, name)
             return None if row is None else row.value
+
+    def set_setting(self, name: str, value: str) -> None:
+        """Record ``value`` under ``name``, replacing any value there (the last writer's
+        stays)."""
+        with self.transaction() as s:
+            upsert_setting(s, name, value)
 
     def record_setting(self, name: str, value: str) -> str:
         """Record ``value`` under ``name`` unless a value is there already; return the value

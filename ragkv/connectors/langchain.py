@@ -14,8 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 try:
     from langchain_core.callbacks import (
@@ -38,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
+from ragkv.config import MODES, BlendConfig
 
 RunnableInput = str | dict[str, Any]
 
@@ -117,7 +116,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
     retriever: Runnable[str, list[Document]] | None = Field(default=None, exclude=True)
     k: int = Field(default=4, ge=1)
     mode: str = "blend"
-    ratio: float = Field(default=DEFAULT_RATIO, ge=0.0, le=1.0)
+    ratio: float | Literal["auto"] | None = None  # None: the RagKV config's blend ratio
     policy: str | None = None  # None: the RagKV config's blend policy
     max_new_tokens: int = Field(default=64, ge=1)
 
@@ -132,8 +131,10 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         return [
             ConfigurableFieldSpec(id="ragkv_mode", annotation=str, default=self.mode,
                                   name="ragkv mode", description=f"one of {MODES}"),
-            ConfigurableFieldSpec(id="ragkv_ratio", annotation=float, default=self.ratio,
-                                  name="recompute ratio", description="blend ratio in [0, 1]"),
+            ConfigurableFieldSpec(id="ragkv_ratio", annotation=float | str | None,
+                                  default=self.ratio, name="recompute ratio",
+                                  description="blend ratio in [0, 1] or 'auto'; None: the "
+                                              "RagKV config's"),
             ConfigurableFieldSpec(id="ragkv_policy", annotation=str | None, default=self.policy,
                                   name="selection policy", description="blend token policy"),
             ConfigurableFieldSpec(id="ragkv_k", annotation=int, default=self.k,
@@ -145,9 +146,9 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         mode = conf.get("ragkv_mode", self.mode)
         if mode not in MODES:
             raise ValueError(f"ragkv_mode must be one of {MODES}, got {mode!r}")
-        base = self.rag.config.blend  # every other setting (correction, guard) as configured
-        blend = replace(base, ratio=float(conf.get("ragkv_ratio", self.ratio)),
-                        policy=conf.get("ragkv_policy") or self.policy or base.policy)
+        # every other setting (correction, guard) as the RagKV config has it
+        blend = self.rag.config.blend.choose(conf.get("ragkv_ratio", self.ratio),
+                                             conf.get("ragkv_policy") or self.policy)
         return mode, blend, int(conf.get("ragkv_k", self.k))
 
     def _start(self, value: RunnableInput,

@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
@@ -41,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
-from ragkv.config import DEFAULT_RATIO, MODES, BlendConfig
+from ragkv.config import MODES, BlendConfig
 from ragkv.ingest import PRECOMPUTE_BATCH
 from ragkv.prompt import check_question
 
@@ -260,7 +259,7 @@ class RagkvQueryEngine(CustomQueryEngine):
                            description="a LlamaIndex retriever; default: RagkvRetriever(rag)")
     similarity_top_k: int = 4
     mode: str = "blend"
-    ratio: float = DEFAULT_RATIO
+    ratio: float | Literal["auto"] | None = None  # None: the RagKV config's blend ratio
     policy: str | None = None  # None: the RagKV config's blend policy
     max_new_tokens: int = Field(default=64, ge=1)
     streaming: bool = False
@@ -274,8 +273,8 @@ class RagkvQueryEngine(CustomQueryEngine):
             self.retriever = RagkvRetriever(self.rag, self.similarity_top_k)
 
     def _blend(self) -> BlendConfig:
-        base = self.rag.config.blend  # every other setting (correction, guard) as configured
-        return replace(base, ratio=self.ratio, policy=self.policy or base.policy)
+        # every other setting (correction, guard) as the RagKV config has it
+        return self.rag.config.blend.choose(self.ratio, self.policy)
 
     @dispatcher.span
     def _fuse(self, query_str: str, nodes: list[NodeWithScore],
