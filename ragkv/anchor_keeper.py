@@ -56,7 +56,10 @@ class AnchorKeeper:
         chosen = self._recorded() if record else None
         if chosen is None:
             chosen = corpus_anchor(texts, self.backend.tokenizer)
-            if chosen is None:
+            if chosen is None:  # too short a corpus: the engine's own passage, as a facade
+                if record:  # opened now holds (not one the cache has since forgotten)
+                    self._use(self.config.resolved_anchor_text, version)
+                    self.settled = False
                 return None
             if record:
                 try:
@@ -80,10 +83,15 @@ class AnchorKeeper:
             return
         if self.settled and version == self.version:
             return
-        recorded = self._recorded(quiet=True)
+        try:
+            recorded = self.index.setting(ANCHOR_SETTING)
+        except SQLAlchemyError:  # as above: the passage held stays
+            return
         if recorded is not None:
             self._use(recorded, version)
-        else:  # none recorded now: keep the passage held, read again at the next call
+        else:  # none recorded (yet, or no more: a cache emptied of documents forgets it): the
+            # engine's own passage, as a facade opened now holds; read again at the next call
+            self._use(self.config.resolved_anchor_text, version)
             self.settled = False
 
     def _use(self, text: str, version: str | None, own: bool = False) -> None:
@@ -100,13 +108,11 @@ class AnchorKeeper:
             log.debug("cache index unreachable, corpus version not read: %s", exc)
             return None
 
-    def _recorded(self, quiet: bool = False) -> str | None:
+    def _recorded(self) -> str | None:
         """The cache's corpus anchor; None (the engine's passage) when the index cannot say:
-        an unreachable index must not stop a query (it is answered as without a cache).
-        ``quiet``: the per-query re-read, already warned about at open."""
+        an unreachable index must not stop a query (it is answered as without a cache)."""
         try:
             return self.index.setting(ANCHOR_SETTING)
         except SQLAlchemyError as exc:
-            (log.debug if quiet else log.warning)(
-                "cache index unreachable, anchor passage not read: %s", exc)
+            log.warning("cache index unreachable, anchor passage not read: %s", exc)
             return None

@@ -91,10 +91,14 @@ class TokenStream:
     """
 
     def __init__(self, rag: RagKV, question: str, prompt: AssembledPrompt,
-                 gen: Generation, keep: bool, log_query: bool) -> None:
+                 gen: Generation, keep: bool, log_query: bool,
+                 chunks: Sequence[RetrievedChunk] = ()) -> None:
         self._rag, self.question, self.prompt = rag, question, prompt
         self._gen, self._keep, self._log = gen, keep, log_query
         self.trace: QueryTrace = gen.trace
+        #: the chunks the prompt holds, in its order (the ones handed in, as given, less those
+        #: left out for the window, ``trace.left_out``): an answer's sources
+        self.chunks = list(chunks)
         self.answer: Answer | None = None
 
     def _tokens(self) -> Iterator[int]:
@@ -248,6 +252,7 @@ class RagKV:
         check_question(question)
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k must be a whole number of chunks, got {k!r}")
+        self._anchor.adopt()  # the keys handed out name the passage the cache holds now
         return retrieve(self, question, k)
 
     # ---- generation ---------------------------------------------------------------------
@@ -302,7 +307,7 @@ class RagKV:
         gen.trace.full_ttft_s = full_ttft_s
         gen.trace.left_out = [ChunkTrace(self.key_for(c.token_ids), len(c.token_ids), None, -1,
                                          c.document) for c in left_out]
-        return TokenStream(self, question, prompt, gen, keep_kv, log_query)
+        return TokenStream(self, question, prompt, gen, keep_kv, log_query, items)
 
     def ask(self, question: str, k: int = 4, **kwargs) -> Answer:
         """Retrieve the top-k chunks and answer over them."""

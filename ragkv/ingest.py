@@ -160,17 +160,27 @@ def _embedder(rag: Ingesting):
     return emb
 
 
+#: Searches one retrieval makes while other processes keep changing the corpus under it.
+RETRIEVAL_TRIES = 3
+
+
 def retrieve(rag: Ingesting, question: str, k: int) -> list[RetrievedChunk]:
     if k < 1:
         raise ValueError("k must be >= 1")
-    # any process's ingestion or removal gives the corpus a new version: rebuild then
-    if rag._retrieval is None or rag._retrieval.version != rag.index.corpus_version():
-        rag._retrieval = _Retrieval(rag)
-    if len(rag._retrieval.faiss) == 0:
-        return []
-    hits = rag._retrieval.faiss.search(_embedder(rag).embed([question])[0], k)
-    # a chunk removed since the check is left out, not an error
-    infos = {c.id: c for c in rag.index.chunks([i for i, _ in hits])}
+    query = _embedder(rag).embed([question])[0]
+    for _ in range(RETRIEVAL_TRIES):
+        # any process's ingestion or removal gives the corpus a new version: rebuild then
+        if rag._retrieval is None or rag._retrieval.version != rag.index.corpus_version():
+            rag._retrieval = _Retrieval(rag)
+        if len(rag._retrieval.faiss) == 0:
+            return []
+        hits = rag._retrieval.faiss.search(query, k)
+        infos = {c.id: c for c in rag.index.chunks([i for i, _ in hits])}
+        # Rows read after a change to the corpus may be other chunks under the ids searched
+        # (SQLite gives a new row the id of the last one removed): searched again then.
+        if rag.index.corpus_version() == rag._retrieval.version:
+            break
+    # (after as many changes in a row, a chunk removed meanwhile is left out, not an error)
     return [RetrievedChunk(c.token_ids, rag.key_for(c.token_ids), c.text, c.id,
                            c.document_name, score)
             for i, score in hits if (c := infos.get(i)) is not None]

@@ -252,6 +252,55 @@ def test_a_cache_emptied_of_documents_picks_its_next_corpus_passage(tmp_path, en
         reader.index.close()
 
 
+def test_a_facade_lets_go_of_a_passage_the_cache_forgot(tmp_path, engine):
+    """A cache emptied of documents, then given a corpus too short to pick a passage from:
+    every facade on it reads chunks after the neutral passage, the one that held the old
+    corpus's passage included (it went on keying chunks after a passage nobody records)."""
+    home, docs = tmp_path / "forgot", _corpus()
+    holder = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    reader = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    try:
+        neutral = holder.backend.keys.anchor_ids
+        for name, text in docs.items():
+            holder.ingest_text(name, text)
+        assert holder.backend.keys.anchor_ids != neutral
+        reader.retrieve(QUESTION, 1)  # the reader holds the corpus passage too
+        assert reader.backend.keys.anchor_ids == holder.backend.keys.anchor_ids
+        for name in docs:
+            holder.remove_document(name)
+        holder.ingest_text("short", "A note far shorter than a passage.")
+        assert holder.index.setting(ANCHOR_SETTING) is None
+        assert holder.backend.keys.anchor_ids == neutral
+        [chunk] = holder.index.chunks()
+        fresh = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+        try:
+            assert fresh.backend.keys.anchor_ids == neutral
+            assert chunk.cache_key == fresh.key_for(chunk.token_ids)
+            [got] = reader.retrieve(QUESTION, 1)  # keys it hands out: the cache's own
+            assert got.key == chunk.cache_key and reader.backend.keys.anchor_ids == neutral
+        finally:
+            fresh.index.close()
+    finally:
+        holder.index.close()
+        reader.index.close()
+
+
+def test_retrieved_keys_name_the_passage_another_process_recorded(tmp_path, engine):
+    home, docs = tmp_path / "keys", _corpus()
+    early = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    writer = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+    try:
+        for name, text in docs.items():
+            writer.ingest_text(name, text)
+        stored = {c.token_ids[0:8].__repr__(): c.cache_key for c in writer.index.chunks()}
+        got = early.retrieve(QUESTION, 3)  # before any query of its own
+        assert [c.key for c in got] == [stored[c.token_ids[0:8].__repr__()] for c in got]
+        assert early.precompute_many(got) == [False] * 3  # and those entries are there
+    finally:
+        early.index.close()
+        writer.index.close()
+
+
 def test_the_prefix_context_records_no_anchor(rag):
     assert rag.index.setting(ANCHOR_SETTING) is None  # ingested with precompute "prefix"
     assert rag.choose_anchor(list(_corpus().values())) is None

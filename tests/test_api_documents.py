@@ -221,6 +221,39 @@ def test_a_chunk_removed_after_the_version_check_is_left_out(rag, monkeypatch):
     assert got and all(c.document == "doc:assert" for c in got)
 
 
+def test_chunks_that_took_a_removed_chunks_id_meanwhile_are_not_retrieved(rag, engine,
+                                                                         monkeypatch):
+    """SQLite gives a new row the id of the last one removed: another process replacing the
+    last document between the search and the row lookup handed out its new chunks in the
+    removed ones' places, with their scores."""
+    question = "pass statement"
+    _texts(rag, question)  # the retrieval index, of the corpus as it is now
+    pass_ids = {c.id for c in rag.index.chunks() if c.document_name == "doc:pass"}
+    other = RagKV(make_config(rag.config.home), engine=engine)
+    lookup = rag.index.chunks
+    raced = []
+
+    def after_the_search(ids=None, **kwargs):
+        if not raced:  # the other process, between this search and its row lookup
+            raced.append(True)
+            other.remove_document("doc:pass")
+            other.ingest_text("doc:new", "Compound statements contain groups of other "
+                              "statements; they affect or control their execution. " * 3)
+        return lookup(ids, **kwargs)
+
+    try:
+        monkeypatch.setattr(rag.index, "chunks", after_the_search)
+        got = rag.retrieve(question, k=50)
+        monkeypatch.undo()
+        reused = {c.id for c in rag.index.chunks() if c.document_name == "doc:new"}
+        assert reused & pass_ids, "the race needs a reused id"
+        again = rag.retrieve(question, k=50)  # nothing changes now: the true answer
+        assert [(c.chunk_id, c.text, c.score) for c in got] == [
+            (c.chunk_id, c.text, c.score) for c in again]
+    finally:
+        other.index.close()
+
+
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_of_two_versions_ingested_at_once_the_later_recorded_stays(tmp_path, order):
     index = CacheIndex(f"sqlite:///{tmp_path / 'index.sqlite'}")

@@ -189,3 +189,24 @@ def test_runnable_takes_the_configured_ratio_unless_given_one(rag: RagKV, monkey
     _, blend, _ = RagkvRunnable(rag=rag, ratio=0.2)._options(
         {"configurable": {"ragkv_ratio": "auto"}})
     assert blend.ratio == "auto"
+
+
+def test_the_output_names_the_chunks_the_prompt_holds(rag: RagKV) -> None:
+    """A document too long for the window is left out of the prompt, and out of "chunks"."""
+    longer_than_the_window = (topics["for"] + topics["if"]) * (rag.backend.max_model_len // 400)
+    huge = Document(page_content=longer_than_the_window)
+    short = Document(page_content=topics["pass"][:400])
+    chain = RagkvRunnable(rag=rag, retriever=RunnableLambda(lambda _: [huge, short]),
+                          max_new_tokens=NEW)
+    out = chain.invoke(QUESTION)
+    assert len(out["trace"]["left_out"]) == 1
+    assert [c["text"] for c in out["chunks"]] == [short.page_content]
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.9, True, "2"])
+def test_a_per_call_k_is_checked_as_the_facade_checks_it(rag: RagKV, k: Any) -> None:
+    chain = RagkvRunnable(rag=rag, retriever=RunnableLambda(lambda _: []), max_new_tokens=NEW)
+    with pytest.raises(ValueError, match="ragkv_k must be a whole number of chunks >= 1"):
+        chain.invoke(QUESTION, config={"configurable": {"ragkv_k": k}})
+    with pytest.raises((ValueError, TypeError), match="k must be"):
+        RagkvRetriever(rag=rag).invoke(QUESTION, k=k)

@@ -234,3 +234,50 @@ def test_query_engine_keeps_the_configured_blend_settings(rag: RagKV, monkeypatc
     monkeypatch.setattr(rag.config, "blend", BlendConfig(ratio=0.5))
     assert RagkvQueryEngine(rag=rag, similarity_top_k=3)._blend().ratio == 0.5
     assert RagkvQueryEngine(rag=rag, similarity_top_k=3, ratio="auto")._blend().ratio == "auto"
+
+
+def test_node_postprocessors_run_before_fusion_and_unknown_settings_are_refused(
+        rag: RagKV) -> None:
+    from llama_index.core.postprocessor import SimilarityPostprocessor
+    from pydantic import ValidationError
+
+    engine = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW,
+                              node_postprocessors=[SimilarityPostprocessor(
+                                  similarity_cutoff=0.0)])
+    kept = engine.query(QUESTION)
+    assert len(kept.source_nodes) == 3
+    top = max(n.score for n in kept.source_nodes)
+    engine = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW,
+                              node_postprocessors=[SimilarityPostprocessor(
+                                  similarity_cutoff=top - 1e-6)])
+    one = engine.query(QUESTION)
+    assert len(one.source_nodes) == 1 and one.metadata["ragkv_trace"]["hits"] == 1
+    with pytest.raises(ValidationError, match="similarity_topk"):
+        RagkvQueryEngine(rag=rag, similarity_topk=1)
+
+
+def test_sources_are_the_nodes_the_prompt_holds(rag: RagKV) -> None:
+    """A node too long for the window is left out of the prompt, and out of the sources."""
+    huge = TextNode(text=(topics["for"] + topics["if"]) * (rag.backend.max_model_len // 400))
+    short = TextNode(text=topics["pass"][:400])
+    engine = RagkvQueryEngine(rag=rag, retriever=SummaryIndex([huge, short]).as_retriever(),
+                              max_new_tokens=NEW)
+    response = engine.query(QUESTION)
+    assert len(response.metadata["ragkv_trace"]["left_out"]) == 1
+    assert [n.node.text for n in response.source_nodes] == [short.text]
+
+
+def test_async_streaming_is_an_async_stream(rag: RagKV) -> None:
+    from llama_index.core.base.response.schema import AsyncStreamingResponse
+
+    expected = api_answer(rag)
+    engine = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW, streaming=True)
+
+    async def ask() -> tuple[Any, str]:
+        response = await engine.aquery(QUESTION)
+        return response, "".join([piece async for piece in response.async_response_gen()])
+
+    response, text = asyncio.run(ask())
+    assert isinstance(response, AsyncStreamingResponse)
+    assert text.strip() == expected.text
+    assert response.metadata["ragkv_tokens"] == expected.tokens

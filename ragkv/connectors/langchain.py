@@ -81,7 +81,7 @@ class RagkvRetriever(BaseRetriever):
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 k: int | None = None) -> list[Document]:
         with _lock(self.rag):
-            chunks = self.rag.retrieve(query, k or self.k)
+            chunks = self.rag.retrieve(query, self.k if k is None else k)
         return [chunk_document(c) for c in chunks]
 
 
@@ -149,10 +149,12 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         # every other setting (correction, guard) as the RagKV config has it
         blend = self.rag.config.blend.choose(conf.get("ragkv_ratio", self.ratio),
                                              conf.get("ragkv_policy") or self.policy)
-        return mode, blend, int(conf.get("ragkv_k", self.k))
+        k = conf.get("ragkv_k", self.k)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"ragkv_k must be a whole number of chunks >= 1, got {k!r}")
+        return mode, blend, k
 
-    def _start(self, value: RunnableInput,
-               config: RunnableConfig) -> tuple[TokenStream, list[RetrievedChunk]]:
+    def _start(self, value: RunnableInput, config: RunnableConfig) -> TokenStream:
         """Retrieve and prefill (TTFT is measured here); decoding is left to the caller."""
         question = _question(value)
         mode, blend, k = self._options(config)
@@ -169,7 +171,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         with _lock(self.rag):
             stream = self.rag.stream(chunks, question, mode=mode, blend=blend,
                                      max_new_tokens=self.max_new_tokens, retrieval_s=retrieval_s)
-        return stream, chunks
+        return stream
 
     def _pieces(self, stream: TokenStream) -> Iterator[str]:
         # Lock per decode step, not across yields: an abandoned stream must not hold the lock.
@@ -182,21 +184,22 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
             yield piece
 
     @staticmethod
-    def _output(stream: TokenStream, chunks: list[RetrievedChunk]) -> dict[str, Any]:
+    def _output(stream: TokenStream) -> dict[str, Any]:
         answer = stream.answer
         return {"answer": answer.text, "tokens": answer.tokens, "trace": answer.trace.to_dict(),
                 "chunks": [{"key": c.key, "document": c.document, "chunk_id": c.chunk_id,
-                            "score": c.score, "text": c.text} for c in chunks]}
+                            "score": c.score, "text": c.text}
+                           for c in stream.chunks]}  # in the prompt: not those left out
 
     # ---- sync -------------------------------------------------------------------------------
     def _run(self, value: RunnableInput, run_manager: CallbackManagerForChainRun,
              config: RunnableConfig) -> dict[str, Any]:
-        stream, chunks = self._start(value, config)
+        stream = self._start(value, config)
         for name, data in _payloads(stream):
             dispatch_custom_event(name, data, config=config)
         for _ in self._pieces(stream):
             pass
-        return self._output(stream, chunks)
+        return self._output(stream)
 
     def invoke(self, input: RunnableInput, config: RunnableConfig | None = None,
                **kwargs: Any) -> dict[str, Any]:
@@ -205,7 +208,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
     def _transform(self, inputs: Iterator[RunnableInput], run_manager: CallbackManagerForChainRun,
                    config: RunnableConfig) -> Iterator[str]:
         for value in inputs:
-            stream, _ = self._start(value, config)
+            stream = self._start(value, config)
             for name, data in _payloads(stream):
                 dispatch_custom_event(name, data, config=config)
             yield from self._pieces(stream)
@@ -218,11 +221,11 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
     # ---- async: the model runs in worker threads, events go through the async dispatcher --
     async def _arun(self, value: RunnableInput, run_manager: Any,
                     config: RunnableConfig) -> dict[str, Any]:
-        stream, chunks = await run_in_executor(config, self._start, value, config)
+        stream = await run_in_executor(config, self._start, value, config)
         for name, data in _payloads(stream):
             await adispatch_custom_event(name, data, config=config)
         await run_in_executor(config, lambda: [None for _ in self._pieces(stream)])
-        return self._output(stream, chunks)
+        return self._output(stream)
 
     async def ainvoke(self, input: RunnableInput, config: RunnableConfig | None = None,
                       **kwargs: Any) -> dict[str, Any]:
@@ -231,7 +234,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
     async def _atransform(self, inputs: AsyncIterator[RunnableInput], run_manager: Any,
                           config: RunnableConfig) -> AsyncIterator[str]:
         async for value in inputs:
-            stream, _ = await run_in_executor(config, self._start, value, config)
+            stream = await run_in_executor(config, self._start, value, config)
             for name, data in _payloads(stream):
                 await adispatch_custom_event(name, data, config=config)
             pieces = self._pieces(stream)

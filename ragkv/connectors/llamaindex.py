@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
-    from llama_index.core.base.response.schema import Response, StreamingResponse
+    from llama_index.core.base.response.schema import (
+        AsyncStreamingResponse,
+        Response,
+        StreamingResponse,
+    )
     from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
     from llama_index.core.indices.base import BaseIndex
     from llama_index.core.instrumentation import get_dispatcher
@@ -254,9 +258,15 @@ class RagkvQueryEngine(CustomQueryEngine):
     response, once its generator is exhausted).
     """
 
+    # a misspelled setting (similarity_topk=1) is an error, not silently the default
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
     rag: Any = Field(exclude=True)
     retriever: Any = Field(default=None, exclude=True,
-                           description="a LlamaIndex retriever; default: RagkvRetriever(rag)")
+                           description="a LlamaIndex retriever or index (its nodes get their "
+                                       "cache keys); default: ragkv's own retriever")
+    node_postprocessors: list[Any] = Field(
+        default_factory=list, exclude=True,
+        description="LlamaIndex node postprocessors, applied in order before fusion")
     similarity_top_k: int = 4
     mode: str = "blend"
     ratio: float | Literal["auto"] | None = None  # None: the RagKV config's blend ratio
@@ -269,8 +279,8 @@ class RagkvQueryEngine(CustomQueryEngine):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         # a bad ratio or policy fails at construction, not at the first query
         self._blend()
-        if self.retriever is None:
-            self.retriever = RagkvRetriever(self.rag, self.similarity_top_k)
+        if not isinstance(self.retriever, RagkvRetriever):  # own, or another wrapped
+            self.retriever = RagkvRetriever(self.rag, self.similarity_top_k, self.retriever)
 
     def _blend(self) -> BlendConfig:
         # every other setting (correction, guard) as the RagKV config has it
@@ -286,7 +296,17 @@ class RagkvQueryEngine(CustomQueryEngine):
                                  blend=self._blend(), max_new_tokens=self.max_new_tokens,
                                  retrieval_s=retrieval_s)
         emit_trace_events(stream.trace)
-        return stream, [n for n, _ in pairs]
+        in_prompt = {id(c) for c in stream.chunks}  # not those left out for the window
+        return stream, [n for n, c in pairs if id(c) in in_prompt]
+
+    def _retrieve(self, query_str: str) -> tuple[list[NodeWithScore], float]:
+        """The nodes to answer from, after the postprocessors, and the seconds it took."""
+        t = time.perf_counter()
+        nodes = self.retriever.retrieve(query_str)
+        bundle = QueryBundle(query_str)
+        for post in self.node_postprocessors:
+            nodes = post.postprocess_nodes(nodes, query_bundle=bundle)
+        return nodes, time.perf_counter() - t
 
     # LlamaIndex validates the question only inside its own start event, a several-line
     # pydantic error for ``query(None)``; checked first it is the facade's one-line error.
@@ -298,9 +318,7 @@ class RagkvQueryEngine(CustomQueryEngine):
 
     @dispatcher.span
     def custom_query(self, query_str: str) -> Response | StreamingResponse:
-        t = time.perf_counter()
-        nodes = self.retriever.retrieve(query_str)
-        stream, used = self._fuse(query_str, nodes, time.perf_counter() - t)
+        stream, used = self._fuse(query_str, *self._retrieve(query_str))
         meta: dict[str, Any] = {"ragkv_trace": stream.trace.to_dict()}
         if self.streaming:
             return StreamingResponse(response_gen=_pieces(stream, meta), source_nodes=used,
@@ -309,16 +327,29 @@ class RagkvQueryEngine(CustomQueryEngine):
         meta["ragkv_tokens"] = answer.tokens
         return Response(answer.text, source_nodes=used, metadata=meta)
 
-    async def acustom_query(self, query_str: str) -> Response | StreamingResponse:
+    async def acustom_query(self, query_str: str
+                            ) -> Response | AsyncStreamingResponse:
         # The model runs on blocking torch calls; a worker thread keeps the loop responsive
         # (and to_thread carries the context, so spans and events still nest correctly).
-        return await asyncio.to_thread(self.custom_query, query_str)
+        response = await asyncio.to_thread(self.custom_query, query_str)
+        if isinstance(response, StreamingResponse):  # as LlamaIndex's own engines answer
+            return AsyncStreamingResponse(response_gen=_in_thread(response.response_gen),
+                                          source_nodes=response.source_nodes,
+                                          metadata=response.metadata)
+        return response
 
 
 def _checked(query: Any) -> Any:
     """``query`` (a question or a ``QueryBundle``) once its question is a string with text."""
     check_question(query.query_str if isinstance(query, QueryBundle) else query)
     return query
+
+
+async def _in_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
+    """``pieces`` as an async generator, each (blocking) decode step in a worker thread."""
+    done = object()
+    while (piece := await asyncio.to_thread(next, pieces, done)) is not done:
+        yield piece  # type: ignore[misc]
 
 
 def _pieces(stream: TokenStream, meta: dict[str, Any]) -> Iterator[str]:
