@@ -62,7 +62,9 @@ $(VENV)/.vllm: $(VENV)/.installed
 # The served deployment (`ragkv serve`, two servers over one cache, a server killed
 # mid-request) runs in tests/test_vllm_serve.py.
 test-vllm: $(VENV)/.installed model vllm-install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_exit.py tests/test_vllm_paged.py tests/test_vllm_serve.py
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py \
+	    tests/test_vllm_exit.py tests/test_vllm_paged.py tests/test_vllm_serve.py \
+	    tests/test_vllm_preempt.py
 
 # The published figures: full, reuse and blend (qhkvd, check layer 2, anchor-context
 # precompute; both KV corrections, local_mean the default) at five ratios on both public

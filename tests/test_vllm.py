@@ -208,6 +208,15 @@ def test_full_prefill_scores_its_own_greedy_answer(vllm_rag):
     assert rows[0].argmax == full.first.argmax
 
 
+def test_a_fused_mode_without_chunks_answers_as_on_every_engine(vllm_rag):
+    """Nothing to fuse: the prompt is prefilled (it was refused as parameters naming neither
+    chunks nor a save, an error in the trace that the transformers engine never gives)."""
+    full = vllm_rag.generate([], QUESTION, mode="full", max_new_tokens=6)
+    for mode in ("blend", "reuse"):
+        ans = vllm_rag.generate([], QUESTION, mode=mode, max_new_tokens=6)
+        assert ans.trace.error is None and ans.tokens == full.tokens, mode
+
+
 def test_anchor_context_through_vllm_matches_what_the_worker_computes(vllm_rag):
     """Anchor precompute on vLLM: ingestion stores both entries through vLLM's own prefill,
     the first chunk reads the exact prefix entry, and a miss the connector computes after the

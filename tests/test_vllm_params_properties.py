@@ -88,8 +88,6 @@ def valid_bodies(draw) -> tuple[dict, int]:
         body["blend"] = blend
     if draw(st.booleans()):
         body["record"] = draw(st.booleans())
-    if draw(st.booleans()):
-        body["save"] = _span_list(draw, 0, n, 2)
     return {"ragkv": body}, n
 
 
@@ -278,6 +276,15 @@ def test_an_anchor_context_fusion_carries_the_anchor_ids() -> None:
     # the keys name the anchor; the salt need not (same keys, same fusion)
     assert fusion_salt(p, list(range(8))) == fusion_salt(
         parse({"ragkv": {**body, "anchor": [7]}}, 8), list(range(8)))
+
+
+def test_a_fused_request_saves_nothing() -> None:
+    """Saved, the fused KV would replace a prefill's under the exact key a later query trusts
+    (any HTTP client could send both; ragkv's own never does)."""
+    body = {"mode": "reuse", "prefix_end": 2, "chunks": [[2, 5, "a" * 64]], "suffix_start": 6,
+            "save": [[2, 5, "b" * 64]]}
+    with pytest.raises(ParamsError, match="names 'chunks' to fuse or spans to 'save', not both"):
+        parse({"ragkv": body}, 8)
 
 
 def test_a_save_names_the_entry_its_spans_are_scored_against() -> None:

@@ -118,6 +118,7 @@ class VLLMBackend:
         connector says which key space and cache it uses."""
         from transformers import AutoTokenizer
 
+        from ragkv.engine.vllm.params import tokenizer_digest
         from ragkv.model_fetch import resolve_model
 
         http = HTTP(url)
@@ -132,6 +133,11 @@ class VLLMBackend:
             raise EngineError(f"the server at {http.url} does not run ragkv's connector "
                               f"(start it with `ragkv serve`); it answered {note or 'nothing'}")
         _check_cache(cfg, note, http.url)
+        served_tokenizer, own = note.get("tokenizer"), tokenizer_digest(str(path))
+        if served_tokenizer and own and served_tokenizer != own:  # other ids for every prompt
+            raise EngineError(f"the server at {http.url} runs {http.model}, whose tokenizer is "
+                              f"not the one of {path} that this client would tokenize with; "
+                              f"give --model (RagkvConfig.model) the server's model folder")
         keys = KeySpace(note["fingerprint"], note["kv_storage"], template.prefix_ids,
                         cfg.precompute_context, template.anchor_ids(cfg.resolved_anchor_text))
         max_len = int(http.max_model_len or note.get("max_model_len") or 2**31 - 1)

@@ -44,7 +44,7 @@ class RequestBuilder:
         """
         if mode == "full":
             return VLLMRequest(list(prompt.ids), None, "ragkv-cold:" + uuid.uuid4().hex)
-        if mode == "prefix":
+        if mode == "prefix" or not prompt.chunk_spans:  # (no chunks: nothing to fuse)
             return VLLMRequest(list(prompt.ids), None, None)
         spans = tuple(Span(s, e, k) for (s, e), k in zip(prompt.chunk_spans, keys, strict=True))
         p = FusionParams(mode, prompt.prefix_len, spans, prompt.suffix_start, context, blend,

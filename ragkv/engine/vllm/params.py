@@ -151,6 +151,8 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
         if not save:
             raise ParamsError("ragkv parameters name neither 'chunks' nor 'save'")
         return FusionParams(context=context, save=save, reference_end=ref)
+    if save:  # a save would store the fused KV, not a prefill's, under an exact span's key
+        raise ParamsError("a request names 'chunks' to fuse or spans to 'save', not both")
     anchor = body.get("anchor", [])
     if (not isinstance(anchor, list) or len(anchor) > MAX_ANCHOR
             or not all(_is_int(t) and t >= 0 for t in anchor)):
@@ -219,6 +221,25 @@ def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:
 
 
 _FINGERPRINTS: dict[tuple, str] = {}
+
+
+#: The files that make a model's tokenizer (as Hugging Face saves it), in the order digested.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "special_tokens_map.json")
+
+
+def tokenizer_digest(model_dir: str) -> str | None:
+    """SHA-256 of a model folder's tokenizer files: a client tokenizing for a server must
+    hold the same ones (None: the folder has none, e.g. a hub name)."""
+    from pathlib import Path
+
+    h, found = hashlib.sha256(), False
+    for name in TOKENIZER_FILES:
+        f = Path(model_dir) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+            found = True
+    return h.hexdigest() if found else None
 
 
 def vllm_fingerprint(model_dir: str, dtype: str) -> str:

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 from ragkv.cache_index import KVStore
 from ragkv.config import RagkvConfig, masked_url
 from ragkv.engine.vllm.meta import LoadReq, RagkvMeta, RagkvWorkerMeta, SaveReq
-from ragkv.engine.vllm.params import FusionParams, ParamsError, fusion_salt, parse
+from ragkv.engine.vllm.params import (
+    FusionParams,
+    ParamsError,
+    fusion_salt,
+    parse,
+    tokenizer_digest,
+)
 from ragkv.keys import KV_LAYOUT
 
 if TYPE_CHECKING:
@@ -45,11 +51,15 @@ class ConnectorScheduler:
         # that finishes in the step it was fused in (a one-token request) arrives after it.
         self._handed: dict[str, dict] = {}
         self._worked: set[str] = set()  # requests the worker fused or saved for
+        self._tokenizer: str | None = None  # digest of the model's tokenizer files, once read
 
     def describe(self) -> dict[str, Any]:
         """Who this connector is: what a client needs to derive the same keys."""
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_digest(self.model) or ""
         return {"fingerprint": self.fingerprint, "kv_storage": self.cfg.kv_storage,
                 "kv_dtype": self.cfg.kv_dtype, "layout": KV_LAYOUT, "model": self.model,
+                "tokenizer": self._tokenizer,
                 "max_model_len": self.max_model_len,
                 "index": masked_url(self.cfg.resolved_index_url),
                 "blobs": masked_url(self.cfg.resolved_blob_url)}
@@ -115,10 +125,27 @@ class ConnectorScheduler:
                 self._worked.add(new.req_id)
                 self._save_when_done(meta, new.req_id, ids, blocks, p, new.num_computed_tokens
                                      + scheduler_output.num_scheduled_tokens[new.req_id])
+        self._resumed_loads(meta, scheduler_output)
         self._continue_saves(meta, scheduler_output)
         self._pending.clear()
         self._handed.clear()
         return meta
+
+    def _resumed_loads(self, meta: RagkvMeta, scheduler_output) -> None:
+        """Fused requests vLLM preempted and now resumes: claimed again, in new blocks, so
+        the fusion runs again. vLLM lists them with the running requests, not the new ones;
+        left out, they decoded over whatever their new blocks held."""
+        if not self._pending:
+            return
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            if rid not in self._pending or not cached.new_block_ids[i]:
+                continue
+            request, p, lo, hi = self._pending.pop(rid)
+            blocks = list(cached.new_block_ids[i][0])  # a resumed request's whole list
+            meta.loads.append(LoadReq(rid, list(request.prompt_token_ids or []), blocks, lo,
+                                      hi, p))
+            self._worked.add(rid)
 
     def _save_when_done(self, meta: RagkvMeta, rid: str, ids: list[int], blocks: list[int],
                         p: FusionParams, done: int) -> None:

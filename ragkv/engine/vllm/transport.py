@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,11 +114,24 @@ class HTTP:
         if not self.url.endswith("/v1"):
             self.url += "/v1"
         self.timeout_s = timeout_s
-        models = self._get("/models").get("data") or []
-        if not models:
-            raise EngineError(f"the server at {self.url} serves no model")
-        self.model: str = models[0]["id"]
-        self.max_model_len: int | None = models[0].get("max_model_len")
+        with self._reading("its model list"):
+            models = self._get("/models").get("data") or []
+            if not models:
+                raise EngineError(f"the server at {self.url} serves no model")
+            self.model: str = str(models[0]["id"])
+            window = models[0].get("max_model_len")
+            self.max_model_len: int | None = None if window is None else int(window)
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        """An answer of another shape than vLLM's (another server, a proxy's error page with
+        HTTP 200) is one line, not a KeyError from inside."""
+        try:
+            yield
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise EngineError(f"the server at {self.url} answered {what} in a form ragkv does "
+                              f"not read ({type(exc).__name__}: {exc}); is it a vLLM server "
+                              f"started by `ragkv serve`?") from None
 
     # ---- plumbing ------------------------------------------------------------------------
     def _fail(self, exc: BaseException) -> EngineError:
@@ -168,15 +182,17 @@ class HTTP:
                 out = json.load(resp)
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
             raise self._fail(exc) from None
-        choice = out["choices"][0]
-        tops = ((choice.get("logprobs") or {}).get("top_logprobs")) or []
-        metrics = out.get("metrics") or {}
-        ttft_ms = metrics.get("time_to_first_token_ms")
-        details = (out.get("usage") or {}).get("prompt_tokens_details") or {}
-        return Completion(list(choice.get("token_ids") or []), self._top(tops[0] if tops else None),
-                          _note(out.get("kv_transfer_params")),
-                          None if ttft_ms is None else ttft_ms / 1e3,
-                          int(details.get("cached_tokens") or 0))
+        with self._reading("a completion"):
+            choice = out["choices"][0]
+            tops = ((choice.get("logprobs") or {}).get("top_logprobs")) or []
+            metrics = out.get("metrics") or {}
+            ttft_ms = metrics.get("time_to_first_token_ms")
+            details = (out.get("usage") or {}).get("prompt_tokens_details") or {}
+            return Completion([int(t) for t in choice.get("token_ids") or []],
+                              self._top(tops[0] if tops else None),
+                              _note(out.get("kv_transfer_params")),
+                              None if ttft_ms is None else ttft_ms / 1e3,
+                              int(details.get("cached_tokens") or 0))
 
     def complete(self, reqs: Sequence[VLLMRequest], max_tokens: int,
                  logprobs: int | None = None) -> list[Completion]:
@@ -197,11 +213,13 @@ class HTTP:
                 if data == "[DONE]":
                     return
                 chunk = json.loads(data)
-                if "error" in chunk:
-                    raise EngineError(f"the vLLM server at {self.url} failed mid-answer: "
-                                      f"{chunk['error']}")
-                for choice in chunk.get("choices") or []:
-                    yield from choice.get("token_ids") or []
+                with self._reading("a streamed answer"):
+                    if "error" in chunk:
+                        raise EngineError(f"the vLLM server at {self.url} failed mid-answer: "
+                                          f"{chunk['error']}")
+                    ids = [int(t) for choice in chunk.get("choices") or []
+                           for t in choice.get("token_ids") or []]
+                yield from ids
         except (TimeoutError, OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
             raise self._fail(exc) from None
         finally:
@@ -215,9 +233,10 @@ class HTTP:
                 out = json.load(resp)
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
             raise self._fail(exc) from None
-        rows = out["choices"][0].get("prompt_logprobs") or []
-        return [None if r is None else {int(t): float(v["logprob"]) for t, v in r.items()}
-                for r in rows]
+        with self._reading("prompt log-probabilities"):
+            rows = out["choices"][0].get("prompt_logprobs") or []
+            return [None if r is None else {int(t): float(v["logprob"]) for t, v in r.items()}
+                    for r in rows]
 
     def close(self) -> None:
         pass
