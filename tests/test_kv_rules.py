@@ -52,6 +52,13 @@ def test_conversion_keeps_the_score_and_converts_both_halves():
 def test_a_stored_entry_is_checked_before_use():
     good = _kv().to_tensors("float16")
     assert ChunkKV.from_tensors(good, **SHAPE).n_tokens == 3
+    assert ChunkKV.from_tensors(good, **SHAPE, dtype=torch.float16).n_tokens == 3
+    for k, v in ((torch.float32, torch.float32), (torch.float16, torch.float32),
+                 (torch.float32, torch.float16), (torch.int64, torch.int64)):
+        other = {**good, "k": good["k"].to(k), "v": good["v"].to(v)}
+        with pytest.raises(ValueError) as err:
+            ChunkKV.from_tensors(other, **SHAPE, dtype=torch.float16)
+        assert str(err.value) == f"stored KV has dtype {k}/{v}, expected torch.float16"
     # large finite half-precision values whose half-precision sum would overflow: still valid
     big = _kv(torch.float16, fill=60000.0).to_tensors("float16")
     assert torch.equal(ChunkKV.from_tensors(big, **SHAPE).k, big["k"])

@@ -119,6 +119,24 @@ def test_chunk_ids_take_text_or_ids_within_the_vocabulary():
         plain.chunk_ids([-3])
 
 
+def test_text_no_tokenizer_reads_and_bytes_are_refused_by_name():
+    tpl = PromptTemplate.from_tokenizer(SizedTokenizer(), SYSTEM)
+    for data in (b"ab", bytearray(b"ab"), memoryview(b"ab")):  # would read as byte values
+        with pytest.raises(TypeError) as err:
+            tpl.chunk_ids(data, 1)
+        assert str(err.value) == (f"chunk 1 is {type(data).__name__}; decode it to text first "
+                                  "(e.g. data.decode('utf-8'))")
+    with pytest.raises(ValueError) as err:
+        tpl.chunk_ids("ok\ud800", 4)
+    assert str(err.value) == ("chunk 4 is not valid text: '\\ud800' at character 2 is half of "
+                              "a surrogate pair")
+    with pytest.raises(ValueError, match=r"^the question is not valid text: '\\udc80' at "
+                                         r"character 0 is half"):
+        tpl.suffix_ids("\udc80why?")
+    plain = PromptTemplate.from_tokenizer(CharTokenizer(), SYSTEM)
+    assert plain.chunk_ids("é\U0001f600") == _ords("é\U0001f600")  # whole pairs are text
+
+
 @pytest.mark.parametrize(("chunk", "shown"), [
     (42, "int 42"),
     ([0.5] * 8, f"list {[0.5] * 8!r}"),  # a repr of exactly 40 characters, whole
