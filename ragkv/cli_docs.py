@@ -152,7 +152,7 @@ def remove(names: Annotated[list[str], typer.Argument(
             console.print(Text(f"removed {name} (KV freed: {freed / 2**20:.1f} MiB)"),
                           soft_wrap=True)
         left = len(index.documents())
-    console.print(f"{left} documents left")
+    console.print(f"{count(left, 'document')} left")
 
 
 def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), model: Model = None,

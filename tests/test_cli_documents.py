@@ -135,6 +135,9 @@ def test_a_link_inside_a_folder_is_removed_by_its_own_name(tmp_path: Path,
     assert f"removed {alias} " in out
     assert str(target) in {d.name for d in index.documents()}  # the other document stays
     assert str(alias) not in {d.name for d in index.documents()}
+    assert out.rstrip().endswith("2 documents left")
+    out = run("remove", str(docs / "page.md"), "--home", str(tmp_path / "home"))
+    assert out.rstrip().endswith("1 document left")
 
 
 def test_ask_reads_the_entries_ingest_stored(tmp_path: Path, tiny_model: Path) -> None:
