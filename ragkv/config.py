@@ -292,7 +292,10 @@ class RagkvConfig:
         if self.home.exists() and not self.home.is_dir():
             raise ValueError(f"home {self.home} is a file; give a folder (created if missing)")
         if isinstance(self.blend, dict):  # the knobs as a mapping, e.g. from a settings file
-            self.blend = BlendConfig(**self.blend)
+            try:
+                self.blend = BlendConfig(**self.blend)
+            except TypeError as exc:  # a name BlendConfig does not have
+                raise ValueError(f"blend: {exc}") from None
         if not isinstance(self.blend, BlendConfig):
             raise ValueError(f"blend must be a BlendConfig, got {type(self.blend).__name__}")
         for name in ("engine", "system_prompt"):

@@ -84,6 +84,7 @@ def test_blend_config_normalises_check_layers():
     (dict(disk_budget_bytes=1.5), "disk_budget"), (dict(remote_budget_bytes=-1), "remote_budget"),
     (dict(engine=None), "engine"), (dict(system_prompt=None), "system_prompt"),
     (dict(blend=0.12), "blend must be a BlendConfig"), (dict(blend={"ratio": 2.0}), "ratio"),
+    (dict(blend={"ratoi": 0.2}), "blend: .*unexpected keyword argument 'ratoi'"),
 ])
 def test_bad_ragkv_config_is_a_value_error_that_names_the_setting(tmp_path, kwargs, says):
     from ragkv.config import RagkvConfig
