@@ -148,7 +148,11 @@ class _Retrieval:
 
         # read before the rows: a change while they are read leaves a version this lacks
         self.version = rag.index.corpus_version()
-        self.faiss = build_retriever(*rag.index.chunk_embeddings())
+        ids, embeddings = rag.index.chunk_embeddings()
+        # what each id held: a row read later under the same id is the same chunk only if its
+        # embedding is (SQLite gives a new row the id of the last one removed)
+        self.marks = {i: hash(e) for i, e in zip(ids, embeddings, strict=True)}
+        self.faiss = build_retriever(ids, embeddings)
 
 
 def _embedder(rag: Ingesting):
@@ -180,7 +184,9 @@ def retrieve(rag: Ingesting, question: str, k: int) -> list[RetrievedChunk]:
         # (SQLite gives a new row the id of the last one removed): searched again then.
         if rag.index.corpus_version() == rag._retrieval.version:
             break
-    # (after as many changes in a row, a chunk removed meanwhile is left out, not an error)
+    # (after as many changes in a row, a chunk removed or replaced meanwhile is left out)
+    marks = rag._retrieval.marks
     return [RetrievedChunk(c.token_ids, rag.key_for(c.token_ids), c.text, c.id,
                            c.document_name, score)
-            for i, score in hits if (c := infos.get(i)) is not None]
+            for i, score in hits
+            if (c := infos.get(i)) is not None and hash(c.embedding) == marks.get(i)]

@@ -254,6 +254,24 @@ def test_chunks_that_took_a_removed_chunks_id_meanwhile_are_not_retrieved(rag, e
         other.index.close()
 
 
+def test_a_chunk_under_a_reused_id_is_never_handed_out_for_the_one_searched(rag, engine,
+                                                                          monkeypatch):
+    """However often the corpus changes under a retrieval: a row read under an id the search
+    found is handed out only if it is the chunk the search found."""
+    _texts(rag)
+    stale = rag.index.corpus_version()
+    other = RagKV(make_config(rag.config.home), engine=engine)
+    try:
+        other.remove_document("doc:pass")
+        other.ingest_text("doc:new", "Compound statements contain groups of other "
+                          "statements; they affect or control their execution. " * 3)
+    finally:
+        other.index.close()
+    monkeypatch.setattr(rag.index, "corpus_version", lambda: stale)  # never seen to change
+    got = rag.retrieve("pass statement", k=50)
+    assert got and all(c.document == "doc:assert" for c in got)
+
+
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_of_two_versions_ingested_at_once_the_later_recorded_stays(tmp_path, order):
     index = CacheIndex(f"sqlite:///{tmp_path / 'index.sqlite'}")
