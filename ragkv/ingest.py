@@ -140,6 +140,11 @@ def pydoc_topics(names: Iterable[str] | None = None) -> list[tuple[str, str]]:
     return [(f"pydoc:{n}", topics[n]) for n in chosen]
 
 
+def _mark(embedding: bytes | memoryview | None) -> int:
+    """A stored embedding's fingerprint (a driver may hand bytes or a memoryview)."""
+    return hash(None if embedding is None else bytes(embedding))
+
+
 class _Retrieval:
     """FAISS index over every chunk's stored embedding, as of one corpus version."""
 
@@ -151,7 +156,7 @@ class _Retrieval:
         ids, embeddings = rag.index.chunk_embeddings()
         # what each id held: a row read later under the same id is the same chunk only if its
         # embedding is (SQLite gives a new row the id of the last one removed)
-        self.marks = {i: hash(e) for i, e in zip(ids, embeddings, strict=True)}
+        self.marks = {i: _mark(e) for i, e in zip(ids, embeddings, strict=True)}
         self.faiss = build_retriever(ids, embeddings)
 
 
@@ -189,4 +194,4 @@ def retrieve(rag: Ingesting, question: str, k: int) -> list[RetrievedChunk]:
     return [RetrievedChunk(c.token_ids, rag.key_for(c.token_ids), c.text, c.id,
                            c.document_name, score)
             for i, score in hits
-            if (c := infos.get(i)) is not None and hash(c.embedding) == marks.get(i)]
+            if (c := infos.get(i)) is not None and _mark(c.embedding) == marks.get(i)]
