@@ -327,8 +327,7 @@ class RagkvQueryEngine(CustomQueryEngine):
         meta["ragkv_tokens"] = answer.tokens
         return Response(answer.text, source_nodes=used, metadata=meta)
 
-    async def acustom_query(self, query_str: str
-                            ) -> Response | AsyncStreamingResponse:
+    async def acustom_query(self, query_str: str) -> Response | AsyncStreamingResponse:
         # The model runs on blocking torch calls; a worker thread keeps the loop responsive
         # (and to_thread carries the context, so spans and events still nest correctly).
         response = await asyncio.to_thread(self.custom_query, query_str)
