@@ -7,6 +7,9 @@ Each entry must hold exactly what prefilling those tokens gives, on ingestion an
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from api_cases import (  # noqa: F401 - fixtures are used by name
@@ -252,14 +255,24 @@ def test_a_cache_emptied_of_documents_picks_its_next_corpus_passage(tmp_path, en
         reader.index.close()
 
 
+@contextmanager
+def facades(home, engine, n: int) -> Iterator[list[RagKV]]:
+    """``n`` facades with anchor precompute on one cache, as ``n`` processes would hold it."""
+    opened = [RagKV(make_config(home, precompute_context="anchor"), engine=engine)
+              for _ in range(n)]
+    try:
+        yield opened
+    finally:
+        for rag in opened:
+            rag.index.close()
+
+
 def test_a_facade_lets_go_of_a_passage_the_cache_forgot(tmp_path, engine):
     """A cache emptied of documents, then given a corpus too short to pick a passage from:
     every facade on it reads chunks after the neutral passage, the one that held the old
     corpus's passage included (it went on keying chunks after a passage nobody records)."""
     home, docs = tmp_path / "forgot", _corpus()
-    holder = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
-    reader = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
-    try:
+    with facades(home, engine, 2) as (holder, reader):
         neutral = holder.backend.keys.anchor_ids
         for name, text in docs.items():
             holder.ingest_text(name, text)
@@ -272,33 +285,22 @@ def test_a_facade_lets_go_of_a_passage_the_cache_forgot(tmp_path, engine):
         assert holder.index.setting(ANCHOR_SETTING) is None
         assert holder.backend.keys.anchor_ids == neutral
         [chunk] = holder.index.chunks()
-        fresh = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
-        try:
+        with facades(home, engine, 1) as (fresh,):
             assert fresh.backend.keys.anchor_ids == neutral
             assert chunk.cache_key == fresh.key_for(chunk.token_ids)
             [got] = reader.retrieve(QUESTION, 1)  # keys it hands out: the cache's own
             assert got.key == chunk.cache_key and reader.backend.keys.anchor_ids == neutral
-        finally:
-            fresh.index.close()
-    finally:
-        holder.index.close()
-        reader.index.close()
 
 
 def test_retrieved_keys_name_the_passage_another_process_recorded(tmp_path, engine):
     home, docs = tmp_path / "keys", _corpus()
-    early = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
-    writer = RagKV(make_config(home, precompute_context="anchor"), engine=engine)
-    try:
+    with facades(home, engine, 2) as (early, writer):
         for name, text in docs.items():
             writer.ingest_text(name, text)
-        stored = {c.token_ids[0:8].__repr__(): c.cache_key for c in writer.index.chunks()}
+        stored = {tuple(c.token_ids): c.cache_key for c in writer.index.chunks()}
         got = early.retrieve(QUESTION, 3)  # before any query of its own
-        assert [c.key for c in got] == [stored[c.token_ids[0:8].__repr__()] for c in got]
+        assert [c.key for c in got] == [stored[tuple(c.token_ids)] for c in got]
         assert early.precompute_many(got) == [False] * 3  # and those entries are there
-    finally:
-        early.index.close()
-        writer.index.close()
 
 
 def test_the_prefix_context_records_no_anchor(rag):

@@ -19,33 +19,39 @@ SHARED = 12  # keys every worker writes
 OWN = 6  # keys only one worker writes
 
 
-def _ingest_worker(root: str, worker: int, start, errors) -> None:
+def _ingest_worker(root: str, worker: int, start) -> None:
     import torch
 
     torch.set_num_threads(1)
     store = make_store(Path(root), memory=None)
     start.wait()
+    for i in range(SHARED + OWN):
+        k = i if i < SHARED else 1000 * (worker + 1) + i
+        # Deterministic content per key, as the same chunk under the same model gives.
+        assert store.put(key(k), kv(n_tokens=16, seed=k), model_fp=FP, layout=LAYOUT,
+                         n_tokens=16)
+        store.index.add_document("shared.md", "", "1" * 64)
+        store.index.add_document(f"own-{worker}.md", "", "2" * 64)
+        assert store.get(key(k), model_fp=FP, layout=LAYOUT) is not None
+
+
+def _reported(worker, root: str, i: int, start, errors) -> None:
+    """``worker(root, i, start)`` in a spawned process; what it raises goes to the parent."""
     try:
-        for i in range(SHARED + OWN):
-            k = i if i < SHARED else 1000 * (worker + 1) + i
-            # Deterministic content per key, as the same chunk under the same model gives.
-            assert store.put(key(k), kv(n_tokens=16, seed=k), model_fp=FP, layout=LAYOUT,
-                             n_tokens=16)
-            store.index.add_document("shared.md", "", "1" * 64)
-            store.index.add_document(f"own-{worker}.md", "", "2" * 64)
-            assert store.get(key(k), model_fp=FP, layout=LAYOUT) is not None
+        worker(root, i, start)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        errors.put(f"worker {worker}: {exc!r}")
+        errors.put(f"worker {i}: {exc!r}")
         raise
 
 
 def _run_at_once(worker, root: Path, n: int = 4) -> None:
-    """``n`` spawned processes run ``worker(root, i, start, errors)`` from one start signal;
-    every one must exit cleanly."""
+    """``n`` spawned processes run ``worker(root, i, start)`` from one start signal; every
+    one must exit cleanly."""
     ctx = mp.get_context("spawn")
     make_store(root).index.close()  # schema first, as ingestion's first open would
     start, errors = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(str(root), w, start, errors)) for w in range(n)]
+    procs = [ctx.Process(target=_reported, args=(worker, str(root), w, start, errors))
+             for w in range(n)]
     for p in procs:
         p.start()
     start.set()
@@ -70,27 +76,23 @@ def test_four_processes_ingesting_at_once(tmp_path):
 ROUNDS = 5  # versions of one document each worker ingests
 
 
-def _version_worker(root: str, worker: int, start, errors) -> None:
+def _version_worker(root: str, worker: int, start) -> None:
     from ragkv.cache_index import CacheIndex
     from ragkv.cache_index.corpus import DocumentGone
     from ragkv.cache_index.models import ChunkRecord
 
     index = CacheIndex(f"sqlite:///{Path(root) / 'index.sqlite'}")
     start.wait()
-    try:
-        for r in range(ROUNDS):  # ingestion's order: the version and its chunks, then older ones
-            tag = f"{worker}-{r}"
-            doc_id, created = index.add_document("doc.md", "", tag.ljust(64, "0"))
-            assert created
-            try:
-                index.add_chunks(doc_id, [ChunkRecord(i, f"{tag}/{i}", [i], key(i))
-                                          for i in range(3)])
-            except DocumentGone:  # a later version went in meanwhile: ingestion stops here
-                continue
-            index.remove_documents("doc.md", before_id=doc_id)
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        errors.put(f"worker {worker}: {exc!r}")
-        raise
+    for r in range(ROUNDS):  # ingestion's order: the version and its chunks, then older ones
+        tag = f"{worker}-{r}"
+        doc_id, created = index.add_document("doc.md", "", tag.ljust(64, "0"))
+        assert created
+        try:
+            index.add_chunks(doc_id, [ChunkRecord(i, f"{tag}/{i}", [i], key(i))
+                                      for i in range(3)])
+        except DocumentGone:  # a later version went in meanwhile: ingestion stops here
+            continue
+        index.remove_documents("doc.md", before_id=doc_id)
 
 
 def test_processes_ingesting_versions_of_one_document_leave_the_latest(tmp_path):
@@ -104,28 +106,24 @@ def test_processes_ingesting_versions_of_one_document_leave_the_latest(tmp_path)
     assert index.corpus_version() is not None
 
 
-def _rechunk_worker(root: str, worker: int, start, errors) -> None:
+def _rechunk_worker(root: str, worker: int, start) -> None:
     from ragkv.cache_index import CacheIndex
     from ragkv.cache_index.models import Chunk, ChunkRecord
 
     index = CacheIndex(f"sqlite:///{Path(root) / 'index.sqlite'}")
     n = 2 + worker  # each process chunks the same document into its own number of chunks
     start.wait()
-    try:
-        for _ in range(ROUNDS * 4):
-            doc_id, _ = index.add_document("doc.md", "", "1" * 64)  # one text: one document
-            index.add_chunks(doc_id, [ChunkRecord(i, f"{worker}/{i}", [worker, i], key(i))
-                                      for i in range(n)])
-            with index.transaction() as s:  # one statement: one snapshot of rows and count
-                rows = s.execute(select(Chunk.text, Document.n_chunks)
-                                 .join(Document, Chunk.document_id == Document.id)
-                                 .where(Document.id == doc_id).order_by(Chunk.ordinal)).all()
-            writer = rows[0].text.split("/")[0]
-            whole = [f"{writer}/{i}" for i in range(2 + int(writer))]
-            assert [t for t, _ in rows] == whole and rows[0].n_chunks == len(whole), rows
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        errors.put(f"worker {worker}: {exc!r}")
-        raise
+    for _ in range(ROUNDS * 4):
+        doc_id, _ = index.add_document("doc.md", "", "1" * 64)  # one text: one document
+        index.add_chunks(doc_id, [ChunkRecord(i, f"{worker}/{i}", [worker, i], key(i))
+                                  for i in range(n)])
+        with index.transaction() as s:  # one statement: one snapshot of rows and count
+            rows = s.execute(select(Chunk.text, Document.n_chunks)
+                             .join(Document, Chunk.document_id == Document.id)
+                             .where(Document.id == doc_id).order_by(Chunk.ordinal)).all()
+        writer = rows[0].text.split("/")[0]
+        whole = [f"{writer}/{i}" for i in range(2 + int(writer))]
+        assert [t for t, _ in rows] == whole and rows[0].n_chunks == len(whole), rows
 
 
 def test_processes_chunking_one_document_differently_leave_one_chunking_whole(tmp_path):

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from test_cli import run, runner
+from test_cli import run, runner, two_docs
 
 from ragkv.cli import app
 
@@ -141,10 +141,7 @@ def test_a_link_inside_a_folder_is_removed_by_its_own_name(tmp_path: Path,
 
 
 def test_ask_reads_the_entries_ingest_stored(tmp_path: Path, tiny_model: Path) -> None:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "a.md").write_text("The assert statement checks a condition.\n\n" * 30)
-    (docs / "b.md").write_text("A with statement wraps a block in a context manager.\n" * 40)
+    docs = two_docs(tmp_path)
     home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
     run("ingest", str(docs), "--context", "prefix", *home)
     out = run("ask", "What does assert do?", "-k", "2", *home)

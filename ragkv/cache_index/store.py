@@ -184,13 +184,7 @@ class KVStore:
         """Remove a foreign entry from every tier; always a miss."""
         log.warning("discarding cache entry %s: %s", entry.key, reason)
         self.ledger.count("corrupt")
-        self.memory_discard(entry.key)
-        try:
-            if self.index.delete_entry(entry.key, blob=entry.blob_name):
-                for _, blobs in self.persistent_tiers():
-                    blobs.delete(entry.blob_name)
-        except Exception as exc:
-            log.warning("could not remove bad cache entry %s: %s", entry.key, exc)
+        self._remove_entry(entry.key, entry.blob_name)
         return self.ledger.miss()
 
     def reject(self, key: str, found: Fetched, reason: str) -> None:
@@ -199,15 +193,21 @@ class KVStore:
         served ``found`` goes, so a good one another process stored meanwhile stays."""
         log.warning("cache entry %s unusable, recomputing: %s", key, reason)
         self.ledger.count("corrupt", found.tier, "corrupt")
-        self.memory_discard(key)
         if found.blob is None:  # a memory hit: its row may name a good copy; a re-put replaces it
-            return
+            self.memory_discard(key)
+        else:
+            self._remove_entry(key, found.blob)
+
+    def _remove_entry(self, key: str, blob: str) -> None:
+        """Forget an entry judged bad, from memory and, if its row still names ``blob`` (not a
+        re-put meanwhile), from the index and every tier; best effort, never raises."""
+        self.memory_discard(key)
         try:
-            if self.index.delete_entry(key, blob=found.blob):
+            if self.index.delete_entry(key, blob=blob):
                 for _, blobs in self.persistent_tiers():
-                    blobs.delete(found.blob)
+                    blobs.delete(blob)
         except Exception as exc:
-            log.warning("could not remove unusable cache entry %s: %s", key, exc)
+            log.warning("could not remove bad cache entry %s: %s", key, exc)
 
     def memory_discard(self, key: str) -> None:
         if self.memory is not None:

@@ -1,0 +1,111 @@
+"""Where a cache lives, on the command line: a home with no cache, a home that is a file or
+cannot be made, a home whose path reads as URL syntax, and cache URLs that are mistyped or
+whose database does not answer; each is one line and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import one_doc, run, runner
+
+from ragkv.cli import app
+
+
+@pytest.mark.parametrize("cmd", [["ask", "q"], ["documents"], ["remove", "doc.md"],
+                                 ["cache", "stats"], ["cache", "verify"],
+                                 ["cache", "gc", "--disk-budget-mb", "1"]])
+def test_a_home_with_no_cache_is_refused_and_left_alone(tmp_path: Path, cmd: list[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped ``--home`` is said so, before any model loads, and no empty cache is made
+    there for the next command to read as the real one."""
+    from ragkv.api import RagKV
+
+    monkeypatch.setattr(RagKV, "__init__", lambda *a, **k: pytest.fail("loaded a model"))
+    typo = tmp_path / "hmoe"
+    result = runner.invoke(app, [*cmd, "--home", str(typo)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert said.startswith(f"error: no ragkv cache at {typo}: nothing was ingested there"), said
+    assert not typo.exists()
+
+
+def test_a_bad_cache_url_is_one_clear_error(tmp_path: Path) -> None:
+    """Cache URLs a user mistyped name the URL and the fix, exit 2, with no traceback."""
+    cases = [(["cache", "stats", "--index-url", "notaurl"], "not a database URL"),
+             (["cache", "verify", "--index-url", "foo://x"], "knows no database 'foo'"),
+             (["cache", "stats", "--blob-url", "nope://x"], "unknown storage nope://"),
+             (["cache", "gc", "--disk-budget-mb", "1", "--blob-url", "nope://y"],
+              "unknown storage nope://"),
+             (["cache", "gc", "--disk-budget-mb", "-5"], "'--disk-budget-mb'")]
+    for args, says in cases:
+        result = runner.invoke(app, [*args, "--home", str(tmp_path)])
+        assert result.exit_code == 2, (args, result.output)
+        assert says in " ".join(result.output.split()), (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_an_index_that_cannot_be_opened_is_one_line_exit_1(tmp_path: Path,
+                                                           tiny_model: Path) -> None:
+    """``cache stats`` and a command that opens the facade (through ``main``, which catches
+    what a command left) on an index URL that names a folder."""
+    import subprocess
+
+    (tmp_path / "folder.sqlite").mkdir()
+    url = f"sqlite:///{tmp_path / 'folder.sqlite'}"
+    result = runner.invoke(app, ["cache", "stats", "--index-url", url, "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "could not be read" in result.output, result.output
+    doc = tmp_path / "doc.md"
+    doc.write_text("Some text to ingest.")
+    argv = ["ragkv", "ingest", str(doc), "--home", str(tmp_path), "--model", str(tiny_model),
+            "--index-url", url]
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ragkv.cli import main; "
+                           f"sys.argv = {argv!r}; main()"], capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "could not be read" in out and "Traceback" not in out, out
+
+
+def test_an_index_server_that_does_not_answer_is_one_line_exit_1(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg")
+    url = "postgresql://ragkv:secret@127.0.0.1:9/ragkv"  # nothing listens on port 9
+    result = runner.invoke(app, ["cache", "stats", "--index-url", url, "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "could not be read" in result.output, result.output
+    assert "secret" not in result.output
+
+
+def test_a_home_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:
+    home = tmp_path / "not-a-folder"
+    home.write_text("")
+    for cmd in (["cache", "stats"], ["ask", "q"], ["cache", "verify"]):
+        result = runner.invoke(app, [*cmd, "--home", str(home)])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "is a file" in said, (cmd, result.output)
+
+
+def test_a_home_whose_path_reads_as_url_syntax_keeps_its_index(tmp_path: Path,
+                                                              tiny_model: Path) -> None:
+    docs = one_doc(tmp_path)
+    for name in ("h?x=1", "h%41", "h#1 2"):
+        home = tmp_path / name
+        run("ingest", str(docs), "--home", str(home), "--model", str(tiny_model))
+        assert (home / "index.sqlite").is_file(), name
+        assert "1 document" in run("documents", "--home", str(home))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "h#1 2", "h%41", "h?x=1"]
+
+
+def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
+    docs = one_doc(tmp_path)
+    (tmp_path / "file").write_text("")
+    under_a_file = tmp_path / "file" / "home"
+    blobs_a_file = tmp_path / "home2"
+    blobs_a_file.mkdir()
+    (blobs_a_file / "blobs").write_text("")
+    for home in (under_a_file, blobs_a_file):
+        result = runner.invoke(app, ["ingest", str(docs), "--home", str(home), "--model",
+                                     str(tiny_model)])
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert result.output.startswith("error: cannot use "), result.output
