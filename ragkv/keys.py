@@ -15,7 +15,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 #: Bumped whenever the stored tensors change meaning or shape.
@@ -45,8 +44,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-        h.update(np.ascontiguousarray(arr).data)
+        # Raw bytes: numpy has no bfloat16 or float8, and a 0-d tensor cannot change its view.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

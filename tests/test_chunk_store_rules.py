@@ -218,6 +218,25 @@ def test_get_or_compute_miss_computes_once_and_stores_back(kvstore):
     assert torch.equal(again.k, kv.k) and torch.equal(again.v, kv.v)
 
 
+@pytest.mark.parametrize(("kv_dtype", "value"), [("float32", float("nan")),
+                                                ("float16", 1e6)])  # fp16 overflows to inf
+def test_kv_with_non_finite_values_is_handed_out_but_not_stored(kvstore, caplog, kv_dtype,
+                                                                 value):
+    """Every read would reject such an entry: it is not written, and a warning says why."""
+    chunks = ChunkStore(kvstore, FP, SHAPE, kv_dtype)
+    kv = _kv()
+    kv.v[1, 0, 2, 3] = value
+    compute = Compute(kv)
+    with caplog.at_level(logging.WARNING):
+        got, tier = chunks.get_or_compute(KEY, 3, compute)
+    assert tier is None and compute.calls == 1 and got.n_tokens == 3
+    assert "non-finite" in caplog.text
+    assert chunks.stored([KEY]) == {KEY: False}
+    assert kvstore.ledger.counters["puts"] == 0
+    chunks.get_or_compute(KEY, 3, compute)
+    assert compute.calls == 2
+
+
 def test_get_or_compute_not_indexed_skips_the_read(kvstore):
     """``indexed=False``: the caller already knows the key is absent, so nothing is read."""
     chunks = ChunkStore(kvstore, FP, SHAPE, "float32")

@@ -157,6 +157,21 @@ def test_fingerprint_covers_every_tensor_dtype_and_modules_without_config():
     assert model_fingerprint(lin) != b
 
 
+
+def test_fingerprint_hashes_dtypes_numpy_lacks_and_changes_with_their_bytes():
+    """float8 and bfloat16 weights (numpy has neither) and 0-d buffers hash by their bytes."""
+    m = _tiny()
+    m.register_buffer("scale", torch.tensor(0.5))
+    m.register_buffer("f8", torch.linspace(-2, 2, 6).to(torch.float8_e4m3fn))
+    m.register_buffer("bf", torch.linspace(-2, 2, 6).to(torch.bfloat16))
+    a = model_fingerprint(m)
+    for name in ("scale", "f8", "bf"):
+        twin = copy.deepcopy(m)
+        buf = getattr(twin, name)
+        buf.reshape(-1).view(torch.uint8)[0] ^= 1
+        assert model_fingerprint(twin) != a, name
+    assert model_fingerprint(copy.deepcopy(m)) == a
+
 ANCHOR = (21, 22, 23)
 
 

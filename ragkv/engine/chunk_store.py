@@ -7,6 +7,7 @@ vLLM's process): both hand in how to compute a span, everything else is here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from ragkv.cache_index.models import ids_sha256
 from ragkv.engine.context_score import context_score
 from ragkv.engine.kv import ChunkKV, torch_dtype
 from ragkv.keys import KV_LAYOUT
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,13 @@ class ChunkStore:
         it (:mod:`ragkv.engine.context_score`), else without one."""
         if reference is not None and kv.score is None:
             kv = self.scored(kv, reference)
-        self.store.put(key, kv.to_tensors(self.read_dtype), model_fp=self.fingerprint,
+        tensors = kv.to_tensors(self.read_dtype)
+        if not ChunkKV(tensors["k"], tensors["v"]).finite():
+            # Every read would reject it: storing it only costs a write and a recompute later.
+            log.warning("not storing KV for %s: it holds non-finite values in %s", key,
+                        self.read_dtype)
+            return
+        self.store.put(key, tensors, model_fp=self.fingerprint,
                        layout=KV_LAYOUT, n_tokens=kv.n_tokens, codec=self.codec,
                        ids_sha256=None if ids is None else ids_sha256(ids))
 

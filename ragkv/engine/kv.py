@@ -72,9 +72,13 @@ class ChunkKV:
             if tuple(score.shape) != (1, n_tokens) or not bool(torch.isfinite(score).all()):
                 raise ValueError("stored context score is malformed")
             kv.score = score.reshape(-1).float()
-        # NaN and inf survive a float32 sum (fp16/bf16 magnitudes cannot overflow it): one
-        # reduction instead of a full boolean pass.
-        if not (torch.isfinite(kv.k.sum(dtype=torch.float32))
-                and torch.isfinite(kv.v.sum(dtype=torch.float32))):
+        if not kv.finite():
             raise ValueError("stored KV holds non-finite values")
         return kv
+
+    def finite(self) -> bool:
+        """Whether K and V hold no NaN or inf."""
+        # NaN and inf survive a float32 sum (fp16/bf16 magnitudes cannot overflow it): one
+        # reduction instead of a full boolean pass.
+        return bool(torch.isfinite(self.k.sum(dtype=torch.float32))
+                    and torch.isfinite(self.v.sum(dtype=torch.float32)))
