@@ -196,6 +196,14 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
             [c for case in cases for c in case["chunks"]], record=False)
     tok = rag.tokenizer
     chunk_ids = [[tokenize_chunk(c, tok) for c in case["chunks"]] for case in cases]
+    first = next(iter(rags.values()))
+    # warm-up on a prompt of its own: first calls pay one-off costs, and a case's prompt
+    # would leave its full prefill in a prefix cache; before the corpus's precompute, so a
+    # setting the model cannot run (a check layer it lacks) is refused before that work
+    warm = [tokenize_chunk("A warm-up chunk that no case shares.", tok)]
+    first.precompute_many(warm)
+    for mode in ("full", "reuse", "blend"):
+        first.generate(warm, "Warm up?", mode=mode, max_new_tokens=2, log_query=False)
     total = sum(map(len, chunk_ids)) * len(rags)
     done = 0
     for r in rags.values():  # ingestion: not timed
@@ -204,13 +212,6 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
             done += len(ids)
             if progress:
                 progress("precompute", done, total)
-    first = next(iter(rags.values()))
-    # warm-up on a prompt of its own: first calls pay one-off costs, and a case's prompt
-    # would leave its full prefill in a prefix cache
-    warm = [tokenize_chunk("A warm-up chunk that no case shares.", tok)]
-    first.precompute_many(warm)
-    for mode in ("full", "reuse", "blend"):
-        first.generate(warm, "Warm up?", mode=mode, max_new_tokens=2, log_query=False)
     records = []
     todo = variants(spec)
     warm_blend = warm_config(spec)

@@ -138,7 +138,8 @@ def _iter_files(paths: list[Path]) -> Iterator[Path]:
         if p.is_dir():
             yield from sorted(
                 f for f in p.rglob("*")
-                if f.suffix.lower() in SUPPORTED_SUFFIXES and (f.is_file() or f.is_symlink())
+                # not only regular files: a pipe or device is reported as skipped, unread
+                if f.suffix.lower() in SUPPORTED_SUFFIXES and (f.is_symlink() or not f.is_dir())
                 and not any(part.startswith(".") for part in f.relative_to(p).parts))
         else:
             yield p  # named explicitly: an unsupported suffix is reported, not ignored

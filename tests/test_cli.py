@@ -196,6 +196,7 @@ def test_demo_on_smollm(tmp_path: Path, smol_path: Path) -> None:
     (["--ratios", "0.1,abc"], "--ratios takes numbers"),
     (["--ratios", "0.1,1.5"], "within [0, 1]"),
     (["--check-layers", "x"], "--check-layers takes whole numbers"),
+    (["--check-layers", "99"], "check layer 99 does not exist"),
     (["--start-factor", "0.5"], "start_factor must be a number >= 1"),
     (["--preselect", "0.5"], "preselect must be a number >= 1"),
     (["--preselect-from", "-3"], "preselect_from must be a whole number"),

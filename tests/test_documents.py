@@ -136,8 +136,9 @@ def test_broken_links_and_pipes_are_skipped_not_read(tmp_path):
     report = load_documents([docs])
     assert [Path(d.name).name for d in report.documents] == ["good.md"]
     assert reasons(report) == {
-        "gone.md": f"broken link (to {tmp_path / 'nowhere.md'}, which does not exist)"}
-    report = load_documents([docs / "pipe.txt"])  # named: reported
+        "gone.md": f"broken link (to {tmp_path / 'nowhere.md'}, which does not exist)",
+        "pipe.txt": "not a regular file"}
+    report = load_documents([docs / "pipe.txt"])  # named
     assert reasons(report) == {"pipe.txt": "not a regular file"}
 
 
