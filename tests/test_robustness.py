@@ -64,6 +64,35 @@ def test_no_prompt_exceeds_the_engines_window(rag, monkeypatch):
     assert ans.trace.to_dict()["left_out"][0]["n_tokens"] == len(chunks[1].token_ids)
 
 
+def test_a_sliding_window_is_where_prompts_are_cut(tmp_path, smol_path):
+    """The fusion attends to every earlier position, so a prompt past a Mistral's sliding
+    window cannot be fused: the facade leaves chunks out as for the model's own window."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from ragkv.engine.vllm.engine import model_window
+
+    torch.manual_seed(0)
+    folder = tmp_path / "mistral"
+    MistralForCausalLM(MistralConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=160,
+        max_position_embeddings=4096)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smol_path).save_pretrained(folder)
+    assert model_window(folder) == 160  # what a vLLM engine for it is started with
+    rag = RagKV(RagkvConfig(home=tmp_path / "home", model=folder, chunk_tokens=48,
+                            precompute_context="prefix"))
+    try:
+        rag.ingest_text("doc", "The assert statement checks a condition and raises. " * 30)
+        chunks = rag.retrieve(QUESTION, 4)
+        assert sum(len(c.token_ids) for c in chunks) > 160
+        for mode in ("full", "blend"):
+            ans = rag.generate(chunks, QUESTION, mode=mode, max_new_tokens=4)
+            assert len(ans.prompt) + 4 <= 160 and ans.trace.left_out, mode
+    finally:
+        rag.close()
+
+
 def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, tiny_model):
     home = ["--home", str(tmp_path), "--model", str(tiny_model)]
     for args, words in ((["ask", ""], "empty"), (["ask", "q", "--policy", "bogus"], "bogus"),

@@ -18,6 +18,14 @@ from ragkv.engine.kernels.reference import sdpa
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
+def sliding_window_of(cfg: object) -> int | None:
+    """The sliding window of a model config, None where attention is full: the longest prompt
+    the fusion can run, since it attends to every earlier position (a Mistral may say so)."""
+    if not getattr(cfg, "use_sliding_window", True):
+        return None
+    return getattr(cfg, "sliding_window", None)
+
+
 class DecoderRunner:
     """What every runner shares: device, length check, embedding, and the attention the blend
     owns (exact mask by position; the kernel set in ``ops``). Variants set ``model``,
@@ -102,8 +110,7 @@ class LlamaFamilyRunner(DecoderRunner):
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.sliding_window = getattr(cfg, "sliding_window", None) if getattr(
-            cfg, "use_sliding_window", True) else None
+        self.sliding_window = sliding_window_of(cfg)
         modeling = sys.modules[type(model).__module__]
         # The model's own helpers, so RoPE variants and conventions stay the model's.
         self._rotate_half = modeling.rotate_half
