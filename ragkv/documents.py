@@ -4,7 +4,7 @@ Rules:
 
 * Formats, by suffix (case-insensitive): ``.txt .md .markdown .rst`` as plain text; ``.html
   .htm`` through BeautifulSoup (script, style, nav and the like dropped; block elements become
-  paragraphs separated by a blank line; ``<pre>`` keeps its line breaks); ``.pdf`` through
+  paragraphs separated by a blank line; ``<pre>`` keeps its line breaks and indentation); ``.pdf`` through
   pypdf (page texts joined by a blank line). HTML and PDF need the ``docs`` extra
   (``pip install 'ragkv[docs]'``); without it such files are skipped with a reason saying so.
 * Plain text is decoded as UTF-8 when it is valid UTF-8, otherwise as charset-normalizer's
@@ -54,6 +54,7 @@ _MAX_CONTROL_RATIO = 0.01
 # Elements whose text is never part of the readable document.
 _HTML_DROP = {"script", "style", "noscript", "template", "nav", "iframe", "svg"}
 # Elements that start a new paragraph in the text.
+_PRE_LINE = "\x00"  # starts a line of <pre> text while HTML is read (never text: dropped)
 _HTML_BLOCKS = {"p", "div", "section", "article", "main", "header", "footer", "aside", "h1", "h2",
                 "h3", "h4", "h5", "h6", "li", "dt", "dd", "tr", "table", "blockquote", "pre",
                 "figure", "figcaption", "title", "hr", "ul", "ol", "dl", "address", "details"}
@@ -239,8 +240,11 @@ def _html_to_text(name: str, data: bytes) -> str:
         if isinstance(node, bs4.element.PreformattedString):
             continue  # comments, doctype, CDATA, processing instructions
         if isinstance(node, bs4.element.NavigableString):
-            # Whitespace in HTML source is layout, not text: a wrapped line is one line.
-            out.append(str(node) if pre else re.sub(r"\s+", " ", node))
+            # Whitespace in HTML source is layout, not text: a wrapped line is one line. In
+            # <pre> it is text: its lines are marked, to keep their indentation below.
+            text = str(node).replace(_PRE_LINE, "")
+            out.append(_PRE_LINE + text.replace("\n", "\n" + _PRE_LINE) if pre
+                       else re.sub(r"\s+", " ", text))
         elif isinstance(node, bs4.element.Tag) and node.name not in _HTML_DROP:
             if node.name == "br":
                 out.append("\n")
@@ -249,7 +253,8 @@ def _html_to_text(name: str, data: bytes) -> str:
                 stack.append(None)
             pre = pre or node.name == "pre"
             stack.extend((child, pre) for child in reversed(node.contents))
-    lines = [line.strip() for line in "".join(out).split("\n")]
+    lines = [line.replace(_PRE_LINE, "").rstrip() if line.startswith(_PRE_LINE)
+             else line.replace(_PRE_LINE, "").strip() for line in "".join(out).split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
 
 

@@ -242,7 +242,11 @@ def test_encrypted_pdf_is_skipped(tmp_path):
 
 def test_html_pre_and_text_after_blocks(bs4):
     doc = load_bytes("p.html", b"<div><p>a</p>tail<pre>x = 1\n  y = 2</pre>after &amp; ok</div>")
-    assert doc.text == "a\n\ntail\n\nx = 1\ny = 2\n\nafter & ok"
+    assert doc.text == "a\n\ntail\n\nx = 1\n  y = 2\n\nafter & ok"
+    # indentation of code kept across inline tags; trailing blanks and NULs are not text
+    doc = load_bytes("c.html", b"<p>  lead\x00  </p><pre>def f():\n    <b>return</b> 1  \n"
+                               b"\tx\x00</pre>\n   <p>  next</p>")
+    assert doc.text == "lead\n\ndef f():\n    return 1\n\tx\n\nnext"
 
 
 def test_document_error_survives_pickling():
