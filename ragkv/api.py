@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from ragkv.anchor_keeper import AnchorKeeper
 from ragkv.cache_index import CacheIndex
 from ragkv.cache_index.corpus import Removal
-from ragkv.chunking import RetrievedChunk
+from ragkv.chunking import RetrievedChunk, tokenizer_identity
 from ragkv.config import ENGINE_SETTINGS, BlendConfig, RagkvConfig
 from ragkv.engine.base import Backend, Generation, GenerationRequest, NextToken
 from ragkv.prompt import AssembledPrompt, PromptTemplate, check_question, require_str
@@ -149,6 +149,7 @@ class RagKV:
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
         self._embedder = None
         self._kv_store: KVStore | None = None  # for removals (built lazily)
+        self._tokenizer_identity: str | None = None
         self._anchor = AnchorKeeper(self.config, self.index, self.backend)
 
     def with_config(self, **changes) -> RagKV:
@@ -181,6 +182,13 @@ class RagKV:
     @property
     def template(self):
         return self.backend.template
+
+    @property
+    def tokenizer_identity(self) -> str:
+        """:func:`ragkv.chunking.tokenizer_identity` of the engine's tokenizer (hashed once)."""
+        if self._tokenizer_identity is None:
+            self._tokenizer_identity = tokenizer_identity(self.tokenizer)
+        return self._tokenizer_identity
 
     @property
     def fingerprint(self) -> str:

@@ -9,6 +9,8 @@ that is exactly what gets prefilled and cached: a cached chunk must not depend o
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import operator
 import re
 from collections.abc import Mapping
@@ -82,6 +84,19 @@ def shown(value: object) -> str:
     """A short description of a value handed in by mistake: its type and the start of it."""
     text = repr(value)
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """SHA-256 of what a text's token ids depend on: a fast tokenizer's whole definition
+    (normalizer, pre-tokenizer, vocabulary, merges, added tokens), else its vocabulary. Two
+    tokenizers with one identity give every text the same ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str()
+    else:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        payload = json.dumps([type(tokenizer).__name__, sorted(vocab.items())])
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def tokenize_chunk(text: str, tokenizer: Any) -> list[int]:

@@ -218,6 +218,9 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
     the same file had before (an earlier version, removed once the new one is in)."""
     computed = tokens = replaced = superseded = 0
     busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
+    from ragkv.ingest import require_own_tokenizer
+
+    require_own_tokenizer(rag)  # before a passage is picked for a corpus it cannot add to
     rag.choose_anchor([text for _, text in docs])  # from all of them, not the first alone
     with progress_bar(TextColumn("{task.fields[rate]}")) as bar:
         task = bar.add_task("ingesting", total=len(docs), rate="")

@@ -4,8 +4,8 @@ Rules:
 
 * Formats, by suffix (case-insensitive): ``.txt .md .markdown .rst`` as plain text; ``.html
   .htm`` through BeautifulSoup (script, style, nav and the like dropped; block elements become
-  paragraphs separated by a blank line; ``<pre>`` keeps its line breaks and indentation); ``.pdf`` through
-  pypdf (page texts joined by a blank line). HTML and PDF need the ``docs`` extra
+  paragraphs separated by a blank line; ``<pre>`` keeps its line breaks and indentation);
+  ``.pdf`` through pypdf (page texts joined by a blank line). HTML and PDF need the ``docs`` extra
   (``pip install 'ragkv[docs]'``); without it such files are skipped with a reason saying so.
 * Plain text is decoded as UTF-8 when it is valid UTF-8, otherwise as charset-normalizer's
   best guess; when that guess is a tie the Windows-1252 family wins (the usual legacy encoding

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ragkv.cache_index.corpus import DocumentGone, Removal
+from ragkv.cache_index.corpus import TOKENIZER_SETTING, DocumentGone, ForeignTokenizer, Removal
 from ragkv.cache_index.models import ChunkRecord, ids_sha256
-from ragkv.chunking import RetrievedChunk, chunk_text
+from ragkv.chunking import RetrievedChunk, chunk_text, tokenize_chunk
 
 if TYPE_CHECKING:
     from ragkv.cache_index import CacheIndex, KVStore
@@ -23,6 +23,8 @@ class Ingesting(Protocol):
     config: RagkvConfig
     index: CacheIndex
     tokenizer: Any
+    #: :func:`ragkv.chunking.tokenizer_identity` of ``tokenizer``
+    tokenizer_identity: str
     _retrieval: Any
     _embedder: Any
 
@@ -59,6 +61,13 @@ class IngestResult:
     superseded: bool = False
 
 
+def require_own_tokenizer(rag: Ingesting) -> None:
+    """:class:`ForeignTokenizer` unless the corpus is empty or was tokenized by ``rag``'s
+    tokenizer: stored ids are text only to the tokenizer that made them."""
+    if rag.index.setting(TOKENIZER_SETTING) not in (None, rag.tokenizer_identity):
+        raise ForeignTokenizer()
+
+
 def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
                 progress: Progress | None = None) -> IngestResult:
     """Chunk, embed, record and precompute one document. Idempotent on (name, text); a new
@@ -71,6 +80,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         raise ValueError(f"document {name!r} is empty")
     sha = hashlib.sha256(text.encode()).hexdigest()
     index = rag.index
+    require_own_tokenizer(rag)  # before anything is written (and again as chunks are)
     doc_id, created = index.add_document(name, source or name, sha)
     infos = [] if created else index.chunks(document_id=doc_id)  # not every chunk: a rerun
     if not infos:  # new, or recorded by a run that stopped before its chunks were
@@ -83,7 +93,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
                                vector_to_bytes(vec))
                    for i, (c, vec) in enumerate(zip(chunks, vectors, strict=True))]
         try:
-            ids = index.add_chunks(doc_id, records)
+            ids = index.add_chunks(doc_id, records, rag.tokenizer_identity)
         except DocumentGone:  # another process recorded a later version meanwhile: it stays
             return IngestResult(doc_id, name, 0, 0, created, 0, superseded=True)
         infos = index.chunks(ids)
@@ -158,6 +168,9 @@ class _Retrieval:
         # embedding is (SQLite gives a new row the id of the last one removed)
         self.marks = {i: _mark(e) for i, e in zip(ids, embeddings, strict=True)}
         self.faiss = build_retriever(ids, embeddings)
+        # chunks tokenized by another model's tokenizer (a home shared by two models): their
+        # stored ids would be other tokens here, so their text is tokenized again
+        self.retokenize = rag.index.setting(TOKENIZER_SETTING) not in (None, rag.tokenizer_identity)
 
 
 def _embedder(rag: Ingesting):
@@ -190,8 +203,11 @@ def retrieve(rag: Ingesting, question: str, k: int) -> list[RetrievedChunk]:
         if rag.index.corpus_version() == rag._retrieval.version:
             break
     # (after as many changes in a row, a chunk removed or replaced meanwhile is left out)
-    marks = rag._retrieval.marks
-    return [RetrievedChunk(c.token_ids, rag.key_for(c.token_ids), c.text, c.id,
-                           c.document_name, score)
-            for i, score in hits
-            if (c := infos.get(i)) is not None and _mark(c.embedding) == marks.get(i)]
+    marks, retokenize = rag._retrieval.marks, rag._retrieval.retokenize
+    found = [(c, score) for i, score in hits
+             if (c := infos.get(i)) is not None and _mark(c.embedding) == marks.get(i)]
+    out = []
+    for c, score in found:
+        ids = tokenize_chunk(c.text, rag.tokenizer) if retokenize else c.token_ids
+        out.append(RetrievedChunk(ids, rag.key_for(ids), c.text, c.id, c.document_name, score))
+    return out

@@ -28,6 +28,10 @@ from ragkv.cache_index.models import (
     utcnow,
 )
 
+#: The setting that names the tokenizer the corpus's chunks were tokenized with
+#: (:func:`ragkv.chunking.tokenizer_identity`): their stored ids are text only to it.
+TOKENIZER_SETTING = "corpus_tokenizer"
+
 #: The setting that names the corpus's current version: a new value whenever chunks are added
 #: or removed, so a process holding a retrieval index knows to rebuild it.
 CORPUS_VERSION = "corpus_version"
@@ -67,6 +71,15 @@ class DocumentGone(KeyError):
     it (or it was removed outright), so this version's ingestion has nothing left to do."""
 
 
+class ForeignTokenizer(ValueError):
+    """The corpus's chunks were tokenized by another tokenizer than the one adding to it: one
+    corpus holds one tokenizer's ids."""
+
+    def __init__(self) -> None:
+        super().__init__("this cache's documents were chunked by another model's tokenizer; "
+                         "ingest into another home (--home), or remove them first")
+
+
 class CorpusRows(IndexDatabase):
     """Documents and chunks; every method is its own short transaction."""
 
@@ -99,8 +112,11 @@ class CorpusRows(IndexDatabase):
                 raise
             return found, False
 
-    def add_chunks(self, document_id: int, chunks: list[ChunkRecord]) -> list[int]:
+    def add_chunks(self, document_id: int, chunks: list[ChunkRecord],
+                   tokenizer: str | None = None) -> list[int]:
         """Record ``chunks`` as the document's whole chunking; their ids, in the order given.
+        ``tokenizer``: the identity of the tokenizer that made their ids, recorded for the
+        corpus by its first chunking; another is :class:`ForeignTokenizer`.
 
         An existing ordinal is updated rather than skipped, ordinals not given go, and the
         document's chunk count is set, all in one transaction that first locks the document's
@@ -117,6 +133,12 @@ class CorpusRows(IndexDatabase):
                                .values(n_chunks=len(chunks)))
             if locked.rowcount == 0:
                 raise DocumentGone(document_id)
+            if tokenizer is not None:
+                recorded = s.get(Setting, TOKENIZER_SETTING)
+                if recorded is None:
+                    upsert_setting(s, TOKENIZER_SETTING, tokenizer)
+                elif recorded.value != tokenizer:
+                    raise ForeignTokenizer()
             existing = {
                 c.ordinal: c
                 for c in s.scalars(select(Chunk).where(Chunk.document_id == document_id))
@@ -147,8 +169,8 @@ class CorpusRows(IndexDatabase):
         The KV entries of their chunks go in the same transaction, unless a chunk left (of any
         document) has the same token ids: entries are content-addressed and shared. Entries
         stored by another process after this are left to the budgets' eviction. A removal
-        that leaves no chunk also forgets the corpus anchor passage, so the next ingestion
-        picks one from the new corpus, as into a new cache."""
+        that leaves no chunk also forgets the corpus anchor passage and tokenizer, so the next
+        ingestion picks them for the new corpus, as into a new cache."""
         with self.transaction() as s:
             query = select(Document.id).where(Document.name == name)
             if before_id is not None:
@@ -162,7 +184,8 @@ class CorpusRows(IndexDatabase):
             s.execute(delete(Document).where(Document.id.in_(doc_ids)))
             _new_corpus_version(s)
             if s.scalar(select(Chunk.id).limit(1)) is None:
-                s.execute(delete(Setting).where(Setting.name == ANCHOR_SETTING))
+                s.execute(delete(Setting).where(Setting.name.in_((ANCHOR_SETTING,
+                                                                  TOKENIZER_SETTING))))
             return Removal(len(doc_ids), _unreferenced_entries(s, digests))
 
     def chunk_digests(self, ids: list[int]) -> set[str]:
