@@ -3,6 +3,7 @@ shared (``--index-url`` / ``--blob-url``)."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -64,6 +65,8 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
     """Read every stored blob: checksum, framing, metadata; remove bad entries and orphans."""
     from ragkv.cache_index import verify
 
+    if not math.isfinite(grace_s) or grace_s < 0:  # NaN would leave no put in flight alone
+        fail(f"--grace-s must be a number of seconds >= 0, got {grace_s}")
     require_cache(home, index_url, blob_url)
     with cache_errors(), progress_bar() as bar:
         task = bar.add_task("reading blobs", total=None)
@@ -102,6 +105,8 @@ def cache_gc(home: Home = default_home(), remote: Remote = None,
     """Evict lowest-priority entries until each tier fits its budget."""
     if disk_budget_mb is None and remote_budget_mb is None:
         fail("give --disk-budget-mb and/or --remote-budget-mb")
+    if remote_budget_mb is not None and remote is None:  # there would be no tier to apply it to
+        fail("--remote-budget-mb needs --remote (the remote tier's URL)")
     require_cache(home, index_url, blob_url)
     with cache_errors():
         store = open_store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)

@@ -126,6 +126,16 @@ def cache_errors() -> Iterator[None]:
         fail(index_failure(exc), code=1)
     except OSError as exc:  # a home or blob folder that cannot be created or read
         fail(f"cannot use {exc.filename or 'the cache'}: {exc.strerror or exc}")
+    except ImportError as exc:  # a storage URL whose client is an extra not installed
+        fail(first_line(exc))
+    except typer.Exit:
+        raise
+    except Exception as exc:  # a storage client's own error (Redis, S3): not an OSError
+        fail(f"the cache's storage failed: {type(exc).__name__}: {first_line(exc)}", code=1)
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def count(n: int, one: str, many: str | None = None) -> str:

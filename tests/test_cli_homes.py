@@ -38,7 +38,10 @@ def test_a_bad_cache_url_is_one_clear_error(tmp_path: Path) -> None:
              (["cache", "stats", "--blob-url", "nope://x"], "unknown storage nope://"),
              (["cache", "gc", "--disk-budget-mb", "1", "--blob-url", "nope://y"],
               "unknown storage nope://"),
-             (["cache", "gc", "--disk-budget-mb", "-5"], "'--disk-budget-mb'")]
+             (["cache", "gc", "--disk-budget-mb", "-5"], "'--disk-budget-mb'"),
+             (["cache", "gc", "--remote-budget-mb", "0"], "--remote-budget-mb needs --remote"),
+             (["cache", "verify", "--grace-s", "nan"], "--grace-s must be a number"),
+             (["cache", "verify", "--grace-s", "-1"], "--grace-s must be a number")]
     for args, says in cases:
         result = runner.invoke(app, [*args, "--home", str(tmp_path)])
         assert result.exit_code == 2, (args, result.output)
@@ -74,6 +77,45 @@ def test_an_index_server_that_does_not_answer_is_one_line_exit_1(tmp_path: Path)
     result = runner.invoke(app, ["cache", "stats", "--index-url", url, "--home", str(tmp_path)])
     assert result.exit_code == 1 and "could not be read" in result.output, result.output
     assert "secret" not in result.output
+
+
+class _DownFS:
+    """A blob store whose client raises its own error, as Redis's and S3's do (not OSError)."""
+
+    class Refused(Exception):
+        pass
+
+    @classmethod
+    def register(cls) -> None:
+        import fsspec
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        class Down(MemoryFileSystem):
+            protocol = "ragkvdown"
+
+            def __getattribute__(self, name: str):
+                if name in ("exists", "find", "ls", "info", "cat_file", "pipe_file", "rm_file"):
+                    raise cls.Refused("Error 111 connecting to the store. Connection refused.")
+                return super().__getattribute__(name)
+
+        fsspec.register_implementation("ragkvdown", Down, clobber=True)
+
+
+@pytest.mark.parametrize("cmd", [["cache", "stats"], ["cache", "verify"],
+                                 ["cache", "gc", "--disk-budget-mb", "1"]])
+def test_a_store_that_does_not_answer_or_needs_a_client_is_one_line(tmp_path: Path,
+                                                                     cmd: list[str]) -> None:
+    _DownFS.register()
+    if cmd[1] != "gc":  # (gc reads no blob of an empty index)
+        result = runner.invoke(app, [*cmd, "--home", str(tmp_path), "--blob-url",
+                                     "ragkvdown://b"])
+        assert result.exit_code == 1, result.output
+        assert "storage failed: Refused: Error 111" in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    result = runner.invoke(app, [*cmd, "--home", str(tmp_path), "--index-url",
+                                 "mysql://u@localhost/db"])
+    assert result.exit_code == 2 and "needs its database driver installed" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 def test_a_home_that_is_a_file_is_one_clear_error(tmp_path: Path) -> None:

@@ -19,7 +19,12 @@ from services_cases import PG_URL, fresh_database
 from sqlalchemy import create_engine, inspect, text
 
 from ragkv.cache_index import SCHEMA_VERSION, CacheIndex
-from ragkv.cache_index.migrate import alembic_config, current_revision, head_revision
+from ragkv.cache_index.migrate import (
+    UnknownSchema,
+    alembic_config,
+    current_revision,
+    head_revision,
+)
 from ragkv.cache_index.models import Base
 
 BACKENDS = [
@@ -198,6 +203,27 @@ def test_schema_4_digests_existing_chunks_and_the_entries_they_name(db_url: str)
         assert [e.key for e in removal.entries] == ["k1"]
     finally:
         index.close()
+
+
+def test_a_newer_releases_database_is_refused_untouched_in_one_line(tmp_path: Path) -> None:
+    """A shared index migrated by a newer ragkv: this release cannot know its schema."""
+    from typer.testing import CliRunner
+
+    from ragkv.cli import app
+
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    CacheIndex(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(UnknownSchema, match="schema revision 9999.*a newer ragkv made it"):
+        CacheIndex(url)
+    assert _revision(url) == "9999"
+    for args in (["cache", "stats"], ["cache", "verify"], ["documents"]):
+        out = CliRunner().invoke(app, [*args, "--home", str(tmp_path)])
+        assert out.exit_code == 2 and "a newer ragkv made it" in out.output, (args, out.output)
+        assert out.output.count("error:") == 1 and "Traceback" not in out.output
 
 
 def test_racing_openers_of_a_fresh_file_all_succeed(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ class BlobStore:
         self.url = url
         if "://" in url:
             scheme = url.split("://", 1)[0]
-            if scheme not in fsspec.available_protocols():
+            if scheme not in fsspec.available_protocols() and scheme not in fsspec.registry:
                 raise ValueError(f"blob URL {url!r}: unknown storage {scheme}:// (give a "
                                  f"folder, or a file://, s3:// or redis:// URL)")
             try:

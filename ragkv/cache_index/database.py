@@ -69,7 +69,7 @@ def make_engine(url: str) -> Engine:
                              f"sqlite:// or postgresql://)") from None
         except ImportError as exc:  # the driver is an optional extra
             extra = "postgres" if parsed.get_backend_name() == "postgresql" else None
-            hint = f"pip install 'ragkv[{extra}]'" if extra else "install its database driver"
+            hint = f"pip install 'ragkv[{extra}]'" if extra else "its database driver installed"
             raise ImportError(f"index URL {parsed.drivername}:// needs {hint}: {exc}") from exc
     database = parsed.database or ""
     in_memory = database in ("", ":memory:") or "mode=memory" in database

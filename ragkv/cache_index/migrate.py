@@ -58,6 +58,21 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
     return cfg
 
 
+class UnknownSchema(ValueError):
+    """The database has a schema this release does not know: a newer ragkv made it."""
+
+    def __init__(self, found: str) -> None:
+        super().__init__(f"the cache index has schema {found}, which this ragkv does not know "
+                         f"(it knows up to {head_revision()}): a newer ragkv made it; upgrade "
+                         f"ragkv to use it")
+
+
+@lru_cache(maxsize=1)
+def known_revisions() -> frozenset[str]:
+    return frozenset(r.revision for r in
+                     ScriptDirectory.from_config(alembic_config()).walk_revisions())
+
+
 @lru_cache(maxsize=1)
 def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -81,14 +96,17 @@ def _legacy_revision(conn: Connection) -> str | None:
         version = int(found) if found is not None else 1
     known = [v for v in LEGACY_REVISIONS if v <= version]
     if not known:
-        raise RuntimeError(f"index has unknown schema_version {version}")
+        raise UnknownSchema(f"version {version}")
     return LEGACY_REVISIONS[max(known)]
 
 
 def _upgrade_once(engine: Engine) -> None:
     with engine.connect() as conn:
-        if current_revision(conn) == head_revision():
-            return  # the usual case, without taking any lock
+        current = current_revision(conn)
+    if current == head_revision():
+        return  # the usual case, without taking any lock
+    if current is not None and current not in known_revisions():
+        raise UnknownSchema(f"revision {current}")  # refused before any lock or change
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
