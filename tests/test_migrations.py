@@ -136,8 +136,11 @@ def test_pre_migration_schema_1_database_is_upgraded_without_loss(db_url: str) -
         assert index.schema_version == SCHEMA_VERSION
         entry = index.get_entry("k1")
         assert entry is not None and entry.hits == 7 and entry.nbytes == 100
-        # Columns added later are filled with their defaults, not left NULL.
-        assert entry.on_disk is True and entry.on_remote is False and entry.priority == 0.0
+        # Columns added later are filled with their defaults, not left NULL; the priority as
+        # PGDSF scores the entry (8 accesses of 5 tokens in 100 bytes), or every entry from
+        # before the migration would be evicted before any stored after it
+        assert entry.on_disk is True and entry.on_remote is False
+        assert entry.priority == pytest.approx(8 * 5 / 100)
         assert [d.name for d in index.documents()] == ["a.md"]
     finally:
         index.close()

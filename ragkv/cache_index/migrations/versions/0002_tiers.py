@@ -37,6 +37,10 @@ def upgrade() -> None:
             sa.Column("on_remote", sa.Boolean(), nullable=False, server_default=sa.false())
         )
         batch.create_index("ix_kv_entries_priority", ["priority"], unique=False)
+    # Rows carried over are scored as the default policy (PGDSF, clock 0) would have scored
+    # them: at 0 every one, however often read, would be evicted before any entry stored after.
+    op.execute("UPDATE kv_entries SET priority = (hits + 1) * n_tokens * 1.0 / nbytes"
+               " WHERE nbytes > 0")
 
 
 def downgrade() -> None:
