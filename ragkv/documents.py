@@ -4,19 +4,21 @@ Rules:
 
 * Formats, by suffix (case-insensitive): ``.txt .md .markdown .rst`` as plain text; ``.html
   .htm`` through BeautifulSoup (script, style, nav and the like dropped; block elements become
-  paragraphs separated by a blank line; ``<pre>`` keeps its line breaks and indentation);
-  ``.pdf`` through pypdf (page texts joined by a blank line). HTML and PDF need the ``docs`` extra
-  (``pip install 'ragkv[docs]'``); without it such files are skipped with a reason saying so.
-* Plain text is decoded as UTF-8 when it is valid UTF-8, otherwise as charset-normalizer's
-  best guess; when that guess is a tie the Windows-1252 family wins (the usual legacy encoding
-  of Western documents). Bytes that no encoding fits, or whose decoding has more than 1 % of
-  control characters, are "not text" (binary) and skipped.
+  paragraphs separated by a blank line, table cells by a space; ``<pre>`` keeps its line breaks
+  and indentation); ``.pdf`` through pypdf (page texts joined by a blank line). HTML and PDF
+  need the ``docs`` extra (``pip install 'ragkv[docs]'``); without it such files are skipped
+  with a reason saying so.
+* Plain text is decoded by :mod:`ragkv.text_decoding`: UTF-8 (stray non-UTF-8 bytes in a
+  UTF-8 file read as Windows-1252), else charset-normalizer's guess, Windows-1252 preferred
+  where it fits about as well; an HTML page without a declared charset the same way. Text
+  with more than 1 % of control characters, in any format, is "not text" (binary).
 * Every text is normalised: BOM dropped, ``\\r\\n``/``\\r`` → ``\\n``, surrounding
   whitespace stripped. ``LoadedDocument.sha256`` is of that normalised text.
 * Skipped with a one-line reason: an explicitly named file with an unsupported suffix, a file
-  over ``max_bytes`` (default 20 MiB, checked before reading), binary data, an unreadable
-  file, a malformed or encrypted PDF, a document with no text, and a file whose normalised
-  text equals an earlier one's ("duplicate of <first path>").
+  over ``max_bytes`` (default 20 MiB, checked before reading), binary data, a compressed
+  file, an unreadable file, a file whose name is not UTF-8, a malformed or encrypted PDF, a
+  document with no visible text, and a file whose normalised text equals an earlier one's
+  ("duplicate of <first path>").
 * Bad files never stop the others. ``strict=True`` raises :class:`DocumentError` at the first
   bad file instead; duplicates are not bad files (still only skipped, even when strict).
 * Folders are walked recursively in sorted order, taking only supported suffixes and ignoring
@@ -34,11 +36,14 @@ import io
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+
+from ragkv.text_decoding import NotText, decode_text, looks_binary
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 HTML_SUFFIXES = (".html", ".htm")
@@ -47,14 +52,15 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = TEXT_SUFFIXES + HTML_SUFFIXES + PDF_SUFFIX
 DEFAULT_MAX_BYTES = 20 * 2**20
 EXTRA_HINT = "pip install 'ragkv[docs]'"
 
-# C0 controls except \t \n \v \f \r, DEL, and C1 controls: frequent in decoded binary data,
-# rare in real text (a stray form feed or DOS end-of-file mark stays under the threshold).
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
-_MAX_CONTROL_RATIO = 0.01
+# gzip, zip, 7z, xz, zstd: an archive saved under a text suffix (a page saved compressed)
+_COMPRESSED = (b"\x1f\x8b", b"PK\x03\x04", b"7z\xbc\xaf\x27\x1c", b"\xfd7zXZ\x00",
+               b"\x28\xb5\x2f\xfd")
+_DECLARES_CHARSET = re.compile(rb"<meta[^>]*charset|<\?xml[^>]*encoding|^\xef\xbb\xbf|^\xff\xfe"
+                               rb"|^\xfe\xff", re.IGNORECASE)
 # Elements whose text is never part of the readable document.
 _HTML_DROP = {"script", "style", "noscript", "template", "nav", "iframe", "svg"}
-# Elements that start a new paragraph in the text.
 _PRE_LINE = "\x00"  # starts a line of <pre> text while HTML is read (never text: dropped)
+# Elements that start a new paragraph in the text.
 _HTML_BLOCKS = {"p", "div", "section", "article", "main", "header", "footer", "aside", "h1", "h2",
                 "h3", "h4", "h5", "h6", "li", "dt", "dd", "tr", "table", "blockquote", "pre",
                 "figure", "figcaption", "title", "hr", "ul", "ol", "dl", "address", "details"}
@@ -111,6 +117,9 @@ def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_
             continue
         seen.add(name)
         try:
+            if not name.isprintable() and _undecodable(name):
+                name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                raise DocumentError(name, "its name is not UTF-8 text: rename the file")
             doc = _load_file(path, max_bytes)
         except DocumentError as exc:
             if strict:
@@ -124,6 +133,15 @@ def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_
         first_with[doc.sha256] = name
         report.documents.append(doc)
     return report
+
+
+def _undecodable(name: str) -> bool:
+    """Whether a path holds bytes that are not UTF-8 (as Python's surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def load_bytes(name: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> LoadedDocument:
@@ -170,6 +188,8 @@ def _check_size(name: str, size: int, max_bytes: int) -> None:
 
 
 def _extract(name: str, suffix: str, data: bytes) -> LoadedDocument:
+    if data.startswith(_COMPRESSED):
+        raise DocumentError(name, "compressed (gzip, zip or another archive): extract it first")
     if suffix in TEXT_SUFFIXES:
         fmt, text = "text", _decode_text(name, data)
     elif suffix in HTML_SUFFIXES:
@@ -178,8 +198,10 @@ def _extract(name: str, suffix: str, data: bytes) -> LoadedDocument:
         fmt, text = "pdf", _pdf_to_text(name, data)
     else:
         raise DocumentError(name, f"unsupported format {suffix or '(no suffix)'}")
+    if fmt != "text" and looks_binary(text):  # (plain text was checked as it was decoded)
+        raise DocumentError(name, "not text (binary data)")
     text = _normalise(text)
-    if not text:
+    if not any(ch.isprintable() and not ch.isspace() for ch in text):  # zero-width only too
         raise DocumentError(name, "empty (no text after extraction)")
     return LoadedDocument(name, text, hashlib.sha256(text.encode()).hexdigest(), fmt)
 
@@ -190,27 +212,11 @@ def _normalise(text: str) -> str:
 
 
 def _decode_text(name: str, data: bytes) -> str:
-    """Bytes of a plain-text file → str, or DocumentError("not text ...") for binary data."""
+    """Bytes of a plain-text file → str (:mod:`ragkv.text_decoding`), or DocumentError."""
     try:
-        # Valid UTF-8 with non-ASCII bytes is almost never another encoding by accident, and
-        # this skips the detector for the common case.
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        from charset_normalizer import from_bytes
-
-        matches = list(from_bytes(data))
-        if not matches:
-            raise DocumentError(name, "not text (no character encoding fits)") from None
-        best = matches[0]
-        # On short texts the detector often ties many single-byte encodings and then picks
-        # the alphabetically first one (cp1250 turns "crème" into "crčme"); a tie means no
-        # evidence, so prefer the most common legacy encoding of documents.
-        tied = [m for m in matches if (m.chaos, m.coherence) == (best.chaos, best.coherence)]
-        best = next((m for m in tied if "cp1252" in m.could_be_from_charset), best)
-        text = str(best)
-    if text and len(_CONTROL.findall(text)) > _MAX_CONTROL_RATIO * len(text):
-        raise DocumentError(name, "not text (binary data)")
-    return text
+        return decode_text(data)
+    except NotText as exc:
+        raise DocumentError(name, str(exc)) from None
 
 
 def _optional(name: str, module: str, package: str, what: str) -> ModuleType:
@@ -223,9 +229,18 @@ def _optional(name: str, module: str, package: str, what: str) -> ModuleType:
 
 def _html_to_text(name: str, data: bytes) -> str:
     bs4 = _optional(name, "bs4", "beautifulsoup4", "HTML")
-    # Given bytes, BeautifulSoup detects the encoding itself and honours <meta charset>.
-    # html.parser is in the standard library: no compiled parser needed.
-    soup = bs4.BeautifulSoup(data, "html.parser")
+    # A page that declares its charset is handed over as bytes (BeautifulSoup honours the
+    # declaration); one that does not is decoded as plain text is, since BeautifulSoup's own
+    # guess reads Windows-1252 pages as cp1250. html.parser is in the standard library.
+    markup: bytes | str = data
+    if not _DECLARES_CHARSET.search(data[:4096]):
+        try:
+            markup = decode_text(data)
+        except NotText:
+            pass  # binary: said after extraction
+    with warnings.catch_warnings():  # a page whose text looks like a URL or a file name
+        warnings.simplefilter("ignore", bs4.MarkupResemblesLocatorWarning)
+        soup = bs4.BeautifulSoup(markup, "html.parser")
     # One walk over the tree, without changing it: bs4's insert/replace look nodes up in
     # their parent's child list, which turns a tree rewrite quadratic on large flat pages.
     # The stack holds (node, inside <pre>); None marks a block's end (a paragraph break).
@@ -248,6 +263,8 @@ def _html_to_text(name: str, data: bytes) -> str:
         elif isinstance(node, bs4.element.Tag) and node.name not in _HTML_DROP:
             if node.name == "br":
                 out.append("\n")
+            elif node.name in ("td", "th"):  # a row's cells, apart (minified tables glued them)
+                out.append(" ")
             elif node.name in _HTML_BLOCKS:
                 out.append("\n\n")
                 stack.append(None)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
 import pickle
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,14 @@ def bs4():
     ("Привет, как дела? Это тест.".encode("cp1251"), "Привет, как дела? Это тест."),
     ("UTF-16 wörld\r\nline two\r\n".encode("utf-16"), "UTF-16 wörld\nline two"),
     (b"windows\r\nlines\rold mac\n\n  ", "windows\nlines\nold mac"),
+    # the detector prefers cp1250 / cp437 here, not by a tie: cp1252 fits as well
+    ("Crème brûlée. Ünïcödé — “quoted”, €5.".encode("cp1252"),
+     "Crème brûlée. Ünïcödé — “quoted”, €5."),
+    ('He said “hello” — and paid €5.'.encode("cp1252"), 'He said “hello” — and paid €5.'),
+    # UTF-8 with one pasted Windows-1252 byte: still UTF-8, that byte read as cp1252 (the
+    # whole file was read in a Japanese code page)
+    ("Le café est très bon. ".encode() * 5 + b"It\x92s 10\xa0EUR.",
+     "Le café est très bon. " * 5 + "It’s 10\xa0EUR."),
 ])
 def test_text_encodings_are_detected_and_normalised(tmp_path, data, expected):
     report = load_documents([write(tmp_path / "doc.txt", data)])
@@ -69,11 +79,34 @@ def test_text_encodings_are_detected_and_normalised(tmp_path, data, expected):
     b"\x00" * 1000,
     b"text\x00with\x01many\x02control\x03chars\x04" * 20,
 ])
-def test_binary_data_with_a_text_suffix_is_skipped_as_not_text(tmp_path, data):
+@pytest.mark.parametrize("suffix", [".txt", ".html"])
+def test_binary_data_with_a_text_suffix_is_skipped_as_not_text(tmp_path, data, suffix):
+    if suffix == ".html":
+        pytest.importorskip("bs4")
     good = write(tmp_path / "good.md", "# fine")
-    report = load_documents([write(tmp_path / "junk.txt", data), good])
+    report = load_documents([write(tmp_path / f"junk{suffix}", data), good])
     assert list(texts(report)) == ["good.md"]
-    assert reasons(report)["junk.txt"].startswith("not text")
+    # (NULs alone leave an HTML page without text: empty)
+    assert reasons(report)[f"junk{suffix}"].startswith(("not text", "empty"))
+
+
+def test_compressed_files_are_skipped_saying_so(tmp_path, bs4):
+    page = gzip.compress(b"<html><body><p>" + b"A page saved compressed. " * 50 + b"</p>")
+    report = load_documents([write(tmp_path / "page.html", page),
+                             write(tmp_path / "notes.txt", gzip.compress(b"notes " * 99))])
+    assert set(reasons(report).values()) == {
+        "compressed (gzip, zip or another archive): extract it first"}
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_the_others_read(tmp_path):
+    docs = tmp_path / "docs"
+    write(docs / "a.txt", "first")
+    bad = os.fsdecode(b"b_bad\xff.txt")  # a surrogate escape, as Python lists such a name
+    write(docs / bad, "second")
+    write(docs / "c.txt", "third")
+    report = load_documents([docs])
+    assert sorted(texts(report)) == ["a.txt", "c.txt"]
+    assert reasons(report) == {"b_bad\ufffd.txt": "its name is not UTF-8 text: rename the file"}
 
 
 def test_html_keeps_readable_text_and_paragraphs(tmp_path, bs4):
@@ -179,9 +212,13 @@ def test_duplicates_by_normalised_content(tmp_path):
 def test_empty_documents_are_skipped(tmp_path, bs4):
     report = load_documents([write(tmp_path / "empty.txt", b""),
                              write(tmp_path / "blank.md", " \n\r\n\t"),
-                             write(tmp_path / "bare.html", "<script>only()</script>")])
+                             write(tmp_path / "bare.html", "<script>only()</script>"),
+                             write(tmp_path / "zw.txt", "\u200b\u200c\u200d\ufeff \n"),
+                             write(tmp_path / "ctl.html", b"<p>\x06\x14</p>")])
     assert report.documents == []
-    assert set(reasons(report).values()) == {"empty (no text after extraction)"}
+    said = reasons(report)
+    assert said.pop("ctl.html") == "not text (binary data)"
+    assert set(said.values()) == {"empty (no text after extraction)"}
 
 
 def test_folders_are_walked_sorted_with_supported_suffixes_only(tmp_path, bs4):
@@ -238,6 +275,20 @@ def test_encrypted_pdf_is_skipped(tmp_path):
     with path.open("wb") as f:
         writer.write(f)
     assert reasons(load_documents([path])) == {"locked.pdf": "encrypted PDF (needs a password)"}
+
+
+def test_html_table_cells_stay_apart_and_undeclared_pages_decode_as_text_does(bs4):
+    page = "<table><tr><th>Version</th><th>Status</th></tr><tr><td>3.12</td><td>bugfix</td>"
+    doc = load_bytes("t.html", (page + "</tr></table><p>Crème brûlée, “naïve”</p>").encode(
+        "cp1252"))
+    assert doc.text == "Version Status\n\n3.12 bugfix\n\nCrème brûlée, “naïve”"
+
+
+def test_a_page_that_reads_like_a_url_warns_nothing(bs4):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_bytes("u.html", b"https://example.org/page").text == (
+            "https://example.org/page")
 
 
 def test_html_pre_and_text_after_blocks(bs4):
