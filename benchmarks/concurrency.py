@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from ragkv.bench_report import percentile
 from ragkv.config import BlendConfig, RagkvConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +51,6 @@ def variant(case: dict, seed: int) -> dict:
     chunks = list(case["chunks"])
     random.Random(seed).shuffle(chunks)
     return {**case, "chunks": chunks}
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: int,
@@ -132,8 +128,9 @@ def run_arm(arm: str, home: Path, queries: list[dict], clients: list[int], per: 
                 raise SystemExit(f"{arm}: every request at {n} clients failed")
             out[str(n)] = {
                 "queries": len(res), "errors": len(failed),
-                "throughput_qps": len(res) / wall, "ttft_p50_s": pct(ttft, 0.5),
-                "ttft_p99_s": pct(ttft, 0.99), "ttft_mean_s": statistics.fmean(ttft)}
+                "throughput_qps": len(res) / wall, "ttft_p50_s": percentile(ttft, 50),
+                "ttft_p99_s": percentile(ttft, 99), "ttft_mean_s": statistics.fmean(ttft),
+                "ttft_s": ttft}
             print(arm, n, out[str(n)], file=sys.stderr, flush=True)
         # the same prompts again, one at a time: an answer that differs was another's
         out["differs_from_quiet_run"] = sum(ask(q)[1] != tokens for q, tokens in asked)

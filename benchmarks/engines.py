@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,7 +103,7 @@ def main() -> None:
             full = [c["full_ttft_s"] for c in r["cases"] if c["mode"] == "full"]
             print(f"{name:7s} blend {s['ratio']}: TTFT {s['ttft_median_s']:.3f} s "
                   f"(engine {s['engine_ttft_median_s'] or float('nan'):.3f} s), full "
-                  f"{sorted(full)[len(full) // 2]:.3f} s, x{s['speedup_median']:.2f}, "
+                  f"{statistics.median(full):.3f} s, x{s['speedup_median']:.2f}, "
                   f"1st agree {s['first_token_agree']:.3f}, KL {s['first_token_kl_median']:.4f}"
                   f" ({s['kl_basis']})")
     print(f"wrote {a.out}")

@@ -61,7 +61,8 @@ import torch
 
 from ragkv import metrics
 from ragkv.api import RagKV
-from ragkv.bench import BenchSpec, cpu_model, load_cases, read_into_memory, warm_config
+from ragkv.bench import BenchSpec, load_cases, read_into_memory, warm_config
+from ragkv.bench_report import cpu_model
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import DEFAULT_RATIO, BlendConfig, RagkvConfig
 from ragkv.engine.hf import HFEngine

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ragkv.bench import cpu_model
+from ragkv.bench_report import cpu_model, percentile
 from ragkv.config import DEFAULT_RATIO
 
 CASES = Path(__file__).resolve().parent / "cases" / "pydoc.jsonl"
@@ -53,11 +53,6 @@ def make_stream(cases: list[dict], n_queries: int, seed: int = 0) -> list[dict]:
         rng.shuffle(chunks)
         stream.append({"case": case["id"], "question": case["question"], "chunks": chunks})
     return stream
-
-
-def percentile(xs: list[float], q: int) -> float:
-    """The q-th percentile of ``xs`` (inclusive method, interpolated)."""
-    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
 def run_arm(arm: str, stream: list[dict], ratio: float, home: Path,

@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from ragkv.api import RagKV
 
 
+def percentile(xs: list[float], q: int) -> float:
+    """The ``q``-th percentile of ``xs`` (inclusive method, interpolated: the 50th is the
+    median); the value itself for a single one."""
+    if len(xs) == 1:
+        return float(xs[0])
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
+
+
 def summarize(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:

@@ -33,6 +33,7 @@ from ragkv.cli_shared import (
     print_summary,
     progress_bar,
     run_engine,
+    writable_file,
 )
 from ragkv.config import (
     CONTEXT_PRESELECT_FROM,
@@ -230,6 +231,8 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
         data = load_cases(cases)
     except (ValueError, OSError) as exc:
         fail(str(exc))
+    if out is not None:  # said before the run, not after it (its results were lost)
+        writable_file(out, "--out")
     if long_context < 0 or 0 < long_context < LONG_CONTEXT_MIN:
         fail(f"--long-context must be 0 (off) or at least {LONG_CONTEXT_MIN:,} tokens (a few "
              f"chunks besides the template and question), got {long_context}")
@@ -250,8 +253,10 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
         result["long_context"] = run_engine(lambda: run_long(rag, long_context))
     print_summary(result)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        try:
+            out.write_text(json.dumps(result, indent=1))
+        except OSError as exc:
+            fail(f"cannot write {out}: {exc.strerror or exc}", code=1)
         console.print(f"wrote {out}")
 
 

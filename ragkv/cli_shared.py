@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -132,6 +133,18 @@ def cache_errors() -> Iterator[None]:
         raise
     except Exception as exc:  # a storage client's own error (Redis, S3): not an OSError
         fail(f"the cache's storage failed: {type(exc).__name__}: {first_line(exc)}", code=1)
+
+
+def writable_file(path: Path, option: str) -> None:
+    """Fail in one line unless a file can be written at ``path`` (its folder is made)."""
+    if path.is_dir():
+        fail(f"{option} {path} is a folder: name a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"{option} {path}: cannot make its folder ({exc.strerror or exc})")
+    if not os.access(path.parent, os.W_OK):
+        fail(f"{option} {path}: its folder is not writable")
 
 
 def first_line(exc: BaseException) -> str:

@@ -204,6 +204,8 @@ def test_demo_on_smollm(tmp_path: Path, smol_path: Path) -> None:
     (["--corrections", "nope"], "correction must be one of"),
     (["--limit", "0"], "limit must be at least 1"),
     (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+    (["--out", "/"], "--out / is a folder"),  # (a finished run's results were lost)
+    (["--out", "/proc/no/such.json"], "cannot make its folder"),
 ])
 def test_bench_settings_are_checked_before_anything_is_computed(
         tmp_path: Path, tiny_model: Path, args: list[str], says: str) -> None:
