@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 
+def num(value: float | None, fmt: str) -> str:
+    """``value`` as ``fmt``, or ``-`` where the engine has no such figure (vLLM: no
+    teacher-forced rows)."""
+    return "-" if value is None else format(value, fmt)
+
+
 def rows(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     out = []
@@ -19,15 +25,13 @@ def rows(path: Path) -> list[str]:
                 out.append(f"| - | full | - | - | - | 100.0% | x1.00 | 1.000 | 0.0000 | 1.000 "
                            f"| 0.0000 | 1.000 | {s['contains']:.3f} |")
             continue
-        ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}"
-        contains = "-" if s.get("contains") is None else f"{s['contains']:.3f}"
         out.append(
-            f"| {s['context']} | {s['mode']} | {s['policy'] or '-'} | {ratio} "
+            f"| {s['context']} | {s['mode']} | {s['policy'] or '-'} | {num(s['ratio'], '.2f')} "
             f"| {s.get('correction') or 'none'} "
             f"| {100 * s['recomputed_share']:.1f}% | x{s['speedup_median']:.2f} "
-            f"| {s['first_token_agree']:.3f} | {s['first_token_kl_median']:.4f} "
-            f"| {s['tf_agree']:.3f} | {s['tf_kl_median']:.4f} | {s['rouge_l']:.3f} "
-            f"| {contains} |")
+            f"| {num(s['first_token_agree'], '.3f')} | {num(s['first_token_kl_median'], '.4f')} "
+            f"| {num(s['tf_agree'], '.3f')} | {num(s['tf_kl_median'], '.4f')} "
+            f"| {num(s['rouge_l'], '.3f')} | {num(s.get('contains'), '.3f')} |")
     return out
 
 

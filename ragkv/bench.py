@@ -112,8 +112,10 @@ def load_cases(path: Path) -> list[dict]:
             raise ValueError(f"{path}:{n}: 'chunks' must be a non-empty list of strings")
         if not isinstance(case.get("question"), str) or not case["question"].strip():
             raise ValueError(f"{path}:{n}: 'question' must be a non-empty string")
-        if case.get("answer") is not None and not isinstance(case["answer"], str):
-            raise ValueError(f"{path}:{n}: 'answer' must be a string when given")
+        if case.get("answer") is not None and not (isinstance(case["answer"], str)
+                                                   and case["answer"].strip()):
+            # (a blank one would be "contained" in every answer)
+            raise ValueError(f"{path}:{n}: 'answer' must be a non-empty string when given")
         case.setdefault("id", f"case-{n}")
         cases.append(case)
     if not cases:
@@ -244,21 +246,25 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
 
 
 def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dict:
-    """TTFT full vs blend (default config) on one prompt of about ``target_tokens``."""
+    """TTFT full vs blend (default config) on one prompt of ``target_tokens`` tokens."""
     from ragkv.chunking import chunk_text
     from ragkv.ingest import pydoc_topics
 
-    chunks: list[list[int]] = []
-    budget = target_tokens - 200  # room for template and question
-    for _, text in pydoc_topics():
-        for c in chunk_text(text, rag.tokenizer, rag.config.chunk_tokens):
-            if sum(map(len, chunks)) + len(c.token_ids) > budget:
-                break
-            chunks.append(c.token_ids)
-        if sum(map(len, chunks)) > budget - rag.config.chunk_tokens:
-            break
-    rag.precompute_many(chunks)
     q = "Summarize what these passages say about exceptions."
+    tpl = rag.template
+    # the prompt is the template, the chunks with a separator between each two, the question:
+    # chunks are taken until it holds ``target_tokens``, the last cut to what is left
+    left = target_tokens - len(tpl.prefix_ids) - len(tpl.suffix_ids(q))
+    chunks: list[list[int]] = []
+    texts = (c for _, text in pydoc_topics()
+             for c in chunk_text(text, rag.tokenizer, rag.config.chunk_tokens))
+    for c in texts:
+        sep = len(tpl.sep_ids) if chunks else 0
+        if left - sep <= 0:
+            break
+        chunks.append(list(c.token_ids[:left - sep]))
+        left -= sep + len(chunks[-1])
+    rag.precompute_many(chunks)
     full = rag.generate(chunks, q, mode="full", keep_kv=True, log_query=False,
                         max_new_tokens=max_new_tokens)
     blend = rag.generate(chunks, q, mode="blend", keep_kv=True, log_query=False,

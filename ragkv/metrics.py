@@ -82,6 +82,8 @@ def rouge_l(reference: Sequence, candidate: Sequence) -> float:
 
 
 def contains(answer_text: str, expected: str | None) -> float | None:
-    if expected is None:
+    """1.0 where ``answer_text`` holds ``expected`` (case and surrounding blanks aside); None
+    without an expected answer, a blank one included (every text would hold it)."""
+    if expected is None or not expected.strip():
         return None
     return float(expected.strip().lower() in answer_text.lower())

@@ -1,5 +1,6 @@
 """The bench times every run from the same cache tier: a cache filled by an earlier process
-(blob storage only) must not make the first run after full prefill pay the read alone."""
+(blob storage only) must not make the first run after full prefill pay the read alone. Its
+settings reach every run, and its long prompt holds the tokens asked for."""
 
 from __future__ import annotations
 
@@ -64,3 +65,17 @@ def test_the_start_factor_reaches_the_blend_of_every_run(tmp_path, engine):
         assert counts[0] > counts[1] > counts[2]
         layer1[factor] = counts[1] - counts[2]  # beyond the ratio's tokens
     assert layer1[4.0] == pytest.approx(3 * layer1[2.0], abs=2)
+
+
+@pytest.mark.parametrize("tokens", [1280, 2000])
+def test_the_long_prompt_holds_the_tokens_asked_for(tmp_path, engine, tokens):
+    """``--long-context N`` times a prompt of N tokens (it stopped up to a chunk short: 795
+    tokens for 1,280), the last chunk cut to what is left."""
+    from ragkv.bench import long_context
+
+    rag = RagKV(make_config(tmp_path / "home"), engine=engine)
+    try:
+        out = long_context(rag, tokens, max_new_tokens=1)
+    finally:
+        rag.index.close()
+    assert out["context_tokens"] == tokens and out["chunks"] > 1

@@ -107,7 +107,8 @@ def test_bench_writes_json(tmp_path: Path, tiny_model: Path) -> None:
 @pytest.mark.parametrize(("content", "message"), [
     (b"[1, 2]\n", "must be a JSON object"),
     (b'{"chunks": ["a"], "question": 5}\n', "'question' must be a non-empty string"),
-    (b'{"chunks": ["a"], "question": "q", "answer": [1]}\n', "'answer' must be a string"),
+    (b'{"chunks": ["a"], "question": "q", "answer": [1]}\n', "'answer' must be a non-empty"),
+    (b'{"chunks": ["a"], "question": "q", "answer": "  "}\n', "'answer' must be a non-empty"),
     (b'{"chunks": ["a"]\n', "not JSON"),
     (b"\xff\xfe\x00binary", "not UTF-8 text"),
     (None, "cannot read the case file"),

@@ -66,3 +66,10 @@ def test_first_token_names_its_basis() -> None:
     row = metrics.first_token(a, b)
     assert row["kl_basis"] == "vocab" and row["first_token_agree"] == 0.0
     assert row["first_token_kl"] > 0
+
+
+def test_an_answer_contains_what_was_expected_and_a_blank_expectation_is_none():
+    assert metrics.contains("The Answer is 42.", " answer IS 42 ") == 1.0
+    assert metrics.contains("I have no idea", "42") == 0.0
+    for nothing in (None, "", "   "):  # a blank one was "contained" in every answer
+        assert metrics.contains("I have no idea", nothing) is None

@@ -1,11 +1,13 @@
 """The benchmark and example scripts name what ragkv has: a name moved between modules broke
 ``benchmarks/scaling.py`` and ``benchmarks/vllm_workload.py`` at their first line, and no test
-ran them (they need minutes, or vLLM)."""
+ran them (they need minutes, or vLLM). The README's table maker reads every engine's results."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,23 @@ def test_every_name_a_script_imports_from_ragkv_exists(script: Path) -> None:
                 except ImportError:
                     missing.append(f"{node.module}.{alias.name}")
     assert not missing, missing
+
+
+def test_the_summary_table_shows_a_dash_where_an_engine_has_no_figure(tmp_path, capsys):
+    """vLLM's bench results have no teacher-forced figures (None): the table said so with a
+    TypeError."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import summarize
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    row = {"context": "anchor", "mode": "blend", "policy": "qhkvd", "ratio": 0.12,
+           "correction": "local_mean", "recomputed_share": 0.118, "speedup_median": 3.36,
+           "first_token_agree": 1.0, "first_token_kl_median": 0.0106, "tf_agree": None,
+           "tf_kl_median": None, "rouge_l": 0.625, "contains": None}
+    results = tmp_path / "vllm.json"
+    results.write_text(json.dumps({"summary": [row]}))
+    summarize.main([str(results)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == ("| anchor | blend | qhkvd | 0.12 | local_mean | 11.8% | x3.36 | 1.000 "
+                    "| 0.0106 | - | - | 0.625 | - |")
