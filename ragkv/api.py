@@ -22,7 +22,13 @@ from ragkv.anchor_keeper import AnchorKeeper
 from ragkv.cache_index import CacheIndex
 from ragkv.cache_index.corpus import Removal
 from ragkv.chunking import RetrievedChunk, tokenizer_identity
-from ragkv.config import ENGINE_SETTINGS, BlendConfig, RagkvConfig
+from ragkv.config import (
+    ENGINE_SETTINGS,
+    INGESTED_CONTEXT,
+    PRECOMPUTE_CONTEXTS,
+    BlendConfig,
+    RagkvConfig,
+)
 from ragkv.engine.base import Backend, Generation, GenerationRequest, NextToken
 from ragkv.prompt import AssembledPrompt, PromptTemplate, check_question, require_str
 from ragkv.trace import ChunkTrace, QueryTrace
@@ -163,6 +169,15 @@ class RagKV:
             raise ValueError(f"{', '.join(fixed)} is fixed when the engine is built; open a new "
                              f"RagKV with the other value")
         return RagKV(replace(self.config, **changes), backend=self.backend)
+
+    def as_ingested(self) -> RagKV:
+        """This facade, or one on the same engine that reads chunk KV in the precompute
+        context the cache's last ingestion stored (another context's entries would all
+        miss); what the CLI's ``ask`` and the UI use unless told a context."""
+        ingested = self.index.setting(INGESTED_CONTEXT)
+        if ingested in PRECOMPUTE_CONTEXTS and ingested != self.config.precompute_context:
+            return self.with_config(precompute_context=ingested)
+        return self
 
     def choose_anchor(self, texts: Sequence[str], record: bool = True) -> str | None:
         """With ``anchor`` precompute and ``anchor_source="corpus"``: the passage the cache's

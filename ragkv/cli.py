@@ -40,9 +40,7 @@ from ragkv.config import (
     CORRECTIONS,
     DEFAULT_CHECK_LAYERS,
     DEFAULT_RATIO,
-    INGESTED_CONTEXT,
     MODES,
-    PRECOMPUTE_CONTEXTS,
     PRESELECT_FROM,
     BlendConfig,
     default_home,
@@ -127,9 +125,7 @@ def ask(ctx: typer.Context, question: str,
                    preselect=preselect)
     if context is None:  # the entries `ingest --context X` stored, not misses in another
         with cache_errors():
-            ingested = rag.index.setting(INGESTED_CONTEXT)
-        if ingested in PRECOMPUTE_CONTEXTS and ingested != rag.config.precompute_context:
-            rag = rag.with_config(precompute_context=ingested)
+            rag = rag.as_ingested()
 
     def run():
         chunks = rag.retrieve(question, k)

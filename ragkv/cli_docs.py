@@ -34,7 +34,7 @@ from ragkv.cli_shared import (
     require_cache,
     run_engine,
 )
-from ragkv.config import INGESTED_CONTEXT, RagkvConfig, default_home
+from ragkv.config import RagkvConfig, default_home
 
 
 def _index(home, index_url, blob_url):
@@ -186,7 +186,6 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
         run_engine(lambda: ingest_docs(rag, [(d.name, d.text) for d in report.documents],
                                         len(report.skipped), earlier))
     with cache_errors():
-        rag.index.set_setting(INGESTED_CONTEXT, context)  # what `ask` reads by default
         for name, first in drop_duplicates(rag, report.skipped):
             console.print(Text(f"removed the earlier version of {name}: it now holds the same "
                                f"text as {first}"), soft_wrap=True)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ragkv.cache_index.corpus import TOKENIZER_SETTING, DocumentGone, ForeignTokenizer, Removal
 from ragkv.cache_index.models import ChunkRecord, ids_sha256
 from ragkv.chunking import RetrievedChunk, chunk_text, tokenize_chunk
+from ragkv.config import INGESTED_CONTEXT
 
 if TYPE_CHECKING:
     from ragkv.cache_index import CacheIndex, KVStore
@@ -118,6 +119,8 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
             rag._removals().remove_unreferenced(left)
     if not index.has_document(doc_id):
         return IngestResult(doc_id, name, 0, 0, created, 0, replaced, superseded=True)
+    if created or stored:  # the context a query reads by default (RagKV.as_ingested)
+        index.set_setting(INGESTED_CONTEXT, rag.config.precompute_context)
     return IngestResult(doc_id, name, len(infos), len(stored), created,
                         sum(len(c.token_ids) for c in stored), replaced)
 

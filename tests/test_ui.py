@@ -15,8 +15,11 @@ import pytest
 pytest.importorskip("streamlit")
 from ui_cases import _outside_setup, page, texts, write_docs  # noqa: E402
 
-from ragkv.config import PRESELECT_FROM  # noqa: E402
+from ragkv.api import RagKV  # noqa: E402
+from ragkv.cache_index import CacheIndex  # noqa: E402
+from ragkv.config import PRESELECT_FROM, BlendConfig, RagkvConfig  # noqa: E402
 from ragkv.ui.frames import answer_md, literal_md  # noqa: E402
+from ragkv.ui.views.dashboard import WINDOW  # noqa: E402
 from ragkv.ui.views.ingest import ENABLE_HINT, OUTSIDE_ROOTS  # noqa: E402
 from ragkv.ui.views.inspect_query import RESULT_KEY  # noqa: E402
 
@@ -195,9 +198,49 @@ def test_dashboard_after_queries(ingested: Path, tiny_model: Path) -> None:
     assert len(at.dataframe) == 2  # top chunks and recent queries
 
 
+def test_the_dashboards_totals_count_the_queries_before_its_window(tmp_path: Path,
+                                                                   tiny_model: Path) -> None:
+    """The charts draw the latest queries; the totals in their captions are of every query
+    (they stopped at the latest 1,000)."""
+    n = WINDOW + 5
+    home = tmp_path / "home"
+    index = CacheIndex(RagkvConfig(home=home).resolved_index_url)
+    for i in range(n):
+        first = i < 5  # outside the window: their misses and savings count too
+        index.log_query(question=f"q{i}", mode="blend", ratio=0.12, n_chunks=2,
+                        hits=0 if first else 2, misses=2 if first else 0, context_tokens=100,
+                        recomputed_tokens=10, ttft_s=0.5, full_ttft_s=1.0, answer="a")
+    index.close()
+    at = page("dashboard", home, tiny_model).run()
+    assert not at.exception, at.exception
+    captions = texts(at.caption)
+    assert f"summed over {n} of {n} queries ({n * 0.5:.2f} s)" in captions, captions
+    assert f"the latest {WINDOW:,} queries. Overall {2 * WINDOW}/{2 * n} hits" in captions
+
+
+def test_the_pages_read_the_context_the_cache_was_ingested_in(tmp_path: Path,
+                                                              tiny_model: Path) -> None:
+    """As `ragkv ask` does: on a cache ingested with prefix context, anchor-context reads
+    would miss every chunk but the first."""
+    home = tmp_path / "home"
+    rag = RagKV(RagkvConfig(home=home, model=tiny_model, precompute_context="prefix"))
+    for path in sorted(write_docs(tmp_path / "docs").iterdir()):
+        rag.ingest_text(path.name, path.read_text())
+    rag.close()
+    at = page("ask", home, tiny_model, context=None).run()
+    at.text_input(key="ask_question").input("What does assert do?")
+    at.number_input(key="ask_k").set_value(2)
+    at.number_input(key="ask_max_new").set_value(2)
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert {m.label: m.value for m in at.metric}["Chunk hits"] == "2/2"
+
+
 def test_inspect_runs_three_modes_with_heatmap(ingested: Path, tiny_model: Path) -> None:
     at = page("inspect_query", ingested, tiny_model).run()
     assert "press **Run**" in texts(at.info)
+    # the blend Ask and the CLI run by default, not the first policy listed
+    assert at.selectbox(key="inspect_policy").value == BlendConfig().policy == "qhkvd"
     question = "What does assert do to *args and __init__?"
     at.text_input(key="inspect_question").input(question)
     at.number_input(key="inspect_k").set_value(2)

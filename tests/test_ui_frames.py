@@ -24,6 +24,57 @@ def test_queries_frame_measures_saved_time_only_where_measured() -> None:
     assert frames.queries_frame([]).empty
 
 
+def test_a_full_prefill_answer_saves_nothing_and_is_one_measurement() -> None:
+    """A full answer logged with its own TTFT as full prefill's: not a pair (it counted among
+    the measured ones) and one point of the fit (it was two)."""
+    rows = [dict(id=1, created_at=0, hits=0, misses=0, ttft_s=1.0, full_ttft_s=1.0,
+                 mode="full", context_tokens=100),
+            dict(id=2, created_at=1, hits=2, misses=0, ttft_s=0.2, full_ttft_s=None,
+                 mode="blend", context_tokens=100),
+            dict(id=3, created_at=2, hits=0, misses=0, ttft_s=3.0, full_ttft_s=None,
+                 mode="full", context_tokens=300)]
+    df = frames.queries_frame(rows)
+    assert df["saved_s"].isna().all() and list(df["cum_saved_s"]) == [0.0, 0.0, 0.0]
+    assert frames.full_prefill_fit(df)(200) == pytest.approx(2.0)  # a line through 2 points
+    assert df["est_saved_s"][1] == pytest.approx(0.8)
+
+
+def test_the_totals_sum_the_whole_query_log() -> None:
+    index = CacheIndex("sqlite://")
+    try:
+        assert index.query_totals() == {"queries": 0, "hits": 0, "misses": 0, "paired": 0,
+                                        "saved_s": 0.0}
+        for mode, hits, full in (("blend", 2, 1.0), ("full", 0, 0.5), ("blend", 1, None)):
+            index.log_query(question="q", mode=mode, n_chunks=2, hits=hits, misses=2 - hits,
+                            context_tokens=10, recomputed_tokens=1, ttft_s=0.5,
+                            full_ttft_s=full, answer="a")
+        totals = index.query_totals()
+        assert totals == {"queries": 3, "hits": 3, "misses": 3, "paired": 1,
+                          "saved_s": pytest.approx(0.5)}
+    finally:
+        index.close()
+
+
+def test_the_chunk_table_names_the_tier_that_served_each_hit_and_none_for_a_miss() -> None:
+    from ragkv.trace import ChunkTrace, QueryTrace
+
+    index = CacheIndex("sqlite://")
+    try:
+        keys = [f"{i:064x}" for i in range(3)]
+        for key in keys:  # each is on disk by now: the miss's was stored after computing
+            index.upsert_entry(key, model_fp="f", layout="l", n_tokens=2, nbytes=8,
+                               blob_name=key, checksum="0", dtype="float16")
+        trace = QueryTrace(mode="blend", ratio=0.1, policy="qhkvd", context_tokens=30, chunks=[
+            ChunkTrace(keys[0], 2, True, 0, "a.md", tier="memory"),
+            ChunkTrace(keys[1], 2, False, 2, "b.md"),
+            ChunkTrace(keys[2], 2, None, 4, "c.md")])
+        table = frames.chunk_table(index, trace)
+        assert list(table["cache"]) == ["hit", "miss", "not looked up"]
+        assert list(table["tier"]) == ["memory", "-", "disk"]
+    finally:
+        index.close()
+
+
 def test_heatmap_frame_bins_wide_prompts() -> None:
     m = frames.recompute_matrix([torch.tensor([0, 1, 2, 3, 9]), torch.tensor([3]), []], 10)
     assert m.shape == (3, 10) and m[0].sum() == 5 and m[1, 3] and not m[2].any()

@@ -26,7 +26,7 @@ from ragkv.cache_index.models import (
     to_info,
     utcnow,
 )
-from ragkv.cache_index.reports import DocumentSize, TierSize, TopEntry
+from ragkv.cache_index.reports import DocumentSize, QueryTotals, TierSize, TopEntry
 
 
 class CacheIndex(CorpusRows):
@@ -195,6 +195,11 @@ class CacheIndex(CorpusRows):
         index URL (password masked) and schema version."""
         with self.transaction() as s:
             return reports.overview(s, self.safe_url)
+
+    def query_totals(self) -> QueryTotals:
+        """The whole query log summed (:class:`.reports.QueryTotals`)."""
+        with self.transaction() as s:
+            return reports.query_totals(s)
 
     def tier_sizes(self) -> list[TierSize]:
         """``{"tier", "entries", "kv_bytes"}`` per persistent tier ("disk", "remote"), every

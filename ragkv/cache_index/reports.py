@@ -111,6 +111,28 @@ def top_entries(s: Session, limit: int) -> list[TopEntry]:
     return out
 
 
+class QueryTotals(TypedDict):
+    """The whole query log summed: what a page showing only its latest queries adds up."""
+
+    queries: int
+    hits: int
+    misses: int
+    paired: int  # non-full queries logged with full prefill's TTFT on their prompt
+    saved_s: float  # their full-prefill TTFT minus their TTFT, summed
+
+
+def query_totals(s: Session) -> QueryTotals:
+    paired = (QueryLog.full_ttft_s.is_not(None)) & (QueryLog.mode != "full")
+    n, hits, misses = s.execute(select(
+        func.count(QueryLog.id), func.coalesce(func.sum(QueryLog.hits), 0),
+        func.coalesce(func.sum(QueryLog.misses), 0))).one()
+    pairs, saved = s.execute(select(
+        func.count(QueryLog.id),
+        func.coalesce(func.sum(QueryLog.full_ttft_s - QueryLog.ttft_s), 0.0)).where(paired)).one()
+    return {"queries": int(n), "hits": int(hits), "misses": int(misses), "paired": int(pairs),
+            "saved_s": float(saved)}
+
+
 def overview(s: Session, index_url: str) -> dict[str, Any]:
     kv_n, kv_bytes, kv_tokens, kv_hits = s.execute(
         select(

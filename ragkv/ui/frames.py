@@ -54,12 +54,17 @@ def chunk_table(index: CacheIndex, trace: QueryTrace) -> pd.DataFrame:
     """One row per chunk of an answer: where its KV came from and what was recomputed."""
     rows = []
     for c in trace.chunks:
-        entry = index.get_entry(c.key) if c.key else None
+        # The tier that served this answer's hit; none for a miss (computed now); where the
+        # entry lives now for a chunk not looked up (full prefill)
+        if c.hit is None:
+            entry = index.get_entry(c.key) if c.key else None
+            tier = tier_of(entry) if entry is not None else "-"
+        else:
+            tier = (c.tier or "-") if c.hit else "-"
         rows.append({
             "document": c.document or "-",
             "cache": hit_label(c.hit),
-            # The tier that served this answer's hit; else where the entry lives now.
-            "tier": c.tier or (tier_of(entry) if entry is not None else "-"),
+            "tier": tier,
             "tokens": c.n_tokens,
             "recomputed": c.recomputed,
             "key": c.key[:12],
@@ -76,9 +81,10 @@ def full_prefill_fit(df: pd.DataFrame) -> np.poly1d | None:
         return None
     tokens = pd.to_numeric(df["context_tokens"], errors="coerce")
     full = pd.to_numeric(df["full_ttft_s"], errors="coerce")
-    own = df["mode"] == "full" if "mode" in df else pd.Series(False, index=df.index)
-    xs = pd.concat([tokens[full.notna()], tokens[own]])
-    ys = pd.concat([full[full.notna()], pd.to_numeric(df["ttft_s"], errors="coerce")[own]])
+    own = _full_mode(df)
+    paired = full.notna() & ~own  # (a full answer is one measurement, whatever it logged)
+    xs = pd.concat([tokens[paired], tokens[own]])
+    ys = pd.concat([full[paired], pd.to_numeric(df["ttft_s"], errors="coerce")[own]])
     ok = xs.notna() & ys.notna()
     xs, ys = xs[ok].to_numpy(float), ys[ok].to_numpy(float)
     distinct = len(np.unique(xs))
@@ -87,13 +93,18 @@ def full_prefill_fit(df: pd.DataFrame) -> np.poly1d | None:
     return np.poly1d(np.polyfit(xs, ys, min(2, distinct - 1)))
 
 
+def _full_mode(df: pd.DataFrame) -> pd.Series:
+    return df["mode"] == "full" if "mode" in df else pd.Series(False, index=df.index)
+
+
 def queries_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """The query log oldest first, with hit rate and TTFT saved per query.
 
     ``saved_s`` is filled where the full-prefill TTFT was measured for that query's prompt
     (the same prompt by the same engine); ``est_saved_s`` holds, for the other non-full
     queries, an estimate from :func:`full_prefill_fit` (labelled as such by the dashboard).
-    ``cum_saved_s`` sums the measured savings only, ``cum_with_est_s`` both.
+    ``cum_saved_s`` sums the measured savings only, ``cum_with_est_s`` both. A full-prefill
+    query saves nothing, whatever TTFT it logged beside its own.
     """
     df = pd.DataFrame(list(rows))
     if df.empty:
@@ -102,12 +113,12 @@ def queries_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     looked_up = df["hits"] + df["misses"]
     df["hit_rate"] = (df["hits"] / looked_up.where(looked_up > 0)).astype(float)
     full = pd.to_numeric(df["full_ttft_s"], errors="coerce")
-    df["saved_s"] = full - df["ttft_s"]
+    df["saved_s"] = (full - df["ttft_s"]).where(~_full_mode(df))
     df["cum_saved_s"] = df["saved_s"].fillna(0.0).cumsum()
     fit = full_prefill_fit(df)
     df["est_saved_s"] = np.nan
     if fit is not None:
-        todo = df["saved_s"].isna() & (df.get("mode", pd.Series("", index=df.index)) != "full")
+        todo = df["saved_s"].isna() & ~_full_mode(df)
         tokens = pd.to_numeric(df["context_tokens"], errors="coerce")
         df.loc[todo, "est_saved_s"] = fit(tokens[todo].to_numpy(float)) - df.loc[todo, "ttft_s"]
     df["cum_with_est_s"] = df["saved_s"].fillna(df["est_saved_s"]).fillna(0.0).cumsum()

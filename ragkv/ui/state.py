@@ -44,7 +44,7 @@ class Settings:
 
     home: str
     model: str | None = None
-    context: str = "anchor"
+    context: str | None = None  # None: the one the cache was ingested in (else anchor)
     engine: str = "hf"
     docs_roots: tuple[str, ...] = ()
 
@@ -66,7 +66,7 @@ def parse_args(argv: Sequence[str]) -> Settings:
     p = argparse.ArgumentParser(prog="ragkv ui", add_help=False, allow_abbrev=False)
     p.add_argument("--home", default=None)
     p.add_argument("--model", default=None)
-    p.add_argument("--context", default="anchor")
+    p.add_argument("--context", default=None)
     p.add_argument("--engine", default="hf")
     p.add_argument("--docs-root", action="append", default=[], dest="docs_roots")
     ns, _ = p.parse_known_args(list(argv))
@@ -87,12 +87,15 @@ def settings() -> Settings:
 
 
 @st.cache_resource(show_spinner="Loading the model and the cache index...")
-def _load_rag(home: str, model: str | None, context: str, engine: str = "hf") -> RagKV:
+def _load_rag(home: str, model: str | None, context: str | None, engine: str = "hf") -> RagKV:
     from ragkv.api import RagKV
 
     cfg = RagkvConfig(home=Path(home), model=Path(model) if model else None,
-                      precompute_context=context, engine=engine)  # type: ignore[arg-type]
+                      precompute_context=context or "anchor",  # type: ignore[arg-type]
+                      engine=engine)  # type: ignore[arg-type]
     rag = RagKV(cfg)
+    if context is None:  # the context the cache was ingested in, as `ragkv ask` reads
+        rag = rag.as_ingested()
     # One short untimed answer now, so the first TTFT a user sees (or a full-prefill baseline
     # measured first) does not carry the engine's one-time start-up cost.
     prefix = list(rag.template.prefix_ids)[:8]
@@ -101,7 +104,7 @@ def _load_rag(home: str, model: str | None, context: str, engine: str = "hf") ->
 
 
 @st.cache_resource
-def _engine_lock(home: str, model: str | None, context: str,
+def _engine_lock(home: str, model: str | None, context: str | None,
                  engine: str = "hf") -> threading.Lock:
     return threading.Lock()
 
@@ -166,9 +169,11 @@ def last_full_from_log(rag: RagKV, question: str, n_chunks: int) -> FullTTFT | N
     labels it as coming from the log.
     """
     for q in rag.index.recent_queries(500):
+        # a pair's measured full prefill, or a full-prefill answer's own TTFT
+        seconds = q["ttft_s"] if q["mode"] == "full" else q["full_ttft_s"]
         if (q["question"].strip() == question.strip() and q["n_chunks"] == n_chunks
-                and q["full_ttft_s"] is not None):
+                and seconds is not None):
             # The index stores naive UTC timestamps.
             at = q["created_at"].replace(tzinfo=UTC).timestamp()
-            return FullTTFT(float(q["full_ttft_s"]), at, "query log")
+            return FullTTFT(float(seconds), at, "query log")
     return None

@@ -146,7 +146,8 @@ def answer(rag, p: AskParams) -> None:
             full = FullTTFT(stream.trace.ttft_s, time.time(), "now")
         if full is not None:
             memo.put(p.question, keys, full.seconds)
-            stream.trace.full_ttft_s = full.seconds  # logged with the query when it ends
+            if p.mode != "full":  # logged with the query when it ends: a pair to compare
+                stream.trace.full_ttft_s = full.seconds
         else:
             full = known_full(rag, p, keys, len(chunks))
         # The prefill is done, so its figures show while the answer streams.

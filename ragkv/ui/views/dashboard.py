@@ -17,7 +17,11 @@ def overview(rag) -> None:
     c[4].metric("Queries", s["queries"])
 
 
-def reuse_over_time(df) -> None:
+#: Queries the charts draw (the newest); the totals in their captions are of every query.
+WINDOW = 1000
+
+
+def reuse_over_time(df, totals) -> None:
     left, right = st.columns(2)
     with left:
         st.subheader("Chunk hit rate")
@@ -28,8 +32,8 @@ def reuse_over_time(df) -> None:
             chart = rated[["created_at", "hit_rate"]].copy()
             chart["rolling (10 queries)"] = chart["hit_rate"].rolling(10, min_periods=1).mean()
             st.line_chart(chart, x="created_at", y=["hit_rate", "rolling (10 queries)"])
-            st.caption(f"Per query: hits / chunks looked up. Overall "
-                       f"{rated['hits'].sum()}/{(rated['hits'] + rated['misses']).sum()} hits.")
+            st.caption(f"Per query: hits / chunks looked up{_latest(df, totals)}. Overall "
+                       f"{totals['hits']}/{totals['hits'] + totals['misses']} hits.")
     with right:
         st.subheader("Cumulative TTFT saved")
         measured = df.dropna(subset=["saved_s"])
@@ -45,13 +49,20 @@ def reuse_over_time(df) -> None:
         st.line_chart(chart, x="created_at", y=[c for c in chart.columns if c != "created_at"],
                       y_label="seconds")
         caption = (f"Measured: full-prefill TTFT minus TTFT on the same prompt, summed over "
-                   f"{len(measured)} of {len(df)} queries ({measured['saved_s'].sum():.2f} s).")
+                   f"{totals['paired']} of {totals['queries']} queries "
+                   f"({totals['saved_s']:.2f} s).")
         if not estimated.empty:
-            caption += (f" Estimated for {len(estimated)} more: full-prefill TTFT from a fit "
+            caption += (f" Estimated for {len(estimated)} more{_latest(df, totals, ' of')}: "
+                        f"full-prefill TTFT from a fit "
                         f"of this machine's measured full prefills against prompt length "
                         f"({estimated['est_saved_s'].sum():.2f} s; an estimate, not a "
                         f"measurement).")
         st.caption(caption)
+
+
+def _latest(df, totals, lead: str = ",") -> str:
+    """Names the window where the charts draw only the latest queries."""
+    return f"{lead} the latest {len(df):,} queries" if totals["queries"] > len(df) else ""
 
 
 def cache_size(rag) -> None:
@@ -96,11 +107,14 @@ def main() -> None:
     overview(rag)
     if rag.index.stats()["documents"] == 0:
         st.info("No documents yet: ingest some on the **Ingest** page.")
-    df = frames.queries_frame(rag.index.recent_queries(1000))
+    totals = rag.index.query_totals()
+    df = frames.queries_frame(rag.index.recent_queries(WINDOW))
+    if not df.empty:  # the cumulative lines start from what the queries before these saved
+        df[["cum_saved_s", "cum_with_est_s"]] += totals["saved_s"] - df["saved_s"].sum()
     if df.empty:
         st.info("No queries yet: ask something on the **Ask** page and come back.")
     else:
-        reuse_over_time(df)
+        reuse_over_time(df, totals)
     cache_size(rag)
     hottest(rag)
     if not df.empty:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import streamlit as st
 
-from ragkv.config import DEFAULT_RATIO, POLICIES
+from ragkv.config import DEFAULT_RATIO, POLICIES, BlendConfig
 from ragkv.ui import frames, state
 
 RESULT_KEY = "ragkv_inspect"
@@ -30,7 +30,8 @@ def controls(rag) -> dict | None:
         c1, c2, c3, c4 = st.columns(4)
         k = c1.number_input("Chunks (k)", 1, 32, 4, key="inspect_k")
         ratio = c2.slider("Recompute ratio", 0.0, 1.0, DEFAULT_RATIO, 0.01, key="inspect_ratio")
-        policy = c3.selectbox("Policy", POLICIES, key="inspect_policy")
+        policy = c3.selectbox("Policy", POLICIES, key="inspect_policy",  # as on Ask
+                              index=POLICIES.index(BlendConfig().policy))
         max_new = c4.number_input("Max new tokens", 1, 1024, 48, key="inspect_max_new")
         if not st.form_submit_button("Run full, reuse and blend", type="primary"):
             return None
