@@ -210,3 +210,36 @@ def test_a_per_call_k_is_checked_as_the_facade_checks_it(rag: RagKV, k: Any) -> 
         chain.invoke(QUESTION, config={"configurable": {"ragkv_k": k}})
     with pytest.raises((ValueError, TypeError), match="k must be"):
         RagkvRetriever(rag=rag).invoke(QUESTION, k=k)
+
+
+def test_runnables_on_facades_sharing_one_engine_take_turns(rag: RagKV, monkeypatch) -> None:
+    """``with_config`` facades share their engine: their runnables must not drive it at once
+    (the lock was the facade's, so the two ran inside the engine together)."""
+    import threading
+    import time
+
+    other = rag.with_config(blend=BlendConfig(ratio=0.3))
+    inside, most, guard = 0, 0, threading.Lock()
+    generate = rag.backend.generate
+
+    def counted(request):
+        nonlocal inside, most
+        with guard:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.05)  # long enough for the other thread to arrive
+        try:
+            return generate(request)
+        finally:
+            with guard:
+                inside -= 1
+
+    monkeypatch.setattr(rag.backend, "generate", counted)
+    chains = [RagkvRunnable(rag=r, k=2, max_new_tokens=2) for r in (rag, other)]
+    threads = [threading.Thread(target=c.batch, args=([QUESTION, OTHER],)) for c in chains]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1
+    other.index.close()

@@ -41,15 +41,16 @@ from ragkv.config import MODES, BlendConfig
 
 RunnableInput = str | dict[str, Any]
 
-# One lock per RagKV: batch() runs invoke() in a thread pool, and the engine, the SQLite index
-# and the blob store are not meant to be driven by several threads at once.
-_LOCKS: weakref.WeakKeyDictionary[RagKV, threading.RLock] = weakref.WeakKeyDictionary()
+# One lock per engine: batch() runs invoke() in a thread pool, and the engine, the SQLite
+# index and the blob store are not meant to be driven by several threads at once. Facades
+# made by ``with_config`` share their engine, so the lock is the engine's, not the facade's.
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
 def _lock(rag: RagKV) -> threading.RLock:
     with _LOCKS_GUARD:
-        return _LOCKS.setdefault(rag, threading.RLock())
+        return _LOCKS.setdefault(rag.backend, threading.RLock())
 
 
 def chunk_document(chunk: RetrievedChunk) -> Document:
