@@ -70,6 +70,24 @@ def test_search_returns_the_right_text(
     assert all(-1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in scores)
 
 
+def test_the_whole_of_a_long_chunk_counts_in_its_embedding(embedder: Embedder) -> None:
+    """MiniLM reads 256 word pieces; a chunk holds up to ~560 LLM tokens. What its second
+    half says must reach retrieval (it scored as if absent), and a short text embeds as the
+    model embeds it."""
+    from pydoc_data.topics import topics
+
+    filler = topics["assert"][:1400].strip()
+    fact = "The secret launch code of the Zephyr project is 4417, kept by Admiral Okonkwo."
+    with_fact, without = filler + "\n\n" + fact, filler + "\n\nNothing else to add."
+    assert len(embedder._windows(with_fact)) == 2
+    vecs = embedder.embed([with_fact, without, TEXTS[0]])
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    query = embedder.embed(["What is the secret launch code of the Zephyr project?"])[0]
+    assert vecs[0] @ query > vecs[1] @ query + 0.05
+    alone = embedder._model.encode([TEXTS[0]], normalize_embeddings=True)[0]
+    np.testing.assert_allclose(vecs[2], alone, atol=1e-5)
+
+
 def test_build_retriever_from_bytes(embedder: Embedder, vectors: np.ndarray) -> None:
     blobs = [vector_to_bytes(v) for v in vectors]
     assert all(len(b) == 4 * embedder.dim for b in blobs)

@@ -69,17 +69,44 @@ class Embedder:
         self.dim: int = int(self._model.get_embedding_dimension())
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """Embed ``texts`` into a ``[n, dim]`` float32 array with unit-length rows."""
+        """Embed ``texts`` into a ``[n, dim]`` float32 array with unit-length rows.
+
+        A text longer than the model reads at once (256 word pieces for MiniLM; a chunk is
+        up to ~560 LLM tokens) is embedded window by window and its windows' embeddings
+        averaged, weighted by their word pieces: the model alone would drop its second half,
+        and retrieval would never see what it says there."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self._model.encode(
-            list(texts),
+        windows = [self._windows(t) for t in texts]
+        pieces = [piece for w in windows for piece, _ in w]
+        vecs = np.asarray(self._model.encode(
+            pieces,
             batch_size=batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
-        )
+        ), dtype=np.float32)
+        if len(pieces) > len(texts):
+            owner = np.repeat(np.arange(len(texts)), [len(w) for w in windows])
+            weight = np.asarray([n for w in windows for _, n in w], dtype=np.float32)
+            summed = np.zeros((len(texts), vecs.shape[1]), dtype=np.float32)
+            np.add.at(summed, owner, vecs * weight[:, None])
+            vecs = summed / np.linalg.norm(summed, axis=1, keepdims=True).clip(min=1e-12)
         return np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def _windows(self, text: str) -> list[tuple[str, int]]:
+        """``text`` cut into spans the model reads whole, each with its word-piece count (one
+        span, the text itself, where it fits or the tokenizer gives no offsets)."""
+        tok = self._model.tokenizer
+        limit = int(self._model.max_seq_length or 0) - 2  # room for [CLS] and [SEP]
+        if limit <= 0 or not getattr(tok, "is_fast", False):
+            return [(text, 1)]
+        spans = tok(text, add_special_tokens=False, return_offsets_mapping=True,
+                    verbose=False)["offset_mapping"]
+        if len(spans) <= limit:
+            return [(text, 1)]
+        return [(text[spans[i][0]:spans[min(i + limit, len(spans)) - 1][1]],
+                 min(limit, len(spans) - i)) for i in range(0, len(spans), limit)]
 
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
