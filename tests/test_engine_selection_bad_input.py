@@ -16,7 +16,14 @@ from engine_cases import (  # noqa: F401 - fixtures are used by name
     case,
     engine,
 )
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from ragkv.config import POLICIES, BlendConfig
 from ragkv.engine.hf import HFEngine
@@ -135,6 +142,33 @@ def test_sliding_window_shorter_than_prompt_raises():
     prompt = assemble([5, 6, 7], [list(range(3, 40))], [8, 9])
     with pytest.raises(ValueError, match="sliding window"):
         eng.prefill(prompt, [], "prefix", BlendConfig(), 0)
+
+
+@pytest.mark.parametrize("rope", [
+    # LongRoPE: other frequencies past the original length (here 32)
+    {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+     "short_factor": [1.0 + 0.1 * i for i in range(8)],
+     "long_factor": [2.0 + 3.0 * i for i in range(8)]},
+    # dynamic NTK: other frequencies past the trained length
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+])
+def test_a_rope_whose_frequencies_change_with_length_is_refused_past_that_length(rope):
+    """KV computed on a short span (a chunk, the template prefix) holds the short-length
+    rotations: placed in a longer prompt it silently differed from full prefill (max logit
+    gap 2.57). The facade cuts prompts at that length; the engine refuses longer ones."""
+    from ragkv.engine.runner import fusion_window
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**_BASE, "max_position_embeddings": 40}, head_dim=16,
+                      rope_parameters=rope)
+    limit = 32 if rope["rope_type"] == "longrope" else 40
+    assert fusion_window(cfg)[0] == limit
+    eng = HFEngine(LlamaForCausalLM(cfg).eval(), _Tok())
+    prompt = assemble([5, 6, 7], [list(range(3, 40))], [8, 9])
+    assert len(prompt.ids) > limit
+    with pytest.raises(ValueError, match="frequencies change"):
+        eng.prefill(prompt, [], "prefix", BlendConfig(), 0)
+    assert fusion_window(LlamaConfig(**_BASE)) is None  # plain RoPE: any length
 
 
 def test_chunk_kv_shape_checks():

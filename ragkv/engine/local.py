@@ -73,9 +73,10 @@ class HFBackend:
                                  KVShape(r.n_layers, r.kv_heads, r.head_dim), cfg.kv_dtype,
                                  cfg.int8_codec)
         mc = engine.model.config
-        # a prompt past a sliding window cannot be fused: the window is where prompts are cut
+        # a prompt past the fusion's window (a sliding window, LongRoPE's original length)
+        # cannot be fused exactly: that window is where prompts are cut
         self.max_model_len = min(int(getattr(mc, "max_position_embeddings", 0) or 2**31 - 1),
-                                 r.sliding_window or 2**31 - 1)
+                                 r.window[0] if r.window else 2**31 - 1)
         self.eos_token_ids = engine.eos_token_ids
         name = Path(getattr(mc, "_name_or_path", "") or "model").name or "model"
         self.description = f"transformers in process ({name}, {r.device}, {r.dtype})"

@@ -18,20 +18,36 @@ from ragkv.engine.kernels.reference import sdpa
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
-def sliding_window_of(cfg: object) -> int | None:
-    """The sliding window of a model config, None where attention is full: the longest prompt
-    the fusion can run, since it attends to every earlier position (a Mistral may say so)."""
-    if not getattr(cfg, "use_sliding_window", True):
-        return None
-    return getattr(cfg, "sliding_window", None)
+def fusion_window(cfg: object) -> tuple[int, str] | None:
+    """The longest prompt the fusion runs exactly, with what limits it; None: any length.
+
+    The fusion attends to every earlier position, so a sliding window limits it; and it
+    places KV computed on short spans (a chunk, the template prefix), so a RoPE whose
+    frequencies change past a length (LongRoPE past its original length, dynamic NTK past the
+    trained one) would leave that KV with other rotations than the long prompt's own."""
+    limits = []
+    if getattr(cfg, "use_sliding_window", True) and getattr(cfg, "sliding_window", None):
+        limits.append((int(cfg.sliding_window), "the sliding window"))
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = rope.get("rope_type") or rope.get("type") if isinstance(rope, dict) else None
+    if kind == "longrope":
+        n = (rope.get("original_max_position_embeddings")
+             or getattr(cfg, "original_max_position_embeddings", None))
+        if n:
+            limits.append((int(n), "LongRoPE's original length, past which its frequencies "
+                                   "change"))
+    elif kind == "dynamic" and getattr(cfg, "max_position_embeddings", None):
+        limits.append((int(cfg.max_position_embeddings), "the trained length, past which "
+                                                         "dynamic NTK RoPE's frequencies change"))
+    return min(limits) if limits else None
 
 
 class DecoderRunner:
     """What every runner shares: device, length check, embedding, and the attention the blend
     owns (exact mask by position; the kernel set in ``ops``). Variants set ``model``,
     ``inner``, ``n_layers``, ``q_heads``, ``kv_heads``, ``head_dim``, ``scaling``,
-    ``sliding_window`` and ``ops``, and supply ``cos_sin``, ``rotate``, ``qkv``, ``finish`` and
-    ``logits`` from their framework's modules.
+    ``window`` (:func:`fusion_window`) and ``ops``, and supply ``cos_sin``, ``rotate``,
+    ``qkv``, ``finish`` and ``logits`` from their framework's modules.
 
     Hidden states are ``[n, hidden]``; per-layer q is ``[q_heads, n, head_dim]``, k and v are
     ``[kv_heads, n, head_dim]``; positions are int64 ``[n]``.
@@ -41,7 +57,7 @@ class DecoderRunner:
     q_heads: int
     kv_heads: int
     scaling: float
-    sliding_window: int | None
+    window: tuple[int, str] | None
     ops: TorchOps
 
     @property
@@ -53,9 +69,9 @@ class DecoderRunner:
         return self.inner.embed_tokens.weight.dtype
 
     def check_length(self, n: int) -> None:
-        if self.sliding_window is not None and n > self.sliding_window:
-            raise ValueError(f"prompt of {n} tokens exceeds the sliding window "
-                             f"({self.sliding_window}); fusion assumes full attention")
+        if self.window is not None and n > self.window[0]:
+            raise ValueError(f"prompt of {n} tokens exceeds {self.window[1]} "
+                             f"({self.window[0]} tokens): the fusion cannot run it exactly")
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(ids)
@@ -110,7 +126,7 @@ class LlamaFamilyRunner(DecoderRunner):
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.sliding_window = sliding_window_of(cfg)
+        self.window = fusion_window(cfg)
         modeling = sys.modules[type(model).__module__]
         # The model's own helpers, so RoPE variants and conventions stay the model's.
         self._rotate_half = modeling.rotate_half

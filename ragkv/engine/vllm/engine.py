@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ragkv.config import RagkvConfig
-from ragkv.engine.runner import sliding_window_of
+from ragkv.engine.runner import fusion_window
 
 MISSING = ("the vLLM engine needs vLLM: install ragkv's `vllm` extra "
            "(pip install 'ragkv[vllm]'; `make test-vllm` does it) or use --engine hf")
@@ -36,12 +36,12 @@ def connector_config(cfg: RagkvConfig) -> dict[str, Any]:
 
 
 def model_window(path: Path) -> int:
-    """The positions the model was trained for (``max_position_embeddings``), or its sliding
-    window where shorter: the fusion attends to every earlier position."""
+    """The positions the model was trained for (``max_position_embeddings``), or the
+    fusion's window where shorter (:func:`ragkv.engine.runner.fusion_window`)."""
     cfg = json.loads((Path(path) / "config.json").read_text())
     trained = int(cfg.get("max_position_embeddings") or 4096)
-    window = sliding_window_of(SimpleNamespace(**cfg))
-    return min(trained, int(window)) if window else trained
+    window = fusion_window(SimpleNamespace(**cfg))
+    return min(trained, window[0]) if window else trained
 
 
 def load_llm(cfg: RagkvConfig, model_path: Path, *, dtype: str = "float32",

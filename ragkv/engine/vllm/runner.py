@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from ragkv.engine.kernels import TorchOps, make_ops
-from ragkv.engine.runner import DecoderRunner, sliding_window_of
+from ragkv.engine.runner import DecoderRunner, fusion_window
 from ragkv.engine.vllm.paged import PagedAttention
 
 
@@ -41,7 +41,7 @@ class VLLMRunner(DecoderRunner):
             raise ValueError("ragkv fuses KV for full-width neox-style RoPE (Llama family) only")
         self._rope = rope
         cfg = model.config
-        self.sliding_window = sliding_window_of(cfg)
+        self.window = fusion_window(cfg)
         self.ops = ops if ops is not None else make_ops("auto", self.device)
 
     @contextmanager
