@@ -148,6 +148,34 @@ def test_has_entries(store: KVStore) -> None:
 # -- index: transactions, SQLite behaviour ---------------------------------------------------
 
 
+def test_a_write_over_an_entry_promoted_meanwhile_reports_its_remote_copy(
+        index: CacheIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replaced row a put hands back says which tiers hold its blob, for them to be
+    cleared: a promotion to the remote tier between the write's read and its update went
+    unseen, and the remote copy was left with no row naming it."""
+    from sqlalchemy import update
+    from sqlalchemy.orm import object_session
+
+    import ragkv.cache_index.index as index_module
+    from ragkv.cache_index.models import KVEntry
+
+    fields = dict(model_fp=FP, layout=LAYOUT, n_tokens=3, nbytes=10, checksum="c",
+                  dtype="float16")
+    index.upsert_entry(_key(1), blob_name="first", **fields)
+    read, promoted = index_module.to_info, []
+
+    def promote_after_the_read(kind, row):  # another process copies the blob to remote
+        info = read(kind, row)
+        if not promoted:
+            promoted.append(True)
+            object_session(row).execute(update(KVEntry).values(on_remote=True))
+        return info
+
+    monkeypatch.setattr(index_module, "to_info", promote_after_the_read)
+    replaced = index.upsert_entry(_key(1), blob_name="second", **fields)
+    assert replaced is not None and replaced.blob_name == "first" and replaced.on_remote
+
+
 def test_transaction_commits_or_rolls_back(index: CacheIndex) -> None:
     doc_id, _ = index.add_document("t.md", "", "1" * 64)
     with index.transaction() as s:

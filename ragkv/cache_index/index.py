@@ -84,9 +84,11 @@ class CacheIndex(CorpusRows):
         )
         if ids_sha256 is not None:
             fields["ids_sha256"] = ids_sha256
-        # Compare-and-swap on the blob name: two writers of one key must not both replace
-        # the same row, or the blob of the one that lost would be named by no row and never
-        # deleted. Whoever finds the row changed under it goes round.
+        # Compare-and-swap on the blob name and its tiers: two writers of one key must not
+        # both replace the same row, or the blob of the one that lost would be named by no row
+        # and never deleted; nor may a promotion meanwhile (the blob copied to the remote
+        # tier) go unseen, or its copy would be left behind. Whoever finds the row changed
+        # under it goes round.
         attempts = 8
         for attempt in range(attempts):
             try:
@@ -100,7 +102,9 @@ class CacheIndex(CorpusRows):
                         return None
                     old = to_info(EntryInfo, row)
                     res = s.execute(update(KVEntry)
-                                    .where(KVEntry.key == key, KVEntry.blob_name == old.blob_name)
+                                    .where(KVEntry.key == key, KVEntry.blob_name == old.blob_name,
+                                           KVEntry.on_disk == old.on_disk,
+                                           KVEntry.on_remote == old.on_remote)
                                     .values(created_at=now, **fields)
                                     .execution_options(synchronize_session=False))
                     if res.rowcount:
