@@ -39,7 +39,7 @@ def test_put_get_round_trip(store: KVStore, dtype: torch.dtype) -> None:
     assert entry is not None
     assert entry.dtype == str(dtype).removeprefix("torch.")
     assert entry.n_tokens == 5 and entry.layout == LAYOUT and entry.model_fp == FP
-    assert re.fullmatch(f"00/{_key(1)}\\.[0-9a-f]{{12}}\\.safetensors", entry.blob_name)
+    assert re.fullmatch(f"00/{_key(1)}\\.[0-9a-f]+-[0-9a-f]{{8}}\\.safetensors", entry.blob_name)
     assert entry.nbytes == len(_raw(store, _key(1)))
 
 

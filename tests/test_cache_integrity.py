@@ -13,6 +13,7 @@ from storage_cases import FP, LAYOUT, consistent, disk_path, get, key, kv, make_
 from typer.testing import CliRunner
 
 from ragkv.cache_index import Int8Codec, verify
+from ragkv.cache_index.tiers import blob_name, written_at
 from ragkv.cli import app
 from ragkv.config import RagkvConfig
 
@@ -40,6 +41,23 @@ def test_damaged_disk_copy_falls_back_to_remote_and_heals(tmp_path, damage):
     assert torch.equal(found.tensors["k"], want["k"])
     assert store.tiers["disk"].corrupt == 1 and disk_path(store, 3).is_file()
     assert get(store, 3).tier == "disk"  # repaired by promotion
+
+
+def test_verify_spares_a_put_in_flight_on_a_store_that_keeps_no_times(tmp_path,
+                                                                      monkeypatch):
+    """Redis reports no modification time: the time a blob's name records tells verify a
+    put in flight (its row not yet written) from an orphan; such a blob was deleted."""
+    store = make_store(tmp_path)
+    info = store.blobs.fs.info
+    monkeypatch.setattr(store.blobs.fs, "info", lambda path, **kw: {
+        k: v for k, v in info(path, **kw).items() if k not in ("mtime", "created")})
+    young, old = blob_name(key(1)), blob_name(key(2), now=time.time() - 3600)
+    for name in (young, old):
+        store.blobs.put(name, b"a blob whose row is not written yet")
+    assert written_at(young) == pytest.approx(time.time(), abs=5)
+    report = verify(store)
+    assert report.orphans == [("disk", old)]
+    assert store.blobs.exists(young) and not store.blobs.exists(old)
 
 
 def test_verify_finds_and_repairs_everything(tmp_path):

@@ -19,6 +19,7 @@ from ragkv.cache_index.blobcheck import open_blob
 from ragkv.cache_index.blobs import BlobStore
 from ragkv.cache_index.index import CacheIndex
 from ragkv.cache_index.models import EntryInfo
+from ragkv.cache_index.tiers import written_at
 
 __all__ = ["VerifiedStore", "VerifyReport", "open_blob", "verify"]
 
@@ -146,7 +147,8 @@ def _all_names(blobs: BlobStore) -> list[str]:
 
 
 def _modified_at(blobs: BlobStore, name: str) -> float | None:
-    """POSIX time of the last write where the filesystem reports one (else None: old)."""
+    """POSIX time of the last write where the filesystem reports one, else the time its
+    name records (:func:`.tiers.blob_name`; Redis keeps none), else None: old."""
     try:
         info = blobs.fs.info(f"{blobs.root}/{name}")
     except FileNotFoundError:
@@ -157,7 +159,7 @@ def _modified_at(blobs: BlobStore, name: str) -> float | None:
             return float(value.timestamp())
         if isinstance(value, int | float):
             return float(value)
-    return None
+    return written_at(name)
 
 
 def _key_of(name: str) -> str | None:
