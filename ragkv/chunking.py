@@ -66,7 +66,7 @@ def encoded_ids(encoding: Any) -> list[int]:
     or an array of ints. Anything else is a ``TypeError`` that says what ragkv reads."""
     if isinstance(encoding, Mapping):
         ids = encoding.get("input_ids")
-    elif isinstance(encoding, (list, tuple)):
+    elif isinstance(encoding, (list, tuple)) or hasattr(encoding, "ndim"):  # (tensor, array)
         ids = encoding
     else:
         ids = getattr(encoding, "input_ids", None)
@@ -74,6 +74,8 @@ def encoded_ids(encoding: Any) -> list[int]:
         raise TypeError(f"the tokenizer returned a {type(encoding).__name__}; ragkv reads "
                         "token ids as its 'input_ids' (a key or an attribute) or a list of ints")
     try:  # ints from a list, a 1-D tensor or array alike; a batch of texts' ids is refused
+        if getattr(ids, "ndim", 1) != 1:  # (a [1, n] tensor's row would pass as one int)
+            raise TypeError
         return [operator.index(t) for t in ids]
     except TypeError:
         raise TypeError("the tokenizer's input_ids must be one text's token ids, a flat "

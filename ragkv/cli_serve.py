@@ -26,7 +26,9 @@ def serve(home: Home = default_home(), model: Model = None,
           blob_url: Annotated[str | None, typer.Option(
               help="fsspec URL of the shared KV blobs (default: --home/blobs)")] = None,
           host: str = "127.0.0.1", port: Port = 8000,
-          kv_dtype: Annotated[str, typer.Option(help="stored KV dtype")] = "float32",
+          kv_dtype: Annotated[str, typer.Option(
+              help="stored KV dtype: float32 (as the engine computes by default), float16, "
+                   "bfloat16 or int8")] = "float32",
           dtype: Annotated[str, typer.Option(
               help=f"the model's compute dtype: {', '.join(DTYPES)}")] = "float32",
           max_model_len: Annotated[int | None, typer.Option(

@@ -73,13 +73,23 @@ def test_ids_as_a_sequence_tensor_or_array_read_as_ints(ids, wrap):
     import torch
 
     value = {"plain": list, "tensor": torch.tensor, "array": np.array}[wrap](list(ids))
-    for encoding in ({"input_ids": value}, _Ids(value)):
+    for encoding in ({"input_ids": value}, _Ids(value), value):  # the ids themselves too
         got = encoded_ids(encoding)
         assert got == [5, 6, 7] and all(type(t) is int for t in got)
 
 
-@pytest.mark.parametrize("ids", [[[5, 6, 7]], [5, "6"], [5.0, 6.0], 7])
+def _batch_of_one(kind: str):
+    import numpy as np
+    import torch
+
+    return {"tensor": torch.tensor([[7]]), "array": np.array([[7]])}[kind]
+
+
+@pytest.mark.parametrize("ids", [[[5, 6, 7]], [5, "6"], [5.0, 6.0], 7,
+                                 # a batch of one text of one token read as that token
+                                 "tensor", "array"])
 def test_a_batch_or_ids_that_are_not_ints_are_refused(ids):
+    ids = _batch_of_one(ids) if isinstance(ids, str) else ids
     with pytest.raises(TypeError, match=r"^the tokenizer's input_ids must be one text's token "
                                         r"ids, a flat sequence of ints; got \w+ "):
         encoded_ids({"input_ids": ids})
