@@ -22,6 +22,7 @@ from ragkv.cli_shared import (
     IndexUrl,
     Model,
     Port,
+    ReadContext,
     answers_table,
     cache_errors,
     check_port,
@@ -106,10 +107,7 @@ def ask(ctx: typer.Context, question: str,
         max_new_tokens: int = 64,
         compare: Annotated[bool, typer.Option(help="also run full prefill")] = False,
         home: Home = default_home(), model: Model = None,
-        context: Annotated[str | None, typer.Option(
-            help="read chunks precomputed 'cold', after the 'prefix', or after it and the "
-                 "'anchor' passage (default: what the cache was last ingested with, else "
-                 "anchor)")] = None,
+        context: ReadContext = None,
         engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None) -> None:
     """Answer a question over the ingested documents."""
     if mode not in MODES:
@@ -258,7 +256,7 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
 
 @app.command()
 def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
-       headless: bool = True, engine: Engine = "hf",
+       headless: bool = True, engine: Engine = "hf", context: ReadContext = None,
        docs_root: Annotated[list[Path] | None, typer.Option(
            "--docs-root", file_okay=False,
            help="a folder the Ingest page may read on the server (repeatable; none: uploads "
@@ -267,14 +265,15 @@ def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
     from ragkv.config import RagkvConfig
     from ragkv.ui.launch import ADDRESS, launch
 
-    try:  # a mistyped engine or a home that is a file, before a server starts
-        RagkvConfig(home=home, model=model, engine=engine)
+    try:  # a mistyped engine or context or a home that is a file, before a server starts
+        RagkvConfig(home=home, model=model, engine=engine,  # type: ignore[arg-type]
+                    precompute_context=context or "anchor")  # type: ignore[arg-type]
     except ValueError as exc:
         fail(str(exc))
     check_port(ADDRESS, port)
     try:
         code = launch(home, model, port=port, headless=headless, engine=engine,
-                      docs_roots=docs_root or [])
+                      docs_roots=docs_root or [], context=context)
     except RuntimeError as exc:  # Streamlit missing: the message names the extra to install
         fail(str(exc))
     raise typer.Exit(code)

@@ -49,6 +49,10 @@ T = TypeVar("T")
 
 Context = Annotated[str, typer.Option(
     help="precompute chunks 'cold', after the 'prefix', or after it and the 'anchor' passage")]
+ReadContext = Annotated[str | None, typer.Option(
+    "--context", help="read chunks precomputed 'cold', after the 'prefix', or after it and "
+                      "the 'anchor' passage (default: what the cache was last ingested with, "
+                      "else anchor)")]
 AnchorSource = Annotated[str, typer.Option(
     help="the anchor passage: 'corpus' (picked from the documents at the cache's first "
          "ingestion; for bench, from the cases) or 'builtin' (ragkv's neutral passage)")]

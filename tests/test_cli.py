@@ -350,6 +350,7 @@ def test_a_mistyped_command_line_is_one_line_exit_2(args: list[str], says: str) 
      "--remote-budget-mb must be a number"),
     (["bench", "--cases", "CASES", "--long-context", "5"], "--long-context must be 0 (off) or"),
     (["ui", "--engine", "foo"], "engine must be 'hf', 'vllm' or the http(s):// URL"),
+    (["ui", "--context", "warm"], "precompute_context must be 'cold', 'prefix' or"),
 ])
 def test_option_values_no_command_can_use_are_one_line(tmp_path: Path, args: list[str],
                                                        says: str) -> None:

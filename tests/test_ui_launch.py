@@ -28,6 +28,10 @@ def test_launch_command_and_missing_streamlit(tmp_path: Path, monkeypatch) -> No
                                           "--model", str(tmp_path / "m")]
     assert "--model" not in build_command(tmp_path, None)
     assert "--docs-root" not in build_command(tmp_path, None)
+    assert "--context" not in cmd  # the pages read the context the cache was ingested in
+    told = build_command(tmp_path, None, context="prefix")
+    assert told[told.index("--context") + 1] == "prefix"
+    assert parse_args(told[told.index("--") + 1:]).context == "prefix"
     assert cmd[cmd.index("--server.address") + 1] == "localhost"
     assert cmd[cmd.index("--server.maxUploadSize") + 1] == str(MAX_UPLOAD_MB) == "20"
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)

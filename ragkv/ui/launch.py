@@ -33,7 +33,7 @@ def _root(path: Path) -> str:
 
 def build_command(home: Path, model: Path | None, port: int = 8501, headless: bool = True,
                   address: str = ADDRESS, engine: str = "hf",
-                  docs_roots: Sequence[Path] = ()) -> list[str]:
+                  docs_roots: Sequence[Path] = (), context: str | None = None) -> list[str]:
     """The ``python -m streamlit run`` command line; app options go after ``--``.
 
     ``docs_roots``: the only folders whose files the Ingest page reads on the server (each
@@ -52,6 +52,8 @@ def build_command(home: Path, model: Path | None, port: int = 8501, headless: bo
         cmd += ["--model", str(Path(model).expanduser())]
     if engine != "hf":
         cmd += ["--engine", engine]
+    if context is not None:  # (else the context the cache was ingested in)
+        cmd += ["--context", context]
     for root in dict.fromkeys(_root(r) for r in docs_roots):
         cmd += ["--docs-root", root]
     return cmd
@@ -59,7 +61,7 @@ def build_command(home: Path, model: Path | None, port: int = 8501, headless: bo
 
 def launch(home: Path, model: Path | None, port: int = 8501, headless: bool = True,
            address: str = ADDRESS, engine: str = "hf",
-           docs_roots: Sequence[Path] = ()) -> int:
+           docs_roots: Sequence[Path] = (), context: str | None = None) -> int:
     """Run the UI server until it exits or Ctrl-C; returns its exit status.
 
     Raises :class:`MissingUIDependency` (a RuntimeError) when Streamlit is not installed and
@@ -71,7 +73,7 @@ def launch(home: Path, model: Path | None, port: int = 8501, headless: bool = Tr
     if importlib.util.find_spec("streamlit") is None:
         raise MissingUIDependency(MISSING_STREAMLIT)
     proc = subprocess.Popen(build_command(home, model, port, headless, address, engine,
-                                          docs_roots))
+                                          docs_roots, context))
     try:
         return proc.wait()
     except KeyboardInterrupt:
