@@ -117,7 +117,7 @@ def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_
             continue
         seen.add(name)
         try:
-            if not name.isprintable() and _undecodable(name):
+            if _undecodable(name):
                 name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                 raise DocumentError(name, "its name is not UTF-8 text: rename the file")
             doc = _load_file(path, max_bytes)

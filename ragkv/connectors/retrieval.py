@@ -99,7 +99,8 @@ class Embedder:
         span, the text itself, where it fits or the tokenizer gives no offsets)."""
         tok = self._model.tokenizer
         limit = int(self._model.max_seq_length or 0) - 2  # room for [CLS] and [SEP]
-        if limit <= 0 or not getattr(tok, "is_fast", False):
+        # a word piece holds at least one character: a question fits without tokenizing it
+        if limit <= 0 or len(text) <= limit or not getattr(tok, "is_fast", False):
             return [(text, 1)]
         spans = tok(text, add_special_tokens=False, return_offsets_mapping=True,
                     verbose=False)["offset_mapping"]
