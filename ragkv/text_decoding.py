@@ -8,6 +8,11 @@
   decodes the bytes about as cleanly (``CP1252_SLACK``): the detector has no evidence to tell
   the single-byte Western code pages apart on short texts and otherwise picks cp1250, cp437
   or cp852 for "crème" or curly quotes.
+* That reading (or, for bytes with neither NUL bytes nor a UTF-16 byte-order mark, the
+  mostly-UTF-8 one) then competes with the bytes read in each everyday legacy code page
+  (:data:`ragkv.text_plausibility.CODE_PAGES`): a reading with fewer oddities for natural
+  text (:func:`ragkv.text_plausibility.cost`) replaces it; on a tie it stays. So Polish
+  cp1250, Czech and Hungarian ISO-8859-2 and Turkish cp1254 are not read as Windows-1252.
 * Decoded text with more than 1 % control characters is "not text" (binary data).
 """
 
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import codecs
 import re
+
+from ragkv.text_plausibility import CODE_PAGES, MAX_COST, cost
 
 # C0 controls except \t \n \v \f \r, DEL, and C1 controls: frequent in decoded binary data,
 # rare in real text (a stray form feed or DOS end-of-file mark stays under the threshold).
@@ -50,12 +57,39 @@ def decode_text(data: bytes) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        text = _mostly_utf8(data)
-        if text is None:
-            text = _guess(data)
+        text = _legacy(data)
     if looks_binary(text):
         raise NotText("not text (binary data)")
     return text
+
+
+#: bytes of a file each reading is scored on (the one chosen is then decoded whole)
+SAMPLE = 64 * 1024
+
+
+def _legacy(data: bytes) -> str:
+    """Bytes that are not UTF-8: the detector's reading, or a code page's that reads more
+    plausibly (module docstring). Bytes the detector finds no encoding for stay refused: a
+    run of random high bytes reads as plausible Chinese in GB18030."""
+    first = _mostly_utf8(data) or _guess(data)  # NotText where the detector finds nothing
+    if looks_binary(first) or b"\x00" in data or data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return first  # binary, or UTF-16/32: no single-byte code page reads these
+    nonascii = sum(b > 127 for b in data[:SAMPLE])
+    best, best_cost = first, cost(first[:SAMPLE], nonascii)
+    for page in CODE_PAGES:
+        try:  # a multi-byte character may be cut at the sample's end
+            text = codecs.getincrementaldecoder(page)("strict").decode(data[:SAMPLE])
+        except UnicodeDecodeError:
+            continue
+        if looks_binary(text):
+            continue
+        c = cost(text, nonascii)
+        if c <= MAX_COST and c < best_cost:
+            try:
+                best, best_cost = data.decode(page), c
+            except UnicodeDecodeError:  # past the sample
+                continue
+    return best
 
 
 def _mostly_utf8(data: bytes) -> str | None:
