@@ -39,7 +39,12 @@ def serve(home: Home = default_home(), model: Model = None,
     """Serve the model with vLLM and ragkv's KV connector (the served deployment)."""
     from ragkv.cache_index import BlobStore
     from ragkv.cache_index.database import make_engine
-    from ragkv.engine.vllm.engine import MISSING, serve_command
+    from ragkv.engine.vllm.engine import (
+        MISSING,
+        kv_bytes_per_position,
+        model_window,
+        serve_command,
+    )
     from ragkv.model_fetch import resolve_model
 
     if dtype not in DTYPES:
@@ -55,6 +60,15 @@ def serve(home: Home = default_home(), model: Model = None,
         path = resolve_model(cfg.model, cfg.home)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
+    # vLLM refuses these only after loading the model, with a traceback
+    window = model_window(path)
+    if max_model_len is not None and max_model_len > window:
+        fail(f"--max-model-len {max_model_len} is past the window of {path.name} "
+             f"({window} positions); give at most {window}")
+    need = kv_bytes_per_position(path, dtype) * (max_model_len or window)
+    if kv_cache_mb * 2**20 < need:
+        fail(f"--kv-cache-mb {kv_cache_mb} cannot hold one request of {max_model_len or window} "
+             f"positions; give at least {-(-need // 2**20)} (or a smaller --max-model-len)")
     cmd = serve_command(cfg, path, host=host, port=port, dtype=dtype,
                         max_model_len=max_model_len, kv_cache_bytes=kv_cache_mb * 2**20)
     line = shlex.join(cmd)

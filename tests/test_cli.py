@@ -238,6 +238,9 @@ def test_ask_refuses_a_preselection_below_the_ratio(tmp_path: Path) -> None:
     (["serve", "--kv-cache-mb", "0"], "--kv-cache-mb"),
     (["serve", "--index-url", "notaurl"], "not a database URL"),
     (["serve", "--blob-url", "nope://x"], "unknown storage nope://"),
+    # vLLM refused these after loading the model, with a traceback and exit code 1
+    (["serve", "--max-model-len", "99999"], "--max-model-len 99999 is past the window"),
+    (["serve", "--kv-cache-mb", "1"], "--kv-cache-mb 1 cannot hold one request of 8192"),
 ])
 def test_serve_and_ui_refuse_bad_settings_before_starting(tmp_path: Path, args: list[str],
                                                           says: str) -> None:

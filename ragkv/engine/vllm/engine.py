@@ -44,6 +44,19 @@ def model_window(path: Path) -> int:
     return min(trained, window[0]) if window else trained
 
 
+def kv_bytes_per_position(path: Path, dtype: str) -> int:
+    """Bytes of paged KV one prompt position takes in vLLM for the model at ``path`` computed
+    in ``dtype`` (``auto``: the config's own dtype)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    heads = int(cfg.get("num_attention_heads") or 1)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size") or 0) // heads)
+    if dtype == "auto":
+        dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+    width = 4 if dtype == "float32" else 2
+    return int(cfg.get("num_hidden_layers") or 0) * kv_heads * head_dim * 2 * width
+
+
 def load_llm(cfg: RagkvConfig, model_path: Path, *, dtype: str = "float32",
              max_model_len: int | None = None, kv_cache_bytes: int = 1 << 30,
              enforce_eager: bool = True, connector: bool = True, **llm_kwargs: Any):
