@@ -207,6 +207,18 @@ def test_get_or_compute_hit_does_not_compute(kvstore):
     assert torch.equal(got.k, kv.k) and torch.equal(got.v, kv.v)
 
 
+def test_get_or_compute_counts_a_hit_as_a_use_unless_told(kvstore):
+    """A prompt fused again for the rest of its answer reads its chunks without a new use."""
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    chunks.save(KEY, _kv())
+    compute = Compute(_kv(seed=1))
+    chunks.get_or_compute(KEY, 3, compute)
+    assert kvstore.index.get_entry(KEY).hits == 1
+    _, tier = chunks.get_or_compute(KEY, 3, compute, record=False)
+    assert tier == "disk" and compute.calls == 0
+    assert kvstore.index.get_entry(KEY).hits == 1
+
+
 def test_get_or_compute_miss_computes_once_and_stores_back(kvstore):
     chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
     kv = _kv()

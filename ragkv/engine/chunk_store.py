@@ -98,12 +98,14 @@ class ChunkStore:
     def get_or_compute(self, key: str, n_tokens: int, compute: Callable[[], ChunkKV], *,
                        indexed: bool = True, shared: bool = False,
                        reference: str | None = None,
-                       ids: Sequence[int] | None = None) -> tuple[ChunkKV, str | None]:
+                       ids: Sequence[int] | None = None,
+                       record: bool = True) -> tuple[ChunkKV, str | None]:
         """The chunk's KV and the tier that served it (None: computed now and stored back,
         scored against ``reference`` and recorded by ``ids`` as :meth:`save` says).
 
-        ``indexed=False`` (the index already said the key is absent) skips the read."""
-        loaded = self.load(key, n_tokens, shared=shared) if indexed else None
+        ``indexed=False`` (the index already said the key is absent) skips the read;
+        ``record=False``: a hit is not a use of the entry (:meth:`load`)."""
+        loaded = self.load(key, n_tokens, shared=shared, record=record) if indexed else None
         if loaded is not None:
             return loaded
         kv = compute()

@@ -8,8 +8,12 @@ transformers engine fills. The two deployments differ only in the transport
 
 TTFT is the wall time from the request to a one-token answer, measured here (the client, for
 a server); vLLM's own figure (scheduling to first token) goes beside it as
-``engine_ttft_s``. The rest of the answer is a second request on the same prompt and salt,
-whose context vLLM's prefix cache then holds.
+``engine_ttft_s``. The rest of the answer is a second request on the same prompt and salt:
+where vLLM's prefix cache holds the fused prompt's blocks up to its question, the connector
+claims nothing and vLLM prefills only question tokens over them, as the fusion did; where its
+last full block ends before the question (a short question in the CPU build's 128-position
+blocks), the connector fuses the prompt again. That request is marked so: its chunks' reads
+are not counted as uses a second time.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ class VLLMGeneration:
     prompt_ids: list[int]
 
     def rest(self) -> Iterator[int]:
-        if self.max_new_tokens <= 1:
+        if self.max_new_tokens <= 1 or self.first_token in self.backend.eos_token_ids:
             return
-        tokens = self.backend.transport.stream(self.req, self.max_new_tokens)
+        tokens = self.backend.transport.stream(RequestBuilder.again(self.req),
+                                               self.max_new_tokens)
         # The answer request prefills the same prompt on the same salt: its first token is
         # the one already known (same KV, same greedy step), so it is not yielded twice.
         for i, tok in enumerate(tokens):
@@ -160,17 +165,21 @@ class VLLMBackend:
         plan, computed = to_precompute(self.keys, chunks, context, self.stored)
         # one context at a time: prefix-context entries are stored before the anchor entries
         # that are scored against them
+        failed: set[tuple[int, ...]] = set()
         for ctx, todo in plan:
             items = list(todo.items())
             for start in range(0, len(items), PRECOMPUTE_BATCH):
                 batch = items[start:start + PRECOMPUTE_BATCH]
                 done = self.transport.complete([self.builder.precompute(ids, ctx)
                                                 for _, ids in batch], 1)
-                for (key, _), comp in zip(batch, done, strict=True):
+                for (key, ids), comp in zip(batch, done, strict=True):
                     if comp.note.get("save_error") or not comp.note.get("saved"):
                         log.warning("chunk %s not stored by the server: %s", key[:12],
                                     comp.note.get("save_error") or comp.note)
-        return computed
+                        failed.add(tuple(ids))
+        # a chunk whose entry was not stored was not precomputed (its next query computes it)
+        return [now and tuple(ids) not in failed
+                for now, ids in zip(computed, chunks, strict=True)]
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, req: GenerationRequest) -> VLLMGeneration:
@@ -218,8 +227,9 @@ class VLLMBackend:
             trace.guard_tokens = int(note.get("guard_tokens") or 0)
         elif fused and trace.error:
             trace.recomputed_per_layer = [T]  # vLLM prefilled everything instead
-        else:  # vLLM prefilled all but what its own prefix cache held
-            trace.recomputed_per_layer = [T - (done.cached_tokens if mode == "prefix" else 0)]
+        else:  # vLLM prefilled all but what its own prefix cache held (a fused prompt asked
+            # again: the KV its fusion left there, so no chunk was read)
+            trace.recomputed_per_layer = [T - done.cached_tokens]
         if note.get("layer_sets"):
             trace.layer_sets = note["layer_sets"]
         return trace

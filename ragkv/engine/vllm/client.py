@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ragkv.config import BlendConfig
-from ragkv.engine.vllm.params import FusionParams, Span, fusion_salt
+from ragkv.engine.vllm.params import PARAMS_KEY, FusionParams, Span, fusion_salt
 from ragkv.keys import KeySpace
 from ragkv.prompt import AssembledPrompt, PromptTemplate
 
@@ -51,6 +51,15 @@ class RequestBuilder:
                          record=record,
                          anchor=self.keys.anchor_ids if context == "anchor" else ())
         return VLLMRequest(list(prompt.ids), p.to_json(), fusion_salt(p, prompt.ids))
+
+    @staticmethod
+    def again(req: VLLMRequest) -> VLLMRequest:
+        """``req`` sent again for the rest of its answer: a fused prompt marked so, which the
+        connector fuses without counting its chunks' reads as uses a second time."""
+        body = (req.kv_transfer_params or {}).get(PARAMS_KEY) or {}
+        if "chunks" not in body:
+            return req
+        return VLLMRequest(req.ids, {PARAMS_KEY: {**body, "again": True}}, req.cache_salt)
 
     def fused(self, chunks: Sequence[Sequence[int]], question: str, mode: str = "blend",
               blend: BlendConfig | None = None, context: str | None = None) -> VLLMRequest:

@@ -63,16 +63,17 @@ class WorkerFusion:
                         anchor_ids=anchor)
 
     def _get(self, ids: list[int], key: str, past: Callable[[], ChunkKV | None] = lambda: None,
-             reference: str | None = None) -> tuple[ChunkKV, str | None]:
+             reference: str | None = None, record: bool = True) -> tuple[ChunkKV, str | None]:
         """``past``: what a miss is prefilled after (asked only on a miss); ``reference``: the
-        entry a miss is scored against (``ChunkStore.save``)."""
+        entry a miss is scored against (``ChunkStore.save``); ``record=False``: a hit is not
+        counted as a use."""
         r = self.runner
         # read only: placed into the fused buffers, or read as the past of a missing chunk;
         # both convert to the model's dtype as they copy (a conversion here cost a fresh copy
         # of every chunk on every request with fp16 storage)
         kv, tier = self.chunks.get_or_compute(
             key, len(ids), lambda: compute_span(r, torch.tensor(ids, device=r.device), past()),
-            shared=True, reference=reference, ids=ids)
+            shared=True, reference=reference, ids=ids, record=record)
         if kv.k.device != r.device:
             kv = kv.to(r.device, kv.k.dtype)
         return kv, tier
@@ -84,7 +85,7 @@ class WorkerFusion:
         and precomputing."""
         prefix = ids[:p.prefix_end]
         keys = self.keys(prefix, p.anchor)
-        prefix_kv, tier = self._get(prefix, keys.exact(prefix))
+        prefix_kv, tier = self._get(prefix, keys.exact(prefix), record=not p.again)
         trace["prefix_hit"] = tier is not None
         pasts: dict[str, ChunkKV | None] = {"cold": None, "prefix": prefix_kv}
 
@@ -105,7 +106,7 @@ class WorkerFusion:
                                  f"[{span.start}, {span.end}) for this model and settings")
             t = time.perf_counter()
             kv, tier = self._get(chunk, span.key, lambda ctx=ctx: past(ctx),
-                                 keys.twin(chunk, ctx))
+                                 keys.twin(chunk, ctx), record=not p.again)
             if tier is None:
                 precompute_s += time.perf_counter() - t
             else:

@@ -18,7 +18,8 @@ client may ask (a one-token request; the answer comes back in the output's
 ``kv_transfer_params``): ``{"describe": true}`` (the connector's model identity, storage and
 cache, so a client derives the same keys) and ``{"contains": ["<key>", ...]}`` (which keys
 the cache holds). ``"record": true`` on a fused request adds the positions computed at each
-layer to its trace.
+layer to its trace; ``"again": true`` marks one that fuses a prompt fused before (the rest of
+an answer): its chunks are read without counting a use.
 
 Fused (``reuse``/``blend``) KV is not what full prefill gives, so a fused request must carry
 ``cache_salt = fusion_salt(...)``: vLLM's prefix cache then keeps its blocks apart from exact
@@ -68,6 +69,8 @@ class FusionParams:
     save: tuple[Span, ...] = ()
     record: bool = False
     describe: bool = False
+    #: a prompt fused again for the rest of its answer: its reads are not uses of the chunks
+    again: bool = False
     contains: tuple[str, ...] = ()
     anchor: tuple[int, ...] = ()
     #: a save's spans are stored with their context score against the same tokens' entry
@@ -89,6 +92,8 @@ class FusionParams:
             body["contains"] = list(self.contains)
         if self.record:
             body["record"] = True
+        if self.again:
+            body["again"] = True
         if self.chunks:
             b = asdict(self.blend)
             b["check_layers"] = list(b["check_layers"])
@@ -193,11 +198,11 @@ def parse(transfer: Any, n_prompt: int) -> FusionParams | None:
     if blend.ratio == "auto":
         raise ParamsError("ratio must be a number in a request ('auto' is resolved by ragkv's "
                           "client before it sends one)")
-    record = body.get("record", False)
-    if not isinstance(record, bool):
-        raise ParamsError("'record' must be true or false")
+    record, again = body.get("record", False), body.get("again", False)
+    if not isinstance(record, bool) or not isinstance(again, bool):
+        raise ParamsError("'record' and 'again' must be true or false")
     return FusionParams(mode, prefix_end, chunks, suffix_start, context, blend, save, record,
-                        anchor=tuple(anchor), reference_end=ref)
+                        anchor=tuple(anchor), reference_end=ref, again=again)
 
 
 def fusion_salt(params: FusionParams, prompt_ids: list[int]) -> str:

@@ -62,7 +62,11 @@ class VLLMRunner(DecoderRunner):
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin ``[n, head_dim]`` in rotate-half form, from vLLM's rotary cache (which
         already holds the model's scaling variant)."""
-        cache = self._rope.cos_sin_cache.to(self.device)[positions]
+        cache = getattr(self._rope, "cos_sin_cache", None)
+        if cache is None:  # LongRoPE: the short factors' rows come first, and the fusion's
+            # window (ragkv.engine.runner.fusion_window) keeps prompts within them
+            cache = self._rope.long_short_cos_sin_cache
+        cache = cache.to(self.device)[positions]
         cos, sin = cache.chunk(2, dim=-1)
         return (torch.cat([cos, cos], -1).to(self.dtype), torch.cat([sin, sin], -1).to(self.dtype))
 

@@ -13,6 +13,7 @@ its output carries ``{"ragkv": {"error": ..., "fallback": "full prefill"}}``.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ragkv.vllm")
 
+#: finished requests remembered so that a worker trace arriving after its request's output
+#: is dropped, not kept (far more than one step's worth of requests)
+FINISHED_MEMORY = 4096
+
 
 class ConnectorScheduler:
     def __init__(self, cfg: RagkvConfig, fingerprint: str, model: str,
@@ -51,6 +56,11 @@ class ConnectorScheduler:
         # that finishes in the step it was fused in (a one-token request) arrives after it.
         self._handed: dict[str, dict] = {}
         self._worked: set[str] = set()  # requests the worker fused or saved for
+        # worked requests that finished, whose worker trace may still come: with async
+        # scheduling a step's output is read after the next step is scheduled, so the trace
+        # of a request aborted while its step ran arrives after ``_handed`` was cleared, and
+        # kept in ``_notes`` it would never leave. The most recent ones, oldest first.
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._tokenizer: str | None = None  # digest of the model's tokenizer files, once read
 
     def describe(self) -> dict[str, Any]:
@@ -181,6 +191,8 @@ class ConnectorScheduler:
                 handed = self._handed.get(rid)
                 if handed is not None:
                     handed.update(trace)  # not serialized yet: the output leaves after this
+                elif rid in self._finished:  # too late for its output: dropped
+                    del self._finished[rid]
                 else:
                     self._notes.setdefault(rid, {}).update(trace)
         self._handed.clear()
@@ -193,6 +205,9 @@ class ConnectorScheduler:
         note = self._notes.pop(rid, None)
         if rid in self._worked:
             self._worked.discard(rid)
+            self._finished[rid] = None
+            while len(self._finished) > FINISHED_MEMORY:
+                self._finished.popitem(last=False)
             note = note if note is not None else {}
             self._handed[rid] = note
             return False, {"ragkv": note}
