@@ -64,7 +64,8 @@ $(VENV)/.vllm: $(VENV)/.installed
 test-vllm: $(VENV)/.installed model vllm-install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest -q -m vllm tests/test_vllm.py \
 	    tests/test_vllm_exit.py tests/test_vllm_paged.py tests/test_vllm_serve.py \
-	    tests/test_vllm_preempt.py tests/test_vllm_scheduler.py tests/test_vllm_models.py
+	    tests/test_vllm_preempt.py tests/test_vllm_scheduler.py tests/test_vllm_models.py \
+	    tests/test_vllm_answers.py
 
 # The published figures: full, reuse and blend (qhkvd, check layer 2, anchor-context
 # precompute; both KV corrections, local_mean the default) at five ratios on both public

@@ -280,6 +280,13 @@ def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
 
 
 def main() -> None:  # pragma: no cover
+    try:
+        _main()
+    except KeyboardInterrupt:  # Ctrl-C before a command runs (typer handles it in one)
+        raise SystemExit(130) from None
+
+
+def _main() -> None:  # pragma: no cover
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:  # weight-loading bars on every start are noise next to ragkv's own progress
         from transformers.utils import logging as hf_logging

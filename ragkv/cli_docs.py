@@ -51,7 +51,7 @@ def resolve_paths(paths: Iterable[Path]) -> dict[Path, Path]:
     out: dict[Path, Path] = {}
     for typed in paths:
         path = typed.expanduser()
-        if not path.exists():
+        if not path.exists() and not path.is_symlink():  # (a link loop "exists" not either)
             fail(f"no such file or folder: {typed}")
         try:
             out[typed] = path.resolve()
@@ -192,7 +192,9 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
     if prune:
         folders = [p for p in resolved.values() if p.is_dir()]
         with cache_errors():
-            gone = prune_docs(rag, folders, {d.name for d in report.documents})
+            found = ({d.name for d in report.documents}  # and duplicates: files still there
+                     | {s.path for s in report.skipped if s.duplicate_of is not None})
+            gone = prune_docs(rag, folders, found)
         for name in gone:
             console.print(Text(f"pruned {name}"), soft_wrap=True)
         console.print(Text(f"pruned {count(len(gone), 'document')} this run did not ingest under "
@@ -200,12 +202,16 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
 
 
 def drop_duplicates(rag, skipped: list) -> list[tuple[str, str]]:
-    """Files skipped as duplicates of another file's text, whose earlier version the index
-    holds: that version goes (an edited file replaces its earlier version, and the new text
-    is in under the other file's name). ``(name, other file)`` for each."""
-    known = {d.name for d in rag.index.documents()}
+    """Files skipped as duplicates of another file's text, whose earlier, other text the
+    index holds: that version goes (an edited file replaces its earlier version, and the new
+    text is in under the other file's name). A file whose text did not change stays, even when
+    another file was edited to hold the same text. ``(name, other file)`` for each."""
+    stored: dict[str, set[str]] = {}
+    for d in rag.index.documents():
+        stored.setdefault(d.name, set()).add(d.text_sha256)
     gone = [(s.path, s.duplicate_of) for s in skipped
-            if s.duplicate_of is not None and s.path in known]
+            if s.duplicate_of is not None and s.path in stored
+            and stored[s.path] != {s.sha256}]
     for name, _ in gone:
         rag.remove_document(name)
     return gone
@@ -226,7 +232,12 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
         for name, text in docs:
             bar.update(task, description=f"ingesting {name[-40:]}")
             t0 = time.perf_counter()
-            res = rag.ingest_text(name, text)
+
+            def chunks_done(done: int, total: int, name: str = name) -> None:
+                # a long document is most of a run: its chunks show it moving
+                bar.update(task, description=f"ingesting {name[-40:]} ({done}/{total} chunks)")
+
+            res = rag.ingest_text(name, text, progress=chunks_done)
             if res.precomputed_tokens:
                 busy += time.perf_counter() - t0
             computed += res.precomputed

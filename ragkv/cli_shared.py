@@ -170,7 +170,10 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
         home = RagkvConfig(home=home).home  # a home that is a file says so first
     except ValueError as exc:
         fail(str(exc))
-    if index_url is None and blob_url is None and not (home / INDEX_FILE).is_file():
+    index = home / INDEX_FILE
+    if index_url is None and blob_url is None and index.is_dir():
+        fail(f"the cache index {index} is a folder, not a file: move it away")
+    if index_url is None and blob_url is None and not index.is_file():
         fail(f"no ragkv cache at {home}: nothing was ingested there "
              f"(`ragkv ingest PATH --home {home}` makes one)")
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from ragkv.text_decoding import NotText, decode_text, looks_binary
+from ragkv.text_decoding import NotText, decode_text, has_text, looks_binary
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 HTML_SUFFIXES = (".html", ".htm")
@@ -90,8 +90,10 @@ class LoadedDocument:
 class Skipped:
     path: str
     reason: str
-    #: for a file with the same text as one loaded before it: that one's name
+    #: for a file with the same text as one loaded before it: that one's name, and the
+    #: digest of the text (``LoadedDocument.sha256``)
     duplicate_of: str | None = None
+    sha256: str | None = None
 
 
 @dataclass
@@ -128,7 +130,8 @@ def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_
             continue
         if doc.sha256 in first_with:
             first = first_with[doc.sha256]
-            report.skipped.append(Skipped(name, f"duplicate of {first}", duplicate_of=first))
+            report.skipped.append(Skipped(name, f"duplicate of {first}", duplicate_of=first,
+                                          sha256=doc.sha256))
             continue
         first_with[doc.sha256] = name
         report.documents.append(doc)
@@ -201,7 +204,7 @@ def _extract(name: str, suffix: str, data: bytes) -> LoadedDocument:
     if fmt != "text" and looks_binary(text):  # (plain text was checked as it was decoded)
         raise DocumentError(name, "not text (binary data)")
     text = _normalise(text)
-    if not any(ch.isprintable() and not ch.isspace() for ch in text):  # zero-width only too
+    if not has_text(text):  # zero-width only too
         raise DocumentError(name, "empty (no text after extraction)")
     return LoadedDocument(name, text, hashlib.sha256(text.encode()).hexdigest(), fmt)
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ragkv.chunking import encoded_ids, shown, tokenize_chunk
+from ragkv.text_decoding import has_text
 
 _CTX = "\u2063RAGKV_CONTEXT\u2063"
 _Q = "\u2063RAGKV_QUESTION\u2063"
@@ -66,7 +67,7 @@ def require_str(value: object, what: str) -> None:
 def check_question(question: object) -> None:
     """A question is a string with some text: a ``TypeError`` or a ``ValueError`` otherwise."""
     require_str(question, "the question")
-    if not question.strip():
+    if not has_text(question):  # zero-width characters alone show nothing either
         raise ValueError("the question is empty")
 
 

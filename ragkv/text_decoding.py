@@ -47,6 +47,12 @@ def _cp1252_byte(err: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("ragkv-cp1252", _cp1252_byte)
 
 
+def has_text(text: str) -> bool:
+    """Whether ``text`` shows anything: a character that is neither whitespace nor invisible
+    (zero-width spaces and joiners, other format and control characters)."""
+    return any(ch.isprintable() and not ch.isspace() for ch in text)
+
+
 def looks_binary(text: str) -> bool:
     """Whether decoded text holds more than 1 % control characters."""
     return bool(text) and len(_CONTROL.findall(text)) > _MAX_CONTROL_RATIO * len(text)

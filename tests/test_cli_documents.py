@@ -115,6 +115,28 @@ def test_a_file_edited_to_another_files_text_leaves_no_earlier_version(
     assert "duplicate" not in out.replace(f"{b}: duplicate of {a}", "")
 
 
+def test_a_file_edited_to_an_unchanged_files_text_leaves_that_file_in(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """a.md (read first) edited to hold b.md's text: b.md, skipped as its duplicate, did not
+    change, so it stays (it was removed as an "earlier version", for good)."""
+    from ragkv.cache_index import CacheIndex
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("ZEBRA-42 is the old text of a.\n" * 20)
+    (docs / "b.md").write_text("The assert statement checks a condition.\n" * 20)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    run("ingest", str(docs), *home)
+    (docs / "a.md").write_text((docs / "b.md").read_text())
+    out = run("ingest", str(docs), "--prune", *home)
+    a, b = docs.resolve() / "a.md", docs.resolve() / "b.md"
+    assert f"skipped {b}: duplicate of {a}" in out
+    assert "removed the earlier version" not in out and "pruned 0 documents" in out
+    index = CacheIndex(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}")
+    assert sorted(d.name for d in index.documents()) == [str(a), str(b)]
+    assert not any("ZEBRA" in c.text for c in index.chunks())
+
+
 def test_a_link_inside_a_folder_is_removed_by_its_own_name(tmp_path: Path,
                                                           tiny_model: Path) -> None:
     from ragkv.cache_index import CacheIndex

@@ -31,6 +31,18 @@ def test_a_home_with_no_cache_is_refused_and_left_alone(tmp_path: Path, cmd: lis
     assert not typo.exists()
 
 
+def test_an_index_that_is_a_folder_and_a_link_loop_are_named_as_such(tmp_path: Path) -> None:
+    """Both were reported as missing ("no ragkv cache", "no such file or folder")."""
+    (tmp_path / "home" / "index.sqlite").mkdir(parents=True)
+    result = runner.invoke(app, ["documents", "--home", str(tmp_path / "home")])
+    assert result.exit_code == 2 and "index.sqlite is a folder, not a file" in result.output
+    (tmp_path / "x.txt").symlink_to(tmp_path / "y.txt")
+    (tmp_path / "y.txt").symlink_to(tmp_path / "x.txt")
+    result = runner.invoke(app, ["ingest", str(tmp_path / "x.txt"), "--home", str(tmp_path)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and said.startswith(f"error: cannot resolve {tmp_path}"), said
+
+
 def test_a_bad_cache_url_is_one_clear_error(tmp_path: Path) -> None:
     """Cache URLs a user mistyped name the URL and the fix, exit 2, with no traceback."""
     cases = [(["cache", "stats", "--index-url", "notaurl"], "not a database URL"),

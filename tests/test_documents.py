@@ -201,7 +201,8 @@ def test_duplicates_by_normalised_content(tmp_path):
     c = write(tmp_path / "c.txt", "other text")
     report = load_documents([a, b, c])
     assert list(texts(report)) == ["a.txt", "c.txt"]
-    dup = Skipped(str(b), f"duplicate of {a}", duplicate_of=str(a))
+    [first] = report.documents
+    dup = Skipped(str(b), f"duplicate of {a}", duplicate_of=str(a), sha256=first.sha256)
     assert report.skipped == [dup]
     # Duplicates are not bad files: strict mode still only skips them.
     assert load_documents([a, b], strict=True).skipped == [dup]

@@ -90,8 +90,9 @@ def test_no_bos_when_the_tokenizer_adds_none():
 
 def test_empty_question_is_refused_by_name():
     tpl = PromptTemplate.from_tokenizer(CharTokenizer(), SYSTEM)
-    with pytest.raises(ValueError, match="^the question is empty$"):
-        tpl.suffix_ids(" \n")
+    for blank in (" \n", "\u200b\u200d \ufeff"):  # zero-width characters show nothing
+        with pytest.raises(ValueError, match="^the question is empty$"):
+            tpl.suffix_ids(blank)
     with pytest.raises(TypeError, match="^the question must be a str, got bytes$"):
         tpl.suffix_ids(b"why?")
 

@@ -87,3 +87,18 @@ def test_a_prompt_fused_again_counts_each_chunk_read_once(engine):
         rag.generate(ids, QUESTION, mode="reuse", max_new_tokens=n, log_query=False)
     assert len(fused) == 5  # once per answer, and again for each answer's rest
     assert [rag.index.get_entry(k).hits for k in keys] == [b + 3 for b in before]
+
+
+def test_a_fused_prompt_the_prefix_cache_serves_is_traced_with_what_vllm_computed(engine):
+    """Asked again, the fused prompt's blocks up to its question are vLLM's prefix cache's:
+    the connector fuses nothing, and the trace said every position was recomputed."""
+    rag, ids, fused = engine
+    blend = BlendConfig(ratio=0.25)
+    first = rag.generate(ids, LONG_QUESTION, mode="blend", blend=blend, max_new_tokens=1,
+                         log_query=False)
+    fused.clear()
+    again = rag.generate(ids, LONG_QUESTION, mode="blend", blend=blend, max_new_tokens=1,
+                         log_query=False)
+    assert fused == [] and again.tokens == first.tokens
+    T = again.trace.context_tokens
+    assert 0 < again.trace.recomputed_tokens <= T - len(again.prompt) // BLOCK * BLOCK

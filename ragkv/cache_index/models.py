@@ -223,6 +223,7 @@ class DocumentInfo:
     source: str
     n_chunks: int
     created_at: datetime
+    text_sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)
