@@ -201,7 +201,7 @@ def test_duplicates_by_normalised_content(tmp_path):
     c = write(tmp_path / "c.txt", "other text")
     report = load_documents([a, b, c])
     assert list(texts(report)) == ["a.txt", "c.txt"]
-    [first] = report.documents
+    first = report.documents[0]
     dup = Skipped(str(b), f"duplicate of {a}", duplicate_of=str(a), sha256=first.sha256)
     assert report.skipped == [dup]
     # Duplicates are not bad files: strict mode still only skips them.
