@@ -173,6 +173,10 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
     index = home / INDEX_FILE
     if index_url is None and blob_url is None and index.is_dir():
         fail(f"the cache index {index} is a folder, not a file: move it away")
+    if index_url is None and blob_url is None and index.is_file() and not os.access(home,
+                                                                                  os.W_OK):
+        fail(f"the cache at {home} is read-only here: SQLite keeps the index's journal beside "
+             f"it, so ragkv needs to write there (use a writable copy of the folder)")
     if index_url is None and blob_url is None and not index.is_file():
         fail(f"no ragkv cache at {home}: nothing was ingested there "
              f"(`ragkv ingest PATH --home {home}` makes one)")

@@ -43,6 +43,24 @@ def test_an_index_that_is_a_folder_and_a_link_loop_are_named_as_such(tmp_path: P
     assert result.exit_code == 2 and said.startswith(f"error: cannot resolve {tmp_path}"), said
 
 
+def test_a_read_only_home_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A home on a read-only mount (a root user's chmod cannot make one) failed every command
+    with "unable to open database file", exit 1."""
+    import os
+
+    from ragkv import cli_shared
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "index.sqlite").write_bytes(b"")
+    real = os.access
+    monkeypatch.setattr(cli_shared.os, "access", lambda path, mode: (
+        False if Path(path) == home and mode == os.W_OK else real(path, mode)))
+    result = runner.invoke(app, ["documents", "--home", str(home)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"the cache at {home} is read-only here" in said, said
+
+
 def test_a_bad_cache_url_is_one_clear_error(tmp_path: Path) -> None:
     """Cache URLs a user mistyped name the URL and the fix, exit 2, with no traceback."""
     cases = [(["cache", "stats", "--index-url", "notaurl"], "not a database URL"),
