@@ -171,6 +171,9 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
     except ValueError as exc:
         fail(str(exc))
     index = home / INDEX_FILE
+    missing = _missing_sqlite_file(index_url)
+    if missing is not None:  # a mistyped URL would make an empty index there
+        fail(f"no ragkv cache index at {missing} (from --index-url): nothing was ingested there")
     if index_url is None and blob_url is None and index.is_dir():
         fail(f"the cache index {index} is a folder, not a file: move it away")
     if index_url is None and blob_url is None and index.is_file() and not os.access(home,
@@ -180,6 +183,22 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
     if index_url is None and blob_url is None and not index.is_file():
         fail(f"no ragkv cache at {home}: nothing was ingested there "
              f"(`ragkv ingest PATH --home {home}` makes one)")
+
+
+def _missing_sqlite_file(index_url: str | None) -> str | None:
+    """The file a SQLite ``index_url`` names, where there is none; else None."""
+    if not index_url or not index_url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        database = make_url(index_url).database
+    except ArgumentError:
+        return None  # said by the command itself, as any bad URL is
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return None if Path(database).exists() else database
 
 
 def mebibytes(mb: float | None, option: str) -> int | None:

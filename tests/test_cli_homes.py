@@ -61,6 +61,15 @@ def test_a_read_only_home_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert result.exit_code == 2 and f"the cache at {home} is read-only here" in said, said
 
 
+def test_a_sqlite_index_url_naming_no_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A mistyped SQLite URL made its folders and an empty index, then said "0 documents"."""
+    typo = tmp_path / "nowhere" / "index.sqlite"
+    result = runner.invoke(app, ["documents", "--index-url", f"sqlite:///{typo}"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and f"no ragkv cache index at {typo}" in said, said
+    assert not typo.parent.exists()
+
+
 def test_a_bad_cache_url_is_one_clear_error(tmp_path: Path) -> None:
     """Cache URLs a user mistyped name the URL and the fix, exit 2, with no traceback."""
     cases = [(["cache", "stats", "--index-url", "notaurl"], "not a database URL"),
