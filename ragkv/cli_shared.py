@@ -163,26 +163,28 @@ def count(n: int, one: str, many: str | None = None) -> str:
 def require_cache(home: Path, index_url: str | None = None, blob_url: str | None = None) -> None:
     """Commands that read a cache fail in one line on a home holding none (a mistyped
     ``--home`` would otherwise get a new, empty cache made there), before loading a model.
-    A cache named by URL (``--index-url`` / ``--blob-url``) is taken as given."""
+    A cache named by URL (``--index-url`` / ``--blob-url``) is taken as given, except a SQLite
+    file that is not there."""
     from ragkv.config import INDEX_FILE, RagkvConfig
 
     try:
         home = RagkvConfig(home=home).home  # a home that is a file says so first
     except ValueError as exc:
         fail(str(exc))
-    index = home / INDEX_FILE
     missing = _missing_sqlite_file(index_url)
     if missing is not None:  # a mistyped URL would make an empty index there
         fail(f"no ragkv cache index at {missing} (from --index-url): nothing was ingested there")
-    if index_url is None and blob_url is None and index.is_dir():
+    if index_url is not None or blob_url is not None:
+        return
+    index = home / INDEX_FILE
+    if index.is_dir():
         fail(f"the cache index {index} is a folder, not a file: move it away")
-    if index_url is None and blob_url is None and index.is_file() and not os.access(home,
-                                                                                  os.W_OK):
-        fail(f"the cache at {home} is read-only here: SQLite keeps the index's journal beside "
-             f"it, so ragkv needs to write there (use a writable copy of the folder)")
-    if index_url is None and blob_url is None and not index.is_file():
+    if not index.is_file():
         fail(f"no ragkv cache at {home}: nothing was ingested there "
              f"(`ragkv ingest PATH --home {home}` makes one)")
+    if not os.access(home, os.W_OK):
+        fail(f"the cache at {home} is read-only here: SQLite keeps the index's journal beside "
+             f"it, so ragkv needs to write there (use a writable copy of the folder)")
 
 
 def _missing_sqlite_file(index_url: str | None) -> str | None:
