@@ -93,16 +93,26 @@ def test_ingest_says_when_another_process_replaced_a_file_meanwhile(
     assert "1 document, 1 chunk" in said
 
 
+def _two_files_ingested(tmp_path: Path, tiny_model: Path, a: str,
+                        b: str) -> tuple[Path, list[str]]:
+    """``docs/a.md`` and ``docs/b.md`` holding ``a`` and ``b``, ingested once: the folder and
+    the options naming the home and model."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text(a)
+    (docs / "b.md").write_text(b)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    run("ingest", str(docs), *home)
+    return docs, home
+
+
 def test_a_file_edited_to_another_files_text_leaves_no_earlier_version(
         tmp_path: Path, tiny_model: Path) -> None:
     from ragkv.cache_index import CacheIndex
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
-    (docs / "b.md").write_text("ZEBRA-42 is the old text of b.\n" * 20)
-    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
-    run("ingest", str(docs), *home)
+    docs, home = _two_files_ingested(tmp_path, tiny_model,
+                                     "The assert statement checks a condition.\n" * 20,
+                                     "ZEBRA-42 is the old text of b.\n" * 20)
     (docs / "b.md").write_text((docs / "a.md").read_text())  # now a copy of a.md
     out = run("ingest", str(docs), *home)
     b, a = docs.resolve() / "b.md", docs.resolve() / "a.md"
@@ -121,12 +131,8 @@ def test_a_file_edited_to_an_unchanged_files_text_leaves_that_file_in(
     change, so it stays (it was removed as an "earlier version", for good)."""
     from ragkv.cache_index import CacheIndex
 
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "a.md").write_text("ZEBRA-42 is the old text of a.\n" * 20)
-    (docs / "b.md").write_text("The assert statement checks a condition.\n" * 20)
-    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
-    run("ingest", str(docs), *home)
+    docs, home = _two_files_ingested(tmp_path, tiny_model, "ZEBRA-42 is the old text of a.\n" * 20,
+                                     "The assert statement checks a condition.\n" * 20)
     (docs / "a.md").write_text((docs / "b.md").read_text())
     out = run("ingest", str(docs), "--prune", *home)
     a, b = docs.resolve() / "a.md", docs.resolve() / "b.md"

@@ -7,8 +7,6 @@ The engine core runs in this process, so the test sees each step the connector p
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from vllm_cases import CHUNKS, QUESTION
 
@@ -35,12 +33,11 @@ def engine(tmp_path_factory):
         fused.extend(load.req_id for load in meta.loads)
         return meta
 
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process
-    scheduler.ConnectorScheduler.build_connector_meta = watched
-    cfg = RagkvConfig(home=tmp_path_factory.mktemp("ragkv-answers"), kv_dtype="float32",
-                      engine="vllm", precompute_context="prefix")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # undone when the module's tests are done
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
+        mp.setattr(scheduler.ConnectorScheduler, "build_connector_meta", watched)
+        cfg = RagkvConfig(home=tmp_path_factory.mktemp("ragkv-answers"), kv_dtype="float32",
+                          engine="vllm", precompute_context="prefix")
         rag = RagKV(cfg, backend=VLLMBackend.in_process(cfg, max_model_len=1024,
                                                         block_size=BLOCK,
                                                         kv_cache_bytes=128 * 2**20))
@@ -48,12 +45,6 @@ def engine(tmp_path_factory):
         rag.precompute_many(ids)
         yield rag, ids, fused
         rag.close()
-    finally:
-        scheduler.ConnectorScheduler.build_connector_meta = build
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
 
 
 @pytest.mark.parametrize("mode", ["reuse", "blend"])

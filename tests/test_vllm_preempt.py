@@ -11,8 +11,6 @@ The engine core runs in this process here, so the test can see which requests vL
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from ragkv.config import RagkvConfig
@@ -55,22 +53,15 @@ def engine(tmp_path_factory):
                 resumed[rid] = resumed.get(rid, True) and rid in loaded
         return meta
 
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler in this process
-    scheduler.ConnectorScheduler.build_connector_meta = watched
-    cfg = RagkvConfig(home=tmp_path_factory.mktemp("ragkv-preempt"), kv_dtype="float32",
-                      engine="vllm", precompute_context="prefix")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # undone when the module's tests are done
+        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process
+        mp.setattr(scheduler.ConnectorScheduler, "build_connector_meta", watched)
+        cfg = RagkvConfig(home=tmp_path_factory.mktemp("ragkv-preempt"), kv_dtype="float32",
+                          engine="vllm", precompute_context="prefix")
         backend = VLLMBackend.in_process(cfg, max_model_len=WINDOW, block_size=BLOCK,
                                          kv_cache_bytes=CACHE * KV_BYTES_PER_TOKEN)
         yield backend, resumed
         backend.close()
-    finally:
-        scheduler.ConnectorScheduler.build_connector_meta = build
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
 
 
 def _run(llm, reqs, max_tokens: int) -> list[list[int]]:
