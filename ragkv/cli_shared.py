@@ -182,7 +182,13 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
     if not index.is_file():
         fail(f"no ragkv cache at {home}: nothing was ingested there "
              f"(`ragkv ingest PATH --home {home}` makes one)")
-    if not os.access(home, os.W_OK):
+    require_writable(home)
+
+
+def require_writable(home: Path) -> None:
+    """A home on a read-only mount failed every command, ``ingest`` included, with SQLite's
+    "unable to open database file" and exit 1."""
+    if home.is_dir() and not os.access(home, os.W_OK):
         fail(f"the cache at {home} is read-only here: SQLite keeps the index's journal beside "
              f"it, so ragkv needs to write there (use a writable copy of the folder)")
 
@@ -247,6 +253,8 @@ def open_rag(ctx: typer.Context, home: Path, model: Path | None, context: str = 
         fail(str(exc))
     if need_cache:
         require_cache(home, index_url, blob_url)
+    elif index_url is None and blob_url is None:
+        require_writable(cfg.home)
     try:
         with console.status("loading model and cache index"):
             rag = RagKV(cfg)

@@ -43,9 +43,11 @@ def test_an_index_that_is_a_folder_and_a_link_loop_are_named_as_such(tmp_path: P
     assert result.exit_code == 2 and said.startswith(f"error: cannot resolve {tmp_path}"), said
 
 
-def test_a_read_only_home_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("command", [["documents"], ["ingest", "doc.md"]])
+def test_a_read_only_home_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     command: list[str]) -> None:
     """A home on a read-only mount (a root user's chmod cannot make one) failed every command
-    with "unable to open database file", exit 1."""
+    with "unable to open database file", exit 1; ``ingest`` as well."""
     import os
 
     from ragkv import cli_shared
@@ -56,7 +58,9 @@ def test_a_read_only_home_is_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyP
     real = os.access
     monkeypatch.setattr(cli_shared.os, "access", lambda path, mode: (
         False if Path(path) == home and mode == os.W_OK else real(path, mode)))
-    result = runner.invoke(app, ["documents", "--home", str(home)])
+    (tmp_path / "doc.md").write_text("The sky is blue.")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [*command, "--home", str(home)])
     said = " ".join(result.output.split())
     assert result.exit_code == 2 and f"the cache at {home} is read-only here" in said, said
 
