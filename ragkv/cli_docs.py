@@ -233,9 +233,11 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
             bar.update(task, description=f"ingesting {name[-40:]}")
             t0 = time.perf_counter()
 
-            def chunks_done(done: int, total: int, name: str = name) -> None:
-                # a long document is most of a run: its chunks show it moving
-                bar.update(task, description=f"ingesting {name[-40:]} ({done}/{total} chunks)")
+            def chunks_done(stage: str, done: int, total: int, name: str = name) -> None:
+                # a long document is most of a run: its stages show it moving
+                moved = (f"{done / max(total, 1):.0%}" if stage == "chunking"
+                         else f"{done}/{total} chunks")
+                bar.update(task, description=f"{stage} {name[-40:]} ({moved})")
 
             res = rag.ingest_text(name, text, progress=chunks_done)
             if res.precomputed_tokens:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,8 +42,12 @@ class Ingesting(Protocol):
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 
-#: Called after each batch of chunks with (chunks done, chunks total).
-Progress = Callable[[int, int], None]
+#: Called as a document's ingestion moves: ``(stage, done, total)``, where the stage is
+#: "chunking" (characters done), "embedding" or "precomputing" (chunks done).
+Progress = Callable[[str, int, int], None]
+#: A long document's chunks are embedded this many at a time, so that its progress moves (at
+#: one thread the embedder reads ~3-4 chunks a second: minutes for a few MB of text).
+EMBED_GROUP = 256
 #: Chunks handed to the engine at once: enough for it to batch, few enough for a live bar.
 PRECOMPUTE_BATCH = 8
 
@@ -76,7 +81,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
     two processes ingesting versions at once the later-recorded one stays.
 
     Chunk KV goes to the engine in batches (it may prefill several chunks per forward pass);
-    ``progress`` is called after each batch with (chunks done, chunks total)."""
+    ``progress`` is called as each stage moves (:data:`Progress`)."""
     if not text.strip():
         raise ValueError(f"document {name!r} is empty")
     sha = hashlib.sha256(text.encode()).hexdigest()
@@ -86,8 +91,9 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
     infos = [] if created else index.chunks(document_id=doc_id)  # not every chunk: a rerun
     if not infos:  # new, or recorded by a run that stopped before its chunks were
         rag.choose_anchor([text])  # the cache's first document picks it; chunk keys name it
-        chunks = chunk_text(text, rag.tokenizer, rag.config.chunk_tokens)
-        vectors = _embedder(rag).embed([c.text for c in chunks])
+        chunks = chunk_text(text, rag.tokenizer, rag.config.chunk_tokens,
+                            progress and functools.partial(progress, "chunking"))
+        vectors = _embed(rag, [c.text for c in chunks], progress)
         from ragkv.connectors.retrieval import vector_to_bytes
 
         records = [ChunkRecord(i, c.text, c.token_ids, rag.key_for(c.token_ids),
@@ -109,7 +115,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         computed = rag.precompute_many([c.token_ids for c in batch])
         stored += [c for c, new in zip(batch, computed, strict=True) if new]
         if progress:
-            progress(start + len(batch), len(infos))
+            progress("precomputing", start + len(batch), len(infos))
     # Of those, chunks that left meanwhile (a later version replaced them): their KV, stored
     # after that removal, would stay with no chunk to reach it, so it goes now.
     if stored:
@@ -174,6 +180,18 @@ class _Retrieval:
         # chunks tokenized by another model's tokenizer (a home shared by two models): their
         # stored ids would be other tokens here, so their text is tokenized again
         self.retokenize = rag.index.setting(TOKENIZER_SETTING) not in (None, rag.tokenizer_identity)
+
+
+def _embed(rag: Ingesting, texts: list[str], progress: Progress | None) -> Any:
+    """``[n, dim]`` embeddings of ``texts``, :data:`EMBED_GROUP` at a time."""
+    import numpy as np
+
+    parts = []
+    for start in range(0, len(texts), EMBED_GROUP):
+        parts.append(_embedder(rag).embed(texts[start:start + EMBED_GROUP]))
+        if progress:
+            progress("embedding", min(start + EMBED_GROUP, len(texts)), len(texts))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _embedder(rag: Ingesting):

@@ -328,3 +328,33 @@ def test_ingesting_a_known_document_again_reads_its_own_chunks_only(rag, monkeyp
     res = rag.ingest_text("doc:pass", _docs()["doc:pass"])
     assert not res.new_document and res.n_chunks >= 1
     assert {c.document_name for c in rows} == {"doc:pass"} and len(rows) == res.n_chunks
+
+
+def test_a_long_documents_stages_show_it_moving(rag, monkeypatch):
+    """A long document was chunked and embedded whole before anything moved: minutes of a
+    still bar for a few MB of text. Each stage now reports as it moves, and the embeddings of
+    chunks embedded a group at a time are those of one call."""
+    import numpy as np
+
+    from ragkv import chunking, ingest
+
+    monkeypatch.setattr(chunking, "SEGMENT_CHARS", 400)
+    monkeypatch.setattr(ingest, "EMBED_GROUP", 2)
+    text = "\n\n".join(_docs().values()) + "\n\n" + EDITED
+    moved: list[tuple[str, int, int]] = []
+    res = rag.ingest_text("doc:long", text, progress=lambda *m: moved.append(m))
+    stages = list(dict.fromkeys(stage for stage, _, _ in moved))
+    assert stages == ["chunking", "embedding", "precomputing"], moved
+    for stage in stages:
+        steps = [(done, total) for s, done, total in moved if s == stage]
+        assert [d for d, _ in steps] == sorted(d for d, _ in steps) and steps[-1][0] == steps[-1][1]
+    chunks = sorted((c for c in rag.index.chunks() if c.document_name == "doc:long"),
+                    key=lambda c: c.id)
+    n = res.n_chunks
+    assert len(chunks) == n >= 3 and moved[-1] == ("precomputing", n, n)
+    assert sum(s == "embedding" for s, _, _ in moved) == (n + 1) // 2
+    ids, vectors = rag.index.chunk_embeddings()
+    stored = np.stack([np.frombuffer(vectors[ids.index(c.id)], dtype=np.float32)
+                       for c in chunks])
+    whole = ingest._embedder(rag).embed([c.text for c in chunks])
+    np.testing.assert_allclose(stored, whole, atol=1e-5)

@@ -119,3 +119,35 @@ def test_tokenize_chunk_has_no_special_tokens(tokenizer: Any) -> None:
 def test_rejects_bad_size(tokenizer: Any) -> None:
     with pytest.raises(ValueError):
         chunk_text("text", tokenizer, 0)
+
+
+def test_a_long_text_is_tokenized_one_segment_at_a_time(tokenizer: Any, monkeypatch) -> None:
+    """A 19 MB document grew the process by ~4 GB: it was tokenized whole, with offsets. Its
+    segments now go to the tokenizer one at a time, each cut at a paragraph break, and the
+    chunks still cover the text as a whole text's do."""
+    from ragkv import chunking
+
+    source = _paragraphs(20) + "\n\n" + CODE * 8 + " ".join(f"word{i}" for i in range(400))
+    seen: list[int] = []
+    real = chunking.encode_text
+    monkeypatch.setattr(chunking, "encode_text",
+                        lambda tok, text, **kw: seen.append(len(text)) or real(tok, text, **kw))
+    monkeypatch.setattr(chunking, "SEGMENT_CHARS", 1500)
+    done: list[tuple[int, int]] = []
+    chunks = chunk_text(source, tokenizer, 64, progress=lambda *moved: done.append(moved))
+    assert max(n for n in seen if n > 600) <= 1500 < len(source)
+    _check(source, chunks, tokenizer, 64)
+    spans = chunking.segments(source)
+    assert [b for _, b in spans] == [b for b, _ in done] and done[-1] == (len(source),) * 2
+    assert all(source[b - 2:b] in ("\n\n", "\n") or source[b - 1] == " " for _, b in spans[:-1])
+
+
+@pytest.mark.parametrize("source", [MIXED, _paragraphs(40), "x" * 5000])
+def test_segments_partition_the_text(source: str) -> None:
+    from ragkv.chunking import segments
+
+    spans = segments(source, 1000)
+    assert spans[0][0] == 0 and spans[-1][1] == len(source)
+    assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:], strict=False))
+    assert all(500 <= b - a <= 1000 for a, b in spans[:-1])
+    assert segments(source, len(source)) == [(0, len(source))]
