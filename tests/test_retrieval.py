@@ -88,6 +88,19 @@ def test_the_whole_of_a_long_chunk_counts_in_its_embedding(embedder: Embedder) -
     np.testing.assert_allclose(vecs[2], alone, atol=1e-5)
 
 
+def test_a_korean_chunk_is_read_whole(embedder: Embedder) -> None:
+    """A chunk within 254 characters was embedded in one go, on the guess that a word piece
+    holds a character; a Hangul syllable is 2-3 word pieces, so the model cut a default-size
+    Korean chunk at about half and retrieval never saw the rest."""
+    head = "대한민국의 수도는 서울특별시이며 인구는 약 천만 명이다 " * 5
+    cats, volcanoes = (head + " 고양이는 작은 육식성 포유류로 사람과 함께 오래 살아왔다",
+                       head + " 화산은 지각의 틈으로 마그마가 분출하여 생긴 산이다 용암")
+    assert len(cats) < 254 and len(embedder._windows(cats)) == 2
+    a, b = embedder.embed([cats, volcanoes])
+    question = embedder.embed(["고양이는 작은 육식성 포유류"])[0]
+    assert float(a @ b) < 0.999 and float(question @ a) > float(question @ b)
+
+
 def test_build_retriever_from_bytes(embedder: Embedder, vectors: np.ndarray) -> None:
     blobs = [vector_to_bytes(v) for v in vectors]
     assert all(len(b) == 4 * embedder.dim for b in blobs)

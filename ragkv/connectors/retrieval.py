@@ -99,8 +99,9 @@ class Embedder:
         span, the text itself, where it fits or the tokenizer gives no offsets)."""
         tok = self._model.tokenizer
         limit = int(self._model.max_seq_length or 0) - 2  # room for [CLS] and [SEP]
-        # a word piece holds at least one character: a question fits without tokenizing it
-        if limit <= 0 or len(text) <= limit or not getattr(tok, "is_fast", False):
+        # counted, never guessed from the characters: the model's normalizer splits a Hangul
+        # syllable into its 2-3 letters, each a word piece
+        if limit <= 0 or not getattr(tok, "is_fast", False):
             return [(text, 1)]
         spans = tok(text, add_special_tokens=False, return_offsets_mapping=True,
                     verbose=False)["offset_mapping"]
