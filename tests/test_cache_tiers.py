@@ -293,3 +293,32 @@ def test_a_fused_query_records_its_chunks_hits_in_one_transaction(tmp_path, seed
     assert all(c.hit for c in trace.chunks)
     assert calls == [([c.key for c in trace.chunks], True)]
     rag.index.close()
+
+
+@pytest.mark.parametrize("policy", ["pgdsf", "lru"])
+def test_an_entry_promoted_to_a_full_disk_stays_there(tmp_path, policy):
+    """A read copied an entry up from the remote tier with the rank it was evicted with, at
+    or below the eviction clock, so its own budget pass evicted it again: every read of it
+    went to the remote tier."""
+    store = make_store(tmp_path, remote=True, policy=policy)
+    for i in (1, 2, 3):
+        put(store, i)
+    store.budgets["disk"] = 2 * store.index.get_entry(key(1)).nbytes
+    store.apply_budgets()
+    (gone,) = [i for i in (1, 2, 3) if not store.index.get_entry(key(i)).on_disk]
+    assert [get(store, gone).tier for _ in range(3)] == ["remote", "disk", "disk"]
+    assert store.index.get_entry(key(gone)).on_disk
+    consistent(store)
+
+
+def test_reads_for_bookkeeping_count_no_miss(tmp_path):
+    """``record=False`` reads (ragkv's own, such as scoring an anchor entry) counted the
+    misses of foreign entries and bad blobs into the store's hit rate."""
+    store = make_store(tmp_path)
+    put(store, 1)
+    put(store, 2)
+    disk_path(store, 2).write_bytes(disk_path(store, 2).read_bytes()[:-3])
+    assert store.fetch(key(1), model_fp="e" * 64, layout=LAYOUT, record=False) is None
+    assert store.fetch(key(2), model_fp=FP, layout=LAYOUT, record=False) is None
+    assert store.counters["misses"] == 0 and store.ledger.tier_counts()["disk"]["misses"] == 0
+    assert store.counters["corrupt"] == 2  # both bad entries are still counted as bad

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -121,20 +121,23 @@ class KVStore:
             return self.ledger.miss() if record else None
         if entry.model_fp != model_fp or entry.layout != layout:
             return self._discard(
-                entry, f"foreign entry (model_fp={entry.model_fp!r}, layout={entry.layout!r})"
-            )
+                entry, f"foreign entry (model_fp={entry.model_fp!r}, layout={entry.layout!r})",
+                record)
         tiers = self.persistent_tiers()
         for depth, (tier, blobs) in enumerate(tiers):
             if not (entry.on_disk if tier == "disk" else entry.on_remote):
                 count("", tier, "misses")
                 continue
-            read = self._read(entry, tier, blobs)
+            read = self._read(entry, tier, blobs, count)
             if read is None:
                 continue
             tensors, data = read
             for upper, upper_blobs in tiers[:depth]:  # promote to the faster persistent tiers
                 self._write(entry.key, entry.blob_name, upper, upper_blobs, data)
             if depth:  # a promotion is a write: the tiers it filled keep their budgets
+                # ranked as written now, not as when it was evicted: that rank made it the
+                # first to go again, and its own budget pass evicted it at once
+                self._score(entry.key)
                 self.apply_budgets()
             if self.memory is not None:
                 self.memory.put(key, tensors, model_fp=model_fp, layout=layout,
@@ -144,21 +147,22 @@ class KVStore:
             return self.ledger.hit(key, found, len(data)) if record else found
         return self.ledger.miss() if record else None
 
-    def _read(self, entry: EntryInfo, tier: residency.Tier,
-              blobs: BlobStore) -> tuple[dict[str, torch.Tensor], bytes] | None:
+    def _read(self, entry: EntryInfo, tier: residency.Tier, blobs: BlobStore,
+              count: Callable[..., None]) -> tuple[dict[str, torch.Tensor], bytes] | None:
+        """The blob and its tensors; None (a miss, counted by ``count``) if unreadable."""
         try:
             data = blobs.get(entry.blob_name)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
-            return self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing")
+            return self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing", count)
         except Exception as exc:
             # Possibly transient (network store, permissions): miss, but keep the entry.
             log.warning("cannot read %s blob %s, treating as miss: %s", tier, entry.blob_name, exc)
-            self.ledger.count("", tier, "misses")
+            count("", tier, "misses")
             return None
         try:
             return open_blob(data, entry), data
         except ValueError as exc:
-            return self._drop_copy(entry, tier, blobs, str(exc))
+            return self._drop_copy(entry, tier, blobs, str(exc), count)
 
     def batched_hits(self) -> AbstractContextManager[HitBatch]:
         """Record the hits of this thread's reads inside the block in one index transaction
@@ -166,11 +170,12 @@ class KVStore:
         return self.ledger.batched()
 
     def _drop_copy(self, entry: EntryInfo, tier: residency.Tier, blobs: BlobStore,
-                   reason: str) -> None:
-        """One tier's copy is bad: that tier forgets it (the row goes with its last tier)."""
+                   reason: str, count: Callable[..., None]) -> None:
+        """One tier's copy is bad: that tier forgets it (the row goes with its last tier). The
+        bad copy is counted always, the miss by ``count``."""
         log.warning("discarding %s copy of cache entry %s: %s", tier, entry.key, reason)
         self.ledger.count("corrupt", tier, "corrupt")
-        self.ledger.count("", tier, "misses")
+        count("", tier, "misses")
         try:
             # Conditional on the blob we judged, so a good entry stored concurrently by
             # another writer (under a blob name of its own) survives, and its blob too.
@@ -180,12 +185,12 @@ class KVStore:
             log.warning("could not remove bad cache entry %s: %s", entry.key, exc)
         return None
 
-    def _discard(self, entry: EntryInfo, reason: str) -> None:
-        """Remove a foreign entry from every tier; always a miss."""
+    def _discard(self, entry: EntryInfo, reason: str, record: bool) -> None:
+        """Remove a foreign entry from every tier; always a miss (counted if ``record``)."""
         log.warning("discarding cache entry %s: %s", entry.key, reason)
         self.ledger.count("corrupt")
         self._remove_entry(entry.key, entry.blob_name)
-        return self.ledger.miss()
+        return self.ledger.miss() if record else None
 
     def reject(self, key: str, found: Fetched, reason: str) -> None:
         """A hit its reader cannot use (KV of another shape or dtype, non-finite values):
@@ -270,10 +275,7 @@ class KVStore:
             self._delete_blob(replaced)
         if self.remote is not None:
             self._write(key, name, "remote", self.remote, data)
-        try:
-            residency.touch(self.index, [key], self.policy, hit=False)
-        except Exception as exc:
-            log.warning("could not score %s for eviction: %s", key, exc)
+        self._score(key)
         if self.memory is not None:
             # What a later read decodes, so a memory hit equals a disk hit bit for bit.
             held = decode_tensors(stored, codec_meta)  # without a codec: the tensors as given
@@ -293,6 +295,13 @@ class KVStore:
         except Exception as exc:
             log.warning("could not write %s to the %s tier: %s", key, tier, exc)
         self._delete_quietly(blobs, name)
+
+    def _score(self, key: str) -> None:
+        """Rank ``key`` for eviction as written now; best effort."""
+        try:
+            residency.touch(self.index, [key], self.policy, hit=False)
+        except Exception as exc:
+            log.warning("could not score %s for eviction: %s", key, exc)
 
     @staticmethod
     def _delete_quietly(blobs: BlobStore, name: str) -> None:
