@@ -230,12 +230,13 @@ def test_get_or_compute_miss_computes_once_and_stores_back(kvstore):
     assert torch.equal(again.k, kv.k) and torch.equal(again.v, kv.v)
 
 
-@pytest.mark.parametrize(("kv_dtype", "value"), [("float32", float("nan")),
-                                                ("float16", 1e6)])  # fp16 overflows to inf
+@pytest.mark.parametrize(("kv_dtype", "value", "codec"), [
+    ("float32", float("nan"), None), ("float16", 1e6, None),  # fp16 overflows to inf
+    ("float32", float("inf"), Int8Codec())])  # raised: the miss went through the codec
 def test_kv_with_non_finite_values_is_handed_out_but_not_stored(kvstore, caplog, kv_dtype,
-                                                                 value):
+                                                                 value, codec):
     """Every read would reject such an entry: it is not written, and a warning says why."""
-    chunks = ChunkStore(kvstore, FP, SHAPE, kv_dtype)
+    chunks = ChunkStore(kvstore, FP, SHAPE, kv_dtype, codec)
     kv = _kv()
     kv.v[1, 0, 2, 3] = value
     compute = Compute(kv)
@@ -243,7 +244,7 @@ def test_kv_with_non_finite_values_is_handed_out_but_not_stored(kvstore, caplog,
         got, tier = chunks.get_or_compute(KEY, 3, compute)
     assert tier is None and compute.calls == 1 and got.n_tokens == 3
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        f"not storing KV for {KEY}: it holds non-finite values in {kv_dtype}"]
+        f"not storing KV for {KEY}: it holds non-finite values in {chunks.read_dtype}"]
     assert chunks.stored([KEY]) == {KEY: False}
     assert kvstore.ledger.counters["puts"] == 0
     chunks.get_or_compute(KEY, 3, compute)

@@ -62,6 +62,10 @@ def test_a_stored_entry_is_checked_before_use():
     # large finite half-precision values whose half-precision sum would overflow: still valid
     big = _kv(torch.float16, fill=60000.0).to_tensors("float16")
     assert torch.equal(ChunkKV.from_tensors(big, **SHAPE).k, big["k"])
+    # ... and fp32 / bf16 ones whose float32 sum overflowed (all read as non-finite)
+    for dtype in (torch.float32, torch.bfloat16):
+        huge = _kv(dtype, fill=3e38).to_tensors(str(dtype).removeprefix("torch."))
+        assert torch.equal(ChunkKV.from_tensors(huge, **SHAPE, dtype=dtype).v, huge["v"])
     for bad in (float("nan"), float("inf")):
         broken = {**good, "v": good["v"].clone()}
         broken["v"][1, 0, 2, 3] = bad

@@ -124,7 +124,7 @@ class ChunkStore:
         copy where that changes nothing), or through the codec (on the CPU, as a disk hit
         is). A miss is used so, or an answer would depend on whether its chunks were cache
         hits (with fp16 storage, a near tie could fall the other way)."""
-        if self.codec is None:
+        if self.codec is None or not kv.finite():  # (not stored: no read to match)
             dt = torch_dtype(self.kv_dtype)
             score = None if kv.score is None else kv.score.float()
             return ChunkKV(kv.k.to(dt), kv.v.to(dt), score)
