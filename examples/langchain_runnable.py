@@ -50,7 +50,7 @@ def main() -> None:
               f"recomputed {t['recomputed_tokens']}/{t['context_tokens']} tokens")
         print("   ", out["answer"])
     print("[blend, streaming] ", end="", flush=True)
-    for piece in chain.stream(question):
+    for piece in chain.pick("answer").stream(question):  # the text of the output's pieces
         print(piece, end="", flush=True)
     print()
 

@@ -18,7 +18,8 @@ pytest.importorskip("langchain_tests")
 
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.documents import Document  # noqa: E402
-from langchain_core.runnables import RunnableLambda  # noqa: E402
+from langchain_core.output_parsers import StrOutputParser  # noqa: E402
+from langchain_core.runnables import RunnableLambda, RunnableParallel  # noqa: E402
 from langchain_tests.integration_tests import RetrieversIntegrationTests  # noqa: E402
 
 from ragkv import BlendConfig, RagKV  # noqa: E402
@@ -88,25 +89,59 @@ def test_batch_stream_and_async_match_api(rag: RagKV) -> None:
     first, second = api(rag), api(rag, OTHER)
     outs = chain.batch([QUESTION, {"question": OTHER}])
     assert [o["tokens"] for o in outs] == [first.tokens, second.tokens]
-    assert "".join(chain.stream(QUESTION)).strip() == first.text
+    streamed = list(chain.stream(QUESTION))  # pieces of invoke's dict, adding up to it
+    whole, out = sum(streamed[1:], streamed[0]), chain.invoke(QUESTION)
+    assert set(whole) == set(out) and whole["trace"]["mode"] == out["trace"]["mode"]
+    assert {k: whole[k] for k in out if k != "trace"} == {k: out[k] for k in out if k != "trace"}
+    assert "".join(chain.pick("answer").stream(QUESTION)) == first.text
 
     async def run_async() -> tuple[Any, ...]:
         one = await chain.ainvoke(QUESTION)
         many = await chain.abatch([QUESTION, OTHER])
-        pieces = [p async for p in chain.astream(OTHER)]
+        pieces = [p["answer"] async for p in chain.astream(OTHER) if "answer" in p]
         return one, many, pieces
 
     one, many, pieces = asyncio.run(run_async())
     assert one["tokens"] == first.tokens
     assert [o["tokens"] for o in many] == [first.tokens, second.tokens]
-    assert "".join(pieces).strip() == second.text
+    assert "".join(pieces) == second.text
 
 
 def test_composes_in_lcel(rag: RagKV) -> None:
+    """A chain that read the answer from the output dict failed when streamed: the runnable
+    streamed plain text, not pieces of its output."""
     chain = (RunnableLambda(lambda q: {"question": q})
              | RagkvRunnable(rag=rag, k=3, max_new_tokens=NEW)
              | RunnableLambda(lambda out: out["answer"]))
-    assert chain.invoke(QUESTION) == api(rag).text
+    assert chain.invoke(QUESTION) == "".join(chain.stream(QUESTION)) == api(rag).text
+    text = RagkvRunnable(rag=rag, k=3, max_new_tokens=NEW).pick("answer") | StrOutputParser()
+    assert text.invoke(QUESTION) == "".join(text.stream(QUESTION)) == api(rag).text
+
+
+def test_differently_set_up_runnables_share_one_chain_schema(rag: RagKV) -> None:
+    """Each runnable declared its own settings as its per-call defaults, so a full-against-
+    blend comparison in one chain had conflicting config specs and its schema raised."""
+    both = RunnableParallel(full=RagkvRunnable(rag=rag, mode="full", k=2, max_new_tokens=2),
+                            blend=RagkvRunnable(rag=rag, ratio=0.3, k=3, max_new_tokens=2))
+    fields = both.config_schema().model_json_schema()["$defs"]["Configurable"]["properties"]
+    assert {"ragkv_mode", "ragkv_ratio", "ragkv_policy", "ragkv_k"} <= set(fields)
+    out = both.invoke(QUESTION, config={"configurable": {"ragkv_mode": None}})
+    assert (out["full"]["trace"]["mode"], out["blend"]["trace"]["mode"]) == ("full", "blend")
+    assert len(out["full"]["chunks"]) == 2 and out["blend"]["trace"]["ratio"] == 0.3
+
+
+def test_a_bad_question_or_document_text_is_the_facades_error(rag: RagKV) -> None:
+    """A custom retriever was sent an empty question before it was checked; a Document
+    holding half a surrogate pair (as a JSON escape leaves) failed in the tokenizer."""
+    asked: list[str] = []
+    chain = RagkvRunnable(rag=rag, retriever=RunnableLambda(lambda q: asked.append(q) or []))
+    with pytest.raises(ValueError, match="^the question is empty$"):
+        chain.invoke("   ")
+    assert asked == []
+    bad = RagkvRunnable(rag=rag, retriever=RunnableLambda(
+        lambda _q: [Document(page_content="good text \ud800 then")]))
+    with pytest.raises(ValueError, match="page_content is not valid text"):
+        bad.invoke(QUESTION)
 
 
 def test_any_retriever_runnable_feeds_the_chunks(rag: RagKV) -> None:

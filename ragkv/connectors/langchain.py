@@ -1,11 +1,13 @@
 """LangChain bridge: a retriever of cache-keyed Documents and an LCEL runnable on fused chunk KV.
 
 The runnable takes ``{"question": ...}`` or a plain string and returns
-``{"answer", "tokens", "trace", "chunks"}``; ``stream``/``astream`` yield the answer's text
-pieces. Mode, recompute ratio, policy and k come from the fields or, per call, from
-``config["configurable"]`` (``ragkv_mode``, ``ragkv_ratio``, ``ragkv_policy``, ``ragkv_k``).
-Cache hits and TTFT are sent as LangChain custom events (``ragkv_cache``, ``ragkv_ttft``), so
-callback handlers and ``astream_events`` see them.
+``{"answer", "tokens", "trace", "chunks"}``; ``stream``/``astream`` yield that dict in pieces
+that add up to it, as LCEL expects of a step: ``{"answer": text}`` as the answer is decoded,
+then the rest (``chain.pick("answer")`` streams the text alone). Mode, recompute ratio,
+policy and k come from the fields or, per call, from ``config["configurable"]``
+(``ragkv_mode``, ``ragkv_ratio``, ``ragkv_policy``, ``ragkv_k``). Cache hits and TTFT are
+sent as LangChain custom events (``ragkv_cache``, ``ragkv_ttft``), so callback handlers and
+``astream_events`` see them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ try:
     from langchain_core.retrievers import BaseRetriever
     from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
     from langchain_core.runnables.config import run_in_executor
-    from langchain_core.runnables.utils import ConfigurableFieldSpec
+    from langchain_core.runnables.utils import AddableDict, ConfigurableFieldSpec
     from pydantic import ConfigDict, Field
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -38,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import MODES, BlendConfig
+from ragkv.prompt import check_question, require_str
 
 RunnableInput = str | dict[str, Any]
 
@@ -64,6 +67,7 @@ def chunk_document(chunk: RetrievedChunk) -> Document:
 
 def document_chunk(rag: RagKV, doc: Document) -> RetrievedChunk | None:
     """The chunk a Document stands for: its page content tokenized on its own; None if empty."""
+    require_str(doc.page_content, "a retrieved Document's page_content")
     ids = tokenize_chunk(doc.page_content, rag.tokenizer)
     if not ids:
         return None
@@ -87,11 +91,30 @@ class RagkvRetriever(BaseRetriever):
 
 
 def _question(value: RunnableInput) -> str:
-    if isinstance(value, str):
-        return value
+    """The question, checked before any retriever sees it."""
     if isinstance(value, dict) and isinstance(value.get("question"), str):
-        return value["question"]
-    raise TypeError("ragkv expects a question string or a dict with a 'question' string")
+        value = value["question"]
+    if not isinstance(value, str):
+        raise TypeError("ragkv expects a question string or a dict with a 'question' string")
+    check_question(value)
+    return value
+
+
+def _trimmed(pieces: Iterator[str]) -> Iterator[str]:
+    """``pieces`` without the answer's leading and trailing whitespace, so that they join to
+    the answer's text (``Answer.text`` is stripped); whitespace inside it is held until the
+    text after it comes."""
+    held, started = "", False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        text = piece.rstrip()
+        if text:
+            yield held + text
+            held = piece[len(text):]
+        else:
+            held += piece
 
 
 def _payloads(stream: TokenStream) -> list[tuple[str, dict[str, Any]]]:
@@ -128,28 +151,35 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
 
     @property
     def config_specs(self) -> list[ConfigurableFieldSpec]:
-        # Declared so tooling (and RunnableSequence) knows these per-call settings exist.
+        # Declared so tooling (and RunnableSequence) knows these per-call settings exist. The
+        # defaults are None ("this runnable's own field"), the same for every runnable: two
+        # differently set up in one chain (full against blend) gave LangChain conflicting
+        # specs, and the chain's config_schema() raised.
         return [
-            ConfigurableFieldSpec(id="ragkv_mode", annotation=str, default=self.mode,
-                                  name="ragkv mode", description=f"one of {MODES}"),
+            ConfigurableFieldSpec(id="ragkv_mode", annotation=str | None, default=None,
+                                  name="ragkv mode", description=f"one of {MODES}; None: the "
+                                                                 "runnable's mode"),
             ConfigurableFieldSpec(id="ragkv_ratio", annotation=float | str | None,
-                                  default=self.ratio, name="recompute ratio",
+                                  default=None, name="recompute ratio",
                                   description="blend ratio in [0, 1] or 'auto'; None: the "
-                                              "RagKV config's"),
-            ConfigurableFieldSpec(id="ragkv_policy", annotation=str | None, default=self.policy,
-                                  name="selection policy", description="blend token policy"),
-            ConfigurableFieldSpec(id="ragkv_k", annotation=int, default=self.k,
-                                  name="chunks", description="chunks to retrieve"),
+                                              "runnable's (else the RagKV config's)"),
+            ConfigurableFieldSpec(id="ragkv_policy", annotation=str | None, default=None,
+                                  name="selection policy", description="blend token policy; "
+                                                                       "None: the runnable's"),
+            ConfigurableFieldSpec(id="ragkv_k", annotation=int | None, default=None,
+                                  name="chunks", description="chunks to retrieve; None: the "
+                                                             "runnable's k"),
         ]
 
     def _options(self, config: RunnableConfig | None) -> tuple[str, BlendConfig, int]:
-        conf = (config or {}).get("configurable") or {}
+        conf = {name: value for name, value in ((config or {}).get("configurable") or {}).items()
+                if value is not None}  # None: the runnable's own (config_specs' default)
         mode = conf.get("ragkv_mode", self.mode)
         if mode not in MODES:
             raise ValueError(f"ragkv_mode must be one of {MODES}, got {mode!r}")
         # every other setting (correction, guard) as the RagKV config has it
         blend = self.rag.config.blend.choose(conf.get("ragkv_ratio", self.ratio),
-                                             conf.get("ragkv_policy") or self.policy)
+                                             conf.get("ragkv_policy", self.policy))
         k = conf.get("ragkv_k", self.k)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"ragkv_k must be a whole number of chunks >= 1, got {k!r}")
@@ -186,11 +216,24 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
 
     @staticmethod
     def _output(stream: TokenStream) -> dict[str, Any]:
+        return {"answer": stream.answer.text, **RagkvRunnable._rest(stream)}
+
+    @staticmethod
+    def _rest(stream: TokenStream) -> dict[str, Any]:
+        """The output but its answer text: the last piece a stream yields."""
         answer = stream.answer
-        return {"answer": answer.text, "tokens": answer.tokens, "trace": answer.trace.to_dict(),
+        return {"tokens": answer.tokens, "trace": answer.trace.to_dict(),
                 "chunks": [{"key": c.key, "document": c.document, "chunk_id": c.chunk_id,
                             "score": c.score, "text": c.text}
                            for c in stream.chunks]}  # in the prompt: not those left out
+
+    def _streamed(self, stream: TokenStream) -> Iterator[AddableDict]:
+        """The output in pieces that add up to :meth:`_output`'s."""
+        said = False
+        for text in _trimmed(self._pieces(stream)):
+            said = True
+            yield AddableDict(answer=text)
+        yield AddableDict(self._rest(stream) if said else self._output(stream))
 
     # ---- sync -------------------------------------------------------------------------------
     def _run(self, value: RunnableInput, run_manager: CallbackManagerForChainRun,
@@ -207,15 +250,15 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         return self._call_with_config(self._run, input, config, run_type="chain")
 
     def _transform(self, inputs: Iterator[RunnableInput], run_manager: CallbackManagerForChainRun,
-                   config: RunnableConfig) -> Iterator[str]:
+                   config: RunnableConfig) -> Iterator[AddableDict]:
         for value in inputs:
             stream = self._start(value, config)
             for name, data in _payloads(stream):
                 dispatch_custom_event(name, data, config=config)
-            yield from self._pieces(stream)
+            yield from self._streamed(stream)
 
     def stream(self, input: RunnableInput, config: RunnableConfig | None = None,
-               **kwargs: Any) -> Iterator[str]:
+               **kwargs: Any) -> Iterator[AddableDict]:
         yield from self._transform_stream_with_config(iter([input]), self._transform, config,
                                                       run_type="chain")
 
@@ -233,17 +276,17 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
         return await self._acall_with_config(self._arun, input, config, run_type="chain")
 
     async def _atransform(self, inputs: AsyncIterator[RunnableInput], run_manager: Any,
-                          config: RunnableConfig) -> AsyncIterator[str]:
+                          config: RunnableConfig) -> AsyncIterator[AddableDict]:
         async for value in inputs:
             stream = await run_in_executor(config, self._start, value, config)
             for name, data in _payloads(stream):
                 await adispatch_custom_event(name, data, config=config)
-            pieces = self._pieces(stream)
+            pieces = self._streamed(stream)
             while (piece := await run_in_executor(config, next, pieces, None)) is not None:
                 yield piece
 
     async def astream(self, input: RunnableInput, config: RunnableConfig | None = None,
-                      **kwargs: Any) -> AsyncIterator[str]:
+                      **kwargs: Any) -> AsyncIterator[AddableDict]:
         async def one() -> AsyncIterator[RunnableInput]:
             yield input
 
