@@ -281,3 +281,39 @@ def test_async_streaming_is_an_async_stream(rag: RagKV) -> None:
     assert isinstance(response, AsyncStreamingResponse)
     assert text.strip() == expected.text
     assert response.metadata["ragkv_tokens"] == expected.tokens
+
+
+def test_a_pipeline_cache_never_hands_out_another_setups_nodes(rag: RagKV) -> None:
+    """The pipeline's cache hashed only the weights: a rerun for another precompute context
+    got the first run's nodes back, nothing precomputed, every key naming the other entry."""
+    from llama_index.core.ingestion import IngestionCache
+
+    cache, node = IngestionCache(), TextNode(text=topics["with"][:500] + " cache probe", id_="n")
+    for facade in (rag.with_config(precompute_context="prefix"), rag):
+        transform = RagkvKVTransform(facade)
+        (out,) = IngestionPipeline(transformations=[transform], cache=cache).run(
+            nodes=[node.model_copy()])
+        key = facade.key_for(tokenize_chunk(out.get_content(MetadataMode.LLM), rag.tokenizer))
+        assert out.metadata[KEY] == key and facade.backend.stored([key]) == {key: True}
+
+
+def test_a_top_k_the_retriever_given_would_ignore_is_refused(rag: RagKV) -> None:
+    """``similarity_top_k`` reached only ragkv's own retriever or an index: with a retriever
+    given, every node it returned went into the prompt."""
+    nodes = [TextNode(text=topics[t][:300]) for t in ("for", "if", "while")]
+    with pytest.raises(ValueError, match="similarity_top_k=2 does not reach the retriever"):
+        RagkvQueryEngine(rag=rag, retriever=SummaryIndex(nodes).as_retriever(),
+                         similarity_top_k=2)
+    with pytest.raises(ValueError, match="similarity_top_k=2 does not reach the retriever"):
+        RagkvQueryEngine(rag=rag, retriever=RagkvRetriever(rag, 4), similarity_top_k=2)
+    engine = RagkvQueryEngine(rag=rag, retriever=RagkvRetriever(rag, 2), similarity_top_k=2,
+                              max_new_tokens=1)
+    assert len(engine.query(QUESTION).source_nodes) == 2
+
+
+def test_a_node_with_invalid_text_is_the_facades_error(rag: RagKV) -> None:
+    bad = TextNode(text="good text \ud800 then", id_="bad")
+    engine = RagkvQueryEngine(rag=rag, retriever=SummaryIndex([bad]).as_retriever(),
+                              max_new_tokens=1)
+    with pytest.raises(ValueError, match="^node bad's text is not valid text"):
+        engine.query(QUESTION)

@@ -46,7 +46,7 @@ from ragkv.api import RagKV, RetrievedChunk, TokenStream
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import MODES, BlendConfig
 from ragkv.ingest import PRECOMPUTE_BATCH
-from ragkv.prompt import check_question
+from ragkv.prompt import check_question, require_str
 
 if TYPE_CHECKING:
     from ragkv.trace import QueryTrace
@@ -123,6 +123,7 @@ def emit_trace_events(trace: QueryTrace) -> None:
 def node_chunk(rag: RagKV, node: BaseNode) -> RetrievedChunk | None:
     """The chunk a node stands for: its LLM-visible text, tokenized on its own; None if empty."""
     text = node.get_content(metadata_mode=MetadataMode.LLM)
+    require_str(text, f"node {node.node_id}'s text")
     ids = tokenize_chunk(text, rag.tokenizer)
     if not ids:
         return None
@@ -225,6 +226,17 @@ class RagkvKVTransform(TransformComponent):
     def class_name(cls) -> str:
         return "RagkvKVTransform"
 
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        # What the pipeline's cache hashes. A node's key depends on the precompute context,
+        # the KV storage dtype and the anchor passage too, not only on the weights: with the
+        # fingerprint alone a pipeline rerun for another setup got the cached nodes back,
+        # nothing precomputed and every key naming the other setup's entry.
+        try:
+            space = self.rag.key_for([0])  # every key of this setup hashes in the same way
+        except ValueError:  # the anchor passage is picked with the first nodes: not yet
+            space = f"{self.rag.config.precompute_context}:{self.rag.config.kv_storage}"
+        return {**super().to_dict(**kwargs), "fingerprint": f"{self.fingerprint}:{space}"}
+
     @property
     def computed(self) -> int:
         """Nodes whose KV this transform had to compute (0 when everything was stored)."""
@@ -279,6 +291,13 @@ class RagkvQueryEngine(CustomQueryEngine):
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         # a bad ratio or policy fails at construction, not at the first query
         self._blend()
+        given = getattr(self.retriever, "similarity_top_k", None)  # a RagkvRetriever's own
+        if ("similarity_top_k" in self.model_fields_set and self.retriever is not None
+                and not isinstance(self.retriever, BaseIndex)
+                and given != self.similarity_top_k):  # it was ignored: every node went in
+            raise ValueError(f"similarity_top_k={self.similarity_top_k} does not reach the "
+                             f"retriever given, which returns its own top-k: set it on that "
+                             f"retriever, or pass an index")
         if not isinstance(self.retriever, RagkvRetriever):  # own, or another wrapped
             self.retriever = RagkvRetriever(self.rag, self.similarity_top_k, self.retriever)
 
