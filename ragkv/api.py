@@ -243,6 +243,9 @@ class RagKV:
 
     # ---- ingestion and retrieval --------------------------------------------------------
     def ingest_text(self, name: str, text: str, source: str = "", progress=None):
+        """Chunk, embed, record and precompute one document (``ingest.ingest_text``);
+        ``progress(stage, done, total)`` is called as chunking, embedding and precomputing
+        move."""
         from ragkv.ingest import ingest_text
 
         require_str(name, "the document's name")

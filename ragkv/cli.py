@@ -29,6 +29,7 @@ from ragkv.cli_shared import (
     console,
     fail,
     index_failure,
+    makeable_home,
     open_rag,
     print_error,
     print_summary,
@@ -270,6 +271,7 @@ def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
                     precompute_context=context or "anchor")  # type: ignore[arg-type]
     except ValueError as exc:
         fail(str(exc))
+    makeable_home(home)
     check_port(ADDRESS, port)
     try:
         code = launch(home, model, port=port, headless=headless, engine=engine,

@@ -223,7 +223,7 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
     the same file had before (an earlier version, removed once the new one is in)."""
     computed = tokens = replaced = superseded = 0
     busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
-    from ragkv.ingest import require_own_tokenizer
+    from ragkv.ingest import progress_text, require_own_tokenizer
 
     require_own_tokenizer(rag)  # before a passage is picked for a corpus it cannot add to
     rag.choose_anchor([text for _, text in docs])  # from all of them, not the first alone
@@ -235,9 +235,7 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
 
             def chunks_done(stage: str, done: int, total: int, name: str = name) -> None:
                 # a long document is most of a run: its stages show it moving
-                moved = (f"{done / max(total, 1):.0%}" if stage == "chunking"
-                         else f"{done}/{total} chunks")
-                bar.update(task, description=f"{stage} {name[-40:]} ({moved})")
+                bar.update(task, description=f"{name[-40:]}: {progress_text(stage, done, total)}")
 
             res = rag.ingest_text(name, text, progress=chunks_done)
             if res.precomputed_tokens:

@@ -60,6 +60,8 @@ def serve(home: Home = default_home(), model: Model = None,
         path = resolve_model(cfg.model, cfg.home)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         fail(str(exc))
+    except OSError as exc:  # a home that cannot be made (under a file)
+        fail(f"cannot use {exc.filename or home}: {exc.strerror or exc}")
     # vLLM refuses these only after loading the model, with a traceback
     window = model_window(path)
     if max_model_len is not None and max_model_len > window:

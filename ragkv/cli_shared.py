@@ -185,6 +185,16 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
     require_writable(home)
 
 
+def makeable_home(home: Path) -> None:
+    """A home that cannot be made (under a file) is refused in one line, before a server
+    starts: the page blamed the model, and ``serve --print`` raised a traceback."""
+    folder = home
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        fail(f"cannot use {home}: {folder} is not a folder")
+
+
 def require_writable(home: Path) -> None:
     """A home on a read-only mount failed every command, ``ingest`` included, with SQLite's
     "unable to open database file" and exit 1."""
@@ -214,7 +224,7 @@ def mebibytes(mb: float | None, option: str) -> int | None:
     infinite or NaN one."""
     if mb is None:
         return None
-    if not math.isfinite(mb) or mb < 0:
+    if not math.isfinite(mb * 2**20) or mb < 0:  # 1e308 MB is no bytes count either
         fail(f"{option} must be a number of MB >= 0, got {mb}")
     return int(mb * 2**20)
 

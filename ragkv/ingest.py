@@ -45,6 +45,12 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 #: Called as a document's ingestion moves: ``(stage, done, total)``, where the stage is
 #: "chunking" (characters done), "embedding" or "precomputing" (chunks done).
 Progress = Callable[[str, int, int], None]
+def progress_text(stage: str, done: int, total: int) -> str:
+    """How far a stage is, in words: "chunking (45%)", "embedding (3/10 chunks)"."""
+    moved = f"{done / max(total, 1):.0%}" if stage == "chunking" else f"{done}/{total} chunks"
+    return f"{stage} ({moved})"
+
+
 #: A long document's chunks are embedded this many at a time, so that its progress moves (at
 #: one thread the embedder reads ~3-4 chunks a second: minutes for a few MB of text).
 EMBED_GROUP = 256

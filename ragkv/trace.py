@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class ChunkTrace:
+    # The entry this prompt position reads (``KeySpace.at``). With anchor precompute the first
+    # chunk reads its prefix-context entry, so its key is not the chunk's retrieval key
+    # (``RetrievedChunk.key``, a Document's or node's ``ragkv_key``): match a source by
+    # position (``start``) or document, not by key.
     key: str
     n_tokens: int
     hit: bool | None  # None: the mode never looked this chunk up (full; prefix past chunk 1)

@@ -349,6 +349,7 @@ def test_a_mistyped_command_line_is_one_line_exit_2(args: list[str], says: str) 
     (["ingest", "DOCS", "--max-mb", "nan"], "--max-mb must be a number of MB >= 0, got nan"),
     (["ingest", "DOCS", "--max-mb", "-1"], "--max-mb must be a number of MB >= 0, got -1"),
     (["cache", "gc", "--disk-budget-mb", "inf"], "--disk-budget-mb must be a number of MB"),
+    (["cache", "gc", "--disk-budget-mb", "1e308"], "--disk-budget-mb must be a number of MB"),
     (["cache", "gc", "--remote-budget-mb", "1e400", "--remote", "memory://r"],
      "--remote-budget-mb must be a number"),
     (["bench", "--cases", "CASES", "--long-context", "5"], "--long-context must be 0 (off) or"),

@@ -194,3 +194,10 @@ def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path, tiny_model: Path
         assert result.exit_code == 2, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert result.output.startswith("error: cannot use "), result.output
+    # the UI and the server: refused before a server starts (the page blamed the model, and
+    # serve --print raised a traceback)
+    for cmd in (["ui", "--port", "8599"], ["serve", "--print"]):
+        result = runner.invoke(app, [*cmd, "--home", str(under_a_file)])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and said.startswith(f"error: cannot use {under_a_file}"), (
+            cmd, result.output)

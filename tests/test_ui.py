@@ -65,6 +65,19 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     assert "Could not load" in err and "no-such-model" in err and "--model" in err
 
 
+@pytest.mark.parametrize("page_name", ["ask", "dashboard"])
+def test_an_index_that_is_not_one_is_a_clear_error(tmp_path: Path, tiny_model: Path,
+                                                     page_name: str) -> None:
+    """A page showed SQLite's traceback for a home whose index is not a database."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "index.sqlite").write_bytes(b"not a database at all, " * 100)
+    at = page(page_name, home, tiny_model).run()
+    assert not at.exception, at.exception
+    err = texts(at.error)
+    assert "could not be read" in err and "not a database" in err and "--model" not in err
+
+
 def test_ingest_bad_path_is_an_error(tmp_path: Path, tiny_model: Path) -> None:
     at = page("ingest", tmp_path / "home", tiny_model, docs_roots=[tmp_path]).run()
     at.text_input(key="ingest_path").input(str(tmp_path / "nope"))

@@ -31,7 +31,8 @@ def main() -> None:
                          for i, (path, title, icon) in enumerate(PAGES)])
     with st.sidebar:
         st.caption(f"home: `{s.home}`  \nmodel: `{s.model or 'default (SmolLM2)'}`  \n"
-                   f"engine: `{s.engine}`  \nprecompute context: `{s.context}`")
+                   f"engine: `{s.engine}`  \n"
+                   f"precompute context: `{s.context or 'as ingested'}`")
     nav.run()
 
 

@@ -111,9 +111,17 @@ def _engine_lock(home: str, model: str | None, context: str | None,
 
 def get_rag() -> RagKV:
     """The shared RagKV, or an error box and a stopped page if it cannot be built."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     s = settings()
     try:
         return _load_rag(s.home, s.model, s.context, s.engine)
+    except SQLAlchemyError as exc:  # an index that is not one: the model is not to blame
+        from ragkv.cache_index.database import brief
+
+        st.error(f"The cache index in `{s.home}` could not be read: {literal_md(brief(exc))}")
+        st.stop()
+        raise
     except (ValueError, OSError, RuntimeError) as exc:  # bad/missing model, unusable home
         where = f"`{s.model}`" if s.model else "the default model (fetched into the home folder)"
         st.error(f"Could not load {where}: {literal_md(str(exc))}\n\n"

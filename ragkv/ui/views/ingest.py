@@ -24,6 +24,7 @@ from ragkv.documents import (
     load_bytes,
     load_documents,
 )
+from ragkv.ingest import progress_text
 from ragkv.ui import state
 from ragkv.ui.frames import literal_md
 
@@ -140,8 +141,9 @@ def run_ingest(rag, docs: list[tuple[str, str]]) -> None:
         name = literal_md(raw_name)  # shown in Markdown lines; ingested as it is
         bar = st.progress(0.0, text=f"{name}: chunking and embedding...")
 
-        def progress(done: int, total: int, bar=bar, name=name) -> None:
-            bar.progress(done / max(total, 1), text=f"{name}: KV of chunk {done}/{total}")
+        def progress(stage: str, done: int, total: int, bar=bar, name=name) -> None:
+            bar.progress(done / max(total, 1),
+                         text=f"{name}: {progress_text(stage, done, total)}")
 
         try:
             with state.engine_lock():
