@@ -171,9 +171,11 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
         home = RagkvConfig(home=home).home  # a home that is a file says so first
     except ValueError as exc:
         fail(str(exc))
-    missing = _missing_sqlite_file(index_url)
-    if missing is not None:  # a mistyped URL would make an empty index there
-        fail(f"no ragkv cache index at {missing} (from --index-url): nothing was ingested there")
+    named = _sqlite_file(index_url)
+    if named is not None and not named.exists():  # a mistyped URL would make an empty index
+        fail(f"no ragkv cache index at {named} (from --index-url): nothing was ingested there")
+    if named is not None:
+        _require_ragkv_tables(named)
     if index_url is not None or blob_url is not None:
         return
     index = home / INDEX_FILE
@@ -183,6 +185,25 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
         fail(f"no ragkv cache at {home}: nothing was ingested there "
              f"(`ragkv ingest PATH --home {home}` makes one)")
     require_writable(home)
+    _require_ragkv_tables(index)
+
+
+def _require_ragkv_tables(path: Path) -> None:
+    """A SQLite file holding another app's tables and none of ragkv's is refused: a command
+    that reads the cache would add ragkv's schema to it. A file SQLite cannot read is left to
+    the command, which says so."""
+    import sqlite3
+    from contextlib import closing
+
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = sorted(r[0] for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"))
+    except sqlite3.Error:
+        return
+    if tables and "kv_entries" not in tables:
+        fail(f"{path} is not a ragkv cache index (it holds the tables "
+             f"{', '.join(tables[:5])}{', ...' if len(tables) > 5 else ''}): left as it is")
 
 
 def makeable_home(home: Path) -> None:
@@ -203,8 +224,8 @@ def require_writable(home: Path) -> None:
              f"it, so ragkv needs to write there (use a writable copy of the folder)")
 
 
-def _missing_sqlite_file(index_url: str | None) -> str | None:
-    """The file a SQLite ``index_url`` names, where there is none; else None."""
+def _sqlite_file(index_url: str | None) -> Path | None:
+    """The file a SQLite ``index_url`` names; None for other URLs (and in-memory ones)."""
     if not index_url or not index_url.startswith("sqlite"):
         return None
     from sqlalchemy.engine import make_url
@@ -216,7 +237,7 @@ def _missing_sqlite_file(index_url: str | None) -> str | None:
         return None  # said by the command itself, as any bad URL is
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
-    return None if Path(database).exists() else database
+    return Path(database)
 
 
 def mebibytes(mb: float | None, option: str) -> int | None:

@@ -201,3 +201,25 @@ def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path, tiny_model: Path
         said = " ".join(result.output.split())
         assert result.exit_code == 2 and said.startswith(f"error: cannot use {under_a_file}"), (
             cmd, result.output)
+
+
+def test_another_apps_sqlite_database_is_refused_and_left_alone(tmp_path: Path) -> None:
+    """A mistyped ``--index-url`` naming another app's database got ragkv's tables added to
+    it, and ``cache stats`` reported an empty cache."""
+    import sqlite3
+
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "index.sqlite").write_bytes(other.read_bytes())
+    for args in (["cache", "stats", "--index-url", f"sqlite:///{other}"],
+                 ["documents", "--home", str(home)]):
+        result = runner.invoke(app, args)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2 and "is not a ragkv cache index" in said, said
+        assert "users" in said
+    for db_file in (other, home / "index.sqlite"):
+        with sqlite3.connect(db_file) as db:
+            assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["users"]
