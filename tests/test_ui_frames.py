@@ -142,3 +142,17 @@ def test_answers_keep_their_markdown_but_not_math() -> None:
     assert "<strong>first</strong>" in html and "<ol>" in html and "<code>code</code>" in html
     assert "It costs $5 or $x$." in html  # shown as dollars, not read as math
     assert md.count("\\$") == 3
+
+
+def test_no_saving_is_estimated_from_outside_the_measured_lengths() -> None:
+    """Full prefills of 0.10, 0.30 and 0.35 s at 300, 600 and 900 tokens fit a parabola
+    below zero at 2,000 and at 100 tokens: blends there were "estimated" to save -1.12 s."""
+    rows = [dict(id=i, created_at=i, hits=0, misses=0, ttft_s=t, full_ttft_s=None,
+                 mode="full", context_tokens=n)
+            for i, (n, t) in enumerate([(300, 0.10), (600, 0.30), (900, 0.35)])]
+    rows += [dict(id=3 + i, created_at=3 + i, hits=2, misses=0, ttft_s=0.05, full_ttft_s=None,
+                  mode="blend", context_tokens=n) for i, n in enumerate([2000, 100, 750])]
+    df = frames.queries_frame(rows)
+    est = df["est_saved_s"]
+    assert est[3:5].isna().all() and 0 < est[5] < 0.35  # only the blend within 300-900 tokens
+    assert df["cum_with_est_s"].iloc[-1] == pytest.approx(est[5])

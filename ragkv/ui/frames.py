@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,7 +73,24 @@ def chunk_table(index: CacheIndex, trace: QueryTrace) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["document", "cache", "tier", "tokens", "recomputed", "key"])
 
 
-def full_prefill_fit(df: pd.DataFrame) -> np.poly1d | None:
+@dataclass(frozen=True)
+class FullPrefillFit:
+    """A fitted full-prefill TTFT, given only where it was measured around: NaN for a length
+    outside the lengths it was fitted on, or where the fit is not above zero (three points
+    can fit a parabola that falls below zero a little past them: an "estimated" saving then
+    came from a negative full-prefill TTFT)."""
+
+    poly: np.poly1d
+    lo: float
+    hi: float
+
+    def __call__(self, tokens: Any) -> Any:
+        x = np.asarray(tokens, dtype=float)
+        y = self.poly(x)
+        return np.where((x >= self.lo) & (x <= self.hi) & (y > 0), y, np.nan)
+
+
+def full_prefill_fit(df: pd.DataFrame) -> FullPrefillFit | None:
     """Full-prefill TTFT as a function of prompt tokens, fitted on this machine's own
     measurements: every query answered with ``full`` (its TTFT is one) and every paired
     measurement (``full_ttft_s`` beside another mode). Quadratic in length (attention grows
@@ -90,7 +108,8 @@ def full_prefill_fit(df: pd.DataFrame) -> np.poly1d | None:
     distinct = len(np.unique(xs))
     if distinct < 2:
         return None
-    return np.poly1d(np.polyfit(xs, ys, min(2, distinct - 1)))
+    return FullPrefillFit(np.poly1d(np.polyfit(xs, ys, min(2, distinct - 1))),
+                          float(xs.min()), float(xs.max()))
 
 
 def _full_mode(df: pd.DataFrame) -> pd.Series:
