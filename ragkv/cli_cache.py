@@ -110,7 +110,7 @@ def cache_gc(home: Home = default_home(), remote: Remote = None,
     require_cache(home, index_url, blob_url)
     with cache_errors():
         store = open_store(home, disk_budget_mb, remote_budget_mb, remote, index_url, blob_url)
-        reports = store.apply_budgets()
+        reports = store.apply_budgets(strict=True)
     t = Table("tier", "budget MiB", "before MiB", "after MiB", "evicted")
     for r in reports:
         t.add_row(r.tier, f"{(r.budget or 0) / 2**20:.1f}", f"{r.bytes_before / 2**20:.1f}",

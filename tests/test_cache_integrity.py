@@ -159,6 +159,26 @@ def test_cli_verify_and_gc(tmp_path):
     assert runner.invoke(app, ["cache", "gc", "--home", str(cfg.home)]).exit_code == 2
 
 
+def test_gc_that_could_not_evict_says_so(tmp_path, monkeypatch):
+    """An index locked by another process: gc printed an empty table and exit 0, the cache
+    still over its budget."""
+    from sqlalchemy.exc import OperationalError
+
+    from ragkv.cache_index import KVStore, store
+
+    put(KVStore.from_config(RagkvConfig(home=tmp_path, memory_budget_bytes=0)), 0)
+
+    def locked(*args, **kwargs):
+        raise OperationalError("DELETE FROM kv_entries", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(store, "enforce_budget", locked)
+    res = CliRunner().invoke(app, ["cache", "gc", "--home", str(tmp_path),
+                                   "--disk-budget-mb", "0"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("error: the cache index could not be read: ") and (
+        "database is locked" in res.output and len(res.output.strip().splitlines()) == 1)
+
+
 def test_cli_cache_commands_take_shared_urls(tmp_path):
     """A shared index and blob store live anywhere: the commands take their URLs."""
     from ragkv.cache_index import KVStore

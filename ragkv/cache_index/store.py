@@ -323,8 +323,10 @@ class KVStore:
                     log.warning("could not delete %s from the %s tier: %s", entry.blob_name,
                                 tier, exc)
 
-    def apply_budgets(self) -> list[EvictionReport]:
-        """Evict from every persistent tier over its byte budget; never raises."""
+    def apply_budgets(self, *, strict: bool = False) -> list[EvictionReport]:
+        """Evict from every persistent tier over its byte budget; never raises (after a
+        write, a budget pass that fails waits for the next one), unless ``strict`` (``cache
+        gc``, whose whole work it is: it reported success with nothing evicted)."""
         reports = []
         for tier, blobs in self.persistent_tiers():
             if self.budgets.get(tier) is None:
@@ -332,6 +334,8 @@ class KVStore:
             try:
                 report = enforce_budget(self.index, blobs, tier, self.budgets[tier])
             except Exception as exc:
+                if strict:
+                    raise
                 log.warning("could not apply the %s budget: %s", tier, exc)
                 continue
             self.ledger.count("", tier, "evictions", report.evicted)
