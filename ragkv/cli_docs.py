@@ -5,7 +5,7 @@ taking them out of retrieval (the last two read the index alone and load no mode
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePath
 from typing import Annotated
 
@@ -166,7 +166,12 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
            ) -> None:
     """Ingest files or folders (.txt .md .rst .html .pdf): chunk, embed, precompute, store KV.
     Files that cannot be read are skipped with the reason; the good ones go in."""
-    from ragkv.documents import SUPPORTED_SUFFIXES, DocumentError, load_documents
+    from ragkv.documents import (
+        SUPPORTED_SUFFIXES,
+        DocumentError,
+        load_documents,
+        prefer_unchanged,
+    )
 
     resolved = resolve_paths(paths)  # documents are named by their resolved paths
     try:
@@ -174,31 +179,52 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
                                 max_bytes=mebibytes(max_mb, "--max-mb") or 0, strict=strict)
     except (FileNotFoundError, DocumentError) as exc:
         fail(str(exc))
-    for s in report.skipped:
-        console.print(f"[yellow]skipped[/yellow] {escape(str(s.path))}: {escape(s.reason)}",
-                      soft_wrap=True)
     if not report.documents and not prune:
+        for s in report.skipped:
+            print_skipped(s)
         fail(f"no readable {'/'.join(SUPPORTED_SUFFIXES)} files found")
     rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
                    anchor_source=anchor_source)
+    with cache_errors():  # of files with one text, the one the index holds it under stays
+        report = prefer_unchanged(report, stored_texts(rag))
+    for s in report.skipped:
+        print_skipped(s)
+
+    def tidy() -> None:  # after the new versions are in, before the totals are printed
+        with cache_errors():
+            for name, first in drop_duplicates(rag, report.skipped):
+                console.print(Text(f"removed the earlier version of {name}: it now holds the "
+                                   f"same text as {first}"), soft_wrap=True)
+        if prune:
+            folders = [p for p in resolved.values() if p.is_dir()]
+            with cache_errors():
+                found = ({d.name for d in report.documents}  # and duplicates: still there
+                         | {s.path for s in report.skipped if s.duplicate_of is not None})
+                gone = prune_docs(rag, folders, found)
+            for name in gone:
+                console.print(Text(f"pruned {name}"), soft_wrap=True)
+            console.print(Text(f"pruned {count(len(gone), 'document')} this run did not ingest "
+                               f"under " + ", ".join(map(str, folders))), soft_wrap=True)
+
     if report.documents:
         earlier = typed_names(resolved, [d.name for d in report.documents])
         run_engine(lambda: ingest_docs(rag, [(d.name, d.text) for d in report.documents],
-                                        len(report.skipped), earlier))
-    with cache_errors():
-        for name, first in drop_duplicates(rag, report.skipped):
-            console.print(Text(f"removed the earlier version of {name}: it now holds the same "
-                               f"text as {first}"), soft_wrap=True)
-    if prune:
-        folders = [p for p in resolved.values() if p.is_dir()]
-        with cache_errors():
-            found = ({d.name for d in report.documents}  # and duplicates: files still there
-                     | {s.path for s in report.skipped if s.duplicate_of is not None})
-            gone = prune_docs(rag, folders, found)
-        for name in gone:
-            console.print(Text(f"pruned {name}"), soft_wrap=True)
-        console.print(Text(f"pruned {count(len(gone), 'document')} this run did not ingest under "
-                           + ", ".join(map(str, folders))), soft_wrap=True)
+                                        len(report.skipped), earlier, then=tidy))
+    else:
+        tidy()
+
+
+def print_skipped(s) -> None:
+    console.print(f"[yellow]skipped[/yellow] {escape(str(s.path))}: {escape(s.reason)}",
+                  soft_wrap=True)
+
+
+def stored_texts(rag) -> dict[str, set[str]]:
+    """Each stored document's name and the digests of its stored texts."""
+    stored: dict[str, set[str]] = {}
+    for d in rag.index.documents():
+        stored.setdefault(d.name, set()).add(d.text_sha256)
+    return stored
 
 
 def drop_duplicates(rag, skipped: list) -> list[tuple[str, str]]:
@@ -206,9 +232,7 @@ def drop_duplicates(rag, skipped: list) -> list[tuple[str, str]]:
     index holds: that version goes (an edited file replaces its earlier version, and the new
     text is in under the other file's name). A file whose text did not change stays, even when
     another file was edited to hold the same text. ``(name, other file)`` for each."""
-    stored: dict[str, set[str]] = {}
-    for d in rag.index.documents():
-        stored.setdefault(d.name, set()).add(d.text_sha256)
+    stored = stored_texts(rag)
     gone = [(s.path, s.duplicate_of) for s in skipped
             if s.duplicate_of is not None and s.path in stored
             and stored[s.path] != {s.sha256}]
@@ -218,9 +242,12 @@ def drop_duplicates(rag, skipped: list) -> list[tuple[str, str]]:
 
 
 def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
-                 earlier: dict[str, str] | None = None) -> int:
+                 earlier: dict[str, str] | None = None,
+                 then: Callable[[], None] | None = None) -> int:
     """Ingest ``(name, text)`` pairs with a progress bar; ``earlier`` maps a name to the one
-    the same file had before (an earlier version, removed once the new one is in)."""
+    the same file had before (an earlier version, removed once the new one is in); ``then``
+    runs before the totals are printed (what the command removes after ingesting, so that
+    they count it)."""
     computed = tokens = replaced = superseded = 0
     busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
     from ragkv.ingest import progress_text, require_own_tokenizer
@@ -247,6 +274,8 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
                 replaced += rag._remove_documents(earlier[name]).documents
             tokens += res.precomputed_tokens
             bar.update(task, advance=1, rate=_rate(tokens, busy))
+    if then is not None:
+        then()
     s = rag.index.stats()
     console.print(f"{count(s['documents'], 'document')}, {count(s['chunks'], 'chunk')}, "
                   f"{count(s['kv_entries'], 'KV entry', 'KV entries')} "

@@ -37,7 +37,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +100,34 @@ class Skipped:
 class LoadReport:
     documents: list[LoadedDocument] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+
+
+def prefer_unchanged(report: LoadReport, stored: Mapping[str, set[str]]) -> LoadReport:
+    """``report`` with each text kept under the file that already holds it in the index
+    (``stored``: a name's stored text digests). Of files with one text, the first found was
+    kept: where that was a file edited to hold another's text, the edited one went in, and
+    the unchanged one, "skipped", stayed as well, so the index held that text twice."""
+    docs = {d.name: d for d in report.documents}
+    renamed: dict[str, str] = {}  # a kept file that gives way → the file kept instead
+    for s in report.skipped:
+        kept = docs.get(s.duplicate_of or "")
+        if (kept is None or s.duplicate_of in renamed or s.sha256 not in stored.get(s.path, ())
+                or kept.sha256 in stored.get(kept.name, ())):
+            continue
+        renamed[kept.name] = s.path
+        docs[kept.name] = LoadedDocument(s.path, kept.text, kept.sha256, kept.format)
+    if not renamed:
+        return report
+    skipped = []
+    for s in report.skipped:
+        if s.duplicate_of in renamed and s.path == renamed[s.duplicate_of]:  # kept instead
+            s = Skipped(s.duplicate_of, f"duplicate of {s.path}", duplicate_of=s.path,
+                        sha256=s.sha256)
+        elif s.duplicate_of in renamed:  # a third file with the text
+            s = Skipped(s.path, f"duplicate of {renamed[s.duplicate_of]}",
+                        duplicate_of=renamed[s.duplicate_of], sha256=s.sha256)
+        skipped.append(s)
+    return LoadReport([docs[d.name] for d in report.documents], skipped)
 
 
 def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_BYTES,

@@ -28,6 +28,7 @@ def test_ingest_replaces_edited_files_and_prunes_deleted_ones(tmp_path: Path,
     (docs / "sub" / "b.md").unlink()
     out = run("ingest", str(docs), "--prune", *home)
     assert f"pruned {docs / 'sub' / 'b.md'}" in out and "pruned 1 document this" in out
+    assert "2 documents, 2 chunks" in out  # the totals count what was pruned (said 3)
     listed = run("documents", "--home", str(tmp_path / "home"))
     assert "2 documents" in listed and "other.md" in listed  # outside the folder: kept
     (docs / "a.md").unlink()
@@ -127,8 +128,9 @@ def test_a_file_edited_to_another_files_text_leaves_no_earlier_version(
 
 def test_a_file_edited_to_an_unchanged_files_text_leaves_that_file_in(
         tmp_path: Path, tiny_model: Path) -> None:
-    """a.md (read first) edited to hold b.md's text: b.md, skipped as its duplicate, did not
-    change, so it stays (it was removed as an "earlier version", for good)."""
+    """a.md (read first) edited to hold b.md's text: b.md did not change, so it stays (it
+    was removed as an "earlier version", for good), and a.md is the duplicate (it went in,
+    and the index held the text twice: one chunk filled two places of a prompt)."""
     from ragkv.cache_index import CacheIndex
 
     docs, home = _two_files_ingested(tmp_path, tiny_model, "ZEBRA-42 is the old text of a.\n" * 20,
@@ -136,10 +138,10 @@ def test_a_file_edited_to_an_unchanged_files_text_leaves_that_file_in(
     (docs / "a.md").write_text((docs / "b.md").read_text())
     out = run("ingest", str(docs), "--prune", *home)
     a, b = docs.resolve() / "a.md", docs.resolve() / "b.md"
-    assert f"skipped {b}: duplicate of {a}" in out
-    assert "removed the earlier version" not in out and "pruned 0 documents" in out
+    assert f"skipped {a}: duplicate of {b}" in out and "pruned 0 documents" in out
+    assert f"removed the earlier version of {a}: it now holds the same text as {b}" in out
     index = CacheIndex(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}")
-    assert sorted(d.name for d in index.documents()) == [str(a), str(b)]
+    assert [d.name for d in index.documents()] == [str(b)]
     assert not any("ZEBRA" in c.text for c in index.chunks())
 
 

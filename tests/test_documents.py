@@ -305,3 +305,20 @@ def test_document_error_survives_pickling():
     err = pickle.loads(pickle.dumps(DocumentError("a.txt", "not text (binary data)")))
     assert (err.path, err.reason, str(err)) == ("a.txt", "not text (binary data)",
                                                 "a.txt: not text (binary data)")
+
+
+def test_of_files_with_one_text_the_one_the_index_holds_it_under_stays() -> None:
+    """a (found first) was edited to hold b's text; c is a third copy: b, which the index
+    holds that text under, is kept, and a and c are its duplicates."""
+    from ragkv.documents import LoadedDocument, LoadReport, Skipped, prefer_unchanged
+
+    doc = LoadedDocument("a", "text", "d1", "text")
+    report = LoadReport([doc, LoadedDocument("x", "other", "d2", "text")],
+                        [Skipped("b", "duplicate of a", "a", "d1"),
+                         Skipped("c", "duplicate of a", "a", "d1"), Skipped("y", "binary")])
+    out = prefer_unchanged(report, {"a": {"d0"}, "b": {"d1"}})
+    assert [(d.name, d.text) for d in out.documents] == [("b", "text"), ("x", "other")]
+    assert [(s.path, s.duplicate_of, s.reason) for s in out.skipped] == [
+        ("a", "b", "duplicate of b"), ("c", "b", "duplicate of b"), ("y", None, "binary")]
+    assert prefer_unchanged(report, {"a": {"d1"}, "b": {"d1"}}) is report  # a did not change
+    assert prefer_unchanged(report, {}) is report
