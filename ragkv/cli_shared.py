@@ -176,6 +176,8 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
         fail(f"no ragkv cache index at {named} (from --index-url): nothing was ingested there")
     if named is not None:
         _require_ragkv_tables(named)
+    elif index_url is not None:
+        _require_reachable(index_url)
     if index_url is not None or blob_url is not None:
         return
     index = home / INDEX_FILE
@@ -186,6 +188,25 @@ def require_cache(home: Path, index_url: str | None = None, blob_url: str | None
              f"(`ragkv ingest PATH --home {home}` makes one)")
     require_writable(home)
     _require_ragkv_tables(index)
+
+
+def _require_reachable(index_url: str) -> None:
+    """An index server that does not answer is one line and exit 1 before the model loads
+    (the engine, which goes on without an index where it can, logged a warning for each
+    part that could not read it first: eight lines)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ragkv.cache_index.database import make_engine
+
+    with cache_errors():  # a bad URL or a missing driver: the command's own one line
+        engine = make_engine(index_url)
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        fail(index_failure(exc), code=1)
+    finally:
+        engine.dispose()
 
 
 def _require_ragkv_tables(path: Path) -> None:

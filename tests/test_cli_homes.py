@@ -114,12 +114,25 @@ def test_an_index_that_cannot_be_opened_is_one_line_exit_1(tmp_path: Path,
     assert "could not be read" in out and "Traceback" not in out, out
 
 
-def test_an_index_server_that_does_not_answer_is_one_line_exit_1(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cmd", [["cache", "stats"], ["documents"], ["ask", "q"]])
+def test_an_index_server_that_does_not_answer_is_one_line_exit_1(tmp_path: Path,
+                                                                 tiny_model: Path,
+                                                                 cmd: list[str]) -> None:
+    """In the shell, not CliRunner: ``ask`` loaded the model, then its parts each logged a
+    warning of several lines that the index could not be read (eight lines in all)."""
+    import subprocess
+    import sys
+
     pytest.importorskip("psycopg")
     url = "postgresql://ragkv:secret@127.0.0.1:9/ragkv"  # nothing listens on port 9
-    result = runner.invoke(app, ["cache", "stats", "--index-url", url, "--home", str(tmp_path)])
-    assert result.exit_code == 1 and "could not be read" in result.output, result.output
-    assert "secret" not in result.output
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ragkv.cli import main; "
+                           "sys.argv[0] = 'ragkv'; main()", *cmd, "--index-url", url, "--home",
+                           str(tmp_path), *(["--model", str(tiny_model)] if cmd[0] == "ask"
+                                            else [])],
+                          capture_output=True, text=True, timeout=120)
+    said = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 1 and len(said.splitlines()) == 1, said
+    assert said.startswith("error: the cache index could not be read: ") and "secret" not in said
 
 
 class _DownFS:
