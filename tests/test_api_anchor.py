@@ -118,6 +118,26 @@ def test_a_miss_is_prefilled_after_the_anchor_and_stored(anchored, rag):
     assert b.trace.hits == 3 and b.tokens == a.tokens
 
 
+def test_a_miss_is_scored_as_ingestion_scores_it(anchored, rag, tmp_path, engine):
+    """With both of a chunk's entries missing, the anchor entry a query computed was stored
+    unscored, and every preselection it was later in chose otherwise than with the entries
+    ingestion stores."""
+    chunks = [c.token_ids for c in three_chunks(rag)]
+    anchored.generate(chunks, QUESTION, mode="blend", max_new_tokens=1)  # all missing
+    ingested = RagKV(make_config(tmp_path / "ingested", precompute_context="anchor"),
+                     engine=engine)
+    try:
+        ingested.precompute_many(chunks)
+        keys = anchored.backend.keys
+        for ids in chunks[1:]:
+            key = keys.chunk(ids, "anchor")
+            score = stored_kv(anchored, key, len(ids)).score
+            assert score is not None
+            torch.testing.assert_close(score, stored_kv(ingested, key, len(ids)).score)
+    finally:
+        ingested.index.close()
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"precompute_context": "neighbours"}, "'cold', 'prefix' or 'anchor', got 'neighbours'"),
     ({"anchor_text": "  "}, "anchor_text is empty"),

@@ -287,6 +287,32 @@ def test_a_score_already_given_is_stored_as_given(kvstore):
     assert torch.equal(chunks.load(KEY, 3)[0].score, given)
 
 
+def test_a_miss_whose_twin_is_missing_too_is_scored_against_the_twin_computed_now(kvstore):
+    """Both of a chunk's entries gone (deleted, evicted, never stored): the anchor entry was
+    stored back unscored for good, and every later preselection it was in chose otherwise
+    than with the healthy cache. Its twin is now computed, stored and scored against."""
+    from ragkv.cache_index.models import ids_sha256
+    from ragkv.engine.context_score import context_score
+
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    twin, kv = _kv(seed=1), _kv()
+    make_twin = Compute(twin)
+    got, tier = chunks.get_or_compute(KEY, 3, Compute(kv), reference="b" * 64,
+                                      compute_reference=make_twin, ids=[5, 6, 7])
+    expected = context_score(twin, kv)
+    assert tier is None and make_twin.calls == 1 and torch.equal(got.score, expected)
+    assert torch.equal(chunks.load(KEY, 3)[0].score, expected)
+    stored_twin = chunks.load("b" * 64, 3)[0]
+    assert torch.equal(stored_twin.k, twin.k) and stored_twin.score is None
+    assert kvstore.index.get_entry("b" * 64).ids_sha256 == ids_sha256([5, 6, 7])
+    # a twin that is stored is read, not computed; without a way to compute it, no score
+    chunks.get_or_compute("c" * 64, 3, Compute(_kv(seed=2)), reference="b" * 64,
+                          compute_reference=make_twin)
+    assert make_twin.calls == 1
+    assert torch.equal(chunks.load("c" * 64, 3)[0].score, context_score(twin, _kv(seed=2)))
+    assert chunks.get_or_compute("d" * 64, 3, Compute(kv), reference="e" * 64)[0].score is None
+
+
 def test_entries_record_the_digest_of_their_token_ids(kvstore):
     """By it, an entry leaves the cache with the last chunk of those ids
     (``CacheIndex.remove_documents``); an entry saved without ids records none."""

@@ -89,19 +89,31 @@ class ChunkStore:
                        layout=KV_LAYOUT, n_tokens=kv.n_tokens, codec=self.codec,
                        ids_sha256=None if ids is None else ids_sha256(ids))
 
-    def scored(self, kv: ChunkKV, reference: str) -> ChunkKV:
-        """``kv`` with its context score against the entry ``reference`` (unchanged when that
-        entry is missing or does not match)."""
+    def scored(self, kv: ChunkKV, reference: str,
+               compute_reference: Callable[[], ChunkKV] | None = None,
+               ids: Sequence[int] | None = None) -> ChunkKV:
+        """``kv`` with its context score against the entry ``reference``; where that entry is
+        missing, ``compute_reference`` computes it (stored, and ``kv`` scored against it as
+        ingestion scores it), else ``kv`` stays unscored (also where it does not match)."""
         found = self.load(reference, kv.n_tokens, shared=True, record=False)
-        return kv if found is None else kv.with_score(context_score(found[0], kv))
+        if found is not None:
+            return kv.with_score(context_score(found[0], kv))
+        if compute_reference is None:
+            return kv
+        twin = compute_reference()
+        self.save(reference, twin, ids=ids)
+        return kv.with_score(context_score(twin, kv))
 
     def get_or_compute(self, key: str, n_tokens: int, compute: Callable[[], ChunkKV], *,
                        indexed: bool = True, shared: bool = False,
                        reference: str | None = None,
+                       compute_reference: Callable[[], ChunkKV] | None = None,
                        ids: Sequence[int] | None = None,
                        record: bool = True) -> tuple[ChunkKV, str | None]:
         """The chunk's KV and the tier that served it (None: computed now and stored back,
-        scored against ``reference`` and recorded by ``ids`` as :meth:`save` says).
+        scored against ``reference`` (computed by ``compute_reference`` where it is missing
+        too: stored back unscored, the entry changed every later preselection it was in) and
+        recorded by ``ids`` as :meth:`save` says).
 
         ``indexed=False`` (the index already said the key is absent) skips the read;
         ``record=False``: a hit is not a use of the entry (:meth:`load`)."""
@@ -110,7 +122,7 @@ class ChunkStore:
             return loaded
         kv = compute()
         if reference is not None:
-            kv = self.scored(kv, reference)
+            kv = self.scored(kv, reference, compute_reference, ids)
         self.save(key, kv, ids=ids)
         if self.codec is not None and self.store.memory is not None and key in self.store.memory:
             # the tier holds what the write just decoded: no second encode of the KV

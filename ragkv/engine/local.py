@@ -125,7 +125,8 @@ class HFBackend:
         2k-token blend about 13 ms in fp32)."""
         return self.chunks.get_or_compute(
             key, len(ids), lambda: self.engine.precompute(list(ids), self.past(context)),
-            indexed=indexed, shared=True, reference=self.keys.twin(ids, context), ids=ids)
+            indexed=indexed, shared=True, reference=self.keys.twin(ids, context), ids=ids,
+            compute_reference=lambda: self.engine.precompute(list(ids), self.past("prefix")))
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
         """Missing chunks are prefilled several per forward pass (``engine/precompute.py``);

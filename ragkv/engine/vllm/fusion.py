@@ -63,17 +63,22 @@ class WorkerFusion:
                         anchor_ids=anchor)
 
     def _get(self, ids: list[int], key: str, past: Callable[[], ChunkKV | None] = lambda: None,
-             reference: str | None = None, record: bool = True) -> tuple[ChunkKV, str | None]:
+             reference: str | None = None, record: bool = True,
+             reference_past: Callable[[], ChunkKV | None] = lambda: None,
+             ) -> tuple[ChunkKV, str | None]:
         """``past``: what a miss is prefilled after (asked only on a miss); ``reference``: the
-        entry a miss is scored against (``ChunkStore.save``); ``record=False``: a hit is not
-        counted as a use."""
+        entry a miss is scored against (``ChunkStore.get_or_compute``), prefilled after
+        ``reference_past`` where it is missing too; ``record=False``: a hit is not counted as
+        a use."""
         r = self.runner
         # read only: placed into the fused buffers, or read as the past of a missing chunk;
         # both convert to the model's dtype as they copy (a conversion here cost a fresh copy
         # of every chunk on every request with fp16 storage)
         kv, tier = self.chunks.get_or_compute(
             key, len(ids), lambda: compute_span(r, torch.tensor(ids, device=r.device), past()),
-            shared=True, reference=reference, ids=ids, record=record)
+            shared=True, reference=reference, ids=ids, record=record,
+            compute_reference=lambda: compute_span(r, torch.tensor(ids, device=r.device),
+                                                   reference_past()))
         if kv.k.device != r.device:
             kv = kv.to(r.device, kv.k.dtype)
         return kv, tier
@@ -106,7 +111,8 @@ class WorkerFusion:
                                  f"[{span.start}, {span.end}) for this model and settings")
             t = time.perf_counter()
             kv, tier = self._get(chunk, span.key, lambda ctx=ctx: past(ctx),
-                                 keys.twin(chunk, ctx), record=not p.again)
+                                 keys.twin(chunk, ctx), record=not p.again,
+                                 reference_past=lambda: past("prefix"))
             if tier is None:
                 precompute_s += time.perf_counter() - t
             else:
