@@ -147,7 +147,7 @@ def demo(ctx: typer.Context, home: Home = default_home(), model: Model = None,
         fail(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     rag = open_rag(ctx, home, model, engine=engine)
     docs = pydoc_topics(None if all_topics else DEMO_TOPICS)
-    computed = run_engine(lambda: ingest_docs(rag, docs))
+    computed = run_engine(lambda: ingest_docs(rag, docs)).computed
     if not computed:
         console.print("[green]all chunk KV already stored: nothing precomputed[/green]")
     # One untimed answer first: an engine's first request pays one-off costs (allocations,

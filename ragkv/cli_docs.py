@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Annotated
 
@@ -30,6 +31,7 @@ from ragkv.cli_shared import (
     mebibytes,
     open_rag,
     open_store,
+    print_error,
     progress_bar,
     require_cache,
     run_engine,
@@ -208,8 +210,10 @@ def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), m
 
     if report.documents:
         earlier = typed_names(resolved, [d.name for d in report.documents])
-        run_engine(lambda: ingest_docs(rag, [(d.name, d.text) for d in report.documents],
-                                        len(report.skipped), earlier, then=tidy))
+        totals = run_engine(lambda: ingest_docs(rag, [(d.name, d.text) for d in report.documents],
+                                                 len(report.skipped), earlier, then=tidy))
+        if totals.unstored:
+            raise typer.Exit(1)
     else:
         tidy()
 
@@ -243,12 +247,12 @@ def drop_duplicates(rag, skipped: list) -> list[tuple[str, str]]:
 
 def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
                  earlier: dict[str, str] | None = None,
-                 then: Callable[[], None] | None = None) -> int:
+                 then: Callable[[], None] | None = None) -> IngestTotals:
     """Ingest ``(name, text)`` pairs with a progress bar; ``earlier`` maps a name to the one
     the same file had before (an earlier version, removed once the new one is in); ``then``
     runs before the totals are printed (what the command removes after ingesting, so that
     they count it)."""
-    computed = tokens = replaced = superseded = 0
+    computed = tokens = replaced = superseded = unstored = 0
     busy = 0.0  # seconds spent ingesting documents whose chunks needed computing
     from ragkv.ingest import progress_text, require_own_tokenizer
 
@@ -270,6 +274,7 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
             computed += res.precomputed
             replaced += res.replaced
             superseded += res.superseded
+            unstored += res.unstored
             if earlier and name in earlier:
                 replaced += rag._remove_documents(earlier[name]).documents
             tokens += res.precomputed_tokens
@@ -285,7 +290,16 @@ def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,
                   + (f"; replaced meanwhile by a later version from another process: "
                      f"{superseded}" if superseded else "")
                   + (f"; files skipped: {skipped}" if skipped else ""))
-    return computed
+    if unstored:  # the blob store refused them: full, or not writable (the warnings say)
+        print_error(f"the KV of {count(unstored, 'chunk')} could not be stored (the warnings "
+                    f"above say why); their queries compute it, and ingesting again stores it")
+    return IngestTotals(computed, unstored)
+
+
+@dataclass(frozen=True)
+class IngestTotals:
+    computed: int  # chunks whose KV was computed and stored
+    unstored: int  # chunks whose KV was computed but could not be stored
 
 
 def _rate(tokens: int, seconds: float) -> str:

@@ -17,6 +17,7 @@ from ragkv.config import INGESTED_CONTEXT
 if TYPE_CHECKING:
     from ragkv.cache_index import CacheIndex, KVStore
     from ragkv.config import RagkvConfig
+    from ragkv.engine.base import Backend
 
 
 class Ingesting(Protocol):
@@ -29,6 +30,7 @@ class Ingesting(Protocol):
     tokenizer_identity: str
     _retrieval: Any
     _embedder: Any
+    backend: Backend
 
     def key_for(self, token_ids: Sequence[int]) -> str: ...
 
@@ -45,6 +47,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 #: Called as a document's ingestion moves: ``(stage, done, total)``, where the stage is
 #: "chunking" (characters done), "embedding" or "precomputing" (chunks done).
 Progress = Callable[[str, int, int], None]
+
+
 def progress_text(stage: str, done: int, total: int) -> str:
     """How far a stage is, in words: "chunking (45%)", "embedding (3/10 chunks)"."""
     moved = f"{done / max(total, 1):.0%}" if stage == "chunking" else f"{done}/{total} chunks"
@@ -71,6 +75,9 @@ class IngestResult:
     replaced: int = 0
     #: a later version, ingested by another process at the same time, replaced this one
     superseded: bool = False
+    #: chunks whose KV was computed but could not be stored (a full or unwritable blob store:
+    #: the store logged why); their first query computes them again
+    unstored: int = 0
 
 
 def require_own_tokenizer(rag: Ingesting) -> None:
@@ -114,12 +121,16 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
     # a crash between the two removes what is left
     replaced = rag._remove_documents(name, before_id=doc_id).documents
     stored = []  # the chunks whose KV this run computed and stored
+    unstored = 0
     for start in range(0, len(infos), PRECOMPUTE_BATCH):
         if not index.has_document(doc_id):  # a later version replaced this one meanwhile
             break
         batch = infos[start:start + PRECOMPUTE_BATCH]
         computed = rag.precompute_many([c.token_ids for c in batch])
         stored += [c for c, new in zip(batch, computed, strict=True) if new]
+        held = [rag.key_for(c.token_ids) for c, new in zip(batch, computed, strict=True)
+                if not new]
+        unstored += sum(not there for there in rag.backend.stored(held).values())
         if progress:
             progress("precomputing", start + len(batch), len(infos))
     # Of those, chunks that left meanwhile (a later version replaced them): their KV, stored
@@ -134,7 +145,7 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
     if created or stored:  # the context a query reads by default (RagKV.as_ingested)
         index.set_setting(INGESTED_CONTEXT, rag.config.precompute_context)
     return IngestResult(doc_id, name, len(infos), len(stored), created,
-                        sum(len(c.token_ids) for c in stored), replaced)
+                        sum(len(c.token_ids) for c in stored), replaced, unstored=unstored)
 
 
 def iter_text_files(paths: Iterable[Path]) -> Iterator[Path]:

@@ -179,3 +179,29 @@ def test_ask_reads_the_entries_ingest_stored(tmp_path: Path, tiny_model: Path) -
     out = run("ask", "What does assert do?", "-k", "2", "--context", "anchor", *home)
     # told otherwise: the second chunk's anchor entry is new (the first reads its prefix one)
     assert re.search(r"│\s*1/2\s*│", out), out
+
+
+def test_ingest_into_a_full_blob_store_says_so(tmp_path: Path, tiny_model: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write refused (a full disk): ingest printed "computed now: 2" and exit 0, the
+    cache holding nothing; a rerun with room stores what is missing."""
+    import errno
+
+    from ragkv.cache_index.blobs import BlobStore
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
+    (docs / "b.md").write_text("A with statement wraps a block.\n" * 20)
+    home = ["--home", str(tmp_path / "home"), "--model", str(tiny_model)]
+    def full(self, name: str, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(BlobStore, "put", full)
+        result = runner.invoke(app, ["ingest", str(docs), *home])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "computed now: 0" in said and "the KV of 2 chunks could not be stored" in said
+    out = run("ingest", str(docs), *home)
+    assert "computed now: 2" in out and "could not be stored" not in out

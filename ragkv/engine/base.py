@@ -159,8 +159,8 @@ class Backend(Protocol):
         ...
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
-        """Store every chunk's KV, precomputed in ``context``; True where it was computed now
-        (False: already stored)."""
+        """Store every chunk's KV, precomputed in ``context``; True where it was computed and
+        stored now (False: already stored, or its KV could not be stored)."""
         ...
 
     def generate(self, request: GenerationRequest) -> Generation:

@@ -68,8 +68,9 @@ class ChunkStore:
         return "float32" if self.codec is not None else self.kv_dtype
 
     def save(self, key: str, kv: ChunkKV, reference: str | None = None, *,
-             ids: Sequence[int] | None = None) -> None:
-        """Store ``kv`` under ``key``; a failed write is logged by the store, never raised.
+             ids: Sequence[int] | None = None) -> bool:
+        """Store ``kv`` under ``key``; whether it was stored (a failed write is logged by the
+        store, never raised).
 
         ``ids``: the token ids ``kv`` is of, recorded as their digest so the entry leaves the
         cache with the last chunk of them (``CacheIndex.remove_documents``).
@@ -84,10 +85,10 @@ class ChunkStore:
             # Every read would reject it: storing it only costs a write and a recompute later.
             log.warning("not storing KV for %s: it holds non-finite values in %s", key,
                         self.read_dtype)
-            return
-        self.store.put(key, tensors, model_fp=self.fingerprint,
-                       layout=KV_LAYOUT, n_tokens=kv.n_tokens, codec=self.codec,
-                       ids_sha256=None if ids is None else ids_sha256(ids))
+            return False
+        return self.store.put(key, tensors, model_fp=self.fingerprint,
+                              layout=KV_LAYOUT, n_tokens=kv.n_tokens, codec=self.codec,
+                              ids_sha256=None if ids is None else ids_sha256(ids))
 
     def scored(self, kv: ChunkKV, reference: str,
                compute_reference: Callable[[], ChunkKV] | None = None,

@@ -138,6 +138,7 @@ class HFBackend:
         # the scored layers of prefix entries computed now, for anchor entries computed now
         scored = {tuple(ids) for ctx, todo in plan if ctx == "anchor" for ids in todo.values()}
         twins: dict[tuple[int, ...], ChunkKV] = {}
+        failed: set[tuple[int, ...]] = set()
         for ctx, todo in plan:
             if todo:
                 kvs = compute_spans(self.engine.runner, list(todo.values()), self.past(ctx))
@@ -145,10 +146,13 @@ class HFBackend:
                     twin = twins.get(tuple(ids)) if ctx == "anchor" else None
                     if twin is not None:  # spares reading back the entry just stored
                         kv = kv.with_score(context_score(twin, kv))
-                    self.chunks.save(key, kv, self.keys.twin(ids, ctx), ids=ids)
+                    if not self.chunks.save(key, kv, self.keys.twin(ids, ctx), ids=ids):
+                        failed.add(tuple(ids))
                     if ctx == "prefix" and tuple(ids) in scored:
                         twins[tuple(ids)] = scoring_part(kv)
-        return computed
+        # a chunk whose entry was not stored was not precomputed (its next query computes it)
+        return [now and tuple(ids) not in failed
+                for now, ids in zip(computed, chunks, strict=True)]
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, req: GenerationRequest) -> HFGeneration:
