@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ragkv.anchor_keeper import AnchorKeeper
 from ragkv.cache_index import CacheIndex
 from ragkv.cache_index.corpus import Removal
+from ragkv.cache_index.database import brief
 from ragkv.chunking import RetrievedChunk, tokenizer_identity
 from ragkv.config import (
     ENGINE_SETTINGS,
@@ -367,4 +368,4 @@ class RagKV:
                 recomputed_tokens=trace.recomputed_tokens, ttft_s=trace.ttft_s,
                 full_ttft_s=trace.full_ttft_s, retrieval_s=trace.retrieval_s, answer=text)
         except Exception as exc:  # noqa: BLE001 - the log is best effort
-            log.warning("could not log query: %s", exc)
+            log.warning("could not log query: %s", brief(exc))

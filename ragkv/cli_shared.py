@@ -114,7 +114,11 @@ def index_failure(exc: Exception) -> str:
     """One line for a cache index that could not be reached or read."""
     from ragkv.cache_index.database import brief
 
-    return f"the cache index could not be read: {brief(exc)}"
+    said = brief(exc)
+    # SQLite's words for a write that failed: "could not be read" sent users looking at
+    # permissions to read, not at a full disk
+    written = any(w in said for w in ("readonly", "disk is full", "disk I/O"))
+    return f"the cache index could not be {'written' if written else 'read'}: {said}"
 
 
 @contextmanager

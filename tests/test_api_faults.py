@@ -135,3 +135,22 @@ def test_missing_prefix_entry_is_recomputed(tmp_path, seed, engine):
     assert rag.backend.store.counters["corrupt"] >= 1
     assert rag.index.get_entry(prefix_key) is not None
     rag.index.close()
+
+
+def test_an_index_that_refuses_writes_warns_in_one_line_with_no_question(rag, monkeypatch,
+                                                                        caplog):
+    """The query log's warning carried SQLAlchemy's whole text: the statement, its bound
+    parameters (the question and the whole answer) and a link, four lines."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    def refused(**row):
+        raise OperationalError("INSERT INTO queries ...", row,
+                               Exception("attempt to write a readonly database"))
+
+    monkeypatch.setattr(rag.index, "log_query", refused)
+    with caplog.at_level(logging.WARNING):
+        rag.ask("What is the zebra question of the day?", k=1, max_new_tokens=1)
+    (said,) = [r.getMessage() for r in caplog.records if "log query" in r.getMessage()]
+    assert said == "could not log query: attempt to write a readonly database"

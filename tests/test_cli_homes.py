@@ -236,3 +236,17 @@ def test_another_apps_sqlite_database_is_refused_and_left_alone(tmp_path: Path) 
     for db_file in (other, home / "index.sqlite"):
         with sqlite3.connect(db_file) as db:
             assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["users"]
+
+
+@pytest.mark.parametrize(("cause", "said"), [
+    ("database or disk is full", "could not be written: database or disk is full"),
+    ("attempt to write a readonly database", "could not be written: attempt to write a"),
+    ("unable to open database file", "could not be read: unable to open database file")])
+def test_an_index_that_could_not_be_written_is_not_said_unreadable(cause: str,
+                                                                   said: str) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from ragkv.cli_shared import index_failure
+
+    exc = OperationalError("INSERT INTO kv_entries ...", {"question": "q"}, Exception(cause))
+    assert index_failure(exc).startswith(f"the cache index {said}")

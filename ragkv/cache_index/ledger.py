@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from ragkv.cache_index import residency
+from ragkv.cache_index.database import brief
 from ragkv.cache_index.index import CacheIndex
 from ragkv.cache_index.policy import EvictionPolicy
 from ragkv.cache_index.tiers import TIERS, Fetched, TierStats
@@ -85,7 +86,7 @@ class Ledger:
             residency.touch(self.index, keys, self.policy, hit=True)
         except Exception as exc:
             log.warning("could not record hits for %s: %s", ", ".join(k[:12] for k in keys),
-                        exc)
+                        brief(exc))
         return True
 
     def hit(self, key: str, found: Fetched, nbytes: int) -> Fetched:

@@ -25,6 +25,7 @@ from ragkv.cache_index.blobcheck import open_blob
 from ragkv.cache_index.blobs import BlobStore, encode_kv
 from ragkv.cache_index.codec import Int8Codec, decode_tensors
 from ragkv.cache_index.corpus import Removal
+from ragkv.cache_index.database import brief
 from ragkv.cache_index.eviction import EvictionReport, enforce_budget
 from ragkv.cache_index.index import CacheIndex
 from ragkv.cache_index.ledger import HitBatch, Ledger, uncounted
@@ -88,7 +89,7 @@ class KVStore:
                 n, nbytes = residency.tier_bytes(self.index, tier)
                 out[tier].update(entries=n, resident_bytes=nbytes)
             except Exception as exc:  # noqa: BLE001 - stats are for display
-                log.warning("cannot size tier %s: %s", tier, exc)
+                log.warning("cannot size tier %s: %s", tier, brief(exc))
         return out
 
     # ---- read side ----------------------------------------------------------------------------
@@ -115,7 +116,8 @@ class KVStore:
         try:
             entry = self.index.get_entry(key)
         except Exception as exc:
-            log.warning("cache index unavailable for %s, treating as miss: %s", key, exc)
+            log.warning("cache index unavailable for %s, treating as miss: %s", key,
+                        brief(exc))
             return self.ledger.miss() if record else None
         if entry is None:
             return self.ledger.miss() if record else None
@@ -156,7 +158,8 @@ class KVStore:
             return self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing", count)
         except Exception as exc:
             # Possibly transient (network store, permissions): miss, but keep the entry.
-            log.warning("cannot read %s blob %s, treating as miss: %s", tier, entry.blob_name, exc)
+            log.warning("cannot read %s blob %s, treating as miss: %s", tier, entry.blob_name,
+                        brief(exc))
             count("", tier, "misses")
             return None
         try:
@@ -182,7 +185,7 @@ class KVStore:
             if residency.drop_resident(self.index, entry.key, tier, blob=entry.blob_name):
                 blobs.delete(entry.blob_name)
         except Exception as exc:
-            log.warning("could not remove bad cache entry %s: %s", entry.key, exc)
+            log.warning("could not remove bad cache entry %s: %s", entry.key, brief(exc))
         return None
 
     def _discard(self, entry: EntryInfo, reason: str, record: bool) -> None:
@@ -212,7 +215,7 @@ class KVStore:
                 for _, blobs in self.persistent_tiers():
                     blobs.delete(blob)
         except Exception as exc:
-            log.warning("could not remove bad cache entry %s: %s", key, exc)
+            log.warning("could not remove bad cache entry %s: %s", key, brief(exc))
 
     def memory_discard(self, key: str) -> None:
         if self.memory is not None:
@@ -226,7 +229,7 @@ class KVStore:
         try:
             indexed = self.index.has_entries(keys)
         except Exception as exc:
-            log.warning("cache index unavailable, reporting only memory: %s", exc)
+            log.warning("cache index unavailable, reporting only memory: %s", brief(exc))
             return in_memory
         return {k: in_memory[k] or indexed.get(k, False) for k in keys}
 
@@ -266,7 +269,7 @@ class KVStore:
                                                blob_name=name, checksum=checksum, dtype=dtype,
                                                ids_sha256=ids_sha256)
         except Exception as exc:
-            log.warning("could not store KV for %s: %s", key, exc)
+            log.warning("could not store KV for %s: %s", key, brief(exc))
             self.ledger.count("put_errors")
             self._delete_quietly(self.blobs, name)  # no row names it: budgets would not see it
             return False
@@ -293,7 +296,7 @@ class KVStore:
                 self.ledger.count("", tier, "bytes_written", len(data))
                 return
         except Exception as exc:
-            log.warning("could not write %s to the %s tier: %s", key, tier, exc)
+            log.warning("could not write %s to the %s tier: %s", key, tier, brief(exc))
         self._delete_quietly(blobs, name)
 
     def _score(self, key: str) -> None:
@@ -301,7 +304,7 @@ class KVStore:
         try:
             residency.touch(self.index, [key], self.policy, hit=False)
         except Exception as exc:
-            log.warning("could not score %s for eviction: %s", key, exc)
+            log.warning("could not score %s for eviction: %s", key, brief(exc))
 
     @staticmethod
     def _delete_quietly(blobs: BlobStore, name: str) -> None:
@@ -310,7 +313,7 @@ class KVStore:
         try:
             blobs.delete(name)
         except Exception as exc:
-            log.warning("could not delete %s: %s", name, exc)
+            log.warning("could not delete %s: %s", name, brief(exc))
 
     def _delete_blob(self, entry: EntryInfo) -> None:
         """Delete a blob no row names any more from the tiers that held it; best effort (what
@@ -321,7 +324,7 @@ class KVStore:
                     blobs.delete(entry.blob_name)
                 except Exception as exc:
                     log.warning("could not delete %s from the %s tier: %s", entry.blob_name,
-                                tier, exc)
+                                tier, brief(exc))
 
     def apply_budgets(self, *, strict: bool = False) -> list[EvictionReport]:
         """Evict from every persistent tier over its byte budget; never raises (after a
@@ -336,7 +339,7 @@ class KVStore:
             except Exception as exc:
                 if strict:
                     raise
-                log.warning("could not apply the %s budget: %s", tier, exc)
+                log.warning("could not apply the %s budget: %s", tier, brief(exc))
                 continue
             self.ledger.count("", tier, "evictions", report.evicted)
             self.ledger.count("", tier, "evicted_bytes", report.evicted_bytes)
