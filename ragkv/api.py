@@ -366,6 +366,7 @@ class RagKV:
                 question=question, mode=trace.mode, ratio=trace.ratio, n_chunks=len(trace.chunks),
                 hits=trace.hits, misses=trace.misses, context_tokens=trace.context_tokens,
                 recomputed_tokens=trace.recomputed_tokens, ttft_s=trace.ttft_s,
-                full_ttft_s=trace.full_ttft_s, retrieval_s=trace.retrieval_s, answer=text)
+                full_ttft_s=trace.full_ttft_s, retrieval_s=trace.retrieval_s, answer=text,
+                engine=trace.engine or None)
         except Exception as exc:  # noqa: BLE001 - the log is best effort
             log.warning("could not log query: %s", brief(exc))

@@ -156,3 +156,17 @@ def test_no_saving_is_estimated_from_outside_the_measured_lengths() -> None:
     est = df["est_saved_s"]
     assert est[3:5].isna().all() and 0 < est[5] < 0.35  # only the blend within 300-900 tokens
     assert df["cum_with_est_s"].iloc[-1] == pytest.approx(est[5])
+
+
+def test_a_saving_is_estimated_from_the_same_engines_full_prefills_only() -> None:
+    """The log now names the engine and model of each query: another model's full prefills
+    (here 40x slower) gave this one's blends their "estimated" savings."""
+    rows = [dict(id=i, created_at=i, hits=0, misses=0, ttft_s=t, full_ttft_s=None, mode="full",
+                 context_tokens=n, engine="big model")
+            for i, (n, t) in enumerate([(300, 4.0), (900, 12.0)])]
+    rows += [dict(id=2, created_at=2, hits=2, misses=0, ttft_s=0.05, full_ttft_s=None,
+                  mode="blend", context_tokens=600, engine="small model"),
+             dict(id=3, created_at=3, hits=2, misses=0, ttft_s=0.5, full_ttft_s=None,
+                  mode="blend", context_tokens=600, engine="big model")]
+    df = frames.queries_frame(rows)
+    assert np.isnan(df["est_saved_s"][2]) and df["est_saved_s"][3] == pytest.approx(7.5)

@@ -42,7 +42,8 @@ from sqlalchemy.orm import (
 #: 2: kv_entries.priority / on_disk / on_remote and the eviction_clock table (tiers, budgets).
 #: 3: the settings table (the corpus anchor passage).
 #: 4: chunks.ids_sha256 and kv_entries.ids_sha256 (a removed chunk's KV leaves with it).
-SCHEMA_VERSION = 4
+#: 5: queries.engine (which engine and model answered: TTFTs compare within one).
+SCHEMA_VERSION = 5
 
 
 def ids_sha256(token_ids: Sequence[int]) -> str:
@@ -197,6 +198,8 @@ class QueryLog(Base):
     full_ttft_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     retrieval_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     answer: Mapped[str] = mapped_column(Text, default="")
+    #: ``QueryTrace.engine`` (engine, model, device, dtype); None in rows older than schema 5
+    engine: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 #: Columns a caller may pass to ``CacheIndex.log_query``.

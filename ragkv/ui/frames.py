@@ -134,10 +134,15 @@ def queries_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     full = pd.to_numeric(df["full_ttft_s"], errors="coerce")
     df["saved_s"] = (full - df["ttft_s"]).where(~_full_mode(df))
     df["cum_saved_s"] = df["saved_s"].fillna(0.0).cumsum()
-    fit = full_prefill_fit(df)
     df["est_saved_s"] = np.nan
-    if fit is not None:
-        todo = df["saved_s"].isna() & ~_full_mode(df)
+    # one fit per engine and model: another model's full prefills say nothing of this one's
+    engines = df["engine"].fillna("") if "engine" in df else pd.Series("", index=df.index)
+    for engine in engines.unique():
+        mine = engines == engine
+        fit = full_prefill_fit(df[mine])
+        if fit is None:
+            continue
+        todo = mine & df["saved_s"].isna() & ~_full_mode(df)
         tokens = pd.to_numeric(df["context_tokens"], errors="coerce")
         df.loc[todo, "est_saved_s"] = fit(tokens[todo].to_numpy(float)) - df.loc[todo, "ttft_s"]
     df["cum_with_est_s"] = df["saved_s"].fillna(df["est_saved_s"]).fillna(0.0).cumsum()

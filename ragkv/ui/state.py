@@ -171,7 +171,8 @@ def full_ttft_memo(home: str) -> FullTTFTMemo:
 
 
 def last_full_from_log(rag: RagKV, question: str, n_chunks: int) -> FullTTFT | None:
-    """The newest logged full-prefill TTFT for the same question and chunk count.
+    """The newest logged full-prefill TTFT for the same question and chunk count, by the same
+    engine and model (another model's made the speed-up x143).
 
     The log keeps no chunk keys, so this assumes retrieval returned the same chunks; the UI
     labels it as coming from the log.
@@ -180,7 +181,7 @@ def last_full_from_log(rag: RagKV, question: str, n_chunks: int) -> FullTTFT | N
         # a pair's measured full prefill, or a full-prefill answer's own TTFT
         seconds = q["ttft_s"] if q["mode"] == "full" else q["full_ttft_s"]
         if (q["question"].strip() == question.strip() and q["n_chunks"] == n_chunks
-                and seconds is not None):
+                and q.get("engine") == rag.backend.description and seconds is not None):
             # The index stores naive UTC timestamps.
             at = q["created_at"].replace(tzinfo=UTC).timestamp()
             return FullTTFT(float(seconds), at, "query log")
