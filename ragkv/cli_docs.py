@@ -107,7 +107,7 @@ def documents(home: Home = default_home(), index_url: IndexUrl = None,
         index = _index(home, index_url, blob_url)
         sizes = {d["document_id"]: d for d in index.document_sizes()}
         docs = index.documents()
-    t = Table("chunks", "KV MiB", "ingested")
+    t = Table("chunks", "KV MiB", "ingested (UTC)")  # the index keeps UTC
     t.add_column("document", overflow="fold")  # a long path wraps, never cut with an ellipsis
     for d in docs:
         size = sizes.get(d.id)

@@ -31,6 +31,7 @@ def test_ingest_replaces_edited_files_and_prunes_deleted_ones(tmp_path: Path,
     assert "2 documents, 2 chunks" in out  # the totals count what was pruned (said 3)
     listed = run("documents", "--home", str(tmp_path / "home"))
     assert "2 documents" in listed and "other.md" in listed  # outside the folder: kept
+    assert "ingested (UTC)" in listed  # the index's time, not the local one (unsaid)
     (docs / "a.md").unlink()
     out = run("ingest", str(docs), "--prune", *home)  # nothing left to read is no error here
     assert "pruned 1 document this" in out
