@@ -138,7 +138,7 @@ def test_a_reader_of_the_replaced_row_spares_the_new_entry(store: KVStore) -> No
     kv = _put(store, _key(1))
     old = store.index.get_entry(_key(1))
     _put(store, _key(1))
-    assert old is not None and store._read(old, "disk", store.blobs) is None
+    assert old is not None and store._read(old, "disk", store.blobs, store.ledger.count) is None
     new = store.index.get_entry(_key(1))
     assert new is not None and new.on_disk and new.blob_name != old.blob_name
     got = store.get(_key(1), model_fp=FP, layout=LAYOUT)

@@ -75,10 +75,10 @@ def chunk_table(index: CacheIndex, trace: QueryTrace) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class FullPrefillFit:
-    """A fitted full-prefill TTFT, given only where it was measured around: NaN for a length
-    outside the lengths it was fitted on, or where the fit is not above zero (three points
-    can fit a parabola that falls below zero a little past them: an "estimated" saving then
-    came from a negative full-prefill TTFT)."""
+    """A fitted full-prefill TTFT, given only where it behaves as one: above zero, and
+    outside the lengths it was fitted on only where it rises all the way from them (three
+    points can fit a parabola that falls below zero a little past them: an "estimated"
+    saving then came from a negative full-prefill TTFT). NaN elsewhere."""
 
     poly: np.poly1d
     lo: float
@@ -86,8 +86,12 @@ class FullPrefillFit:
 
     def __call__(self, tokens: Any) -> Any:
         x = np.asarray(tokens, dtype=float)
-        y = self.poly(x)
-        return np.where((x >= self.lo) & (x <= self.hi) & (y > 0), y, np.nan)
+        y, slope = self.poly(x), self.poly.deriv()
+        inside = (x >= self.lo) & (x <= self.hi)
+        # a parabola's slope is a line: rising at x and at the nearest measured length, it
+        # rises between them
+        rising = (slope(x) >= 0) & (slope(np.clip(x, self.lo, self.hi)) >= 0)
+        return np.where((inside | rising) & (y > 0), y, np.nan)
 
 
 def full_prefill_fit(df: pd.DataFrame) -> FullPrefillFit | None:
