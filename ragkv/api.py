@@ -286,11 +286,14 @@ class RagKV:
     def generate(self, chunks: Sequence[RetrievedChunk | str | Sequence[int]], question: str, *,
                  mode: str = "blend", blend: BlendConfig | None = None,
                  max_new_tokens: int = 64, keep_kv: bool = False, record: bool = False,
-                 log_query: bool = True, full_ttft_s: float | None = None) -> Answer:
-        """Answer ``question`` over ``chunks`` (in this order) with one of the four modes."""
+                 log_query: bool = True, full_ttft_s: float | None = None,
+                 retrieval_s: float | None = None) -> Answer:
+        """Answer ``question`` over ``chunks`` (in this order) with one of the four modes;
+        ``retrieval_s``: how long retrieving them took, for the trace and the query log."""
         return self.generate_from(self.stream(
             chunks, question, mode=mode, blend=blend, max_new_tokens=max_new_tokens,
-            keep_kv=keep_kv, record=record, log_query=log_query, full_ttft_s=full_ttft_s))
+            keep_kv=keep_kv, record=record, log_query=log_query, full_ttft_s=full_ttft_s,
+            retrieval_s=retrieval_s))
 
     def stream(self, chunks: Sequence[RetrievedChunk | str | Sequence[int]], question: str, *,
                mode: str = "blend", blend: BlendConfig | None = None, max_new_tokens: int = 64,

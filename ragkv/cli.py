@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -83,15 +84,17 @@ DEMO_QUESTIONS = (
 )
 
 
-def _ask_both(rag, question: str, chunks, mode: str, max_new_tokens: int, compare: bool):
-    """The answer in ``mode`` and, with ``compare``, full prefill's on the same chunks first."""
+def _ask_both(rag, question: str, chunks, mode: str, max_new_tokens: int, compare: bool,
+              retrieval_s: float | None = None):
+    """The answer in ``mode`` and, with ``compare``, full prefill's on the same chunks first;
+    ``retrieval_s`` (what retrieving the chunks took) goes with each to the query log."""
     answers = []
     if compare and mode != "full":
         answers.append(rag.generate(chunks, question, mode="full",
-                                    max_new_tokens=max_new_tokens))
+                                    max_new_tokens=max_new_tokens, retrieval_s=retrieval_s))
     full_s = answers[0].trace.ttft_s if answers else None
     answers.append(rag.generate(chunks, question, mode=mode, max_new_tokens=max_new_tokens,
-                                full_ttft_s=full_s))
+                                full_ttft_s=full_s, retrieval_s=retrieval_s))
     return answers
 
 
@@ -127,10 +130,12 @@ def ask(ctx: typer.Context, question: str,
             rag = rag.as_ingested()
 
     def run():
+        t = time.perf_counter()
         chunks = rag.retrieve(question, k)
         if not chunks:
             raise LookupError("no documents ingested yet; run `ragkv ingest PATH` first")
-        return _ask_both(rag, question, chunks, mode, max_new_tokens, compare)
+        return _ask_both(rag, question, chunks, mode, max_new_tokens, compare,
+                         time.perf_counter() - t)
 
     answers = run_engine(run)
     console.print(answers_table(answers))

@@ -50,6 +50,13 @@ def test_ingest_ask_and_stats(tmp_path: Path, tiny_model: Path) -> None:
     assert "tokens/s" not in run("ingest", str(docs), *home), "nothing computed: no rate"
     out = run("ask", "What does assert do?", "-k", "2", "--compare", *home)
     assert "blend" in out and "full" in out and "TTFT" in out
+    from ragkv.cache_index import CacheIndex
+
+    index = CacheIndex(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}")
+    logged = index.recent_queries(2)  # the pair, each with the retrieval it was answered on
+    index.close()
+    assert [q["mode"] for q in logged] == ["blend", "full"]
+    assert all(q["retrieval_s"] is not None and q["retrieval_s"] > 0 for q in logged)
     out = run("ask", "What does assert do?", "-k", "2", "--preselect", "4", *home)
     assert "blend" in out and "TTFT" in out
     stats = run("cache", "stats", "--home", str(tmp_path / "home"))
