@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("streamlit")
 from ragkv.cache_index import CacheIndex, ChunkRecord  # noqa: E402
+from ragkv.cache_index.models import ids_sha256  # noqa: E402
 from ragkv.ui import frames  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def test_cache_size_frames_shape_the_index_summaries() -> None:
         assert list(frames.top_chunks(index).columns) == ["chunk", "hits", "tokens", "text"]
         doc, _ = index.add_document("a.md", "", "1" * 64)
         keys = [f"{i:064x}" for i in range(3)]
-        index.add_chunks(doc, [ChunkRecord(i, f"line {i}\n" + "x" * 200, [1, 2], keys[i])
+        index.add_chunks(doc, [ChunkRecord(i, f"line {i}\n" + "x" * 200, [1, 2 + i], keys[i])
                                for i in range(2)])
         for i, key in enumerate(keys):  # keys[2] is no chunk's (a prompt prefix, say)
             index.upsert_entry(key, model_fp="f", layout="l", n_tokens=i + 1, nbytes=2**20,
@@ -111,6 +112,13 @@ def test_cache_size_frames_shape_the_index_summaries() -> None:
         assert list(top["chunk"]) == [keys[2][:12], "a.md #1"]
         assert list(top["hits"]) == [2, 1] and list(top["tokens"]) == [3, 2]
         assert top["text"][0] == "" and top["text"][1] == ("line 1 " + "x" * 200)[:120]
+        # a chunk's other entry (its first-position one, with the same token ids) adds up
+        index.upsert_entry("f" * 64, model_fp="f", layout="l", n_tokens=2, nbytes=2**20,
+                           blob_name="f" * 64, checksum="0", dtype="float16",
+                           ids_sha256=ids_sha256([1, 3]))
+        index.record_hits(["f" * 64] * 3)
+        top = frames.top_chunks(index, 10)
+        assert list(top["chunk"]) == ["a.md #1", keys[2][:12]] and list(top["hits"]) == [4, 2]
     finally:
         index.close()
 

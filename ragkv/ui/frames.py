@@ -170,14 +170,18 @@ def size_by_document(index: CacheIndex) -> pd.DataFrame:
 
 
 def top_chunks(index: CacheIndex, limit: int = 10) -> pd.DataFrame:
-    """The most reused KV entries, with the document and text of a chunk that uses each."""
-    rows = []
-    for e in index.top_entries(limit):
+    """The most reused chunks: the hits of their KV entries summed (a chunk has one entry per
+    context it is read in, the first position's and the others'; listed apart, one chunk
+    filled two rows of ten), with its document and text."""
+    rows: dict[str, dict[str, Any]] = {}
+    for e in index.top_entries(2 * limit):
         # An entry no chunk names (the template prefix's KV, say) is shown by its key.
         label = f"{e['document']} #{e['ordinal']}" if e["ordinal"] is not None else e["key"][:12]
-        rows.append({"chunk": label, "hits": e["hits"], "tokens": e["n_tokens"],
-                     "text": (e["text"] or "")[:120].replace("\n", " ")})
-    return pd.DataFrame(rows, columns=["chunk", "hits", "tokens", "text"])
+        row = rows.setdefault(label, {"chunk": label, "hits": 0, "tokens": e["n_tokens"],
+                                      "text": (e["text"] or "")[:120].replace("\n", " ")})
+        row["hits"] += e["hits"]
+    top = sorted(rows.values(), key=lambda r: -r["hits"])[:limit]  # stable: ties keep order
+    return pd.DataFrame(top, columns=["chunk", "hits", "tokens", "text"])
 
 
 def recompute_matrix(layer_sets: Sequence[Any], n_positions: int) -> np.ndarray:
