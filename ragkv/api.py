@@ -114,6 +114,22 @@ class TokenStream:
             yield from self._gen.rest()
 
     def __iter__(self) -> Iterator[str]:
+        """The pieces join to ``answer.text``: the answer's leading and trailing whitespace is
+        left out, and whitespace inside it is held until the text after it comes (streamed
+        as decoded, they began "\n\n" or a space where the answer does not)."""
+        held, started = "", False
+        for piece in self._pieces():
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            text = piece.rstrip()
+            if text:
+                yield held + text
+                held = piece[len(text):]
+            else:
+                held += piece
+
+    def _pieces(self) -> Iterator[str]:
         eos = self._rag.backend.eos_token_ids
         decode = self._rag.tokenizer.decode
         tokens: list[int] = []

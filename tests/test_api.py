@@ -375,3 +375,23 @@ def test_a_wrong_key_handed_in_never_loads_another_chunks_kv(rag):
     got = rag.generate([lying], QUESTION, mode="reuse", max_new_tokens=MAX_NEW)
     assert got.tokens == want.tokens
     assert got.trace.chunks[0].key == honest.key
+
+
+def test_a_streams_pieces_join_to_the_answers_text(rag):
+    """Streamed as decoded, an answer's pieces began with the "\\n\\n" or space its text does
+    not have, and ended with what it strips; every front end that streamed them showed it."""
+    from ragkv.api import TokenStream
+
+    class Given(TokenStream):
+        def __init__(self, pieces: list[str]) -> None:
+            self.given = pieces
+
+        def _pieces(self):
+            yield from self.given
+
+    pieces = ["\n\n", " The", " answer", " ", "\n", "is", " 4", ".", " \n"]
+    assert list(Given(pieces)) == ["The", " answer", " \nis", " 4", "."]
+    assert list(Given([" ", "\n"])) == []
+    for question in (QUESTION, "Why?", "What is a with statement?"):
+        stream = rag.ask_stream(question, k=2, max_new_tokens=MAX_NEW)
+        assert "".join(stream) == stream.answer.text

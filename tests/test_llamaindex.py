@@ -193,7 +193,7 @@ def test_streaming_and_async_match_api(rag: RagKV) -> None:
     response = engine.query(QUESTION)
     assert isinstance(response, StreamingResponse)
     assert response.metadata["ragkv_trace"]["hits"] == 3  # prefill is done before streaming
-    assert "".join(response.response_gen).strip() == expected.text
+    assert "".join(response.response_gen) == expected.text
     assert response.metadata["ragkv_tokens"] == expected.tokens
     sync = RagkvQueryEngine(rag=rag, similarity_top_k=3, max_new_tokens=NEW)
     response = asyncio.run(sync.aquery(QUESTION))

@@ -100,23 +100,6 @@ def _question(value: RunnableInput) -> str:
     return value
 
 
-def _trimmed(pieces: Iterator[str]) -> Iterator[str]:
-    """``pieces`` without the answer's leading and trailing whitespace, so that they join to
-    the answer's text (``Answer.text`` is stripped); whitespace inside it is held until the
-    text after it comes."""
-    held, started = "", False
-    for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        text = piece.rstrip()
-        if text:
-            yield held + text
-            held = piece[len(text):]
-        else:
-            held += piece
-
-
 def _payloads(stream: TokenStream) -> list[tuple[str, dict[str, Any]]]:
     t = stream.trace
     cache = {"hits": t.hits, "misses": t.misses,
@@ -230,7 +213,7 @@ class RagkvRunnable(RunnableSerializable[RunnableInput, dict[str, Any]]):
     def _streamed(self, stream: TokenStream) -> Iterator[AddableDict]:
         """The output in pieces that add up to :meth:`_output`'s."""
         said = False
-        for text in _trimmed(self._pieces(stream)):
+        for text in self._pieces(stream):
             said = True
             yield AddableDict(answer=text)
         yield AddableDict(self._rest(stream) if said else self._output(stream))
