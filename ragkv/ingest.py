@@ -203,6 +203,8 @@ def _embed(rag: Ingesting, texts: list[str], progress: Progress | None) -> Any:
     """``[n, dim]`` embeddings of ``texts``, :data:`EMBED_GROUP` at a time."""
     import numpy as np
 
+    if not texts:  # a text of characters the tokenizer drops has no chunk
+        return _embedder(rag).embed([])
     parts = []
     for start in range(0, len(texts), EMBED_GROUP):
         parts.append(_embedder(rag).embed(texts[start:start + EMBED_GROUP]))

@@ -358,3 +358,10 @@ def test_a_long_documents_stages_show_it_moving(rag, monkeypatch):
                        for c in chunks])
     whole = ingest._embedder(rag).embed([c.text for c in chunks])
     np.testing.assert_allclose(stored, whole, atol=1e-5)
+
+
+def test_a_text_of_characters_the_tokenizer_drops_gives_no_chunk_and_no_error(rag):
+    """It has no chunk to embed: the embedding step (grouped for long documents) failed on
+    an empty list."""
+    res = rag.ingest_text("doc:control", "\x04\x06\x13\x14\x16")
+    assert res.n_chunks == 0 and res.precomputed == 0
