@@ -62,6 +62,10 @@ def test_ingest_ask_and_stats(tmp_path: Path, tiny_model: Path) -> None:
     stats = run("cache", "stats", "--home", str(tmp_path / "home"))
     assert "kv_entries" in stats and "anchor_passage" in stats and "corpus" in stats
     assert re.search(r"kv_bytes\s+│\s+[\d,]+ \([\d,.]+ MiB\)", stats), stats  # bytes, and MiB
+    hits = CacheIndex(f"sqlite:///{tmp_path / 'home' / 'index.sqlite'}").query_totals()["hits"]
+    # the chunks' hits, as the query log counts them (the template prefix's read by every
+    # query made it one more per query)
+    assert hits == 4 and re.search(rf"chunk_hits\s+│\s+{hits}\s", stats), stats
 
 
 def test_demo_twice_reuses_stored_kv(tmp_path: Path, tiny_model: Path) -> None:
