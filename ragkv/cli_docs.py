@@ -149,12 +149,21 @@ def remove(names: Annotated[list[str], typer.Argument(
         if unknown:
             fail(f"no document named {', '.join(map(repr, unknown))}; `ragkv documents` "
                  "lists them (nothing was removed)")
+        kept = 0  # bytes whose rows went but whose blobs could not be deleted
         for name in dict.fromkeys(found.values()):
-            freed = sum(e.nbytes for e in store.remove_documents(name).entries)
-            console.print(Text(f"removed {name} (KV freed: {freed / 2**20:.1f} MiB)"),
-                          soft_wrap=True)
+            removal = store.remove_documents(name)
+            stuck = sum(e.nbytes for e in removal.undeleted)
+            freed = sum(e.nbytes for e in removal.entries) - stuck
+            kept += stuck
+            console.print(Text(f"removed {name} (KV freed: {freed / 2**20:.1f} MiB"
+                               + (f"; not deleted: {stuck / 2**20:.1f} MiB" if stuck else "")
+                               + ")"), soft_wrap=True)
         left = len(index.documents())
     console.print(f"{count(left, 'document')} left")
+    if kept:  # the documents are gone; their KV's bytes stay until the blob store takes deletes
+        print_error(f"{kept / 2**20:.1f} MiB of KV could not be deleted (the warnings above "
+                    "say why); `ragkv cache verify` removes it once the blob store allows")
+        raise typer.Exit(1)
 
 
 def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), model: Model = None,

@@ -206,3 +206,33 @@ def test_ingest_into_a_full_blob_store_says_so(tmp_path: Path, tiny_model: Path,
     assert "computed now: 0" in said and "the KV of 2 chunks could not be stored" in said
     out = run("ingest", str(docs), *home)
     assert "computed now: 2" in out and "could not be stored" not in out
+
+
+def test_remove_says_which_kv_it_could_not_delete(tmp_path: Path, tiny_model: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob store that refuses deletes (read-only): remove reported all the KV "freed" and
+    exit 0 though every blob stayed; it now says how much stayed and exits 1, the document
+    gone, and ``verify`` then removes the orphans."""
+    import errno
+
+    from ragkv.cache_index.blobs import BlobStore
+
+    docs, home = _two_files_ingested(tmp_path, tiny_model, "The assert statement.\n" * 20,
+                                     "A with statement wraps a block.\n" * 20)
+    blobs = tmp_path / "home" / "blobs"
+    before = sorted(p.name for p in blobs.rglob("*") if p.is_file())
+
+    def refused(self, name: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(BlobStore, "delete", refused)
+        result = runner.invoke(app, ["remove", str(docs / "a.md"), *home[:2]])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "KV freed: 0.0 MiB; not deleted:" in said and "could not be deleted" in said
+    assert "1 document left" in said
+    assert sorted(p.name for p in blobs.rglob("*") if p.is_file()) == before
+    out = run("remove", str(docs / "b.md"), *home[:2])
+    assert "not deleted" not in out and "could not" not in out
+

@@ -60,10 +60,12 @@ def _chunk_info(row: Chunk, document_name: str) -> ChunkInfo:
 class Removal:
     """What :meth:`CorpusRows.remove_documents` removed: how many documents, and the KV
     entries whose rows went with their chunks (their blobs are the caller's to delete:
-    :meth:`~.store.KVStore.remove_documents`)."""
+    :meth:`~.store.KVStore.remove_documents`, which lists in ``undeleted`` those whose blob
+    it could not delete: orphans, which ``verify`` removes)."""
 
     documents: int = 0
     entries: list[EntryInfo] = field(default_factory=list)
+    undeleted: list[EntryInfo] = field(default_factory=list)
 
 
 class DocumentGone(KeyError):

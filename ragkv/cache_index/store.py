@@ -16,6 +16,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -315,16 +316,19 @@ class KVStore:
         except Exception as exc:
             log.warning("could not delete %s: %s", name, brief(exc))
 
-    def _delete_blob(self, entry: EntryInfo) -> None:
+    def _delete_blob(self, entry: EntryInfo) -> bool:
         """Delete a blob no row names any more from the tiers that held it; best effort (what
-        is left is an orphan, which ``verify`` removes)."""
+        is left is an orphan, which ``verify`` removes); whether every copy went."""
+        deleted = True
         for tier, blobs in self.persistent_tiers():
             if getattr(entry, f"on_{tier}"):
                 try:
                     blobs.delete(entry.blob_name)
                 except Exception as exc:
+                    deleted = False
                     log.warning("could not delete %s from the %s tier: %s", entry.blob_name,
                                 tier, brief(exc))
+        return deleted
 
     def apply_budgets(self, *, strict: bool = False) -> list[EvictionReport]:
         """Evict from every persistent tier over its byte budget; never raises (after a
@@ -351,8 +355,7 @@ class KVStore:
         remove_documents``), then the blobs of the KV entries that went with their chunks,
         from every tier; a blob that cannot be deleted is an orphan ``verify`` removes."""
         removal = self.index.remove_documents(name, before_id=before_id)
-        self._forget(removal.entries)
-        return removal
+        return replace(removal, undeleted=self._forget(removal.entries))
 
     def remove_unreferenced(self, digests: Iterable[str]) -> int:
         """``CacheIndex.remove_unreferenced``, then those entries' blobs; how many went."""
@@ -360,11 +363,15 @@ class KVStore:
         self._forget(entries)
         return len(entries)
 
-    def _forget(self, entries: list[EntryInfo]) -> None:
-        """The blobs (and memory copies) of entries whose rows are gone."""
+    def _forget(self, entries: list[EntryInfo]) -> list[EntryInfo]:
+        """The blobs (and memory copies) of entries whose rows are gone; those whose blob
+        could not be deleted."""
+        undeleted = []
         for entry in entries:
             self.memory_discard(entry.key)
-            self._delete_blob(entry)
+            if not self._delete_blob(entry):
+                undeleted.append(entry)
+        return undeleted
 
     def delete(self, key: str) -> None:
         """Forget one entry everywhere (row first, so no reader finds a row without its blob)."""
