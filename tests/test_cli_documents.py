@@ -236,3 +236,19 @@ def test_remove_says_which_kv_it_could_not_delete(tmp_path: Path, tiny_model: Pa
     out = run("remove", str(docs / "b.md"), *home[:2])
     assert "not deleted" not in out and "could not" not in out
 
+
+def test_ingest_again_stores_kv_whose_blobs_were_deleted(tmp_path: Path,
+                                                          tiny_model: Path) -> None:
+    """Blob files deleted behind ragkv's back (to free disk, say): ingest again said
+    "computed now: 0", trusting the rows, and every query missed; it now stores them again."""
+    docs, home = _two_files_ingested(tmp_path, tiny_model, "The assert statement.\n" * 20,
+                                     "A with statement wraps a block.\n" * 20)
+    blobs = tmp_path / "home" / "blobs"
+    files = [p for p in blobs.rglob("*.safetensors") if p.is_file()]
+    assert files
+    for p in files:
+        p.unlink()
+    out = run("ingest", str(docs), *home)
+    assert "computed now: 2" in " ".join(out.split())
+    assert len([p for p in blobs.rglob("*.safetensors") if p.is_file()]) == len(files)
+    assert "computed now: 0" in " ".join(run("ingest", str(docs), *home).split())

@@ -222,17 +222,39 @@ class KVStore:
         if self.memory is not None:
             self.memory.discard(key)
 
-    def contains(self, keys: list[str], *, memory: bool = True) -> dict[str, bool]:
+    def contains(self, keys: list[str], *, memory: bool = True,
+                 blobs: bool = False) -> dict[str, bool]:
         """Presence in memory or the index, for showing hits before loading; a later ``get``
         may still miss if the blob turns out bad. ``memory=False``: in the index alone (what
-        every process finds; this process's memory tier may hold KV whose row is gone)."""
+        every process finds; this process's memory tier may hold KV whose row is gone).
+        ``blobs``: a row counts only if a tier it names holds its blob; a copy found gone
+        (deleted behind the cache's back) is dropped, as a read drops it, so a precompute
+        stores the entry again (one existence check per entry: for ingestion, not queries)."""
         in_memory = {k: memory and self.memory is not None and k in self.memory for k in keys}
         try:
-            indexed = self.index.has_entries(keys)
+            indexed = self._with_blobs(keys) if blobs else self.index.has_entries(keys)
         except Exception as exc:
             log.warning("cache index unavailable, reporting only memory: %s", brief(exc))
             return in_memory
         return {k: in_memory[k] or indexed.get(k, False) for k in keys}
+
+    def _with_blobs(self, keys: list[str]) -> dict[str, bool]:
+        held = dict.fromkeys(keys, False)
+        for key, entry in self.index.get_entries(keys).items():
+            for tier, blobs in self.persistent_tiers():
+                if not getattr(entry, f"on_{tier}"):
+                    continue
+                try:
+                    there = blobs.exists(entry.blob_name)
+                except Exception as exc:  # possibly transient: trust the row, as a read does
+                    log.warning("cannot check %s blob %s: %s", tier, entry.blob_name, brief(exc))
+                    there = True
+                if there:
+                    held[key] = True
+                    break
+                self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing",
+                                uncounted)
+        return held
 
     # ---- write side ---------------------------------------------------------------------------
 

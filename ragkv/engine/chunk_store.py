@@ -146,5 +146,6 @@ class ChunkStore:
                                     layers=s.layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
                                     n_tokens=kv.n_tokens)
 
-    def stored(self, keys: list[str], *, memory: bool = True) -> dict[str, bool]:
-        return self.store.contains(keys, memory=memory)
+    def stored(self, keys: list[str], *, memory: bool = True,
+               blobs: bool = False) -> dict[str, bool]:
+        return self.store.contains(keys, memory=memory, blobs=blobs)

@@ -132,9 +132,11 @@ class HFBackend:
         """Missing chunks are prefilled several per forward pass (``engine/precompute.py``);
         prefix-context entries first, so anchor entries are stored with their context score."""
         # the index alone: KV this process still holds in memory after its document was
-        # removed has no row, and a precompute must leave one every process finds
-        plan, computed = to_precompute(self.keys, chunks, context,
-                                       lambda keys: self.chunks.stored(keys, memory=False))
+        # removed has no row, and a precompute must leave one every process finds; a row
+        # whose blob was deleted behind the cache's back is computed again
+        plan, computed = to_precompute(
+            self.keys, chunks, context,
+            lambda keys: self.chunks.stored(keys, memory=False, blobs=True))
         # the scored layers of prefix entries computed now, for anchor entries computed now
         scored = {tuple(ids) for ctx, todo in plan if ctx == "anchor" for ids in todo.values()}
         twins: dict[tuple[int, ...], ChunkKV] = {}

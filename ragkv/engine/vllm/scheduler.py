@@ -77,7 +77,7 @@ class ConnectorScheduler:
     def contains(self, keys: tuple[str, ...]) -> dict[str, Any]:
         if self._store is None:
             self._store = KVStore.from_config(replace(self.cfg, memory_budget_bytes=0))
-        present = self._store.contains(list(keys))
+        present = self._store.contains(list(keys), blobs=True)  # (ingestion asks)
         return {"contains": [k for k in keys if present.get(k)]}
 
     def _params(self, request: Request) -> FusionParams | None:
