@@ -336,6 +336,17 @@ def test_stored_asks_the_memory_tier_unless_told_not_to(with_memory):
     assert chunks.stored([KEY], memory=False) == {KEY: False}
 
 
+def test_stored_checks_the_blobs_only_when_told(kvstore):
+    """A blob deleted behind the cache's back: the row alone says stored; asked with
+    ``blobs``, the store looks, and the row goes."""
+    chunks = ChunkStore(kvstore, FP, SHAPE, "float32")
+    chunks.save(KEY, _kv())
+    kvstore.blobs.delete(kvstore.index.get_entry(KEY).blob_name)
+    assert chunks.stored([KEY]) == {KEY: True}
+    assert chunks.stored([KEY], memory=False, blobs=True) == {KEY: False}
+    assert kvstore.index.get_entry(KEY) is None
+
+
 @pytest.mark.parametrize("scored", [True, False])
 @pytest.mark.parametrize(("kv_dtype", "codec"), [("float16", None), ("bfloat16", None),
                                                  ("float32", Int8Codec())])
