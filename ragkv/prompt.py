@@ -115,6 +115,9 @@ class PromptTemplate:
                             f"(e.g. data.decode('utf-8'))")
         if isinstance(chunk, str):
             require_str(chunk, f"chunk {i}")
+            if chunk and not has_text(chunk):  # as a question: blanks alone are no context
+                raise ValueError(f"chunk {i} is empty: it holds only whitespace or invisible "
+                                 "characters")
             ids = tokenize_chunk(chunk, self.tokenizer)
         else:
             try:

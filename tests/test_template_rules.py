@@ -116,6 +116,13 @@ def test_chunk_ids_take_text_or_ids_within_the_vocabulary():
     # a tokenizer that does not tell its size: only negative ids are known to be wrong
     plain = PromptTemplate.from_tokenizer(CharTokenizer(), SYSTEM)
     assert plain.chunk_ids([10**6]) == [10**6]
+    # blanks alone are no context (they tokenized as such and filled the prompt)
+    for blank in (" \n\t ", "\u200b"):
+        with pytest.raises(ValueError, match="^chunk 1 is empty: it holds only whitespace"):
+            tpl.chunk_ids(blank, 1)
+    with pytest.raises(ValueError, match="^chunk 1 has no tokens$"):
+        tpl.chunk_ids("", 1)
+    assert tpl.chunk_ids(" a ") == _ords(" a ")
     with pytest.raises(ValueError, match=r"^chunk 0 holds token id -3, .* \(0\.\.\?\)$"):
         plain.chunk_ids([-3])
 
