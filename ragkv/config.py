@@ -7,10 +7,13 @@ variables except ``RAGKV_HOME`` as the default home folder (a convenience for th
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
+
+from ragkv.checks import as_python, is_number, is_whole
 
 Mode = Literal["full", "prefix", "reuse", "blend"]
 MODES: tuple[str, ...] = ("full", "prefix", "reuse", "blend")
@@ -70,14 +73,8 @@ def default_home() -> Path:
     return Path(os.environ.get("RAGKV_HOME", Path.home() / ".cache" / "ragkv")).expanduser()
 
 
-def _is_number(value: object) -> bool:
-    """An int or float, not a bool (``True`` is an int to Python, never a ratio here)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_whole(value: object) -> bool:
-    """An int, not a bool (a count of tokens, layers or bytes)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+#: torch device types a ``device`` may name (with an index: ``cuda:1``), or ``auto``
+DEVICE = re.compile(r"auto|(cpu|cuda|mps|xpu|hip|hpu|npu|mtia|meta)(:\d+)?")
 
 
 @dataclass
@@ -150,26 +147,28 @@ class BlendConfig:
         """This config with the ratio and policy a front end was given, where given (None:
         as configured), checked as any BlendConfig is."""
         return replace(self, ratio=self.ratio if ratio is None else ratio,
-                       policy=policy or self.policy)
+                       policy=self.policy if policy is None else policy)
 
     def __post_init__(self) -> None:
-        if self.ratio != "auto" and not (isinstance(self.ratio, int | float)
-                                         and 0.0 <= self.ratio <= 1.0):
+        as_python(self, ("ratio", "min_ratio", "correction_strength", "correction_mix",
+                          "coverage", "max_ratio", "floor_ratio", "start_factor", "preselect"),
+                   ("head_tokens", "correction_window", "preselect_from"))
+        if self.ratio != "auto" and not (is_number(self.ratio) and 0.0 <= self.ratio <= 1.0):
             raise ValueError(f"recompute ratio must be within [0, 1] or 'auto', got "
                              f"{self.ratio!r}")
-        if not (_is_number(self.min_ratio) and 0.0 <= self.min_ratio <= 1.0):
+        if not (is_number(self.min_ratio) and 0.0 <= self.min_ratio <= 1.0):
             raise ValueError(f"min_ratio must be within [0, 1], got {self.min_ratio!r}")
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"unknown selection policy {self.policy!r}; choose from "
                              f"{', '.join(POLICIES)}")
-        if _is_whole(self.check_layers):  # check_layers=2 for (2,)
+        if is_whole(self.check_layers):  # check_layers=2 for (2,)
             self.check_layers = (self.check_layers,)
         if (not isinstance(self.check_layers, tuple | list) or not self.check_layers
-                or not all(_is_whole(n) and n >= 1 for n in self.check_layers)):
+                or not all(is_whole(n) and n >= 1 for n in self.check_layers)):
             raise ValueError(f"check_layers must name layers >= 1 (layer 0 sees no context), "
                              f"e.g. (2,); got {self.check_layers!r}")
         self.check_layers = tuple(sorted(set(self.check_layers)))
-        if not (_is_whole(self.head_tokens) and self.head_tokens >= 0):
+        if not (is_whole(self.head_tokens) and self.head_tokens >= 0):
             raise ValueError(f"head_tokens must be a whole number of tokens >= 0, got "
                              f"{self.head_tokens!r}")
         if self.deviation_on not in ("k", "v", "kv"):
@@ -177,24 +176,24 @@ class BlendConfig:
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got "
                              f"{self.correction!r}")
-        if not (_is_number(self.correction_strength) and 0.0 <= self.correction_strength <= 2.0):
+        if not (is_number(self.correction_strength) and 0.0 <= self.correction_strength <= 2.0):
             raise ValueError(f"correction_strength must be a number within [0, 2], got "
                              f"{self.correction_strength!r}")
         if (isinstance(self.correction_window, bool) or not isinstance(self.correction_window, int)
                 or self.correction_window < 0):
             raise ValueError(f"correction_window must be a whole number of tokens >= 0, got "
                              f"{self.correction_window!r}")
-        if not (_is_number(self.correction_mix) and 0.0 <= self.correction_mix <= 1.0):
+        if not (is_number(self.correction_mix) and 0.0 <= self.correction_mix <= 1.0):
             raise ValueError(f"correction_mix must be a number within [0, 1], got "
                              f"{self.correction_mix!r}")
-        if self.coverage is not None and not (_is_number(self.coverage)
+        if self.coverage is not None and not (is_number(self.coverage)
                                               and 0.0 < self.coverage <= 1.0):
             raise ValueError(f"coverage must be within (0, 1] or None, got {self.coverage!r}")
-        if not (_is_number(self.max_ratio) and 0.0 <= self.max_ratio <= 1.0):
+        if not (is_number(self.max_ratio) and 0.0 <= self.max_ratio <= 1.0):
             raise ValueError(f"max_ratio must be within [0, 1], got {self.max_ratio!r}")
-        if not _is_number(self.start_factor) or self.start_factor < 1.0:
+        if not is_number(self.start_factor) or self.start_factor < 1.0:
             raise ValueError(f"start_factor must be a number >= 1, got {self.start_factor!r}")
-        if self.preselect is not None and not (_is_number(self.preselect)
+        if self.preselect is not None and not (is_number(self.preselect)
                                                and self.preselect >= 1.0):
             raise ValueError(f"preselect must be a number >= 1 or None, got {self.preselect!r}")
         if self.preselect_from is not None and (isinstance(self.preselect_from, bool)
@@ -205,10 +204,13 @@ class BlendConfig:
         if self.preselect_by not in PRESELECT_BY:
             raise ValueError(f"preselect_by must be one of {', '.join(PRESELECT_BY)}, got "
                              f"{self.preselect_by!r}")
-        if self.floor_ratio is not None and not (_is_number(self.floor_ratio)
+        if self.floor_ratio is not None and not (is_number(self.floor_ratio)
                                                  and 0.0 <= self.floor_ratio <= 1.0):
             raise ValueError(f"floor_ratio must be within [0, 1] or None, got "
                              f"{self.floor_ratio!r}")
+        if self.floor_ratio is not None and self.coverage is None:  # it had no effect
+            raise ValueError("floor_ratio sets the budget of the coverage guard; give coverage "
+                             "too")
 
 
 #: RagkvConfig fields an engine is built with: :meth:`ragkv.api.RagKV.with_config` refuses to
@@ -288,7 +290,22 @@ class RagkvConfig:
     blend: BlendConfig = field(default_factory=BlendConfig)
 
     def __post_init__(self) -> None:
-        self.home = Path(self.home).expanduser()
+        for name in ("home", "model"):
+            value = getattr(self, name)
+            if value is None and name == "model":
+                continue
+            if not isinstance(value, str | os.PathLike) or not str(value).strip():
+                raise ValueError(f"{name} must be a folder path, got {value!r}")
+            setattr(self, name, Path(value).expanduser())
+        for name in ("index_url", "blob_url", "remote_blob_url", "anchor_text"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
+        for name in ("blob_options", "remote_blob_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be a dict of storage options, got "
+                                 f"{getattr(self, name)!r}")
+        as_python(self, (), ("chunk_tokens", "memory_budget_bytes", "disk_budget_bytes",
+                              "remote_budget_bytes"))
         if self.home.exists() and not self.home.is_dir():
             raise ValueError(f"home {self.home} is a file; give a folder (created if missing)")
         if isinstance(self.blend, dict):  # the knobs as a mapping, e.g. from a settings file
@@ -301,9 +318,18 @@ class RagkvConfig:
         for name in ("engine", "system_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        if not (_is_whole(self.chunk_tokens) and self.chunk_tokens >= 16):
+        if not (is_whole(self.chunk_tokens) and self.chunk_tokens >= 16):
             raise ValueError(f"chunk_tokens must be a whole number >= 16, got "
                              f"{self.chunk_tokens!r}")
+        if not isinstance(self.device, str) or not DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' or another "
+                             f"torch device, got {self.device!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        for name in ("int8_key_scales", "int8_value_scales"):
+            if getattr(self, name) not in ("channel", "token"):
+                raise ValueError(f"{name} must be 'channel' or 'token', got "
+                                 f"{getattr(self, name)!r}")
         if self.kernels not in ("auto", "torch", "triton"):
             raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {self.kernels!r}")
         if self.engine not in ENGINES and not self.engine.startswith(("http://", "https://")):
@@ -312,7 +338,7 @@ class RagkvConfig:
         if self.precompute_context not in PRECOMPUTE_CONTEXTS:
             raise ValueError(f"precompute_context must be 'cold', 'prefix' or 'anchor', "
                              f"got {self.precompute_context!r}")
-        if self.anchor_text is not None and not str(self.anchor_text).strip():
+        if self.anchor_text is not None and not self.anchor_text.strip():
             raise ValueError("anchor_text is empty; give a passage or None for the default")
         if self.anchor_source not in ("corpus", "builtin"):
             raise ValueError(f"anchor_source must be 'corpus' or 'builtin', "
@@ -325,7 +351,7 @@ class RagkvConfig:
                              f"got {self.eviction_policy!r}")
         for name in ("memory_budget_bytes", "disk_budget_bytes", "remote_budget_bytes"):
             budget = getattr(self, name)
-            if budget is not None and not (_is_whole(budget) and budget >= 0):
+            if budget is not None and not (is_whole(budget) and budget >= 0):
                 raise ValueError(f"{name} must be a whole number of bytes >= 0 or None, got "
                                  f"{budget!r}")
 

@@ -74,6 +74,12 @@ def test_unknown_policy_raises():
     (dict(check_layers=(1.5,)), "check_layers"), (dict(check_layers=(True,)), "check_layers"),
     (dict(check_layers="2"), "check_layers"), (dict(min_ratio="0.1"), "min_ratio"),
     (dict(min_ratio=None), "min_ratio"), (dict(head_tokens=2.5), "head_tokens"),
+    # accepted before: a bool ratio (traced as True); a NaN start factor recomputed every
+    # token at the first check layer (it passed `< 1.0`)
+    (dict(ratio=True), "ratio"), (dict(ratio=float("nan")), "ratio"),
+    (dict(start_factor=float("nan")), "start_factor"),
+    (dict(preselect=float("inf")), "preselect"),
+    (dict(floor_ratio=0.1), "floor_ratio sets the budget of the coverage guard"),
 ])
 def test_bad_blend_config(kwargs, says):
     with pytest.raises(ValueError, match=says):
@@ -85,6 +91,28 @@ def test_blend_config_normalises_check_layers():
     assert BlendConfig(check_layers=2).check_layers == (2,)  # one layer, without the tuple
 
 
+def test_numpy_numbers_are_taken_as_plain_ones(tmp_path):
+    """np.float32 ratios were refused as "not within [0, 1]", numpy ints for counts too."""
+    import numpy as np
+
+    from ragkv.config import RagkvConfig
+
+    b = BlendConfig(ratio=np.float32(0.5), head_tokens=np.int64(3), check_layers=np.int64(2))
+    assert (b.ratio, b.head_tokens, b.check_layers) == (0.5, 3, (2,))
+    assert type(b.ratio) is float and type(b.head_tokens) is int
+    cfg = RagkvConfig(home=tmp_path, chunk_tokens=np.int64(64))
+    assert cfg.chunk_tokens == 64 and type(cfg.chunk_tokens) is int
+
+
+def test_choose_takes_what_it_is_given():
+    """An empty policy name kept the old policy; it is checked as BlendConfig checks it."""
+    b = BlendConfig(policy="hkvd")
+    assert b.choose(ratio=0.3) == BlendConfig(policy="hkvd", ratio=0.3)
+    assert b.choose(policy="qhkvd").policy == "qhkvd"
+    with pytest.raises(ValueError, match="unknown selection policy ''"):
+        b.choose(policy="")
+
+
 @pytest.mark.parametrize(("kwargs", "says"), [
     (dict(chunk_tokens=100.5), "chunk_tokens"), (dict(chunk_tokens="512"), "chunk_tokens"),
     (dict(chunk_tokens=8), "chunk_tokens"), (dict(memory_budget_bytes="1GB"), "memory_budget"),
@@ -92,12 +120,35 @@ def test_blend_config_normalises_check_layers():
     (dict(engine=None), "engine"), (dict(system_prompt=None), "system_prompt"),
     (dict(blend=0.12), "blend must be a BlendConfig"), (dict(blend={"ratio": 2.0}), "ratio"),
     (dict(blend={"ratoi": 0.2}), "blend: .*unexpected keyword argument 'ratoi'"),
+    # accepted before, each failing later deep inside (torch, pathlib, the codec, the index)
+    (dict(dtype="fp16"), "dtype must be"), (dict(device="gpu"), "device must be"),
+    (dict(device=None), "device must be"), (dict(model=123), "model must be a folder path"),
+    (dict(kv_dtype="int8", int8_key_scales="bogus"), "int8_key_scales"),
+    (dict(anchor_text=123), "anchor_text must be a string"),
+    (dict(index_url=123), "index_url must be a string"),
+    (dict(blob_options="x"), "blob_options must be a dict"),
 ])
 def test_bad_ragkv_config_is_a_value_error_that_names_the_setting(tmp_path, kwargs, says):
     from ragkv.config import RagkvConfig
 
     with pytest.raises(ValueError, match=says):
         RagkvConfig(home=tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize("home", [None, "", "  "])
+def test_a_home_that_is_no_path_is_refused(home):
+    """``home=""`` was taken as the current folder, None a pathlib TypeError."""
+    from ragkv.config import RagkvConfig
+
+    with pytest.raises(ValueError, match="home must be a folder path"):
+        RagkvConfig(home=home)
+
+
+def test_devices_torch_knows_are_taken():
+    from ragkv.config import RagkvConfig
+
+    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert RagkvConfig(device=device).device == device
 
 
 def test_blend_settings_may_come_as_a_mapping(tmp_path):
