@@ -12,16 +12,17 @@ Retrieval is timed separately.
 from __future__ import annotations
 
 import logging
-import operator
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ragkv.anchor_keeper import AnchorKeeper
+from ragkv.answer import Answer, TokenStream
 from ragkv.cache_index import CacheIndex
 from ragkv.cache_index.corpus import Removal
 from ragkv.cache_index.database import brief
+from ragkv.checks import chunk_list, seconds, whole
 from ragkv.chunking import RetrievedChunk, tokenizer_identity
 from ragkv.config import (
     ENGINE_SETTINGS,
@@ -30,8 +31,8 @@ from ragkv.config import (
     BlendConfig,
     RagkvConfig,
 )
-from ragkv.engine.base import Backend, Generation, GenerationRequest, NextToken
-from ragkv.prompt import AssembledPrompt, PromptTemplate, check_question, require_str
+from ragkv.engine.base import Backend, GenerationRequest
+from ragkv.prompt import PromptTemplate, check_question, require_str
 from ragkv.trace import ChunkTrace, QueryTrace
 
 if TYPE_CHECKING:
@@ -40,30 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ragkv")
 
 __all__ = ["Answer", "RagKV", "RetrievedChunk", "TokenStream"]
-
-
-@dataclass
-class Answer:
-    text: str
-    tokens: list[int]
-    trace: QueryTrace
-    prompt: AssembledPrompt
-    first: NextToken  # the first token's distribution (top-k; full logits in process)
-    generation: Generation | None = None  # kept only when asked for (bench scoring)
-
-    def score(self, target: Sequence[int]) -> list[NextToken]:
-        """Teacher-forced next-token distributions on this answer's prefill (``keep=True``)."""
-        if self.generation is None:
-            raise RuntimeError("ask with keep_kv=True to score an answer")
-        return self.generation.score(target)
-
-
-def _require_list(chunks: object) -> None:
-    """Chunks come as a list: one text (or one chunk) handed in alone is a mistake that would
-    otherwise read as one chunk per character."""
-    if isinstance(chunks, str | bytes | RetrievedChunk):
-        raise TypeError(f"chunks must be a list (of retrieved chunks, texts or token ids), "
-                        f"got one {type(chunks).__name__}; wrap it in a list")
 
 
 def pack(template: PromptTemplate, chunks: list[RetrievedChunk], question: str,
@@ -90,71 +67,6 @@ def pack(template: PromptTemplate, chunks: list[RetrievedChunk], question: str,
                          f"{fixed + min(len(c.token_ids) for c in chunks)})")
     return kept, left
 
-
-class TokenStream:
-    """Text pieces of an answer as they are decoded; ``answer`` is set once exhausted.
-
-    The prefill (and so the TTFT in the trace) has already happened when this is returned.
-    """
-
-    def __init__(self, rag: RagKV, question: str, prompt: AssembledPrompt,
-                 gen: Generation, keep: bool, log_query: bool,
-                 chunks: Sequence[RetrievedChunk] = ()) -> None:
-        self._rag, self.question, self.prompt = rag, question, prompt
-        self._gen, self._keep, self._log = gen, keep, log_query
-        self.trace: QueryTrace = gen.trace
-        #: the chunks the prompt holds, in its order (the ones handed in, as given, less those
-        #: left out for the window, ``trace.left_out``): an answer's sources
-        self.chunks = list(chunks)
-        self.answer: Answer | None = None
-
-    def _tokens(self) -> Iterator[int]:
-        yield self._gen.first_token
-        if self._gen.first_token not in self._rag.backend.eos_token_ids:
-            yield from self._gen.rest()
-
-    def __iter__(self) -> Iterator[str]:
-        """The pieces join to ``answer.text``: the answer's leading and trailing whitespace is
-        left out, and whitespace inside it is held until the text after it comes (streamed
-        as decoded, they began "\n\n" or a space where the answer does not)."""
-        held, started = "", False
-        for piece in self._pieces():
-            if not started:
-                piece = piece.lstrip()
-                started = bool(piece)
-            text = piece.rstrip()
-            if text:
-                yield held + text
-                held = piece[len(text):]
-            else:
-                held += piece
-
-    def _pieces(self) -> Iterator[str]:
-        eos = self._rag.backend.eos_token_ids
-        decode = self._rag.tokenizer.decode
-        tokens: list[int] = []
-        shown = ""
-        try:
-            for tok in self._tokens():
-                tokens.append(tok)
-                if tok in eos:
-                    continue
-                text = decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole chars only
-                    yield text[len(shown):]
-                    shown = text
-        finally:
-            if not self._keep:
-                self._gen.close()
-        text = decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-        if len(text) > len(shown):
-            yield text[len(shown):]
-        if self._log:
-            self._rag._log(self.question, self.trace, text)
-        self.answer = Answer(text.strip(), tokens, self.trace, self.prompt, self._gen.first,
-                             self._gen if self._keep else None)
-
-
 class RagKV:
     """ingest → precompute → store → retrieve → fuse → answer, on one engine and one cache.
 
@@ -167,8 +79,12 @@ class RagKV:
         from ragkv.engine.registry import open_backend
 
         self.config = config or RagkvConfig()
+        if not isinstance(self.config, RagkvConfig):
+            raise TypeError(f"config must be a RagkvConfig, got {type(self.config).__name__}")
         self.index = CacheIndex(self.config.resolved_index_url)
         self.backend: Backend = backend or open_backend(self.config, self.index, engine)
+        self._owner: RagKV | None = None  # the facade whose engine and index this one shares
+        self._closed = False
         self._retrieval = None  # built lazily: ragkv.connectors.retrieval
         self._embedder = None
         self._kv_store: KVStore | None = None  # for removals (built lazily)
@@ -180,12 +96,18 @@ class RagKV:
         context, the blend, the chunk size. Settings the engine was built with (the model,
         its template and anchor passage, where and how KV is stored) cannot change here; a
         change to one is a ValueError, since the engine would go on with the old value."""
+        self._require_open()
+        config = replace(self.config, **changes)  # checked, and normalized (a str home a Path)
         fixed = [name for name in ENGINE_SETTINGS
-                 if name in changes and changes[name] != getattr(self.config, name)]
+                 if name in changes and getattr(config, name) != getattr(self.config, name)]
         if fixed:
             raise ValueError(f"{', '.join(fixed)} is fixed when the engine is built; open a new "
                              f"RagKV with the other value")
-        return RagKV(replace(self.config, **changes), backend=self.backend)
+        other = RagKV.__new__(RagKV)  # this one's engine and index: nothing new to open
+        other.__dict__.update(self.__dict__, config=config, _owner=self._owner or self,
+                              _retrieval=None, _embedder=None, _kv_store=None,
+                              _anchor=AnchorKeeper(config, self.index, self.backend))
+        return other
 
     def as_ingested(self) -> RagKV:
         """This facade, or one on the same engine that reads chunk KV in the precompute
@@ -204,6 +126,12 @@ class RagKV:
         have it. ``record=False`` (the benchmark) picks from ``texts`` whatever the index
         holds and records nothing. None: the engine keeps its passage (a fixed
         ``anchor_text``, the neutral one, or a corpus too short)."""
+        self._require_open()
+        if isinstance(texts, str | bytes) or not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a list of the corpus's texts, got "
+                            f"{type(texts).__name__}")
+        for i, text in enumerate(texts):
+            require_str(text, f"text {i}")
         return self._anchor.choose(texts, record)
 
     # ---- keys and KV --------------------------------------------------------------------
@@ -239,7 +167,8 @@ class RagKV:
                         ) -> list[bool]:
         """Store every chunk's KV (a retrieved chunk, its text or its token ids) through the
         engine; True where it was computed now."""
-        _require_list(chunks)
+        self._require_open()
+        chunks = chunk_list(chunks, (RetrievedChunk,))
         if not chunks:
             return []
         ids = [self._retrieved(c, i).token_ids for i, c in enumerate(chunks)]
@@ -265,13 +194,20 @@ class RagKV:
         move."""
         from ragkv.ingest import ingest_text
 
+        self._require_open()
         require_str(name, "the document's name")
         require_str(text, f"document {name!r}")
+        room = self.backend.max_model_len - len(self.template.prefix_ids)
+        if self.config.chunk_tokens >= room:  # its chunks would fit no prompt
+            raise ValueError(f"chunk_tokens {self.config.chunk_tokens} leaves no room in the "
+                             f"model's window of {self.backend.max_model_len} tokens for the "
+                             f"prompt template and a question; use fewer (512 by default)")
         return ingest_text(self, name, text, source, progress)
 
     def remove_document(self, name: str) -> bool:
         """Remove the document called ``name`` (every version) from retrieval and the index,
         with the KV of its chunks that no other chunk shares; False when there is none."""
+        self._require_open()
         require_str(name, "the document's name")
         return self._remove_documents(name).documents > 0
 
@@ -292,9 +228,9 @@ class RagKV:
     def retrieve(self, question: str, k: int = 4) -> list[RetrievedChunk]:
         from ragkv.ingest import retrieve
 
+        self._require_open()
         check_question(question)
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be a whole number of chunks, got {k!r}")
+        k = whole(k, "k", "chunks", 1)
         self._anchor.adopt()  # the keys handed out name the passage the cache holds now
         return retrieve(self, question, k)
 
@@ -322,17 +258,17 @@ class RagKV:
         answer budget fit the engine's window; the rest are left out and named in
         ``trace.left_out``. ``full_ttft_s``: full prefill's TTFT measured on this same prompt
         (logged beside this answer's, for the dashboard)."""
-        _require_list(chunks)
-        items = [self._retrieved(c, i) for i, c in enumerate(chunks)]
-        try:  # (numpy's ints too; a float or a bool is a mistake)
-            if isinstance(max_new_tokens, bool):
-                raise TypeError
-            max_new_tokens = operator.index(max_new_tokens)
-        except TypeError:
-            raise TypeError(f"max_new_tokens must be a whole number of tokens, got "
-                            f"{max_new_tokens!r}") from None
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self._require_open()
+        items = [self._retrieved(c, i)
+                 for i, c in enumerate(chunk_list(chunks, (RetrievedChunk,)))]
+        max_new_tokens = whole(max_new_tokens, "max_new_tokens", "tokens", 1)
+        retrieval_s = seconds(retrieval_s, "retrieval_s")
+        full_ttft_s = seconds(full_ttft_s, "full_ttft_s")
+        if isinstance(blend, dict):  # the knobs as a mapping, as RagkvConfig takes them
+            blend = BlendConfig(**blend)
+        if blend is not None and not isinstance(blend, BlendConfig):
+            raise TypeError(f"blend must be a BlendConfig (e.g. rag.config.blend.choose("
+                            f"ratio=0.3)) or None, got {type(blend).__name__}")
         window = self.backend.max_model_len
         if max_new_tokens >= window:
             raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in "
@@ -377,7 +313,25 @@ class RagKV:
         return self.stream(chunks, question, retrieval_s=retrieval_s, **kwargs)
 
     def close(self) -> None:
-        self.backend.close()
+        """Release the engine and the cache index; using the facade afterwards is an error.
+        A facade from :meth:`with_config` shares both with the one it came from: closing it
+        leaves them open, closing that one closes them."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owner is None:
+            self.backend.close()
+            self.index.close()
+
+    def __enter__(self) -> RagKV:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self._closed or (self._owner is not None and self._owner._closed):
+            raise RuntimeError("this RagKV was closed; open a new one")
 
     def _log(self, question: str, trace: QueryTrace, text: str) -> None:
         try:

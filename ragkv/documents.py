@@ -132,8 +132,9 @@ def prefer_unchanged(report: LoadReport, stored: Mapping[str, set[str]]) -> Load
 
 def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_BYTES,
                    strict: bool = False) -> LoadReport:
-    """Load every supported document under ``paths`` (see the module docstring for the rules)."""
-    paths = [Path(p) for p in paths]
+    """Load every supported document under ``paths`` (see the module docstring for the rules);
+    one path alone is taken as one (it read as one path per character)."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
     # Fail before reading anything: a typo in one path should not cost a long partial run.
     for p in paths:
         if not p.exists():

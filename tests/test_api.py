@@ -384,7 +384,7 @@ def test_a_streams_pieces_join_to_the_answers_text(rag):
 
     class Given(TokenStream):
         def __init__(self, pieces: list[str]) -> None:
-            self.given = pieces
+            self.given, self.answer = pieces, None
 
         def _pieces(self):
             yield from self.given
