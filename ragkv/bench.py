@@ -29,6 +29,7 @@ from ragkv.config import (
     BlendConfig,
 )
 from ragkv.engine.base import EngineError, NextToken
+from ragkv.prompt import require_str
 
 Progress = Callable[[str, int, int], None]
 
@@ -59,6 +60,11 @@ class BenchSpec:
     def __post_init__(self) -> None:
         """Every setting checked before anything is precomputed: a typo in the last mode of
         a grid is an error now, not after the corpus's KV."""
+        for name in ("modes", "ratios", "policies", "contexts", "corrections"):
+            values = getattr(self, name)
+            twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if twice is not None:  # each variant would run (and count) twice per case
+                raise ValueError(f"{name} name {twice!r} twice")
         for mode in self.modes:
             if mode not in MODES:
                 raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -96,13 +102,15 @@ def load_cases(path: Path) -> list[dict]:
         raise ValueError(f"{path}: not UTF-8 text; a case file is JSON lines") from None
     except OSError as exc:
         raise ValueError(f"cannot read the case file {path}: {exc.strerror or exc}") from None
-    cases = []
-    for n, line in enumerate(text.splitlines(), 1):
+    cases: list[dict] = []
+    lines: dict[str, int] = {}  # id -> its line
+    # JSON lines end at "\n" alone: a raw U+2028 or U+0085 inside a string is JSON text
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             case = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (RecursionError, ValueError) as exc:  # (a JSONDecodeError is a ValueError)
             raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
         if not isinstance(case, dict):
             raise ValueError(f"{path}:{n}: each line must be a JSON object with 'chunks' and "
@@ -116,7 +124,18 @@ def load_cases(path: Path) -> list[dict]:
                                                    and case["answer"].strip()):
             # (a blank one would be "contained" in every answer)
             raise ValueError(f"{path}:{n}: 'answer' must be a non-empty string when given")
+        try:  # what no tokenizer reads (a lone surrogate, as a JSON escape can leave)
+            for i, chunk in enumerate(case["chunks"]):
+                require_str(chunk, f"chunk {i}")
+        except ValueError as exc:
+            raise ValueError(f"{path}:{n}: {exc}") from None
         case.setdefault("id", f"case-{n}")
+        if not isinstance(case["id"], str) or not case["id"].strip():
+            raise ValueError(f"{path}:{n}: 'id' must be a non-empty string when given")
+        if case["id"] in lines:  # its records could not be told from the other's
+            raise ValueError(f"{path}:{n}: id {case['id']!r} is line {lines[case['id']]}'s too; "
+                             f"ids are unique")
+        lines[case["id"]] = n
         cases.append(case)
     if not cases:
         raise ValueError(f"{path}: no cases")
@@ -183,6 +202,18 @@ def _record(case: dict, ctx: str, answer: Answer, full: Answer,
     }
 
 
+def _require_fits(rag: RagKV, case: dict, ids: list[list[int]], max_new_tokens: int) -> None:
+    """A case whose prompt the window cannot hold is refused before any work: generate would
+    leave chunks out, and every figure would be of a shorter prompt than the case's."""
+    tpl, window = rag.template, rag.backend.max_model_len - max_new_tokens
+    need = (len(tpl.prefix_ids) + sum(map(len, ids)) + len(tpl.sep_ids) * (len(ids) - 1)
+            + len(tpl.suffix_ids(case["question"])))
+    if need > window:
+        raise ValueError(f"case {case['id']!r}: its prompt takes {need:,} tokens, more than the "
+                         f"model's window leaves after the answer budget ({window:,}); drop "
+                         f"chunks from it or lower --max-new-tokens")
+
+
 def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
               progress: Progress | None = None) -> dict:
     """Every variant of ``spec`` against full prefill on each case, on ``rag``'s engine."""
@@ -198,6 +229,8 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
             [c for case in cases for c in case["chunks"]], record=False)
     tok = rag.tokenizer
     chunk_ids = [[tokenize_chunk(c, tok) for c in case["chunks"]] for case in cases]
+    for case, ids in zip(cases, chunk_ids, strict=True):
+        _require_fits(rag, case, ids, spec.max_new_tokens)
     first = next(iter(rags.values()))
     # warm-up on a prompt of its own: first calls pay one-off costs, and a case's prompt
     # would leave its full prefill in a prefix cache; before the corpus's precompute, so a
@@ -245,13 +278,22 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
             "cases": records}
 
 
-def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dict:
+#: answer tokens of the long-context probe
+LONG_CONTEXT_ANSWER = 8
+
+
+def long_context(rag: RagKV, target_tokens: int,
+                 max_new_tokens: int = LONG_CONTEXT_ANSWER) -> dict:
     """TTFT full vs blend (default config) on one prompt of ``target_tokens`` tokens."""
     from ragkv.chunking import chunk_text
     from ragkv.ingest import pydoc_topics
 
     q = "Summarize what these passages say about exceptions."
     tpl = rag.template
+    room = rag.backend.max_model_len - max_new_tokens
+    if target_tokens > room:  # the prompt would be cut to the window, under this figure
+        raise ValueError(f"--long-context {target_tokens:,} is more than the model's window "
+                         f"leaves after the answer's {max_new_tokens} tokens ({room:,})")
     # the prompt is the template, the chunks with a separator between each two, the question:
     # chunks are taken until it holds ``target_tokens``, the last cut to what is left
     left = target_tokens - len(tpl.prefix_ids) - len(tpl.suffix_ids(q))
@@ -269,7 +311,7 @@ def long_context(rag: RagKV, target_tokens: int, max_new_tokens: int = 8) -> dic
                         max_new_tokens=max_new_tokens)
     blend = rag.generate(chunks, q, mode="blend", keep_kv=True, log_query=False,
                          max_new_tokens=max_new_tokens)
-    return {"context_tokens": full.trace.context_tokens, "chunks": len(chunks),
+    return {"context_tokens": full.trace.context_tokens, "chunks": len(full.trace.chunks),
             "full_ttft_s": full.trace.ttft_s, "blend_ttft_s": blend.trace.ttft_s,
             "speedup": full.trace.ttft_s / blend.trace.ttft_s,
             **metrics.first_token(full.first, blend.first)}

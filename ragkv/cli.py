@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 from ragkv.cli_cache import cache_app
 from ragkv.cli_docs import documents, ingest, ingest_docs, remove
@@ -33,7 +37,6 @@ from ragkv.cli_shared import (
     makeable_home,
     open_rag,
     print_error,
-    print_summary,
     progress_bar,
     run_engine,
     writable_file,
@@ -175,6 +178,41 @@ def _numbers(option: str, text: str, kind: type) -> list:
         raise ValueError(f"{option} takes {what} separated by commas, got {text!r}") from None
 
 
+def print_summary(result: dict) -> None:
+    def f(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    t = Table(caption=f"{result['meta']['engine']}; KL over {result['summary'][0]['kl_basis']}",
+              box=box.SIMPLE_HEAD)  # no column rules: 14 columns, little width to spare
+    rows = result["summary"]
+    # the correction names a row only where the run compared several (two rows read alike)
+    several = len({s.get("correction") for s in rows if s["mode"] == "blend"}) > 1
+    contains = any(s.get("contains") is not None for s in rows)  # the cases had answers
+    for name in ("context", "mode", "policy", "ratio", *(("correction",) if several else ()),
+                 "n", "TTFT s", "engine s", "TTFT x (med)", "1st agree", "1st KL (med)",
+                 "TF agree", "TF KL (med)", "ROUGE-L", *(("contains",) if contains else ()),
+                 "recomp %"):
+        t.add_column(name, overflow="fold")  # a narrow terminal wraps a figure, never cuts it
+    for s in rows:
+        t.add_row(s["context"], s["mode"], s["policy"] or "-", f(s["ratio"], ".2f"),
+                  *((s.get("correction") or "-",) if several else ()),
+                  str(s["n"]), f(s["ttft_median_s"], ".3f"), f(s["engine_ttft_median_s"], ".3f"),
+                  f(s["speedup_median"], ".2f"), f(s["first_token_agree"], ".3f"),
+                  f(s["first_token_kl_median"], ".4f"), f(s["tf_agree"], ".3f"),
+                  f(s["tf_kl_median"], ".4f"), f(s["rouge_l"], ".3f"),
+                  *((f(s.get("contains"), ".3f"),) if contains else ()),
+                  f(100 * s["recomputed_share"], ".1f"))
+    out = console
+    if not console.is_terminal:  # a log or `tee`: the table's own width, no terminal wraps it
+        wide = Measurement.get(console, console.options.update_width(10_000), t).maximum
+        out = Console(file=console.file, width=max(console.width, wide))
+    out.print(t)
+    if "long_context" in result:
+        lc = result["long_context"]
+        console.print(f"long prompt: {lc['context_tokens']} tokens, full {lc['full_ttft_s']:.2f}s,"
+                      f" blend {lc['blend_ttft_s']:.2f}s, x{lc['speedup']:.2f}")
+
+
 @app.command()
 def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL case file")],
           modes: str = "full,prefix,reuse,blend", ratios: str = f"0.05,{DEFAULT_RATIO},0.3",
@@ -215,7 +253,7 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
           out: Path | None = None, home: Home = default_home(), model: Model = None,
           engine: Engine = "hf") -> None:
     """TTFT and fidelity of each mode against full prefill on a case file."""
-    from ragkv.bench import BenchSpec, load_cases, run_bench
+    from ragkv.bench import LONG_CONTEXT_ANSWER, BenchSpec, load_cases, run_bench
 
     try:
         spec = BenchSpec(modes=modes.split(","), ratios=_numbers("--ratios", ratios, float),
@@ -237,6 +275,10 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
         fail(f"--long-context must be 0 (off) or at least {LONG_CONTEXT_MIN:,} tokens (a few "
              f"chunks besides the template and question), got {long_context}")
     rag = open_rag(ctx, home, model, kv_dtype=kv_dtype, engine=engine, anchor_source=anchor_source)
+    room = rag.backend.max_model_len - LONG_CONTEXT_ANSWER
+    if long_context > room:  # said before the run: its prompt would be cut to the window
+        fail(f"--long-context {long_context:,} is more than the model's window leaves after "
+             f"the answer's {LONG_CONTEXT_ANSWER} tokens ({room:,})")
     with progress_bar() as bar:
         tasks: dict[str, int] = {}
 

@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
-from rich import box
 from rich.console import Console, Group
 from rich.markup import escape
-from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -144,15 +142,27 @@ def cache_errors() -> Iterator[None]:
 
 
 def writable_file(path: Path, option: str) -> None:
-    """Fail in one line unless a file can be written at ``path`` (its folder is made)."""
-    if path.is_dir():
-        fail(f"{option} {path} is a folder: name a file")
+    """Fail in one line unless a file can be written at ``path`` (its folder is made): opened
+    for appending, which changes nothing in a file that is there, and a file made for the
+    check is removed again (a writable folder could hold a file that is not, or a name too
+    long)."""
+    try:
+        if path.is_dir():
+            fail(f"{option} {path} is a folder: name a file")
+    except OSError as exc:  # a name too long
+        fail(f"{option} {path}: cannot be written ({exc.strerror or exc})")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         fail(f"{option} {path}: cannot make its folder ({exc.strerror or exc})")
-    if not os.access(path.parent, os.W_OK):
-        fail(f"{option} {path}: its folder is not writable")
+    try:
+        existed = path.exists()
+        with open(path, "ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        fail(f"{option} {path}: cannot be written ({exc.strerror or exc})")
 
 
 def first_line(exc: BaseException) -> str:
@@ -360,30 +370,3 @@ def answers_table(answers: Sequence) -> Group:
         notes.append(f"[yellow]left out {len(left)} retrieved chunk(s) that did not fit the "
                      f"model's window: {escape(names)}[/yellow]")
     return Group(t, side, src, *notes)
-
-
-def print_summary(result: dict) -> None:
-    def f(v, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
-    t = Table(caption=f"{result['meta']['engine']}; KL over {result['summary'][0]['kl_basis']}",
-              box=box.SIMPLE_HEAD)  # no column rules: 14 columns, little width to spare
-    for name in ("context", "mode", "policy", "ratio", "n", "TTFT s", "engine s", "TTFT x (med)",
-                 "1st agree", "1st KL (med)", "TF agree", "TF KL (med)", "ROUGE-L", "recomp %"):
-        t.add_column(name, overflow="fold")  # a narrow terminal wraps a figure, never cuts it
-    for s in result["summary"]:
-        t.add_row(s["context"], s["mode"], s["policy"] or "-", f(s["ratio"], ".2f"),
-                  str(s["n"]), f(s["ttft_median_s"], ".3f"), f(s["engine_ttft_median_s"], ".3f"),
-                  f(s["speedup_median"], ".2f"), f(s["first_token_agree"], ".3f"),
-                  f(s["first_token_kl_median"], ".4f"), f(s["tf_agree"], ".3f"),
-                  f(s["tf_kl_median"], ".4f"), f(s["rouge_l"], ".3f"),
-                  f(100 * s["recomputed_share"], ".1f"))
-    out = console
-    if not console.is_terminal:  # a log or `tee`: the table's own width, no terminal wraps it
-        wide = Measurement.get(console, console.options.update_width(10_000), t).maximum
-        out = Console(file=console.file, width=max(console.width, wide))
-    out.print(t)
-    if "long_context" in result:
-        lc = result["long_context"]
-        console.print(f"long prompt: {lc['context_tokens']} tokens, full {lc['full_ttft_s']:.2f}s,"
-                      f" blend {lc['blend_ttft_s']:.2f}s, x{lc['speedup']:.2f}")
