@@ -230,6 +230,10 @@ def run_bench(rag: RagKV, cases: list[dict], spec: BenchSpec,
     tok = rag.tokenizer
     chunk_ids = [[tokenize_chunk(c, tok) for c in case["chunks"]] for case in cases]
     for case, ids in zip(cases, chunk_ids, strict=True):
+        empty = next((j for j, c in enumerate(ids) if not c), None)
+        if empty is not None:  # (the engine's error named neither the case nor the file)
+            raise ValueError(f"case {case['id']!r}: chunk {empty} has no tokens (only "
+                             f"characters the tokenizer drops)")
         _require_fits(rag, case, ids, spec.max_new_tokens)
     first = next(iter(rags.values()))
     # warm-up on a prompt of its own: first calls pay one-off costs, and a case's prompt

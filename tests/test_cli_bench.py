@@ -87,6 +87,12 @@ def test_a_case_over_the_window_is_refused_not_cut(tmp_path: Path, tiny_model: P
     assert "more than the model's window leaves after the answer budget (8,160)" in said
 
 
+def test_a_chunk_of_no_tokens_names_its_case(tmp_path: Path, tiny_model: Path) -> None:
+    result = _bench(tmp_path, tiny_model, _one_case(tmp_path, chunks=["Text.", "\u0004"]))
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "case 'a': chunk 1 has no tokens" in said, result.output
+
+
 def test_the_table_names_the_correction_and_the_contains_rate(tmp_path: Path,
                                                               tiny_model: Path) -> None:
     """Two corrections printed two rows alike ("anchor blend qhkvd 0.12"); the answer-contains
