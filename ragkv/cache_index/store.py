@@ -227,9 +227,9 @@ class KVStore:
         """Presence in memory or the index, for showing hits before loading; a later ``get``
         may still miss if the blob turns out bad. ``memory=False``: in the index alone (what
         every process finds; this process's memory tier may hold KV whose row is gone).
-        ``blobs``: a row counts only if a tier it names holds its blob; a copy found gone
-        (deleted behind the cache's back) is dropped, as a read drops it, so a precompute
-        stores the entry again (one existence check per entry: for ingestion, not queries)."""
+        ``blobs`` (ingestion, not queries: a check per entry): a row counts only if a tier it
+        names holds its blob; a copy deleted behind the cache's back is dropped, as a read
+        drops it, so a precompute stores the entry again."""
         in_memory = {k: memory and self.memory is not None and k in self.memory for k in keys}
         try:
             indexed = self._with_blobs(keys) if blobs else self.index.has_entries(keys)
@@ -244,16 +244,13 @@ class KVStore:
             for tier, blobs in self.persistent_tiers():
                 if not getattr(entry, f"on_{tier}"):
                     continue
-                try:
-                    there = blobs.exists(entry.blob_name)
-                except Exception as exc:  # possibly transient: trust the row, as a read does
-                    log.warning("cannot check %s blob %s: %s", tier, entry.blob_name, brief(exc))
-                    there = True
-                if there:
+                try:  # a check that fails may be transient: trust the row, as a read does
+                    held[key] = blobs.exists(entry.blob_name)
+                except Exception:  # noqa: BLE001
                     held[key] = True
+                if held[key]:
                     break
-                self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing",
-                                uncounted)
+                self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing", uncounted)
         return held
 
     # ---- write side ---------------------------------------------------------------------------
@@ -388,12 +385,9 @@ class KVStore:
     def _forget(self, entries: list[EntryInfo]) -> list[EntryInfo]:
         """The blobs (and memory copies) of entries whose rows are gone; those whose blob
         could not be deleted."""
-        undeleted = []
         for entry in entries:
             self.memory_discard(entry.key)
-            if not self._delete_blob(entry):
-                undeleted.append(entry)
-        return undeleted
+        return [entry for entry in entries if not self._delete_blob(entry)]
 
     def delete(self, key: str) -> None:
         """Forget one entry everywhere (row first, so no reader finds a row without its blob)."""
