@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from ragkv.chunking import RetrievedChunk
-from ragkv.engine.base import Generation, NextToken
+from ragkv.engine.base import Backend, Generation, NextToken
 from ragkv.prompt import AssembledPrompt
 from ragkv.trace import QueryTrace
 
-if TYPE_CHECKING:
-    from ragkv.api import RagKV
+
+class Facade(Protocol):
+    """What a stream reads of the facade that made it (:class:`ragkv.api.RagKV`)."""
+
+    backend: Backend
+    tokenizer: Any
+
+    def _log(self, question: str, trace: QueryTrace, text: str) -> None: ...
 
 
 @dataclass
@@ -38,7 +44,7 @@ class TokenStream:
     The prefill (and so the TTFT in the trace) has already happened when this is returned.
     """
 
-    def __init__(self, rag: RagKV, question: str, prompt: AssembledPrompt,
+    def __init__(self, rag: Facade, question: str, prompt: AssembledPrompt,
                  gen: Generation, keep: bool, log_query: bool,
                  chunks: Sequence[RetrievedChunk] = ()) -> None:
         self._rag, self.question, self.prompt = rag, question, prompt
