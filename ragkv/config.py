@@ -167,7 +167,7 @@ class BlendConfig:
                 or not all(is_whole(n) and n >= 1 for n in self.check_layers)):
             raise ValueError(f"check_layers must name layers >= 1 (layer 0 sees no context), "
                              f"e.g. (2,); got {self.check_layers!r}")
-        self.check_layers = tuple(sorted(set(self.check_layers)))
+        self.check_layers = tuple(sorted({int(n) for n in self.check_layers}))
         if not (is_whole(self.head_tokens) and self.head_tokens >= 0):
             raise ValueError(f"head_tokens must be a whole number of tokens >= 0, got "
                              f"{self.head_tokens!r}")

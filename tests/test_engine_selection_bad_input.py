@@ -100,6 +100,7 @@ def test_numpy_numbers_are_taken_as_plain_ones(tmp_path):
     b = BlendConfig(ratio=np.float32(0.5), head_tokens=np.int64(3), check_layers=np.int64(2))
     assert (b.ratio, b.head_tokens, b.check_layers) == (0.5, 3, (2,))
     assert type(b.ratio) is float and type(b.head_tokens) is int
+    assert type(b.check_layers[0]) is int  # (a numpy int failed json.dumps of a bench spec)
     cfg = RagkvConfig(home=tmp_path, chunk_tokens=np.int64(64))
     assert cfg.chunk_tokens == 64 and type(cfg.chunk_tokens) is int
 
