@@ -118,7 +118,8 @@ def test_chunk_ids_take_text_or_ids_within_the_vocabulary():
     assert plain.chunk_ids([10**6]) == [10**6]
     # blanks alone are no context (they tokenized as such and filled the prompt)
     for blank in (" \n\t ", "\u200b"):
-        with pytest.raises(ValueError, match="^chunk 1 is empty: it holds only whitespace"):
+        with pytest.raises(ValueError, match="^chunk 1 is empty: it holds only whitespace or "
+                                             "invisible characters$"):
             tpl.chunk_ids(blank, 1)
     with pytest.raises(ValueError, match="^chunk 1 has no tokens$"):
         tpl.chunk_ids("", 1)
