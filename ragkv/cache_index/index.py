@@ -52,15 +52,6 @@ class CacheIndex(CorpusRows):
                 present.update(s.scalars(select(KVEntry.key).where(KVEntry.key.in_(batch))))
         return {k: k in present for k in unique}
 
-    def get_entries(self, keys: list[str]) -> dict[str, EntryInfo]:
-        """The rows of those of ``keys`` that have one, in one query per 500 keys."""
-        found: dict[str, EntryInfo] = {}
-        with self.transaction() as s:
-            for batch in in_batches(list(dict.fromkeys(keys))):
-                for row in s.scalars(select(KVEntry).where(KVEntry.key.in_(batch))):
-                    found[row.key] = to_info(EntryInfo, row)
-        return found
-
     def upsert_entry(
         self,
         key: str,

@@ -240,7 +240,7 @@ class KVStore:
 
     def _with_blobs(self, keys: list[str]) -> dict[str, bool]:
         held = dict.fromkeys(keys, False)
-        for key, entry in self.index.get_entries(keys).items():
+        for key, entry in residency.lookup_entries(self.index, keys).items():
             for tier, blobs in self.persistent_tiers():
                 if not getattr(entry, f"on_{tier}"):
                     continue
