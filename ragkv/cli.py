@@ -33,6 +33,7 @@ from ragkv.cli_shared import (
     check_port,
     console,
     fail,
+    given_path,
     index_failure,
     makeable_home,
     open_rag,
@@ -214,7 +215,8 @@ def print_summary(result: dict) -> None:
 
 
 @app.command()
-def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL case file")],
+def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(
+              parser=given_path, help="JSONL case file")],
           modes: str = "full,prefix,reuse,blend", ratios: str = f"0.05,{DEFAULT_RATIO},0.3",
           policies: str = "qhkvd", contexts: str = "anchor",
           check_layers: str = ",".join(map(str, DEFAULT_CHECK_LAYERS)),
@@ -250,7 +252,8 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
               help="stored KV dtype: float16, bfloat16, float32 or int8 (run once per dtype "
                    "to compare fidelity)")] = "float16",
           anchor_source: AnchorSource = "corpus",
-          out: Path | None = None, home: Home = default_home(), model: Model = None,
+          out: Annotated[Path | None, typer.Option(parser=given_path)] = None,
+          home: Home = default_home(), model: Model = None,
           engine: Engine = "hf") -> None:
     """TTFT and fidelity of each mode against full prefill on a case file."""
     from ragkv.bench import LONG_CONTEXT_ANSWER, BenchSpec, load_cases, run_bench
@@ -306,7 +309,7 @@ def bench(ctx: typer.Context, cases: Annotated[Path, typer.Option(help="JSONL ca
 def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
        headless: bool = True, engine: Engine = "hf", context: ReadContext = None,
        docs_root: Annotated[list[Path] | None, typer.Option(
-           "--docs-root", file_okay=False,
+           "--docs-root", file_okay=False, parser=given_path,
            help="a folder the Ingest page may read on the server (repeatable; none: uploads "
                 "only)")] = None) -> None:
     """Start the web UI (Ask, Dashboard, Inspect, Ingest) on localhost."""

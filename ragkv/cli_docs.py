@@ -4,6 +4,7 @@ taking them out of retrieval (the last two read the index alone and load no mode
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ragkv.cli_shared import (
     console,
     count,
     fail,
+    given_path,
     mebibytes,
     open_rag,
     open_store,
@@ -53,7 +55,11 @@ def resolve_paths(paths: Iterable[Path]) -> dict[Path, Path]:
     out: dict[Path, Path] = {}
     for typed in paths:
         path = typed.expanduser()
-        if not path.exists() and not path.is_symlink():  # (a link loop "exists" not either)
+        try:
+            missing = not path.exists() and not path.is_symlink()  # (a link loop: neither)
+        except OSError:  # a folder on its way cannot be searched: skipped as unreadable
+            missing = False
+        if missing:
             fail(f"no such file or folder: {typed}")
         try:
             out[typed] = path.resolve()
@@ -89,11 +95,16 @@ def _under(name: str, folder: Path) -> bool:
 
 def prune_docs(rag, folders: Iterable[Path], ingested: set[str]) -> list[str]:
     """Remove the documents named under ``folders`` (as ``ingest`` names the files it finds
-    there) that are not in ``ingested``: files deleted, or unreadable now. Returns their
+    there) that are not in ``ingested``: files deleted, or unreadable now. A file the walk
+    does not take (a hidden one, ingested by its name) stays while it is there. Returns their
     names."""
+    from ragkv.documents import walk_finds
+
     folders = [f for f in folders if f.is_dir()]
     gone = sorted({d.name for d in rag.index.documents()
-                   if d.name not in ingested and any(_under(d.name, f) for f in folders)})
+                   if d.name not in ingested and any(_under(d.name, f) for f in folders)
+                   and (any(walk_finds(f, Path(d.name)) for f in folders)
+                        or not os.path.lexists(d.name))})
     for name in gone:
         rag.remove_document(name)
     return gone
@@ -166,7 +177,8 @@ def remove(names: Annotated[list[str], typer.Argument(
         raise typer.Exit(1)
 
 
-def ingest(ctx: typer.Context, paths: list[Path], home: Home = default_home(), model: Model = None,
+def ingest(ctx: typer.Context, paths: Annotated[list[Path], typer.Argument(parser=given_path)],
+           home: Home = default_home(), model: Model = None,
            context: Context = "anchor", anchor_source: AnchorSource = "corpus",
            engine: Engine = "hf", index_url: IndexUrl = None, blob_url: BlobUrl = None,
            strict: Annotated[bool, typer.Option(help="stop at the first unreadable file")] = False,

@@ -30,8 +30,20 @@ console = Console()
 #: errors go to stderr, so `ragkv documents > list.txt` still shows one on the terminal
 err_console = Console(stderr=True)
 
-Home = Annotated[Path, typer.Option(help="ragkv home (model, index, blobs)")]
-Model = Annotated[Path | None, typer.Option(help="local Llama-family transformers model dir")]
+
+
+def given_path(value: str) -> Path:
+    """A path typed on the command line. An empty one (an unset shell variable) is refused:
+    as a path it names the working directory, so it would ingest, or prune, whatever is there."""
+    if value == "":
+        raise typer.BadParameter("an empty path names no file or folder (an unset variable?); "
+                                 "give '.' for the working directory")
+    return Path(value)
+
+
+Home = Annotated[Path, typer.Option(parser=given_path, help="ragkv home (model, index, blobs)")]
+Model = Annotated[Path | None, typer.Option(
+    parser=given_path, help="local Llama-family transformers model dir")]
 Engine = Annotated[str, typer.Option(
     help="'hf' (transformers in process), 'vllm' (vLLM in process; the vllm extra) or the URL "
          "of a vLLM server started by `ragkv serve`")]

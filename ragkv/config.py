@@ -70,7 +70,8 @@ def masked_url(url: str) -> str:
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("RAGKV_HOME", Path.home() / ".cache" / "ragkv")).expanduser()
+    # an empty variable is an unset one: as a path it would name the working directory
+    return Path(os.environ.get("RAGKV_HOME") or Path.home() / ".cache" / "ragkv").expanduser()
 
 
 #: torch device types a ``device`` may name (with an index: ``cuda:1``), or ``auto``

@@ -22,10 +22,13 @@ Rules:
 * Bad files never stop the others. ``strict=True`` raises :class:`DocumentError` at the first
   bad file instead; duplicates are not bad files (still only skipped, even when strict).
 * Folders are walked recursively in sorted order, taking only supported suffixes and ignoring
-  hidden files and folders (names starting with "."); a link whose target is gone is skipped
-  as a broken link, a named pipe or device as not a regular file (never read: it could block).
-  A path that does not exist raises FileNotFoundError before anything is read.
-* pypdf's own log lines about a malformed PDF are silenced: the skip reason says it once.
+  hidden files and folders (names starting with "."); linked folders are followed, each real
+  folder once (a link loop ends); a folder that cannot be read is skipped with the reason; a
+  link whose target is gone is skipped as a broken link, a named pipe or device as not a
+  regular file (never read: it could block). A path that does not exist (or is empty, which
+  would name the working directory) raises FileNotFoundError before anything is read.
+* pypdf's and BeautifulSoup's own log lines about a bad file are silenced: the skip reason
+  says it once.
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ _DECLARES_CHARSET = re.compile(rb"<meta[^>]*charset|<\?xml[^>]*encoding|^\xef\xb
                                rb"|^\xfe\xff", re.IGNORECASE)
 # Elements whose text is never part of the readable document.
 _HTML_DROP = {"script", "style", "noscript", "template", "nav", "iframe", "svg"}
-_PRE_LINE = "\x00"  # starts a line of <pre> text while HTML is read (never text: dropped)
+# starts a line of <pre> text while HTML is read (dropped from the page's own text)
+_PRE_LINE = "\ufdd0"
 # Elements that start a new paragraph in the text.
 _HTML_BLOCKS = {"p", "div", "section", "article", "main", "header", "footer", "aside", "h1", "h2",
                 "h3", "h4", "h5", "h6", "li", "dt", "dd", "tr", "table", "blockquote", "pre",
@@ -134,15 +138,23 @@ def load_documents(paths: Iterable[str | Path], *, max_bytes: int = DEFAULT_MAX_
                    strict: bool = False) -> LoadReport:
     """Load every supported document under ``paths`` (see the module docstring for the rules);
     one path alone is taken as one (it read as one path per character)."""
-    paths = [Path(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
+    given = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    if any(p == "" for p in given):  # Path("") is the working directory: an unset variable
+        raise FileNotFoundError("no such file or folder: '' (an empty path; give '.' for the "
+                                "working directory)")
+    paths = [Path(p) for p in given]
     # Fail before reading anything: a typo in one path should not cost a long partial run.
     for p in paths:
-        if not p.exists():
+        try:
+            there = p.exists()
+        except OSError:  # a folder on the way cannot be searched: reported as unreadable
+            continue
+        if not there:
             raise FileNotFoundError(f"no such file or folder: {p}")
     report = LoadReport()
     first_with: dict[str, str] = {}  # sha256 → name of the first document with that text
     seen: set[str] = set()  # a file named and also inside a folder named is read once
-    for path in _iter_files(paths):
+    for path in _iter_files(paths, report.skipped):
         name = str(path)
         if name in seen:
             continue
@@ -184,16 +196,45 @@ def load_bytes(name: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) ->
     return _extract(name, Path(name).suffix.lower(), data)
 
 
-def _iter_files(paths: list[Path]) -> Iterator[Path]:
+def walk_finds(folder: Path, path: Path) -> bool:
+    """Whether walking ``folder`` takes ``path`` (a path under it): a supported suffix, and no
+    hidden file or folder on the way."""
+    return (path.suffix.lower() in SUPPORTED_SUFFIXES and path.is_relative_to(folder)
+            and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
+def _iter_files(paths: list[Path], skipped: list[Skipped]) -> Iterator[Path]:
     for p in paths:
-        if p.is_dir():
-            yield from sorted(
-                f for f in p.rglob("*")
-                # not only regular files: a pipe or device is reported as skipped, unread
-                if f.suffix.lower() in SUPPORTED_SUFFIXES and (f.is_symlink() or not f.is_dir())
-                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        try:
+            folder = p.is_dir()
+        except OSError:  # cannot be searched: _load_file says why
+            folder = False
+        if folder:
+            yield from _walk(p, skipped)
         else:
             yield p  # named explicitly: an unsupported suffix is reported, not ignored
+
+
+def _walk(root: Path, skipped: list[Skipped]) -> list[Path]:
+    """The files a folder holds that :func:`walk_finds` takes, sorted; linked folders are
+    followed (each real folder once, so a link loop ends), and a folder that cannot be read is
+    reported in ``skipped``, not left out in silence."""
+    def unreadable(exc: OSError) -> None:
+        skipped.append(Skipped(str(exc.filename), f"unreadable folder: {exc.strerror or exc}"))
+
+    found: list[Path] = []
+    walked: set[str] = set()
+    for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:  # a link back up the tree, or a second link to one folder
+            subfolders[:] = []
+            continue
+        walked.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        # not only regular files: a pipe or device is reported as skipped, unread
+        found.extend(Path(folder, f) for f in files
+                     if not f.startswith(".") and Path(f).suffix.lower() in SUPPORTED_SUFFIXES)
+    return sorted(found)
 
 
 def _load_file(path: Path, max_bytes: int) -> LoadedDocument:
@@ -201,11 +242,12 @@ def _load_file(path: Path, max_bytes: int) -> LoadedDocument:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DocumentError(name, f"unsupported format {suffix or '(no suffix)'}")
-    if path.is_symlink() and not path.exists():
-        raise DocumentError(name, f"broken link (to {os.readlink(path)}, which does not exist)")
-    if not path.is_file():
-        raise DocumentError(name, "not a regular file")
     try:
+        if path.is_symlink() and not path.exists():
+            raise DocumentError(name, f"broken link (to {os.readlink(path)}, which does not "
+                                      "exist)")
+        if not path.is_file():
+            raise DocumentError(name, "not a regular file")
         # Checked before reading so that a huge file is never loaded into memory.
         _check_size(name, path.stat().st_size, max_bytes)
         data = path.read_bytes()
@@ -266,11 +308,12 @@ def _html_to_text(name: str, data: bytes) -> str:
     # guess reads Windows-1252 pages as cp1250. html.parser is in the standard library.
     markup: bytes | str = data
     if not _DECLARES_CHARSET.search(data[:4096]):
-        try:
-            markup = decode_text(data)
-        except NotText:
-            pass  # binary: said after extraction
-    with warnings.catch_warnings():  # a page whose text looks like a URL or a file name
+        # binary bytes are refused here: BeautifulSoup would guess a decoding for them (NULs
+        # read as UTF-16) and hand back text that looks like text
+        markup = _decode_text(name, data)
+    # A page whose text looks like a URL or a file name warns; bs4 logs bytes it cannot decode
+    # without naming the file (the skip reason names it).
+    with warnings.catch_warnings(), _quiet("bs4"):
         warnings.simplefilter("ignore", bs4.MarkupResemblesLocatorWarning)
         soup = bs4.BeautifulSoup(markup, "html.parser")
     # One walk over the tree, without changing it: bs4's insert/replace look nodes up in
@@ -289,7 +332,7 @@ def _html_to_text(name: str, data: bytes) -> str:
         if isinstance(node, bs4.element.NavigableString):
             # Whitespace in HTML source is layout, not text: a wrapped line is one line. In
             # <pre> it is text: its lines are marked, to keep their indentation below.
-            text = str(node).replace(_PRE_LINE, "")
+            text = str(node).replace(_PRE_LINE, "").replace("\x00", "")  # NULs: not text
             out.append(_PRE_LINE + text.replace("\n", "\n" + _PRE_LINE) if pre
                        else re.sub(r"\s+", " ", text))
         elif isinstance(node, bs4.element.Tag) and node.name not in _HTML_DROP:
