@@ -1,9 +1,11 @@
 """Split documents into token-bounded chunks whose KV caches are computed once and reused.
 
 Chunks are cut only between tokens of the whole-document tokenization (so a cut never lands in
-the middle of a word piece), preferring a blank line, then a line break, then a sentence end,
-then any whitespace. Each chunk's ``token_ids`` are the chunk text tokenized on its own, because
-that is exactly what gets prefilled and cached: a cached chunk must not depend on its neighbours.
+the middle of a word piece), preferring a blank line, then a line break, then a sentence end
+(CJK full stops too), then any whitespace or CJK comma, and never inside a character a
+combining mark, joiner, variation selector or flag pair builds, where any other place will do.
+Each chunk's ``token_ids`` are the chunk text tokenized on its own, because that is exactly
+what gets prefilled and cached: a cached chunk must not depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -13,15 +15,25 @@ import hashlib
 import json
 import operator
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# Boundary ranks: higher is a better place to cut.
-_NONE, _WORD, _SENTENCE, _LINE, _PARAGRAPH = 0, 1, 2, 3, 4
+# Boundary ranks: higher is a better place to cut; _INSIDE only where no other place is left.
+_INSIDE, _NONE, _WORD, _SENTENCE, _LINE, _PARAGRAPH = -1, 0, 1, 2, 3, 4
 _WS_RUN = re.compile(r"\s+")
+# Scripts that put no space between sentences: a full stop (and the closing quotes or
+# brackets after it) ends one; a comma is as good as a space between words.
+_CJK_SENTENCE = re.compile("[\u3002\uff01\uff1f\uff1b\uff0e\u0964\u0965][\u300d\u300f\uff09"
+                           "\u201d\u2019\u300b\u3011]*")
+_CJK_PAUSE = re.compile("[\uff0c\u3001\uff1a]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 # A remainder this much over the target is kept whole rather than leaving a tiny last chunk.
 _TAIL_SLACK = 1.1
+#: How far past ``chunk_tokens`` a chunk may run: the last one up to the tail slack, and a
+#: chunk tokenized alone a few tokens more than it counted in the whole text.
+CHUNK_SPREAD = 1.25
 # Cuts are only considered after this fraction of the target (counted in whole-text tokens).
 _MIN_FRACTION = 0.5
 #: A text longer than this many characters is chunked one segment at a time: tokenizing it
@@ -183,7 +195,38 @@ def _boundary_ranks(text: str) -> list[int]:
         last_cut = m.start() + run.rfind("\n") + 1 if newlines else m.end()
         for pos in range(m.start(), m.end() + 1):
             ranks[pos] = max(ranks[pos], rank if pos <= last_cut else _WORD)
+    if _NON_ASCII.search(text) is None:
+        return ranks
+    for m in _CJK_SENTENCE.finditer(text):
+        ranks[m.end()] = max(ranks[m.end()], _SENTENCE)
+    for m in _CJK_PAUSE.finditer(text):
+        ranks[m.end()] = max(ranks[m.end()], _WORD)
+    for m in _NON_ASCII.finditer(text):
+        i = m.start()
+        if i > 0 and _joins(text, i):
+            ranks[i] = _INSIDE
+        if i + 1 < len(text) and _joins(text, i + 1):
+            ranks[i + 1] = _INSIDE
     return ranks
+
+
+def _regional(ch: str) -> bool:
+    return "\U0001f1e6" <= ch <= "\U0001f1ff"
+
+
+def _joins(text: str, i: int) -> bool:
+    """Whether ``text[i - 1]`` and ``text[i]`` belong to one user-perceived character."""
+    prev, ch = text[i - 1], text[i]
+    if (unicodedata.category(ch).startswith("M") or "\u200d" in (prev, ch)
+            or "\ufe00" <= ch <= "\ufe0f" or "\U000e0100" <= ch <= "\U000e01ef"
+            or "\U0001f3fb" <= ch <= "\U0001f3ff" or "\U000e0020" <= ch <= "\U000e007f"):
+        return True
+    if _regional(prev) and _regional(ch):  # flags are pairs: joined after an odd count
+        run = 0
+        while i - 1 - run >= 0 and _regional(text[i - 1 - run]):
+            run += 1
+        return run % 2 == 1
+    return False
 
 
 def _strip_blank_lines(text: str, start: int, end: int) -> tuple[int, int]:
@@ -263,7 +306,8 @@ def _cut_positions(text: str, offsets: list[tuple[int, int]], chunk_tokens: int)
 
 def chunk_text(text: str, tokenizer: Any, chunk_tokens: int = 512,
                progress: Callable[[int, int], None] | None = None) -> list[TextChunk]:
-    """Split ``text`` into chunks of about ``chunk_tokens`` tokens (at most ~1.25x that).
+    """Split ``text`` into chunks of about ``chunk_tokens`` tokens (at most about
+    :data:`CHUNK_SPREAD` times that).
 
     Every character except surrounding whitespace is in exactly one chunk. A piece the
     tokenizer has no token for (only characters it drops, like control bytes its vocabulary

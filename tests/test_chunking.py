@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 import pytest
 
-from ragkv.chunking import TextChunk, chunk_text, tokenize_chunk
+from ragkv.chunking import CHUNK_SPREAD, TextChunk, chunk_text, tokenize_chunk
 
 
 def _paragraphs(n: int) -> str:
@@ -59,7 +60,7 @@ def _check(source: str, chunks: list[TextChunk], tokenizer: Any, chunk_tokens: i
         assert chunk.text.strip(), "whitespace-only chunks are dropped"
         assert chunk.text == chunk.text.rstrip()
         assert chunk.start >= prev_end, "chunks are ordered and disjoint"
-        assert len(chunk.token_ids) <= 1.25 * chunk_tokens
+        assert len(chunk.token_ids) <= CHUNK_SPREAD * chunk_tokens
         assert chunk.token_ids == tokenize_chunk(chunk.text, tokenizer)
         assert chunk.token_ids == tokenizer(chunk.text, add_special_tokens=False)["input_ids"]
         prev_end = chunk.end
@@ -151,3 +152,37 @@ def test_segments_partition_the_text(source: str) -> None:
     assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:], strict=False))
     assert all(500 <= b - a <= 1000 for a, b in spans[:-1])
     assert segments(source, len(source)) == [(0, len(source))]
+
+
+@pytest.mark.parametrize("text,stop", [
+    ("".join(f"这是第{i}个句子，它描述了缓存的工作原理。" for i in range(120)), "。"),
+    ("".join(f"これは{i}番目の文です。キャッシュの仕組みを説明します。" for i in range(90)), "。"),
+    ("".join(f"「第{i}の文です。」次も続きます！" for i in range(120)), ("」", "！")),
+])
+def test_text_without_spaces_is_cut_at_its_sentence_ends(tokenizer: Any, text: str,
+                                                         stop: str) -> None:
+    chunks = chunk_text(text, tokenizer, 64)
+    _check(text, chunks, tokenizer, 64)
+    assert len(chunks) > 5 and all(c.text.endswith(stop) for c in chunks[:-1])
+
+
+def _starts_inside_a_character(text: str, chunk: TextChunk) -> bool:
+    first = text[chunk.start]
+    regional = sum(1 for ch in text[:chunk.start] if "\U0001f1e6" <= ch <= "\U0001f1ff")
+    return (unicodedata.category(first).startswith("M") or first in "\u200d\ufe0f"
+            or "\U0001f3fb" <= first <= "\U0001f3ff"
+            or ("\U0001f1e6" <= first <= "\U0001f1ff" and regional % 2 == 1))
+
+
+@pytest.mark.parametrize("text", [
+    unicodedata.normalize("NFD", "éèêëàâäôöûüç " * 200),  # accents as combining marks
+    unicodedata.normalize("NFD", "é" * 1500),  # one long word of them
+    "\U0001f1e9\U0001f1ea\U0001f1eb\U0001f1f7\U0001f1ef\U0001f1f5" * 300,  # flags: pairs
+    "".join(["👍🏽 ", "❤️ ", "👩‍💻 "][i % 3] for i in range(600)),  # modifier, selector, ZWJ
+    "นี่คือประโยคที่ซึ่งอธิบายการทำงานของแคช " * 60,  # Thai: marks above and below
+])
+def test_no_cut_inside_a_character(tokenizer: Any, text: str) -> None:
+    chunks = chunk_text(text, tokenizer, 32)
+    _check(text, chunks, tokenizer, 32)
+    assert len(chunks) > 5
+    assert [c.text[:3] for c in chunks if _starts_inside_a_character(text, c)] == []
