@@ -23,7 +23,7 @@ from ragkv.cache_index import CacheIndex
 from ragkv.cache_index.corpus import Removal
 from ragkv.cache_index.database import brief
 from ragkv.checks import chunk_list, seconds, whole
-from ragkv.chunking import RetrievedChunk, tokenizer_identity
+from ragkv.chunking import CHUNK_SPREAD, RetrievedChunk, tokenizer_identity
 from ragkv.config import (
     ENGINE_SETTINGS,
     INGESTED_CONTEXT,
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from ragkv.cache_index import KVStore
 
 log = logging.getLogger("ragkv")
+#: answer tokens a query asks for unless told (and room ingestion keeps for them)
+DEFAULT_ANSWER_TOKENS = 64
 
 __all__ = ["Answer", "RagKV", "RetrievedChunk", "TokenStream"]
 
@@ -197,11 +199,22 @@ class RagKV:
         self._require_open()
         require_str(name, "the document's name")
         require_str(text, f"document {name!r}")
-        room = self.backend.max_model_len - len(self.template.prefix_ids)
-        if self.config.chunk_tokens >= room:  # its chunks would fit no prompt
-            raise ValueError(f"chunk_tokens {self.config.chunk_tokens} leaves no room in the "
-                             f"model's window of {self.backend.max_model_len} tokens for the "
-                             f"prompt template and a question; use fewer (512 by default)")
+        require_str(source, "the document's source")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a function of (stage, done, total) or None, got "
+                            f"{type(progress).__name__}")
+        # Its chunks must fit a prompt: the longest (a document's last one, which may run to
+        # CHUNK_SPREAD times the size) beside the template, a short question and the answer.
+        window = self.backend.max_model_len
+        fixed = (len(self.template.prefix_ids) + len(self.template.suffix_ids("?"))
+                 + DEFAULT_ANSWER_TOKENS)
+        most = int((window - fixed) / CHUNK_SPREAD)
+        if self.config.chunk_tokens > most:
+            raise ValueError(f"chunk_tokens {self.config.chunk_tokens} makes chunks too long for "
+                             f"a prompt in the model's window of {window} tokens (a chunk may "
+                             f"run to {CHUNK_SPREAD}x it, beside the template, a question and "
+                             f"a {DEFAULT_ANSWER_TOKENS}-token answer); use at most "
+                             f"{max(most, 0)} (512 by default)")
         return ingest_text(self, name, text, source, progress)
 
     def remove_document(self, name: str) -> bool:
@@ -237,8 +250,8 @@ class RagKV:
     # ---- generation ---------------------------------------------------------------------
     def generate(self, chunks: Sequence[RetrievedChunk | str | Sequence[int]], question: str, *,
                  mode: str = "blend", blend: BlendConfig | None = None,
-                 max_new_tokens: int = 64, keep_kv: bool = False, record: bool = False,
-                 log_query: bool = True, full_ttft_s: float | None = None,
+                 max_new_tokens: int = DEFAULT_ANSWER_TOKENS, keep_kv: bool = False,
+                 record: bool = False, log_query: bool = True, full_ttft_s: float | None = None,
                  retrieval_s: float | None = None) -> Answer:
         """Answer ``question`` over ``chunks`` (in this order) with one of the four modes;
         ``retrieval_s``: how long retrieving them took, for the trace and the query log."""
@@ -248,7 +261,8 @@ class RagKV:
             retrieval_s=retrieval_s))
 
     def stream(self, chunks: Sequence[RetrievedChunk | str | Sequence[int]], question: str, *,
-               mode: str = "blend", blend: BlendConfig | None = None, max_new_tokens: int = 64,
+               mode: str = "blend", blend: BlendConfig | None = None,
+               max_new_tokens: int = DEFAULT_ANSWER_TOKENS,
                keep_kv: bool = False, record: bool = False, log_query: bool = True,
                retrieval_s: float | None = None,
                full_ttft_s: float | None = None) -> TokenStream:

@@ -127,9 +127,39 @@ def test_chunks_longer_than_the_window_are_refused_before_ingesting(rag):
     """chunk_tokens over the window precomputed and stored chunks no prompt could hold."""
     big = rag.with_config(chunk_tokens=rag.backend.max_model_len)
     documents = rag.index.stats()["documents"]
-    with pytest.raises(ValueError, match=f"chunk_tokens {rag.backend.max_model_len} leaves no "
-                                         "room in the model's window"):
+    with pytest.raises(ValueError, match=f"chunk_tokens {rag.backend.max_model_len} makes "
+                                         "chunks too long for a prompt in the model's window"):
         big.ingest_text("big", "word " * 100)
+    assert rag.index.stats()["documents"] == documents
+
+
+def test_the_longest_chunks_ingestion_takes_fit_a_prompt(rag):
+    """chunk_tokens just under the window was taken, but a document's last chunk may run 10%
+    past it: that chunk fit no prompt, and every query retrieving it failed."""
+    window = rag.backend.max_model_len
+    with pytest.raises(ValueError, match=r"use at most \d+") as info:
+        rag.with_config(chunk_tokens=window - 8).ingest_text("big", "word " * 10)
+    most = int(str(info.value).rsplit("use at most ", 1)[1].split()[0])
+    assert most < window / 1.2
+    with pytest.raises(ValueError, match=f"chunk_tokens {most + 1} makes chunks too long"):
+        rag.with_config(chunk_tokens=most + 1).ingest_text("big", "word " * 10)
+    long = rag.with_config(chunk_tokens=most)
+    long.ingest_text("long", "word " * int(most * 2.08))  # its last chunk runs over most
+    ours = [c for c in long.retrieve("word word", k=16) if set(c.text.split()) == {"word"}]
+    assert len(ours) == 2 and max(len(c.token_ids) for c in ours) > most
+    tail = max(ours, key=lambda c: len(c.token_ids))
+    answer = long.generate([tail], "Which word?", log_query=False)  # the default answer budget
+    assert answer.trace.left_out == []
+
+
+def test_ingest_text_checks_its_source_and_progress(rag):
+    """A Path as source failed in the index driver; a non-callable progress failed after the
+    document was recorded, leaving it with no chunks."""
+    documents = rag.index.stats()["documents"]
+    with pytest.raises(TypeError, match="the document's source must be a str, got PosixPath"):
+        rag.ingest_text("a.md", "Some text.", source=Path("a.md"))
+    with pytest.raises(TypeError, match="progress must be a function of .* got bool"):
+        rag.ingest_text("a.md", "Some text.", progress=True)
     assert rag.index.stats()["documents"] == documents
 
 
