@@ -117,7 +117,7 @@ run_tests() {
     export OMP_NUM_THREADS=1
     local suite=(tests/test_cache_index.py tests/test_cache_index_round_trip.py
                  tests/test_cache_index_blobs.py tests/test_cache_index_reports.py
-                 tests/test_cache_faults.py)
+                 tests/test_cache_faults.py tests/test_cache_races.py)
     # The same index/blob suite, once per backend pairing: Postgres with Redis, then with S3.
     RAGKV_TEST_INDEX_URL=$RAGKV_TEST_PG_URL RAGKV_TEST_BLOB_URL=$RAGKV_TEST_REDIS_URL \
         "$py" -m pytest -q -m "not slow and not browser" "${suite[@]}"

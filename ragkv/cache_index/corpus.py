@@ -3,11 +3,12 @@ every process when the chunks changed. :class:`~.index.CacheIndex` inherits them
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, tuple_, update
+from sqlalchemy import delete, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -82,11 +83,21 @@ class ForeignTokenizer(ValueError):
                          "ingest into another home (--home), or remove them first")
 
 
+def _lock_key(name: str) -> int:
+    """A document name's advisory lock (a signed 64-bit key, the same in every process)."""
+    digest = hashlib.sha256(f"ragkv-document:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 class CorpusRows(IndexDatabase):
     """Documents and chunks; every method is its own short transaction."""
 
     def add_document(self, name: str, source: str, text_sha256: str) -> tuple[int, bool]:
-        """Return ``(id, created)``; re-ingesting the same text under the same name is a no-op."""
+        """Return ``(id, created)``; re-ingesting the same text under the same name is a no-op.
+
+        Versions of one name get ids in the order they commit (each ingestion then removes
+        those of lower ids): on PostgreSQL, where ids come from a sequence at insert, a lock on
+        the name serializes the inserts; SQLite has one writer at a time anyway."""
         query = select(Document.id).where(
             Document.name == name, Document.text_sha256 == text_sha256
         )
@@ -96,6 +107,8 @@ class CorpusRows(IndexDatabase):
                 return existing, False
         try:
             with self.transaction() as s:
+                if s.get_bind().dialect.name == "postgresql":
+                    s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(name)})
                 doc = Document(
                     name=name,
                     source=source,

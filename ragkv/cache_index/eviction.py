@@ -3,7 +3,9 @@
 Runs after every write (so a budget holds while queries run) and from ``ragkv cache gc``.
 The row stops naming the tier before the blob is deleted (see :mod:`.residency`), so a reader
 never trusts a row whose blob is going away; one that already read the row and then finds no
-blob takes a miss, which is always safe.
+blob takes a miss, which is always safe. The tier's size is read again before each eviction:
+passes in other processes (every node runs one after its writes) evict too, and a pass that
+counted only its own would empty the tier far below its budget.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def enforce_budget(index: CacheIndex, blobs: BlobStore, tier: residency.Tier,
     for _ in range(_MAX_ROUNDS):
         progressed = False
         for entry in residency.eviction_candidates(index, tier, batch):
+            total = residency.tier_bytes(index, tier)[1]
             if total <= budget:
                 break
             # Conditional on the blob we ranked: an entry rewritten meanwhile (under a new
@@ -43,10 +46,10 @@ def enforce_budget(index: CacheIndex, blobs: BlobStore, tier: residency.Tier,
             if residency.drop_resident(index, entry.key, tier, blob=entry.blob_name,
                                        evicted_priority=entry.priority):
                 blobs.delete(entry.blob_name)
-                total -= entry.nbytes
                 report.evicted += 1
                 report.evicted_bytes += entry.nbytes
                 progressed = True
+        total = residency.tier_bytes(index, tier)[1]
         if total <= budget or not progressed:
             break
     report.bytes_after = total

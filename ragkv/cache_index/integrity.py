@@ -84,7 +84,10 @@ def verify(store: VerifiedStore, *, repair: bool = True, orphan_grace_s: float =
                 except Exception as exc:  # noqa: BLE001 - maybe transient: not judged
                     report.unreadable.append((entry.key, tier, f"{type(exc).__name__}: {exc}"))
                     reason = None
-                if reason is None:
+                if reason == "blob missing" and not residency.names_blob(
+                        store.index, entry.key, tier, entry.blob_name):  # type: ignore[arg-type]
+                    pass  # evicted, removed or replaced since this batch was read: not bad
+                elif reason is None:
                     referenced[tier].add(entry.blob_name)
                 else:
                     report.bad.append((entry.key, tier, reason))

@@ -115,6 +115,14 @@ def drop_resident(index: CacheIndex, key: str, tier: Tier, *, blob: str | None =
         return True
 
 
+def names_blob(index: CacheIndex, key: str, tier: Tier, blob: str) -> bool:
+    """Whether the row of ``key`` still says ``tier`` holds ``blob``: a blob found missing
+    after it was not is one evicted, removed or replaced meanwhile, not a bad copy."""
+    with index.transaction() as s:
+        return s.scalar(select(KVEntry.key).where(
+            KVEntry.key == key, KVEntry.blob_name == blob, tier_flag(tier).is_(True))) is not None
+
+
 def tier_bytes(index: CacheIndex, tier: Tier) -> tuple[int, int]:
     """(entries, bytes) the index says ``tier`` holds."""
     with index.transaction() as s:

@@ -156,6 +156,9 @@ class KVStore:
         try:
             data = blobs.get(entry.blob_name)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+            if not residency.names_blob(self.index, entry.key, tier, entry.blob_name):
+                count("", tier, "misses")  # evicted or replaced since the row was read
+                return None
             return self._drop_copy(entry, tier, blobs, f"blob {entry.blob_name!r} missing", count)
         except Exception as exc:
             # Possibly transient (network store, permissions): miss, but keep the entry.
@@ -224,9 +227,8 @@ class KVStore:
 
     def contains(self, keys: list[str], *, memory: bool = True,
                  blobs: bool = False) -> dict[str, bool]:
-        """Presence in memory or the index, for showing hits before loading; a later ``get``
-        may still miss if the blob turns out bad. ``memory=False``: in the index alone (what
-        every process finds; this process's memory tier may hold KV whose row is gone).
+        """Presence in memory or the index, for showing hits before loading (a later ``get``
+        may still miss). ``memory=False``: in the index alone (what every process finds).
         ``blobs`` (ingestion, not queries: a check per entry): a row counts only if a tier it
         names holds its blob; a copy deleted behind the cache's back is dropped, as a read
         drops it, so a precompute stores the entry again."""
@@ -262,12 +264,10 @@ class KVStore:
         disk tier took it. ``ids_sha256``: the digest of the span's token ids
         (:func:`.models.ids_sha256`), by which the entry leaves with the last chunk of them.
 
-        Bad arguments raise (they are bugs); storage failures are logged and return False,
-        since the caller already has the KV it computed and can answer without the cache.
-        The blob is written before the row, so a row never points at a half-written blob;
-        under a name of its own (:func:`.tiers.blob_name`), so no concurrent eviction or
-        repair of the row it replaces can delete it. The replaced row's blob goes after.
-        """
+        Bad arguments raise (they are bugs); storage failures are logged and return False
+        (the caller has the KV it computed). The blob is written before the row, so a row never
+        points at a half-written blob; under a name of its own (:func:`.tiers.blob_name`), so
+        no concurrent eviction or repair of the row it replaces can delete it."""
         if not _KEY_RE.fullmatch(key):
             raise ValueError(f"cache key must be 1-64 chars of [0-9A-Za-z_-], got {key!r}")
         if not tensors:
