@@ -22,6 +22,7 @@ from ragkv.answer import Answer, TokenStream
 from ragkv.cache_index import CacheIndex
 from ragkv.cache_index.corpus import Removal
 from ragkv.cache_index.database import brief
+from ragkv.cache_index.models import NAME_CHARS, SOURCE_CHARS
 from ragkv.checks import chunk_list, seconds, whole
 from ragkv.chunking import CHUNK_SPREAD, RetrievedChunk, tokenizer_identity
 from ragkv.config import (
@@ -200,6 +201,11 @@ class RagKV:
         require_str(name, "the document's name")
         require_str(text, f"document {name!r}")
         require_str(source, "the document's source")
+        for what, value, most in (("name", name, NAME_CHARS),
+                                  ("source", source or name, SOURCE_CHARS)):
+            if len(value) > most:
+                raise ValueError(f"the document's {what} is {len(value):,} characters; the "
+                                 f"cache index keeps at most {most:,}")
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be a function of (stage, done, total) or None, got "
                             f"{type(progress).__name__}")

@@ -202,6 +202,7 @@ def ingest(ctx: typer.Context, paths: Annotated[list[Path], typer.Argument(parse
                                 max_bytes=mebibytes(max_mb, "--max-mb") or 0, strict=strict)
     except (FileNotFoundError, DocumentError) as exc:
         fail(str(exc))
+    report = _long_names_skipped(report)
     if not report.documents and not prune:
         for s in report.skipped:
             print_skipped(s)
@@ -237,6 +238,18 @@ def ingest(ctx: typer.Context, paths: Annotated[list[Path], typer.Argument(parse
             raise typer.Exit(1)
     else:
         tidy()
+
+
+def _long_names_skipped(report):
+    """Files whose path is longer than a document name the index keeps, skipped with why."""
+    from ragkv.cache_index.models import NAME_CHARS
+    from ragkv.documents import LoadReport, Skipped
+
+    long = [d for d in report.documents if len(d.name) > NAME_CHARS]
+    return LoadReport([d for d in report.documents if len(d.name) <= NAME_CHARS],
+                      report.skipped + [Skipped(d.name, f"its path is {len(d.name):,} characters; "
+                                                f"the cache index keeps names of at most "
+                                                f"{NAME_CHARS}") for d in long])
 
 
 def print_skipped(s) -> None:

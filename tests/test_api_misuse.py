@@ -176,3 +176,15 @@ def test_load_documents_takes_one_path_alone(tmp_path: Path):
 def test_config_must_be_a_ragkv_config():
     with pytest.raises(TypeError, match="config must be a RagkvConfig, got dict"):
         RagKV({"chunk_tokens": 64})
+
+
+def test_names_longer_than_the_index_keeps_are_refused_on_every_database(rag):
+    """SQLite ignores the name column's length and PostgreSQL enforces it: a 600-character
+    name went in on one and failed in the database driver on the other."""
+    documents = rag.index.stats()["documents"]
+    with pytest.raises(ValueError, match="the document's name is 600 characters; the cache "
+                                         "index keeps at most 512"):
+        rag.ingest_text("n" * 600, "Some text.")
+    with pytest.raises(ValueError, match="the document's source is 2,100 characters"):
+        rag.ingest_text("a.md", "Some text.", source="s" * 2100)
+    assert rag.index.stats()["documents"] == documents

@@ -137,3 +137,14 @@ def test_prune_keeps_a_hidden_file_ingested_by_name_while_it_is_there(tmp_path, 
     draft.unlink()
     out = run("ingest", str(docs), "--prune", *home)
     assert f"pruned {draft.resolve()}" in out and "pruned 1 document this" in out
+
+
+def test_a_path_longer_than_the_index_keeps_is_skipped_saying_so(tmp_path, tiny_model):
+    deep = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 150)
+    good = write(tmp_path / "good.md", "The assert statement checks a condition.\n" * 20)
+    long = write(deep / "long.md", "The pass statement does nothing.\n" * 20)
+    out = run("ingest", str(good), str(long), "--home", str(tmp_path / "home"), "--model",
+              str(tiny_model))
+    assert f"skipped {long.resolve()}: its path is {len(str(long.resolve())):,} characters; " \
+           "the cache index keeps names of at most 512" in out.replace("\n", "")
+    assert "1 document, 1 chunk" in out

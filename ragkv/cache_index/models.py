@@ -44,6 +44,9 @@ from sqlalchemy.orm import (
 #: 4: chunks.ids_sha256 and kv_entries.ids_sha256 (a removed chunk's KV leaves with it).
 #: 5: queries.engine (which engine and model answered: TTFTs compare within one).
 SCHEMA_VERSION = 5
+#: the longest document name and source the index keeps (PostgreSQL enforces the column
+#: lengths, SQLite does not: ingestion checks them on every database alike)
+NAME_CHARS, SOURCE_CHARS = 512, 2048
 
 
 def ids_sha256(token_ids: Sequence[int]) -> str:
@@ -78,8 +81,8 @@ class Document(Base):
     __table_args__ = (UniqueConstraint("name", "text_sha256", name="uq_documents_name_sha"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(512))
-    source: Mapped[str] = mapped_column(String(2048), default="")
+    name: Mapped[str] = mapped_column(String(NAME_CHARS))
+    source: Mapped[str] = mapped_column(String(SOURCE_CHARS), default="")
     text_sha256: Mapped[str] = mapped_column(String(64))
     n_chunks: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
