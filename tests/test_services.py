@@ -297,3 +297,23 @@ def test_redis_filesystem_behaves_like_an_object_store() -> None:
             fs.pipe_file(f"{root}/c.bin", b"z", mode="create")
         fs.rm(f"{root}/a", recursive=True)
         assert fs.find(root) == [f"{root}/c.bin"]
+
+
+@needs_redis
+def test_cache_stats_says_so_when_the_blob_store_cannot_be_listed(pg_url: str,
+                                                                   tmp_path: Path) -> None:
+    """fsspec's exists() answers False for a store it cannot reach: stats showed 0 blob bytes
+    and exited 0, as if every blob were gone."""
+    from typer.testing import CliRunner
+
+    from ragkv.cli import app
+
+    CacheIndex(pg_url).close()
+    args = ["cache", "stats", "--home", str(tmp_path), "--index-url", pg_url, "--blob-url"]
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    result = CliRunner().invoke(app, [*args, closed])
+    assert result.exit_code == 1, result.output
+    assert "unknown: the blob store could not be listed" in result.output
+    with fresh_blobs(REDIS_URL) as blobs:  # reachable, nothing written yet: 0, exit 0
+        result = CliRunner().invoke(app, [*args, blobs.url])
+        assert result.exit_code == 0 and "blob_bytes" in result.output, result.output

@@ -169,23 +169,27 @@ class BlobStore:
             self.fs.rm_file(self._path(name))
 
     def names(self) -> list[str]:
-        """All blob names (relative, ``/``-separated), temp files of in-flight puts excluded."""
-        self._fresh()
-        if not self.fs.exists(self.root):
-            return []
+        """All blob names (relative, ``/``-separated), temp files of in-flight puts excluded;
+        a store that cannot be listed raises (fsspec's ``exists`` answered False for it)."""
         out = []
-        for path in self.fs.find(self.root):
+        for path in self.find():
             rel = posixpath.relpath(path, self.root)
             if not posixpath.basename(rel).startswith(_TMP_PREFIX):
                 out.append(rel)
         return sorted(out)
 
     def total_bytes(self) -> int:
-        self._fresh()
-        if not self.fs.exists(self.root):
-            return 0
-        found = self.fs.find(self.root, detail=True)
+        """Bytes of every file under the root; raises where the store cannot be listed."""
+        found = self.find(detail=True)
         return sum(int(info.get("size") or 0) for info in found.values())
+
+    def find(self, *, detail: bool = False):
+        """Every file under the root (temp files too), as fsspec's ``find`` lists them."""
+        self._fresh()
+        try:
+            return self.fs.find(self.root, detail=detail)
+        except FileNotFoundError:  # nothing written yet
+            return {} if detail else []
 
 
 def checksum(data: bytes) -> str:

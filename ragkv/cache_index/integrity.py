@@ -144,9 +144,7 @@ def _delete(blobs: BlobStore, name: str) -> None:
 
 def _all_names(blobs: BlobStore) -> list[str]:
     """Every file under the store's root, temp files of killed puts included."""
-    if not blobs.fs.exists(blobs.root):
-        return []
-    return sorted(posixpath.relpath(p, blobs.root) for p in blobs.fs.find(blobs.root))
+    return sorted(posixpath.relpath(p, blobs.root) for p in blobs.find())
 
 
 def _modified_at(blobs: BlobStore, name: str) -> float | None:
