@@ -79,6 +79,9 @@ up() {
     "$py" -m moto.server -H 127.0.0.1 -p "$s3_port" >"$dir/s3.log" 2>&1 &
     echo $! >"$dir/s3.pid"
     wait_for 60 "$py" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$s3_port/')"
+    # The tests' bucket (ragkv creates none: a deployment's bucket exists before it is used).
+    "$py" -c "import s3fs; s3fs.S3FileSystem(key='testing', secret='testing', client_kwargs={
+        'endpoint_url': 'http://127.0.0.1:$s3_port'}).mkdir('ragkv-test')"
 
     cat >"$dir/env.sh" <<EOF
 export RAGKV_TEST_PG_URL=postgresql+psycopg://postgres@127.0.0.1:$pg_port/ragkv

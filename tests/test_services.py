@@ -317,3 +317,21 @@ def test_cache_stats_says_so_when_the_blob_store_cannot_be_listed(pg_url: str,
     with fresh_blobs(REDIS_URL) as blobs:  # reachable, nothing written yet: 0, exit 0
         result = CliRunner().invoke(app, [*args, blobs.url])
         assert result.exit_code == 0 and "blob_bytes" in result.output, result.output
+
+
+@needs_s3
+def test_a_missing_bucket_is_never_created(pg_url: str) -> None:
+    """Opening the store made its bucket: a mistyped one appeared, even from `cache stats`."""
+    import s3fs
+
+    options = blob_options("s3://x")
+    admin = s3fs.S3FileSystem(key=options["key"], secret=options["secret"],
+                              client_kwargs={"endpoint_url": options["endpoint_url"]})
+    typo = f"s3://ragkv-typo-{os.getpid()}/blobs"
+    blobs = BlobStore(typo, options)
+    assert blobs.total_bytes() == 0 and blobs.names() == []
+    store = KVStore(CacheIndex(pg_url), blobs)
+    assert store.put("b" * 64, _kv(), model_fp=FP, layout="L", n_tokens=4) is False
+    assert store.get("b" * 64, model_fp=FP, layout="L") is None
+    admin.invalidate_cache()
+    assert not admin.exists(typo.removeprefix("s3://").split("/")[0])

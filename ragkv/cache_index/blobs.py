@@ -33,6 +33,8 @@ _TMP_PREFIX = ".tmp-"
 # new one): writing there directly saves the temp copy and a non-atomic copy-then-delete "mv".
 _ATOMIC_PUT_PROTOCOLS = {"redis", "rediss", "s3", "s3a", "gs", "gcs", "az", "abfs", "memory"}
 
+#: object stores: prefixes, not folders; their buckets are the deployment's to create
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 _EXTRAS = {"s3": "s3", "s3a": "s3", "redis": "redis", "rediss": "redis"}
 # botocore's defaults retry an unreachable endpoint for several seconds per call (over 20 s to
 # open a store); a cache is better off with a quick miss. Options a caller gives replace these.
@@ -106,6 +108,10 @@ class BlobStore:
         protocols = self.fs.protocol
         protocols = {protocols} if isinstance(protocols, str) else set(protocols)
         self._atomic_put = bool(protocols & _ATOMIC_PUT_PROTOCOLS)
+        if protocols & _OBJECT_STORES:
+            # No folders to make, and a bucket is never created: a mistyped one would be, by
+            # any command that opens the store (`cache stats` too). Puts to it fail (logged).
+            return
         try:
             self.fs.makedirs(self.root, exist_ok=True)
         except Exception as exc:
