@@ -232,8 +232,7 @@ def _walk(root: Path, skipped: list[Skipped]) -> list[Path]:
         walked.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         # not only regular files: a pipe or device is reported as skipped, unread
-        found.extend(Path(folder, f) for f in files
-                     if not f.startswith(".") and Path(f).suffix.lower() in SUPPORTED_SUFFIXES)
+        found.extend(p for p in (Path(folder, f) for f in files) if walk_finds(root, p))
     return sorted(found)
 
 
@@ -308,9 +307,12 @@ def _html_to_text(name: str, data: bytes) -> str:
     # guess reads Windows-1252 pages as cp1250. html.parser is in the standard library.
     markup: bytes | str = data
     if not _DECLARES_CHARSET.search(data[:4096]):
-        # binary bytes are refused here: BeautifulSoup would guess a decoding for them (NULs
-        # read as UTF-16) and hand back text that looks like text
-        markup = _decode_text(name, data)
+        # Stray NULs are not text (dropped, as from any page). Bytes that are not text, NULs
+        # aside, or mostly NULs, are refused here: BeautifulSoup would guess a decoding for
+        # them (NULs read as UTF-16) and hand back garbage that looks like text.
+        if data.count(b"\x00") * 10 > len(data):
+            raise DocumentError(name, "not text (binary data)")
+        markup = _decode_text(name, data.replace(b"\x00", b""))
     # A page whose text looks like a URL or a file name warns; bs4 logs bytes it cannot decode
     # without naming the file (the skip reason names it).
     with warnings.catch_warnings(), _quiet("bs4"):

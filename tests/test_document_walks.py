@@ -110,12 +110,20 @@ def test_a_path_that_cannot_be_searched_is_skipped_as_unreadable(tmp_path, monke
     assert "unreadable: Permission denied" in result.output and "no readable" in result.output
 
 
-@pytest.mark.parametrize("page", [b"<p>a\x00b</p>" * 4, b"SQLite format 3\x00" + b"\x00" * 200])
+@pytest.mark.parametrize("page", [b"SQLite format 3\x00" + b"\x00" * 200,
+                                  b"<p>x</p>" + bytes(range(1, 32)) * 8])
 def test_binary_html_is_skipped_as_not_text(tmp_path, page):
     pytest.importorskip("bs4")
     report = load_documents(write(tmp_path / "page.html", page))
     assert report.documents == []
     assert [s.reason.split(" (")[0] for s in report.skipped] == ["not text"]
+
+
+def test_stray_nuls_in_html_are_dropped_not_read_as_utf16(tmp_path):
+    """A page with NULs was handed to BeautifulSoup as bytes, which read it as UTF-16."""
+    pytest.importorskip("bs4")
+    report = load_documents(write(tmp_path / "page.html", b"<p>a\x00b</p>"))
+    assert [d.text for d in report.documents] == ["ab"]
 
 
 def test_beautifulsoups_own_log_lines_are_silenced(tmp_path, caplog):
