@@ -195,6 +195,7 @@ def ingest(ctx: typer.Context, paths: Annotated[list[Path], typer.Argument(parse
         load_documents,
         prefer_unchanged,
     )
+    from ragkv.ingest import drop_duplicates, stored_texts
 
     resolved = resolve_paths(paths)  # documents are named by their resolved paths
     try:
@@ -255,28 +256,6 @@ def _long_names_skipped(report):
 def print_skipped(s) -> None:
     console.print(f"[yellow]skipped[/yellow] {escape(str(s.path))}: {escape(s.reason)}",
                   soft_wrap=True)
-
-
-def stored_texts(rag) -> dict[str, set[str]]:
-    """Each stored document's name and the digests of its stored texts."""
-    stored: dict[str, set[str]] = {}
-    for d in rag.index.documents():
-        stored.setdefault(d.name, set()).add(d.text_sha256)
-    return stored
-
-
-def drop_duplicates(rag, skipped: list) -> list[tuple[str, str]]:
-    """Files skipped as duplicates of another file's text, whose earlier, other text the
-    index holds: that version goes (an edited file replaces its earlier version, and the new
-    text is in under the other file's name). A file whose text did not change stays, even when
-    another file was edited to hold the same text. ``(name, other file)`` for each."""
-    stored = stored_texts(rag)
-    gone = [(s.path, s.duplicate_of) for s in skipped
-            if s.duplicate_of is not None and s.path in stored
-            and stored[s.path] != {s.sha256}]
-    for name, _ in gone:
-        rag.remove_document(name)
-    return gone
 
 
 def ingest_docs(rag, docs: list[tuple[str, str]], skipped: int = 0,

@@ -17,6 +17,7 @@ from ragkv.config import INGESTED_CONTEXT
 if TYPE_CHECKING:
     from ragkv.cache_index import CacheIndex, KVStore
     from ragkv.config import RagkvConfig
+    from ragkv.documents import Skipped
     from ragkv.engine.base import Backend
 
 
@@ -37,6 +38,8 @@ class Ingesting(Protocol):
     def precompute_many(self, chunks: Sequence[Sequence[int]]) -> list[bool]: ...
 
     def choose_anchor(self, texts: Sequence[str]) -> str | None: ...
+
+    def remove_document(self, name: str) -> bool: ...
 
     def _remove_documents(self, name: str, before_id: int | None = None) -> Removal: ...
 
@@ -146,6 +149,28 @@ def ingest_text(rag: Ingesting, name: str, text: str, source: str = "",
         index.set_setting(INGESTED_CONTEXT, rag.config.precompute_context)
     return IngestResult(doc_id, name, len(infos), len(stored), created,
                         sum(len(c.token_ids) for c in stored), replaced, unstored=unstored)
+
+
+def stored_texts(rag: Ingesting) -> dict[str, set[str]]:
+    """Each stored document's name and the digests of its stored texts."""
+    stored: dict[str, set[str]] = {}
+    for d in rag.index.documents():
+        stored.setdefault(d.name, set()).add(d.text_sha256)
+    return stored
+
+
+def drop_duplicates(rag: Ingesting, skipped: Sequence[Skipped]) -> list[tuple[str, str]]:
+    """Files skipped as duplicates of another file's text, whose earlier, other text the
+    index holds: that version goes (an edited file replaces its earlier version, and the new
+    text is in under the other file's name). A file whose text did not change stays, even when
+    another file was edited to hold the same text. ``(name, other file)`` for each."""
+    stored = stored_texts(rag)
+    gone = [(s.path, s.duplicate_of) for s in skipped
+            if s.duplicate_of is not None and s.path in stored
+            and stored[s.path] != {s.sha256}]
+    for name, _ in gone:
+        rag.remove_document(name)
+    return gone
 
 
 def iter_text_files(paths: Iterable[Path]) -> Iterator[Path]:

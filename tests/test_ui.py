@@ -18,9 +18,10 @@ from ui_cases import _outside_setup, page, texts, write_docs  # noqa: E402
 from ragkv.api import RagKV  # noqa: E402
 from ragkv.cache_index import CacheIndex  # noqa: E402
 from ragkv.config import PRESELECT_FROM, BlendConfig, RagkvConfig  # noqa: E402
+from ragkv.ui.collect import OUTSIDE_ROOTS  # noqa: E402
 from ragkv.ui.frames import answer_md, literal_md  # noqa: E402
 from ragkv.ui.views.dashboard import WINDOW  # noqa: E402
-from ragkv.ui.views.ingest import ENABLE_HINT, OUTSIDE_ROOTS  # noqa: E402
+from ragkv.ui.views.ingest import ENABLE_HINT  # noqa: E402
 from ragkv.ui.views.inspect_query import RESULT_KEY  # noqa: E402
 
 

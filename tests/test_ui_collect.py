@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("streamlit")
 from ui_cases import _outside_setup  # noqa: E402
 
-from ragkv.ui.views.ingest import OUTSIDE_ROOTS, collect  # noqa: E402
+from ragkv.ui.collect import OUTSIDE_ROOTS, collect  # noqa: E402
 
 
 class _Upload:
@@ -106,3 +106,37 @@ def test_collect_folder_reports_skipped_files(tmp_path: Path) -> None:
     assert not docs and errors == [f"{root.resolve() / 'bin.txt'}: not text (no character "
                                    "encoding fits); skipped"]
 
+
+
+def test_collect_takes_each_text_once_and_each_upload_name_once(tmp_path: Path) -> None:
+    """Two uploads of one text filled two of the k places with one chunk; a second upload of
+    one name replaced the first while the page counted both."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "same.md").write_text("The ferry leaves at nine.")
+    docs, errors = collect([_Upload("notes.txt", b"The ferry leaves at nine."),
+                            _Upload("copy.txt", b"The ferry leaves at nine.\n"),
+                            _Upload("README.md", b"Project one."),
+                            _Upload("README.md", b"Project two.")], str(root), [root])
+    assert docs == [("notes.txt", "The ferry leaves at nine."), ("README.md", "Project one.")]
+    assert errors == [
+        "README.md: another file uploaded now has this name; skipped (documents are named by "
+        "file name: rename one to ingest both)",
+        "copy.txt: duplicate of notes.txt; skipped",
+        f"{root.resolve() / 'same.md'}: duplicate of notes.txt; skipped"]
+
+
+def test_collect_names_why_a_file_inside_the_root_was_skipped(tmp_path: Path) -> None:
+    """A broken link and a named pipe inside the root were both "links outside the
+    --docs-root folders"."""
+    import os
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "good.md").write_text("Inside the root.")
+    (root / "broken.md").symlink_to(root / "gone.md")
+    os.mkfifo(root / "pipe.txt")
+    docs, errors = collect([], str(root), [root])
+    assert docs == [(str(root.resolve() / "good.md"), "Inside the root.")]
+    assert sorted(errors) == [f"{root.resolve() / 'broken.md'}: broken link; skipped",
+                              f"{root.resolve() / 'pipe.txt'}: not a regular file; skipped"]

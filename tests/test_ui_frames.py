@@ -181,3 +181,48 @@ def test_a_saving_is_estimated_from_the_same_engines_full_prefills_only() -> Non
                   mode="blend", context_tokens=600, engine="big model")]
     df = frames.queries_frame(rows)
     assert np.isnan(df["est_saved_s"][2]) and df["est_saved_s"][3] == pytest.approx(7.5)
+
+
+@pytest.mark.parametrize("answer, dollars", [
+    ("Run `echo $HOME` to see it; it costs $5.", 1),
+    ("Install it:\n\n```sh\n$ pip install ragkv\nexport PATH=$HOME/bin:$PATH\n```\nThen $3.", 1),
+    ("~~~\n$x\n~~~\n\nA ``span with ` and $y`` and $z.", 1),
+])
+def test_dollars_inside_code_show_without_a_backslash(answer: str, dollars: int) -> None:
+    """Shell commands in answers showed as `echo \\$HOME`: code shows a backslash as is."""
+    from markdown_it import MarkdownIt
+
+    md = frames.answer_md(answer)
+    assert md.count("\\$") == dollars
+    html = MarkdownIt("commonmark").render(md)
+    assert "\\$" not in html and html.count("$") == answer.count("$")
+    for step in (1, 2, 3, 7):  # streamed in pieces of any size, the same Markdown
+        pieces = [answer[i:i + step] for i in range(0, len(answer), step)]
+        assert "".join(frames.answer_md_stream(pieces)) == md
+
+
+def test_token_pieces_keep_characters_that_span_tokens(tiny_model) -> None:
+    """The Inspect page decoded each token alone: accents, CJK and emoji showed as U+FFFD."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    sample = "Le café, ça va très bien. 日本語のテキスト 🎉👍🏽 and `$HOME`.\n\nNext"
+    ids = tok(sample, add_special_tokens=False)["input_ids"]
+    pieces = frames.token_pieces(tok, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces[:3]) == tok.decode(ids[:3])  # whole tokens stay with their token
+
+
+def test_trace_notes_name_a_fallback_and_chunks_left_out() -> None:
+    from ragkv.trace import ChunkTrace, QueryTrace
+
+    left = [ChunkTrace("k" * 64, 500, None, 0, "doc9.txt"),
+            ChunkTrace("c0ffee" * 8, 500, None, 0)]
+    trace = QueryTrace(mode="blend", ratio=0.15, policy="qhkvd", context_tokens=900,
+                       error="fusion failed: x", left_out=left)
+    assert frames.trace_notes(trace) == [
+        "blend: fusion failed: x",
+        "Left out 2 retrieved chunk(s) that did not fit the model's window: doc9.txt, c0ffeec0ffee"]
+    assert frames.trace_notes(QueryTrace(mode="full", ratio=None, policy=None,
+                                         context_tokens=900)) == []

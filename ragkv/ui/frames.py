@@ -6,7 +6,7 @@ No Streamlit here, so the figures the pages chart can be tested on their own.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +33,109 @@ def literal_md(text: str) -> str:
     return _MARKDOWN_SYNTAX.sub(r"\\\1", text)
 
 
+class AnswerMarkdown:
+    """A model's answer as Markdown, fed as it streams: its lists, emphasis and code shown
+    formatted, as chat interfaces show them, but ``$`` as itself outside code, since Streamlit
+    reads ``$...$`` as math and an answer quoting amounts or shell variables means dollars.
+    Inside code (a backtick span or a fenced block) a backslash would show, so none is added.
+
+    Each ``$``'s fate depends only on the text before it, so the pieces ``feed`` returns
+    concatenate to :func:`answer_md` of the whole (a run of backticks or tildes at a piece's
+    end is held back until it is whole)."""
+
+    def __init__(self) -> None:
+        self._held = ""
+        self._fence: tuple[str, int] | None = None  # the fence's character and length
+        self._inline = 0  # length of the backtick run that opened the code span, 0 outside
+        self._line_start = True  # nothing but spaces since the last line break
+
+    def feed(self, piece: str, final: bool = False) -> str:
+        text, self._held = self._held + piece, ""
+        out: list[str] = []
+        i = 0
+        while i < len(text):
+            ch = text[i]
+            if ch in "`~":
+                j = i
+                while j < len(text) and text[j] == ch:
+                    j += 1
+                if j == len(text) and not final:
+                    self._held = text[i:]
+                    break
+                self._run(ch, j - i)
+                out.append(text[i:j])
+                i = j
+                continue
+            if ch == "$" and self._fence is None and not self._inline:
+                out.append("\\$")
+            else:
+                out.append(ch)
+            if ch == "\n":
+                self._line_start = True
+            elif ch != " ":
+                self._line_start = False
+            i += 1
+        return "".join(out)
+
+    def close(self) -> str:
+        return self.feed("", final=True)
+
+    def _run(self, ch: str, n: int) -> None:
+        at_line_start, self._line_start = self._line_start, False
+        if self._fence is not None:
+            if at_line_start and ch == self._fence[0] and n >= self._fence[1]:
+                self._fence = None
+        elif self._inline:
+            if ch == "`" and n == self._inline:
+                self._inline = 0
+        elif at_line_start and n >= 3:
+            self._fence = (ch, n)
+        elif ch == "`":
+            self._inline = n
+
+
 def answer_md(text: str) -> str:
-    """A model's answer as Markdown: its lists, emphasis and code shown formatted, as chat
-    interfaces show them, but ``$`` as itself, since Streamlit reads ``$...$`` as math and an
-    answer quoting amounts or shell variables means dollars."""
-    return text.replace("$", "\\$")
+    """:class:`AnswerMarkdown` of a whole answer."""
+    md = AnswerMarkdown()
+    return md.feed(text) + md.close()
+
+
+def answer_md_stream(pieces: Iterable[str]) -> Iterator[str]:
+    """:class:`AnswerMarkdown` of an answer as it streams, piece by piece."""
+    md = AnswerMarkdown()
+    for piece in pieces:
+        yield md.feed(piece)
+    yield md.close()
+
+
+def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """One piece of text per token, concatenating to the decoded ``ids``. A character spread
+    over several byte-level tokens (accents, CJK, emoji) goes whole to the token that
+    completes it, and the others get "" (decoding each token alone gave U+FFFD for each part).
+    Each token is decoded after the one or two before it, so spacing rules that depend on
+    the start of a text (SentencePiece's leading space) cancel out."""
+    pieces: list[str] = []
+    prefix = read = 0  # decoded from ``prefix``; tokens before ``read`` have their pieces
+    for i in range(len(ids)):
+        before = tokenizer.decode(ids[prefix:read])
+        text = tokenizer.decode(ids[prefix:i + 1])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            pieces.append(text[len(before):])
+            prefix, read = read, i + 1
+        else:
+            pieces.append("")
+    return pieces
+
+
+def trace_notes(trace: QueryTrace) -> list[str]:
+    """What a user should know about an answer beyond its figures: an engine that fell back
+    (the trace's error) and retrieved chunks left out because they did not fit the window."""
+    notes = [f"{trace.mode}: {trace.error}"] if trace.error else []
+    if trace.left_out:
+        names = ", ".join(c.document or c.key[:12] for c in trace.left_out)
+        notes.append(f"Left out {len(trace.left_out)} retrieved chunk(s) that did not fit the "
+                     f"model's window: {names}")
+    return notes
 
 
 def tier_of(entry: Any) -> str:

@@ -113,13 +113,16 @@ def get_rag() -> RagKV:
     """The shared RagKV, or an error box and a stopped page if it cannot be built."""
     from sqlalchemy.exc import SQLAlchemyError
 
+    from ragkv.cache_index.migrate import UnknownSchema
+
     s = settings()
     try:
         return _load_rag(s.home, s.model, s.context, s.engine)
-    except SQLAlchemyError as exc:  # an index that is not one: the model is not to blame
+    except (SQLAlchemyError, UnknownSchema) as exc:  # the index, not the model, is to blame
         from ragkv.cache_index.database import brief
 
-        st.error(f"The cache index in `{s.home}` could not be read: {literal_md(brief(exc))}")
+        said = brief(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+        st.error(f"The cache index in `{s.home}` could not be read: {literal_md(said)}")
         st.stop()
         raise
     except (ValueError, OSError, RuntimeError) as exc:  # bad/missing model, unusable home

@@ -108,6 +108,8 @@ def show_metrics(trace: QueryTrace, full: FullTTFT | None) -> None:
                    f"{PRESELECT_FROM:,} prompt tokens)")
     c6.metric("Retrieval", ms(trace.retrieval_s) if trace.retrieval_s is not None else "-")
     st.caption(full_caption(trace, full))
+    for note in frames.trace_notes(trace):
+        st.warning(frames.literal_md(note))
 
 
 def show_chunks(rag, trace: QueryTrace) -> None:
@@ -157,7 +159,7 @@ def answer(rag, p: AskParams) -> None:
             show_chunks(rag, stream.trace)
         with left:
             st.subheader("Answer")
-            text = st.write_stream(frames.answer_md(piece) for piece in stream)
+            text = st.write_stream(frames.answer_md_stream(stream))
             if not str(text or "").strip():
                 st.markdown(EMPTY_ANSWER)
             if stream.answer is not None:

@@ -2,174 +2,107 @@
 with progress.
 
 The page reads files on the server only inside the folders named at launch (``ragkv ui
---docs-root DIR``): a typed path is resolved (symlinks followed) and refused unless it lies in
-one of them, and so is every file found under a folder it names. Without roots only uploads are
-read. Uploads and files share :mod:`ragkv.documents`' formats, checks and size limit.
+--docs-root DIR``); what it reads, and what it refuses, is :mod:`ragkv.ui.collect`'s.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Sequence
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Sequence
 
 import pandas as pd
 import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
 
-from ragkv.documents import (
-    DEFAULT_MAX_BYTES,
-    SUPPORTED_SUFFIXES,
-    DocumentError,
-    load_bytes,
-    load_documents,
-)
-from ragkv.ingest import progress_text
+from ragkv.documents import SUPPORTED_SUFFIXES, LoadReport, prefer_unchanged
+from ragkv.ingest import drop_duplicates, progress_text, stored_texts
 from ragkv.ui import state
+from ragkv.ui.collect import MAX_UPLOAD_BYTES, collect_report
 from ragkv.ui.frames import literal_md
 
-#: Largest upload or server file read (bytes): the documents loader's default, 20 MiB.
-MAX_UPLOAD_BYTES = DEFAULT_MAX_BYTES
-OUTSIDE_ROOTS = "paths outside the folders named with --docs-root are not read"
 ENABLE_HINT = ("Reading files on the server is off. Start the UI with `ragkv ui --docs-root "
                "DIR` (repeatable) to ingest files and folders under DIR.")
+#: Up to this many problems or results are shown one per line; more go in a collapsed list.
+MAX_BOXES = 5
 
 
-class Upload(Protocol):
-    """What ingestion needs of a Streamlit ``UploadedFile``."""
-
-    name: str
-
-    def getvalue(self) -> bytes: ...
-
-
-def _resolved_roots(roots: Iterable[str | Path]) -> list[Path]:
-    out = []
-    for r in roots:
-        try:
-            out.append(Path(r).expanduser().resolve())
-        except (OSError, RuntimeError, ValueError):  # a loop or a NUL byte: names nothing
-            continue
-    return out
-
-
-def _inside(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path.is_relative_to(root) for root in roots)
-
-
-def _files_under(folder: Path) -> list[Path]:
-    """Supported, non-hidden files under ``folder``; symlinked folders are not entered (a
-    symlinked file is listed, and checked against the roots by its target)."""
-    found = []
-    for top, dirs, files in os.walk(folder):  # followlinks=False
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(top, f) for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in SUPPORTED_SUFFIXES]
-    return sorted(found)
-
-
-def _collect_path(raw: str, roots: Sequence[Path], max_bytes: int,
-                  docs: list[tuple[str, str]], errors: list[str]) -> None:
-    if not roots:
-        errors.append(f"{raw}: {OUTSIDE_ROOTS} (none were named at launch)")
+def show_problems(lines: Sequence[str]) -> None:
+    """A few problems as error boxes; many (a folder of bad files) as one box and a list."""
+    if len(lines) <= MAX_BOXES:
+        for line in lines:
+            st.error(literal_md(line))
         return
-    try:
-        target = Path(raw).expanduser().resolve()
-    except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, NUL byte
-        errors.append(f"{raw}: cannot resolve this path ({exc})")
-        return
-    # Checked before existence, so that the answer says nothing about files outside.
-    if not _inside(target, roots):
-        errors.append(f"{raw}: {OUTSIDE_ROOTS}")
-        return
-    if not target.exists():
-        errors.append(f"no such file or folder: {raw}")
-        return
-    if target.is_dir():
-        files = []
-        for f in _files_under(target):
-            try:
-                real = f.resolve()
-            except (OSError, RuntimeError):
-                errors.append(f"{f}: cannot resolve this path; skipped")
-                continue
-            if not _inside(real, roots) or not real.is_file():
-                errors.append(f"{f}: links outside the --docs-root folders; skipped")
-                continue
-            files.append(f)
-        if not files:
-            errors.append(f"no {'/'.join(SUPPORTED_SUFFIXES)} files under {raw}")
-            return
-    else:
-        files = [target]
-    try:
-        report = load_documents(files, max_bytes=max_bytes)
-    except (OSError, ValueError) as exc:  # a file removed meanwhile
-        errors.append(str(exc))
-        return
-    docs += [(d.name, d.text) for d in report.documents]
-    errors += [f"{s.path}: {s.reason}; skipped" for s in report.skipped]
+    st.error(f"{len(lines):,} inputs were not ingested; the list below says why.")
+    with st.expander(f"Not ingested ({len(lines):,})"):
+        st.dataframe(pd.DataFrame({"input and reason": list(lines)}), hide_index=True,
+                     width="stretch")
 
 
-def collect(uploads: Iterable[Upload], path: str, roots: Sequence[str | Path] = (), *,
-            max_bytes: int = MAX_UPLOAD_BYTES) -> tuple[list[tuple[str, str]], list[str]]:
-    """``(name, text)`` documents from uploads and a server path, and one error per bad input.
-
-    ``path`` is read only when it resolves (symlinks followed) inside one of ``roots``; a
-    folder's files must each resolve inside one too. Uploads and files over ``max_bytes``,
-    binary or empty ones, and unsupported formats are reported, not read.
-    """
-    docs: list[tuple[str, str]] = []
-    errors: list[str] = []
-    for up in uploads:
-        try:
-            doc = load_bytes(up.name, up.getvalue(), max_bytes=max_bytes)
-        except DocumentError as exc:
-            errors.append(f"{exc}; skipped")
-            continue
-        docs.append((up.name, doc.text))
-    if path.strip():
-        _collect_path(path.strip(), _resolved_roots(roots), max_bytes, docs, errors)
-    return docs, errors
+def _result_line(name: str, res) -> str:
+    return (f"{name}: {res.n_chunks} chunks, {res.precomputed} KV computed"
+            + ("" if res.new_document else " (already ingested)")
+            + (" (replaces the earlier version)" if res.replaced else "")
+            + (" (a later version, ingested meanwhile, replaced it)" if res.superseded else ""))
 
 
 def run_ingest(rag, docs: list[tuple[str, str]]) -> None:
+    """Ingest ``docs`` under one progress bar; each document's outcome is listed once done
+    (in a collapsed list when there are many), failures as errors."""
     overall = st.progress(0.0, text=f"0/{len(docs)} documents")
-    computed = chunks = 0
-    done_docs = 0
+    done_lines: list[str] = []
+    failed: list[str] = []
+    computed = chunks = replaced = 0
     for i, (raw_name, text) in enumerate(docs):
         name = literal_md(raw_name)  # shown in Markdown lines; ingested as it is
-        bar = st.progress(0.0, text=f"{name}: chunking and embedding...")
 
-        def progress(stage: str, done: int, total: int, bar=bar, name=name) -> None:
-            bar.progress(done / max(total, 1),
-                         text=f"{name}: {progress_text(stage, done, total)}")
+        def progress(stage: str, done: int, total: int, i=i, name=name) -> None:
+            overall.progress((i + done / max(total, 1)) / len(docs),
+                             text=f"{i}/{len(docs)} documents; {name}: "
+                                  f"{progress_text(stage, done, total)}")
 
         try:
             with state.engine_lock():
                 res = rag.ingest_text(raw_name, text, progress=progress)
         except ValueError as exc:  # an empty document, text that does not tokenize
-            bar.empty()
-            st.error(f"{name}: {literal_md(str(exc))}")
+            failed.append(f"{raw_name}: {exc}")
             continue
-        bar.progress(1.0, text=f"{name}: {res.n_chunks} chunks, {res.precomputed} KV computed"
-                               + ("" if res.new_document else " (already ingested)")
-                               + (" (replaces the earlier version)" if res.replaced else "")
-                               + (" (a later version, ingested meanwhile, replaced it)"
-                                  if res.superseded else ""))
+        except (SQLAlchemyError, OSError) as exc:  # the index or the blob folder: stop here
+            failed.append(f"{raw_name}: the cache could not be written: {_brief(exc)}")
+            break
+        done_lines.append(_result_line(name, res))
         computed += res.precomputed
         chunks += res.n_chunks
-        done_docs += 1
-        overall.progress((i + 1) / len(docs), text=f"{i + 1}/{len(docs)} documents")
-    if done_docs:
-        st.success(f"Ingested {done_docs} document(s): {chunks} chunks, KV computed now for "
-                   f"{computed} (the rest were already stored).")
+        replaced += bool(res.replaced)
+    overall.progress(1.0, text=f"{len(done_lines)}/{len(docs)} documents ingested")
+    show_problems(failed)
+    if done_lines:
+        st.success(f"Ingested {len(done_lines)} document(s)"
+                   + (f", {replaced} of them replacing an earlier version" if replaced else "")
+                   + f": {chunks} chunks, KV computed now for {computed} (the rest were "
+                   "already stored).")
+        if len(done_lines) <= MAX_BOXES:
+            for line in done_lines:
+                st.caption(line)
+        else:
+            with st.expander(f"Per document ({len(done_lines):,})"):
+                st.markdown("\n".join(f"- {line}" for line in done_lines))
+
+
+def _brief(exc: Exception) -> str:
+    from ragkv.cache_index.database import brief
+
+    return literal_md(brief(exc)) if isinstance(exc, SQLAlchemyError) else str(exc)
 
 
 def _remove_selected(rag) -> None:
     """The Remove button's callback: it runs before the page, so the page lists what is left."""
     names = st.session_state.get("remove_names") or []
-    st.session_state["removed_names"] = [n for n in names if rag.remove_document(n)]
+    try:
+        gone = [n for n in names if rag.remove_document(n)]
+    except (SQLAlchemyError, OSError) as exc:
+        st.session_state["remove_failed"] = f"Could not remove: {_brief(exc)}"
+        return
+    st.session_state["removed_names"] = gone
+    st.session_state["already_removed"] = [n for n in names if n not in gone]
     st.session_state["remove_names"] = []
 
 
@@ -178,6 +111,10 @@ def documents(rag, can_read_paths: bool = True) -> None:
     if removed := st.session_state.pop("removed_names", None):
         st.success("Removed " + ", ".join(literal_md(n) for n in removed) + ", with the KV "
                    "of their chunks that no other document shares.")
+    if already := st.session_state.pop("already_removed", None):
+        st.info(", ".join(literal_md(n) for n in already) + ": already removed meanwhile.")
+    if failed := st.session_state.pop("remove_failed", None):
+        st.error(failed)
     docs = rag.index.documents()
     if not docs:
         where = "upload files or give a path above" if can_read_paths else "upload files above"
@@ -190,6 +127,29 @@ def documents(rag, can_read_paths: bool = True) -> None:
                             [d.name for d in docs], key="remove_names")
     st.button("Remove", key="remove_go", disabled=not picked, on_click=_remove_selected,
               args=(rag,))
+
+
+def ingest_collected(rag, report: LoadReport, errors: list[str], can_read_paths: bool) -> None:
+    """Ingest what :func:`collect_report` found, as ``ragkv ingest`` does: a text already
+    stored under one file's name stays under it, and a file edited to hold another's text
+    loses its earlier version."""
+    try:
+        report = prefer_unchanged(report, stored_texts(rag))
+    except SQLAlchemyError as exc:
+        st.error(f"The cache index could not be read: {_brief(exc)}")
+        return
+    show_problems(errors + [f"{s.path}: {s.reason}; skipped" for s in report.skipped])
+    if report.documents:
+        run_ingest(rag, [(d.name, d.text) for d in report.documents])
+    try:
+        for name, first in drop_duplicates(rag, report.skipped):
+            st.info(f"Removed the earlier version of {literal_md(name)}: it now holds the same "
+                    f"text as {literal_md(first)}.")
+    except (SQLAlchemyError, OSError) as exc:
+        st.error(f"Could not remove earlier versions: {_brief(exc)}")
+    if not report.documents and not errors and not report.skipped:
+        st.warning("Nothing to ingest: upload files" + (" or give a path." if can_read_paths
+                                                        else "."))
 
 
 def main() -> None:
@@ -211,13 +171,7 @@ def main() -> None:
     else:
         st.caption(ENABLE_HINT)
     if st.button("Ingest", type="primary", key="ingest_go"):
-        docs, errors = collect(uploads or [], path, roots)
-        for e in errors:
-            st.error(literal_md(e))
-        if docs:
-            run_ingest(rag, docs)
-        elif not errors:
-            st.warning("Nothing to ingest: upload files" + (" or give a path." if roots else "."))
+        ingest_collected(rag, *collect_report(uploads or [], path, roots), bool(roots))
     documents(rag, bool(roots))
 
 

@@ -65,7 +65,7 @@ def run_modes(rag, question: str, k: int, ratio: float, policy: str,
     return {
         "question": question, "ratio": ratio, "policy": policy,
         "ids": list(blend_ans.prompt.ids),
-        "pieces": [tok.decode([t]) for t in blend_ans.prompt.ids],
+        "pieces": frames.token_pieces(tok, blend_ans.prompt.ids),
         "spans": list(blend_ans.prompt.chunk_spans),
         "documents": [c.document or "-" for c in blend_ans.trace.chunks],
         "layer_sets": blend_ans.trace.layer_sets or [],
@@ -73,6 +73,7 @@ def run_modes(rag, question: str, k: int, ratio: float, policy: str,
                         "n_chunks": len(a.trace.chunks),
                         "recomputed": a.trace.recomputed_tokens}
                     for m, a in answers.items()},
+        "notes": {m: frames.trace_notes(a.trace) for m, a in answers.items()},
     }
 
 
@@ -148,6 +149,8 @@ def show_answers(res: dict) -> None:
                 same = a["text"] == res["answers"]["full"]["text"]
                 note += f"; same text as full: {'yes' if same else 'no'}"
             st.caption(note)
+            for warning in res.get("notes", {}).get(mode, []):
+                st.warning(frames.literal_md(warning))
             st.markdown(frames.answer_md(a["text"]) or "_(empty answer)_")
 
 
