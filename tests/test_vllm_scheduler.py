@@ -70,3 +70,21 @@ def test_a_trace_arriving_after_its_request_finished_is_not_kept(connector):
         sched.update_connector_output(worker)
     assert sched._notes == {}
     assert len(sched._finished) == 0
+
+
+def test_a_save_carrying_a_salt_is_refused(connector):
+    """A save with a fused request's salt was served that request's blocks by vLLM's prefix
+    cache and stored their fused KV under the chunk's exact key, for every later reader."""
+    sched, builder, chunks = connector
+    fused = builder.fused(chunks, "question?", mode="reuse")
+    save = builder.precompute(chunks[0])
+    for salt in (fused.cache_salt, "any-tenant"):
+        req = NS(request_id=f"save-{salt}", prompt_token_ids=save.ids, cache_salt=salt,
+                 kv_transfer_params=save.kv_transfer_params)
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        assert req.request_id not in sched._saves
+        assert "carries no cache_salt" in sched._notes[req.request_id]["error"]
+    req = NS(request_id="save-plain", prompt_token_ids=save.ids, cache_salt=None,
+             kv_transfer_params=save.kv_transfer_params)
+    sched.get_num_new_matched_tokens(req, 0)
+    assert "save-plain" in sched._saves

@@ -88,6 +88,11 @@ class ConnectorScheduler:
             if p is not None and p.fused and request.cache_salt != fusion_salt(p, ids):
                 raise ParamsError("a fused request needs cache_salt = fusion_salt(params, ids) "
                                   "so that vLLM's prefix cache keeps fused KV apart")
+            if p is not None and p.save and request.cache_salt is not None:
+                # vLLM's prefix cache would hand it the blocks of the requests with that salt
+                # (a fused request's): their KV would be stored under exact keys
+                raise ParamsError("a precompute request ('save') carries no cache_salt: what it "
+                                  "stores must be a plain prefill's KV")
         except ParamsError as exc:
             if rid not in self._notes:
                 log.error("request %s: ragkv parameters refused (%s); full prefill instead",
