@@ -322,3 +322,22 @@ def test_reads_for_bookkeeping_count_no_miss(tmp_path):
     assert store.fetch(key(2), model_fp=FP, layout=LAYOUT, record=False) is None
     assert store.counters["misses"] == 0 and store.ledger.tier_counts()["disk"]["misses"] == 0
     assert store.counters["corrupt"] == 2  # both bad entries are still counted as bad
+
+
+def test_a_removal_by_another_process_reaches_this_processs_memory_copies(tmp_path) -> None:
+    """A served engine's connector kept serving removed documents' KV from its memory tier,
+    reported as hits, after the app process removed them (rows and blobs gone)."""
+    server = make_store(tmp_path, memory=None)  # the process that answers, with a memory tier
+    app = make_store(tmp_path)  # the process that removes, over the same index and blobs
+    put(server, 1, ids_sha256="d1")
+    put(server, 2, ids_sha256="d2")
+    put(server, 3, ids_sha256="d3")
+    assert get(server, 1).tier == "memory"
+    # An entry a budget evicted stays servable from memory until something is removed.
+    assert residency.drop_resident(server.index, key(3), "disk")
+    assert get(server, 3).tier == "memory"
+    assert app.remove_unreferenced(["d1"]) == 1  # no chunk names these ids: removed
+    assert server.contains([key(1), key(2)]) == {key(1): False, key(2): True}
+    assert get(server, 1) is None and key(1) not in server.memory
+    assert get(server, 2).tier == "memory"
+    assert get(server, 3) is None  # its row went too: checked with the removal

@@ -37,6 +37,10 @@ TOKENIZER_SETTING = "corpus_tokenizer"
 #: or removed, so a process holding a retrieval index knows to rebuild it.
 CORPUS_VERSION = "corpus_version"
 
+#: A new value whenever KV entries are removed with their chunks, so that a process holding
+#: memory copies (a server's connector, another app) drops those whose rows went.
+REMOVAL_STAMP = "kv_removal_stamp"
+
 
 def upsert_setting(s: Session, name: str, value: str) -> None:
     """Record ``value`` under ``name`` in this transaction, replacing any value there (one
@@ -277,4 +281,6 @@ def _unreferenced_entries(s: Session, digests: set[str]) -> list[EntryInfo]:
     for batch in in_batches([(e.key, e.blob_name) for e in entries]):
         s.execute(delete(KVEntry).where(tuple_(KVEntry.key, KVEntry.blob_name).in_(batch))
                   .execution_options(synchronize_session=False))
+    if entries:  # every process's memory tier checks its copies again (KVStore.fetch)
+        upsert_setting(s, REMOVAL_STAMP, uuid.uuid4().hex)
     return entries

@@ -54,6 +54,10 @@ class MemoryTier:
     def __contains__(self, key: str) -> bool:
         return key in self._slots
 
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._slots)
+
     def _score(self, slot: _Slot) -> float:
         return float(self.policy.priority(hits=slot.hits, tokens=slot.tokens, nbytes=slot.nbytes,
                                           now=time.time(), clock=self.clock))

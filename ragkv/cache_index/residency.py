@@ -11,15 +11,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ragkv.cache_index import reports
-from ragkv.cache_index.database import in_batches
+from ragkv.cache_index.corpus import REMOVAL_STAMP
+from ragkv.cache_index.database import brief, in_batches
 from ragkv.cache_index.index import CacheIndex
 from ragkv.cache_index.models import (
     EntryInfo,
@@ -30,6 +31,10 @@ from ragkv.cache_index.models import (
     utcnow,
 )
 from ragkv.cache_index.policy import EvictionPolicy
+
+if TYPE_CHECKING:
+    from ragkv.cache_index.blobs import BlobStore
+    from ragkv.cache_index.memory import MemoryTier
 
 log = logging.getLogger("ragkv.cache")
 Tier = Literal["disk", "remote"]
@@ -121,6 +126,48 @@ def names_blob(index: CacheIndex, key: str, tier: Tier, blob: str) -> bool:
     with index.transaction() as s:
         return s.scalar(select(KVEntry.key).where(
             KVEntry.key == key, KVEntry.blob_name == blob, tier_flag(tier).is_(True))) is not None
+
+
+def prune_memory(index: CacheIndex, memory: MemoryTier, seen: str | None) -> str | None:
+    """Drop the memory copies whose rows are gone if entries were removed (in any process)
+    since the removal stamp ``seen``; the stamp to remember. Evicted entries a memory tier
+    still holds stay servable until a removal. An index that does not answer changes nothing
+    (what a copy holds is still its key's KV)."""
+    try:
+        stamp = index.setting(REMOVAL_STAMP)
+        if stamp == seen:
+            return seen
+        held = index.has_entries(memory.keys())
+    except Exception as exc:
+        log.warning("cache index unavailable, memory copies not checked: %s", brief(exc))
+        return seen
+    for key, present in held.items():
+        if not present:
+            memory.discard(key)
+    return stamp
+
+
+def delete_quietly(blobs: BlobStore, name: str) -> None:
+    """Delete a blob no row names (a write without its row); best effort (``verify``)."""
+    try:
+        blobs.delete(name)
+    except Exception as exc:
+        log.warning("could not delete %s: %s", name, brief(exc))
+
+
+def delete_everywhere(tiers: Iterable[tuple[Tier, BlobStore]], entry: EntryInfo) -> bool:
+    """Delete a blob no row names any more from the tiers that held it; best effort (what is
+    left is an orphan, which ``verify`` removes); whether every copy went."""
+    deleted = True
+    for tier, blobs in tiers:
+        if getattr(entry, f"on_{tier}"):
+            try:
+                blobs.delete(entry.blob_name)
+            except Exception as exc:
+                deleted = False
+                log.warning("could not delete %s from the %s tier: %s", entry.blob_name, tier,
+                            brief(exc))
+    return deleted
 
 
 def tier_bytes(index: CacheIndex, tier: Tier) -> tuple[int, int]:

@@ -54,6 +54,7 @@ class KVStore:
         self.blobs = blobs
         self.remote = remote
         self.memory = memory
+        self._removals_seen: str | None = None  # residency.prune_memory's last stamp
         self.policy = policy or PGDSF()
         self.budgets: dict[str, int | None] = {"disk": disk_budget, "remote": remote_budget}
         self.ledger = Ledger(index, self.policy)
@@ -108,6 +109,7 @@ class KVStore:
         miss is counted, and the entry's eviction priority does not rise."""
         count = self.ledger.count if record else uncounted
         if self.memory is not None:
+            self._check_memory()
             tensors = self.memory.get(key, model_fp=model_fp, layout=layout, shared=shared,
                                       touch=record)
             if tensors is not None:
@@ -221,6 +223,9 @@ class KVStore:
         except Exception as exc:
             log.warning("could not remove bad cache entry %s: %s", key, brief(exc))
 
+    def _check_memory(self) -> None:
+        self._removals_seen = residency.prune_memory(self.index, self.memory, self._removals_seen)
+
     def memory_discard(self, key: str) -> None:
         if self.memory is not None:
             self.memory.discard(key)
@@ -232,6 +237,8 @@ class KVStore:
         ``blobs`` (ingestion, not queries: a check per entry): a row counts only if a tier it
         names holds its blob; a copy deleted behind the cache's back is dropped, as a read
         drops it, so a precompute stores the entry again."""
+        if memory and self.memory is not None:
+            self._check_memory()
         in_memory = {k: memory and self.memory is not None and k in self.memory for k in keys}
         try:
             indexed = self._with_blobs(keys) if blobs else self.index.has_entries(keys)
@@ -291,11 +298,11 @@ class KVStore:
         except Exception as exc:
             log.warning("could not store KV for %s: %s", key, brief(exc))
             self.ledger.count("put_errors")
-            self._delete_quietly(self.blobs, name)  # no row names it: budgets would not see it
+            residency.delete_quietly(self.blobs, name)  # no row names it: no budget sees it
             return False
         self.ledger.count("puts", "disk", "bytes_written", len(data))
         if replaced is not None and replaced.blob_name != name:
-            self._delete_blob(replaced)
+            residency.delete_everywhere(self.persistent_tiers(), replaced)
         if self.remote is not None:
             self._write(key, name, "remote", self.remote, data)
         self._score(key)
@@ -317,7 +324,7 @@ class KVStore:
                 return
         except Exception as exc:
             log.warning("could not write %s to the %s tier: %s", key, tier, brief(exc))
-        self._delete_quietly(blobs, name)
+        residency.delete_quietly(blobs, name)
 
     def _score(self, key: str) -> None:
         """Rank ``key`` for eviction as written now; best effort."""
@@ -325,29 +332,6 @@ class KVStore:
             residency.touch(self.index, [key], self.policy, hit=False)
         except Exception as exc:
             log.warning("could not score %s for eviction: %s", key, brief(exc))
-
-    @staticmethod
-    def _delete_quietly(blobs: BlobStore, name: str) -> None:
-        """Delete a blob no row names (a write that did not get its row); best effort, since
-        what is left is an orphan that ``verify`` removes."""
-        try:
-            blobs.delete(name)
-        except Exception as exc:
-            log.warning("could not delete %s: %s", name, brief(exc))
-
-    def _delete_blob(self, entry: EntryInfo) -> bool:
-        """Delete a blob no row names any more from the tiers that held it; best effort (what
-        is left is an orphan, which ``verify`` removes); whether every copy went."""
-        deleted = True
-        for tier, blobs in self.persistent_tiers():
-            if getattr(entry, f"on_{tier}"):
-                try:
-                    blobs.delete(entry.blob_name)
-                except Exception as exc:
-                    deleted = False
-                    log.warning("could not delete %s from the %s tier: %s", entry.blob_name,
-                                tier, brief(exc))
-        return deleted
 
     def apply_budgets(self, *, strict: bool = False) -> list[EvictionReport]:
         """Evict from every persistent tier over its byte budget; never raises (after a
@@ -387,7 +371,8 @@ class KVStore:
         could not be deleted."""
         for entry in entries:
             self.memory_discard(entry.key)
-        return [entry for entry in entries if not self._delete_blob(entry)]
+        tiers = self.persistent_tiers()
+        return [entry for entry in entries if not residency.delete_everywhere(tiers, entry)]
 
     def delete(self, key: str) -> None:
         """Forget one entry everywhere (row first, so no reader finds a row without its blob)."""
