@@ -69,15 +69,15 @@ def cache_verify(home: Home = default_home(), remote: Remote = None,
     if not math.isfinite(grace_s) or grace_s < 0:  # NaN would leave no put in flight alone
         fail(f"--grace-s must be a number of seconds >= 0, got {grace_s}")
     require_cache(home, index_url, blob_url)
+    with cache_errors():  # an index that cannot be opened: its one line, without a bar
+        store = open_store(home, remote_url=remote, index_url=index_url, blob_url=blob_url)
     with cache_errors(), progress_bar() as bar:
         task = bar.add_task("reading blobs", total=None)
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        report = verify(open_store(home, remote_url=remote, index_url=index_url,
-                                   blob_url=blob_url), repair=repair, orphan_grace_s=grace_s,
-                        progress=progress)
+        report = verify(store, repair=repair, orphan_grace_s=grace_s, progress=progress)
     for key, tier, reason in report.bad[:50]:
         console.print(f"[red]bad[/red] {tier} {key[:16]}: {escape(reason)}", soft_wrap=True)
     for tier, name in report.orphans[:50]:

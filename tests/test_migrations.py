@@ -229,6 +229,32 @@ def test_a_newer_releases_database_is_refused_untouched_in_one_line(tmp_path: Pa
         assert out.output.count("error:") == 1 and "Traceback" not in out.output
 
 
+@pytest.mark.parametrize("lost", [0, 4])
+def test_an_index_without_alembic_version_has_the_revision_of_its_schema_version(
+        tmp_path: Path, lost: int) -> None:
+    """Without ``alembic_version`` (a partial dump), every index from schema 3 up was taken
+    as revision 0003: a current one failed ("duplicate column"), a newer one was migrated."""
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    index = CacheIndex(url)
+    index.add_document("a.md", "a.md", "s1")
+    index.close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))
+        conn.execute(text("UPDATE schema_version SET version = :v"),
+                      {"v": SCHEMA_VERSION + lost})
+    engine.dispose()
+    if lost:
+        with pytest.raises(UnknownSchema, match=f"version {SCHEMA_VERSION + lost}"):
+            CacheIndex(url)
+        assert _revision(url) is None  # refused untouched
+        return
+    index = CacheIndex(url)
+    assert [d.name for d in index.documents()] == ["a.md"]
+    index.close()
+    assert _revision(url) == f"{SCHEMA_VERSION:04d}"
+
+
 def test_racing_openers_of_a_fresh_file_all_succeed(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'race.sqlite'}"
     errors: list[BaseException] = []

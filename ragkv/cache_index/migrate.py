@@ -94,10 +94,13 @@ def _legacy_revision(conn: Connection) -> str | None:
     if "schema_version" in tables:
         found = conn.execute(text("SELECT version FROM schema_version WHERE id = 1")).scalar()
         version = int(found) if found is not None else 1
-    known = [v for v in LEGACY_REVISIONS if v <= version]
-    if not known:
-        raise UnknownSchema(f"version {version}")
-    return LEGACY_REVISIONS[max(known)]
+    if version in LEGACY_REVISIONS:
+        return LEGACY_REVISIONS[version]
+    # Later releases keep schema_version equal to their revision's number: an index that
+    # lost its alembic_version table (a partial dump) has that revision, a newer one is refused
+    if f"{version:04d}" in known_revisions():
+        return f"{version:04d}"
+    raise UnknownSchema(f"version {version}")
 
 
 def _upgrade_once(engine: Engine) -> None:
