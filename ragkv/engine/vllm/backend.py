@@ -149,6 +149,23 @@ class VLLMBackend:
         return cls(http, tok, keys, template, max_len,
                    f"vLLM server at {http.url} ({served.name})")
 
+    def _server_changed(self) -> bool:
+        """After a refused request: ask the connector again who it is. A server restarted with
+        other settings (KV storage, weights) names other keys; a client that kept the old key
+        space had every fused request refused and every precompute dropped until it was
+        restarted. Whether the key space changed (then it is the server's now)."""
+        note = self.transport.complete([RequestBuilder.describe(self._probe)], 1)[0].note
+        if "fingerprint" not in note or (note["fingerprint"], note["kv_storage"]) == (
+                self.keys.fingerprint, self.keys.kv_storage):
+            return False
+        log.warning("the vLLM connector now names KV by other settings (%s, %s KV; were %s, "
+                    "%s): keys follow", note["fingerprint"][:16], note["kv_storage"],
+                    self.keys.fingerprint[:16], self.keys.kv_storage)
+        self.keys = replace(self.keys, fingerprint=note["fingerprint"],
+                            kv_storage=note["kv_storage"])
+        self.builder = RequestBuilder(self.template, self.keys)
+        return True
+
     def use_anchor(self, text: str) -> None:
         self.keys = replace(self.keys, anchor_ids=self.template.anchor_ids(text))
         self.builder = RequestBuilder(self.template, self.keys)
@@ -162,6 +179,14 @@ class VLLMBackend:
         return {k: k in held for k in keys}
 
     def precompute(self, chunks: Sequence[Sequence[int]], context: str) -> list[bool]:
+        done, refused = self._precompute(chunks, context)
+        if refused and self._server_changed():
+            done, _ = self._precompute(chunks, context)
+        return done
+
+    def _precompute(self, chunks: Sequence[Sequence[int]], context: str
+                    ) -> tuple[list[bool], bool]:
+        """Whether each chunk was computed now, and whether the server refused any save."""
         plan, computed = to_precompute(self.keys, chunks, context, self.stored)
         # one context at a time: prefix-context entries are stored before the anchor entries
         # that are scored against them
@@ -179,7 +204,7 @@ class VLLMBackend:
                         failed.add(tuple(ids))
         # a chunk whose entry was not stored was not precomputed (its next query computes it)
         return [now and tuple(ids) not in failed
-                for now, ids in zip(computed, chunks, strict=True)]
+                for now, ids in zip(computed, chunks, strict=True)], bool(failed)
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, req: GenerationRequest) -> VLLMGeneration:
@@ -190,6 +215,12 @@ class VLLMBackend:
         req = replace(req, blend=self.controller.resolve(req.blend))
         vreq = self.builder.prompt(prompt, req.keys, mode, req.blend, req.context, req.record)
         first = self.transport.complete([vreq], 1, req.top_logprobs)[0]
+        if first.note.get("error") and mode in ("reuse", "blend") and self._server_changed():
+            keys = tuple(self.keys.at(prompt.ids[s:e], i, req.context)
+                         for i, (s, e) in enumerate(prompt.chunk_spans))
+            req = replace(req, keys=keys)  # what the connector names the chunks by now
+            vreq = self.builder.prompt(prompt, keys, mode, req.blend, req.context, req.record)
+            first = self.transport.complete([vreq], 1, req.top_logprobs)[0]
         ttft = time.perf_counter() - req.started
         if not first.tokens:
             raise EngineError("vLLM returned no token for the prompt")
