@@ -232,7 +232,23 @@ class RagKV:
 
     def _remove_documents(self, name: str, before_id: int | None = None) -> Removal:
         """``KVStore.remove_documents`` on this facade's cache."""
+        if self.index.undigested_entries():  # a cache from before schema 4
+            self._digest_legacy_entries(name, before_id)
         return self._removals().remove_documents(name, before_id=before_id)
+
+    def _digest_legacy_entries(self, name: str, before_id: int | None) -> None:
+        """Give the entries of these documents' chunks stored before schema 4 their ids'
+        digest, in every context this engine keys (the migration could digest only the one
+        the chunk named), so that they leave with the documents."""
+        from ragkv.cache_index.models import ids_sha256
+
+        self._anchor.adopt()  # the passage the anchor entries were keyed after
+        keys = self.backend.keys
+        contexts = [c for c in PRECOMPUTE_CONTEXTS if c != "anchor" or keys.anchor_ids]
+        self.index.digest_entries({
+            keys.chunk(ids, ctx): ids_sha256(ids)
+            for ids in self.index.document_token_ids(name, before_id=before_id)
+            for ctx in contexts})
 
     def _removals(self) -> KVStore:
         """The store removals go through, whatever the engine: the index and the blob tiers

@@ -175,6 +175,34 @@ def test_the_kv_of_a_replaced_or_removed_document_leaves_the_cache(tmp_path, eng
         rag.index.close()
 
 
+def test_entries_a_schema_4_migration_could_not_digest_leave_with_their_document(tmp_path,
+                                                                                 engine):
+    """A cache from before schema 4: the migration digested only the entry each chunk named
+    by its cache key (the anchor entry), so removing a document left its prefix-context
+    entries and their blobs for good (disk budgets are unlimited by default)."""
+    from sqlalchemy import update
+
+    from ragkv.cache_index.models import Chunk
+
+    rag = RagKV(make_config(tmp_path / "home", precompute_context="anchor"), engine=engine)
+    try:
+        for name, text in _docs().items():
+            rag.ingest_text(name, text)
+        held = _entries(rag, "doc:pass")
+        with rag.index.transaction() as s:  # as the migration left a schema-3 cache
+            named = set(s.scalars(select(Chunk.cache_key)))
+            s.execute(update(KVEntry).where(KVEntry.key.not_in(named)).values(ids_sha256=None))
+            assert s.scalar(select(KVEntry.key).where(KVEntry.ids_sha256.is_(None)).limit(1))
+        rag.ingest_text("doc:pass", EDITED)  # replaces the earlier version: its KV goes
+        assert not any(rag.index.has_entries(list(held)).values())
+        assert not set(held.values()) & _blob_files(rag)
+        kept = {k for k, _ in _entries(rag, "doc:assert").items()}
+        assert rag.remove_document("doc:assert")
+        assert not any(rag.index.has_entries(list(kept)).values())
+    finally:
+        rag.index.close()
+
+
 def test_a_document_removed_and_ingested_again_is_stored_again(tmp_path, engine):
     # the facade's memory tier still holds the removed KV; the index must have it back
     rag = RagKV(make_config(tmp_path / "home", memory_budget_bytes=2**28), engine=engine)

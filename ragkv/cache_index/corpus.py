@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import delete, select, text, tuple_, update
+from sqlalchemy import bindparam, delete, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -206,6 +206,34 @@ class CorpusRows(IndexDatabase):
                 s.execute(delete(Setting).where(Setting.name.in_((ANCHOR_SETTING,
                                                                   TOKENIZER_SETTING))))
             return Removal(len(doc_ids), _unreferenced_entries(s, digests))
+
+    def undigested_entries(self) -> bool:
+        """Whether any KV entry lacks its ids' digest: one stored before schema 4, whose
+        migration could digest only the entry each chunk named by its cache key."""
+        with self.transaction() as s:
+            return s.scalar(select(KVEntry.key).where(KVEntry.ids_sha256.is_(None))
+                            .limit(1)) is not None
+
+    def document_token_ids(self, name: str, *, before_id: int | None = None
+                           ) -> list[list[int]]:
+        """The token ids of every chunk of the documents called ``name`` (with ``before_id``,
+        of the versions before it)."""
+        query = select(Chunk.token_ids).join(Document).where(Document.name == name)
+        if before_id is not None:
+            query = query.where(Document.id < before_id)
+        with self.transaction() as s:
+            return [list(ids) for ids in s.scalars(query)]
+
+    def digest_entries(self, digests: dict[str, str]) -> None:
+        """Give the entries ``digests`` names (key -> ids digest) that have none their digest,
+        so they leave with the last chunk of those ids."""
+        table = KVEntry.__table__  # a Core statement run once per row (not the ORM's by-key)
+        query = (update(table).where(table.c.key == bindparam("k"), table.c.ids_sha256.is_(None))
+                 .values(ids_sha256=bindparam("d")))
+        rows = [{"k": k, "d": d} for k, d in digests.items()]
+        with self.transaction() as s:
+            for batch in in_batches(rows):
+                s.connection().execute(query, batch)
 
     def chunk_digests(self, ids: list[int]) -> set[str]:
         """The token ids' digests (``ids_sha256``) of those of the chunks ``ids`` still in the

@@ -139,7 +139,7 @@ class KVEntry(Base):
     on_remote: Mapped[bool] = mapped_column(Boolean, default=False)
     # ids_sha256 of the span this entry holds the KV of: when the last chunk with those ids
     # is removed, the entry goes with it. Null for entries stored before schema 4 that the
-    # migration could not match to a chunk; the budgets' eviction reclaims those.
+    # migration could not match to a chunk, until their document leaves (RagKV digests them).
     ids_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 

@@ -4,7 +4,8 @@ found and removed with it.
 Both columns are nullable: a node still running schema-3 code can insert rows while another
 node already runs schema 4. Existing chunks get their digest from their token ids; existing
 entries get it when a chunk names them by its cache key (the entry of the precompute context
-the chunk was ingested in). The others stay null and are left to the budgets' eviction.
+the chunk was ingested in). The others stay null until their document leaves: the facade
+then keys its chunks in every context and digests the entries those keys name.
 
 Revision ID: 0004
 Revises: 0003
