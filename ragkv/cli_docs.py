@@ -29,6 +29,7 @@ from ragkv.cli_shared import (
     console,
     count,
     fail,
+    first_line,
     given_path,
     mebibytes,
     open_rag,
@@ -142,11 +143,30 @@ def _known_as(name: str, known: set[str]) -> str | None:
     return next((str(c) for c in candidates if str(c) in known), None)
 
 
+def _legacy_digester(home: Path, model: Path | None, index_url: str | None,
+                     blob_url: str | None):
+    """The facade whose keys name the KV a cache made before schema 4 stored without its
+    ids' digest (the model loads only for such a cache), or None where it cannot load: that
+    KV then stays, as it did, and the budgets' eviction reclaims it."""
+    from ragkv.api import RagKV
+    from ragkv.config import RagkvConfig
+
+    try:
+        return RagKV(RagkvConfig(home=home, model=model, index_url=index_url,
+                                 blob_url=blob_url))
+    except Exception as exc:  # noqa: BLE001 - the removal goes on without it
+        console.print(Text(f"warning: the KV this cache stored before schema 4 stays (the "
+                           f"model could not load to name it: {first_line(exc)})"),
+                      soft_wrap=True)
+        return None
+
+
 def remove(names: Annotated[list[str], typer.Argument(
                help="document names as `ragkv documents` lists them, or the files' paths")],
            home: Home = default_home(), index_url: IndexUrl = None,
-           blob_url: BlobUrl = None) -> None:
-    """Remove documents from the index and from retrieval, with their chunks' KV.
+           blob_url: BlobUrl = None, model: Model = None) -> None:
+    """Remove documents from the index and from retrieval, with their chunks' KV (``--model``:
+    the model a cache made before schema 4 was built with, which names its older KV).
 
     All or nothing: an unknown name removes none. KV that a chunk of another document shares
     stays."""
@@ -161,7 +181,11 @@ def remove(names: Annotated[list[str], typer.Argument(
             fail(f"no document named {', '.join(map(repr, unknown))}; `ragkv documents` "
                  "lists them (nothing was removed)")
         kept = 0  # bytes whose rows went but whose blobs could not be deleted
+        legacy = (_legacy_digester(home, model, index_url, blob_url)
+                  if index.undigested_entries() else None)
         for name in dict.fromkeys(found.values()):
+            if legacy is not None:
+                legacy._digest_legacy_entries(name, None)
             removal = store.remove_documents(name)
             stuck = sum(e.nbytes for e in removal.undeleted)
             freed = sum(e.nbytes for e in removal.entries) - stuck
@@ -170,6 +194,8 @@ def remove(names: Annotated[list[str], typer.Argument(
                                + (f"; not deleted: {stuck / 2**20:.1f} MiB" if stuck else "")
                                + ")"), soft_wrap=True)
         left = len(index.documents())
+    if legacy is not None:
+        legacy.close()
     console.print(f"{count(left, 'document')} left")
     if kept:  # the documents are gone; their KV's bytes stay until the blob store takes deletes
         print_error(f"{kept / 2**20:.1f} MiB of KV could not be deleted (the warnings above "

@@ -252,3 +252,35 @@ def test_ingest_again_stores_kv_whose_blobs_were_deleted(tmp_path: Path,
     assert "computed now: 2" in " ".join(out.split())
     assert len([p for p in blobs.rglob("*.safetensors") if p.is_file()]) == len(files)
     assert "computed now: 0" in " ".join(run("ingest", str(docs), *home).split())
+
+
+def test_remove_takes_the_kv_a_schema_4_migration_could_not_digest(tmp_path: Path,
+                                                                    tiny_model: Path) -> None:
+    """A cache from before schema 4 kept each chunk's other-context entry undigested by the
+    migration: `ragkv remove` left it, and its blob, for good."""
+    from sqlalchemy import create_engine, select, text
+
+    from ragkv.cache_index.models import Chunk
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("The assert statement checks a condition.\n" * 20)
+    home = tmp_path / "home"
+    run("ingest", str(docs), "--home", str(home), "--model", str(tiny_model))
+    engine = create_engine(f"sqlite:///{home / 'index.sqlite'}")
+    with engine.begin() as conn:  # as the migration left a schema-3 cache
+        named = list(conn.scalars(select(Chunk.cache_key)))
+        digests = list(conn.scalars(select(Chunk.ids_sha256)))
+        mine = dict(conn.execute(text(  # the chunk's entries: anchor and prefix context
+            "SELECT key, blob_name FROM kv_entries WHERE ids_sha256 IN "
+            f"({', '.join(repr(d) for d in digests)})")).all())
+        assert len(mine) == 2 * len(named)
+        conn.execute(text("UPDATE kv_entries SET ids_sha256 = NULL WHERE key NOT IN "
+                          f"({', '.join(repr(k) for k in named)})"))
+    run("remove", str(docs / "a.md"), "--home", str(home), "--model", str(tiny_model))
+    with engine.connect() as conn:
+        left = set(conn.scalars(text("SELECT key FROM kv_entries")))
+    engine.dispose()
+    assert not left & set(mine)
+    blobs = {str(p.relative_to(home / "blobs")) for p in (home / "blobs").rglob("*")}
+    assert not blobs & set(mine.values())
