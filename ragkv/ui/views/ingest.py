@@ -90,7 +90,7 @@ def run_ingest(rag, docs: list[tuple[str, str]]) -> None:
 def _brief(exc: Exception) -> str:
     from ragkv.cache_index.database import brief
 
-    return literal_md(brief(exc)) if isinstance(exc, SQLAlchemyError) else str(exc)
+    return brief(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
 
 
 def _remove_selected(rag) -> None:
@@ -99,7 +99,7 @@ def _remove_selected(rag) -> None:
     try:
         gone = [n for n in names if rag.remove_document(n)]
     except (SQLAlchemyError, OSError) as exc:
-        st.session_state["remove_failed"] = f"Could not remove: {_brief(exc)}"
+        st.session_state["remove_failed"] = f"Could not remove: {literal_md(_brief(exc))}"
         return
     st.session_state["removed_names"] = gone
     st.session_state["already_removed"] = [n for n in names if n not in gone]
@@ -136,7 +136,7 @@ def ingest_collected(rag, report: LoadReport, errors: list[str], can_read_paths:
     try:
         report = prefer_unchanged(report, stored_texts(rag))
     except SQLAlchemyError as exc:
-        st.error(f"The cache index could not be read: {_brief(exc)}")
+        st.error(f"The cache index could not be read: {literal_md(_brief(exc))}")
         return
     show_problems(errors + [f"{s.path}: {s.reason}; skipped" for s in report.skipped])
     if report.documents:
@@ -146,7 +146,7 @@ def ingest_collected(rag, report: LoadReport, errors: list[str], can_read_paths:
             st.info(f"Removed the earlier version of {literal_md(name)}: it now holds the same "
                     f"text as {literal_md(first)}.")
     except (SQLAlchemyError, OSError) as exc:
-        st.error(f"Could not remove earlier versions: {_brief(exc)}")
+        st.error(f"Could not remove earlier versions: {literal_md(_brief(exc))}")
     if not report.documents and not errors and not report.skipped:
         st.warning("Nothing to ingest: upload files" + (" or give a path." if can_read_paths
                                                         else "."))
