@@ -107,6 +107,11 @@ def check_port(host: str, port: int) -> None:
         fail(f"cannot listen on {host}:{port}: {problems[0] if problems else 'no address'}")
 
 
+#: storage clients' errors for missing or refused credentials (botocore's, Redis's)
+CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
+                               "AuthenticationError", "AuthenticationWrongNumberOfArgsError"})
+
+
 def run_engine(work: Callable[[], T]) -> T:
     """Run ``work``; what a user can fix is one line and exit 2, an engine that stopped
     answering one line and exit 1, never a traceback."""
@@ -150,6 +155,9 @@ def cache_errors() -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as exc:  # a storage client's own error (Redis, S3): not an OSError
+        if type(exc).__name__ in CREDENTIAL_ERRORS:  # the user's to fix, not the store's
+            fail(f"the cache's storage needs credentials it was not given: "
+                 f"{type(exc).__name__}: {first_line(exc)}")
         fail(f"the cache's storage failed: {type(exc).__name__}: {first_line(exc)}", code=1)
 
 

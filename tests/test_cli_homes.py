@@ -250,3 +250,21 @@ def test_an_index_that_could_not_be_written_is_not_said_unreadable(cause: str,
 
     exc = OperationalError("INSERT INTO kv_entries ...", {"question": "q"}, Exception(cause))
     assert index_failure(exc).startswith(f"the cache index {said}")
+
+
+def test_an_object_store_without_credentials_is_the_users_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials for an s3:// blob URL is the user's to fix (exit 2), not a store that
+    failed (exit 1)."""
+    pytest.importorskip("s3fs")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role either
+    result = runner.invoke(app, ["cache", "stats", "--home", str(tmp_path), "--blob-url",
+                                 "s3://ragkv-no-such-bucket/blobs"])
+    assert result.exit_code == 2, result.output
+    assert "needs credentials it was not given: NoCredentialsError" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
