@@ -253,10 +253,17 @@ def test_an_index_that_could_not_be_written_is_not_said_unreadable(cause: str,
 
 
 def test_an_object_store_without_credentials_is_the_users_one_line(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """No credentials for an s3:// blob URL is the user's to fix (exit 2), not a store that
     failed (exit 1)."""
+    import sys
+
     pytest.importorskip("s3fs")
+    # fsspec registers the s3 class on first use and never imports it again: a later test
+    # that hides s3fs (test_shared_urls.py) must find it unregistered, as a fresh process does
+    registry = sys.modules["fsspec.registry"]._registry
+    before = set(registry)
+    request.addfinalizer(lambda: [registry.pop(k) for k in set(registry) - before])
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
         monkeypatch.delenv(name, raising=False)
