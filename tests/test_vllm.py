@@ -366,37 +366,6 @@ def test_the_kv_vllm_stores_leaves_with_its_document(vllm_rag):
     assert not any(rag.index.has_entries(held).values())
 
 
-def test_a_client_follows_a_connector_whose_kv_settings_changed(vllm_rag):
-    """A server restarted with other settings (here: another KV storage) names KV by other
-    keys; a client that kept the old ones had every fused request refused (full prefill, an
-    error in the trace) and every precompute dropped until the client was restarted."""
-    from dataclasses import replace
-
-    from ragkv.engine.vllm.client import RequestBuilder
-
-    backend = vllm_rag.backend
-    real = backend.keys
-    stale = replace(real, kv_storage="float16" if real.kv_storage != "float16" else "float32")
-
-    def go_stale() -> None:
-        backend.keys, backend.builder = stale, RequestBuilder(backend.template, stale)
-
-    chunks = [vllm_rag.tokenizer(c + " (settings)", add_special_tokens=False).input_ids
-              for c in CHUNKS[:2]]
-    try:
-        go_stale()
-        assert vllm_rag.precompute_many(chunks) == [True, True]  # stored after one refusal
-        assert backend.keys == real
-        go_stale()
-        ans = vllm_rag.generate(chunks, QUESTION, mode="reuse", max_new_tokens=2)
-        assert ans.trace.error is None and ans.trace.hits == 2, ans.trace
-        assert [c.key for c in ans.trace.chunks] == [real.at(ids, i)
-                                                     for i, ids in enumerate(chunks)]
-        assert backend.keys == real
-    finally:
-        backend.keys, backend.builder = real, RequestBuilder(backend.template, real)
-
-
 def test_closing_the_facade_stops_the_engine_processes(vllm_rag):
     # last in the module: it closes the shared engine. Left to interpreter exit, the engine
     # core outlived its parent and the exit waited on it for good.

@@ -164,6 +164,40 @@ def test_ingest_and_answer_through_the_server_from_langchain_and_llamaindex(cach
         local.close()
 
 
+def test_a_client_follows_a_server_whose_kv_settings_changed(cache, server_a):
+    """A server restarted with other settings (here: another KV storage) names KV by other
+    keys; a client that kept the old ones had every fused request refused (full prefill, an
+    error in the trace) and every precompute dropped until the client was restarted."""
+    from dataclasses import replace
+
+    from ragkv.api import RagKV
+    from ragkv.engine.vllm.client import RequestBuilder
+
+    root, _, index_url, blob_url = cache
+    rag = RagKV(app_config(root, server_a.url, index_url, blob_url))
+    backend = rag.backend
+    real = backend.keys
+    stale = replace(real, kv_storage="float16" if real.kv_storage != "float16" else "float32")
+
+    def go_stale() -> None:  # the client's state after the server restarted
+        backend.keys, backend.builder = stale, RequestBuilder(backend.template, stale)
+
+    chunks = [rag.tokenizer(text + " (settings)", add_special_tokens=False).input_ids
+              for text in DOCS.values()]
+    try:
+        go_stale()
+        assert rag.precompute_many(chunks) == [True, True]  # stored after one refusal
+        assert backend.keys == real
+        go_stale()
+        ans = rag.generate(chunks, QUESTION, mode="reuse", max_new_tokens=2)
+        assert ans.trace.error is None and ans.trace.hits == 2, ans.trace
+        assert [c.key for c in ans.trace.chunks] == [real.at(ids, i)
+                                                     for i, ids in enumerate(chunks)]
+        assert backend.keys == real
+    finally:
+        rag.close()
+
+
 def test_a_second_server_hits_what_the_first_stored_and_survives_a_kill(cache, server_a):
     from ragkv.api import RagKV
     from ragkv.cache_index import KVStore, verify
