@@ -18,6 +18,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 
 from ragkv import RagKV, RagkvConfig
 from ragkv.connectors.langchain import RagkvRunnable
+from ragkv.engine.base import EngineError
 
 
 class PrintCacheEvents(BaseCallbackHandler):
@@ -35,7 +36,11 @@ def main() -> None:
     ap.add_argument("--engine", default="hf", help="hf, vllm or a vLLM server URL")
     ap.add_argument("--home", type=Path, default=RagkvConfig().home)
     a = ap.parse_args()
-    rag = RagKV(RagkvConfig(home=a.home, engine=a.engine))
+    try:
+        cfg = RagkvConfig(home=a.home, engine=a.engine)
+    except ValueError as exc:  # a mistyped --engine: argparse's one line and exit 2
+        ap.error(str(exc))
+    rag = RagKV(cfg)
     print(f"engine: {rag.backend.description}")
     for name in ("with", "context-managers"):
         rag.ingest_text(f"pydoc:{name}", topics[name])  # precomputes and stores chunk KV
@@ -56,4 +61,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EngineError as exc:  # a server that is down or died: its one line, exit 1
+        raise SystemExit(f"error: {exc}") from None

@@ -20,6 +20,7 @@ from llama_index.core.instrumentation.events import BaseEvent
 
 from ragkv import RagKV, RagkvConfig
 from ragkv.connectors.llamaindex import RagkvQueryEngine, RagkvTTFTEvent
+from ragkv.engine.base import EngineError
 
 
 class PrintTTFT(BaseEventHandler):
@@ -40,7 +41,11 @@ def main() -> None:
     ap.add_argument("--engine", default="hf", help="hf, vllm or a vLLM server URL")
     ap.add_argument("--home", type=Path, default=RagkvConfig().home)
     a = ap.parse_args()
-    rag = RagKV(RagkvConfig(home=a.home, engine=a.engine))
+    try:
+        cfg = RagkvConfig(home=a.home, engine=a.engine)
+    except ValueError as exc:  # a mistyped --engine: argparse's one line and exit 2
+        ap.error(str(exc))
+    rag = RagKV(cfg)
     print(f"engine: {rag.backend.description}")
     for name in ("with", "context-managers"):
         rag.ingest_text(f"pydoc:{name}", topics[name])  # precomputes and stores chunk KV
@@ -61,4 +66,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EngineError as exc:  # a server that is down or died: its one line, exit 1
+        raise SystemExit(f"error: {exc}") from None

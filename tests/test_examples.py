@@ -45,3 +45,21 @@ def test_integration_examples(tmp_path: Path, smol_path: Path, name: str, event:
     assert "[full] TTFT" in out and "[blend] TTFT" in out and event in out, out
     streamed = out.split("[blend, streaming]", 1)[1]
     assert len(streamed.strip()) > 20, out  # the streamed answer arrived
+
+
+@pytest.mark.parametrize("name", ["langchain_runnable.py", "llamaindex_query_engine.py"])
+@pytest.mark.parametrize(("engine", "code", "said"), [
+    ("http://127.0.0.1:9/v1", 1, "error: the vLLM server at http://127.0.0.1:9/v1 did not answer"),
+    ("vlm", 2, "error: engine must be 'hf', 'vllm' or the http(s):// URL"),
+])
+def test_integration_examples_fail_in_one_line(tmp_path: Path, name: str, engine: str, code: int,
+                                               said: str) -> None:
+    """A server that is down, or a mistyped --engine, is the example's one line: exit 1 for
+    the engine, argparse's exit 2 for the user's typo; never a traceback."""
+    pytest.importorskip("langchain_core" if "langchain" in name else "llama_index.core")
+    done = subprocess.run([sys.executable, str(EXAMPLES / name), "--engine", engine,
+                           "--home", str(tmp_path / "home")], text=True, capture_output=True,
+                          timeout=300)
+    assert done.returncode == code, done.stderr[-3000:]
+    assert said in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout == ""
