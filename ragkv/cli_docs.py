@@ -234,6 +234,8 @@ def ingest(ctx: typer.Context, paths: Annotated[list[Path], typer.Argument(parse
         for s in report.skipped:
             print_skipped(s)
         fail(f"no readable {'/'.join(SUPPORTED_SUFFIXES)} files found")
+    if not engine.startswith(("http://", "https://")):  # a server stores through its own
+        require_blob_writes(blob_url)
     rag = open_rag(ctx, home, model, context, engine=engine, index_url=index_url, blob_url=blob_url,
                    anchor_source=anchor_source)
     with cache_errors():  # of files with one text, the one the index holds it under stays
@@ -265,6 +267,26 @@ def ingest(ctx: typer.Context, paths: Annotated[list[Path], typer.Argument(parse
             raise typer.Exit(1)
     else:
         tidy()
+
+
+def require_blob_writes(blob_url: str | None) -> None:
+    """Ingestion stores every chunk's KV: an object store it cannot write (no credentials, no
+    bucket) is said in one line before the model loads, not in two warnings per chunk after
+    the precompute. One empty blob is written and deleted; local folders say it themselves."""
+    if blob_url is None or "://" not in blob_url or blob_url.startswith("file://"):
+        return
+    import uuid
+
+    from ragkv.cache_index.blobs import BlobStore
+
+    with cache_errors():
+        store = BlobStore(blob_url)
+        probe = f"ragkv-write-check-{uuid.uuid4().hex}"
+        try:
+            store.put(probe, b"")
+        except OSError as exc:  # no such bucket, no right to write: the URL is the user's
+            fail(f"cannot store KV under {blob_url}: {exc.strerror or exc}")
+        store.delete(probe)
 
 
 def _long_names_skipped(report):

@@ -252,10 +252,10 @@ def test_an_index_that_could_not_be_written_is_not_said_unreadable(cause: str,
     assert index_failure(exc).startswith(f"the cache index {said}")
 
 
-def test_an_object_store_without_credentials_is_the_users_one_line(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
-    """No credentials for an s3:// blob URL is the user's to fix (exit 2), not a store that
-    failed (exit 1)."""
+@pytest.fixture
+def no_aws_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                       request: pytest.FixtureRequest) -> None:
+    """No AWS credentials anywhere botocore looks, and fsspec's registry left as found."""
     import sys
 
     pytest.importorskip("s3fs")
@@ -270,8 +270,29 @@ def test_an_object_store_without_credentials_is_the_users_one_line(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role either
+
+
+def test_an_object_store_without_credentials_is_the_users_one_line(
+        tmp_path: Path, no_aws_credentials: None) -> None:
+    """No credentials for an s3:// blob URL is the user's to fix (exit 2), not a store that
+    failed (exit 1)."""
     result = runner.invoke(app, ["cache", "stats", "--home", str(tmp_path), "--blob-url",
                                  "s3://ragkv-no-such-bucket/blobs"])
     assert result.exit_code == 2, result.output
     assert "needs credentials it was not given: NoCredentialsError" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_ingest_to_an_object_store_without_credentials_stops_before_precomputing(
+        tmp_path: Path, tiny_model: Path, no_aws_credentials: None) -> None:
+    """Ingest precomputed every chunk, warned twice per chunk that it could not be stored,
+    and ended with exit 1; the store is tried once first."""
+    doc = tmp_path / "a.md"
+    doc.write_text("The assert statement checks a condition.\n" * 20)
+    result = runner.invoke(app, ["ingest", str(doc), "--home", str(tmp_path / "home"),
+                                 "--model", str(tiny_model), "--blob-url",
+                                 "s3://ragkv-no-such-bucket/blobs"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: the cache's storage needs credentials it was not given: NoCredentialsError: "
+        "Unable to locate credentials"], result.output

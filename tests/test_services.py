@@ -337,3 +337,33 @@ def test_a_missing_bucket_is_never_created(pg_url: str) -> None:
     assert store.get("b" * 64, model_fp=FP, layout="L") is None
     admin.invalidate_cache()
     assert not admin.exists(typo.removeprefix("s3://").split("/")[0])
+
+
+@needs_s3
+def test_ingest_tries_the_bucket_before_precomputing(
+        pg_url: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped bucket is one line and exit 2 before the model loads (it was two warnings
+    per chunk after the precompute, then exit 1); a good one is left holding only KV."""
+    from typer.testing import CliRunner
+
+    from ragkv.cli import app
+
+    options = blob_options("s3://x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", options["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", options["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options["secret"])
+    doc = tmp_path / "a.md"
+    doc.write_text("The assert statement checks a condition.\n" * 20)
+    args = ["ingest", str(doc), "--model", str(tiny_model), "--index-url", pg_url, "--blob-url"]
+    typo = f"s3://ragkv-typo-{os.getpid()}/blobs"
+    result = CliRunner().invoke(app, [*args, typo])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: cannot store KV under {typo}: "), result.output
+    with fresh_blobs("s3://ragkv-test/probe") as blobs:
+        result = CliRunner().invoke(app, [*args, blobs.url])
+        assert result.exit_code == 0, result.output
+        engine = create_engine(pg_url)
+        with engine.connect() as conn:
+            stored = set(conn.scalars(select(KVEntry.blob_name)))
+        engine.dispose()
+        assert stored and set(blobs.names()) == stored  # the write check left nothing
