@@ -138,7 +138,7 @@ class ChunkStore:
         is). A miss is used so, or an answer would depend on whether its chunks were cache
         hits (with fp16 storage, a near tie could fall the other way)."""
         if self.codec is None or not kv.finite():  # (not stored: no read to match)
-            dt = torch_dtype(self.kv_dtype)
+            dt = torch_dtype(self.read_dtype)  # not "int8": no torch dtype, a codec's name
             score = None if kv.score is None else kv.score.float()
             return ChunkKV(kv.k.to(dt), kv.v.to(dt), score)
         s = self.shape
