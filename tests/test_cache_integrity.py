@@ -245,3 +245,31 @@ def test_int8_gets_its_own_cache_keys():
     i8t = RagkvConfig(kv_dtype="int8", int8_key_scales="token")
     assert len({f16.kv_storage, i8.kv_storage, i8t.kv_storage}) == 3
     assert f16.int8_codec is None and i8.int8_codec == Int8Codec("channel", "token")
+
+
+def test_verify_removes_entries_that_every_read_would_reject(tmp_path):
+    """An int8 blob whose scale holds a NaN, or a float blob holding an inf, passes its
+    checksum and framing; every read rejects it as non-finite, so verify must too (it said
+    "removed 0 bad")."""
+    from ragkv.cache_index import encode_kv
+
+    store = make_store(tmp_path)
+    codec = Int8Codec()
+    enc, meta = codec.encode(kv(n_tokens=8, seed=1))
+    enc["v.scale"][..., 0] = float("nan")
+    floats = kv(n_tokens=8, seed=2)
+    floats["k"][0, 0, 0, 0] = float("inf")
+    for i, (tensors, m, dtype) in enumerate([(enc, meta, codec.tag), (floats, {}, "float32")]):
+        data, checksum = encode_kv(tensors, {**m, "key": key(i), "model_fp": FP,
+                                             "layout": LAYOUT})
+        store.blobs.put(f"{key(i)[:2]}/{key(i)}.safetensors", data)
+        store.index.upsert_entry(key(i), model_fp=FP, layout=LAYOUT, n_tokens=8,
+                                 nbytes=len(data), blob_name=f"{key(i)[:2]}/{key(i)}.safetensors",
+                                 checksum=checksum, dtype=dtype)
+    put(store, 2)
+    dry = verify(store, repair=False)
+    assert sorted((k, why) for k, _, why in dry.bad) == [
+        (key(0), "non-finite values in v"), (key(1), "non-finite values in k")]
+    assert len(verify(store).bad) == 2
+    assert store.index.get_entry(key(0)) is None and store.index.get_entry(key(1)) is None
+    assert get(store, 2) is not None and verify(store).clean

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from ragkv.cache_index import residency
 from ragkv.cache_index.blobcheck import open_blob
 from ragkv.cache_index.blobs import BlobStore
@@ -125,12 +127,16 @@ def _check(blobs: BlobStore, entry: EntryInfo) -> str | None:
     """Why the entry's blob on this tier is bad, or None when it reads back whole; any other
     error reading it is raised (it may pass)."""
     try:
-        open_blob(blobs.get(entry.blob_name), entry)
+        tensors = open_blob(blobs.get(entry.blob_name), entry)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return "blob missing"  # (a folder where the file should be, or above it)
     except ValueError as exc:
         return str(exc)
-    return None
+    # every read rejects these (``ChunkKV.from_tensors``), so verify must not pass them; a NaN
+    # scale of an int8 entry shows here, in what it decodes to
+    bad = sorted(n for n, t in tensors.items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    return f"non-finite values in {', '.join(bad)}" if bad else None
 
 
 def _delete(blobs: BlobStore, name: str) -> None:
