@@ -35,7 +35,6 @@ from ragkv.cli_shared import (
     fail,
     given_path,
     index_failure,
-    makeable_home,
     open_rag,
     print_error,
     progress_bar,
@@ -314,14 +313,15 @@ def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
                 "only)")] = None) -> None:
     """Start the web UI (Ask, Dashboard, Inspect, Ingest) on localhost."""
     from ragkv.config import RagkvConfig
-    from ragkv.ui.launch import ADDRESS, launch
+    from ragkv.ui.launch import ADDRESS, check_start, launch
 
-    try:  # a mistyped engine or context or a home that is a file, before a server starts
-        RagkvConfig(home=home, model=model, engine=engine,  # type: ignore[arg-type]
-                    precompute_context=context or "anchor")  # type: ignore[arg-type]
+    try:  # a mistyped engine or context, a home or model the pages cannot use: before a
+        # server starts
+        cfg = RagkvConfig(home=home, model=model, engine=engine,  # type: ignore[arg-type]
+                          precompute_context=context or "anchor")  # type: ignore[arg-type]
+        check_start(cfg.home, model)
     except ValueError as exc:
         fail(str(exc))
-    makeable_home(home)
     check_port(ADDRESS, port)
     try:
         code = launch(home, model, port=port, headless=headless, engine=engine,

@@ -261,16 +261,6 @@ def _require_ragkv_tables(path: Path) -> None:
              f"{', '.join(tables[:5])}{', ...' if len(tables) > 5 else ''}): left as it is")
 
 
-def makeable_home(home: Path) -> None:
-    """A home that cannot be made (under a file) is refused in one line, before a server
-    starts: the page blamed the model, and ``serve --print`` raised a traceback."""
-    folder = home
-    while not folder.exists() and folder.parent != folder:
-        folder = folder.parent
-    if not folder.is_dir():
-        fail(f"cannot use {home}: {folder} is not a folder")
-
-
 def require_writable(home: Path) -> None:
     """A home on a read-only mount failed every command, ``ingest`` included, with SQLite's
     "unable to open database file" and exit 1."""

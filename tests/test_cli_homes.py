@@ -296,3 +296,26 @@ def test_ingest_to_an_object_store_without_credentials_stops_before_precomputing
     assert result.output.strip().splitlines() == [
         "error: the cache's storage needs credentials it was not given: NoCredentialsError: "
         "Unable to locate credentials"], result.output
+
+
+@pytest.mark.parametrize(("model", "home", "said"), [
+    ("missing", None, "error: no config.json in {model}: --model must be a local transformers"),
+    ("file", None, "error: no config.json in {model}"),
+    (None, "/proc/ragkv-home", "error: cannot use /proc/ragkv-home: "),
+])
+def test_ui_refuses_a_model_or_home_its_pages_cannot_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str | None, home: str | None,
+        said: str) -> None:
+    """`ragkv ui` started a server with a mistyped --model or a home nothing can be written
+    in, and every page failed later in the browser; `ragkv serve` refused both."""
+    import ragkv.ui.launch
+
+    monkeypatch.setattr(ragkv.ui.launch, "launch", lambda *a, **k: pytest.fail("it started"))
+    (tmp_path / "file").write_text("{}")
+    args = ["ui", "--port", "8599", "--home", home or str(tmp_path / "home")]
+    if model is not None:
+        args += ["--model", str(tmp_path / model)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert " ".join(result.output.split()).startswith(
+        said.format(model=tmp_path / (model or ""))), result.output

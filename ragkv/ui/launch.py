@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,30 @@ class MissingUIDependency(RuntimeError):
 
 class DocsRootError(RuntimeError):
     """A ``--docs-root`` that is not an existing folder."""
+
+
+def check_start(home: Path, model: Path | None) -> None:
+    """Refuse, before a server starts, what every page would fail on at its first use: a home
+    that cannot be made or written (under a file, a read-only or special mount) and a --model
+    that is no model folder. ValueError says why in one line."""
+    from ragkv.model_fetch import check_model_dir
+
+    folder = home
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"cannot use {home}: {folder} is not a folder")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):  # the index and its journal are written here
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot use {home}: {exc.strerror or exc}") from None
+    if model is not None:
+        try:
+            check_model_dir(Path(model).expanduser())
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
 
 
 def _root(path: Path) -> str:
