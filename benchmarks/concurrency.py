@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from bench_args import out_file
+
 from ragkv.bench_report import percentile
 from ragkv.config import BlendConfig, RagkvConfig
 
@@ -146,7 +148,7 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=2,
                     help="requests each client sends (2: the published runs)")
     ap.add_argument("--cases", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/concurrency.json")
+    ap.add_argument("--out", type=out_file, default=ROOT / "benchmarks/results/concurrency.json")
     a = ap.parse_args()
     rng = random.Random(0)
     cases = [json.loads(line) for line in CASES.read_text().splitlines()[:a.cases]]

@@ -33,6 +33,7 @@ import sys
 from collections import Counter
 
 import torch
+from bench_args import count, out_file
 
 from ragkv.anchor import ANCHOR_TEXT
 from ragkv.chunking import tokenize_chunk
@@ -172,13 +173,13 @@ def rel_dev(k: torch.Tensor, ref: torch.Tensor, pos: torch.Tensor) -> float | No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="pydoc,prose")
-    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--limit", type=count, default=8)
     ap.add_argument("--contexts", default="prefix,doc:256,doc:512,sim:1,sim:2,rand:512")
     ap.add_argument("--strengths", default="0,0.75")
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--layers", default="1,6,12,18,24,29")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/context_lab.jsonl")
+    ap.add_argument("--out", type=out_file, default="benchmarks/results/context_lab.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     eng = HFEngine.load(ensure_default_model(default_home()), device="cpu")

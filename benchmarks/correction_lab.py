@@ -17,6 +17,7 @@ import json
 import os
 
 import torch
+from bench_args import count, out_file
 
 from ragkv.chunking import tokenize_chunk
 from ragkv.config import BlendConfig, RagkvConfig, default_home
@@ -38,11 +39,11 @@ def kl(pf: torch.Tensor, pm: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="pydoc,prose")
-    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--limit", type=count, default=8)
     ap.add_argument("--variants", default="prefix/qhkvd/0,prefix/qhkvd/0.75")
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/correction_lab.jsonl")
+    ap.add_argument("--out", type=out_file, default="benchmarks/results/correction_lab.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     eng = HFEngine.load(ensure_default_model(default_home()), device="cpu")

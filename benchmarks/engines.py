@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench_args import count, out_file
+
 from ragkv.config import DEFAULT_RATIO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +78,9 @@ def bench(engine: str, home: Path, out: Path, limit: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--limit", type=count, default=8)
     ap.add_argument("--engines", default="hf,vllm,served")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/engines_pydoc.json")
+    ap.add_argument("--out", type=out_file, default=ROOT / "benchmarks/results/engines_pydoc.json")
     a = ap.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="ragkv-engines-") as tmp:

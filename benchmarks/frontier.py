@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bench_args import out_file
+
 
 def method(s: dict, check_layers: list[int]) -> str:
     """A point's method label, e.g. ``blend qhkvd chunk_mean L2 (anchor)``."""
@@ -80,7 +82,7 @@ def plot(rows: list[dict], out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", type=Path)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/frontier.json"))
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/frontier.json"))
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--also", type=Path, nargs="*", default=[],
                     help="results of other runs whose blend points are added (e.g. an earlier "

@@ -20,6 +20,8 @@ import json
 import statistics
 from pathlib import Path
 
+from bench_args import out_file
+
 
 def blend_rows(path: Path, ratio: float, correction: str) -> dict[str, dict]:
     data = json.loads(path.read_text())
@@ -88,7 +90,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.15)
     ap.add_argument("--correction", default="chunk_mean")
     ap.add_argument("--kl", type=float, default=0.02)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=out_file, default=None)
     args = ap.parse_args()
     results = {}
     if args.lab:

@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import count, out_file
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--chunks", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ingest_cpu.json"))
+    ap.add_argument("--chunks", type=count, default=32)
+    ap.add_argument("--repeats", type=count, default=3)
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/ingest_cpu.json"))
     a = ap.parse_args()
 
     from ragkv.api import RagKV

@@ -23,13 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_args import count, out_file
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--chunks", type=int, default=16, help="chunks per repeat")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunks", type=count, default=16, help="chunks per repeat")
+    ap.add_argument("--repeats", type=count, default=3)
     ap.add_argument("--context", choices=("prefix", "anchor"), default="prefix")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ingest_vllm.json"))
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/ingest_vllm.json"))
     a = ap.parse_args()
     # vLLM's CPU build keeps cores back for its own front end unless told otherwise; both sides
     # here run in this process, so every core prefills

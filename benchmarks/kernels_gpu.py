@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_args import count, out_file
 
 from ragkv.config import BlendConfig
 from ragkv.engine.blend import compute_span, fuse
@@ -216,10 +217,10 @@ def bench_end_to_end(layers: int, n_chunks: int, chunk: int, reps: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels_gpu.json"))
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/kernels_gpu.json"))
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B shape")
-    ap.add_argument("--chunks", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--chunks", type=count, default=16)
+    ap.add_argument("--reps", type=count, default=5)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: rope,attn,e2e")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU under TRITON_INTERPRET=1 (checks the script)")

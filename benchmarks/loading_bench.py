@@ -17,6 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench_args import count, out_file
+
 from ragkv.api import RagKV
 from ragkv.bench import load_cases
 from ragkv.chunking import tokenize_chunk
@@ -28,9 +30,9 @@ from ragkv.model_fetch import resolve_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
-    ap.add_argument("--limit", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/loading_cpu.json"))
+    ap.add_argument("--limit", type=count, default=8)
+    ap.add_argument("--reps", type=count, default=2)
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/loading_cpu.json"))
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="ragkv-loading-"))
     atexit.register(shutil.rmtree, home, ignore_errors=True)  # each run holds GBs of KV

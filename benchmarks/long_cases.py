@@ -23,6 +23,8 @@ import json
 import random
 from pathlib import Path
 
+from bench_args import out_file
+
 from ragkv.bench import load_cases
 from ragkv.config import default_home
 from ragkv.model_fetch import ensure_default_model
@@ -70,7 +72,7 @@ def main() -> None:
     ap.add_argument("--cases", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
     ap.add_argument("--count", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=7400)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/cases/pydoc_long.jsonl"))
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/cases/pydoc_long.jsonl"))
     ap.add_argument("--short", action="store_true",
                     help="two chunks per case (every case of the set) instead of long cases")
     ap.add_argument("--cut", type=int, default=None,

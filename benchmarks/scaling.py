@@ -58,6 +58,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from bench_args import count, out_file
 
 from ragkv import metrics
 from ragkv.api import RagKV
@@ -243,7 +244,7 @@ def plot(rows: list[dict], summary: dict, modes: list[str], path: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="1024,2048,4096,8192")
-    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--prompts", type=count, default=3)
     ap.add_argument("--cases", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
     ap.add_argument("--attention", default="split",
                     help="blend's selected-query attention: split (default), or masked,split "
@@ -262,7 +263,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's, one per core)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scaling_cpu.json"))
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/scaling_cpu.json"))
     ap.add_argument("--plot", type=Path, default=Path("docs/scaling_cpu.png"))
     args = ap.parse_args()
     attention = args.attention.split(",")

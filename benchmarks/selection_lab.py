@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench_args import out_file
 
 from ragkv.api import RagKV
 from ragkv.bench import BenchSpec, _record, _scores, load_cases, read_into_memory, warm_config
@@ -104,7 +105,7 @@ def main() -> None:
     ap.add_argument("--odd", action="store_true",
                     help="the odd-numbered cases (to confirm a choice made on the even ones)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--out", type=Path, default=None,
+    ap.add_argument("--out", type=out_file, default=None,
                     help="default: benchmarks/results/selection_lab_<set>.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -129,8 +130,9 @@ def main() -> None:
     for chunk_ids in ids:
         rag.precompute_many(chunk_ids)
     rows: dict[str, list[dict]] = {n: [] for n in names}
-    warm = warm_config(BenchSpec(ratios=[BlendConfig(**{**DEFAULT, **c}).ratio
-                                         for _, c in VARIANTS.values()]))
+    # each ratio once: BenchSpec refuses repeats, and several variants share one
+    warm = warm_config(BenchSpec(ratios=sorted({BlendConfig(**{**DEFAULT, **c}).ratio
+                                                for _, c in VARIANTS.values()})))
     for case, chunk_ids in zip(cases, ids, strict=True):
         q = case["question"]
         # every variant reads the case's chunks from the memory tier (as in ``ragkv bench``)

@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_args import out_file
 from soak_clients import (
     ROOT,
     corpus,
@@ -81,7 +82,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--home", type=Path, default=None,
                     help="cache home to use and keep (default: a fresh temporary one)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/soak.json")
+    ap.add_argument("--out", type=out_file, default=ROOT / "benchmarks/results/soak.json")
     ap.add_argument("--cases", type=int, default=None,
                     help="first N cases of each case file (default: all)")
     ap.add_argument("--budget-fraction", type=float, default=0.4,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_args import count, out_file
 
 from ragkv.engine.kernels.reference import TorchOps
 from ragkv.engine.kernels.split_attention import split_attention
@@ -106,9 +107,9 @@ def main() -> None:
     ap.add_argument("--blocks", default="32;64;128,16;256,32;512,64;1024,256,64",
                     help="block ladders to compare, ';' between ladders")
     ap.add_argument("--share", type=float, default=0.15)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=count, default=7)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path,
+    ap.add_argument("--out", type=out_file,
                     default=Path("benchmarks/results/split_attention_cpu.json"))
     args = ap.parse_args()
     if args.threads:

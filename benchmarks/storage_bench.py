@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from bench_args import count
 from sqlalchemy import delete
 
 from ragkv.cache_index import BlobStore, CacheIndex, Int8Codec, KVStore, MemoryTier, residency
@@ -153,8 +154,8 @@ def main() -> None:
     ap.add_argument("--name", default="sqlite")
     ap.add_argument("--index-url", default=None, help="SQLAlchemy URL (default: a temp SQLite)")
     ap.add_argument("--sizes", default="10000,100000")
-    ap.add_argument("--repeats", type=int, default=200)
-    ap.add_argument("--entries", type=int, default=4, help="entries per tier for throughput")
+    ap.add_argument("--repeats", type=count, default=200)
+    ap.add_argument("--entries", type=count, default=4, help="entries per tier for throughput")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     torch.set_num_threads(1)

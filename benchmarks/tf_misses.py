@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from bench_args import count, out_file
 
 from ragkv import metrics
 from ragkv.api import RagKV
@@ -74,11 +75,11 @@ def run_case(rag: RagKV, case: dict, dtype: torch.dtype, max_new_tokens: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
-    ap.add_argument("--limit", type=int, default=None,
+    ap.add_argument("--limit", type=count, default=None,
                     help="first N cases; the anchor passage is then picked from these only")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=out_file, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     cases = load_cases(a.cases)[:a.limit]

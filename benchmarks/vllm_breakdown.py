@@ -27,6 +27,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from bench_args import out_file
+
 # the worker must run in this process for its calls to be timed here
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -67,7 +69,7 @@ def main() -> None:
     ap.add_argument("--case-file", type=Path, default=Path("benchmarks/cases/pydoc.jsonl"))
     ap.add_argument("--big", type=int, default=800,
                     help="a layer computing more tokens than this counts as a full layer")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_breakdown.json"))
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/vllm_breakdown.json"))
     a = ap.parse_args()
 
     from ragkv.api import RagKV

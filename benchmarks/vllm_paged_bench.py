@@ -36,6 +36,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from bench_args import count, out_file
 
 from ragkv.engine.kernels.reference import TorchOps
 from ragkv.engine.kernels.split_attention import split_attention
@@ -73,9 +74,9 @@ def main() -> None:
     ap.add_argument("--share", type=float, default=0.115,
                     help="share of positions selected in 'scattered', before the tail")
     ap.add_argument("--patterns", default="scattered,long-tail,short-tail,all")
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=count, default=15)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_paged_cpu.json"))
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/vllm_paged_cpu.json"))
     args = ap.parse_args()
     from vllm import _custom_ops as ops  # needs the vllm extra
 

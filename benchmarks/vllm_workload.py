@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_args import out_file
+
 from ragkv.bench_report import cpu_model, percentile
 from ragkv.config import DEFAULT_RATIO
 
@@ -147,7 +149,7 @@ def main() -> None:
                          "is what the published runs used)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="runs of each arm, their order alternating from round to round")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_workload.json"))
+    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/vllm_workload.json"))
     ap.add_argument("--arm", choices=("plain", "ragkv"), help=argparse.SUPPRESS)
     ap.add_argument("--arm-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--home", type=Path, help=argparse.SUPPRESS)

@@ -50,3 +50,25 @@ def test_the_summary_table_shows_a_dash_where_an_engine_has_no_figure(tmp_path, 
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == ("| anchor | blend | qhkvd | 0.12 | local_mean | 11.8% | x3.36 | 1.000 "
                     "| 0.0106 | - | - | 0.625 | - |")
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["ingest_bench.py", "--chunks", "-3"], "argument --chunks: must be at least 1, got -3"),
+    (["loading_bench.py", "--reps", "0"], "argument --reps: must be at least 1, got 0"),
+    (["storage_bench.py", "--repeats", "x"], "argument --repeats: 'x' is not a whole number"),
+    (["frontier.py", "r.json", "--out", "TMP"], "argument --out: TMP is a folder: name a file"),
+    (["correction_lab.py", "--out", "TMP/f/x.jsonl"], "argument --out: cannot write TMP/f/x"),
+])
+def test_benchmark_misuse_is_one_line_before_any_work(tmp_path: Path, args: list[str],
+                                                      said: str) -> None:
+    """A count below one ran and wrote ratios measured over 0 tokens, or failed with a
+    traceback after the run; an --out that cannot be written failed after the run."""
+    import subprocess
+
+    (tmp_path / "f").write_text("a file where a folder should be")
+    args = [a.replace("TMP", str(tmp_path)) for a in args]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert said.replace("TMP", str(tmp_path)) in done.stderr.splitlines()[-1], done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.glob("*.json"))
