@@ -47,14 +47,19 @@ class Server:
     """`ragkv serve` in its own process group, on a free port."""
 
     def __init__(self, home: Path, log: Path, index_url: str | None = None,
-                 blob_url: str | None = None) -> None:
+                 blob_url: str | None = None, plain: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         from ragkv.model_fetch import ensure_default_model
 
-        cmd = [sys.executable, "-m", "ragkv.cli", "serve", "--home", str(home),
-               "--model", str(ensure_default_model(default_home())),
+        model = str(ensure_default_model(default_home()))
+        cmd = [sys.executable, "-m", "ragkv.cli", "serve", "--home", str(home), "--model", model,
                "--port", str(self.port), "--max-model-len", "1024", "--kv-cache-mb", "256"]
+        if plain:  # vLLM's own server, no connector
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                   "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+                   "--kv-cache-memory-bytes", str(256 * 2**20), "--host", "127.0.0.1",
+                   "--port", str(self.port)]
         if index_url:
             cmd += ["--index-url", index_url]
         if blob_url:
@@ -195,6 +200,32 @@ def test_a_client_follows_a_server_whose_kv_settings_changed(cache, server_a):
                                                      for i, ids in enumerate(chunks)]
         assert backend.keys == real
     finally:
+        rag.close()
+
+
+def test_a_client_whose_server_lost_the_connector_says_so(cache, server_a):
+    """The server on a client's URL restarted as plain vLLM: every fused answer was a silent
+    full prefill (the trace said blend, no error), and precompute returned as if all was
+    stored. A fused request always gets the connector's note; none means it is gone."""
+    from ragkv.api import RagKV
+    from ragkv.engine.base import EngineError
+    from ragkv.engine.vllm.transport import HTTP
+
+    root, _, index_url, blob_url = cache
+    rag = RagKV(app_config(root, server_a.url, index_url, blob_url))
+    plain = Server(root / "plain", root / "plain.log", plain=True)
+    try:
+        plain.wait()
+        rag.backend.transport = HTTP(plain.url)  # what the client sees after the restart
+        chunks = [rag.tokenizer(text + " (plain)", add_special_tokens=False).input_ids
+                  for text in DOCS.values()]
+        for call in (lambda: rag.generate(chunks, QUESTION, mode="blend", max_new_tokens=2),
+                     lambda: rag.precompute_many(chunks)):
+            with pytest.raises(EngineError, match=f"the server at {plain.url} no longer runs "
+                                                  f"ragkv's connector"):
+                call()
+    finally:
+        plain.stop()
         rag.close()
 
 

@@ -150,13 +150,18 @@ class VLLMBackend:
                    f"vLLM server at {http.url} ({served.name})")
 
     def _server_changed(self) -> bool:
-        """After a refused request: ask the connector again who it is. A server restarted with
+        """After a refused or unnoted request: ask the connector again who it is (EngineError
+        when the server no longer runs it). A server restarted with
         other settings (KV storage, weights) names other keys; a client that kept the old key
         space had every fused request refused and every precompute dropped until it was
         restarted. Whether the key space changed (then it is the server's now)."""
         note = self.transport.complete([RequestBuilder.describe(self._probe)], 1)[0].note
-        if "fingerprint" not in note or (note["fingerprint"], note["kv_storage"]) == (
-                self.keys.fingerprint, self.keys.kv_storage):
+        if "fingerprint" not in note:  # restarted without it: every answer a silent full prefill
+            where = getattr(self.transport, "url", "vLLM in process")
+            raise EngineError(f"the server at {where} no longer runs ragkv's connector "
+                              f"(restart it with `ragkv serve`); it answered {note or 'nothing'}")
+        if (note["fingerprint"], note["kv_storage"]) == (self.keys.fingerprint,
+                                                         self.keys.kv_storage):
             return False
         log.warning("the vLLM connector now names KV by other settings (%s, %s KV; were %s, "
                     "%s): keys follow", note["fingerprint"][:16], note["kv_storage"],
@@ -215,7 +220,9 @@ class VLLMBackend:
         req = replace(req, blend=self.controller.resolve(req.blend))
         vreq = self.builder.prompt(prompt, req.keys, mode, req.blend, req.context, req.record)
         first = self.transport.complete([vreq], 1, req.top_logprobs)[0]
-        if first.note.get("error") and mode in ("reuse", "blend") and self._server_changed():
+        # a connector notes every fused request: none at all is a server without it
+        if (mode in ("reuse", "blend") and (first.note.get("error") or not first.note)
+                and self._server_changed()):
             keys = tuple(self.keys.at(prompt.ids[s:e], i, req.context)
                          for i, (s, e) in enumerate(prompt.chunk_spans))
             req = replace(req, keys=keys)  # what the connector names the chunks by now
