@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -217,7 +218,10 @@ def bench_end_to_end(layers: int, n_chunks: int, chunk: int, reps: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=out_file, default=Path("benchmarks/results/kernels_gpu.json"))
+    ap.add_argument("--out", type=out_file, default=None,
+                    help="results JSON (default: benchmarks/results/kernels_gpu.json, or "
+                         "kernels_gpu_smoke.json with --smoke, so a smoke run never replaces "
+                         "device figures)")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B shape")
     ap.add_argument("--chunks", type=count, default=16)
     ap.add_argument("--reps", type=count, default=5)
@@ -229,7 +233,14 @@ def main() -> None:
     DEV = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("kernels_gpu.py measures GPU kernels: no CUDA device found")
+    if args.out is None:
+        args.out = Path(f"benchmarks/results/kernels_gpu{'_smoke' if args.smoke else ''}.json")
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        ap.error("--smoke runs Triton's interpreter on the CPU: set TRITON_INTERPRET=1")
     skip = set(filter(None, args.skip.split(",")))
+    unknown = skip - {"rope", "attn", "e2e"}
+    if unknown:
+        ap.error(f"--skip names unknown parts: {', '.join(sorted(unknown))} (rope, attn, e2e)")
     name = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
     res = {"device": name, "torch": torch.__version__}
     sz = (lambda n: max(16, n // 64)) if args.smoke else (lambda n: n)
