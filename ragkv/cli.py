@@ -315,8 +315,8 @@ def ui(home: Home = default_home(), model: Model = None, port: Port = 8501,
     from ragkv.config import RagkvConfig
     from ragkv.ui.launch import ADDRESS, check_start, launch
 
-    try:  # a mistyped engine or context, a home or model the pages cannot use: before a
-        # server starts
+    # refused before a server starts: a mistyped engine or context, an unusable home or model
+    try:
         cfg = RagkvConfig(home=home, model=model, engine=engine,  # type: ignore[arg-type]
                           precompute_context=context or "anchor")  # type: ignore[arg-type]
         check_start(cfg.home, model)

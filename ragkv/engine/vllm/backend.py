@@ -151,10 +151,10 @@ class VLLMBackend:
 
     def _server_changed(self) -> bool:
         """After a refused or unnoted request: ask the connector again who it is (EngineError
-        when the server no longer runs it). A server restarted with
-        other settings (KV storage, weights) names other keys; a client that kept the old key
-        space had every fused request refused and every precompute dropped until it was
-        restarted. Whether the key space changed (then it is the server's now)."""
+        when the server no longer runs it). A server restarted with other settings (KV
+        storage, weights) names other keys; a client that kept the old key space had every
+        fused request refused and every precompute dropped until it was restarted. Whether
+        the key space changed (then it is the server's now)."""
         note = self.transport.complete([RequestBuilder.describe(self._probe)], 1)[0].note
         if "fingerprint" not in note:  # restarted without it: every answer a silent full prefill
             where = getattr(self.transport, "url", "vLLM in process")
