@@ -99,6 +99,7 @@ def _load_script(monkeypatch: pytest.MonkeyPatch, path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     # dataclasses look their module up in sys.modules while the class body is processed.
     monkeypatch.setitem(sys.modules, spec.name, module)
+    monkeypatch.syspath_prepend(str(path.parent))  # as `python <script>` runs it (bench_args)
     spec.loader.exec_module(module)
     return module
 
